@@ -1,0 +1,121 @@
+"""Command line: parse -> config -> call one function. Nothing else here."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from dataclasses import fields
+from typing import get_type_hints
+
+from .config import TrainConfig, build_config, option_name
+from .errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad option is one line on stderr and exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _add_train_options(parser: argparse.ArgumentParser) -> None:
+    """One option per TrainConfig field; its default and help come from there.
+    Every default here is None so that only what the user typed overrides the
+    --config file."""
+    hints = get_type_hints(TrainConfig)
+    for f in fields(TrainConfig):
+        kind = hints[f.name]
+        help_text = f"{f.metadata['help']} (default: {f.default!r})"
+        if kind is bool:
+            parser.add_argument(option_name(f.name), dest=f.name, default=None,
+                                action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            parser.add_argument(option_name(f.name), dest=f.name, type=kind, default=None,
+                                metavar=f.name.upper(), help=help_text)
+    parser.add_argument("--config", metavar="FILE.toml",
+                        help="TOML file of train options (keys: option names with _); "
+                             "command-line options override it")
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train import train
+
+    overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
+    config = build_config(TrainConfig, args.config, overrides)
+    output = train(config)
+    logging.getLogger("lorabooth").info("LoRA: %s", output / "pytorch_lora_weights.safetensors")
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from .generate import generate, parse_floats
+
+    images = generate(
+        args.run, args.prompt, unet_scales=parse_floats(args.unet_scale, "--unet-scale"),
+        text_scales=parse_floats(args.text_scale, "--text-scale"),
+        guidances=parse_floats(args.guidance, "--guidance"), num_images=args.num_images,
+        seed=args.seed, steps=args.steps, negative_prompt=args.negative_prompt,
+        scheduler=args.scheduler, output=args.output, model=args.model)
+    logging.getLogger("lorabooth").info("drew %d images", len(images))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import demo
+
+    demo(args.output, steps=args.steps)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="lorabooth", description="DreamBooth LoRA: train, draw, measure.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    train = sub.add_parser("train", help="train a DreamBooth LoRA on photos of one subject")
+    _add_train_options(train)
+    train.set_defaults(func=_cmd_train)
+
+    gen = sub.add_parser("generate", help="draw with a trained LoRA at chosen scales")
+    gen.add_argument("run", help="run folder (or a LoRA .safetensors file)")
+    gen.add_argument("--prompt", action="append", required=True, help="prompt (repeatable)")
+    gen.add_argument("--negative-prompt", default="", help="negative prompt")
+    gen.add_argument("--unet-scale", default="1", help="UNet LoRA scale(s), comma list")
+    gen.add_argument("--text-scale", default="1", help="text-encoder LoRA scale(s), comma list")
+    gen.add_argument("--guidance", default="7.5", help="guidance scale(s), comma list")
+    gen.add_argument("--steps", type=int, default=25, help="sampler steps")
+    gen.add_argument("--num-images", type=int, default=4, help="images (seeds) per setting")
+    gen.add_argument("--seed", type=int, default=0, help="first seed; image i uses seed+i")
+    gen.add_argument("--scheduler", default="dpm", help="dpm, ddim, euler or pndm")
+    gen.add_argument("--model", default=None, help="base model (default: the run's own)")
+    gen.add_argument("--output", default=None, help="folder (default: RUN/generated)")
+    gen.set_defaults(func=_cmd_generate)
+
+    demo = sub.add_parser("demo", help="train and draw on the built-in model with example photos")
+    demo.add_argument("--output", default="runs/demo", help="run folder")
+    demo.add_argument("--steps", type=int, default=150, help="training steps")
+    demo.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    logging.basicConfig(level=logging.INFO, format="lorabooth: %(message)s", stream=sys.stderr)
+    for name in ("accelerate", "diffusers", "transformers", "peft", "httpx", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"lorabooth {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"lorabooth {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,159 @@
+"""The typed config tree: one frozen dataclass per command, validated on
+construction, loaded from TOML and overridden from the command line.
+
+Every field has a default and help text (peft's habit); ``__post_init__``
+checks values and the error names the option as the user typed it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from .errors import UserError
+
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+
+
+def _help(text: str, default: Any = None, **kw: Any) -> Any:
+    if "default_factory" in kw:
+        return field(metadata={"help": text}, **kw)
+    return field(default=default, metadata={"help": text})
+
+
+def option_name(key: str) -> str:
+    """``prior_loss_weight`` -> ``--prior-loss-weight``."""
+    return "--" + key.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: str = _help("A diffusers folder, a Hugging Face hub id, or `tiny`.", "tiny")
+    instance_dir: str = _help("Folder with 3-20 photos of the subject.", "")
+    instance_prompt: str = _help("Prompt naming the subject, e.g. 'a photo of sks dog'.", "")
+    class_prompt: str = _help("Bare class prompt for prior preservation, e.g. 'a photo of a dog'.", "")
+    class_dir: str = _help("Folder of class images (default: OUTPUT/class_images).", "")
+    prior_preservation: bool = _help("Add the denoising loss on class images.", False)
+    num_class_images: int = _help("How many class images to use (drawn if missing).", 100)
+    prior_loss_weight: float = _help("Weight lambda of the prior-preservation loss.", 1.0)
+    resolution: int = _help("Training resolution in pixels (0: the model's own).", 0)
+    steps: int = _help("Optimizer steps.", 300)
+    batch_size: int = _help("Instance images per step (as many class images are added).", 1)
+    lr: float = _help("Learning rate of the UNet LoRA.", 5e-4)
+    lr_text: float = _help("Learning rate of the text-encoder LoRA.", 1e-4)
+    train_text_encoder: bool = _help("Also train LoRA on the text encoder's attention.", False)
+    rank: int = _help("LoRA rank.", 4)
+    alpha: float = _help("LoRA alpha (0: equal to the rank).", 0.0)
+    mixed_precision: str = _help("no, fp16 or bf16 (LoRA weights stay fp32).", "no")
+    seed: int = _help("Random seed for weights, noise, timesteps and data order.", 0)
+    checkpoint_every: int = _help("Write a resumable checkpoint every N steps (0: never).", 0)
+    resume: bool = _help("Continue from the newest checkpoint in OUTPUT.", False)
+    validation_prompt: str = _help("Prompt drawn into OUTPUT/samples during training.", "")
+    validation_every: int = _help("Draw the validation prompt every N steps (0: only at the end).", 0)
+    output: str = _help("Run folder.", "runs/run")
+    max_grad_norm: float = _help("Clip the gradient norm to this (0: no clipping).", 1.0)
+    class_draw_steps: int = _help("Sampler steps used to draw class images.", 25)
+    class_draw_batch: int = _help("Class images drawn per batch.", 4)
+
+    def __post_init__(self) -> None:
+        def bad(key: str, why: str) -> UserError:
+            return UserError(f"{option_name(key)}: {why} (got {getattr(self, key)!r})")
+
+        for key in ("lr", "lr_text", "prior_loss_weight"):
+            if not getattr(self, key) > 0:
+                raise bad(key, "must be a positive number")
+        for key in ("steps", "batch_size", "rank", "num_class_images", "class_draw_steps",
+                    "class_draw_batch"):
+            if getattr(self, key) < 1:
+                raise bad(key, "must be at least 1")
+        for key in ("checkpoint_every", "validation_every", "seed"):
+            if getattr(self, key) < 0:
+                raise bad(key, "must be 0 or more")
+        if self.alpha < 0:
+            raise bad("alpha", "must be 0 (= rank) or positive")
+        if self.max_grad_norm < 0:
+            raise bad("max_grad_norm", "must be 0 (off) or positive")
+        if self.resolution < 0 or self.resolution % 8:
+            raise bad("resolution", "must be a positive multiple of 8 (0: the model's own)")
+        if self.mixed_precision not in MIXED_PRECISIONS:
+            raise bad("mixed_precision", f"must be one of {', '.join(MIXED_PRECISIONS)}")
+        if not self.model:
+            raise bad("model", "is required")
+        if not self.instance_dir:
+            raise bad("instance_dir", "is required: a folder with photos of the subject")
+        if not self.instance_prompt.strip():
+            raise bad("instance_prompt", "is required, e.g. 'a photo of sks dog'")
+        if self.prior_preservation and not self.class_prompt.strip():
+            raise bad("class_prompt", "is required with --prior-preservation, e.g. 'a photo of a dog'")
+        if not self.output:
+            raise bad("output", "is required")
+
+    @property
+    def lora_alpha(self) -> float:
+        return self.alpha or float(self.rank)
+
+    @property
+    def class_path(self) -> Path:
+        return Path(self.class_dir) if self.class_dir else Path(self.output) / "class_images"
+
+
+def config_keys(cls: type) -> list[str]:
+    return [f.name for f in fields(cls)]
+
+
+def _check_type(cls: type, key: str, value: Any, where: str) -> Any:
+    expected = get_type_hints(cls)[key]
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is bool and not isinstance(value, bool):
+        raise UserError(f"{where}: `{key}` must be true or false (got {value!r})")
+    if expected is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise UserError(f"{where}: `{key}` must be an integer (got {value!r})")
+    if expected is float and not isinstance(value, float):
+        raise UserError(f"{where}: `{key}` must be a number (got {value!r})")
+    if expected is str and not isinstance(value, str):
+        raise UserError(f"{where}: `{key}` must be a string (got {value!r})")
+    return value
+
+
+def check_keys(cls: type, values: dict[str, Any], where: str) -> dict[str, Any]:
+    """Reject unknown keys (suggesting the closest) and wrong types."""
+    known = config_keys(cls)
+    checked = {}
+    for key, value in values.items():
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean `{close[0]}`?" if close else ""
+            raise UserError(f"{where}: unknown key `{key}`{hint}")
+        checked[key] = _check_type(cls, key, value, where)
+    return checked
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise UserError(f"--config: no such file: {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path}: not valid TOML: {e}") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read: {e.strerror}") from None
+
+
+def build_config(cls: type, file: str | Path | None, overrides: dict[str, Any]):
+    """Defaults < TOML file < command-line overrides (``None`` means unset)."""
+    values: dict[str, Any] = {}
+    if file:
+        values.update(check_keys(cls, read_toml(file), str(file)))
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return cls(**values)
+
+
+def to_toml_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)

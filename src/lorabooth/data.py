@@ -1,0 +1,104 @@
+"""Subject and class examples: reading images, the data order, and the frozen
+work done once (VAE latent distributions, prompt embeddings)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+
+
+def image_files(folder: Path) -> list[Path]:
+    """Files in ``folder`` that look like images by name (dotfiles skipped)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and not p.name.startswith(".")
+                  and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def readable_images(folder: Path) -> list[Path]:
+    """The image files PIL can actually open."""
+    ok = []
+    for path in image_files(folder):
+        try:
+            with Image.open(path) as im:
+                im.verify()
+            ok.append(path)
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+            continue
+    return ok
+
+
+def load_image(path: Path, resolution: int) -> torch.Tensor:
+    """EXIF-rotate, RGB, resize the short side, centre-crop: (3, R, R) in [-1, 1]."""
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im).convert("RGB")
+        im = ImageOps.fit(im, (resolution, resolution), method=Image.Resampling.LANCZOS)
+    pixels = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+    pixels = pixels.view(resolution, resolution, 3).permute(2, 0, 1)  # (H, W, C) -> (C, H, W)
+    return pixels.float() / 127.5 - 1.0
+
+
+@torch.inference_mode()
+def latent_distributions(vae, paths: list[Path], resolution: int,
+                         batch: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std of the VAE posterior for each image, computed once.
+
+    Sampling ``mean + std * noise`` each step is the same method as encoding
+    every step (what diffusers' script does), without repeating the encoder.
+    """
+    means, stds = [], []
+    param = next(vae.parameters())
+    for i in range(0, len(paths), batch):
+        pixels = torch.stack([load_image(p, resolution) for p in paths[i : i + batch]])
+        dist = vae.encode(pixels.to(param.device, param.dtype)).latent_dist
+        means.append(dist.mean.float().cpu())
+        stds.append(dist.std.float().cpu())
+    return torch.cat(means), torch.cat(stds)
+
+
+def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
+    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt").input_ids
+
+
+@torch.inference_mode()
+def prompt_embeddings(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
+    """Frozen text-encoder output for fixed prompts: (P, 77, D)."""
+    ids = tokenize(tokenizer, prompts).to(text_encoder.device)
+    return text_encoder(ids)[0].float().cpu()
+
+
+class Shuffler:
+    """An endless stream of indices in 0..n-1, reshuffled every epoch by its own
+    generator; its state is saved in checkpoints so a resumed run sees the
+    same order as an uninterrupted one."""
+
+    def __init__(self, n: int, seed: int):
+        self.n = n
+        self.generator = torch.Generator().manual_seed(seed)
+        self.order: list[int] = []
+        self.position = 0
+
+    def take(self, k: int) -> list[int]:
+        out = []
+        while len(out) < k:
+            if self.position >= len(self.order):
+                self.order = torch.randperm(self.n, generator=self.generator).tolist()
+                self.position = 0
+            out.append(self.order[self.position])
+            self.position += 1
+        return out
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "order": list(self.order),
+                "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.order = list(state["order"])
+        self.position = int(state["position"])

@@ -1,0 +1,154 @@
+"""Drawing with a trained LoRA: UNet scale, text-encoder scale and guidance
+set separately; every combination drawn with the same seeds; a labelled grid."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+)
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from .errors import UserError
+from .grid import make_grid
+from .io import save_png
+from .lora import find_lora, load_into_pipeline, lora_metadata, set_scales
+from .models import load_base
+
+log = logging.getLogger(__name__)
+
+SCHEDULERS = {
+    "dpm": DPMSolverMultistepScheduler,
+    "ddim": DDIMScheduler,
+    "euler": EulerDiscreteScheduler,
+    "pndm": PNDMScheduler,
+}
+
+
+@dataclass(frozen=True)
+class Setting:
+    unet_scale: float
+    text_scale: float
+    guidance: float
+
+    @property
+    def label(self) -> str:
+        return f"unet {self.unet_scale:g} | text {self.text_scale:g} | cfg {self.guidance:g}"
+
+    @property
+    def slug(self) -> str:
+        return f"u{self.unet_scale:g}_t{self.text_scale:g}_g{self.guidance:g}"
+
+
+def parse_floats(text: str, option: str) -> list[float]:
+    """``"0,0.5,1"`` -> ``[0.0, 0.5, 1.0]``; the error names the option."""
+    try:
+        values = [float(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{option}: expected numbers separated by commas (got {text!r})") from None
+    if not values:
+        raise UserError(f"{option}: expected at least one number (got {text!r})")
+    return values
+
+
+def settings_grid(unet_scales: list[float], text_scales: list[float],
+                  guidances: list[float]) -> list[Setting]:
+    return [Setting(u, t, g) for u, t, g in itertools.product(unet_scales, text_scales, guidances)]
+
+
+def prompt_slug(index: int, prompt: str) -> str:
+    words = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:60]
+    return f"{index:02d}-{words or 'prompt'}"
+
+
+def load_pipeline(run: str | Path, model: str | None = None,
+                  scheduler: str = "dpm") -> tuple[StableDiffusionPipeline, bool]:
+    """The run's base model (from its metadata unless ``model`` is given) with
+    its LoRA loaded; returns (pipeline, whether it has a text-encoder LoRA)."""
+    if scheduler not in SCHEDULERS:
+        raise UserError(f"--scheduler: unknown {scheduler!r}; choose from {', '.join(SCHEDULERS)}")
+    find_lora(run)
+    base_name = model or lora_metadata(run).get("base_model")
+    if not base_name:
+        raise UserError(f"{run}: the LoRA does not record its base model; pass --model")
+    base = load_base(base_name)
+    pipe = StableDiffusionPipeline(
+        vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
+        scheduler=SCHEDULERS[scheduler].from_config(base.noise_scheduler.config),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    has_text = load_into_pipeline(pipe, run)
+    return pipe, has_text
+
+
+def _pnginfo(prompt: str, negative: str, setting: Setting, seed: int, steps: int,
+             scheduler: str, run: str) -> PngInfo:
+    info = PngInfo()
+    fields = {"prompt": prompt, "negative_prompt": negative, "unet_scale": setting.unet_scale,
+              "text_scale": setting.text_scale, "guidance": setting.guidance, "seed": seed,
+              "steps": steps, "scheduler": scheduler, "lora": run}
+    info.add_text("lorabooth", json.dumps(fields))
+    info.add_text("parameters", f"{prompt}\nNegative prompt: {negative}\nSteps: {steps}, "
+                  f"Sampler: {scheduler}, CFG scale: {setting.guidance:g}, Seed: {seed}, "
+                  f"LoRA scales: unet {setting.unet_scale:g} text {setting.text_scale:g}")
+    return info
+
+
+@torch.inference_mode()
+def draw(pipe: StableDiffusionPipeline, has_text: bool, prompt: str, setting: Setting,
+         seeds: list[int], steps: int, negative_prompt: str = "") -> list[Image.Image]:
+    """One image per seed for one prompt at one setting."""
+    set_scales(pipe, setting.unet_scale, setting.text_scale, has_text)
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    return pipe([prompt] * len(seeds), negative_prompt=[negative_prompt] * len(seeds),
+                guidance_scale=setting.guidance, num_inference_steps=steps,
+                generator=generators).images
+
+
+def generate(run: str | Path, prompts: list[str], unet_scales: list[float] = (1.0,),
+             text_scales: list[float] = (1.0,), guidances: list[float] = (7.5,),
+             num_images: int = 4, seed: int = 0, steps: int = 25, negative_prompt: str = "",
+             scheduler: str = "dpm", output: str | Path | None = None,
+             model: str | None = None) -> list[Image.Image]:
+    """Draw every prompt at every (UNet scale, text scale, guidance) with the
+    same seeds; save PNGs with their settings and one labelled grid per prompt
+    under ``output`` (default RUN/generated). Returns all images in order."""
+    if not prompts:
+        raise UserError("--prompt: give at least one prompt")
+    if num_images < 1:
+        raise UserError(f"--num-images: must be at least 1 (got {num_images})")
+    if steps < 1:
+        raise UserError(f"--steps: must be at least 1 (got {steps})")
+    pipe, has_text = load_pipeline(run, model, scheduler)
+    out = Path(output) if output else Path(run) / "generated"
+    seeds = [seed + i for i in range(num_images)]
+    settings = settings_grid(list(unet_scales), list(text_scales), list(guidances))
+    everything: list[Image.Image] = []
+    for p, prompt in enumerate(prompts):
+        folder = out / prompt_slug(p, prompt)
+        rows = []
+        for setting in settings:
+            images = draw(pipe, has_text, prompt, setting, seeds, steps, negative_prompt)
+            for s, image in zip(seeds, images):
+                save_png(image, folder / f"{setting.slug}_s{s}.png",
+                         _pnginfo(prompt, negative_prompt, setting, s, steps, scheduler, str(run)))
+            rows.append(images)
+            everything.extend(images)
+        grid = make_grid(rows, [s.label for s in settings], [f"seed {s}" for s in seeds],
+                         title=prompt)
+        save_png(grid, folder / "grid.png")
+        log.info("wrote %s", folder / "grid.png")
+    return everything

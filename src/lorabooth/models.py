@@ -1,0 +1,209 @@
+"""Load a base model: a diffusers folder, a hub id, or the built-in `tiny`.
+
+Real models load through diffusers/transformers ``from_pretrained``; nothing
+here waits on the network for long: a hub id that is not in the local cache
+fails within seconds with one line saying how to get it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+# A hub lookup that cannot connect must fail fast, not hang: cap huggingface_hub's
+# timeouts unless the user set their own.
+os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
+os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
+
+from diffusers import (  # noqa: E402  (after the timeouts are set)
+    AutoencoderKL,
+    DDPMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
+
+BUILTIN_MODELS = ("tiny",)
+CLIP_VOCAB_SIZE = 49408
+
+
+@dataclass
+class BaseModel:
+    """The parts of a Stable-Diffusion-shaped model that training needs."""
+
+    name: str
+    tokenizer: CLIPTokenizer
+    text_encoder: CLIPTextModel
+    vae: AutoencoderKL
+    unet: UNet2DConditionModel
+    noise_scheduler: DDPMScheduler
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def native_resolution(self) -> int:
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    def pipeline(self) -> StableDiffusionPipeline:
+        return pipeline_from_parts(self)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    # GPT-2/CLIP byte-level BPE: every byte gets a printable unicode stand-in,
+    # so merges never see whitespace or control characters.
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
+        + list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, chars)))
+
+
+@lru_cache(maxsize=1)
+def _clip_vocab() -> tuple[dict[str, int], list[str]]:
+    path = resources.files("lorabooth") / "assets" / "bpe_simple_vocab_16e6.txt.gz"
+    lines = gzip.decompress(path.read_bytes()).decode("utf-8").split("\n")
+    # The file's first line is a header; CLIP keeps 49152 - 256 - 2 merges so that
+    # 256 bytes x 2 (with/without </w>) + merges + 2 specials = 49408 tokens.
+    merges = lines[1 : 49152 - 256 - 2 + 1]
+    byte_chars = list(_bytes_to_unicode().values())
+    tokens = byte_chars + [c + "</w>" for c in byte_chars]
+    tokens += ["".join(m.split()) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    return {t: i for i, t in enumerate(tokens)}, merges
+
+
+def clip_tokenizer() -> CLIPTokenizer:
+    """The real CLIP tokenizer (49,408 tokens), built offline from the BPE file
+    that ships with open_clip (MIT licence; see assets/LICENSE-open_clip.txt)."""
+    vocab, merges = _clip_vocab()
+    return CLIPTokenizer(vocab=dict(vocab), merges=[tuple(m.split()) for m in merges],
+                         model_max_length=77)
+
+
+def sd_noise_scheduler() -> DDPMScheduler:
+    """Stable Diffusion 1.x's training noise schedule."""
+    return DDPMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+        beta_schedule="scaled_linear", prediction_type="epsilon",
+        clip_sample=False, steps_offset=1,
+    )
+
+
+def build_tiny(seed: int = 0) -> BaseModel:
+    """An SD-1.5-shaped model with small random weights, built from configs in
+    about a second. Same classes and code paths as the real model."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return _build_tiny()
+
+
+def _build_tiny() -> BaseModel:
+    unet = UNet2DConditionModel(
+        sample_size=32, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(32, 64),
+        # Attention only at the 16 x 16 level, as in diffusers' own test model:
+        # self-attention over 32 x 32 tokens would cost 16x more per step.
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        sample_size=64, norm_num_groups=32,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        hidden_size=32, intermediate_size=37, num_hidden_layers=5, num_attention_heads=4,
+        vocab_size=CLIP_VOCAB_SIZE, max_position_embeddings=77, layer_norm_eps=1e-5,
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+    ))
+    return BaseModel("tiny", clip_tokenizer(), text_encoder, vae, unet, sd_noise_scheduler())
+
+
+def _load_folder(path: Path, name: str) -> BaseModel:
+    missing = [p for p in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+               if not (path / p).is_dir()]
+    if missing:
+        raise UserError(f"--model {name}: not a diffusers model folder, missing "
+                        f"{', '.join(missing)}/ in {path}")
+    return BaseModel(
+        name=name,
+        tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
+        text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder"),
+        vae=AutoencoderKL.from_pretrained(path, subfolder="vae"),
+        unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet"),
+        noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler"),
+    )
+
+
+def _resolve_hub(model_id: str) -> Path:
+    """A hub id -> its local snapshot folder, downloading only when online."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    patterns = ["*.json", "*.txt", "*.safetensors"]
+    try:
+        return Path(snapshot_download(model_id, allow_patterns=patterns, local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError):
+        pass
+    how = f"download it where the network is open (`hf download {model_id}`) or pass a local folder"
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise UserError(f"--model {model_id}: not in the local Hugging Face cache and "
+                        f"HF_HUB_OFFLINE is set; {how}")
+    try:
+        return Path(snapshot_download(model_id, allow_patterns=patterns))
+    except Exception as e:  # network errors come in many classes; all mean the same here
+        raise UserError(f"--model {model_id}: not found locally and could not be downloaded "
+                        f"({type(e).__name__}); {how}") from None
+
+
+def load_base(model: str) -> BaseModel:
+    """`tiny`, a local diffusers folder, or a hub id (cache first)."""
+    if model in BUILTIN_MODELS:
+        return build_tiny()
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(f"--model {model}: is a file; give a diffusers model folder")
+        return _load_folder(path, model)
+    if model.count("/") != 1 or model.startswith((".", "/", "~")):
+        raise UserError(f"--model {model}: no such folder, and not a hub id (owner/name); "
+                        f"built-in models: {', '.join(BUILTIN_MODELS)}")
+    return _load_folder(_resolve_hub(model), model)
+
+
+def pipeline_from_parts(base: BaseModel) -> StableDiffusionPipeline:
+    from diffusers import DPMSolverMultistepScheduler
+
+    scheduler = DPMSolverMultistepScheduler.from_config(base.noise_scheduler.config)
+    return StableDiffusionPipeline(
+        vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+        unet=base.unet, scheduler=scheduler, safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def save_base(base: BaseModel, folder: str | Path) -> Path:
+    """Write a base model as a diffusers folder (used to test the folder path)."""
+    pipe = StableDiffusionPipeline(
+        vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+        unet=base.unet, scheduler=base.noise_scheduler, safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder)
+    return Path(folder)

@@ -1,0 +1,72 @@
+"""Class images for prior preservation, drawn by the frozen base model.
+
+Resumable and safe to interrupt: images already in the folder are reused,
+only the missing ones are drawn, each written atomically, and image ``i`` is
+always drawn from seed ``seed + i`` so a refill draws what a full run would.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from .data import readable_images
+from .io import save_png
+
+log = logging.getLogger(__name__)
+
+
+def class_image_name(index: int) -> str:
+    return f"class_{index:05d}.png"
+
+
+def missing_indices(folder: Path, count: int) -> list[int]:
+    """Indices whose file is needed: as many as ``count`` minus the readable
+    images already present, taking the lowest free names."""
+    have = readable_images(folder)
+    need = count - len(have)
+    taken = {p.name for p in have}
+    out, i = [], 0
+    while len(out) < need:
+        if class_image_name(i) not in taken:
+            out.append(i)
+        i += 1
+    return out
+
+
+def remove_stale_temps(folder: Path) -> None:
+    for tmp in folder.glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
+@torch.inference_mode()
+def draw_class_images(pipe, folder: Path, prompt: str, count: int, resolution: int, seed: int,
+                      steps: int, batch: int, process_index: int = 0,
+                      num_processes: int = 1, progress: bool = True) -> int:
+    """Fill ``folder`` up to ``count`` images of ``prompt``; returns how many
+    this process drew. Work is split across processes by index."""
+    folder.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(folder)
+    todo = missing_indices(folder, count)[process_index::num_processes]
+    if not todo:
+        return 0
+    log.info("drawing %d class images for %r into %s", len(todo), prompt, folder)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(todo), desc="class images", mininterval=1.0, disable=not progress)
+    for start in range(0, len(todo), batch):
+        chunk = todo[start : start + batch]
+        generators = [torch.Generator().manual_seed(seed + i) for i in chunk]
+        images = pipe([prompt] * len(chunk), height=resolution, width=resolution,
+                      num_inference_steps=steps, generator=generators).images
+        for i, image in zip(chunk, images):
+            save_png(image, folder / class_image_name(i))
+        bar.update(len(chunk))
+    bar.close()
+    return len(todo)
+
+
+def class_images(folder: Path, count: int) -> list[Path]:
+    return readable_images(folder)[:count]

@@ -1,0 +1,308 @@
+"""DreamBooth LoRA training. Read ``train`` top to bottom for the method; the
+``_setup_*`` helpers, checkpointing and validation are kept out of the loop."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from . import __version__
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .data import Shuffler, latent_distributions, prompt_embeddings, readable_images, tokenize
+from .errors import UserError
+from .io import save_png, write_text
+from .lora import add_text_lora, add_unet_lora, freeze_all_but_lora, lora_parameters, save_lora
+from .models import BaseModel, load_base, pipeline_from_parts
+from .objective import diffusion_target, dreambooth_loss
+from .prior import class_images, draw_class_images
+from .runfiles import model_card, prepare_output
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Examples:
+    """Everything the loop reads per step, computed once before it."""
+
+    instance_mean: torch.Tensor  # (N, 4, h, w) VAE posterior means
+    instance_std: torch.Tensor
+    class_mean: torch.Tensor | None  # (M, 4, h, w), None without prior preservation
+    class_std: torch.Tensor | None
+    instance_embedding: torch.Tensor | None  # (1, 77, D) when the text encoder is frozen
+    class_embedding: torch.Tensor | None
+    instance_ids: torch.Tensor  # (1, 77) token ids, used when the text encoder trains
+    class_ids: torch.Tensor | None
+    scaling_factor: float  # the VAE's latent scale, kept so the VAE itself can be freed
+
+
+def train(config: TrainConfig) -> Path:
+    """Train a DreamBooth LoRA as ``config`` says; returns the run folder."""
+    accelerator = _setup_accelerator(config)
+    output = prepare_output(config, accelerator.is_main_process)
+    base = load_base(config.model)
+    resolution = config.resolution or base.native_resolution
+    base.vae.requires_grad_(False), base.unet.requires_grad_(False)
+    base.text_encoder.requires_grad_(False)
+    base.unet.to(accelerator.device), base.vae.to(accelerator.device)
+    base.text_encoder.to(accelerator.device)
+
+    class_paths = _setup_class_images(config, base, resolution, accelerator)
+    examples = _setup_examples(config, base, resolution, class_paths)
+    if not config.validation_prompt:
+        base.vae = None  # latents are cached; nothing else needs the VAE
+    modules = _setup_lora(config, base)
+    optimizer, lr_scheduler = _setup_optimizer(config, modules)
+    modules = {name: accelerator.prepare(m) for name, m in modules.items()}
+    optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
+
+    seed = config.seed + accelerator.process_index
+    noise_rng = torch.Generator().manual_seed(seed)
+    instance_order = Shuffler(len(examples.instance_mean), seed)
+    class_order = Shuffler(len(class_paths), seed + 1) if class_paths else None
+    start = 0
+    if config.resume:
+        start = _resume(output, modules, optimizer, lr_scheduler, noise_rng,
+                        instance_order, class_order)
+    metrics = _open_metrics(output, start, accelerator.is_main_process)
+
+    bar = tqdm(range(start, config.steps), initial=start, total=config.steps,
+               desc="train", mininterval=1.0, disable=not accelerator.is_main_process)
+    for step in bar:
+        tick = time.perf_counter()
+        # One batch: the subject's examples first, then as many class examples.
+        idx = instance_order.take(config.batch_size)
+        cidx = class_order.take(config.batch_size) if class_order else []
+        latents = _sample_latents(examples, idx, cidx, noise_rng)
+        noise = torch.randn(latents.shape, generator=noise_rng)
+        timesteps = torch.randint(0, base.noise_scheduler.config.num_train_timesteps,
+                                  (latents.shape[0],), generator=noise_rng)
+        noisy = base.noise_scheduler.add_noise(latents, noise, timesteps)
+        target = diffusion_target(noise, latents, timesteps, base.noise_scheduler.alphas_cumprod,
+                                  base.noise_scheduler.config.prediction_type)
+
+        with accelerator.autocast():
+            context = _text_context(examples, modules, len(idx), len(cidx), accelerator.device)
+            pred = modules["unet"](noisy.to(accelerator.device), timesteps.to(accelerator.device),
+                                   context).sample
+            loss, loss_instance, loss_prior = dreambooth_loss(
+                pred, target.to(accelerator.device), len(idx), config.prior_loss_weight)
+        accelerator.backward(loss)
+        if config.max_grad_norm:
+            accelerator.clip_grad_norm_(
+                [p for m in modules.values() for p in lora_parameters(m)], config.max_grad_norm)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        record = {"step": step + 1, "loss": loss.item(), "loss_instance": loss_instance.item(),
+                  "loss_prior": None if loss_prior is None else loss_prior.item(),
+                  "lr": lr_scheduler.get_last_lr()[0],
+                  "s_per_step": round(time.perf_counter() - tick, 4)}
+        if len(optimizer.param_groups) > 1:
+            record["lr_text"] = lr_scheduler.get_last_lr()[1]
+        if metrics:
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+        bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v)
+                         for k, v in record.items() if k != "step" and v is not None})
+
+        done = step + 1
+        if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                save_checkpoint(output, done, _unwrapped(accelerator, modules), {
+                    "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
+                    "noise_rng": noise_rng.get_state(), "torch_rng": torch.get_rng_state(),
+                    "instance_order": instance_order.state_dict(),
+                    "class_order": class_order.state_dict() if class_order else None})
+        if (config.validation_prompt and config.validation_every and done < config.steps
+                and done % config.validation_every == 0 and accelerator.is_main_process):
+            _validate(config, base, output, done)
+    bar.close()
+    if metrics:
+        metrics.close()
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _finish(config, base, output, _unwrapped(accelerator, modules), resolution)
+    accelerator.end_training()
+    return output
+
+
+def _setup_accelerator(config: TrainConfig) -> Accelerator:
+    precision = config.mixed_precision
+    on_cpu = not torch.cuda.is_available()
+    if on_cpu and precision == "fp16":
+        log.warning("--mixed-precision fp16 needs a GPU; training in fp32 on the CPU")
+        precision = "no"
+    if on_cpu and precision == "bf16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        log.warning("--mixed-precision bf16: this CPU has no bf16 support; training in fp32")
+        precision = "no"
+    return Accelerator(mixed_precision=precision)
+
+
+def _setup_class_images(config: TrainConfig, base: BaseModel, resolution: int,
+                        accelerator: Accelerator) -> list[Path]:
+    if not config.prior_preservation:
+        return []
+    folder = config.class_path
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"--class-dir {folder}: is a file, not a folder")
+    pipe = pipeline_from_parts(base)
+    pipe.set_progress_bar_config(disable=True)
+    draw_class_images(pipe, folder, config.class_prompt, config.num_class_images, resolution,
+                      seed=config.seed * 1_000_003, steps=config.class_draw_steps,
+                      batch=config.class_draw_batch, process_index=accelerator.process_index,
+                      num_processes=accelerator.num_processes,
+                      progress=accelerator.is_main_process)
+    accelerator.wait_for_everyone()
+    return class_images(folder, config.num_class_images)
+
+
+def _instance_images(config: TrainConfig) -> list[Path]:
+    folder = Path(config.instance_dir)
+    if not folder.is_dir():
+        raise UserError(f"--instance-dir {folder}: no such folder")
+    paths = readable_images(folder)
+    if not paths:
+        raise UserError(f"--instance-dir {folder}: no readable images (jpg, png, webp, bmp, tiff, gif)")
+    return paths
+
+
+def _setup_examples(config: TrainConfig, base: BaseModel, resolution: int,
+                    class_paths: list[Path]) -> Examples:
+    instance = latent_distributions(base.vae, _instance_images(config), resolution)
+    klass = latent_distributions(base.vae, class_paths, resolution) if class_paths else (None, None)
+    prompts = [config.instance_prompt] + ([config.class_prompt] if class_paths else [])
+    frozen = None
+    if not config.train_text_encoder:
+        frozen = prompt_embeddings(base.tokenizer, base.text_encoder, prompts)
+    ids = tokenize(base.tokenizer, prompts)
+    return Examples(
+        instance_mean=instance[0], instance_std=instance[1], class_mean=klass[0], class_std=klass[1],
+        instance_embedding=None if frozen is None else frozen[:1],
+        class_embedding=None if frozen is None or not class_paths else frozen[1:2],
+        instance_ids=ids[:1], class_ids=ids[1:2] if class_paths else None,
+        scaling_factor=float(base.vae.config.scaling_factor),
+    )
+
+
+def _setup_lora(config: TrainConfig, base: BaseModel) -> dict[str, torch.nn.Module]:
+    add_unet_lora(base.unet, config.rank, config.lora_alpha)
+    freeze_all_but_lora(base.unet)
+    modules = {"unet": base.unet}
+    if config.train_text_encoder:
+        add_text_lora(base.text_encoder, config.rank, config.lora_alpha)
+        freeze_all_but_lora(base.text_encoder)
+        modules["text_encoder"] = base.text_encoder
+    for module in modules.values():
+        module.train()
+    return modules
+
+
+def _setup_optimizer(config: TrainConfig, modules: dict[str, torch.nn.Module]):
+    groups = [{"params": lora_parameters(modules["unet"]), "lr": config.lr}]
+    if "text_encoder" in modules:
+        groups.append({"params": lora_parameters(modules["text_encoder"]), "lr": config.lr_text})
+    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)  # constant
+    return optimizer, lr_scheduler
+
+
+def _sample_latents(examples: Examples, idx: list[int], cidx: list[int],
+                    rng: torch.Generator) -> torch.Tensor:
+    mean, std = examples.instance_mean[idx], examples.instance_std[idx]
+    if cidx:
+        mean = torch.cat([mean, examples.class_mean[cidx]])
+        std = torch.cat([std, examples.class_std[cidx]])
+    latents = mean + std * torch.randn(mean.shape, generator=rng)
+    return latents * examples.scaling_factor
+
+
+def _text_context(examples: Examples, modules: dict[str, torch.nn.Module], n_instance: int,
+                  n_class: int, device: torch.device) -> torch.Tensor:
+    """Encoder hidden states for the batch: (B, 77, D)."""
+    if "text_encoder" in modules:
+        ids = [examples.instance_ids.expand(n_instance, -1)]
+        if n_class:
+            ids.append(examples.class_ids.expand(n_class, -1))
+        return modules["text_encoder"](torch.cat(ids).to(device))[0]
+    parts = [examples.instance_embedding.expand(n_instance, -1, -1)]
+    if n_class:
+        parts.append(examples.class_embedding.expand(n_class, -1, -1))
+    return torch.cat(parts).to(device)
+
+
+def _unwrapped(accelerator: Accelerator, modules: dict[str, torch.nn.Module]):
+    return {name: accelerator.unwrap_model(m) for name, m in modules.items()}
+
+
+def _resume(output: Path, modules, optimizer, lr_scheduler, noise_rng: torch.Generator,
+            instance_order: Shuffler, class_order: Shuffler | None) -> int:
+    path = latest_checkpoint(output)
+    if path is None:
+        log.warning("--resume: no checkpoint in %s; starting at step 0", output / "checkpoints")
+        return 0
+    state = load_checkpoint(path, modules)
+    optimizer.load_state_dict(state["optimizer"])
+    lr_scheduler.load_state_dict(state["lr_scheduler"])
+    noise_rng.set_state(state["noise_rng"])
+    torch.set_rng_state(state["torch_rng"])
+    instance_order.load_state_dict(state["instance_order"])
+    if class_order is not None and state["class_order"] is not None:
+        class_order.load_state_dict(state["class_order"])
+    log.info("resuming from %s (step %d)", path, state["step"])
+    return int(state["step"])
+
+
+def _open_metrics(output: Path, start: int, main: bool):
+    """metrics.jsonl, keeping only the lines up to the step we resume from."""
+    if not main:
+        return None
+    path = output / "metrics.jsonl"
+    kept = []
+    if start and path.exists():
+        kept = [line for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= start]
+    write_text(path, "".join(line + "\n" for line in kept))
+    return path.open("a", encoding="utf-8")
+
+
+@torch.no_grad()
+def _validate(config: TrainConfig, base: BaseModel, output: Path, step: int) -> None:
+    pipe = pipeline_from_parts(base)
+    pipe.set_progress_bar_config(disable=True)
+    was_training = base.unet.training
+    base.unet.eval()
+    image = pipe(config.validation_prompt, num_inference_steps=25,
+                 generator=torch.Generator().manual_seed(config.seed)).images[0]
+    base.unet.train(was_training)
+    save_png(image, output / "samples" / f"step-{step:06d}.png")
+
+
+def _finish(config: TrainConfig, base: BaseModel, output: Path,
+            modules: dict[str, torch.nn.Module], resolution: int) -> None:
+    meta = {
+        "lorabooth.version": __version__, "lorabooth.base_model": config.model,
+        "lorabooth.rank": config.rank, "lorabooth.alpha": config.lora_alpha,
+        "lorabooth.instance_prompt": config.instance_prompt,
+        "lorabooth.class_prompt": config.class_prompt,
+        "lorabooth.prior_preservation": config.prior_preservation,
+        "lorabooth.steps": config.steps, "lorabooth.lr": config.lr,
+        "lorabooth.lr_text": config.lr_text, "lorabooth.seed": config.seed,
+        "lorabooth.resolution": resolution,
+        "lorabooth.train_text_encoder": config.train_text_encoder,
+    }
+    save_lora(output, modules["unet"], modules.get("text_encoder"),
+              {k: json.dumps(v) for k, v in meta.items()})
+    if config.validation_prompt:
+        _validate(config, base, output, config.steps)
+    write_text(output / "README.md", model_card(config, resolution))
