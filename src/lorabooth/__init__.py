@@ -12,20 +12,9 @@ __version__ = "0.1.0"
 from .config import TrainConfig  # noqa: E402
 from .errors import UserError  # noqa: E402
 
-
-def train(config: "TrainConfig"):
-    """Train a DreamBooth LoRA; returns the run folder (a ``Path``)."""
-    from .train import train as _train
-
-    return _train(config)
-
-
-def generate(run, prompts, **kwargs):
-    """Draw with a trained LoRA; returns the list of PIL images. See
-    :func:`lorabooth.generate.generate` for the keyword arguments."""
-    from .generate import generate as _generate
-
-    return _generate(run, prompts, **kwargs)
-
+# Imported eagerly on purpose: the submodules share the functions' names, and
+# importing them lazily would rebind `lorabooth.train` to the module.
+from .generate import generate  # noqa: E402
+from .train import train  # noqa: E402
 
 __all__ = ["TrainConfig", "UserError", "train", "generate", "__version__"]

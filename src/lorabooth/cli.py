@@ -40,10 +40,10 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .train import train
-
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
     config = build_config(TrainConfig, args.config, overrides)
+    from .train import train  # heavy imports only once the options are known good
+
     output = train(config)
     logging.getLogger("lorabooth").info("LoRA: %s", output / "pytorch_lora_weights.safetensors")
     return 0
@@ -109,7 +109,10 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # argparse: --help (0) or a bad option (2, already printed)
+        return int(e.code or 0)
     _quiet_libraries()
     try:
         return args.func(args)

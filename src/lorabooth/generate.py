@@ -30,10 +30,11 @@ from .models import load_base
 log = logging.getLogger(__name__)
 
 SCHEDULERS = {
-    "dpm": DPMSolverMultistepScheduler,
-    "ddim": DDIMScheduler,
-    "euler": EulerDiscreteScheduler,
-    "pndm": PNDMScheduler,
+    "dpm": (DPMSolverMultistepScheduler, {}),
+    "ddim": (DDIMScheduler, {}),
+    "euler": (EulerDiscreteScheduler, {}),
+    # as in SD 1.x's own scheduler config; the PRK warm-up fails below ~10 steps
+    "pndm": (PNDMScheduler, {"skip_prk_steps": True}),
 }
 
 
@@ -73,6 +74,11 @@ def prompt_slug(index: int, prompt: str) -> str:
     return f"{index:02d}-{words or 'prompt'}"
 
 
+def _scheduler(name: str, config):
+    cls, extra = SCHEDULERS[name]
+    return cls.from_config(config, **extra)
+
+
 def load_pipeline(run: str | Path, model: str | None = None,
                   scheduler: str = "dpm") -> tuple[StableDiffusionPipeline, bool]:
     """The run's base model (from its metadata unless ``model`` is given) with
@@ -86,7 +92,7 @@ def load_pipeline(run: str | Path, model: str | None = None,
     base = load_base(base_name)
     pipe = StableDiffusionPipeline(
         vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
-        scheduler=SCHEDULERS[scheduler].from_config(base.noise_scheduler.config),
+        scheduler=_scheduler(scheduler, base.noise_scheduler.config),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)

@@ -42,14 +42,15 @@ def remove_stale_temps(folder: Path) -> None:
 
 
 @torch.inference_mode()
-def draw_class_images(pipe, folder: Path, prompt: str, count: int, resolution: int, seed: int,
-                      steps: int, batch: int, process_index: int = 0,
-                      num_processes: int = 1, progress: bool = True) -> int:
-    """Fill ``folder`` up to ``count`` images of ``prompt``; returns how many
-    this process drew. Work is split across processes by index."""
+def draw_class_images(pipe, folder: Path, prompt: str, indices: list[int], resolution: int,
+                      seed: int, steps: int, batch: int, progress: bool = True) -> int:
+    """Draw the class images numbered ``indices`` into ``folder``.
+
+    Under several processes, every process computes ``missing_indices`` first,
+    all wait, then each draws its own slice: nobody's plan sees another's
+    half-finished work."""
     folder.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(folder)
-    todo = missing_indices(folder, count)[process_index::num_processes]
+    todo = list(indices)
     if not todo:
         return 0
     log.info("drawing %d class images for %r into %s", len(todo), prompt, folder)

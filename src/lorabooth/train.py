@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from . import __version__
@@ -22,7 +23,7 @@ from .io import save_png, write_text
 from .lora import add_text_lora, add_unet_lora, freeze_all_but_lora, lora_parameters, save_lora
 from .models import BaseModel, load_base, pipeline_from_parts
 from .objective import diffusion_target, dreambooth_loss
-from .prior import class_images, draw_class_images
+from .prior import class_images, draw_class_images, missing_indices, remove_stale_temps
 from .runfiles import model_card, prepare_output
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,9 @@ class Examples:
 
 def train(config: TrainConfig) -> Path:
     """Train a DreamBooth LoRA as ``config`` says; returns the run folder."""
+    instance_paths = _instance_images(config)  # bad input fails before any work
     accelerator = _setup_accelerator(config)
+    set_seed(config.seed)  # python, numpy, torch: the LoRA init draws from torch's global RNG
     output = prepare_output(config, accelerator.is_main_process)
     base = load_base(config.model)
     resolution = config.resolution or base.native_resolution
@@ -55,7 +58,7 @@ def train(config: TrainConfig) -> Path:
     base.text_encoder.to(accelerator.device)
 
     class_paths = _setup_class_images(config, base, resolution, accelerator)
-    examples = _setup_examples(config, base, resolution, class_paths)
+    examples = _setup_examples(config, base, resolution, instance_paths, class_paths)
     if not config.validation_prompt:
         base.vae = None  # latents are cached; nothing else needs the VAE
     modules = _setup_lora(config, base)
@@ -156,13 +159,17 @@ def _setup_class_images(config: TrainConfig, base: BaseModel, resolution: int,
     folder = config.class_path
     if folder.exists() and not folder.is_dir():
         raise UserError(f"--class-dir {folder}: is a file, not a folder")
-    pipe = pipeline_from_parts(base)
-    pipe.set_progress_bar_config(disable=True)
-    draw_class_images(pipe, folder, config.class_prompt, config.num_class_images, resolution,
-                      seed=config.seed * 1_000_003, steps=config.class_draw_steps,
-                      batch=config.class_draw_batch, process_index=accelerator.process_index,
-                      num_processes=accelerator.num_processes,
-                      progress=accelerator.is_main_process)
+    if accelerator.is_main_process and folder.is_dir():
+        remove_stale_temps(folder)  # leftovers of a fill killed mid-write
+    plan = missing_indices(folder, config.num_class_images)
+    accelerator.wait_for_everyone()  # every process plans before anyone draws
+    if plan:
+        pipe = pipeline_from_parts(base)
+        pipe.set_progress_bar_config(disable=True)
+        draw_class_images(pipe, folder, config.class_prompt,
+                          plan[accelerator.process_index::accelerator.num_processes], resolution,
+                          seed=config.seed * 1_000_003, steps=config.class_draw_steps,
+                          batch=config.class_draw_batch, progress=accelerator.is_main_process)
     accelerator.wait_for_everyone()
     return class_images(folder, config.num_class_images)
 
@@ -178,8 +185,8 @@ def _instance_images(config: TrainConfig) -> list[Path]:
 
 
 def _setup_examples(config: TrainConfig, base: BaseModel, resolution: int,
-                    class_paths: list[Path]) -> Examples:
-    instance = latent_distributions(base.vae, _instance_images(config), resolution)
+                    instance_paths: list[Path], class_paths: list[Path]) -> Examples:
+    instance = latent_distributions(base.vae, instance_paths, resolution)
     klass = latent_distributions(base.vae, class_paths, resolution) if class_paths else (None, None)
     prompts = [config.instance_prompt] + ([config.class_prompt] if class_paths else [])
     frozen = None

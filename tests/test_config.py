@@ -1,0 +1,81 @@
+import pytest
+
+from lorabooth.config import TrainConfig, build_config, check_keys
+from lorabooth.errors import UserError
+
+GOOD = dict(instance_dir="photos", instance_prompt="a photo of sks dog")
+
+
+def test_defaults_follow_the_brief():
+    c = TrainConfig(**GOOD)
+    assert (c.lr, c.lr_text, c.steps, c.batch_size, c.rank) == (5e-4, 1e-4, 300, 1, 4)
+    assert c.num_class_images == 100 and c.prior_loss_weight == 1.0
+    assert c.lora_alpha == 4.0  # alpha defaults to the rank
+    assert TrainConfig(**GOOD, alpha=8).lora_alpha == 8.0
+
+
+@pytest.mark.parametrize("key,value,option", [
+    ("lr", 0.0, "--lr"), ("lr", -1e-4, "--lr"), ("lr_text", 0.0, "--lr-text"),
+    ("rank", 0, "--rank"), ("rank", -2, "--rank"), ("alpha", -1.0, "--alpha"),
+    ("resolution", 100, "--resolution"), ("steps", 0, "--steps"),
+    ("batch_size", 0, "--batch-size"), ("mixed_precision", "fp8", "--mixed-precision"),
+    ("prior_loss_weight", 0.0, "--prior-loss-weight"), ("num_class_images", 0, "--num-class-images"),
+    ("checkpoint_every", -1, "--checkpoint-every"),
+])
+def test_bad_values_name_the_option(key, value, option):
+    with pytest.raises(UserError) as e:
+        TrainConfig(**{**GOOD, key: value})
+    assert str(e.value).startswith(option + ":")
+    assert "\n" not in str(e.value)
+
+
+def test_prior_preservation_needs_a_class_prompt():
+    with pytest.raises(UserError, match="--class-prompt"):
+        TrainConfig(**GOOD, prior_preservation=True)
+    TrainConfig(**GOOD, prior_preservation=True, class_prompt="a photo of a dog")
+
+
+def test_required_fields():
+    with pytest.raises(UserError, match="--instance-dir"):
+        TrainConfig(instance_prompt="a photo of sks dog")
+    with pytest.raises(UserError, match="--instance-prompt"):
+        TrainConfig(instance_dir="photos")
+
+
+def test_class_path_defaults_inside_output():
+    assert str(TrainConfig(**GOOD, output="runs/x").class_path) == "runs/x/class_images"
+    assert str(TrainConfig(**GOOD, class_dir="cls").class_path) == "cls"
+
+
+def test_toml_then_command_line(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('instance_dir = "p"\ninstance_prompt = "a photo of sks cat"\nsteps = 7\nlr = 1\n'
+                 'prior_preservation = true\nclass_prompt = "a photo of a cat"\n')
+    c = build_config(TrainConfig, f, {"steps": 9, "rank": None})
+    assert c.steps == 9 and c.rank == 4 and c.lr == 1.0 and c.prior_preservation
+
+
+def test_toml_unknown_key_suggests_the_closest(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('instance_dir = "p"\nlearning_rate = 1e-4\nnum_clas_images = 3\n')
+    with pytest.raises(UserError) as e:
+        build_config(TrainConfig, f, {})
+    assert "learning_rate" in str(e.value) or "num_clas_images" in str(e.value)
+    with pytest.raises(UserError, match="did you mean `num_class_images`"):
+        check_keys(TrainConfig, {"num_clas_images": 3}, "x.toml")
+
+
+@pytest.mark.parametrize("key,value", [("steps", "ten"), ("steps", 1.5), ("lr", "fast"),
+                                       ("prior_preservation", "yes"), ("model", 3)])
+def test_toml_wrong_type_names_the_key(key, value):
+    with pytest.raises(UserError, match=f"`{key}`"):
+        check_keys(TrainConfig, {key: value}, "x.toml")
+
+
+def test_bad_toml_file(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text("steps = = 3")
+    with pytest.raises(UserError, match="not valid TOML"):
+        build_config(TrainConfig, f, {})
+    with pytest.raises(UserError, match="no such file"):
+        build_config(TrainConfig, tmp_path / "missing.toml", {})

@@ -1,0 +1,48 @@
+import json
+
+import pytest
+from PIL import Image
+
+from lorabooth import generate
+from lorabooth.errors import UserError
+
+
+def test_every_combination_with_the_same_seeds(trained_run, tmp_path):
+    out = tmp_path / "gen"
+    images = generate(trained_run, ["a photo of sks dog on the beach"], unet_scales=[0.0, 1.0],
+                      text_scales=[1.0], guidances=[2.0, 7.5], num_images=2, seed=5, steps=2,
+                      output=out)
+    assert len(images) == 2 * 2 * 2
+    folder = out / "00-a-photo-of-sks-dog-on-the-beach"
+    pngs = sorted(p.name for p in folder.glob("u*.png"))
+    assert pngs == sorted(f"u{u}_t1_g{g}_s{s}.png" for u in ("0", "1") for g in ("2", "7.5")
+                          for s in (5, 6))
+    meta = json.loads(Image.open(folder / "u1_t1_g7.5_s6.png").text["lorabooth"])
+    assert meta == {"prompt": "a photo of sks dog on the beach", "negative_prompt": "",
+                    "unet_scale": 1.0, "text_scale": 1.0, "guidance": 7.5, "seed": 6, "steps": 2,
+                    "scheduler": "dpm", "lora": str(trained_run)}
+    grid = Image.open(folder / "grid.png")
+    assert grid.width > 2 * 64 and grid.height > 4 * 64  # 4 rows of settings, 2 seed columns
+
+
+def test_same_seed_same_image_and_seeds_differ(trained_run, tmp_path):
+    a = generate(trained_run, ["a photo of sks dog"], num_images=2, steps=2, output=tmp_path / "a")
+    b = generate(trained_run, ["a photo of sks dog"], num_images=2, steps=2, output=tmp_path / "b")
+    assert a[0].tobytes() == b[0].tobytes()
+    assert a[0].tobytes() != a[1].tobytes()
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "euler", "pndm"])
+def test_schedulers(trained_run, tmp_path, scheduler):
+    images = generate(trained_run, ["a dog"], num_images=1, steps=3, scheduler=scheduler,
+                      output=tmp_path)
+    assert images[0].size == (64, 64)
+
+
+def test_bad_generate_input(trained_run, tmp_path):
+    with pytest.raises(UserError, match="--scheduler"):
+        generate(trained_run, ["x"], scheduler="heun2", output=tmp_path)
+    with pytest.raises(UserError, match="no LoRA here"):
+        generate(tmp_path, ["x"])
+    with pytest.raises(UserError, match="--num-images"):
+        generate(trained_run, ["x"], num_images=0)

@@ -1,0 +1,136 @@
+import importlib
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lorabooth import TrainConfig, train
+from lorabooth.errors import UserError
+from lorabooth.lora import WEIGHT_NAME, lora_metadata
+
+
+def _config(photos, out, **kw):
+    base = dict(model="tiny", instance_dir=str(photos), instance_prompt="a photo of sks dog",
+                steps=3, seed=0, output=str(out))
+    return TrainConfig(**{**base, **kw})
+
+
+def _losses(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_first_losses_are_pinned(photos, tmp_path):
+    """torchtune's habit: the loss of a seeded run on the built-in model is a
+    known number; a change to the data path, noise, timesteps or loss shows here."""
+    run = train(_config(photos, tmp_path / "r", steps=3))
+    got = [r["loss"] for r in _losses(run)]
+    assert got == pytest.approx([1.10967, 1.09367, 1.06258], abs=1e-4), got
+
+
+def test_prior_term_is_logged_separately(trained_run):
+    rows = _losses(trained_run)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for r in rows:
+        assert r["loss"] == pytest.approx(r["loss_instance"] + r["loss_prior"], rel=1e-5)
+        assert r["lr"] == 1e-2 and r["lr_text"] == 1e-2 and r["s_per_step"] > 0
+
+
+def test_only_lora_weights_change(photos, tmp_path):
+    from lorabooth.models import build_tiny
+
+    run = train(_config(photos, tmp_path / "r", steps=2, lr=1e-2, train_text_encoder=True))
+    saved = load_file(run / WEIGHT_NAME)
+    assert saved and all("lora" in k for k in saved)
+    assert any(k.startswith("unet.") for k in saved) and any(k.startswith("text_encoder.") for k in saved)
+    ups = [v for k, v in saved.items() if "lora_B" in k or "lora.up" in k]
+    assert ups and all(v.abs().sum() > 0 for v in ups)  # B started at zero and moved
+
+    # the frozen weights inside the trained modules are untouched
+    t = importlib.import_module("lorabooth.train")
+    captured = {}
+    real_finish = t._finish
+
+    def spy(config, base, output, modules, resolution):
+        captured["unet"] = {k: v.clone() for k, v in modules["unet"].state_dict().items()
+                            if "lora_" not in k}
+        real_finish(config, base, output, modules, resolution)
+
+    t._finish = spy
+    try:
+        train(_config(photos, tmp_path / "r2", steps=2, lr=1e-2))
+    finally:
+        t._finish = real_finish
+    reference = build_tiny().unet.state_dict()
+    for k, v in captured["unet"].items():
+        key = k.replace(".base_layer", "")
+        assert torch.equal(v, reference[key]), k
+
+
+def test_run_folder_contents(trained_run):
+    names = {p.name for p in trained_run.iterdir()}
+    assert {WEIGHT_NAME, "config.toml", "metrics.jsonl", "README.md", "samples",
+            "class_images"} <= names
+    meta = lora_metadata(trained_run)
+    assert meta["base_model"] == "tiny" and meta["rank"] == 4 and meta["alpha"] == 8.0
+    assert meta["instance_prompt"] == "a photo of sks dog" and meta["steps"] == 4
+    assert meta["train_text_encoder"] is True and meta["resolution"] == 64
+    assert (trained_run / "samples" / "step-000004.png").is_file()
+    assert "a photo of sks dog" in (trained_run / "README.md").read_text()
+    assert len(list((trained_run / "class_images").glob("*.png"))) == 2
+
+
+def test_config_toml_reruns_the_same_settings(trained_run):
+    from lorabooth.config import TrainConfig, build_config
+
+    again = build_config(TrainConfig, trained_run / "config.toml", {})
+    assert again.alpha == 8 and again.train_text_encoder and again.steps == 4
+
+
+def test_resume_continues_from_the_checkpoint(photos, tmp_path):
+    full = train(_config(photos, tmp_path / "full", steps=6, checkpoint_every=3, lr=1e-2))
+    part = _config(photos, tmp_path / "part", steps=6, checkpoint_every=3, lr=1e-2)
+    train(TrainConfig(**{**part.__dict__, "steps": 4}))  # "killed" after step 4; checkpoint at 3
+    assert (tmp_path / "part" / "checkpoints" / "step-000003").is_dir()
+    resumed = train(TrainConfig(**{**part.__dict__, "resume": True}))
+    a, b = load_file(full / WEIGHT_NAME), load_file(resumed / WEIGHT_NAME)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    assert [r["step"] for r in _losses(resumed)] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in _losses(resumed)] == pytest.approx([r["loss"] for r in _losses(full)])
+
+
+def test_bad_instance_folders(tmp_path):
+    with pytest.raises(UserError, match="--instance-dir .*no such folder"):
+        train(_config(tmp_path / "nope", tmp_path / "r"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no readable images"):
+        train(_config(tmp_path / "empty", tmp_path / "r"))
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "a.jpg").write_text("not an image")
+    with pytest.raises(UserError, match="no readable images"):
+        train(_config(tmp_path / "junk", tmp_path / "r"))
+    assert not (tmp_path / "r").exists()  # nothing created before the input is checked
+
+
+def test_output_that_is_a_file(photos, tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="--output .*is a file"):
+        train(_config(photos, tmp_path / "file"))
+
+
+def test_v_prediction_model_trains(photos, tmp_path, monkeypatch):
+    """A v-prediction base (SD 2.x style) trains with the velocity target."""
+    t = importlib.import_module("lorabooth.train")
+    from lorabooth.models import build_tiny
+
+    def v_tiny(name):
+        base = build_tiny()
+        base.noise_scheduler.register_to_config(prediction_type="v_prediction")
+        return base
+
+    monkeypatch.setattr(t, "load_base", v_tiny)
+    run = train(_config(photos, tmp_path / "v", steps=2))
+    assert all(math.isfinite(r["loss"]) for r in _losses(run))
