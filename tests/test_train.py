@@ -134,3 +134,24 @@ def test_v_prediction_model_trains(photos, tmp_path, monkeypatch):
     monkeypatch.setattr(t, "load_base", v_tiny)
     run = train(_config(photos, tmp_path / "v", steps=2))
     assert all(math.isfinite(r["loss"]) for r in _losses(run))
+
+
+def test_bf16_autocast_keeps_lora_fp32_and_validates_on_schedule(photos, tmp_path):
+    t = importlib.import_module("lorabooth.train")
+    seen = {}
+    real_finish = t._finish
+
+    def spy(config, base, output, modules, resolution):
+        seen["dtypes"] = {p.dtype for p in modules["unet"].parameters() if p.requires_grad}
+        real_finish(config, base, output, modules, resolution)
+
+    t._finish = spy
+    try:
+        run = train(_config(photos, tmp_path / "bf16", steps=2, mixed_precision="bf16",
+                            validation_prompt="a photo of sks dog", validation_every=1))
+    finally:
+        t._finish = real_finish
+    assert seen["dtypes"] == {torch.float32}
+    assert all(v.dtype == torch.float32 for v in load_file(run / WEIGHT_NAME).values())
+    assert all(math.isfinite(r["loss"]) for r in _losses(run))
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step-000001.png", "step-000002.png"]

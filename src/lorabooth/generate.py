@@ -25,7 +25,7 @@ from .errors import UserError
 from .grid import make_grid
 from .io import save_png
 from .lora import find_lora, load_into_pipeline, lora_metadata, set_scales
-from .models import load_base
+from .models import load_base, pipeline_from_parts
 
 log = logging.getLogger(__name__)
 
@@ -90,11 +90,7 @@ def load_pipeline(run: str | Path, model: str | None = None,
     if not base_name:
         raise UserError(f"{run}: the LoRA does not record its base model; pass --model")
     base = load_base(base_name)
-    pipe = StableDiffusionPipeline(
-        vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
-        scheduler=_scheduler(scheduler, base.noise_scheduler.config),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    pipe = pipeline_from_parts(base, _scheduler(scheduler, base.noise_scheduler.config))
     pipe.set_progress_bar_config(disable=True)
     has_text = load_into_pipeline(pipe, run)
     return pipe, has_text

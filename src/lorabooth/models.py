@@ -187,10 +187,12 @@ def load_base(model: str) -> BaseModel:
     return _load_folder(_resolve_hub(model), model)
 
 
-def pipeline_from_parts(base: BaseModel) -> StableDiffusionPipeline:
+def pipeline_from_parts(base: BaseModel, scheduler=None) -> StableDiffusionPipeline:
+    """A pipeline over the same modules (no copies); DPM-Solver++ unless told."""
     from diffusers import DPMSolverMultistepScheduler
 
-    scheduler = DPMSolverMultistepScheduler.from_config(base.noise_scheduler.config)
+    if scheduler is None:
+        scheduler = DPMSolverMultistepScheduler.from_config(base.noise_scheduler.config)
     return StableDiffusionPipeline(
         vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
         unet=base.unet, scheduler=scheduler, safety_checker=None,
@@ -200,10 +202,5 @@ def pipeline_from_parts(base: BaseModel) -> StableDiffusionPipeline:
 
 def save_base(base: BaseModel, folder: str | Path) -> Path:
     """Write a base model as a diffusers folder (used to test the folder path)."""
-    pipe = StableDiffusionPipeline(
-        vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
-        unet=base.unet, scheduler=base.noise_scheduler, safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False,
-    )
-    pipe.save_pretrained(folder)
+    pipeline_from_parts(base, base.noise_scheduler).save_pretrained(folder)
     return Path(folder)

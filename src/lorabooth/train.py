@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
@@ -149,6 +150,10 @@ def _setup_accelerator(config: TrainConfig) -> Accelerator:
     if on_cpu and precision == "bf16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         log.warning("--mixed-precision bf16: this CPU has no bf16 support; training in fp32")
         precision = "no"
+    # accelerate keeps one process-wide state; a second run in the same Python
+    # process (a notebook, the tests) with another precision must reset it.
+    # The distributed part (PartialState) is kept.
+    AcceleratorState._reset_state()
     return Accelerator(mixed_precision=precision)
 
 
