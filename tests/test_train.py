@@ -155,3 +155,27 @@ def test_bf16_autocast_keeps_lora_fp32_and_validates_on_schedule(photos, tmp_pat
     assert all(v.dtype == torch.float32 for v in load_file(run / WEIGHT_NAME).values())
     assert all(math.isfinite(r["loss"]) for r in _losses(run))
     assert sorted(p.name for p in (run / "samples").iterdir()) == ["step-000001.png", "step-000002.png"]
+
+
+def test_captions_flow_into_the_batches(photos, tmp_path, caplog):
+    from lorabooth.data import readable_images, tokenize
+    from lorabooth.models import build_tiny
+
+    t = importlib.import_module("lorabooth.train")
+    (photos / "photo_0.txt").write_text("a photo of sks dog on a red sofa\n")
+    (photos / "photo_1.txt").write_text("a photo of a dog\n")  # forgot the identifier
+    config = _config(photos, tmp_path / "r", captions=True, class_prompt="a photo of a dog")
+    base = build_tiny()
+    paths = readable_images(photos)
+    examples = t._setup_examples(config, base, 64, paths, [])
+    want = ["a photo of sks dog on a red sofa", "a photo of a dog", "a photo of sks dog"]
+    assert torch.equal(examples.instance_ids, tokenize(base.tokenizer, want))
+    assert any("photo_1.txt" in r.getMessage() and "lacks the identifier" in r.getMessage()
+               for r in caplog.records)
+    # the batch for images [2, 0] carries their own captions' embeddings, in order
+    context = t._text_context(examples, {"unet": None}, [2, 0], 0, torch.device("cpu"))
+    assert torch.equal(context[0], examples.instance_embedding[2])
+    assert not torch.equal(context[0], context[1])
+    # without --captions the .txt files are ignored
+    plain = t._setup_examples(_config(photos, tmp_path / "r"), base, 64, paths, [])
+    assert torch.equal(plain.instance_ids, tokenize(base.tokenizer, ["a photo of sks dog"] * 3))

@@ -9,7 +9,7 @@ import sys
 from dataclasses import fields
 from typing import get_type_hints
 
-from .config import TrainConfig, build_config, option_name
+from .config import PrepareConfig, TrainConfig, build_config, option_name
 from .errors import UserError
 
 
@@ -20,12 +20,14 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _add_train_options(parser: argparse.ArgumentParser) -> None:
-    """One option per TrainConfig field; its default and help come from there.
+def _add_options(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """One option per config field; its default and help come from there.
     Every default here is None so that only what the user typed overrides the
-    --config file."""
-    hints = get_type_hints(TrainConfig)
-    for f in fields(TrainConfig):
+    --config file (and the dataclass's own default)."""
+    hints = get_type_hints(cls)
+    for f in fields(cls):
+        if f.name in skip:
+            continue
         kind = hints[f.name]
         help_text = f"{f.metadata['help']} (default: {f.default!r})"
         if kind is bool:
@@ -34,6 +36,10 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
         else:
             parser.add_argument(option_name(f.name), dest=f.name, type=kind, default=None,
                                 metavar=f.name.upper(), help=help_text)
+
+
+def _add_train_options(parser: argparse.ArgumentParser) -> None:
+    _add_options(parser, TrainConfig)
     parser.add_argument("--config", metavar="FILE.toml",
                         help="TOML file of train options (keys: option names with _); "
                              "command-line options override it")
@@ -59,6 +65,30 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         seed=args.seed, steps=args.steps, negative_prompt=args.negative_prompt,
         scheduler=args.scheduler, output=args.output, model=args.model)
     logging.getLogger("lorabooth").info("drew %d images", len(images))
+    return 0
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    overrides = {f.name: getattr(args, f.name, None) for f in fields(PrepareConfig)}
+    config = build_config(PrepareConfig, None, overrides)
+    from .prepare import prepare
+
+    prepare(config)
+    return 0
+
+
+def _cmd_identifier(args: argparse.Namespace) -> int:
+    from .identifier import check_prompt, rare_identifiers, render_table
+    from .models import load_tokenizer
+
+    tokenizer = load_tokenizer(args.model)
+    if args.check:
+        report, warnings = check_prompt(args.check, tokenizer)
+        print(report)
+        for w in warnings:
+            logging.getLogger("lorabooth").warning("%s", w)
+        return 0
+    print(render_table(rare_identifiers(tokenizer, n=args.n, seed=args.seed)))
     return 0
 
 
@@ -91,6 +121,21 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", default=None, help="base model (default: the run's own)")
     gen.add_argument("--output", default=None, help="folder (default: RUN/generated)")
     gen.set_defaults(func=_cmd_generate)
+
+    prep = sub.add_parser("prepare", help="turn a folder of photos into a clean training set")
+    prep.add_argument("src", help="folder of photos (never modified)")
+    prep.add_argument("out", help="folder for the training set")
+    _add_options(prep, PrepareConfig, skip=("src", "out"))
+    prep.set_defaults(func=_cmd_prepare)
+
+    ident = sub.add_parser("identifier", help="pick a rare-token identifier, or check one")
+    ident.add_argument("--model", default="tiny", help="whose tokenizer (default: tiny = CLIP's)")
+    ident.add_argument("--n", type=int, default=10, help="how many candidates to show")
+    ident.add_argument("--seed", type=int, default=None,
+                       help="draw --n at random from the rarest candidates instead of the top")
+    ident.add_argument("--check", metavar="PROMPT", default=None,
+                       help="show how PROMPT tokenises and warn about its identifier")
+    ident.set_defaults(func=_cmd_identifier)
 
     demo = sub.add_parser("demo", help="train and draw on the built-in model with example photos")
     demo.add_argument("--output", default="runs/demo", help="run folder")

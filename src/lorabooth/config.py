@@ -54,6 +54,8 @@ class TrainConfig:
     resume: bool = _help("Continue from the newest checkpoint in OUTPUT.", False)
     validation_prompt: str = _help("Prompt drawn into OUTPUT/samples during training.", "")
     validation_every: int = _help("Draw the validation prompt every N steps (0: only at the end).", 0)
+    captions: bool = _help("Use IMAGE.txt beside each instance image as its prompt when present.",
+                           False)
     output: str = _help("Run folder.", "runs/run")
     max_grad_norm: float = _help("Clip the gradient norm to this (0: no clipping).", 1.0)
     class_draw_steps: int = _help("Sampler steps used to draw class images.", 25)
@@ -99,6 +101,49 @@ class TrainConfig:
     @property
     def class_path(self) -> Path:
         return Path(self.class_dir) if self.class_dir else Path(self.output) / "class_images"
+
+
+CROPS = ("center", "face", "none")
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    src: str = _help("Folder of the user's photos (only read).", "")
+    out: str = _help("Folder for the training set.", "")
+    resolution: int = _help("Side of the square output images in pixels.", 512)
+    crop: str = _help("center, face (largest face, OpenCV Haar cascade) or none.", "center")
+    min_size: int = _help("Reject images whose short side is below this (0: half the resolution).", 0)
+    face_margin: float = _help("Space around the face on each side, in face sizes "
+                               "(0.75: a head-and-shoulders portrait).", 0.75)
+    caption: str = _help("Caption template written beside each image, e.g. "
+                         "'a photo of {identifier} {class}'.", "")
+    identifier: str = _help("The identifier for {identifier} in --caption.", "sks")
+    class_noun: str = _help("The class noun for {class} in --caption.", "")
+    dedupe_threshold: int = _help("Near-duplicate when the 64-bit perceptual hashes differ in at "
+                                  "most this many bits (-1: only exact duplicates).", 5)
+
+    def __post_init__(self) -> None:
+        def bad(key: str, why: str) -> UserError:
+            return UserError(f"{option_name(key)}: {why} (got {getattr(self, key)!r})")
+
+        if self.resolution < 8 or self.resolution % 8:
+            raise bad("resolution", "must be a positive multiple of 8")
+        if self.crop not in CROPS:
+            raise bad("crop", f"must be one of {', '.join(CROPS)}")
+        if self.min_size < 0:
+            raise bad("min_size", "must be 0 or more")
+        if self.face_margin < 0:
+            raise bad("face_margin", "must be 0 or more")
+        if not -1 <= self.dedupe_threshold <= 64:
+            raise bad("dedupe_threshold", "must be between -1 and 64")
+        if "{class}" in self.caption and not self.class_noun:
+            raise bad("class_noun", "is required when --caption uses {class}")
+        if "{identifier}" in self.caption and not self.identifier:
+            raise bad("identifier", "is required when --caption uses {identifier}")
+
+    @property
+    def min_size_px(self) -> int:
+        return self.min_size or self.resolution // 2
 
 
 def config_keys(cls: type) -> list[str]:

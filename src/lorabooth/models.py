@@ -187,6 +187,20 @@ def load_base(model: str) -> BaseModel:
     return _load_folder(_resolve_hub(model), model)
 
 
+def load_tokenizer(model: str) -> CLIPTokenizer:
+    """Only the tokenizer of a base model (no weights loaded)."""
+    if model in BUILTIN_MODELS:
+        return clip_tokenizer()
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        if path.exists() or model.count("/") != 1:
+            raise UserError(f"--model {model}: no such model folder, and not a hub id")
+        path = _resolve_hub(model)
+    if not (path / "tokenizer").is_dir():
+        raise UserError(f"--model {model}: no tokenizer/ folder in {path}")
+    return CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
+
+
 def pipeline_from_parts(base: BaseModel, scheduler=None) -> StableDiffusionPipeline:
     """A pipeline over the same modules (no copies); DPM-Solver++ unless told."""
     from diffusers import DPMSolverMultistepScheduler

@@ -20,6 +20,7 @@ from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import Shuffler, latent_distributions, prompt_embeddings, readable_images, tokenize
 from .errors import UserError
+from .identifier import guess_identifier, identifier_warnings
 from .io import save_png, write_text
 from .lora import add_text_lora, add_unet_lora, freeze_all_but_lora, lora_parameters, save_lora
 from .models import BaseModel, load_base, pipeline_from_parts
@@ -38,9 +39,9 @@ class Examples:
     instance_std: torch.Tensor
     class_mean: torch.Tensor | None  # (M, 4, h, w), None without prior preservation
     class_std: torch.Tensor | None
-    instance_embedding: torch.Tensor | None  # (1, 77, D) when the text encoder is frozen
-    class_embedding: torch.Tensor | None
-    instance_ids: torch.Tensor  # (1, 77) token ids, used when the text encoder trains
+    instance_embedding: torch.Tensor | None  # (N, 77, D), one per image; text encoder frozen
+    class_embedding: torch.Tensor | None  # (1, 77, D)
+    instance_ids: torch.Tensor  # (N, 77) token ids, used when the text encoder trains
     class_ids: torch.Tensor | None
     scaling_factor: float  # the VAE's latent scale, kept so the VAE itself can be freed
 
@@ -52,6 +53,8 @@ def train(config: TrainConfig) -> Path:
     set_seed(config.seed)  # python, numpy, torch: the LoRA init draws from torch's global RNG
     output = prepare_output(config, accelerator.is_main_process)
     base = load_base(config.model)
+    for warning in identifier_warnings(base.tokenizer, config.instance_prompt, config.class_prompt):
+        log.warning("--instance-prompt: %s", warning)
     resolution = config.resolution or base.native_resolution
     base.vae.requires_grad_(False), base.unet.requires_grad_(False)
     base.text_encoder.requires_grad_(False)
@@ -93,7 +96,7 @@ def train(config: TrainConfig) -> Path:
                                   base.noise_scheduler.config.prediction_type)
 
         with accelerator.autocast():
-            context = _text_context(examples, modules, len(idx), len(cidx), accelerator.device)
+            context = _text_context(examples, modules, idx, len(cidx), accelerator.device)
             pred = modules["unet"](noisy.to(accelerator.device), timesteps.to(accelerator.device),
                                    context).sample
             loss, loss_instance, loss_prior = dreambooth_loss(
@@ -193,18 +196,38 @@ def _setup_examples(config: TrainConfig, base: BaseModel, resolution: int,
                     instance_paths: list[Path], class_paths: list[Path]) -> Examples:
     instance = latent_distributions(base.vae, instance_paths, resolution)
     klass = latent_distributions(base.vae, class_paths, resolution) if class_paths else (None, None)
-    prompts = [config.instance_prompt] + ([config.class_prompt] if class_paths else [])
+    captions = instance_captions(config, instance_paths)
+    prompts = sorted(set(captions)) + ([config.class_prompt] if class_paths else [])
+    row = [prompts.index(c) for c in captions]  # image i -> its prompt's row
+    ids = tokenize(base.tokenizer, prompts)
     frozen = None
     if not config.train_text_encoder:
         frozen = prompt_embeddings(base.tokenizer, base.text_encoder, prompts)
-    ids = tokenize(base.tokenizer, prompts)
     return Examples(
         instance_mean=instance[0], instance_std=instance[1], class_mean=klass[0], class_std=klass[1],
-        instance_embedding=None if frozen is None else frozen[:1],
-        class_embedding=None if frozen is None or not class_paths else frozen[1:2],
-        instance_ids=ids[:1], class_ids=ids[1:2] if class_paths else None,
+        instance_embedding=None if frozen is None else frozen[row],
+        class_embedding=None if frozen is None or not class_paths else frozen[-1:],
+        instance_ids=ids[row], class_ids=ids[-1:] if class_paths else None,
         scaling_factor=float(base.vae.config.scaling_factor),
     )
+
+
+def instance_captions(config: TrainConfig, paths: list[Path]) -> list[str]:
+    """Each image's prompt: IMAGE.txt beside it with --captions, else the
+    instance prompt. A caption missing the identifier is named in a warning."""
+    if not config.captions:
+        return [config.instance_prompt] * len(paths)
+    identifier = guess_identifier(config.instance_prompt, config.class_prompt)
+    out = []
+    for path in paths:
+        txt = path.with_suffix(".txt")
+        caption = txt.read_text(encoding="utf-8").strip() if txt.is_file() else ""
+        caption = caption or config.instance_prompt
+        words = caption.lower().split()
+        if identifier and not any(w in words for w in identifier):
+            log.warning("%s: caption %r lacks the identifier %s", txt, caption, " ".join(identifier))
+        out.append(caption)
+    return out
 
 
 def _setup_lora(config: TrainConfig, base: BaseModel) -> dict[str, torch.nn.Module]:
@@ -239,15 +262,15 @@ def _sample_latents(examples: Examples, idx: list[int], cidx: list[int],
     return latents * examples.scaling_factor
 
 
-def _text_context(examples: Examples, modules: dict[str, torch.nn.Module], n_instance: int,
+def _text_context(examples: Examples, modules: dict[str, torch.nn.Module], idx: list[int],
                   n_class: int, device: torch.device) -> torch.Tensor:
-    """Encoder hidden states for the batch: (B, 77, D)."""
+    """Encoder hidden states for the batch: (B, 77, D), instance rows first."""
     if "text_encoder" in modules:
-        ids = [examples.instance_ids.expand(n_instance, -1)]
+        ids = [examples.instance_ids[idx]]
         if n_class:
             ids.append(examples.class_ids.expand(n_class, -1))
         return modules["text_encoder"](torch.cat(ids).to(device))[0]
-    parts = [examples.instance_embedding.expand(n_instance, -1, -1)]
+    parts = [examples.instance_embedding[idx]]
     if n_class:
         parts.append(examples.class_embedding.expand(n_class, -1, -1))
     return torch.cat(parts).to(device)
@@ -307,6 +330,8 @@ def _finish(config: TrainConfig, base: BaseModel, output: Path,
         "lorabooth.rank": config.rank, "lorabooth.alpha": config.lora_alpha,
         "lorabooth.instance_prompt": config.instance_prompt,
         "lorabooth.class_prompt": config.class_prompt,
+        "lorabooth.identifier": " ".join(guess_identifier(config.instance_prompt,
+                                                          config.class_prompt)),
         "lorabooth.prior_preservation": config.prior_preservation,
         "lorabooth.steps": config.steps, "lorabooth.lr": config.lr,
         "lorabooth.lr_text": config.lr_text, "lorabooth.seed": config.seed,
