@@ -43,3 +43,33 @@ def trained_run(tmp_path_factory, session_photos) -> Path:
         rank=4, alpha=8, seed=0, output=str(out), validation_prompt="a photo of sks dog",
     )
     return train(config)
+
+
+@pytest.fixture(scope="session")
+def tiny_judges(tmp_path_factory) -> tuple[str, str]:
+    """Random-weight DINO-shaped (ViT) and CLIP models saved as local folders,
+    standing in for facebook/dino-vits16 and openai/clip-vit-base-patch32."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, ViTConfig, ViTModel
+    from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
+
+    from lorabooth.models import clip_tokenizer
+
+    root = tmp_path_factory.mktemp("judges")
+    torch.manual_seed(0)
+    dino = root / "dino"
+    ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=37, image_size=32, patch_size=8),
+             add_pooling_layer=False).save_pretrained(dino)
+    ViTImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(dino)
+    clip = root / "clip"
+    CLIPModel(CLIPConfig(
+        text_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                         num_attention_heads=4, vocab_size=49408, max_position_embeddings=77),
+        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                           num_attention_heads=4, image_size=32, patch_size=8),
+        projection_dim=16)).save_pretrained(clip)
+    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+                          ).save_pretrained(clip)
+    clip_tokenizer().save_pretrained(clip)
+    return str(dino), str(clip)

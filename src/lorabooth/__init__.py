@@ -20,9 +20,10 @@ from transformers.utils import logging as _hf_logging  # noqa: E402
 
 _verbosity = _hf_logging.get_verbosity()
 _hf_logging.set_verbosity_error()
+from .evaluate import evaluate  # noqa: E402
 from .generate import generate  # noqa: E402
 from .train import train  # noqa: E402
 
 _hf_logging.set_verbosity(_verbosity)
 
-__all__ = ["TrainConfig", "UserError", "train", "generate", "__version__"]
+__all__ = ["TrainConfig", "UserError", "train", "generate", "evaluate", "__version__"]

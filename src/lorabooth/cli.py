@@ -92,6 +92,18 @@ def _cmd_identifier(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate
+
+    evaluate(args.run, args.real, class_noun=args.class_noun, kind=args.kind,
+             prompts_file=args.prompts, identifier=args.identifier,
+             images_per_prompt=args.images_per_prompt, seed=args.seed,
+             unet_scale=args.unet_scale, text_scale=args.text_scale, guidance=args.guidance,
+             steps=args.steps, out=args.out, baselines=args.baselines, dino=args.dino,
+             clip=args.clip, model=args.model, pres_images=args.pres_images)
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import demo
 
@@ -136,6 +148,31 @@ def build_parser() -> argparse.ArgumentParser:
     ident.add_argument("--check", metavar="PROMPT", default=None,
                        help="show how PROMPT tokenises and warn about its identifier")
     ident.set_defaults(func=_cmd_identifier)
+
+    ev = sub.add_parser("evaluate", help="DINO, CLIP-I, CLIP-T, PRES, DIV as in the paper")
+    ev.add_argument("run", help="run folder")
+    ev.add_argument("--real", required=True, help="folder of the subject's photos")
+    ev.add_argument("--class-noun", default=None, help="class noun (default: from the run)")
+    ev.add_argument("--kind", default="live", choices=["live", "object"],
+                    help="the paper's prompt set: live subjects or objects")
+    ev.add_argument("--prompts", default=None, metavar="FILE",
+                    help="own prompts, one per line ({0}: identifier, {1}: class noun)")
+    ev.add_argument("--identifier", default=None, help="default: from the run's metadata")
+    ev.add_argument("--images-per-prompt", type=int, default=4, help="the paper uses 4")
+    ev.add_argument("--pres-images", type=int, default=8, help="class-prompt images for PRES")
+    ev.add_argument("--seed", type=int, default=0, help="first seed; image i uses seed+i")
+    ev.add_argument("--unet-scale", type=float, default=1.0, help="UNet LoRA scale")
+    ev.add_argument("--text-scale", type=float, default=1.0, help="text-encoder LoRA scale")
+    ev.add_argument("--guidance", type=float, default=7.5, help="guidance scale")
+    ev.add_argument("--steps", type=int, default=25, help="sampler steps")
+    ev.add_argument("--dino", default="facebook/dino-vits16", help="DINO model (folder or hub id)")
+    ev.add_argument("--clip", default="openai/clip-vit-base-patch32",
+                    help="CLIP model (folder or hub id; e.g. openai/clip-vit-large-patch14)")
+    ev.add_argument("--model", default=None, help="base model (default: the run's own)")
+    ev.add_argument("--out", default=None, help="folder (default: RUN/eval)")
+    ev.add_argument("--baselines", action="store_true",
+                    help="add the base model (floor) and real photos leave-one-out (ceiling)")
+    ev.set_defaults(func=_cmd_evaluate)
 
     demo = sub.add_parser("demo", help="train and draw on the built-in model with example photos")
     demo.add_argument("--output", default="runs/demo", help="run folder")

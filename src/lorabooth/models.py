@@ -151,7 +151,7 @@ def _load_folder(path: Path, name: str) -> BaseModel:
     )
 
 
-def _resolve_hub(model_id: str) -> Path:
+def resolve_hub(model_id: str) -> Path:
     """A hub id -> its local snapshot folder, downloading only when online."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
@@ -184,7 +184,7 @@ def load_base(model: str) -> BaseModel:
     if model.count("/") != 1 or model.startswith((".", "/", "~")):
         raise UserError(f"--model {model}: no such folder, and not a hub id (owner/name); "
                         f"built-in models: {', '.join(BUILTIN_MODELS)}")
-    return _load_folder(_resolve_hub(model), model)
+    return _load_folder(resolve_hub(model), model)
 
 
 def load_tokenizer(model: str) -> CLIPTokenizer:
@@ -195,7 +195,7 @@ def load_tokenizer(model: str) -> CLIPTokenizer:
     if not path.is_dir():
         if path.exists() or model.count("/") != 1:
             raise UserError(f"--model {model}: no such model folder, and not a hub id")
-        path = _resolve_hub(model)
+        path = resolve_hub(model)
     if not (path / "tokenizer").is_dir():
         raise UserError(f"--model {model}: no tokenizer/ folder in {path}")
     return CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")

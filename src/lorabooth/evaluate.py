@@ -1,0 +1,205 @@
+"""`lorabooth evaluate RUN`: DINO, CLIP-I, CLIP-T, PRES and DIV as in the
+DreamBooth paper, on its prompts, with baselines; images cached on disk so a
+second evaluation with other judges draws nothing."""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import re
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from PIL import Image
+
+from .data import readable_images
+from .errors import UserError
+from .generate import Setting, draw, load_pipeline, prompt_slug
+from .grid import make_grid
+from .io import save_png, write_json, write_text
+from .judges import Judges, default_judges
+from .lora import lora_metadata
+from .metrics import (
+    cosine_matrix, diversity, mean_pairwise, mean_pairwise_within, summarise, text_alignment,
+)
+from .prepare import Rejected, decode
+from .report import render_report
+
+log = logging.getLogger(__name__)
+
+KINDS = ("live", "object")
+METRICS = ("dino", "clip_i", "clip_t", "pres", "div")
+
+
+@dataclass(frozen=True)
+class EvalPrompt:
+    full: str  # with the identifier: what the model is asked to draw
+    clean: str  # without it: what CLIP-T compares against
+    slug: str
+
+
+def load_prompts(kind: str, prompts_file: str | None, identifier: str,
+                 class_noun: str) -> list[EvalPrompt]:
+    """The paper's prompts (``{0}`` identifier, ``{1}`` class noun) or the user's."""
+    if prompts_file:
+        try:
+            text = Path(prompts_file).read_text(encoding="utf-8")
+        except OSError as e:
+            raise UserError(f"--prompts {prompts_file}: cannot read ({e.strerror})") from None
+    else:
+        if kind not in KINDS:
+            raise UserError(f"--kind: must be one of {', '.join(KINDS)} (got {kind!r})")
+        text = (resources.files("lorabooth") / "assets" / "dreambench" /
+                f"prompts_{kind}.txt").read_text(encoding="utf-8")
+    templates = [line.strip() for line in text.splitlines() if line.strip()]
+    if not templates:
+        raise UserError(f"--prompts {prompts_file}: no prompts in the file")
+    out = []
+    for i, t in enumerate(templates):
+        full = t.format(identifier, class_noun) if "{" in t else t
+        clean = re.sub(r"\s+", " ", t.format("", class_noun) if "{" in t else t).strip()
+        out.append(EvalPrompt(full, clean, prompt_slug(i, clean)))
+    return out
+
+
+def _real_images(folder: str) -> list[Image.Image]:
+    path = Path(folder)
+    if not path.is_dir():
+        raise UserError(f"--real {folder}: no such folder")
+    images = []
+    for p in readable_images(path):
+        try:
+            images.append(decode(p)[0])
+        except Rejected:
+            continue
+    if len(images) < 2:
+        raise UserError(f"--real {folder}: needs at least 2 readable photos (found {len(images)})")
+    return images
+
+
+def draw_cached(pipe, has_text: bool, prompt: str, setting: Setting, seeds: list[int],
+                steps: int, folder: Path) -> list[Image.Image]:
+    """Images for ``seeds``, drawing only those not already in ``folder``."""
+    paths = [folder / f"seed{s}.png" for s in seeds]
+    todo = [s for s, p in zip(seeds, paths) if not p.is_file()]
+    if todo:
+        for s, image in zip(todo, draw(pipe, has_text, prompt, setting, todo, steps)):
+            save_png(image, folder / f"seed{s}.png")
+    return [Image.open(p).convert("RGB") for p in paths]
+
+
+def _defaults_from_run(run: str | Path, identifier: str | None,
+                       class_noun: str | None) -> tuple[str, str, str]:
+    meta = lora_metadata(run)
+    identifier = identifier or str(meta.get("identifier", "")).strip()
+    if not identifier:
+        raise UserError("--identifier: the run does not record one; pass it")
+    if not class_noun:
+        words = str(meta.get("instance_prompt", "")).split()
+        after = [words[i + 1] for i, w in enumerate(words[:-1]) if w == identifier.split()[-1]]
+        class_noun = after[0] if after else ""
+    if not class_noun:
+        raise UserError("--class-noun: cannot tell it from the run; pass it")
+    class_prompt = str(meta.get("class_prompt", "")) or f"a photo of a {class_noun}"
+    return identifier, class_noun, class_prompt
+
+
+def _score(judges: Judges, images: dict[str, list[Image.Image]], prompts: list[EvalPrompt],
+           real_id, real_img, class_images: list[Image.Image]) -> tuple[dict, list[dict]]:
+    """Per-prompt figures and their summary for one row (a model setting)."""
+    per_prompt = []
+    for p in prompts:
+        ims = images[p.slug]
+        ident = judges.identity(ims)
+        per_prompt.append({
+            "prompt": p.full, "dino": mean_pairwise(ident, real_id),
+            "clip_i": mean_pairwise(judges.image(ims), real_img),
+            "clip_t": text_alignment(judges.text_image(ims), judges.text([p.clean] * len(ims))),
+            "div": diversity(ident),
+        })
+    # PRES: the personalised model's bare-class images against the subject
+    pres = cosine_matrix(judges.identity(class_images), real_id).mean(dim=1).tolist()
+    summary = {m: summarise([r[m] for r in per_prompt]) for m in ("dino", "clip_i", "clip_t", "div")}
+    summary["pres"] = summarise(pres)
+    return summary, per_prompt
+
+
+def _real_row(judges: Judges, real: list[Image.Image]) -> dict:
+    """The paper's ceiling: real photos against each other, leave-one-out."""
+    ident, img = judges.identity(real), judges.image(real)
+
+    def loo(x):
+        sims = cosine_matrix(x, x)
+        n = x.shape[0]
+        return [((sims[i].sum() - sims[i, i]) / (n - 1)).item() for i in range(n)]
+
+    nan = {"mean": float("nan"), "std": float("nan"), "n": 0}
+    return {"dino": summarise(loo(ident)), "clip_i": summarise(loo(img)), "clip_t": nan,
+            "pres": nan, "div": {**summarise([1 - mean_pairwise_within(ident)]), "std": 0.0}}
+
+
+def evaluate(run: str | Path, real: str, class_noun: str | None = None, kind: str = "live",
+             prompts_file: str | None = None, identifier: str | None = None,
+             images_per_prompt: int = 4, seed: int = 0, unet_scale: float = 1.0,
+             text_scale: float = 1.0, guidance: float = 7.5, steps: int = 25,
+             out: str | Path | None = None, baselines: bool = False,
+             judges: Judges | None = None, dino: str = "facebook/dino-vits16",
+             clip: str = "openai/clip-vit-base-patch32", model: str | None = None,
+             pres_images: int = 8) -> dict:
+    """Score a run as in the paper's Table 1; returns what metrics.json holds."""
+    if images_per_prompt < 2:
+        raise UserError("--images-per-prompt: at least 2 (DIV compares images of one prompt)")
+    identifier, class_noun, class_prompt = _defaults_from_run(run, identifier, class_noun)
+    prompts = load_prompts(kind, prompts_file, identifier, class_noun)
+    real_images = _real_images(real)
+    judges = judges or default_judges(dino, clip)  # fails fast before any drawing
+    out = Path(out) if out else Path(run) / "eval"
+    seeds = [seed + i for i in range(images_per_prompt)]
+    pipe, has_text = load_pipeline(run, model)
+
+    settings = {"lorabooth": Setting(unet_scale, text_scale, guidance)}
+    if baselines:
+        settings = {"base model (no LoRA)": Setting(0.0, 0.0, guidance), **settings}
+    drawn: dict[str, dict[str, list[Image.Image]]] = {}
+    for row, setting in settings.items():
+        cache = out / "images" / f"{setting.slug}_steps{steps}"
+        drawn[row] = {p.slug: draw_cached(pipe, has_text, p.full, setting, seeds, steps,
+                                          cache / p.slug) for p in prompts}
+        drawn[row]["_class"] = draw_cached(pipe, has_text, class_prompt, setting,
+                                           [seed + i for i in range(pres_images)], steps,
+                                           cache / "_class")
+    real_id, real_img = judges.identity(real_images), judges.image(real_images)
+    rows, per_prompt_rows = {}, []
+    for row in settings:
+        rows[row], per_prompt = _score(judges, drawn[row], prompts, real_id, real_img,
+                                       drawn[row]["_class"])
+        per_prompt_rows += [{"row": row, **r} for r in per_prompt]
+    if baselines:
+        rows["real images"] = _real_row(judges, real_images)
+    result = {
+        "run": str(run), "identifier": identifier, "class_noun": class_noun,
+        "class_prompt": class_prompt, "prompts": kind if not prompts_file else prompts_file,
+        "images_per_prompt": images_per_prompt, "seeds": seeds, "steps": steps,
+        "unet_scale": unet_scale, "text_scale": text_scale, "guidance": guidance,
+        "judges": judges.names, "rows": rows,
+    }
+    write_json(out / "metrics.json", result)
+    _write_csv(out / "per_prompt.csv", per_prompt_rows)
+    write_text(out / "report.md", render_report(result))
+    for p in prompts:
+        grid = make_grid([drawn[r][p.slug] for r in settings], list(settings),
+                         [f"seed {s}" for s in seeds], title=p.full)
+        save_png(grid, out / "grids" / f"{p.slug}.png")
+    log.info("report: %s", out / "report.md")
+    return result
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["row", "prompt", "dino", "clip_i", "clip_t", "div"])
+    writer.writeheader()
+    writer.writerows({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in r.items()}
+                     for r in rows)
+    write_text(path, buf.getvalue())

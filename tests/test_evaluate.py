@@ -1,0 +1,109 @@
+import csv
+import importlib
+import json
+import time
+
+import pytest
+
+from lorabooth import evaluate
+from lorabooth.cli import main
+from lorabooth.errors import UserError
+from lorabooth.report import COLUMNS
+
+
+@pytest.fixture
+def prompts_file(tmp_path):
+    f = tmp_path / "prompts.txt"
+    f.write_text("a {0} {1} in the jungle\na {0} {1} on the beach\n")
+    return str(f)
+
+
+def test_full_table_with_baselines(trained_run, session_photos, tiny_judges, prompts_file,
+                                   tmp_path, monkeypatch):
+    dino, clip = tiny_judges
+    out = tmp_path / "eval"
+    result = evaluate(trained_run, str(session_photos), prompts_file=prompts_file,
+                      images_per_prompt=2, steps=2, out=out, baselines=True, dino=dino,
+                      clip=clip, pres_images=2)
+    assert result["identifier"] == "sks" and result["class_noun"] == "dog"
+    assert list(result["rows"]) == ["base model (no LoRA)", "lorabooth", "real images"]
+    for row in ("base model (no LoRA)", "lorabooth"):
+        for metric in ("dino", "clip_i", "clip_t", "pres", "div"):
+            stat = result["rows"][row][metric]
+            assert -1 <= stat["mean"] <= 1 and stat["std"] >= 0, (row, metric)
+    assert result["rows"]["real images"]["dino"]["n"] == 3  # leave-one-out per photo
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["rows"]["lorabooth"]["dino"]["mean"] == pytest.approx(
+        result["rows"]["lorabooth"]["dino"]["mean"])
+    rows = list(csv.DictReader((out / "per_prompt.csv").open()))
+    assert len(rows) == 4 and rows[0]["prompt"] == "a sks dog in the jungle"
+    report = (out / "report.md").read_text()
+    for _, title in COLUMNS:
+        assert title in report
+    assert "| lorabooth |" in report and "DreamBooth, Stable Diffusion (paper)" in report
+    assert "0.668" in report and "with the identifier removed" in report
+    assert "LPIPS" in report
+    assert sorted(p.name for p in (out / "grids").iterdir()) == [
+        "00-a-dog-in-the-jungle.png", "01-a-dog-on-the-beach.png"]
+
+    # a second evaluation (here with CLIP as the identity judge too) draws nothing
+    from lorabooth.judges import Judges, clip_embedders
+
+    ev = importlib.import_module("lorabooth.evaluate")
+    calls = []
+    monkeypatch.setattr(ev, "draw", lambda *a, **k: calls.append(a) or [])
+    clip_image, clip_text = clip_embedders(clip)
+    other = Judges(identity=clip_image, image=clip_image, text_image=clip_image, text=clip_text,
+                   names={"dino": clip, "clip": clip})
+    again = evaluate(trained_run, str(session_photos), prompts_file=prompts_file,
+                     images_per_prompt=2, steps=2, out=out, baselines=True, judges=other,
+                     pres_images=2)
+    assert calls == []
+    assert again["rows"]["lorabooth"]["clip_i"]["mean"] == pytest.approx(
+        result["rows"]["lorabooth"]["clip_i"]["mean"])
+    assert again["rows"]["lorabooth"]["dino"]["mean"] != pytest.approx(
+        result["rows"]["lorabooth"]["dino"]["mean"])  # the new identity judge was used
+
+
+def test_identifier_dropped_for_clip_t():
+    from lorabooth.evaluate import load_prompts
+
+    live = load_prompts("live", None, "sks", "dog")
+    assert len(live) == 25 and live[0].full == "a sks dog in the jungle"
+    assert live[0].clean == "a dog in the jungle"
+    assert len(load_prompts("object", None, "sks", "toy")) == 25
+
+
+def test_custom_judges_through_the_python_api(trained_run, session_photos, prompts_file, tmp_path):
+    """The toy world and sweeps plug in any embedding callables."""
+    import torch
+
+    from lorabooth.judges import Judges
+
+    def colour(images):  # mean colour as an "embedding"
+        return torch.stack([torch.tensor(im.resize((1, 1)).getpixel((0, 0)), dtype=torch.float)
+                            for im in images])
+
+    judges = Judges(identity=colour, image=colour, text_image=lambda ims: torch.ones(len(ims), 2),
+                    text=lambda ps: torch.ones(len(ps), 2), names={"dino": "colour", "clip": "colour"})
+    result = evaluate(trained_run, str(session_photos), prompts_file=prompts_file,
+                      images_per_prompt=2, steps=2, out=tmp_path / "e", judges=judges, pres_images=2)
+    assert result["rows"]["lorabooth"]["clip_t"]["mean"] == pytest.approx(1.0)
+    assert 0 < result["rows"]["lorabooth"]["dino"]["mean"] <= 1
+
+
+def test_missing_metric_model_fails_fast_in_one_line(trained_run, session_photos, capsys,
+                                                     monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    t0 = time.perf_counter()
+    code = main(["evaluate", str(trained_run), "--real", str(session_photos)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--clip openai/clip-vit-base-patch32" in err[0]
+    assert time.perf_counter() - t0 < 10
+
+
+def test_bad_evaluate_input(trained_run, tmp_path, tiny_judges):
+    with pytest.raises(UserError, match="--real"):
+        evaluate(trained_run, str(tmp_path / "none"), dino=tiny_judges[0], clip=tiny_judges[1])
+    with pytest.raises(UserError, match="--images-per-prompt"):
+        evaluate(trained_run, str(tmp_path), images_per_prompt=1)
