@@ -104,6 +104,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_toyworld(args: argparse.Namespace) -> int:
+    from .toyworld.pretrain import pretrain
+
+    pretrain(args.out, seed=args.seed, images=args.images, vae_steps=args.vae_steps,
+             unet_steps=args.unet_steps, batch=args.batch, judge_steps=args.judge_steps)
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import demo
 
@@ -173,6 +181,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--baselines", action="store_true",
                     help="add the base model (floor) and real photos leave-one-out (ceiling)")
     ev.set_defaults(func=_cmd_evaluate)
+
+    toy = sub.add_parser("toyworld", help="the toy world: pretrain its model and judges")
+    toy_sub = toy.add_subparsers(dest="toy_command", required=True, parser_class=_Parser)
+    pre = toy_sub.add_parser("pretrain", help="train the toy model and judges from scratch")
+    pre.add_argument("--out", required=True, help="folder for the model (diffusers layout)")
+    pre.add_argument("--seed", type=int, default=0)
+    pre.add_argument("--images", type=int, default=40000, help="rendered training pictures")
+    pre.add_argument("--vae-steps", type=int, default=3000)
+    pre.add_argument("--unet-steps", type=int, default=3000)
+    pre.add_argument("--judge-steps", type=int, default=1500)
+    pre.add_argument("--batch", type=int, default=64)
+    pre.set_defaults(func=_cmd_toyworld)
 
     demo = sub.add_parser("demo", help="train and draw on the built-in model with example photos")
     demo.add_argument("--output", default="runs/demo", help="run folder")

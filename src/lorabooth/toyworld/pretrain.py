@@ -1,0 +1,187 @@
+"""`lorabooth toyworld pretrain --out DIR`: the toy text-to-image model from
+scratch on the CPU, with the same diffusers/transformers classes as Stable
+Diffusion. Stage 1 trains the VAE, stage 2 the UNet and text encoder together
+on cached latents, stage 3 the judges. Seeded; every figure logged."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from .. import __version__
+from ..data import tokenize
+from ..io import write_json
+from ..models import BaseModel, clip_tokenizer, save_base, sd_noise_scheduler
+from .world import caption, random_spec, render
+
+log = logging.getLogger(__name__)
+DROP = 0.3  # each of colour, pattern, context left out of a caption this often
+EMPTY = 0.1  # captions left empty, for classifier-free guidance
+
+
+def toy_components() -> tuple[AutoencoderKL, CLIPTextModel, UNet2DConditionModel]:
+    """Untrained toy parts: 32 px pictures, 8 x 8 x 4 latents."""
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64, 64),
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        layers_per_block=1, norm_num_groups=32, sample_size=32,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
+        pad_token_id=49407,
+    ))
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(64, 128, 128),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=128, attention_head_dim=8, norm_num_groups=32,
+    )
+    return vae, text_encoder, unet
+
+
+def render_dataset(n: int, seed: int) -> tuple[torch.Tensor, list]:
+    """n pictures (uint8, (n, 3, 32, 32)) and their specs; held-out combos excluded."""
+    rng = random.Random(seed)
+    specs = [random_spec(rng) for _ in range(n)]
+    pixels = torch.stack([torch.frombuffer(bytearray(render(s, seed * 1_000_003 + i).tobytes()),
+                                           dtype=torch.uint8).view(32, 32, 3).permute(2, 0, 1)
+                          for i, s in enumerate(specs)])
+    return pixels, specs
+
+
+def warmup_cosine(step: int, steps: int, warmup: int) -> float:
+    """Learning-rate factor: linear warm-up, then cosine decay to zero."""
+    warm = min(1.0, (step + 1) / max(1, warmup))
+    return warm * 0.5 * (1 + math.cos(math.pi * min(step, steps) / max(1, steps)))
+
+
+def schedule(opt: torch.optim.Optimizer, steps: int, warmup: int):
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, steps, warmup))
+
+
+def _to_float(batch: torch.Tensor) -> torch.Tensor:
+    return batch.float() / 127.5 - 1.0
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = F.mse_loss((a.clamp(-1, 1) + 1) / 2, (b.clamp(-1, 1) + 1) / 2).item()
+    return 10 * torch.log10(torch.tensor(1.0 / max(mse, 1e-10))).item()
+
+
+def train_vae(vae: AutoencoderKL, pixels: torch.Tensor, steps: int, batch: int,
+              gen: torch.Generator, held: torch.Tensor) -> dict:
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    sched = schedule(opt, steps, warmup=steps // 20)
+    vae.train()
+    t0 = time.perf_counter()
+    for step in range(steps):
+        x = _to_float(pixels[torch.randint(0, len(pixels), (batch,), generator=gen)])
+        dist = vae.encode(x).latent_dist
+        recon = vae.decode(dist.sample(generator=gen)).sample
+        loss = F.mse_loss(recon, x) + 1e-6 * dist.kl().mean()
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 200 == 0 or step == steps - 1:
+            log.info("vae step %d/%d loss %.5f (%.0f s)", step + 1, steps, loss.item(),
+                     time.perf_counter() - t0)
+    vae.eval()
+    with torch.no_grad():
+        x = _to_float(held)
+        quality = psnr(vae.decode(vae.encode(x).latent_dist.mean).sample, x)
+    return {"vae_steps": steps, "vae_seconds": round(time.perf_counter() - t0),
+            "vae_psnr_db_held_out": round(quality, 2)}
+
+
+@torch.no_grad()
+def encode_all(vae: AutoencoderKL, pixels: torch.Tensor, batch: int = 512):
+    means, stds = [], []
+    for i in range(0, len(pixels), batch):
+        dist = vae.encode(_to_float(pixels[i : i + batch])).latent_dist
+        means.append(dist.mean)
+        stds.append(dist.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+def train_denoiser(unet, text_encoder, tokenizer, means, stds, specs, steps: int, batch: int,
+                   gen: torch.Generator, rng: random.Random, scaling: float) -> dict:
+    scheduler = sd_noise_scheduler()
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-2)
+    sched = schedule(opt, steps, warmup=steps // 30)
+    unet.train(), text_encoder.train()
+    t0, ema = time.perf_counter(), None
+    for step in range(steps):
+        idx = torch.randint(0, len(means), (batch,), generator=gen)
+        latents = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)) * scaling
+        prompts = ["" if rng.random() < EMPTY else caption(specs[i], rng, DROP) for i in idx.tolist()]
+        noise = torch.randn(latents.shape, generator=gen)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=gen)
+        context = text_encoder(tokenize(tokenizer, prompts))[0]
+        pred = unet(scheduler.add_noise(latents, noise, t), t, context).sample
+        loss = F.mse_loss(pred, noise)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        if step % 100 == 0 or step == steps - 1:
+            log.info("unet step %d/%d loss %.4f (ema %.4f, %.0f s)", step + 1, steps, loss.item(),
+                     ema, time.perf_counter() - t0)
+    unet.eval(), text_encoder.eval()
+    return {"unet_steps": steps, "unet_seconds": round(time.perf_counter() - t0),
+            "unet_final_loss_ema": round(ema, 4)}
+
+
+def pretrain(out: str | Path, seed: int = 0, images: int = 40000, vae_steps: int = 3000,
+             unet_steps: int = 3000, batch: int = 64, judge_steps: int = 1500) -> Path:
+    """Everything, seeded: world renders -> VAE -> UNet + text encoder -> judges."""
+    from .judges import train_judges
+
+    out = Path(out)
+    torch.manual_seed(seed)
+    gen, rng = torch.Generator().manual_seed(seed), random.Random(seed)
+    t0 = time.perf_counter()
+    pixels, specs = render_dataset(images, seed)
+    held, _ = render_dataset(256, seed + 1)
+    log.info("rendered %d pictures in %.0f s", images, time.perf_counter() - t0)
+    vae, text_encoder, unet = toy_components()
+    record = {"command": " ".join(["lorabooth"] + sys.argv[1:]) if sys.argv else "",
+              "seed": seed, "version": __version__, "images": images, "batch": batch}
+    record.update(train_vae(vae, pixels, vae_steps, batch, gen, held))
+    means, stds = encode_all(vae, pixels)
+    scaling = 1.0 / means.std().item()
+    vae.register_to_config(scaling_factor=scaling)
+    record["latent_scaling_factor"] = round(scaling, 5)
+    record.update(train_denoiser(unet, text_encoder, clip_tokenizer(), means, stds, specs,
+                                 unet_steps, batch, gen, rng, scaling))
+    out.mkdir(parents=True, exist_ok=True)
+
+    @torch.no_grad()
+    def reconstruct(x: torch.Tensor) -> torch.Tensor:
+        return vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+
+    record.update(train_judges(out / "judges.safetensors", seed=seed, steps=judge_steps,
+                               blur=reconstruct))
+    # fp16 on disk halves the package; loading casts back to fp32
+    base = BaseModel("toy", clip_tokenizer(), text_encoder.half(), vae.half(), unet.half(),
+                     sd_noise_scheduler())
+    save_base(base, out)
+    record["total_seconds"] = round(time.perf_counter() - t0)
+    write_json(out / "toyworld.json", record)
+    log.info("toy model written to %s: %s", out, json.dumps(record))
+    return out
