@@ -91,3 +91,103 @@ def test_console_entry_point_help():
     exe = Path(sys.executable).parent / "lorabooth"
     p = subprocess.run([str(exe), "train", "--help"], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0 and "--prior-loss-weight" in p.stdout and "--lr-text" in p.stdout
+
+
+@pytest.fixture(scope="module")
+def no_unet_model(tmp_path_factory):
+    import shutil
+
+    from lorabooth.models import build_tiny, save_base
+
+    folder = save_base(build_tiny(), tmp_path_factory.mktemp("m") / "model")
+    shutil.rmtree(folder / "unet")
+    return folder
+
+
+def _bad_input(kind, tmp_path, photos, no_unet_model, trained_run):
+    """(argv, text the one error line must contain) for each kind of bad input."""
+    base = ["train", "--instance-dir", str(photos), "--instance-prompt", "a photo of sks dog",
+            "--output", str(tmp_path / "out")]
+    junk = tmp_path / "junk"
+    junk.mkdir(exist_ok=True)
+    (junk / "a.jpg").write_text("text, not a photo")
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "unknown.toml").write_text("learning_rate = 0.001\n")
+    (tmp_path / "wrongtype.toml").write_text('steps = "many"\n')
+    bad_lora = tmp_path / "badlora"
+    bad_lora.mkdir(exist_ok=True)
+    from safetensors.torch import load_file, save_file
+
+    from lorabooth.lora import WEIGHT_NAME, read_lora
+    tensors, header = read_lora(trained_run / WEIGHT_NAME)
+    save_file({k: (v[:, :2] if "down" in k else v).contiguous() for k, v in tensors.items()},
+              bad_lora / WEIGHT_NAME, metadata=header)
+    return {
+        "only non-images": (["train", "--instance-dir", str(junk), "--instance-prompt", "a b",
+                             "--output", str(tmp_path / "o")], "no readable images"),
+        "unknown model name": (base + ["--model", "sd15"], "built-in models"),
+        "model folder without unet": (base + ["--model", str(no_unet_model)], "missing unet/"),
+        "hub id offline": (base + ["--model", "someone/absent"], "not in the local Hugging Face"),
+        "toml unknown key": (base + ["--config", str(tmp_path / "unknown.toml")],
+                             "unknown key `learning_rate`"),
+        "toml wrong type": (base + ["--config", str(tmp_path / "wrongtype.toml")],
+                            "`steps` must be an integer"),
+        "output is a file": (base[:-1] + [str(tmp_path / "file")], "is a file"),
+        "lora does not fit": (["generate", str(bad_lora), "--prompt", "x", "--num-images", "1"],
+                              "does not fit this base model"),
+        "bad scale list": (["generate", str(trained_run), "--prompt", "x", "--unet-scale", "a"],
+                           "--unet-scale"),
+        "bad scheduler": (["generate", str(trained_run), "--prompt", "x", "--scheduler", "x"],
+                          "--scheduler"),
+    }[kind]
+
+
+@pytest.mark.parametrize("kind", [
+    "only non-images", "unknown model name", "model folder without unet", "hub id offline",
+    "toml unknown key", "toml wrong type", "output is a file", "lora does not fit",
+    "bad scale list", "bad scheduler",
+])
+def test_more_bad_inputs_one_line_exit_2(kind, tmp_path, photos, no_unet_model, trained_run,
+                                         capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    argv, needle = _bad_input(kind, tmp_path, photos, no_unet_model, trained_run)
+    t0 = time.perf_counter()
+    code = main(argv)
+    assert needle in _one_line_error(capsys, code, "")
+    assert time.perf_counter() - t0 < 20
+
+
+def test_unwritable_output_folder(photos, tmp_path, monkeypatch, capsys):
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p).endswith("ro") else
+                        real_access(p, mode))
+    (tmp_path / "ro").mkdir()
+    code = main(["train", "--instance-dir", str(photos), "--instance-prompt", "a photo of sks dog",
+                 "--output", str(tmp_path / "ro")])
+    assert "not writable" in _one_line_error(capsys, code, "--output")
+
+
+def test_bf16_without_cpu_support_falls_back_with_a_warning(photos, tmp_path, monkeypatch, caplog):
+    import torch
+
+    from lorabooth import TrainConfig, train
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    train(TrainConfig(instance_dir=str(photos), instance_prompt="a photo of sks dog", steps=1,
+                      mixed_precision="bf16", output=str(tmp_path / "r")))
+    assert any("no bf16 support; training in fp32" in r.getMessage() for r in caplog.records)
+
+
+def test_fewer_class_images_than_present_keeps_them_and_says_so(photos, tmp_path, caplog):
+    from PIL import Image
+
+    from lorabooth import TrainConfig, train
+    caplog.set_level("INFO")
+    cls = tmp_path / "cls"
+    cls.mkdir()
+    for i in range(5):
+        Image.new("RGB", (64, 64), (i * 40, 0, 0)).save(cls / f"mine_{i}.png")
+    train(TrainConfig(instance_dir=str(photos), instance_prompt="a photo of sks dog", steps=1,
+                      prior_preservation=True, class_prompt="a photo of a dog", class_dir=str(cls),
+                      num_class_images=3, output=str(tmp_path / "r")))
+    assert len(list(cls.iterdir())) == 5
+    assert any("holds 5 images; using 3" in r.getMessage() for r in caplog.records)

@@ -52,6 +52,7 @@ class TrainConfig:
     seed: int = _help("Random seed for weights, noise, timesteps and data order.", 0)
     checkpoint_every: int = _help("Write a resumable checkpoint every N steps (0: never).", 0)
     resume: bool = _help("Continue from the newest checkpoint in OUTPUT.", False)
+    force: bool = _help("With --resume: continue even if the settings changed.", False)
     validation_prompt: str = _help("Prompt drawn into OUTPUT/samples during training.", "")
     validation_every: int = _help("Draw the validation prompt every N steps (0: only at the end).", 0)
     captions: bool = _help("Use IMAGE.txt beside each instance image as its prompt when present.",

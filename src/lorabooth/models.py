@@ -31,7 +31,12 @@ from diffusers import (  # noqa: E402  (after the timeouts are set)
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
 
-BUILTIN_MODELS = ("tiny",)
+BUILTIN_MODELS = ("tiny", "toy")
+
+
+def toy_model_dir() -> Path:
+    """The shipped toy-world model (`lorabooth toyworld pretrain` remakes it)."""
+    return Path(str(resources.files("lorabooth") / "assets" / "toy"))
 CLIP_VOCAB_SIZE = 49408
 
 
@@ -143,10 +148,14 @@ def _load_folder(path: Path, name: str) -> BaseModel:
                         f"{', '.join(missing)}/ in {path}")
     return BaseModel(
         name=name,
+        # fp32 whatever the files hold (the toy model and many checkpoints are
+        # stored fp16): mixed precision is accelerate's job, not the loader's
         tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
-        text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder"),
-        vae=AutoencoderKL.from_pretrained(path, subfolder="vae"),
-        unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet"),
+        text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder",
+                                                   dtype=torch.float32),
+        vae=AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32),
+        unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet",
+                                                  torch_dtype=torch.float32),
         noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler"),
     )
 
@@ -173,9 +182,14 @@ def resolve_hub(model_id: str) -> Path:
 
 
 def load_base(model: str) -> BaseModel:
-    """`tiny`, a local diffusers folder, or a hub id (cache first)."""
-    if model in BUILTIN_MODELS:
+    """`tiny`, `toy`, a local diffusers folder, or a hub id (cache first)."""
+    if model == "tiny":
         return build_tiny()
+    if model == "toy":
+        if not (toy_model_dir() / "unet").is_dir():
+            raise UserError("--model toy: the toy model is not in this installation; "
+                            "make it with `lorabooth toyworld pretrain --out DIR` and pass DIR")
+        return _load_folder(toy_model_dir(), "toy")
     path = Path(model).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -190,7 +204,7 @@ def load_base(model: str) -> BaseModel:
 def load_tokenizer(model: str) -> CLIPTokenizer:
     """Only the tokenizer of a base model (no weights loaded)."""
     if model in BUILTIN_MODELS:
-        return clip_tokenizer()
+        return clip_tokenizer()  # both built-in models use CLIP's own tokenizer
     path = Path(model).expanduser()
     if not path.is_dir():
         if path.exists() or model.count("/") != 1:

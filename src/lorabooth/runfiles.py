@@ -3,15 +3,99 @@ written first, the model card written last."""
 
 from __future__ import annotations
 
+import logging
 import os
+import tomllib
 from pathlib import Path
 
 import tomli_w
 
 from . import __version__
-from .config import TrainConfig, to_toml_dict
+from .config import TrainConfig, option_name, to_toml_dict
 from .errors import UserError
 from .io import write_text
+
+log = logging.getLogger(__name__)
+
+
+# Options that may change between a run and its --resume without changing
+# what the run computes.
+RESUME_NEUTRAL = {"resume", "force", "steps", "checkpoint_every", "validation_prompt",
+                  "validation_every", "output"}
+
+
+def config_differences(old: dict, new: dict) -> list[str]:
+    """'--lr 0.0005 -> 0.001' for each option that differs and matters."""
+    keys = sorted((set(old) | set(new)) - RESUME_NEUTRAL)
+    return [f"{option_name(k)} {old.get(k)!r} -> {new.get(k)!r}" for k in keys
+            if old.get(k) != new.get(k)]
+
+
+def check_resume_config(output: Path, config: TrainConfig) -> None:
+    path = output / "config.toml"
+    if not (config.resume and path.is_file()):
+        return
+    try:
+        old = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError):
+        return
+    diffs = config_differences(old, to_toml_dict(config))
+    if diffs and not config.force:
+        raise UserError(f"--resume: {output} was trained with other settings "
+                        f"({'; '.join(diffs)}); use the same options or add --force")
+    if diffs:
+        log.warning("--force: resuming despite changed settings: %s", "; ".join(diffs))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def acquire_lock(output: Path) -> Path:
+    """``OUTPUT/.lock`` holds the writer's pid; a second writer stops, a lock
+    left by a killed process is taken over."""
+    lock = output / ".lock"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().split()[0])
+            except (OSError, ValueError, IndexError):
+                pid = -1
+            if pid > 0 and pid != os.getpid() and _pid_alive(pid):
+                raise UserError(f"--output {output}: another lorabooth process (pid {pid}) is "
+                                f"writing here; wait for it or choose another --output") from None
+            log.warning("taking over the stale lock of process %s in %s", pid, output)
+            lock.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        return lock
+    raise UserError(f"--output {output}: could not take the lock {lock}")
+
+
+def release_lock(lock: Path | None) -> None:
+    if lock is not None:
+        lock.unlink(missing_ok=True)
+
+
+def remove_leftovers(output: Path) -> None:
+    """Temp files and folders of a process killed mid-write (never a finished file)."""
+    import shutil
+
+    for junk in [*output.glob(".*.tmp"), *output.glob(".lora-*"),
+                 *(output / "checkpoints").glob(".tmp-*")]:
+        if junk.is_dir():
+            shutil.rmtree(junk, ignore_errors=True)
+        else:
+            junk.unlink(missing_ok=True)
 
 
 def prepare_output(config: TrainConfig, main: bool) -> Path:
@@ -25,6 +109,8 @@ def prepare_output(config: TrainConfig, main: bool) -> Path:
     if not os.access(output, os.W_OK | os.X_OK):
         raise UserError(f"--output {output}: folder is not writable")
     if main:
+        remove_leftovers(output)
+        check_resume_config(output, config)
         write_text(output / "config.toml", tomli_w.dumps(to_toml_dict(config)))
     return output
 

@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from accelerate import Accelerator
@@ -26,7 +28,7 @@ from .lora import add_text_lora, add_unet_lora, freeze_all_but_lora, lora_parame
 from .models import BaseModel, load_base, pipeline_from_parts
 from .objective import diffusion_target, dreambooth_loss
 from .prior import class_images, draw_class_images, missing_indices, remove_stale_temps
-from .runfiles import model_card, prepare_output
+from .runfiles import acquire_lock, model_card, prepare_output, release_lock
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,17 @@ def train(config: TrainConfig) -> Path:
     accelerator = _setup_accelerator(config)
     set_seed(config.seed)  # python, numpy, torch: the LoRA init draws from torch's global RNG
     output = prepare_output(config, accelerator.is_main_process)
+    lock = acquire_lock(output) if accelerator.is_main_process else None
+    try:
+        with _memory_advice(config):
+            _train(config, accelerator, output, instance_paths)
+    finally:
+        release_lock(lock)
+    return output
+
+
+def _train(config: TrainConfig, accelerator: Accelerator, output: Path,
+           instance_paths: list[Path]) -> None:
     base = load_base(config.model)
     for warning in identifier_warnings(base.tokenizer, config.instance_prompt, config.class_prompt):
         log.warning("--instance-prompt: %s", warning)
@@ -101,6 +114,8 @@ def train(config: TrainConfig) -> Path:
                                    context).sample
             loss, loss_instance, loss_prior = dreambooth_loss(
                 pred, target.to(accelerator.device), len(idx), config.prior_loss_weight)
+        if not torch.isfinite(loss):
+            raise _numerical_fault(config, output, step + 1, f"the loss is {loss.item()}")
         accelerator.backward(loss)
         if config.max_grad_norm:
             accelerator.clip_grad_norm_(
@@ -108,6 +123,8 @@ def train(config: TrainConfig) -> Path:
         optimizer.step()
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if not all(torch.isfinite(p).all() for m in modules.values() for p in lora_parameters(m)):
+            raise _numerical_fault(config, output, step + 1, "the LoRA weights hold NaN or inf")
 
         record = {"step": step + 1, "loss": loss.item(), "loss_instance": loss_instance.item(),
                   "loss_prior": None if loss_prior is None else loss_prior.item(),
@@ -125,11 +142,12 @@ def train(config: TrainConfig) -> Path:
         if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
-                save_checkpoint(output, done, _unwrapped(accelerator, modules), {
+                path = save_checkpoint(output, done, _unwrapped(accelerator, modules), {
                     "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
                     "noise_rng": noise_rng.get_state(), "torch_rng": torch.get_rng_state(),
                     "instance_order": instance_order.state_dict(),
                     "class_order": class_order.state_dict() if class_order else None})
+                log.debug("checkpoint %s", path)
         if (config.validation_prompt and config.validation_every and done < config.steps
                 and done % config.validation_every == 0 and accelerator.is_main_process):
             _validate(config, base, output, done)
@@ -141,7 +159,27 @@ def train(config: TrainConfig) -> Path:
     if accelerator.is_main_process:
         _finish(config, base, output, _unwrapped(accelerator, modules), resolution)
     accelerator.end_training()
-    return output
+
+
+def _numerical_fault(config: TrainConfig, output: Path, step: int, what: str) -> UserError:
+    good = latest_checkpoint(output)
+    keep = (f"the last good checkpoint is {good} (--resume continues from it)" if good
+            else "no checkpoint was written (--checkpoint-every keeps one)")
+    hint = " or --mixed-precision bf16 instead of fp16" if config.mixed_precision == "fp16" else ""
+    return UserError(f"step {step}: {what}; training stopped. Lower --lr (now {config.lr:g}) "
+                     f"or --lr-text (now {config.lr_text:g}){hint}; {keep}")
+
+
+@contextmanager
+def _memory_advice(config: TrainConfig) -> Iterator[None]:
+    """Out of memory, on the GPU or the CPU, becomes one line of what to lower."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, MemoryError):
+        raise UserError(
+            f"out of memory; lower --batch-size (now {config.batch_size}) or --resolution "
+            f"(now {config.resolution or 'the model default'}), use --mixed-precision bf16, "
+            f"or fewer --class-draw-batch images (now {config.class_draw_batch})") from None
 
 
 def _setup_accelerator(config: TrainConfig) -> Accelerator:
@@ -170,6 +208,10 @@ def _setup_class_images(config: TrainConfig, base: BaseModel, resolution: int,
     if accelerator.is_main_process and folder.is_dir():
         remove_stale_temps(folder)  # leftovers of a fill killed mid-write
     plan = missing_indices(folder, config.num_class_images)
+    have = len(readable_images(folder)) if folder.is_dir() else 0
+    if have > config.num_class_images and accelerator.is_main_process:
+        log.info("--class-dir %s holds %d images; using %d of them (--num-class-images) and "
+                 "keeping the rest", folder, have, config.num_class_images)
     accelerator.wait_for_everyone()  # every process plans before anyone draws
     if plan:
         pipe = pipeline_from_parts(base)
