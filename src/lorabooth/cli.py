@@ -104,11 +104,26 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_claims(args: argparse.Namespace) -> int:
+    from .toyworld.claims import claims
+
+    claims(args.out, report=args.report, quick=args.quick)
+    return 0
+
+
 def _cmd_toyworld(args: argparse.Namespace) -> int:
     from .toyworld.pretrain import pretrain
 
     pretrain(args.out, seed=args.seed, images=args.images, vae_steps=args.vae_steps,
              unet_steps=args.unet_steps, batch=args.batch, judge_steps=args.judge_steps)
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from .formats import convert_file
+
+    out = convert_file(args.src, args.dst, args.to)
+    logging.getLogger("lorabooth").info("wrote %s", out)
     return 0
 
 
@@ -193,10 +208,21 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--judge-steps", type=int, default=1500)
     pre.add_argument("--batch", type=int, default=64)
     pre.set_defaults(func=_cmd_toyworld)
+    cl = toy_sub.add_parser("claims", help="measure DreamBooth's claims on the toy world")
+    cl.add_argument("--out", default="runs/toyworld-claims", help="folder for runs and figures")
+    cl.add_argument("--report", default="docs/toyworld.md", help="markdown report to write")
+    cl.add_argument("--quick", action="store_true", help="one seed, the fidelity claim only")
+    cl.set_defaults(func=_cmd_claims)
+
+    conv = sub.add_parser("convert", help="LoRA file between diffusers, kohya and peft layouts")
+    conv.add_argument("src", help="a LoRA .safetensors file (any of the three layouts)")
+    conv.add_argument("dst", help="output file (or folder)")
+    conv.add_argument("--to", required=True, choices=["kohya", "diffusers", "peft"])
+    conv.set_defaults(func=_cmd_convert)
 
     demo = sub.add_parser("demo", help="train and draw on the built-in model with example photos")
     demo.add_argument("--output", default="runs/demo", help="run folder")
-    demo.add_argument("--steps", type=int, default=150, help="training steps")
+    demo.add_argument("--steps", type=int, default=400, help="training steps")
     demo.set_defaults(func=_cmd_demo)
     return parser
 

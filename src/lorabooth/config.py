@@ -58,6 +58,8 @@ class TrainConfig:
     captions: bool = _help("Use IMAGE.txt beside each instance image as its prompt when present.",
                            False)
     output: str = _help("Run folder.", "runs/run")
+    save_format: str = _help("diffusers, kohya (for AUTOMATIC1111/ComfyUI/InvokeAI) or both.",
+                             "both")
     max_grad_norm: float = _help("Clip the gradient norm to this (0: no clipping).", 1.0)
     class_draw_steps: int = _help("Sampler steps used to draw class images.", 25)
     class_draw_batch: int = _help("Class images drawn per batch.", 4)
@@ -82,6 +84,8 @@ class TrainConfig:
             raise bad("max_grad_norm", "must be 0 (off) or positive")
         if self.resolution < 0 or self.resolution % 8:
             raise bad("resolution", "must be a positive multiple of 8 (0: the model's own)")
+        if self.save_format not in ("diffusers", "kohya", "both"):
+            raise bad("save_format", "must be one of diffusers, kohya, both")
         if self.mixed_precision not in MIXED_PRECISIONS:
             raise bad("mixed_precision", f"must be one of {', '.join(MIXED_PRECISIONS)}")
         if not self.model:

@@ -22,6 +22,7 @@ from .io import atomic_path
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+KOHYA_WEIGHT_NAME = "lora_kohya.safetensors"
 ADAPTER = "lorabooth"
 
 
@@ -101,13 +102,14 @@ def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
 
 
 def find_lora(run: str | Path) -> Path:
+    """A LoRA file, or the one in a run folder (diffusers layout first, then kohya)."""
     run = Path(run)
     if run.is_file():
         return run
-    path = run / WEIGHT_NAME
-    if not path.is_file():
-        raise UserError(f"{run}: no LoRA here (expected {WEIGHT_NAME}; did training finish?)")
-    return path
+    for name in (WEIGHT_NAME, KOHYA_WEIGHT_NAME):
+        if (run / name).is_file():
+            return run / name
+    raise UserError(f"{run}: no LoRA here (expected {WEIGHT_NAME}; did training finish?)")
 
 
 def lora_metadata(run: str | Path) -> dict[str, Any]:

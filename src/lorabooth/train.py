@@ -22,9 +22,12 @@ from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import Shuffler, latent_distributions, prompt_embeddings, readable_images, tokenize
 from .errors import UserError
+from .formats import convert_file
 from .identifier import guess_identifier, identifier_warnings
 from .io import save_png, write_text
-from .lora import add_text_lora, add_unet_lora, freeze_all_but_lora, lora_parameters, save_lora
+from .lora import (
+    KOHYA_WEIGHT_NAME, add_text_lora, add_unet_lora, freeze_all_but_lora, lora_parameters, save_lora,
+)
 from .models import BaseModel, load_base, pipeline_from_parts
 from .objective import diffusion_target, dreambooth_loss
 from .prior import class_images, draw_class_images, missing_indices, remove_stale_temps
@@ -136,7 +139,8 @@ def _train(config: TrainConfig, accelerator: Accelerator, output: Path,
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
         bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v)
-                         for k, v in record.items() if k != "step" and v is not None})
+                         for k, v in record.items() if k != "step" and v is not None},
+                        refresh=False)
 
         done = step + 1
         if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
@@ -380,8 +384,12 @@ def _finish(config: TrainConfig, base: BaseModel, output: Path,
         "lorabooth.resolution": resolution,
         "lorabooth.train_text_encoder": config.train_text_encoder,
     }
-    save_lora(output, modules["unet"], modules.get("text_encoder"),
-              {k: json.dumps(v) for k, v in meta.items()})
+    path = save_lora(output, modules["unet"], modules.get("text_encoder"),
+                     {k: json.dumps(v) for k, v in meta.items()})
+    if config.save_format in ("kohya", "both"):
+        convert_file(path, output / KOHYA_WEIGHT_NAME, "kohya")
+    if config.save_format == "kohya":
+        path.unlink()
     if config.validation_prompt:
         _validate(config, base, output, config.steps)
     write_text(output / "README.md", model_card(config, resolution))

@@ -193,3 +193,30 @@ def holds(higher: list[float], lower: list[float]) -> bool:
     ml, lo_l, hi_l = spread(lower)
     return mh - ml > max(hi_h - lo_h, hi_l - lo_l)
 
+
+
+def claims(out: str | Path, report: str | Path | None = None, quick: bool = False) -> dict:
+    """Run the study; with ``report``, write the markdown and its pictures.
+    ``quick``: one seed, the fidelity claim only, a few minutes."""
+    import json
+    import shutil
+
+    from ..io import write_text
+    from ..models import toy_model_dir
+    from .claims_report import render_claims
+
+    study = Study(Path(out))
+    if quick:
+        study = Study(Path(out), seeds=(0,), steps=150, images=8, variants=(VARIANTS[0],),
+                      scales=False)
+    results = run_study(study)
+    if report:
+        report = Path(report)
+        record = json.loads((toy_model_dir() / "toyworld.json").read_text())
+        write_text(report, render_claims(results, record, study.seeds, study.steps, study.images))
+        pictures = report.parent / "toyworld"
+        pictures.mkdir(parents=True, exist_ok=True)
+        for name in ("grid_base_vs_lora.png", "grid_scales_guidance.png"):
+            if (study.out / name).is_file():
+                shutil.copy(study.out / name, pictures / name)
+    return results

@@ -1,0 +1,89 @@
+"""LoRA layouts for the UIs users run: kohya <-> diffusers <-> peft."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from lorabooth.cli import main
+from lorabooth.errors import UserError
+from lorabooth.formats import convert_file, detect_layout
+from lorabooth.lora import KOHYA_WEIGHT_NAME, WEIGHT_NAME, read_lora
+from lorabooth.models import build_tiny, pipeline_from_parts
+
+
+def _equal(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_round_trips_are_exact(trained_run, tmp_path):
+    original, _ = read_lora(trained_run / WEIGHT_NAME)
+    kohya = convert_file(trained_run / WEIGHT_NAME, tmp_path / "k.safetensors", "kohya")
+    back = convert_file(kohya, tmp_path / "d.safetensors", "diffusers")
+    assert _equal(read_lora(back)[0], original)
+    again = convert_file(back, tmp_path / "k2.safetensors", "kohya")
+    assert _equal(read_lora(again)[0], read_lora(kohya)[0])
+    peft = convert_file(kohya, tmp_path / "p.safetensors", "peft")
+    assert detect_layout(read_lora(peft)[0], "p") == "peft"
+    assert _equal(read_lora(convert_file(peft, tmp_path / "d2.safetensors", "diffusers"))[0],
+                  original)
+
+
+def test_kohya_layout_alpha_and_metadata(trained_run):
+    tensors, header = read_lora(trained_run / KOHYA_WEIGHT_NAME)  # written by train (both)
+    assert all(k.startswith(("lora_unet_", "lora_te_")) for k in tensors)
+    assert any(k.startswith("lora_te_") for k in tensors) and not any("lora_te1_" in k for k in tensors)
+    alphas = {float(v) for k, v in tensors.items() if k.endswith(".alpha")}
+    assert alphas == {8.0}  # the run's alpha, not its rank (4)
+    assert header["ss_network_dim"] == "4" and float(header["ss_network_alpha"]) == 8.0
+    assert header["ss_sd_model_name"] == "tiny" and header["ss_max_train_steps"] == "4"
+    assert json.loads(header["lorabooth.instance_prompt"]) == "a photo of sks dog"
+
+
+def _outputs(pipe):
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(1, 4, 32, 32, generator=g), torch.randn(1, 77, 32, generator=g)
+    ids = pipe.tokenizer(["a photo of sks dog"], padding="max_length", return_tensors="pt").input_ids
+    with torch.no_grad():
+        return pipe.unet(x, torch.tensor([400]), ctx).sample, pipe.text_encoder(ids)[0]
+
+
+def test_kohya_file_acts_like_the_diffusers_file_in_diffusers(trained_run):
+    a = pipeline_from_parts(build_tiny())
+    a.load_lora_weights(str(trained_run), weight_name=WEIGHT_NAME)
+    b = pipeline_from_parts(build_tiny())
+    b.load_lora_weights(str(trained_run), weight_name=KOHYA_WEIGHT_NAME)
+    (ua, ta), (ub, tb) = _outputs(a), _outputs(b)
+    base_u, _ = _outputs(pipeline_from_parts(build_tiny()))
+    assert not torch.allclose(ua, base_u, atol=1e-5)
+    assert torch.allclose(ua, ub, atol=1e-6) and torch.allclose(ta, tb, atol=1e-6)
+
+
+def test_save_format_options(photos, tmp_path):
+    from lorabooth import TrainConfig, train
+    from lorabooth.generate import generate
+
+    run = train(TrainConfig(instance_dir=str(photos), instance_prompt="a photo of sks dog",
+                            steps=1, save_format="kohya", output=str(tmp_path / "k")))
+    assert (run / KOHYA_WEIGHT_NAME).is_file() and not (run / WEIGHT_NAME).exists()
+    assert len(generate(run, ["a dog"], num_images=1, steps=2)) == 1  # generate reads it
+    run = train(TrainConfig(instance_dir=str(photos), instance_prompt="a photo of sks dog",
+                            steps=1, save_format="diffusers", output=str(tmp_path / "d")))
+    assert (run / WEIGHT_NAME).is_file() and not (run / KOHYA_WEIGHT_NAME).exists()
+
+
+def test_bad_files_one_line(tmp_path, trained_run, capsys):
+    (tmp_path / "x.safetensors").write_text("not safetensors at all")
+    save_file({"model.layer.weight": torch.zeros(2, 2)}, tmp_path / "other.safetensors")
+    tensors, _ = read_lora(trained_run / WEIGHT_NAME)
+    key = next(k for k in tensors if k.endswith("lora.down.weight"))
+    save_file({**tensors, key: torch.zeros(3, tensors[key].shape[1])}, tmp_path / "rank.safetensors")
+    for name, needle in [("x", "not a readable safetensors"), ("other", "no known LoRA layout"),
+                         ("rank", "rank mismatch")]:
+        code = main(["convert", str(tmp_path / f"{name}.safetensors"), str(tmp_path / "o"),
+                     "--to", "kohya"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and needle in err[0], err
+    with pytest.raises(UserError, match="--to"):
+        convert_file(trained_run / WEIGHT_NAME, tmp_path / "o.safetensors", "ckpt")
