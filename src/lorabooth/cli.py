@@ -127,6 +127,23 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from .generate import parse_floats
+    from .merge import merge
+
+    weights = parse_floats(args.weights, "--weights") if args.weights else None
+    merge(args.loras, weights, args.out, rank=args.rank)
+    return 0
+
+
+def _cmd_fuse(args: argparse.Namespace) -> int:
+    from .merge import fuse
+
+    fuse(args.run, args.out, unet_scale=args.unet_scale, text_scale=args.text_scale,
+         model=args.model)
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import demo
 
@@ -219,6 +236,22 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("dst", help="output file (or folder)")
     conv.add_argument("--to", required=True, choices=["kohya", "diffusers", "peft"])
     conv.set_defaults(func=_cmd_convert)
+
+    mer = sub.add_parser("merge", help="combine LoRAs trained on the same base")
+    mer.add_argument("loras", nargs="+", help="run folders or LoRA files (any layout)")
+    mer.add_argument("--weights", default=None, help="comma list, one per LoRA (default: equal)")
+    mer.add_argument("--out", required=True, help="output .safetensors (diffusers layout)")
+    mer.add_argument("--rank", type=int, default=None,
+                     help="re-factorise to this rank by SVD (default: exact concatenation)")
+    mer.set_defaults(func=_cmd_merge)
+
+    fus = sub.add_parser("fuse", help="bake a LoRA into a full diffusers model folder")
+    fus.add_argument("run", help="run folder or LoRA file")
+    fus.add_argument("--out", required=True, help="output model folder")
+    fus.add_argument("--unet-scale", type=float, default=1.0)
+    fus.add_argument("--text-scale", type=float, default=1.0)
+    fus.add_argument("--model", default=None, help="base model (default: the run's own)")
+    fus.set_defaults(func=_cmd_fuse)
 
     demo = sub.add_parser("demo", help="train and draw on the built-in model with example photos")
     demo.add_argument("--output", default="runs/demo", help="run folder")

@@ -90,8 +90,33 @@ def save_lora(folder: str | Path, unet: torch.nn.Module, text_encoder: torch.nn.
     return folder / WEIGHT_NAME
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+def load_pickle_safely(path: Path) -> dict:
+    """A pickle can run code when loaded. Only torch's safe loader
+    (weights_only: tensors and plain containers) is used; anything needing
+    more is refused, with the reason."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError) as e:
+        first = str(e).strip().splitlines()[0][:100] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"{path}: refused: this pickle file needs more than tensors to load ({first}); "
+            "pickles can run arbitrary code, so lorabooth only loads plain tensors from them. "
+            "Convert it to .safetensors with a tool you trust, or get a .safetensors release"
+        ) from None
+
+
 def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     path = Path(path)
+    if path.suffix.lower() in PICKLE_SUFFIXES and path.is_file():
+        data = load_pickle_safely(path)
+        if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+            raise UserError(f"{path}: not a LoRA state dict (expected names -> tensors)")
+        return data, {}
     try:
         with safe_open(str(path), framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})

@@ -1,0 +1,144 @@
+"""Combine LoRAs trained on one base (`lorabooth merge`) and bake one into the
+base weights (`lorabooth fuse`).
+
+A LoRA module adds delta = (alpha / r) * B @ A to a weight (A: (r, in), B:
+(out, r)). Merging by concatenation along the rank reproduces sum_i w_i *
+delta_i exactly; ``rank=R`` re-factorises that sum by truncated SVD."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .errors import UserError
+from .formats import adapter_header, check_ranks, detect_layout, diffusers_to_peft, kohya_to_peft
+from .formats import peft_to_diffusers
+from .io import atomic_path
+from .lora import find_lora, read_lora
+
+log = logging.getLogger(__name__)
+
+
+def load_as_peft(path: str | Path) -> tuple[dict[str, torch.Tensor], float, dict[str, str]]:
+    """Any LoRA file -> (peft-layout tensors, alpha, header)."""
+    path = find_lora(path)
+    tensors, header = read_lora(path)
+    layout = detect_layout(tensors, str(path))
+    rank = check_ranks(tensors, str(path))
+    if layout == "kohya":
+        peft, alpha = kohya_to_peft(tensors)
+        return peft, alpha, header
+    meta = json.loads(header.get("lora_adapter_metadata", "{}") or "{}")
+    alpha = float(meta.get("unet.lora_alpha", meta.get("text_encoder.lora_alpha", rank)))
+    return (tensors if layout == "peft" else diffusers_to_peft(tensors)), alpha, header
+
+
+def modules_of(peft: dict[str, torch.Tensor]) -> list[str]:
+    return sorted({k.rsplit(".lora_A.", 1)[0] for k in peft if ".lora_A." in k})
+
+
+def delta(peft: dict[str, torch.Tensor], module: str, alpha: float) -> torch.Tensor:
+    """The weight change one module's LoRA makes: (out, in)."""
+    a, b = peft[f"{module}.lora_A.weight"].float(), peft[f"{module}.lora_B.weight"].float()
+    return (alpha / a.shape[0]) * b @ a
+
+
+def merge_concat(loras: list[tuple[dict, float]], weights: list[float]) -> dict[str, torch.Tensor]:
+    """Stack the factors along the rank; the scale w_i * alpha_i / r_i goes
+    into B, so the merged LoRA has alpha = its rank (scale 1)."""
+    out = {}
+    for module in sorted({m for peft, _ in loras for m in modules_of(peft)}):
+        downs, ups = [], []
+        for (peft, alpha), w in zip(loras, weights):
+            if f"{module}.lora_A.weight" not in peft:
+                continue  # this LoRA leaves the module alone: contributes zero
+            a, b = peft[f"{module}.lora_A.weight"].float(), peft[f"{module}.lora_B.weight"].float()
+            downs.append(a)
+            ups.append(b * (w * alpha / a.shape[0]))
+        out[f"{module}.lora_A.weight"] = torch.cat(downs)  # (sum r_i, in)
+        out[f"{module}.lora_B.weight"] = torch.cat(ups, dim=1)  # (out, sum r_i)
+    return _pad_ranks(out)
+
+
+def _pad_ranks(peft: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Modules that only some inputs touched get fewer rows; pad with zeros so
+    every module shares one rank (diffusers' loader needs one)."""
+    rank = max(v.shape[0] for k, v in peft.items() if ".lora_A." in k)
+    for module in modules_of(peft):
+        a, b = peft[f"{module}.lora_A.weight"], peft[f"{module}.lora_B.weight"]
+        if a.shape[0] < rank:
+            pad = rank - a.shape[0]
+            peft[f"{module}.lora_A.weight"] = torch.cat([a, a.new_zeros(pad, a.shape[1])])
+            peft[f"{module}.lora_B.weight"] = torch.cat([b, b.new_zeros(b.shape[0], pad)], dim=1)
+    return peft
+
+
+def merge_svd(loras: list[tuple[dict, float]], weights: list[float],
+              rank: int) -> tuple[dict[str, torch.Tensor], float]:
+    """Truncated SVD of the summed delta to ``rank``; returns the factors
+    (alpha = rank) and the relative Frobenius error over all modules."""
+    out, err2, total2 = {}, 0.0, 0.0
+    for module in sorted({m for peft, _ in loras for m in modules_of(peft)}):
+        full = sum(w * delta(peft, module, alpha) for (peft, alpha), w in zip(loras, weights)
+                   if f"{module}.lora_A.weight" in peft)
+        u, s, vh = torch.linalg.svd(full, full_matrices=False)
+        r = min(rank, s.shape[0])
+        b, a = u[:, :r] * s[:r], vh[:r]
+        out[f"{module}.lora_A.weight"], out[f"{module}.lora_B.weight"] = a, b
+        err2 += (full - b @ a).pow(2).sum().item()
+        total2 += full.pow(2).sum().item()
+    return _pad_ranks(out), (err2 / total2) ** 0.5 if total2 else 0.0
+
+
+def merge(inputs: list[str], weights: list[float] | None, out: str | Path,
+          rank: int | None = None) -> dict:
+    if len(inputs) < 2:
+        raise UserError("merge: give at least two LoRAs")
+    weights = weights or [1.0 / len(inputs)] * len(inputs)
+    if len(weights) != len(inputs):
+        raise UserError(f"--weights: {len(weights)} weights for {len(inputs)} LoRAs")
+    if rank is not None and rank < 1:
+        raise UserError(f"--rank: must be at least 1 (got {rank})")
+    loaded = [load_as_peft(p) for p in inputs]
+    bases = {h.get("lorabooth.base_model") for _, _, h in loaded} - {None}
+    if len(bases) > 1:
+        raise UserError(f"merge: the LoRAs were trained on different bases {sorted(bases)}")
+    loras = [(peft, alpha) for peft, alpha, _ in loaded]
+    if rank is None:
+        merged, error, method = merge_concat(loras, weights), 0.0, "concat"
+    else:
+        (merged, error), method = merge_svd(loras, weights, rank), f"svd-{rank}"
+    r = check_ranks(merged, "merged")
+    meta = {**adapter_header(merged, r, float(r)),
+            "lorabooth.merge": json.dumps({"inputs": [str(p) for p in inputs], "weights": weights,
+                                           "method": method, "relative_error": error})}
+    if bases:
+        meta["lorabooth.base_model"] = next(iter(bases))
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        save_file({k: v.contiguous() for k, v in peft_to_diffusers(merged).items()}, tmp,
+                  metadata=meta)
+    log.info("merged %d LoRAs by %s into %s (rank %d, relative error %.2e)", len(inputs),
+             method, out, r, error)
+    return {"method": method, "rank": r, "relative_error": error, "path": str(out)}
+
+
+def fuse(run: str | Path, out: str | Path, unet_scale: float = 1.0, text_scale: float = 1.0,
+         model: str | None = None) -> Path:
+    """A full diffusers model folder with the LoRA baked into its weights."""
+    from .generate import load_pipeline
+    from .lora import set_scales
+
+    pipe, has_text = load_pipeline(run, model)
+    set_scales(pipe, unet_scale, text_scale, has_text)
+    components = ["unet"] + (["text_encoder"] if has_text else [])
+    pipe.fuse_lora(components=components, lora_scale=1.0)
+    pipe.unload_lora_weights()  # the fused weights stay; the adapter layers go
+    out = Path(out)
+    pipe.save_pretrained(out)
+    log.info("fused model (UNet scale %g, text scale %g) written to %s", unet_scale, text_scale, out)
+    return out

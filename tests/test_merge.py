@@ -1,0 +1,111 @@
+"""merge (exact and SVD) and fuse against the unfused maths; pickles refused."""
+
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from lorabooth import TrainConfig, train
+from lorabooth.cli import main
+from lorabooth.errors import UserError
+from lorabooth.lora import read_lora
+from lorabooth.merge import delta, fuse, load_as_peft, merge, modules_of
+from lorabooth.models import build_tiny, load_base, pipeline_from_parts
+
+
+@pytest.fixture(scope="module")
+def second_run(tmp_path_factory, session_photos):
+    out = tmp_path_factory.mktemp("runs") / "second"
+    return train(TrainConfig(instance_dir=str(session_photos), instance_prompt="a photo of zwx dog",
+                             steps=3, lr=1e-2, rank=2, seed=7, output=str(out)))
+
+
+def test_concat_merge_reproduces_the_weighted_sum_of_deltas(trained_run, second_run, tmp_path):
+    info = merge([str(trained_run), str(second_run)], [0.7, 0.3], tmp_path / "m.safetensors")
+    assert info["method"] == "concat" and info["rank"] == 6 and info["relative_error"] == 0
+    (a, alpha_a, _), (b, alpha_b, _) = load_as_peft(trained_run), load_as_peft(second_run)
+    merged, alpha_m, _ = load_as_peft(tmp_path / "m.safetensors")
+    assert alpha_m == 6
+    for module in modules_of(a):
+        want = 0.7 * delta(a, module, alpha_a)
+        if module in modules_of(b):
+            want = want + 0.3 * delta(b, module, alpha_b)
+        got = delta(merged, module, alpha_m)
+        assert torch.allclose(got, want, atol=1e-5), module
+
+
+def test_svd_merge_reports_its_error(trained_run, second_run, tmp_path):
+    full = merge([str(trained_run), str(second_run)], [0.5, 0.5], tmp_path / "f.safetensors", rank=6)
+    low = merge([str(trained_run), str(second_run)], [0.5, 0.5], tmp_path / "l.safetensors", rank=1)
+    assert full["relative_error"] < 1e-5 < low["relative_error"] < 1
+    assert low["rank"] == 1 and read_lora(tmp_path / "l.safetensors")[1]["lorabooth.merge"]
+
+
+def test_merged_file_loads_in_diffusers(trained_run, second_run, tmp_path):
+    merge([str(trained_run), str(second_run)], None, tmp_path / "m.safetensors")
+    pipe = pipeline_from_parts(build_tiny())
+    pipe.load_lora_weights(str(tmp_path), weight_name="m.safetensors")
+
+
+def _unet_and_text(pipe):
+    g = torch.Generator().manual_seed(1)
+    x, ctx = torch.randn(1, 4, 32, 32, generator=g), torch.randn(1, 77, 32, generator=g)
+    ids = pipe.tokenizer(["a photo of sks dog"], padding="max_length", return_tensors="pt").input_ids
+    with torch.no_grad():
+        return pipe.unet(x, torch.tensor([300]), ctx).sample, pipe.text_encoder(ids)[0]
+
+
+def test_fused_model_equals_base_plus_lora_at_those_scales(trained_run, tmp_path):
+    from lorabooth.generate import load_pipeline
+    from lorabooth.lora import set_scales
+
+    out = fuse(trained_run, tmp_path / "fused", unet_scale=0.5, text_scale=0.8)
+    fused = pipeline_from_parts(load_base(str(out)))
+    pipe, has_text = load_pipeline(trained_run)
+    set_scales(pipe, 0.5, 0.8, has_text)
+    (uf, tf), (ul, tl) = _unet_and_text(fused), _unet_and_text(pipe)
+    ub, _ = _unet_and_text(pipeline_from_parts(build_tiny()))
+    assert not torch.allclose(uf, ub, atol=1e-5)
+    assert torch.allclose(uf, ul, atol=1e-5) and torch.allclose(tf, tl, atol=1e-5)
+    assert not any("lora" in n for n, _ in fused.unet.named_parameters())
+
+
+class _Evil:
+    def __reduce__(self):
+        import os
+        return (os.system, ("touch /tmp/lorabooth-pwned",))
+
+
+def test_pickle_that_would_run_code_is_refused(tmp_path, capsys):
+    import os
+
+    marker = "/tmp/lorabooth-pwned"
+    if os.path.exists(marker):
+        os.unlink(marker)
+    evil = tmp_path / "evil_lora.bin"
+    with evil.open("wb") as f:
+        pickle.dump({"unet.x.lora.down.weight": _Evil()}, f)
+    with pytest.raises(UserError, match="pickles can run arbitrary code"):
+        read_lora(evil)
+    assert not os.path.exists(marker)
+    code = main(["convert", str(evil), str(tmp_path / "o.safetensors"), "--to", "kohya"])
+    assert code == 2 and not os.path.exists(marker)
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_plain_tensor_pickle_is_read(trained_run, tmp_path):
+    tensors, _ = read_lora(trained_run / "pytorch_lora_weights.safetensors")
+    torch.save(tensors, tmp_path / "lora.pt")
+    again, _ = read_lora(tmp_path / "lora.pt")
+    assert again.keys() == tensors.keys()
+
+
+def test_merge_bad_input(trained_run, tmp_path):
+    with pytest.raises(UserError, match="at least two"):
+        merge([str(trained_run)], None, tmp_path / "x.safetensors")
+    with pytest.raises(UserError, match="--weights"):
+        merge([str(trained_run), str(trained_run)], [1.0], tmp_path / "x.safetensors")
+    save_file({"a": torch.zeros(1)}, tmp_path / "junk.safetensors")
+    with pytest.raises(UserError, match="no known LoRA layout"):
+        merge([str(trained_run), str(tmp_path / "junk.safetensors")], None, tmp_path / "x.safetensors")
