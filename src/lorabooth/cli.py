@@ -144,6 +144,13 @@ def _cmd_fuse(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from .sweep import run_sweep
+
+    run_sweep(args.file)
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import demo
 
@@ -252,6 +259,11 @@ def build_parser() -> argparse.ArgumentParser:
     fus.add_argument("--text-scale", type=float, default=1.0)
     fus.add_argument("--model", default=None, help="base model (default: the run's own)")
     fus.set_defaults(func=_cmd_fuse)
+
+    sw = sub.add_parser("sweep", help="a grid of training runs x inference settings, one report")
+    sw.add_argument("file", help="sweep TOML: [base], [train.grid], [generate], [generate.grid], "
+                                 "[evaluate]")
+    sw.set_defaults(func=_cmd_sweep)
 
     demo = sub.add_parser("demo", help="train and draw on the built-in model with example photos")
     demo.add_argument("--output", default="runs/demo", help="run folder")

@@ -61,7 +61,10 @@ def make_grid(images: list[list[Image.Image]], row_labels: list[str], col_labels
     scale = max(1, -(-min_cell // max(w, h)))  # ceil division
     cell = (w * scale, h * scale)
     face = font(font_size)
-    layout = layout_for(len(row_labels), len(col_labels), cell, row_labels, col_labels, face)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    # columns as wide as their labels, so long setting names never overlap
+    pitch = (max([cell[0]] + [_text_size(probe, t, face)[0] + PAD for t in col_labels]), cell[1])
+    layout = layout_for(len(row_labels), len(col_labels), pitch, row_labels, col_labels, face)
     title_h = (font_size + 2 * PAD) if title else 0
     width, height = layout.size
     canvas = Image.new("RGB", (width, height + title_h), BACKGROUND)
@@ -76,5 +79,6 @@ def make_grid(images: list[list[Image.Image]], row_labels: list[str], col_labels
         draw.text((PAD, title_h + y + cell[1] // 2), text, fill=INK, font=face, anchor="lm")
         for c, image in enumerate(images[r]):
             x, y = layout.cell_origin(r, c)
+            x += (pitch[0] - cell[0]) // 2
             canvas.paste(image.resize(cell, Image.Resampling.NEAREST), (x, title_h + y))
     return canvas

@@ -1,0 +1,218 @@
+"""`lorabooth sweep FILE.toml`: a grid of training runs times a grid of
+inference settings, labelled image grids, an HTML report. Resumable: a run
+whose settings match a finished run is skipped, an interrupted one resumed,
+images already drawn are reused."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from .config import TrainConfig, check_keys, read_toml, to_toml_dict
+from .errors import UserError
+from .generate import Setting, load_pipeline, prompt_slug, settings_grid
+from .grid import make_grid
+from .io import save_png
+
+log = logging.getLogger(__name__)
+SECTIONS = {"base", "train", "generate", "evaluate"}
+GENERATE_KEYS = {"prompts": list, "seeds": list, "steps": int, "negative_prompt": str,
+                 "grid": dict}
+GENERATE_GRID = ("unet_scale", "text_scale", "guidance")
+EVALUATE_KEYS = {"real": str, "class_noun": str, "kind": str, "prompts_file": str,
+                 "images_per_prompt": int, "steps": int, "baselines": bool, "dino": str,
+                 "clip": str, "judges": str, "pres_images": int}
+NEUTRAL = {"output", "resume", "force"}  # do not change what a run computes
+
+
+@dataclass
+class Sweep:
+    source: str
+    base: dict[str, Any]
+    train_grid: dict[str, list]
+    prompts: list[str]
+    seeds: list[int]
+    steps: int = 25
+    negative_prompt: str = ""
+    generate_grid: dict[str, list] = field(default_factory=dict)
+    evaluate: dict[str, Any] | None = None
+
+    @property
+    def output(self) -> Path:
+        return Path(self.base.get("output", "runs/sweep"))
+
+    @property
+    def settings(self) -> list[Setting]:
+        g = self.generate_grid
+        return settings_grid([float(v) for v in g.get("unet_scale", [1.0])],
+                             [float(v) for v in g.get("text_scale", [1.0])],
+                             [float(v) for v in g.get("guidance", [7.5])])
+
+
+def _unknown(key: str, known, where: str) -> UserError:
+    import difflib
+
+    close = difflib.get_close_matches(key, list(known), n=1)
+    return UserError(f"{where}: unknown key `{key}`" + (f"; did you mean `{close[0]}`?" if close else ""))
+
+
+def _typed(section: dict, spec: dict[str, type], where: str) -> dict:
+    for key, value in section.items():
+        if key not in spec:
+            raise _unknown(key, spec, where)
+        if spec[key] is int and isinstance(value, bool) or not isinstance(value, spec[key]):
+            raise UserError(f"{where}: `{key}` must be {spec[key].__name__} (got {value!r})")
+    return section
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    """Read and check the whole file before anything runs."""
+    where = str(path)
+    data = read_toml(path)
+    for key in data:
+        if key not in SECTIONS:
+            raise _unknown(key, SECTIONS, where)
+    base = check_keys(TrainConfig, data.get("base", {}), f"{where} [base]")
+    train = data.get("train", {})
+    for key in train:
+        if key != "grid":
+            raise _unknown(key, {"grid"}, f"{where} [train]")
+    grid = train.get("grid", {})
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise UserError(f"{where} [train.grid]: `{key}` must be a non-empty list")
+        for v in values:
+            check_keys(TrainConfig, {key: v}, f"{where} [train.grid]")
+    gen = _typed(dict(data.get("generate", {})), GENERATE_KEYS, f"{where} [generate]")
+    ggrid = gen.get("grid", {})
+    for key, values in ggrid.items():
+        if key not in GENERATE_GRID:
+            raise _unknown(key, GENERATE_GRID, f"{where} [generate.grid]")
+        if not isinstance(values, list) or not all(isinstance(v, (int, float)) for v in values):
+            raise UserError(f"{where} [generate.grid]: `{key}` must be a list of numbers")
+    if not gen.get("prompts"):
+        raise UserError(f"{where} [generate]: `prompts` is required (a list of prompts)")
+    evaluate = data.get("evaluate")
+    if evaluate is not None:
+        _typed(evaluate, EVALUATE_KEYS, f"{where} [evaluate]")
+    return Sweep(where, base, grid, [str(p) for p in gen["prompts"]],
+                 [int(s) for s in gen.get("seeds", [0])], int(gen.get("steps", 25)),
+                 str(gen.get("negative_prompt", "")), ggrid, evaluate)
+
+
+def _fmt(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else f"{value:g}" if isinstance(
+        value, float) else str(value)
+
+
+def expand(sweep: Sweep) -> list[tuple[str, TrainConfig]]:
+    """One (name, config) per point of the training grid, named by the
+    settings that vary: `lr=0.0005,train_text_encoder=true`."""
+    keys = list(sweep.train_grid)
+    points = list(itertools.product(*(sweep.train_grid[k] for k in keys))) or [()]
+    varying = [k for k in keys if len(sweep.train_grid[k]) > 1]
+    runs = []
+    for point in points:
+        values = dict(zip(keys, point))
+        name = ",".join(f"{k}={_fmt(values[k])}" for k in varying) or "base"
+        config = TrainConfig(**{**sweep.base, **values, "output": str(sweep.output / name)})
+        runs.append((name, config))
+    return runs
+
+
+def config_hash(config: TrainConfig) -> str:
+    data = {k: v for k, v in to_toml_dict(config).items() if k not in NEUTRAL}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_state(config: TrainConfig) -> str:
+    """'done' (same settings, finished), 'resume' (checkpoints), or 'new'."""
+    out = Path(config.output)
+    stamp = out / "sweep_hash.txt"
+    same = stamp.is_file() and stamp.read_text().strip() == config_hash(config)
+    if same and any((out / n).is_file() for n in ("pytorch_lora_weights.safetensors",
+                                                  "lora_kohya.safetensors")):
+        return "done"
+    if same and (out / "checkpoints").is_dir():
+        return "resume"
+    return "new"
+
+
+def _draw_all(sweep: Sweep, run: Path) -> dict[str, list[list[Image.Image]]]:
+    """Every prompt x setting x seed for one run, drawing only what is missing."""
+    from .evaluate import draw_cached
+
+    pipe = None
+    out: dict[str, list[list[Image.Image]]] = {}
+    for p, prompt in enumerate(sweep.prompts):
+        rows = []
+        for setting in sweep.settings:
+            folder = run / "sweep" / prompt_slug(p, prompt) / f"{setting.slug}_steps{sweep.steps}"
+            if pipe is None and not all((folder / f"seed{s}.png").is_file() for s in sweep.seeds):
+                pipe = load_pipeline(run)
+            model, has_text = pipe or (None, False)  # None: every image is cached
+            rows.append(draw_cached(model, has_text, prompt, setting, sweep.seeds, sweep.steps,
+                                    folder))
+        out[prompt] = rows
+    return out
+
+
+def run_sweep(path: str | Path) -> Path:
+    from .sweep_report import write_report
+    from .train import train
+
+    sweep = load_sweep(path)
+    runs = expand(sweep)
+    sweep.output.mkdir(parents=True, exist_ok=True)
+    started, results = time.perf_counter(), []
+    for i, (name, config) in enumerate(runs, 1):
+        state = run_state(config)
+        elapsed = time.perf_counter() - started
+        eta = f", about {elapsed / (i - 1) * (len(runs) - i + 1):.0f} s left" if i > 1 else ""
+        log.info("run %d of %d: %s (%s%s)", i, len(runs), name,
+                 {"done": "finished before: skipped", "resume": "resuming", "new": "training"}[state],
+                 eta)
+        if state != "done":
+            Path(config.output).mkdir(parents=True, exist_ok=True)
+            (Path(config.output) / "sweep_hash.txt").write_text(config_hash(config) + "\n")
+            train(TrainConfig(**{**to_toml_dict(config), "resume": state == "resume"}))
+        run = Path(config.output)
+        images = _draw_all(sweep, run)
+        for p, prompt in enumerate(sweep.prompts):
+            grid = make_grid(images[prompt], [s.label for s in sweep.settings],
+                             [f"seed {s}" for s in sweep.seeds], title=f"{name}: {prompt}")
+            save_png(grid, run / "sweep" / prompt_slug(p, prompt) / "grid.png")
+        metrics = _evaluate(sweep, run) if sweep.evaluate else None
+        results.append({"name": name, "config": config, "run": run, "images": images,
+                        "metrics": metrics})
+    for p, prompt in enumerate(sweep.prompts):  # across runs: first seed of every setting
+        rows = [[row[0] for row in r["images"][prompt]] for r in results]
+        grid = make_grid(rows, [r["name"] for r in results], [s.label for s in sweep.settings],
+                         title=f"{prompt} (seed {sweep.seeds[0]})")
+        save_png(grid, sweep.output / "grids" / f"{prompt_slug(p, prompt)}.png")
+    report = write_report(sweep, results, sweep.output / "report.html")
+    log.info("sweep of %d runs done in %.0f s; report: %s", len(runs),
+             time.perf_counter() - started, report)
+    return report
+
+
+def _evaluate(sweep: Sweep, run: Path) -> dict:
+    from .evaluate import evaluate
+
+    opts = dict(sweep.evaluate)
+    real = opts.pop("real", "")
+    if opts.pop("judges", "") == "toy":  # the toy world's own judges instead of DINO/CLIP
+        from .models import toy_model_dir
+        from .toyworld.judges import ToyJudge
+
+        opts["judges"] = ToyJudge.load(toy_model_dir() / "judges.safetensors").judges()
+    return evaluate(run, real, out=run / "eval", **opts)
+

@@ -1,0 +1,122 @@
+"""report.html for a sweep: one self-contained page (images inline as data
+URIs, no scripts or styles from the network), every user string escaped."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+from .config import to_toml_dict
+from .generate import prompt_slug
+from .io import write_text
+
+METRICS = ("dino", "clip_i", "clip_t", "pres", "div")
+
+
+def _data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def _losses(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def loss_plot(results: list[dict]) -> str:
+    """Loss curves of every run as an inline PNG (matplotlib, no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.2), dpi=100)
+    for r in results:
+        rows = _losses(r["run"])
+        if rows:
+            ax.plot([x["step"] for x in rows], [x["loss"] for x in rows], label=r["name"], lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _cell(metrics: dict | None, key: str) -> str:
+    try:
+        stat = metrics["rows"]["lorabooth"][key]
+        return f"{stat['mean']:.3f}"
+    except (KeyError, TypeError):
+        return "–"
+
+
+def render(sweep, results: list[dict]) -> str:
+    e = html.escape
+    varying = list(sweep.train_grid)
+    head = "".join(f"<th>{e(k)}</th>" for k in varying)
+    head += "<th>final loss</th>" + "".join(f"<th>{m.upper().replace('_', '-')}</th>"
+                                            for m in METRICS)
+    rows = []
+    for r in results:
+        cfg = to_toml_dict(r["config"])
+        losses = _losses(r["run"])
+        final = f"{losses[-1]['loss']:.4f}" if losses else "–"
+        cells = "".join(f"<td>{e(str(cfg[k]))}</td>" for k in varying)
+        cells += f"<td>{final}</td>" + "".join(f"<td>{_cell(r['metrics'], m)}</td>"
+                                               for m in METRICS)
+        rows.append(f"<tr><th>{e(r['name'])}</th>{cells}</tr>")
+    sections = []
+    for p, prompt in enumerate(sweep.prompts):
+        slug = prompt_slug(p, prompt)
+        imgs = [f'<figure><img alt="{e(prompt)}: all runs" '
+                f'src="{_data_uri(sweep.output / "grids" / f"{slug}.png")}">'
+                f"<figcaption>all runs, seed {sweep.seeds[0]}</figcaption></figure>"]
+        for r in results:
+            imgs.append(f'<figure><img alt="{e(r["name"])}: {e(prompt)}" '
+                        f'src="{_data_uri(r["run"] / "sweep" / slug / "grid.png")}">'
+                        f"<figcaption>{e(r['name'])}</figcaption></figure>")
+        sections.append(f"<section><h3>{e(prompt)}</h3>{''.join(imgs)}</section>")
+    source = Path(sweep.source).read_text(encoding="utf-8")
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'">
+<title>lorabooth sweep: {e(str(sweep.output))}</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em; color: #222; }}
+table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding: 4px 8px; }}
+img {{ max-width: 100%; image-rendering: pixelated; }} figure {{ display: inline-block; margin: 0 1em 1em 0; }}
+pre {{ background: #f4f4f4; padding: 1em; }}
+</style></head>
+<body>
+<h1>Sweep: {e(str(sweep.output))}</h1>
+<h2>Runs</h2>
+<table><tr><th>run</th>{head}</tr>
+{''.join(rows)}
+</table>
+<h2>Loss curves</h2>
+<img alt="loss curves" src="{loss_plot(results)}">
+<h2>Grids</h2>
+{''.join(sections)}
+<h2>The sweep file</h2>
+<pre>{e(source)}</pre>
+<script>
+window.addEventListener("load", function () {{
+  var ok = Array.prototype.filter.call(document.images, function (i) {{
+    return i.complete && i.naturalWidth > 0; }}).length;
+  document.body.setAttribute("data-images-loaded", ok + "/" + document.images.length);
+}});
+</script>
+</body></html>
+"""
+
+
+def write_report(sweep, results: list[dict], path: Path) -> Path:
+    write_text(path, render(sweep, results))
+    return path

@@ -1,0 +1,132 @@
+"""`lorabooth sweep`: grids of runs, resumable, a report a browser renders."""
+
+import re
+import shutil
+import subprocess
+import time
+
+import pytest
+
+from lorabooth.cli import main
+from lorabooth.config import TrainConfig
+from lorabooth.errors import UserError
+from lorabooth.sweep import config_hash, expand, load_sweep, run_sweep, run_state
+
+SWEEP = """
+[base]
+model = "tiny"
+instance_dir = "{photos}"
+instance_prompt = "a photo of sks dog"
+steps = 2
+save_format = "diffusers"
+output = "{out}"
+
+[train.grid]
+lr = [1e-4, 5e-4]
+train_text_encoder = [false, true]
+
+[generate]
+prompts = ["a photo of sks dog <script>alert(1)</script>"]
+seeds = [0, 1]
+steps = 2
+
+[generate.grid]
+unet_scale = [0.0, 0.5, 1.0]
+guidance = [3.0, 7.5]
+"""
+
+
+def _write(tmp_path, photos, text=SWEEP):
+    f = tmp_path / "sweep.toml"
+    f.write_text(text.format(photos=photos, out=tmp_path / "sweep"))
+    return f
+
+
+def test_expand_names_and_hashes(tmp_path, photos):
+    sweep = load_sweep(_write(tmp_path, photos))
+    runs = expand(sweep)
+    assert [n for n, _ in runs] == ["lr=0.0001,train_text_encoder=false",
+                                    "lr=0.0001,train_text_encoder=true",
+                                    "lr=0.0005,train_text_encoder=false",
+                                    "lr=0.0005,train_text_encoder=true"]
+    assert all(isinstance(c, TrainConfig) and c.steps == 2 for _, c in runs)
+    assert runs[3][1].output.endswith("lr=0.0005,train_text_encoder=true")
+    hashes = {config_hash(c) for _, c in runs}
+    assert len(hashes) == 4
+    assert len(sweep.settings) == 6
+
+
+@pytest.mark.parametrize("bad,needle", [
+    ("[base]\nlearning_rate = 1\n", "unknown key `learning_rate`"),
+    ("[train.grid]\nlr = 0.1\n", "`lr` must be a non-empty list"),
+    ("[train.grid]\nrank = [4, \"x\"]\n", "`rank` must be an integer"),
+    ("[generate.grid]\nunet_scal = [1]\n", "did you mean `unet_scale`"),
+    ("[generat]\nprompts = [\"x\"]\n", "did you mean `generate`"),
+    ("[evaluate]\nreal = 3\n", "`real` must be str"),
+])
+def test_bad_sweep_files_name_the_key(tmp_path, bad, needle, capsys):
+    f = tmp_path / "bad.toml"
+    f.write_text('[generate]\nprompts = ["x"]\n' + bad if "[generate" not in bad else bad)
+    with pytest.raises(UserError, match=re.escape(needle)):
+        load_sweep(f)
+    assert main(["sweep", str(f)]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_sweep_end_to_end_then_nothing_to_do(tmp_path, photos, monkeypatch):
+    f = _write(tmp_path, photos)
+    t0 = time.perf_counter()
+    report = run_sweep(f)
+    first = time.perf_counter() - t0
+    out = tmp_path / "sweep"
+    runs = expand(load_sweep(f))
+    for name, config in runs:
+        assert run_state(config) == "done"
+        assert (out / name / "sweep" / "00-a-photo-of-sks-dog-script-alert-1-script" / "grid.png").is_file()
+    assert (out / "grids" / "00-a-photo-of-sks-dog-script-alert-1-script.png").is_file()
+    page = report.read_text()
+    for name, _ in runs:
+        assert name in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "<script>alert(1)" not in page
+    assert "http://" not in page and "https://" not in page
+
+    # a second invocation trains nothing and draws nothing
+    import importlib
+    sw, ev = importlib.import_module("lorabooth.sweep"), importlib.import_module("lorabooth.evaluate")
+    trained, drawn = [], []
+    monkeypatch.setattr(importlib.import_module("lorabooth.train"), "train",
+                        lambda c: trained.append(c))
+    monkeypatch.setattr(ev, "draw", lambda *a, **k: drawn.append(a) or [])
+    t0 = time.perf_counter()
+    run_sweep(f)
+    assert trained == [] and drawn == []
+    assert time.perf_counter() - t0 < first
+
+    # an interrupted run (checkpoints, no weights) is resumed, a changed one retrained
+    name, config = runs[0]
+    (out / name / "pytorch_lora_weights.safetensors").unlink()
+    (out / name / "checkpoints").mkdir(exist_ok=True)
+    assert run_state(config) == "resume"
+    (out / runs[1][0] / "sweep_hash.txt").write_text("other settings\n")
+    assert run_state(runs[1][1]) == "new"
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed")
+def test_report_renders_in_a_real_browser(tmp_path, photos):
+    text = SWEEP.replace("lr = [1e-4, 5e-4]", "lr = [5e-4]").replace(
+        "train_text_encoder = [false, true]", "")
+    report = run_sweep(_write(tmp_path, photos, text))
+    shot = tmp_path / "shot.png"
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run",
+             f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000"]
+    dom = subprocess.run(["chromium", *flags, "--dump-dom", report.as_uri()],
+                         capture_output=True, text=True, timeout=120).stdout
+    m = re.search(r'data-images-loaded="(\d+)/(\d+)"', dom)
+    assert m and m.group(1) == m.group(2) and int(m.group(2)) >= 3, dom[:500]
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in dom
+    subprocess.run(["chromium", *flags, f"--screenshot={shot}", "--window-size=1200,1600",
+                    report.as_uri()], capture_output=True, timeout=120)
+    from PIL import Image
+    with Image.open(shot) as im:
+        assert im.size == (1200, 1600) and len(set(im.convert("RGB").getdata())) > 50
