@@ -50,6 +50,12 @@ def _as_tensor(out) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
+def _pixel_batches(processor, images: list[Image.Image], batch: int):
+    for i in range(0, len(images), batch):
+        yield processor(images=[im.convert("RGB") for im in images[i : i + batch]],
+                        return_tensors="pt").pixel_values
+
+
 def dino_embedder(name: str, batch: int = 16) -> ImageEmbedder:
     from transformers import AutoImageProcessor, AutoModel
 
@@ -59,12 +65,8 @@ def dino_embedder(name: str, batch: int = 16) -> ImageEmbedder:
 
     @torch.inference_mode()
     def embed(images: list[Image.Image]) -> torch.Tensor:
-        out = []
-        for i in range(0, len(images), batch):
-            pixels = processor(images=[im.convert("RGB") for im in images[i : i + batch]],
-                               return_tensors="pt").pixel_values
-            out.append(model(pixel_values=pixels).last_hidden_state[:, 0])  # CLS token
-        return torch.cat(out).float()
+        return torch.cat([model(pixel_values=px).last_hidden_state[:, 0]  # the CLS token
+                          for px in _pixel_batches(processor, images, batch)]).float()
 
     return embed
 
@@ -79,12 +81,8 @@ def clip_embedders(name: str, batch: int = 16) -> tuple[ImageEmbedder, TextEmbed
 
     @torch.inference_mode()
     def images_fn(images: list[Image.Image]) -> torch.Tensor:
-        out = []
-        for i in range(0, len(images), batch):
-            pixels = processor(images=[im.convert("RGB") for im in images[i : i + batch]],
-                               return_tensors="pt").pixel_values
-            out.append(_as_tensor(model.get_image_features(pixel_values=pixels)))
-        return torch.cat(out).float()
+        return torch.cat([_as_tensor(model.get_image_features(pixel_values=px))
+                          for px in _pixel_batches(processor, images, batch)]).float()
 
     @torch.inference_mode()
     def texts_fn(prompts: list[str]) -> torch.Tensor:
