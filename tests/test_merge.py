@@ -109,3 +109,15 @@ def test_merge_bad_input(trained_run, tmp_path):
     save_file({"a": torch.zeros(1)}, tmp_path / "junk.safetensors")
     with pytest.raises(UserError, match="no known LoRA layout"):
         merge([str(trained_run), str(tmp_path / "junk.safetensors")], None, tmp_path / "x.safetensors")
+
+
+def test_fuse_to_a_single_file(trained_run, tmp_path):
+    from lorabooth.models import save_base
+
+    folder = fuse(trained_run, tmp_path / "fused", unet_scale=1.0, text_scale=1.0)
+    single = fuse(trained_run, tmp_path / "fused.safetensors", single_file=True)
+    config = save_base(build_tiny(), tmp_path / "config")
+    a, b = load_base(str(folder)), load_base(str(single), str(config))
+    for part in ("unet", "text_encoder"):
+        sa, sb = getattr(a, part).state_dict(), getattr(b, part).state_dict()
+        assert all(torch.allclose(sa[k], sb[k].reshape(sa[k].shape)) for k in sa), part

@@ -65,3 +65,61 @@ def test_model_path_that_is_a_file(tmp_path):
     f.write_bytes(b"x")
     with pytest.raises(UserError, match="is a file"):
         load_base(str(f))
+
+
+def test_single_file_in_the_original_layout_round_trips(tmp_path):
+    """The tiny model written in the original SD key layout by our inverse map
+    loads through diffusers' from_single_file with every tensor intact."""
+    from lorabooth.singlefile import save_single_file, to_single_file
+
+    tiny = build_tiny()
+    keys = to_single_file(tiny)
+    assert "model.diffusion_model.input_blocks.0.0.weight" in keys
+    assert "first_stage_model.encoder.down.0.block.0.norm1.weight" in keys
+    assert any(k.startswith("cond_stage_model.transformer.text_model.") for k in keys)
+    config = save_base(tiny, tmp_path / "config")
+    single = save_single_file(tiny, tmp_path / "tiny.safetensors")
+    loaded = load_base(str(single), str(config))
+    for part in ("unet", "vae", "text_encoder"):
+        a, b = getattr(tiny, part).state_dict(), getattr(loaded, part).state_dict()
+        assert a.keys() == b.keys(), part
+        assert all(torch.equal(a[k], b[k].reshape(a[k].shape)) for k in a), part
+
+
+def test_train_and_generate_on_a_single_file(tmp_path, photos):
+    from lorabooth import TrainConfig, generate, train
+    from lorabooth.singlefile import save_single_file
+
+    tiny = build_tiny()
+    config = save_base(tiny, tmp_path / "config")
+    single = save_single_file(tiny, tmp_path / "tiny.safetensors")
+    run = train(TrainConfig(model=str(single), model_config=str(config), steps=1,
+                            instance_dir=str(photos), instance_prompt="a photo of sks dog",
+                            output=str(tmp_path / "run")))
+    assert len(generate(run, ["a dog"], num_images=1, steps=2)) == 1
+
+
+def test_pickled_single_file_that_would_run_code_is_refused(tmp_path):
+    import os
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    with (tmp_path / "model.ckpt").open("wb") as f:
+        pickle.dump({"state_dict": {"x": Evil()}}, f)
+    with pytest.raises(UserError, match="pickles can run arbitrary code"):
+        load_base(str(tmp_path / "model.ckpt"))
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_sd15_configs_are_built_offline(tmp_path):
+    import json
+
+    from lorabooth.singlefile import sd15_config_dir
+
+    folder = sd15_config_dir(tmp_path / "sd15")
+    unet = json.loads((folder / "unet" / "config.json").read_text())
+    assert unet["cross_attention_dim"] == 768 and unet["block_out_channels"] == [320, 640, 1280, 1280]
+    assert (folder / "tokenizer").is_dir() and (folder / "model_index.json").is_file()

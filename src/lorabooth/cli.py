@@ -140,7 +140,7 @@ def _cmd_fuse(args: argparse.Namespace) -> int:
     from .merge import fuse
 
     fuse(args.run, args.out, unet_scale=args.unet_scale, text_scale=args.text_scale,
-         model=args.model)
+         model=args.model, single_file=args.single_file)
     return 0
 
 
@@ -258,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     fus.add_argument("--unet-scale", type=float, default=1.0)
     fus.add_argument("--text-scale", type=float, default=1.0)
     fus.add_argument("--model", default=None, help="base model (default: the run's own)")
+    fus.add_argument("--single-file", action="store_true",
+                     help="write one .safetensors in the original SD layout instead of a folder")
     fus.set_defaults(func=_cmd_fuse)
 
     sw = sub.add_parser("sweep", help="a grid of training runs x inference settings, one report")

@@ -33,6 +33,8 @@ def option_name(key: str) -> str:
 @dataclass(frozen=True)
 class TrainConfig:
     model: str = _help("A diffusers folder, a Hugging Face hub id, or `tiny`.", "tiny")
+    model_config: str = _help("For a single-file --model: a diffusers folder with that "
+                              "architecture's configs (default: Stable Diffusion 1.5's).", "")
     instance_dir: str = _help("Folder with 3-20 photos of the subject.", "")
     instance_prompt: str = _help("Prompt naming the subject, e.g. 'a photo of sks dog'.", "")
     class_prompt: str = _help("Bare class prompt for prior preservation, e.g. 'a photo of a dog'.", "")

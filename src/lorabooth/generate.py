@@ -86,10 +86,11 @@ def load_pipeline(run: str | Path, model: str | None = None,
     if scheduler not in SCHEDULERS:
         raise UserError(f"--scheduler: unknown {scheduler!r}; choose from {', '.join(SCHEDULERS)}")
     find_lora(run)
-    base_name = model or lora_metadata(run).get("base_model")
+    meta = lora_metadata(run)
+    base_name = model or meta.get("base_model")
     if not base_name:
         raise UserError(f"{run}: the LoRA does not record its base model; pass --model")
-    base = load_base(base_name)
+    base = load_base(base_name, "" if model else str(meta.get("model_config", "")))
     pipe = pipeline_from_parts(base, _scheduler(scheduler, base.noise_scheduler.config))
     pipe.set_progress_bar_config(disable=True)
     has_text = load_into_pipeline(pipe, run)

@@ -128,8 +128,9 @@ def merge(inputs: list[str], weights: list[float] | None, out: str | Path,
 
 
 def fuse(run: str | Path, out: str | Path, unet_scale: float = 1.0, text_scale: float = 1.0,
-         model: str | None = None) -> Path:
-    """A full diffusers model folder with the LoRA baked into its weights."""
+         model: str | None = None, single_file: bool = False) -> Path:
+    """A full diffusers model folder with the LoRA baked into its weights, or
+    with ``single_file`` one `.safetensors` in the original SD layout."""
     from .generate import load_pipeline
     from .lora import set_scales
 
@@ -139,6 +140,13 @@ def fuse(run: str | Path, out: str | Path, unet_scale: float = 1.0, text_scale: 
     pipe.fuse_lora(components=components, lora_scale=1.0)
     pipe.unload_lora_weights()  # the fused weights stay; the adapter layers go
     out = Path(out)
-    pipe.save_pretrained(out)
+    if single_file:
+        from .models import BaseModel
+        from .singlefile import save_single_file
+
+        save_single_file(BaseModel("fused", pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet,
+                                   pipe.scheduler), out)
+    else:
+        pipe.save_pretrained(out)
     log.info("fused model (UNet scale %g, text scale %g) written to %s", unet_scale, text_scale, out)
     return out

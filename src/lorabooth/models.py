@@ -181,8 +181,29 @@ def resolve_hub(model_id: str) -> Path:
                         f"({type(e).__name__}); {how}") from None
 
 
-def load_base(model: str) -> BaseModel:
-    """`tiny`, `toy`, a local diffusers folder, or a hub id (cache first)."""
+def _load_single(path: Path, name: str, config: str) -> BaseModel:
+    import shutil
+    import tempfile
+
+    from .singlefile import load_single_file, sd15_config_dir
+
+    scratch = None
+    if not config:
+        scratch = Path(tempfile.mkdtemp(prefix="lorabooth-sd15-config-"))
+        config = str(sd15_config_dir(scratch))
+    try:
+        pipe = load_single_file(path, config)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return BaseModel(name, pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet,
+                     DDPMScheduler.from_config(pipe.scheduler.config))
+
+
+def load_base(model: str, model_config: str = "") -> BaseModel:
+    """`tiny`, `toy`, a local diffusers folder, a single checkpoint file in
+    the original layout (configs from ``model_config``, default SD 1.5), or a
+    hub id (cache first)."""
     if model == "tiny":
         return build_tiny()
     if model == "toy":
@@ -191,9 +212,14 @@ def load_base(model: str) -> BaseModel:
                             "make it with `lorabooth toyworld pretrain --out DIR` and pass DIR")
         return _load_folder(toy_model_dir(), "toy")
     path = Path(model).expanduser()
+    if path.is_file():
+        from .singlefile import SINGLE_FILE_SUFFIXES
+
+        if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+            raise UserError(f"--model {model}: is a file but not a checkpoint "
+                            f"({', '.join(SINGLE_FILE_SUFFIXES)}); or give a diffusers folder")
+        return _load_single(path, model, model_config)
     if path.exists():
-        if not path.is_dir():
-            raise UserError(f"--model {model}: is a file; give a diffusers model folder")
         return _load_folder(path, model)
     if model.count("/") != 1 or model.startswith((".", "/", "~")):
         raise UserError(f"--model {model}: no such folder, and not a hub id (owner/name); "

@@ -68,7 +68,7 @@ def train(config: TrainConfig) -> Path:
 
 def _train(config: TrainConfig, accelerator: Accelerator, output: Path,
            instance_paths: list[Path]) -> None:
-    base = load_base(config.model)
+    base = load_base(config.model, config.model_config)
     for warning in identifier_warnings(base.tokenizer, config.instance_prompt, config.class_prompt):
         log.warning("--instance-prompt: %s", warning)
     resolution = config.resolution or base.native_resolution
@@ -373,6 +373,7 @@ def _finish(config: TrainConfig, base: BaseModel, output: Path,
             modules: dict[str, torch.nn.Module], resolution: int) -> None:
     meta = {
         "lorabooth.version": __version__, "lorabooth.base_model": config.model,
+        "lorabooth.model_config": config.model_config,
         "lorabooth.rank": config.rank, "lorabooth.alpha": config.lora_alpha,
         "lorabooth.instance_prompt": config.instance_prompt,
         "lorabooth.class_prompt": config.class_prompt,

@@ -1,0 +1,184 @@
+"""Single-file checkpoints in the original Stable Diffusion (LDM) key layout,
+the `.safetensors` / `.ckpt` files model sites distribute.
+
+Reading goes through diffusers' `from_single_file`; writing (`fuse
+--single-file`, and the tests' own single files) maps diffusers names back to
+LDM names for any SD-shaped config: the inverse of diffusers' converter, and
+tested as such."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
+RESNET = [("in_layers.0", "norm1"), ("in_layers.2", "conv1"), ("emb_layers.1", "time_emb_proj"),
+          ("out_layers.0", "norm2"), ("out_layers.3", "conv2"), ("skip_connection", "conv_shortcut")]
+
+
+def _unet_prefixes(config) -> list[tuple[str, str]]:
+    """(LDM prefix, diffusers prefix) pairs for the blocks of a UNet config."""
+    levels, n = len(config.block_out_channels), config.layers_per_block
+    pairs = []
+    for i in range(levels):
+        attn = "CrossAttn" in config.down_block_types[i]
+        for j in range(n):
+            pairs.append((f"input_blocks.{1 + i * (n + 1) + j}.0.", f"down_blocks.{i}.resnets.{j}."))
+            if attn:
+                pairs.append((f"input_blocks.{1 + i * (n + 1) + j}.1.",
+                              f"down_blocks.{i}.attentions.{j}."))
+        if i < levels - 1:
+            pairs.append((f"input_blocks.{(i + 1) * (n + 1)}.0.op.",
+                          f"down_blocks.{i}.downsamplers.0.conv."))
+        up_attn = "CrossAttn" in config.up_block_types[i]
+        for j in range(n + 1):
+            pairs.append((f"output_blocks.{i * (n + 1) + j}.0.", f"up_blocks.{i}.resnets.{j}."))
+            if up_attn:
+                pairs.append((f"output_blocks.{i * (n + 1) + j}.1.",
+                              f"up_blocks.{i}.attentions.{j}."))
+        if i < levels - 1:
+            slot = 2 if up_attn else 1
+            pairs.append((f"output_blocks.{i * (n + 1) + n}.{slot}.", f"up_blocks.{i}.upsamplers.0."))
+    pairs += [("middle_block.0.", "mid_block.resnets.0."), ("middle_block.1.", "mid_block.attentions.0."),
+              ("middle_block.2.", "mid_block.resnets.1."), ("time_embed.0.", "time_embedding.linear_1."),
+              ("time_embed.2.", "time_embedding.linear_2."), ("input_blocks.0.0.", "conv_in."),
+              ("out.0.", "conv_norm_out."), ("out.2.", "conv_out.")]
+    return pairs
+
+
+def unet_to_ldm(unet) -> dict[str, torch.Tensor]:
+    pairs = sorted(_unet_prefixes(unet.config), key=lambda p: -len(p[1]))
+    out = {}
+    for key, value in unet.state_dict().items():
+        ldm_prefix, hf_prefix = next(p for p in pairs if key.startswith(p[1]))
+        rest = key[len(hf_prefix):]
+        if "resnets" in hf_prefix:
+            for ldm, hf in RESNET:
+                if rest.startswith(hf + "."):
+                    rest = ldm + rest[len(hf):]
+        out["model.diffusion_model." + ldm_prefix + rest] = value
+    return out
+
+
+def _vae_prefixes(config) -> list[tuple[str, str]]:
+    levels, n = len(config.block_out_channels), config.layers_per_block
+    pairs = [("encoder.mid.attn_1.", "encoder.mid_block.attentions.0."),
+             ("decoder.mid.attn_1.", "decoder.mid_block.attentions.0.")]
+    for part in ("encoder", "decoder"):
+        for j in range(2):
+            pairs.append((f"{part}.mid.block_{j + 1}.", f"{part}.mid_block.resnets.{j}."))
+        pairs.append((f"{part}.norm_out.", f"{part}.conv_norm_out."))
+    for i in range(levels):
+        for j in range(n):
+            pairs.append((f"encoder.down.{i}.block.{j}.", f"encoder.down_blocks.{i}.resnets.{j}."))
+        if i < levels - 1:
+            pairs.append((f"encoder.down.{i}.downsample.", f"encoder.down_blocks.{i}.downsamplers.0."))
+            pairs.append((f"decoder.up.{levels - 1 - i}.upsample.",
+                          f"decoder.up_blocks.{i}.upsamplers.0."))
+        for j in range(n + 1):
+            pairs.append((f"decoder.up.{levels - 1 - i}.block.{j}.",
+                          f"decoder.up_blocks.{i}.resnets.{j}."))
+    return pairs
+
+
+VAE_ATTENTION = [("norm.", "group_norm."), ("q.", "to_q."), ("k.", "to_k."), ("v.", "to_v."),
+                 ("proj_out.", "to_out.0.")]
+
+
+def vae_to_ldm(vae) -> dict[str, torch.Tensor]:
+    pairs = sorted(_vae_prefixes(vae.config), key=lambda p: -len(p[1]))
+    out = {}
+    for key, value in vae.state_dict().items():
+        match = next((p for p in pairs if key.startswith(p[1])), None)
+        if match is None:  # quant_conv, post_quant_conv, conv_in, conv_out keep their names
+            out["first_stage_model." + key] = value
+            continue
+        ldm_prefix, hf_prefix = match
+        rest = key[len(hf_prefix):]
+        if "attentions" in hf_prefix:
+            for ldm, hf in VAE_ATTENTION:
+                if rest.startswith(hf):
+                    rest = ldm + rest[len(hf):]
+            if value.ndim == 2:  # LDM's attention uses 1x1 convolutions
+                value = value[:, :, None, None]
+        rest = rest.replace("conv_shortcut.", "nin_shortcut.")
+        out["first_stage_model." + ldm_prefix + rest] = value
+    return out
+
+
+def to_single_file(base) -> dict[str, torch.Tensor]:
+    """A whole SD-shaped model in the original single-file key layout."""
+    # transformers 5 drops the `text_model.` level from CLIPTextModel's names;
+    # the original layout has it
+    te = {"cond_stage_model.transformer." + (k if k.startswith("text_model.") else "text_model." + k): v
+          for k, v in base.text_encoder.state_dict().items()}
+    return {**unet_to_ldm(base.unet), **vae_to_ldm(base.vae), **te}
+
+
+def save_single_file(base, path: str | Path) -> Path:
+    from safetensors.torch import save_file
+
+    from .io import atomic_path
+
+    tensors = {k: v.detach().contiguous() for k, v in to_single_file(base).items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp)
+    return Path(path)
+
+
+def load_single_file(path: Path, config: str | Path):
+    """Through diffusers' own single-file loader, configs from ``config`` (a
+    diffusers folder of the same architecture) so nothing is fetched. Pickled
+    `.ckpt` files pass torch's safe loader first."""
+    from diffusers import StableDiffusionPipeline
+
+    from .lora import load_pickle_safely
+
+    if path.suffix.lower() in (".ckpt", ".pt", ".pth"):
+        load_pickle_safely(path)  # refuses anything but plain tensors before diffusers reads it
+    try:
+        return StableDiffusionPipeline.from_single_file(
+            str(path), config=str(config), local_files_only=True, torch_dtype=torch.float32,
+            safety_checker=None, requires_safety_checker=False)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise UserError(f"--model {path}: cannot be read as a Stable Diffusion single file "
+                        f"({first})") from None
+
+
+def sd15_config_dir(folder: Path) -> Path:
+    """Stable Diffusion 1.5's component configs (no weights) written into
+    ``folder``, so a single SD 1.x file loads without the hub."""
+    import json
+
+    from .models import clip_tokenizer, sd_noise_scheduler
+
+    def write(sub: str, config: dict) -> None:
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+        (folder / sub / "config.json").write_text(json.dumps(config))
+
+    write("unet", {"_class_name": "UNet2DConditionModel", "sample_size": 64,
+                   "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2,
+                   "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+                   "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+                   "cross_attention_dim": 768, "attention_head_dim": 8})
+    write("vae", {"_class_name": "AutoencoderKL", "block_out_channels": [128, 256, 512, 512],
+                  "down_block_types": ["DownEncoderBlock2D"] * 4,
+                  "up_block_types": ["UpDecoderBlock2D"] * 4, "latent_channels": 4,
+                  "layers_per_block": 2, "sample_size": 512, "scaling_factor": 0.18215})
+    write("text_encoder", {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model",
+                           "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                           "num_attention_heads": 12, "max_position_embeddings": 77,
+                           "hidden_act": "quick_gelu", "vocab_size": 49408, "projection_dim": 768,
+                           "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 1})
+    sd_noise_scheduler().save_pretrained(folder / "scheduler")
+    clip_tokenizer().save_pretrained(folder / "tokenizer")
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDPMScheduler"],
+        "safety_checker": [None, None], "feature_extractor": [None, None]}))
+    return folder
