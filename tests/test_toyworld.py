@@ -1,0 +1,125 @@
+"""The toy world: renderer, shipped model and judges, and the method seen to work."""
+
+import dataclasses
+import json
+import random
+import time
+
+import pytest
+import torch
+
+from lorabooth.toyworld.claims import holds, spread
+from lorabooth.toyworld.judges import HEADS, ToyJudge, judge_accuracy, prompt_attributes
+from lorabooth.toyworld.pretrain import warmup_cosine
+from lorabooth.toyworld.world import (
+    CLASSES, CONTEXTS, HELD_OUT, caption, random_spec, render, subject_views,
+)
+
+# Thresholds stated in docs/toyworld.md.
+JUDGE_MIN_ACCURACY = 0.9
+BASE_MIN_CLASS, BASE_MIN_CONTEXT = 0.6, 0.6
+
+
+def test_render_is_deterministic_and_sized():
+    spec = random_spec(random.Random(1))
+    a, b = render(spec, 5), render(spec, 5)
+    assert a.size == (32, 32) and a.tobytes() == b.tobytes()
+    assert render(spec, 6).tobytes() != a.tobytes() or spec.context == "room"
+
+
+def test_held_out_combinations_never_sampled_for_pretraining():
+    rng = random.Random(0)
+    combos = {random_spec(rng).combo for _ in range(5000)}
+    assert not combos & set(HELD_OUT)
+    assert len(combos) == 4 * 6 * 3 - len(HELD_OUT)
+
+
+def test_captions_and_subject_views():
+    spec = subject_views()[0]
+    assert caption(spec) == "a photo of a purple striped ball on the grass"
+    assert caption(dataclasses.replace(spec, context="room")).endswith("in the room")
+    views = subject_views()
+    assert {v.context for v in views} == {"grass", "beach"} and {v.combo for v in views} == {HELD_OUT[0]}
+
+
+def test_prompt_attributes_space():
+    row = prompt_attributes(["a photo of a red striped car on the snow"])[0]
+    assert row.shape[0] == sum(len(v) for v in HEADS.values()) and row.sum() == 4
+    assert prompt_attributes(["a photo of a car"])[0].sum() == 1
+
+
+def test_schedule_and_claim_rule():
+    assert warmup_cosine(0, 100, 10) == pytest.approx(0.1)
+    assert warmup_cosine(100, 100, 10) == pytest.approx(0.0, abs=1e-9)
+    assert spread([1.0, 3.0]) == (2.0, 1.0, 3.0)
+    assert holds([0.9, 0.8, 0.85], [0.3, 0.4, 0.35]) and not holds([0.5, 0.7], [0.45, 0.6])
+
+
+@pytest.fixture(scope="module")
+def toy():
+    from lorabooth.models import load_base, toy_model_dir
+
+    if not (toy_model_dir() / "unet").is_dir():
+        pytest.fail("the toy model is not shipped in src/lorabooth/assets/toy")
+    t0 = time.perf_counter()
+    base = load_base("toy")
+    seconds = time.perf_counter() - t0
+    return base, seconds, ToyJudge.load(toy_model_dir() / "judges.safetensors")
+
+
+def test_shipped_model_loads_offline_in_seconds_and_records_its_making(toy):
+    from lorabooth.models import toy_model_dir
+
+    base, seconds, _ = toy
+    assert seconds < 15 and base.native_resolution == 32
+    record = json.loads((toy_model_dir() / "toyworld.json").read_text())
+    assert record["command"].startswith("lorabooth toyworld pretrain") and "seed" in record
+    size = sum(p.stat().st_size for p in toy_model_dir().rglob("*") if p.is_file())
+    assert size < 35e6
+
+
+def test_judges_read_fresh_renders(toy):
+    accuracy = judge_accuracy(toy[2], n=256, seed=4242)
+    assert all(v >= JUDGE_MIN_ACCURACY for v in accuracy.values()), accuracy
+
+
+def test_base_model_follows_class_and_context(toy):
+    from lorabooth.models import pipeline_from_parts
+
+    base, _, judge = toy
+    pipe = pipeline_from_parts(base)
+    pipe.set_progress_bar_config(disable=True)
+    hits_cls = hits_ctx = n = 0
+    for i, (cls, ctx) in enumerate(zip(CLASSES, CONTEXTS)):
+        prompt = f"a photo of a {cls} {'in the' if ctx == 'room' else 'on the'} {ctx}"
+        with torch.inference_mode():
+            images = pipe([prompt] * 8, num_inference_steps=20, guidance_scale=5.0,
+                          generator=[torch.Generator().manual_seed(i * 8 + k) for k in range(8)]).images
+        preds = judge.predict(images)
+        hits_cls += sum(p["cls"] == cls for p in preds)
+        hits_ctx += sum(p["context"] == ctx for p in preds)
+        n += len(preds)
+    assert hits_cls / n >= BASE_MIN_CLASS and hits_ctx / n >= BASE_MIN_CONTEXT, (hits_cls / n, hits_ctx / n)
+
+
+def test_dreambooth_raises_identity_similarity_over_the_base(tmp_path):
+    """`toyworld claims --quick`: one seed, 150 steps; the margin is one the
+    method clears and a broken training path (LoRA not learning) fails."""
+    from lorabooth.toyworld.claims import claims
+
+    results = claims(tmp_path / "claims", report=tmp_path / "toyworld.md", quick=True)
+    lora, base = results["unet"][0], results["base"][0]
+    assert lora["fidelity"] - base["fidelity"] > 0.3, (lora, base)  # measured: 0.15 -> 0.82
+    assert lora["subject_rate"] > base["subject_rate"] + 0.5  # measured: 0 -> 1
+    assert "**holds**" in (tmp_path / "toyworld.md").read_text().split("1. **Fidelity**")[1][:200]
+
+
+def test_pretrain_command_runs_end_to_end(tmp_path):
+    from lorabooth.models import load_base
+    from lorabooth.toyworld.pretrain import pretrain
+
+    out = pretrain(tmp_path / "toy", seed=1, images=256, vae_steps=2, unet_steps=2, batch=8,
+                   judge_steps=2)
+    assert load_base(str(out)).native_resolution == 32
+    record = json.loads((out / "toyworld.json").read_text())
+    assert record["seed"] == 1 and record["unet_steps"] == 2 and (out / "judges.safetensors").is_file()
