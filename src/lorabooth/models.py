@@ -59,9 +59,6 @@ class BaseModel:
     def native_resolution(self) -> int:
         return int(self.unet.config.sample_size) * self.vae_scale_factor
 
-    def pipeline(self) -> StableDiffusionPipeline:
-        return pipeline_from_parts(self)
-
 
 def _bytes_to_unicode() -> dict[int, str]:
     # GPT-2/CLIP byte-level BPE: every byte gets a printable unicode stand-in,

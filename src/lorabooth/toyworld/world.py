@@ -7,7 +7,7 @@ Pictures are drawn at 4x and downsampled (Lanczos) so edges are smooth.
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -177,6 +177,3 @@ def subject_views(combo: tuple[str, str, str] = HELD_OUT[0], contexts=("grass", 
     return [Spec(cls, colour, pattern, contexts[i % len(contexts)], x=rng.uniform(0.42, 0.58),
                  y=rng.uniform(0.55, 0.65), size=0.46, flip=i % 2 == 1) for i in range(n)]
 
-
-def spec_dict(spec: Spec) -> dict:
-    return asdict(spec)
