@@ -123,3 +123,11 @@ def test_sd15_configs_are_built_offline(tmp_path):
     unet = json.loads((folder / "unet" / "config.json").read_text())
     assert unet["cross_attention_dim"] == 768 and unet["block_out_channels"] == [320, 640, 1280, 1280]
     assert (folder / "tokenizer").is_dir() and (folder / "model_index.json").is_file()
+
+
+def test_sd15_random_has_the_real_architecture():
+    from lorabooth.models import build_sd15_random
+
+    base = build_sd15_random()
+    assert sum(p.numel() for p in base.unet.parameters()) == pytest.approx(859.5e6, rel=1e-3)
+    assert base.native_resolution == 512 and base.text_encoder.config.hidden_size == 768

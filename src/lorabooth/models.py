@@ -31,7 +31,7 @@ from diffusers import (  # noqa: E402  (after the timeouts are set)
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
 
-BUILTIN_MODELS = ("tiny", "toy")
+BUILTIN_MODELS = ("tiny", "toy", "sd15-random")
 
 
 def toy_model_dir() -> Path:
@@ -137,6 +137,26 @@ def _build_tiny() -> BaseModel:
     return BaseModel("tiny", clip_tokenizer(), text_encoder, vae, unet, sd_noise_scheduler())
 
 
+def build_sd15_random(seed: int = 0) -> BaseModel:
+    """Stable Diffusion 1.5's exact architecture (860 M-parameter UNet) with
+    random weights: the real compute and memory, for benchmarks, offline."""
+    import json
+    import tempfile
+
+    from .singlefile import sd15_config_dir
+
+    with tempfile.TemporaryDirectory() as tmp, torch.random.fork_rng():
+        torch.manual_seed(seed)
+        folder = sd15_config_dir(Path(tmp))
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))
+        te_config = json.loads((folder / "text_encoder" / "config.json").read_text())
+        te_config.pop("architectures")
+        te_config.pop("model_type")
+        text_encoder = CLIPTextModel(CLIPTextConfig(**te_config))
+    return BaseModel("sd15-random", clip_tokenizer(), text_encoder, vae, unet, sd_noise_scheduler())
+
+
 def _load_folder(path: Path, name: str) -> BaseModel:
     missing = [p for p in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
                if not (path / p).is_dir()]
@@ -203,6 +223,8 @@ def load_base(model: str, model_config: str = "") -> BaseModel:
     hub id (cache first)."""
     if model == "tiny":
         return build_tiny()
+    if model == "sd15-random":
+        return build_sd15_random()
     if model == "toy":
         if not (toy_model_dir() / "unet").is_dir():
             raise UserError("--model toy: the toy model is not in this installation; "
