@@ -79,8 +79,11 @@ def test_bad_files_one_line(tmp_path, trained_run, capsys):
     tensors, _ = read_lora(trained_run / WEIGHT_NAME)
     key = next(k for k in tensors if k.endswith("lora.down.weight"))
     save_file({**tensors, key: torch.zeros(3, tensors[key].shape[1])}, tmp_path / "rank.safetensors")
+    kohya, _ = read_lora(trained_run / KOHYA_WEIGHT_NAME)
+    kkey = next(k for k in kohya if k.endswith(".lora_down.weight"))
+    save_file({**kohya, kkey: torch.zeros(3, kohya[kkey].shape[1])}, tmp_path / "krank.safetensors")
     for name, needle in [("x", "not a readable safetensors"), ("other", "no known LoRA layout"),
-                         ("rank", "rank mismatch")]:
+                         ("rank", "rank mismatch"), ("krank", "rank mismatch")]:
         code = main(["convert", str(tmp_path / f"{name}.safetensors"), str(tmp_path / "o"),
                      "--to", "kohya"])
         err = capsys.readouterr().err.strip().splitlines()

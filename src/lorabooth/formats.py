@@ -96,7 +96,8 @@ def check_ranks(tensors: dict[str, torch.Tensor], where: str) -> int:
     """Every down/A matrix has the same rank, matching its up/B partner."""
     ranks = set()
     for key, down in tensors.items():
-        if "lora_A." in key or key.endswith(".lora.down.weight") or ".down.weight" in key:
+        # peft lora_A, diffusers .down. / lora.down, kohya .lora_down.
+        if any(tag in key for tag in ("lora_A.", ".down.", ".lora_down.")):
             partner = (key.replace("lora_A.", "lora_B.").replace(".down.", ".up.")
                        .replace("lora_down", "lora_up"))
             up = tensors.get(partner)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tomllib
 from pathlib import Path
 
@@ -88,8 +89,6 @@ def release_lock(lock: Path | None) -> None:
 
 def remove_leftovers(output: Path) -> None:
     """Temp files and folders of a process killed mid-write (never a finished file)."""
-    import shutil
-
     for junk in [*output.glob(".*.tmp"), *output.glob(".lora-*"),
                  *(output / "checkpoints").glob(".tmp-*")]:
         if junk.is_dir():

@@ -20,7 +20,9 @@ from tqdm.auto import tqdm
 from . import __version__
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .data import Shuffler, latent_distributions, prompt_embeddings, readable_images, tokenize
+from .data import (
+    Shuffler, image_files, latent_distributions, prompt_embeddings, readable_images, tokenize,
+)
 from .errors import UserError
 from .formats import convert_file
 from .identifier import guess_identifier, identifier_warnings
@@ -212,7 +214,7 @@ def _setup_class_images(config: TrainConfig, base: BaseModel, resolution: int,
     if accelerator.is_main_process and folder.is_dir():
         remove_stale_temps(folder)  # leftovers of a fill killed mid-write
     plan = missing_indices(folder, config.num_class_images)
-    have = len(readable_images(folder)) if folder.is_dir() else 0
+    have = len(image_files(folder))  # by name: missing_indices has already verified them
     if have > config.num_class_images and accelerator.is_main_process:
         log.info("--class-dir %s holds %d images; using %d of them (--num-class-images) and "
                  "keeping the rest", folder, have, config.num_class_images)
