@@ -1,51 +1,99 @@
-"""Training speed and memory at Stable Diffusion 1.5's real size on the CPU.
+"""Training speed and memory at Stable Diffusion 1.5's real size, lorabooth
+beside diffusers' train_dreambooth_lora.py, one after the other.
 
-Runs `lorabooth train --model sd15-random` (SD 1.5's exact architecture, random
-weights) at 256 px, batch 1, UNet LoRA rank 4, in a child process per setting,
-and prints steady-state seconds per step (median of the steps after the
-first), time to the first step, and peak RSS. Compare with the reference
-trainer's figures in ../shared/REFERENCE.md (measure both in one session).
+Both train on the same SD 1.5-architecture folder (random weights, built once
+from configs, see common.model_dir) and the same photos, at 256 px, batch 1,
+UNet LoRA rank 4, constant lr 5e-4, no prior preservation. Each side is timed
+from its progress bar by this script's clock (steady s/step: the median gap
+between updates after the first step; time to the first step: launch until
+the bar appears) and its peak RSS comes from the kernel.
 
-    python benchmarks/train_speed.py [--steps 6] [--precision no bf16]
+    python benchmarks/train_speed.py [--steps 8] [--settings fp32 bf16 fp32-gc]
+        [--reference train_dreambooth_lora.py --reference-python VENV/bin/python]
+
+Fetch the reference as ../shared/REFERENCE.md says, into a folder outside the
+project, with its own venv; never commit it.
 """
+
+from __future__ import annotations
 
 import argparse
 import json
-import resource
-import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-PHOTOS = Path(__file__).resolve().parents[1] / "src" / "lorabooth" / "assets" / "demo_photos"
+from common import PHOTOS, DEFAULT_MODEL_DIR, machine, model_dir, run_child, warm_page_cache
+
+PROMPT = "a photo of sks ball"
+SETTINGS = {  # name -> extra lorabooth options
+    "fp32": [],
+    "bf16": ["--mixed-precision", "bf16"],
+    "fp32-gc": ["--gradient-checkpointing"],
+    "bf16-gc": ["--mixed-precision", "bf16", "--gradient-checkpointing"],
+}
 
 
-def run(precision: str, steps: int) -> dict:
-    out = Path(tempfile.mkdtemp(prefix="bench-"))
-    cmd = [sys.executable, "-m", "lorabooth", "train", "--model", "sd15-random",
-           "--instance-dir", str(PHOTOS), "--instance-prompt", "a photo of sks ball",
-           "--resolution", "256", "--steps", str(steps), "--batch-size", "1", "--rank", "4",
-           "--mixed-precision", precision, "--save-format", "diffusers", "--output", str(out)]
-    t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, capture_output=True)
-    wall = time.perf_counter() - t0
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    per_step = [r["s_per_step"] for r in rows]
-    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # max over children so far
-    return {"precision": precision, "steps": steps, "wall_s": round(wall, 1),
-            "first_step_s": per_step[0], "steady_s_per_step": round(statistics.median(per_step[1:]), 3),
-            "to_first_step_s": round(wall - sum(per_step), 1), "peak_rss_gb": round(peak_kb / 1e6, 2)}
+def ours(model: Path, steps: int, extra: list[str]) -> dict:
+    out = Path(tempfile.mkdtemp(prefix="bench-ours-"))
+    child = run_child(
+        [sys.executable, "-m", "lorabooth", "train", "--model", str(model),
+         "--instance-dir", str(PHOTOS), "--instance-prompt", PROMPT, "--resolution", "256",
+         "--steps", str(steps), "--batch-size", "1", "--rank", "4", "--lr", "5e-4",
+         "--save-format", "diffusers", "--output", str(out), *extra],
+        bar=r"train:\s+\d+%\|[^|]*\|\s*(\d+)/\d+")
+    logged = [json.loads(line)["s_per_step"]
+              for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return _row(child, logged_median=sorted(logged[1:])[len(logged[1:]) // 2])
+
+
+def reference(script: Path, python: str, model: Path, steps: int) -> dict:
+    out = Path(tempfile.mkdtemp(prefix="bench-ref-"))
+    child = run_child(
+        [python, str(script), "--pretrained_model_name_or_path", str(model),
+         "--instance_data_dir", str(PHOTOS), "--instance_prompt", PROMPT, "--resolution", "256",
+         "--train_batch_size", "1", "--max_train_steps", str(steps), "--rank", "4",
+         "--learning_rate", "5e-4", "--lr_scheduler", "constant", "--lr_warmup_steps", "0",
+         "--output_dir", str(out), "--seed", "0"],
+        bar=r"Steps:\s+\d+%\|[^|]*\|\s*(\d+)/\d+", cwd=out)
+    return _row(child)
+
+
+def _row(child, **extra) -> dict:
+    return {"steady_s_per_step": round(child.steady_s_per_step(), 3),
+            "to_first_step_s": round(child.to_first_step_s(), 1), "wall_s": round(child.wall_s, 1),
+            "peak_rss_gb": round(child.peak_rss_gb, 2), **extra}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--precision", nargs="+", default=["no", "bf16"])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--settings", nargs="+", default=["fp32", "bf16"], choices=SETTINGS)
+    parser.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR)
+    parser.add_argument("--reference", type=Path, help="train_dreambooth_lora.py")
+    parser.add_argument("--reference-python", default=sys.executable,
+                        help="the python of the reference's own venv")
     args = parser.parse_args()
-    for precision in args.precision:
-        print(json.dumps(run(precision, args.steps)), flush=True)
+
+    model = model_dir(args.model_dir)
+    warm_page_cache(model)
+    print(json.dumps({"machine": machine(), "steps": args.steps}), flush=True)
+    rows = {}
+    if args.reference:
+        rows["reference fp32"] = reference(args.reference, args.reference_python, model, args.steps)
+        print(json.dumps({"run": "reference fp32", **rows["reference fp32"]}), flush=True)
+    for name in args.settings:
+        rows[f"lorabooth {name}"] = ours(model, args.steps, SETTINGS[name])
+        print(json.dumps({"run": f"lorabooth {name}", **rows[f"lorabooth {name}"]}), flush=True)
+
+    ref = rows.get("reference fp32")
+    print("\n| run | steady s/step | speed vs reference | to first step | peak RSS | RSS vs reference |")
+    print("|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        speed = f"{ref['steady_s_per_step'] / r['steady_s_per_step']:.2f}x" if ref else "-"
+        mem = f"{r['peak_rss_gb'] / ref['peak_rss_gb']:.2f}x" if ref else "-"
+        print(f"| {name} | {r['steady_s_per_step']:.2f} | {speed} | {r['to_first_step_s']:.1f} s "
+              f"| {r['peak_rss_gb']:.2f} GB | {mem} |")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 import json
 
+import torch
+
 import pytest
 from PIL import Image
 
@@ -46,3 +48,34 @@ def test_bad_generate_input(trained_run, tmp_path):
         generate(tmp_path, ["x"])
     with pytest.raises(UserError, match="--num-images"):
         generate(trained_run, ["x"], num_images=0)
+
+
+def test_fused_drawing_equals_the_adapters_and_restores_the_weights(trained_run):
+    """Fusing at fixed scales is a speed-up only: the images match drawing with
+    the adapters beside the weights, and the weights come back afterwards."""
+    import numpy as np
+
+    from lorabooth.generate import Setting, draw, load_pipeline
+
+    pipe, has_text = load_pipeline(trained_run)
+    assert has_text
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    te_before = {k: v.clone() for k, v in pipe.text_encoder.state_dict().items()}
+    for setting in (Setting(0.5, 0.7, 7.5), Setting(1.0, 1.0, 3.0), Setting(0.0, 0.0, 7.5)):
+        fast = draw(pipe, has_text, "a photo of sks dog", setting, [1, 2], 3, fuse=True)
+        slow = draw(pipe, has_text, "a photo of sks dog", setting, [1, 2], 3, fuse=False)
+        for a, b in zip(fast, slow):
+            diff = np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int))
+            assert diff.max() <= 1, (setting, diff.max())
+    for k, v in pipe.unet.state_dict().items():
+        assert torch.allclose(v, before[k], atol=1e-6), k
+    for k, v in pipe.text_encoder.state_dict().items():
+        assert torch.allclose(v, te_before[k], atol=1e-6), k
+    # scale 0, fused: exactly the base model
+    base = draw(pipe, has_text, "a photo of sks dog", Setting(0.0, 0.0, 7.5), [1], 3)
+    pipe.disable_lora()
+    try:
+        plain = draw(pipe, has_text, "a photo of sks dog", Setting(0.0, 0.0, 7.5), [1], 3, fuse=False)
+    finally:
+        pipe.enable_lora()
+    assert base[0].tobytes() == plain[0].tobytes()

@@ -51,6 +51,8 @@ class TrainConfig:
     rank: int = _help("LoRA rank.", 4)
     alpha: float = _help("LoRA alpha (0: equal to the rank).", 0.0)
     mixed_precision: str = _help("no, fp16 or bf16 (LoRA weights stay fp32).", "no")
+    gradient_checkpointing: bool = _help(
+        "Recompute activations in the backward pass: less memory, slower steps.", False)
     seed: int = _help("Random seed for weights, noise, timesteps and data order.", 0)
     checkpoint_every: int = _help("Write a resumable checkpoint every N steps (0: never).", 0)
     resume: bool = _help("Continue from the newest checkpoint in OUTPUT.", False)

@@ -24,7 +24,8 @@ from PIL.PngImagePlugin import PngInfo
 from .errors import UserError
 from .grid import make_grid
 from .io import save_png
-from .lora import find_lora, load_into_pipeline, lora_metadata, set_scales
+from .lora import find_lora, fused, load_into_pipeline, lora_metadata, set_scales
+from .speed import tune_allocator
 from .models import load_base, pipeline_from_parts
 
 log = logging.getLogger(__name__)
@@ -112,11 +113,23 @@ def _pnginfo(prompt: str, negative: str, setting: Setting, seed: int, steps: int
 
 @torch.inference_mode()
 def draw(pipe: StableDiffusionPipeline, has_text: bool, prompt: str, setting: Setting,
-         seeds: list[int], steps: int, negative_prompt: str = "") -> list[Image.Image]:
-    """One image per seed for one prompt at one setting."""
-    set_scales(pipe, setting.unet_scale, setting.text_scale, has_text)
+         seeds: list[int], steps: int, negative_prompt: str = "",
+         fuse: bool = True) -> list[Image.Image]:
+    """One image per seed for one prompt at one setting. The LoRA is fused
+    into the weights at the setting's scales while drawing (as fast as the
+    base model); ``fuse=False`` runs the adapters beside the weights."""
     generators = [torch.Generator().manual_seed(s) for s in seeds]
-    return pipe([prompt] * len(seeds), negative_prompt=[negative_prompt] * len(seeds),
+    if fuse:
+        with fused(pipe, setting.unet_scale, setting.text_scale, has_text):
+            return _call(pipe, prompt, setting, generators, steps, negative_prompt)
+    set_scales(pipe, setting.unet_scale, setting.text_scale, has_text)
+    return _call(pipe, prompt, setting, generators, steps, negative_prompt)
+
+
+def _call(pipe, prompt: str, setting: Setting, generators: list[torch.Generator], steps: int,
+          negative_prompt: str) -> list[Image.Image]:
+    n = len(generators)
+    return pipe([prompt] * n, negative_prompt=[negative_prompt] * n,
                 guidance_scale=setting.guidance, num_inference_steps=steps,
                 generator=generators).images
 
@@ -135,6 +148,7 @@ def generate(run: str | Path, prompts: list[str], unet_scales: list[float] = (1.
         raise UserError(f"--num-images: must be at least 1 (got {num_images})")
     if steps < 1:
         raise UserError(f"--steps: must be at least 1 (got {steps})")
+    tune_allocator()
     pipe, has_text = load_pipeline(run, model, scheduler)
     out = Path(output) if output else Path(run) / "generated"
     seeds = [seed + i for i in range(num_images)]

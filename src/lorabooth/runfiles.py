@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 # Options that may change between a run and its --resume without changing
 # what the run computes.
 RESUME_NEUTRAL = {"resume", "force", "steps", "checkpoint_every", "validation_prompt",
-                  "validation_every", "output"}
+                  "validation_every", "output", "gradient_checkpointing"}
 
 
 def config_differences(old: dict, new: dict) -> list[str]:
