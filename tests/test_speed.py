@@ -149,3 +149,14 @@ def test_gradient_checkpointing_trains_the_same(photos, tmp_path):
                     str(run_te): {"unet": True, "text_encoder": True}}
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert losses == pytest.approx([1.10967, 1.09367, 1.06258], abs=1e-4)
+
+
+def test_folder_unet_loads_straight_into_the_training_dtype():
+    """Under bf16 the UNet is converted while loading (no fp32 copy in memory);
+    the VAE and text encoder, which cache latents and embeddings, stay fp32."""
+    from lorabooth.models import load_base
+
+    base = load_base("toy", unet_dtype=torch.bfloat16)
+    assert frozen_dtype(base.unet) == torch.bfloat16
+    assert frozen_dtype(base.vae) == frozen_dtype(base.text_encoder) == torch.float32
+    assert frozen_dtype(load_base("toy").unet) == torch.float32

@@ -126,7 +126,7 @@ def test_v_prediction_model_trains(photos, tmp_path, monkeypatch):
     t = importlib.import_module("lorabooth.train")
     from lorabooth.models import build_tiny
 
-    def v_tiny(name, model_config=""):
+    def v_tiny(name, model_config="", unet_dtype=None):
         base = build_tiny()
         base.noise_scheduler.register_to_config(prediction_type="v_prediction")
         return base

@@ -157,7 +157,7 @@ def build_sd15_random(seed: int = 0) -> BaseModel:
     return BaseModel("sd15-random", clip_tokenizer(), text_encoder, vae, unet, sd_noise_scheduler())
 
 
-def _load_folder(path: Path, name: str) -> BaseModel:
+def _load_folder(path: Path, name: str, unet_dtype: torch.dtype = torch.float32) -> BaseModel:
     missing = [p for p in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
                if not (path / p).is_dir()]
     if missing:
@@ -166,13 +166,14 @@ def _load_folder(path: Path, name: str) -> BaseModel:
     return BaseModel(
         name=name,
         # fp32 whatever the files hold (the toy model and many checkpoints are
-        # stored fp16): mixed precision is accelerate's job, not the loader's
+        # stored fp16); the UNet in ``unet_dtype`` when training keeps its
+        # frozen weights in bf16/fp16, converted while loading so the fp32
+        # copy never sits in memory
         tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
         text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder",
                                                    dtype=torch.float32),
         vae=AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32),
-        unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet",
-                                                  torch_dtype=torch.float32),
+        unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=unet_dtype),
         noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler"),
     )
 
@@ -217,10 +218,12 @@ def _load_single(path: Path, name: str, config: str) -> BaseModel:
                      DDPMScheduler.from_config(pipe.scheduler.config))
 
 
-def load_base(model: str, model_config: str = "") -> BaseModel:
+def load_base(model: str, model_config: str = "",
+              unet_dtype: torch.dtype = torch.float32) -> BaseModel:
     """`tiny`, `toy`, a local diffusers folder, a single checkpoint file in
     the original layout (configs from ``model_config``, default SD 1.5), or a
-    hub id (cache first)."""
+    hub id (cache first). Folders load the UNet straight into ``unet_dtype``;
+    the other sources are fp32 (the trainer casts them)."""
     if model == "tiny":
         return build_tiny()
     if model == "sd15-random":
@@ -229,7 +232,7 @@ def load_base(model: str, model_config: str = "") -> BaseModel:
         if not (toy_model_dir() / "unet").is_dir():
             raise UserError("--model toy: the toy model is not in this installation; "
                             "make it with `lorabooth toyworld pretrain --out DIR` and pass DIR")
-        return _load_folder(toy_model_dir(), "toy")
+        return _load_folder(toy_model_dir(), "toy", unet_dtype)
     path = Path(model).expanduser()
     if path.is_file():
         from .singlefile import SINGLE_FILE_SUFFIXES
@@ -239,11 +242,11 @@ def load_base(model: str, model_config: str = "") -> BaseModel:
                             f"({', '.join(SINGLE_FILE_SUFFIXES)}); or give a diffusers folder")
         return _load_single(path, model, model_config)
     if path.exists():
-        return _load_folder(path, model)
+        return _load_folder(path, model, unet_dtype)
     if model.count("/") != 1 or model.startswith((".", "/", "~")):
         raise UserError(f"--model {model}: no such folder, and not a hub id (owner/name); "
                         f"built-in models: {', '.join(BUILTIN_MODELS)}")
-    return _load_folder(resolve_hub(model), model)
+    return _load_folder(resolve_hub(model), model, unet_dtype)
 
 
 def load_tokenizer(model: str) -> CLIPTokenizer:

@@ -72,7 +72,11 @@ def train(config: TrainConfig) -> Path:
 
 def _train(config: TrainConfig, accelerator: Accelerator, output: Path,
            instance_paths: list[Path]) -> None:
-    base = load_base(config.model, config.model_config)
+    # Under mixed precision the frozen weights are stored in the compute dtype
+    # (the UNet's 860 M are not re-cast every step); the VAE that caches
+    # latents stays fp32.
+    dtype = weight_dtype(accelerator.mixed_precision)
+    base = load_base(config.model, config.model_config, unet_dtype=dtype)
     for warning in identifier_warnings(base.tokenizer, config.instance_prompt, config.class_prompt):
         log.warning("--instance-prompt: %s", warning)
     resolution = config.resolution or base.native_resolution
@@ -80,11 +84,7 @@ def _train(config: TrainConfig, accelerator: Accelerator, output: Path,
     base.text_encoder.requires_grad_(False)
     base.unet.to(accelerator.device), base.vae.to(accelerator.device)
     base.text_encoder.to(accelerator.device)
-    # Under mixed precision the frozen weights are stored in the compute dtype
-    # (the UNet's 860 M are not re-cast every step); the VAE that caches
-    # latents stays fp32.
-    dtype = weight_dtype(accelerator.mixed_precision)
-    cast_frozen(base.unet, dtype)
+    cast_frozen(base.unet, dtype)  # the sources that load fp32
 
     with accelerator.autocast():
         class_paths = _setup_class_images(config, base, resolution, accelerator)
