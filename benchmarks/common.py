@@ -94,7 +94,9 @@ def run_child(cmd: list[str], bar: str, env: dict | None = None, cwd: Path | Non
         tail = (tail + chunk)[-4000:]
         buffer += chunk
         *pieces, buffer = re.split(rb"[\r\n]", buffer)
-        for piece in pieces:
+        # tqdm writes "\r" + the bar: a bar line ends only when the next one
+        # starts, so the unfinished last piece is read as well
+        for piece in [*pieces, buffer]:
             m = pattern.search(piece.decode("utf-8", "replace"))
             if m:
                 ticks.setdefault(int(m.group(1)), now)

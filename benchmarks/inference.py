@@ -41,11 +41,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR)
     args = parser.parse_args()
 
-    from lorabooth.generate import SCHEDULERS, Setting, _scheduler, draw
-    from lorabooth.lora import load_into_pipeline
+    from lorabooth.generate import SCHEDULERS, _scheduler
+    from lorabooth.lora import fused, load_into_pipeline, set_scales
     from lorabooth.models import load_base, pipeline_from_parts
     from lorabooth.speed import tune_allocator
 
@@ -53,18 +54,27 @@ def main() -> None:
     tune_allocator()
     model = model_dir(args.model_dir)
     warm_page_cache(model)
-    print(json.dumps({"machine": machine(), "steps": args.steps, "size": 256}), flush=True)
+    print(json.dumps({"machine": machine(), "steps": args.steps, "size": args.size}), flush=True)
     base = load_base(str(model))
     run = _lora_run(base, Path(tempfile.mkdtemp(prefix="bench-inference-")))
     pipe = pipeline_from_parts(base, _scheduler("dpm", base.noise_scheduler.config))
     pipe.set_progress_bar_config(disable=True)
     has_text = load_into_pipeline(pipe, run)
-    setting = Setting(1.0, 1.0, 7.5)
+
+    @torch.inference_mode()
+    def call() -> None:
+        pipe("a photo of sks ball", height=args.size, width=args.size, guidance_scale=7.5,
+             num_inference_steps=args.steps, generator=torch.Generator().manual_seed(0))
 
     def timed(fuse: bool, lora: bool) -> float:
         (pipe.enable_lora if lora else pipe.disable_lora)()
         tick = time.perf_counter()
-        draw(pipe, has_text, "a photo of sks ball", setting, [0], args.steps, fuse=fuse)
+        if fuse:  # what generate's draw does at fixed scales
+            with fused(pipe, 1.0, 1.0, has_text):
+                call()
+        else:
+            set_scales(pipe, 1.0, 1.0, has_text)
+            call()
         return time.perf_counter() - tick
 
     ways = {"base model": (False, False), "LoRA, unfused": (False, True), "LoRA, fused": (True, True)}
@@ -73,6 +83,7 @@ def main() -> None:
     for _ in range(args.rounds):
         for name, (fuse, lora) in ways.items():
             times[name].append(timed(fuse, lora))
+            print(json.dumps({"way": name, "s": round(times[name][-1], 2)}), flush=True)
     for name, ts in times.items():
         print(json.dumps({"way": name, "s_per_image": [round(x, 2) for x in ts]}), flush=True)
     base_s = statistics.median(times["base model"])
