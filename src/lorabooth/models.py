@@ -167,8 +167,8 @@ def _load_folder(path: Path, name: str, unet_dtype: torch.dtype = torch.float32)
         name=name,
         # fp32 whatever the files hold (the toy model and many checkpoints are
         # stored fp16); the UNet in ``unet_dtype`` when training keeps its
-        # frozen weights in bf16/fp16, converted while loading so the fp32
-        # copy never sits in memory
+        # frozen weights in bf16/fp16 (converted while loading; the fp32
+        # file's mapped pages still count once, see benchmarks/RESULTS.md)
         tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
         text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder",
                                                    dtype=torch.float32),
