@@ -45,12 +45,11 @@ def main() -> None:
     parser.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR)
     args = parser.parse_args()
 
-    from lorabooth.generate import SCHEDULERS, _scheduler
+    from lorabooth.generate import _scheduler
     from lorabooth.lora import fused, load_into_pipeline, set_scales
     from lorabooth.models import load_base, pipeline_from_parts
     from lorabooth.speed import tune_allocator
 
-    assert "dpm" in SCHEDULERS
     tune_allocator()
     model = model_dir(args.model_dir)
     warm_page_cache(model)

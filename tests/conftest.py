@@ -19,6 +19,18 @@ def make_photos(folder: Path, n: int = 3, size: tuple[int, int] = (80, 72)) -> P
     return folder
 
 
+def tiny_outputs(pipe):
+    """A tiny pipeline's UNet prediction and text-encoder output for fixed
+    inputs: two pipelines whose weights agree give the same pair."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(1, 4, 32, 32, generator=g), torch.randn(1, 77, 32, generator=g)
+    ids = pipe.tokenizer(["a photo of sks dog"], padding="max_length", return_tensors="pt").input_ids
+    with torch.no_grad():
+        return pipe.unet(x, torch.tensor([400]), ctx).sample, pipe.text_encoder(ids)[0]
+
+
 @pytest.fixture
 def photos(tmp_path: Path) -> Path:
     return make_photos(tmp_path / "photos")

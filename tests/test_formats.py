@@ -11,6 +11,7 @@ from lorabooth.errors import UserError
 from lorabooth.formats import convert_file, detect_layout
 from lorabooth.lora import KOHYA_WEIGHT_NAME, WEIGHT_NAME, read_lora
 from lorabooth.models import build_tiny, pipeline_from_parts
+from conftest import tiny_outputs
 
 
 def _equal(a, b):
@@ -41,21 +42,13 @@ def test_kohya_layout_alpha_and_metadata(trained_run):
     assert json.loads(header["lorabooth.instance_prompt"]) == "a photo of sks dog"
 
 
-def _outputs(pipe):
-    g = torch.Generator().manual_seed(0)
-    x, ctx = torch.randn(1, 4, 32, 32, generator=g), torch.randn(1, 77, 32, generator=g)
-    ids = pipe.tokenizer(["a photo of sks dog"], padding="max_length", return_tensors="pt").input_ids
-    with torch.no_grad():
-        return pipe.unet(x, torch.tensor([400]), ctx).sample, pipe.text_encoder(ids)[0]
-
-
 def test_kohya_file_acts_like_the_diffusers_file_in_diffusers(trained_run):
     a = pipeline_from_parts(build_tiny())
     a.load_lora_weights(str(trained_run), weight_name=WEIGHT_NAME)
     b = pipeline_from_parts(build_tiny())
     b.load_lora_weights(str(trained_run), weight_name=KOHYA_WEIGHT_NAME)
-    (ua, ta), (ub, tb) = _outputs(a), _outputs(b)
-    base_u, _ = _outputs(pipeline_from_parts(build_tiny()))
+    (ua, ta), (ub, tb) = tiny_outputs(a), tiny_outputs(b)
+    base_u, _ = tiny_outputs(pipeline_from_parts(build_tiny()))
     assert not torch.allclose(ua, base_u, atol=1e-5)
     assert torch.allclose(ua, ub, atol=1e-6) and torch.allclose(ta, tb, atol=1e-6)
 

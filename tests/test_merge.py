@@ -12,6 +12,7 @@ from lorabooth.errors import UserError
 from lorabooth.lora import read_lora
 from lorabooth.merge import delta, fuse, load_as_peft, merge, modules_of
 from lorabooth.models import build_tiny, load_base, pipeline_from_parts
+from conftest import tiny_outputs
 
 
 @pytest.fixture(scope="module")
@@ -48,14 +49,6 @@ def test_merged_file_loads_in_diffusers(trained_run, second_run, tmp_path):
     pipe.load_lora_weights(str(tmp_path), weight_name="m.safetensors")
 
 
-def _unet_and_text(pipe):
-    g = torch.Generator().manual_seed(1)
-    x, ctx = torch.randn(1, 4, 32, 32, generator=g), torch.randn(1, 77, 32, generator=g)
-    ids = pipe.tokenizer(["a photo of sks dog"], padding="max_length", return_tensors="pt").input_ids
-    with torch.no_grad():
-        return pipe.unet(x, torch.tensor([300]), ctx).sample, pipe.text_encoder(ids)[0]
-
-
 def test_fused_model_equals_base_plus_lora_at_those_scales(trained_run, tmp_path):
     from lorabooth.generate import load_pipeline
     from lorabooth.lora import set_scales
@@ -64,8 +57,8 @@ def test_fused_model_equals_base_plus_lora_at_those_scales(trained_run, tmp_path
     fused = pipeline_from_parts(load_base(str(out)))
     pipe, has_text = load_pipeline(trained_run)
     set_scales(pipe, 0.5, 0.8, has_text)
-    (uf, tf), (ul, tl) = _unet_and_text(fused), _unet_and_text(pipe)
-    ub, _ = _unet_and_text(pipeline_from_parts(build_tiny()))
+    (uf, tf), (ul, tl) = tiny_outputs(fused), tiny_outputs(pipe)
+    ub, _ = tiny_outputs(pipeline_from_parts(build_tiny()))
     assert not torch.allclose(uf, ub, atol=1e-5)
     assert torch.allclose(uf, ul, atol=1e-5) and torch.allclose(tf, tl, atol=1e-5)
     assert not any("lora" in n for n, _ in fused.unet.named_parameters())
