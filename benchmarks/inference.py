@@ -26,7 +26,8 @@ from common import DEFAULT_MODEL_DIR, machine, model_dir, warm_page_cache
 
 def _lora_run(base, folder: Path) -> Path:
     """A run folder holding a rank-4 UNet LoRA for this base model."""
-    from lorabooth.lora import add_unet_lora, lora_parameters, save_lora
+    from lorabooth.formats import save_lora
+    from lorabooth.lora import add_unet_lora, lora_parameters
 
     add_unet_lora(base.unet, 4, 4)
     with torch.no_grad():
@@ -46,7 +47,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from lorabooth.generate import _scheduler
-    from lorabooth.lora import fused, load_into_pipeline, set_scales
+    from lorabooth.formats import load_into_pipeline
+    from lorabooth.lora import fused, set_scales
     from lorabooth.models import load_base, pipeline_from_parts
     from lorabooth.speed import tune_allocator
 

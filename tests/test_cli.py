@@ -120,7 +120,8 @@ def _bad_input(kind, tmp_path, photos, no_unet_model, trained_run):
 
     from lorabooth.lora import WEIGHT_NAME, read_lora
     tensors, header = read_lora(trained_run / WEIGHT_NAME)
-    save_file({k: (v[:, :2] if "down" in k else v).contiguous() for k, v in tensors.items()},
+    save_file({k: (v[:, :2] if k.endswith("down.weight") else v).contiguous()
+               for k, v in tensors.items()},
               bad_lora / WEIGHT_NAME, metadata=header)
     return {
         "only non-images": (["train", "--instance-dir", str(junk), "--instance-prompt", "a b",

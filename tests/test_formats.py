@@ -83,3 +83,89 @@ def test_bad_files_one_line(tmp_path, trained_run, capsys):
         assert code == 2 and len(err) == 1 and needle in err[0], err
     with pytest.raises(UserError, match="--to"):
         convert_file(trained_run / WEIGHT_NAME, tmp_path / "o.safetensors", "ckpt")
+
+
+def test_files_carry_the_clients_text_encoder_names(trained_run):
+    """Whatever transformers is installed: `text_model` in every text key."""
+    diffusers, _ = read_lora(trained_run / WEIGHT_NAME)
+    kohya, _ = read_lora(trained_run / KOHYA_WEIGHT_NAME)
+    text = [k for k in diffusers if k.startswith("text_encoder")]
+    assert text and all(k.startswith("text_encoder.text_model.encoder.layers.") for k in text)
+    assert all(".processor.to_" in k for k in diffusers if k.startswith("unet."))
+    kohya_text = [k for k in kohya if k.startswith("lora_te")]
+    assert kohya_text and all(k.startswith("lora_te_text_model_encoder_layers_")
+                              for k in kohya_text)
+
+
+def _trained_text_output(trained_run):
+    """The text encoder with the file's tensors put in by peft directly
+    (no diffusers loader): what every loader must reproduce."""
+    from peft import set_peft_model_state_dict
+
+    from lorabooth.formats import read_as_peft
+    from lorabooth.lora import add_text_lora
+
+    tiny = build_tiny()
+    add_text_lora(tiny.text_encoder, rank=4, alpha=8)
+    peft, _, _, _ = read_as_peft(trained_run / WEIGHT_NAME)
+    prefix = "text_encoder." + ("" if any(n.startswith("text_model.") for n, _ in
+                                          tiny.text_encoder.named_modules()) else "text_model.")
+    result = set_peft_model_state_dict(
+        tiny.text_encoder, {k.removeprefix(prefix): v for k, v in peft.items()
+                            if k.startswith("text_encoder")})
+    assert not result.unexpected_keys
+    return tiny_outputs(pipeline_from_parts(tiny))[1]
+
+
+def test_diffusers_loads_both_files_and_the_text_lora_acts(trained_run):
+    expected = _trained_text_output(trained_run)
+    _, base_text = tiny_outputs(pipeline_from_parts(build_tiny()))
+    assert not torch.allclose(expected, base_text, atol=1e-4)
+    for name in (WEIGHT_NAME, KOHYA_WEIGHT_NAME):
+        pipe = pipeline_from_parts(build_tiny())
+        pipe.load_lora_weights(str(trained_run), weight_name=name)  # plain diffusers
+        assert torch.allclose(tiny_outputs(pipe)[1], expected, atol=1e-5), name
+
+
+def test_old_spelling_reads_as_the_new(trained_run, tmp_path):
+    from lorabooth.formats import load_into_pipeline, read_as_peft
+
+    tensors, header = read_lora(trained_run / WEIGHT_NAME)
+    old = {k.replace("text_encoder.text_model.", "text_encoder."): v for k, v in tensors.items()}
+    save_file(old, tmp_path / "old.safetensors", metadata=header)
+    new_peft, old_peft = read_as_peft(trained_run / WEIGHT_NAME)[0], read_as_peft(
+        tmp_path / "old.safetensors")[0]
+    assert _equal(new_peft, old_peft)
+    repaired = convert_file(tmp_path / "old.safetensors", tmp_path / "new.safetensors", "diffusers")
+    assert _equal(read_lora(repaired)[0], tensors)
+    pipe = pipeline_from_parts(build_tiny())
+    assert load_into_pipeline(pipe, tmp_path / "old.safetensors")  # text part found
+    assert torch.allclose(tiny_outputs(pipe)[1], _trained_text_output(trained_run), atol=1e-5)
+
+
+def test_partial_loading_is_never_silent(trained_run, tmp_path, caplog):
+    from lorabooth.formats import load_into_pipeline
+
+    tensors, header = read_lora(trained_run / WEIGHT_NAME)
+    stray = "unet.down_blocks.7.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora"
+    extra = {**tensors, f"{stray}.down.weight": torch.zeros(4, 32),
+             f"{stray}.up.weight": torch.zeros(32, 4)}
+    save_file(extra, tmp_path / "extra.safetensors", metadata=header)
+    with caplog.at_level("WARNING", logger="lorabooth"):
+        load_into_pipeline(pipeline_from_parts(build_tiny()), tmp_path / "extra.safetensors")
+    assert "1 of its modules not loaded" in caplog.text and "down_blocks.7" in caplog.text
+    caplog.clear()
+    # a text part that fits no module: diffusers would still create adapter
+    # layers (without weights) on every text projection
+    wrong = {k: v for k, v in tensors.items() if k.startswith("unet.")}
+    wrong.update({"text_encoder.nowhere.q_proj.lora_linear_layer.down.weight": torch.zeros(4, 32),
+                  "text_encoder.nowhere.q_proj.lora_linear_layer.up.weight": torch.zeros(32, 4)})
+    save_file(wrong, tmp_path / "wrong.safetensors", metadata=header)
+    with caplog.at_level("WARNING", logger="lorabooth"):
+        load_into_pipeline(pipeline_from_parts(build_tiny()), tmp_path / "wrong.safetensors")
+    assert "created without weights in the file" in caplog.text
+    nothing = {"unet.x.processor.to_q_lora.down.weight": torch.zeros(4, 32),
+               "unet.x.processor.to_q_lora.up.weight": torch.zeros(32, 4)}
+    save_file(nothing, tmp_path / "nothing.safetensors")
+    with pytest.raises(UserError, match="fit this base model"):
+        load_into_pipeline(pipeline_from_parts(build_tiny()), tmp_path / "nothing.safetensors")

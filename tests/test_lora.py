@@ -8,7 +8,8 @@ from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from lorabooth.errors import UserError
-from lorabooth.lora import WEIGHT_NAME, add_unet_lora, load_into_pipeline
+from lorabooth.formats import load_into_pipeline
+from lorabooth.lora import WEIGHT_NAME, add_unet_lora
 from lorabooth.models import build_tiny, pipeline_from_parts
 
 

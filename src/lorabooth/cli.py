@@ -127,6 +127,22 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .inspection import check_summary, inspect_lora, render
+
+    names, label = None, ""
+    if args.model:
+        from .clients import model_names
+        from .models import load_base
+
+        base = load_base(args.model)
+        names, label = model_names(base.unet, base.text_encoder), args.model
+    summary = inspect_lora(args.file, names, label)
+    print(render(summary))
+    check_summary(summary)
+    return 0
+
+
 def _cmd_merge(args: argparse.Namespace) -> int:
     from .generate import parse_floats
     from .merge import merge
@@ -243,6 +259,14 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("dst", help="output file (or folder)")
     conv.add_argument("--to", required=True, choices=["kohya", "diffusers", "peft"])
     conv.set_defaults(func=_cmd_convert)
+
+    ins = sub.add_parser("inspect", help="what a LoRA file holds, and whether ComfyUI and "
+                                         "AUTOMATIC1111 load every key of it")
+    ins.add_argument("file", help="a LoRA file (.safetensors, any layout)")
+    ins.add_argument("--model", default=None,
+                     help="check the clients' key rules against this base model's weights "
+                          "(default: Stable Diffusion 1.5's, for SD 1.x files)")
+    ins.set_defaults(func=_cmd_inspect)
 
     mer = sub.add_parser("merge", help="combine LoRAs trained on the same base")
     mer.add_argument("loras", nargs="+", help="run folders or LoRA files (any layout)")

@@ -6,6 +6,8 @@ own converters; round trips are exact."""
 from __future__ import annotations
 
 import json
+import logging
+import re
 from pathlib import Path
 
 import torch
@@ -16,15 +18,38 @@ from diffusers.utils import (
     convert_state_dict_to_peft,
     convert_unet_state_dict_to_peft,
 )
-from peft import LoraConfig
+from peft import LoraConfig, get_peft_model_state_dict
 from safetensors.torch import save_file
 
 from .errors import UserError
 from .io import atomic_path
-from .lora import KOHYA_WEIGHT_NAME, TEXT_TARGETS, UNET_TARGETS, WEIGHT_NAME, read_lora
+from .lora import (
+    ADAPTER, KOHYA_WEIGHT_NAME, TEXT_TARGETS, UNET_TARGETS, WEIGHT_NAME, find_lora, read_lora,
+)
+
+log = logging.getLogger(__name__)
 
 LAYOUTS = ("diffusers", "kohya", "peft")
 
+# transformers 5 dropped the `text_model.` level from CLIPTextModel's module
+# names. Every SD client (ComfyUI, AUTOMATIC1111/Forge, InvokeAI, kohya's
+# scripts) and every published LoRA keeps it, so files always carry it and
+# reading accepts both spellings.
+_TEXT_PREFIXES = (("text_encoder.", "."), ("text_encoder_2.", "."), ("lora_te_", "_"),
+                  ("lora_te1_", "_"), ("lora_te2_", "_"))
+
+
+def canonical_key(key: str) -> str:
+    """A key with the text encoder's `text_model` level put back if missing."""
+    for prefix, sep in _TEXT_PREFIXES:
+        if key.startswith(prefix + "encoder" + sep):
+            return f"{prefix}text_model{sep}{key[len(prefix):]}"
+    return key
+
+
+def old_text_keys(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Keys spelled without `text_model` (lorabooth before 0.2, transformers 5)."""
+    return [k for k in tensors if canonical_key(k) != k]
 
 
 def detect_layout(tensors: dict[str, torch.Tensor], where: str) -> str:
@@ -50,19 +75,35 @@ def _text(tensors: dict[str, torch.Tensor], convert) -> dict[str, torch.Tensor]:
 
 
 def diffusers_to_peft(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Any diffusers spelling (`.lora.down`, the attention-processor layout
+    `.processor.to_q_lora.down`, `.lora_linear_layer.down`) -> peft."""
+    tensors = {canonical_key(k).replace(".processor.", "."): v for k, v in tensors.items()}
     unet = convert_unet_state_dict_to_peft(_split(tensors, "unet."))
     text = _text(tensors, convert_state_dict_to_peft)
     return {**{f"unet.{k}": v for k, v in unet.items()}, **text}
 
 
+# UNet keys as diffusers' attention processors named them, the layout ComfyUI
+# maps for SD 1.x files (`….attn1.processor.to_q_lora.down.weight`); diffusers
+# still reads it.
+_UNET_LEGACY = re.compile(r"\.(to_q|to_k|to_v|to_out)(?:\.0)?\.lora_([AB])\.weight$")
+
+
 def peft_to_diffusers(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    unet = convert_state_dict_to_diffusers(_split(tensors, "unet."))
+    """Peft -> the diffusers layout every client reads: UNet in the attention-
+    processor spelling, text encoder as `….q_proj.lora_linear_layer.down`."""
+    def unet_key(key: str) -> str:
+        return _UNET_LEGACY.sub(
+            lambda m: f".processor.{m[1]}_lora.{'down' if m[2] == 'A' else 'up'}.weight", key)
+
+    tensors = {canonical_key(k): v for k, v in tensors.items()}
+    unet = {unet_key(k): v for k, v in tensors.items() if k.startswith("unet.")}
     text = _text(tensors, convert_state_dict_to_diffusers)
-    return {**{f"unet.{k}": v for k, v in unet.items()}, **text}
+    return {**unet, **text}
 
 
 def peft_to_kohya(tensors: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
-    kohya = convert_state_dict_to_kohya(tensors)
+    kohya = convert_state_dict_to_kohya({canonical_key(k): v for k, v in tensors.items()})
     sdxl = any(k.startswith("lora_te2_") for k in kohya)
     out = {}
     for key, value in kohya.items():
@@ -76,6 +117,7 @@ def peft_to_kohya(tensors: dict[str, torch.Tensor], alpha: float) -> dict[str, t
 
 def kohya_to_peft(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], float]:
     """Through diffusers' own kohya reader (what load_lora_weights does)."""
+    tensors = {canonical_key(k): v for k, v in tensors.items()}
     renamed = {("lora_te1_" + k[len("lora_te_"):] if k.startswith("lora_te_") else k): v
                for k, v in tensors.items()}
     try:
@@ -86,10 +128,8 @@ def kohya_to_peft(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Ten
     if len(values) > 1:
         raise UserError(f"kohya file: modules use different alphas {sorted(values)}; "
                         "only one alpha per file is supported")
-    unet = convert_unet_state_dict_to_peft(_split(legacy, "unet."))
-    text = _text(legacy, convert_state_dict_to_peft)
     rank = next(v.shape[0] for k, v in tensors.items() if "lora_down" in k)
-    return {**{f"unet.{k}": v for k, v in unet.items()}, **text}, values.pop() if values else rank
+    return diffusers_to_peft(legacy), values.pop() if values else rank
 
 
 def check_ranks(tensors: dict[str, torch.Tensor], where: str) -> int:
@@ -141,31 +181,50 @@ def kohya_metadata(header: dict[str, str]) -> dict[str, str]:
     }
 
 
-def convert_file(src: str | Path, dst: str | Path, to: str) -> Path:
-    """Any layout in, ``to`` out; metadata carried over."""
-    if to not in LAYOUTS:
-        raise UserError(f"--to: must be one of {', '.join(LAYOUTS)} (got {to!r})")
-    src, dst = Path(src), Path(dst)
-    if dst.is_dir():
-        dst = dst / (KOHYA_WEIGHT_NAME if to == "kohya" else WEIGHT_NAME)
-    tensors, header = read_lora(src)
-    layout = detect_layout(tensors, str(src))
-    rank = check_ranks(tensors, str(src))
+def read_as_peft(path: str | Path) -> tuple[dict[str, torch.Tensor], int, float, dict[str, str]]:
+    """Any LoRA file in any layout and spelling -> (peft tensors with the
+    canonical names, rank, alpha, header)."""
+    path = Path(path)
+    tensors, header = read_lora(path)
+    layout = detect_layout(tensors, str(path))
+    rank = check_ranks(tensors, str(path))
     if layout == "kohya":
         peft, alpha = kohya_to_peft(tensors)
+    elif layout == "peft":
+        peft, alpha = {canonical_key(k): v for k, v in tensors.items()}, _alpha_from_header(header, rank)
     else:
-        peft = tensors if layout == "peft" else diffusers_to_peft(tensors)
-        alpha = _alpha_from_header(header, rank)
+        peft, alpha = diffusers_to_peft(tensors), _alpha_from_header(header, rank)
+    return peft, rank, alpha, header
+
+
+def write_lora(dst: Path, peft: dict[str, torch.Tensor], rank: int, alpha: float,
+               header: dict[str, str], to: str = "diffusers") -> Path:
+    """Write peft tensors in layout ``to`` atomically, with the metadata each
+    reader needs (diffusers: rank and alpha; UIs: kohya's `ss_*` fields) and
+    our own `lorabooth.*` fields."""
     ours = {k: v for k, v in header.items() if k.startswith(("lorabooth.", "ss_"))}
     if to == "kohya":
         out = peft_to_kohya(peft, alpha)
         meta = {"format": "pt", **kohya_metadata(header)}
     else:
-        out = peft if to == "peft" else peft_to_diffusers(peft)
+        out = ({canonical_key(k): v for k, v in peft.items()} if to == "peft"
+               else peft_to_diffusers(peft))
         meta = {**adapter_header(peft, rank, alpha), **ours}
     with atomic_path(dst) as tmp:
         save_file({k: v.contiguous() for k, v in out.items()}, tmp, metadata=meta)
     return dst
+
+
+def convert_file(src: str | Path, dst: str | Path, to: str) -> Path:
+    """Any layout in, ``to`` out; metadata carried over. Files with the old
+    text-encoder spelling come out with the canonical one."""
+    if to not in LAYOUTS:
+        raise UserError(f"--to: must be one of {', '.join(LAYOUTS)} (got {to!r})")
+    src, dst = Path(src), Path(dst)
+    if dst.is_dir():
+        dst = dst / (KOHYA_WEIGHT_NAME if to == "kohya" else WEIGHT_NAME)
+    peft, rank, alpha, header = read_as_peft(src)
+    return write_lora(dst, peft, rank, alpha, header, to)
 
 
 def _alpha_from_header(header: dict[str, str], rank: int) -> float:
@@ -174,3 +233,57 @@ def _alpha_from_header(header: dict[str, str], rank: int) -> float:
         return float(meta.get("unet.lora_alpha", meta.get("text_encoder.lora_alpha", rank)))
     except (ValueError, TypeError):
         return float(rank)
+
+
+def module_lora(module: torch.nn.Module, prefix: str,
+                adapter: str = "default") -> dict[str, torch.Tensor]:
+    """A peft-injected module's adapter as canonical peft tensors, fp32, CPU."""
+    return {canonical_key(f"{prefix}.{k}"): v.detach().float().cpu().contiguous()
+            for k, v in get_peft_model_state_dict(module, adapter_name=adapter).items()}
+
+
+def save_lora(folder: str | Path, unet: torch.nn.Module, text_encoder: torch.nn.Module | None,
+              metadata: dict[str, str], layouts: tuple[str, ...] = ("diffusers",)) -> Path:
+    """Write a trained adapter into ``folder`` in each of ``layouts``
+    (diffusers -> pytorch_lora_weights.safetensors, kohya ->
+    lora_kohya.safetensors); returns the first file written."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    peft = module_lora(unet, "unet")
+    if text_encoder is not None:
+        peft.update(module_lora(text_encoder, "text_encoder"))
+    config = unet.peft_config["default"]
+    paths = [write_lora(folder / (KOHYA_WEIGHT_NAME if to == "kohya" else WEIGHT_NAME), peft,
+                        config.r, float(config.lora_alpha), metadata, to) for to in layouts]
+    return paths[0]
+
+
+def _modules(peft: dict[str, torch.Tensor]) -> set[str]:
+    return {k.rsplit(".lora_", 1)[0] for k in peft if ".lora_A." in k}
+
+
+def load_into_pipeline(pipe: StableDiffusionPipeline, run: str | Path) -> bool:
+    """Load a run's LoRA with diffusers' own loader; True if it has a
+    text-encoder part. Then compare what the pipeline holds with what the
+    file holds: diffusers loads a partly matching file without a word (and
+    may even create adapter layers the file has no weights for)."""
+    path = find_lora(run)
+    peft, _, _, _ = read_as_peft(path)
+    try:
+        pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=ADAPTER)
+    except (ValueError, RuntimeError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path}: does not fit this base model ({first[:200]})") from None
+    held = set()
+    for part in ("unet", "text_encoder"):
+        if ADAPTER in (getattr(getattr(pipe, part), "peft_config", None) or {}):
+            held |= _modules(module_lora(getattr(pipe, part), part, ADAPTER))
+    wanted = _modules(peft)
+    if not held & wanted:
+        raise UserError(f"{path}: none of its {len(wanted)} LoRA modules fit this base model")
+    for what, keys in (("not loaded (no such module in this base model)", wanted - held),
+                       ("created without weights in the file", held - wanted)):
+        if keys:
+            log.warning("%s: %d of its modules %s, e.g. %s: the LoRA acts only in part",
+                        path, len(keys), what, min(keys))
+    return any(k.startswith("text_encoder") for k in held)

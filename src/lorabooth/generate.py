@@ -24,7 +24,8 @@ from PIL.PngImagePlugin import PngInfo
 from .errors import UserError
 from .grid import make_grid
 from .io import save_png
-from .lora import find_lora, fused, load_into_pipeline, lora_metadata, set_scales
+from .formats import load_into_pipeline
+from .lora import find_lora, fused, lora_metadata, set_scales
 from .speed import tune_allocator
 from .models import load_base, pipeline_from_parts
 

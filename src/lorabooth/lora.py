@@ -1,24 +1,19 @@
-"""LoRA adapters: attach with peft, collect, save in diffusers' layout, load
+"""LoRA adapters: attach with peft, read files, load
 into a pipeline and set the UNet / text-encoder scales separately."""
 
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 from diffusers import StableDiffusionPipeline
-from diffusers.utils import convert_state_dict_to_diffusers
-from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+from peft import LoraConfig, inject_adapter_in_model
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .errors import UserError
-from .io import atomic_path
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -51,44 +46,6 @@ def lora_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
 def freeze_all_but_lora(module: torch.nn.Module) -> None:
     for name, p in module.named_parameters():
         p.requires_grad_("lora_" in name)
-
-
-def lora_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter's tensors in diffusers' key layout, fp32, on the CPU."""
-    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
-    return {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
-
-
-def _adapter_metadata(module: torch.nn.Module) -> dict[str, Any]:
-    return module.peft_config["default"].to_dict()
-
-
-def save_lora(folder: str | Path, unet: torch.nn.Module, text_encoder: torch.nn.Module | None,
-              metadata: dict[str, str]) -> Path:
-    """Write ``pytorch_lora_weights.safetensors`` atomically.
-
-    diffusers' ``save_lora_weights`` decides the key layout and the adapter
-    metadata it needs to reload alpha; we then add our own header fields.
-    """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=".lora-", dir=folder))
-    try:
-        StableDiffusionPipeline.save_lora_weights(
-            scratch,
-            unet_lora_layers=lora_state(unet),
-            text_encoder_lora_layers=lora_state(text_encoder) if text_encoder is not None else None,
-            unet_lora_adapter_metadata=_adapter_metadata(unet),
-            text_encoder_lora_adapter_metadata=(
-                _adapter_metadata(text_encoder) if text_encoder is not None else None),
-        )
-        tensors, header = read_lora(scratch / WEIGHT_NAME)
-        header.update({k: str(v) for k, v in metadata.items()})
-        with atomic_path(folder / WEIGHT_NAME) as tmp:
-            save_file(tensors, tmp, metadata=header)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return folder / WEIGHT_NAME
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -149,19 +106,6 @@ def lora_metadata(run: str | Path) -> dict[str, Any]:
             except json.JSONDecodeError:
                 out[k.removeprefix("lorabooth.")] = v
     return out
-
-
-def load_into_pipeline(pipe: StableDiffusionPipeline, run: str | Path) -> bool:
-    """Load a run's LoRA with diffusers' own loader; True if it has a
-    text-encoder part."""
-    path = find_lora(run)
-    tensors, _ = read_lora(path)
-    try:
-        pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=ADAPTER)
-    except (ValueError, RuntimeError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path}: does not fit this base model ({first[:200]})") from None
-    return any(k.startswith("text_encoder.") for k in tensors)
 
 
 @contextmanager

@@ -12,29 +12,18 @@ import logging
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from .errors import UserError
-from .formats import adapter_header, check_ranks, detect_layout, diffusers_to_peft, kohya_to_peft
-from .formats import peft_to_diffusers
-from .io import atomic_path
-from .lora import find_lora, read_lora
+from .formats import check_ranks, read_as_peft, write_lora
+from .lora import find_lora
 
 log = logging.getLogger(__name__)
 
 
 def load_as_peft(path: str | Path) -> tuple[dict[str, torch.Tensor], float, dict[str, str]]:
     """Any LoRA file -> (peft-layout tensors, alpha, header)."""
-    path = find_lora(path)
-    tensors, header = read_lora(path)
-    layout = detect_layout(tensors, str(path))
-    rank = check_ranks(tensors, str(path))
-    if layout == "kohya":
-        peft, alpha = kohya_to_peft(tensors)
-        return peft, alpha, header
-    meta = json.loads(header.get("lora_adapter_metadata", "{}") or "{}")
-    alpha = float(meta.get("unet.lora_alpha", meta.get("text_encoder.lora_alpha", rank)))
-    return (tensors if layout == "peft" else diffusers_to_peft(tensors)), alpha, header
+    peft, _, alpha, header = read_as_peft(find_lora(path))
+    return peft, alpha, header
 
 
 def modules_of(peft: dict[str, torch.Tensor]) -> list[str]:
@@ -113,15 +102,11 @@ def merge(inputs: list[str], weights: list[float] | None, out: str | Path,
     else:
         (merged, error), method = merge_svd(loras, weights, rank), f"svd-{rank}"
     r = check_ranks(merged, "merged")
-    meta = {**adapter_header(merged, r, float(r)),
-            "lorabooth.merge": json.dumps({"inputs": [str(p) for p in inputs], "weights": weights,
+    meta = {"lorabooth.merge": json.dumps({"inputs": [str(p) for p in inputs], "weights": weights,
                                            "method": method, "relative_error": error})}
     if bases:
         meta["lorabooth.base_model"] = next(iter(bases))
-    out = Path(out)
-    with atomic_path(out) as tmp:
-        save_file({k: v.contiguous() for k, v in peft_to_diffusers(merged).items()}, tmp,
-                  metadata=meta)
+    out = write_lora(Path(out), merged, r, float(r), meta)
     log.info("merged %d LoRAs by %s into %s (rank %d, relative error %.2e)", len(inputs),
              method, out, r, error)
     return {"method": method, "rank": r, "relative_error": error, "path": str(out)}

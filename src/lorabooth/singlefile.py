@@ -49,18 +49,31 @@ def _unet_prefixes(config) -> list[tuple[str, str]]:
     return pairs
 
 
-def unet_to_ldm(unet) -> dict[str, torch.Tensor]:
+def unet_ldm_names(unet) -> dict[str, str]:
+    """Each diffusers UNet state-dict key -> its name in the original layout."""
     pairs = sorted(_unet_prefixes(unet.config), key=lambda p: -len(p[1]))
-    out = {}
-    for key, value in unet.state_dict().items():
+    names = {}
+    for key in unet.state_dict():
         ldm_prefix, hf_prefix = next(p for p in pairs if key.startswith(p[1]))
         rest = key[len(hf_prefix):]
         if "resnets" in hf_prefix:
             for ldm, hf in RESNET:
                 if rest.startswith(hf + "."):
                     rest = ldm + rest[len(hf):]
-        out["model.diffusion_model." + ldm_prefix + rest] = value
-    return out
+        names[key] = "model.diffusion_model." + ldm_prefix + rest
+    return names
+
+
+def text_ldm_name(key: str) -> str:
+    # transformers 5 drops the `text_model.` level from CLIPTextModel's names;
+    # the original layout has it
+    return "cond_stage_model.transformer." + (key if key.startswith("text_model.")
+                                              else "text_model." + key)
+
+
+def unet_to_ldm(unet) -> dict[str, torch.Tensor]:
+    names = unet_ldm_names(unet)
+    return {names[k]: v for k, v in unet.state_dict().items()}
 
 
 def _vae_prefixes(config) -> list[tuple[str, str]]:
@@ -111,10 +124,7 @@ def vae_to_ldm(vae) -> dict[str, torch.Tensor]:
 
 def to_single_file(base) -> dict[str, torch.Tensor]:
     """A whole SD-shaped model in the original single-file key layout."""
-    # transformers 5 drops the `text_model.` level from CLIPTextModel's names;
-    # the original layout has it
-    te = {"cond_stage_model.transformer." + (k if k.startswith("text_model.") else "text_model." + k): v
-          for k, v in base.text_encoder.state_dict().items()}
+    te = {text_ldm_name(k): v for k, v in base.text_encoder.state_dict().items()}
     return {**unet_to_ldm(base.unet), **vae_to_ldm(base.vae), **te}
 
 

@@ -24,12 +24,10 @@ from .data import (
     Shuffler, image_files, latent_distributions, prompt_embeddings, readable_images, tokenize,
 )
 from .errors import UserError
-from .formats import convert_file
+from .formats import save_lora
 from .identifier import guess_identifier, identifier_warnings
 from .io import save_png, write_text
-from .lora import (
-    KOHYA_WEIGHT_NAME, add_text_lora, add_unet_lora, freeze_all_but_lora, lora_parameters, save_lora,
-)
+from .lora import add_text_lora, add_unet_lora, freeze_all_but_lora, lora_parameters
 from .models import BaseModel, load_base, pipeline_from_parts
 from .objective import diffusion_target, dreambooth_loss
 from .prior import class_images, draw_class_images, missing_indices, remove_stale_temps
@@ -415,12 +413,9 @@ def _finish(config: TrainConfig, base: BaseModel, output: Path,
         "lorabooth.resolution": resolution,
         "lorabooth.train_text_encoder": config.train_text_encoder,
     }
-    path = save_lora(output, modules["unet"], modules.get("text_encoder"),
-                     {k: json.dumps(v) for k, v in meta.items()})
-    if config.save_format in ("kohya", "both"):
-        convert_file(path, output / KOHYA_WEIGHT_NAME, "kohya")
-    if config.save_format == "kohya":
-        path.unlink()
+    layouts = {"both": ("diffusers", "kohya")}.get(config.save_format, (config.save_format,))
+    save_lora(output, modules["unet"], modules.get("text_encoder"),
+              {k: json.dumps(v) for k, v in meta.items()}, layouts)
     if config.validation_prompt:
         _validate(config, base, output, config.steps)
     write_text(output / "README.md", model_card(config, resolution))

@@ -1,0 +1,183 @@
+"""Which keys of a LoRA file the SD 1.x clients would load, by their own
+matching rules, so a file can be checked without running them.
+
+Written from the clients' published loader source (not copied):
+- ComfyUI `comfy/lora.py`: `model_lora_keys_unet` and `model_lora_keys_clip`
+  name every weight of the model in the spellings LoRA files use (kohya
+  `lora_unet_…`/`lora_te_text_model_…`, diffusers `unet.….processor.to_q`,
+  `text_encoder.text_model.…`), and `load_lora` takes, for each such name,
+  `.alpha` and one up/down pair in any of five suffix styles; every other key
+  is reported as "lora key not loaded".
+- AUTOMATIC1111 `extensions-builtin/Lora/networks.py`: `load_network` splits a
+  key at its first dot, turns the module part into the original (LDM) module
+  name with `convert_diffusers_name_to_compvis`, and looks that up among the
+  model's modules; kohya layout only.
+
+Both match against the original-layout checkpoint's names
+(`model.diffusion_model.…`, `cond_stage_model.transformer.text_model.…`)."""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+CLIENTS = ("ComfyUI", "AUTOMATIC1111")
+UNET_LDM, TEXT_LDM = "model.diffusion_model.", "cond_stage_model.transformer."
+CLIP_MODULES = {"mlp.fc1": "mlp_fc1", "mlp.fc2": "mlp_fc2", "self_attn.k_proj": "self_attn_k_proj",
+                "self_attn.q_proj": "self_attn_q_proj", "self_attn.v_proj": "self_attn_v_proj",
+                "self_attn.out_proj": "self_attn_out_proj"}
+# (up, down) suffixes ComfyUI accepts after a module name, in its order
+COMFY_PAIRS = ((".lora_up.weight", ".lora_down.weight"), ("_lora.up.weight", "_lora.down.weight"),
+               (".lora_B.weight", ".lora_A.weight"), (".lora.up.weight", ".lora.down.weight"),
+               (".lora_linear_layer.up.weight", ".lora_linear_layer.down.weight"))
+A1111_PARTS = {"lora_up.weight", "lora_down.weight", "lora_mid.weight", "alpha"}
+
+
+@dataclass(frozen=True)
+class ModelNames:
+    """A model's weights as the clients see them."""
+    ldm: frozenset[str]               # original-layout weight keys
+    diffusers_unet: dict[str, str]    # diffusers UNet key -> original-layout key
+
+
+def model_names(unet, text_encoder) -> ModelNames:
+    from .singlefile import text_ldm_name, unet_ldm_names
+
+    unet_names = unet_ldm_names(unet)
+    text = {text_ldm_name(k) for k in text_encoder.state_dict()}
+    return ModelNames(frozenset(unet_names.values()) | frozenset(text), unet_names)
+
+
+def sd15_names() -> ModelNames:
+    """Stable Diffusion 1.5's weight names, from its configs on the meta
+    device (no weights, no download, about a second)."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from .singlefile import sd15_config_dir
+
+    with tempfile.TemporaryDirectory() as tmp, init_empty_weights():
+        folder = sd15_config_dir(Path(tmp))
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
+        te_config = json.loads((folder / "text_encoder" / "config.json").read_text())
+        text_encoder = CLIPTextModel(CLIPTextConfig(**{
+            k: v for k, v in te_config.items() if k not in ("architectures", "model_type")}))
+    return model_names(unet, text_encoder)
+
+
+def comfyui_key_map(names: ModelNames) -> dict[str, str]:
+    """LoRA module name -> model weight, as `model_lora_keys_unet/_clip` build it."""
+    key_map: dict[str, str] = {}
+    for ldm in names.ldm:
+        if ldm.startswith(UNET_LDM) and ldm.endswith(".weight"):
+            inner = ldm[len(UNET_LDM):-len(".weight")]
+            key_map["lora_unet_" + inner.replace(".", "_")] = ldm
+            key_map["diffusion_model." + inner] = ldm
+    for hf, ldm in names.diffusers_unet.items():
+        if not hf.endswith(".weight"):
+            continue
+        module = hf[:-len(".weight")]
+        key_map["lora_unet_" + module.replace(".", "_")] = ldm
+        legacy = module.replace(".to_", ".processor.to_")
+        if legacy.endswith(".to_out.0"):
+            legacy = legacy[:-len(".0")]
+        for prefix in ("", "unet."):
+            key_map[prefix + legacy] = ldm
+    layer = re.compile(re.escape(TEXT_LDM) + r"text_model\.encoder\.layers\.(\d+)\.(.+)\.weight$")
+    for ldm in names.ldm:
+        m = layer.match(ldm)
+        if m and m[2] in CLIP_MODULES:
+            kohya = f"text_model_encoder_layers_{m[1]}_{CLIP_MODULES[m[2]]}"
+            key_map["lora_te_" + kohya] = ldm
+            key_map["lora_te1_" + kohya] = ldm
+            key_map[f"text_encoder.text_model.encoder.layers.{m[1]}.{m[2]}"] = ldm
+    return key_map
+
+
+def comfyui_unloaded(keys: list[str], names: ModelNames) -> list[str]:
+    """The keys ComfyUI's `load_lora` would report as "lora key not loaded"."""
+    keys_set, loaded = set(keys), set()
+    for module in comfyui_key_map(names):
+        if module + ".alpha" in keys_set:
+            loaded.add(module + ".alpha")
+        for up, down in COMFY_PAIRS:
+            if module + up in keys_set and module + down in keys_set:
+                loaded |= {module + up, module + down}
+                break
+    return sorted(keys_set - loaded)
+
+
+_RESNET = {"conv1": "in_layers_2", "conv2": "out_layers_3", "time_emb_proj": "emb_layers_1",
+           "conv_shortcut": "skip_connection"}
+
+
+def a1111_module(key: str) -> str:
+    """`convert_diffusers_name_to_compvis` for SD 1.x (three blocks per level)."""
+    def suffix(kind: str, rest: str) -> str:
+        return _RESNET.get(rest, rest) if kind == "resnets" else rest
+
+    def slot(kind: str) -> int:
+        return 1 if kind == "attentions" else 0
+
+    rules = [
+        (r"lora_unet_conv_in(.*)", lambda m: f"diffusion_model_input_blocks_0_0{m[1]}"),
+        (r"lora_unet_conv_out(.*)", lambda m: f"diffusion_model_out_2{m[1]}"),
+        (r"lora_unet_time_embedding_linear_(\d+)(.*)",
+         lambda m: f"diffusion_model_time_embed_{int(m[1]) * 2 - 2}{m[2]}"),
+        (r"lora_unet_down_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)",
+         lambda m: f"diffusion_model_input_blocks_{1 + int(m[1]) * 3 + int(m[3])}_"
+                   f"{slot(m[2])}_{suffix(m[2], m[4])}"),
+        (r"lora_unet_mid_block_(attentions|resnets)_(\d+)_(.+)",
+         lambda m: f"diffusion_model_middle_block_"
+                   f"{1 if m[1] == 'attentions' else int(m[2]) * 2}_{suffix(m[1], m[3])}"),
+        (r"lora_unet_up_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)",
+         lambda m: f"diffusion_model_output_blocks_{int(m[1]) * 3 + int(m[3])}_"
+                   f"{slot(m[2])}_{suffix(m[2], m[4])}"),
+        (r"lora_unet_down_blocks_(\d+)_downsamplers_0_conv",
+         lambda m: f"diffusion_model_input_blocks_{3 + int(m[1]) * 3}_0_op"),
+        (r"lora_unet_up_blocks_(\d+)_upsamplers_0_conv",
+         lambda m: f"diffusion_model_output_blocks_{2 + int(m[1]) * 3}_"
+                   f"{2 if int(m[1]) > 0 else 1}_conv"),
+        (r"lora_te_text_model_encoder_layers_(\d+)_(.+)",
+         lambda m: f"transformer_text_model_encoder_layers_{m[1]}_{m[2]}"),
+    ]
+    for pattern, build in rules:
+        m = re.match(pattern, key)
+        if m:
+            return build(m)
+    return key
+
+
+def a1111_unloaded(keys: list[str], names: ModelNames) -> list[str]:
+    """The keys `load_network` would list as "Failed to match keys" (or could
+    not give a LoRA module type)."""
+    modules = set()
+    for ldm in names.ldm:
+        module = ldm.rsplit(".", 1)[0]
+        for prefix, short in ((UNET_LDM, "diffusion_model."), (TEXT_LDM, "transformer.")):
+            if module.startswith(prefix):
+                modules.add((short + module[len(prefix):]).replace(".", "_"))
+    unloaded = []
+    for key in keys:
+        base, _, part = key.partition(".")
+        candidates = [a1111_module(base)]
+        if "lora_unet" in base:
+            candidates.append(base.replace("lora_unet", "diffusion_model"))
+        elif "lora_te1_text_model" in base:
+            candidates.append(base.replace("lora_te1_text_model", "transformer_text_model"))
+        if part not in A1111_PARTS or not any(c in modules for c in candidates):
+            unloaded.append(key)
+    return sorted(unloaded)
+
+
+def unloaded_by_client(keys: list[str], names: ModelNames) -> dict[str, list[str]]:
+    """Per client, the keys it would not load. AUTOMATIC1111 reads only the
+    kohya layout, so it is checked for kohya files only."""
+    out = {"ComfyUI": comfyui_unloaded(keys, names)}
+    if keys and all(k.startswith("lora_") for k in keys):
+        out["AUTOMATIC1111"] = a1111_unloaded(keys, names)
+    return out

@@ -1,0 +1,150 @@
+"""`lorabooth inspect FILE`: what a LoRA file holds and whether the clients
+users draw with would load every key of it."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .clients import CLIENTS, ModelNames, sd15_names, unloaded_by_client
+from .errors import UserError
+from .formats import check_ranks, detect_layout, old_text_keys
+from .lora import read_lora
+
+# cross-attention width (the text encoder's hidden size) -> base family
+CROSS_ATTENTION = {768: "Stable Diffusion 1.x", 1024: "Stable Diffusion 2.x", 2048: "SDXL"}
+SHOWN_KEYS = 10
+
+
+@dataclass
+class Summary:
+    path: str
+    layout: str
+    architecture: str
+    groups: dict[str, tuple[int, int, float | None]]  # group -> (modules, rank, alpha)
+    old_spelling: int                                 # keys without `text_model`
+    metadata: dict[str, str]
+    unloaded: dict[str, list[str]] = field(default_factory=dict)  # client -> keys
+    checked_against: str = ""
+
+
+def _module_and_group(key: str) -> tuple[str, str] | None:
+    """(module name, group) for the key holding a module's down/A matrix."""
+    m = re.match(r"(.+?)(?:\.lora_down\.weight|\.lora_A\.weight|_lora\.down\.weight|"
+                 r"\.lora\.down\.weight|\.lora_linear_layer\.down\.weight)$", key)
+    if not m:
+        return None
+    module = m[1]
+    text = re.match(r"(text_encoder_2|text_encoder|lora_te2|lora_te1|lora_te)[._]", module)
+    if text:
+        return module, {"lora_te": "text_encoder", "lora_te1": "text_encoder",
+                        "lora_te2": "text_encoder_2"}.get(text[1], text[1])
+    block = re.search(r"(down_blocks|mid_block|up_blocks|input_blocks|middle_block|output_blocks)",
+                      module)
+    return module, f"unet {block[1] if block else 'other'}"
+
+
+def _group_table(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[int, int, float | None]]:
+    groups: dict[str, list] = {}
+    for key, down in tensors.items():
+        found = _module_and_group(key)
+        if found is None:
+            continue
+        module, group = found
+        alpha = tensors.get(module + ".alpha")
+        entry = groups.setdefault(group, [0, set(), set()])
+        entry[0] += 1
+        entry[1].add(down.shape[0])
+        entry[2].add(float(alpha) if alpha is not None else None)
+    return {g: (n, max(ranks), next(iter(alphas)) if len(alphas) == 1 else None)
+            for g, (n, ranks, alphas) in sorted(groups.items())}
+
+
+def guess_architecture(tensors: dict[str, torch.Tensor]) -> str:
+    keys = list(tensors)
+    if any(k.startswith(("text_encoder_2.", "lora_te2_")) for k in keys):
+        return "SDXL"
+    for key, value in tensors.items():
+        if re.search(r"attn2[._](processor[._])?to_k", key) and value.ndim == 2 and (
+                "down" in key.rsplit("attn2", 1)[1] or "lora_A" in key):
+            width = value.shape[1]
+            return CROSS_ATTENTION.get(width, f"unknown (cross-attention width {width}; "
+                                              "e.g. lorabooth's tiny or toy model)")
+    return "unknown (no cross-attention LoRA to tell by)"
+
+
+def _header_alpha(header: dict[str, str]) -> float | None:
+    try:
+        meta = json.loads(header.get("lora_adapter_metadata", "{}"))
+        return float(meta["unet.lora_alpha"]) if "unet.lora_alpha" in meta else None
+    except (ValueError, TypeError):
+        return None
+
+
+def inspect_lora(path: str | Path, names: ModelNames | None = None,
+                 names_label: str = "") -> Summary:
+    """Read ``path``; check it against ``names`` (a model's weights) or, for SD
+    1.x files, against Stable Diffusion 1.5's."""
+    path = Path(path)
+    tensors, header = read_lora(path)
+    layout = detect_layout(tensors, str(path))
+    check_ranks(tensors, str(path))
+    groups = _group_table(tensors)
+    alpha = _header_alpha(header)
+    if alpha is not None:
+        groups = {g: (n, r, a if a is not None else alpha) for g, (n, r, a) in groups.items()}
+    summary = Summary(str(path), layout, guess_architecture(tensors), groups,
+                      len(old_text_keys(tensors)),
+                      {k: v for k, v in header.items() if k != "lora_adapter_metadata"})
+    if names is None and summary.architecture == "Stable Diffusion 1.x":
+        names, names_label = sd15_names(), "Stable Diffusion 1.5"
+    if names is not None:
+        summary.unloaded = unloaded_by_client(list(tensors), names)
+        summary.checked_against = names_label
+    return summary
+
+
+def render(s: Summary) -> str:
+    lines = [f"file: {s.path}", f"layout: {s.layout}", f"base architecture (guessed): {s.architecture}"]
+    unet = sum(n for g, (n, _, _) in s.groups.items() if g.startswith("unet"))
+    text = sum(n for g, (n, _, _) in s.groups.items() if not g.startswith("unet"))
+    lines.append(f"modules: {unet} UNet, {text} text encoder")
+    for group, (n, rank, alpha) in s.groups.items():
+        lines.append(f"  {group}: {n} modules, rank {rank}, alpha "
+                     f"{'mixed or unknown' if alpha is None else f'{alpha:g}'}")
+    if s.old_spelling:
+        lines.append(f"text-encoder names: {s.old_spelling} keys lack `text_model` (transformers 5 "
+                     "spelling); clients drop them: `lorabooth convert` repairs the file")
+    if s.layout != "kohya" and any(a is not None and a != r for _, r, a in s.groups.values()):
+        lines.append("alpha: kept in the header only, which diffusers reads and other clients "
+                     "ignore (they apply alpha = rank); use the kohya file there")
+    for key, value in sorted(s.metadata.items()):
+        lines.append(f"meta {key}: {value[:200]}")
+    if not s.checked_against:
+        lines.append("clients: not checked (the ComfyUI/AUTOMATIC1111 rules here are SD 1.x's; "
+                     "--model names a base to check against)")
+    for client in CLIENTS:
+        if client not in s.unloaded:
+            continue
+        missing = s.unloaded[client]
+        lines.append(f"{client} ({s.checked_against}): "
+                     + ("every key maps to a weight" if not missing else
+                        f"{len(missing)} keys would not load"))
+        lines += [f"  not loaded: {k}" for k in missing[:SHOWN_KEYS]]
+        if len(missing) > SHOWN_KEYS:
+            lines.append(f"  … and {len(missing) - SHOWN_KEYS} more")
+    return "\n".join(lines)
+
+
+def check_summary(s: Summary) -> None:
+    """One line, exit 2, when a client would drop keys."""
+    bad = {c: len(keys) for c, keys in s.unloaded.items() if keys}
+    if bad:
+        counts = ", ".join(f"{n} keys in {c}" for c, n in bad.items())
+        raise UserError(f"{s.path}: would not load completely ({counts}); "
+                        f"`lorabooth convert {s.path} OUT --to kohya` repairs files "
+                        "written with the old text-encoder names")
