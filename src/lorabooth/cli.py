@@ -299,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _quiet_libraries() -> None:
+    # The libraries' own warnings are mostly noise for a user; what matters
+    # among them (a LoRA loading only in part) lorabooth checks and reports
+    # itself (formats.load_into_pipeline).
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
