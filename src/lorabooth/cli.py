@@ -9,6 +9,7 @@ import sys
 from dataclasses import fields
 from typing import get_type_hints
 
+from . import __version__
 from .config import PrepareConfig, TrainConfig, build_config, option_name
 from .errors import UserError
 
@@ -176,6 +177,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lorabooth", description="DreamBooth LoRA: train, draw, measure.")
+    parser.add_argument("--version", action="version", version=f"lorabooth {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     train = sub.add_parser("train", help="train a DreamBooth LoRA on photos of one subject")
