@@ -21,10 +21,12 @@ from typing import Callable
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 from lorabooth.cli import main
-from lorabooth.io import save_png, write_text
+from lorabooth.io import atomic_path, save_png, write_text
 
 TRAIN = ["train", "--instance-dir", "{photos}", "--instance-prompt", "a photo of sks dog",
          "--steps", "2", "--resolution", "32"]
@@ -373,14 +375,22 @@ def test_hostile_input(name, module_photos, finished_run, tmp_path, monkeypatch,
 
 def test_atomic_writes_take_the_umask(tmp_path):
     """Files we write get 0666 less the umask, as any new file does (mkstemp's
-    0600 used to survive the rename)."""
+    0600 used to survive the rename, and safetensors writes its files 0600)."""
     for umask, want in ((0o022, 0o644), (0o077, 0o600), (0o002, 0o664)):
         old = os.umask(umask)
         try:
             write_text(tmp_path / f"t{umask}.txt", "x")
             save_png(Image.new("RGB", (4, 4)), tmp_path / f"i{umask}.png")
+            with atomic_path(tmp_path / f"s{umask}.safetensors") as tmp:
+                save_file({"a": torch.zeros(2)}, tmp)
         finally:
             os.umask(old)
-        for name in (f"t{umask}.txt", f"i{umask}.png"):
+        for name in (f"t{umask}.txt", f"i{umask}.png", f"s{umask}.safetensors"):
             assert (tmp_path / name).stat().st_mode & 0o777 == want, (name, oct(umask))
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_atomic_write_of_a_250_character_name(tmp_path):
+    """The temp name beside it must stay under the 255-byte limit."""
+    write_text(tmp_path / ("n" * 246 + ".txt"), "x")
+    assert [p.name for p in tmp_path.iterdir()] == ["n" * 246 + ".txt"]
