@@ -194,3 +194,44 @@ def test_dreambench_photos_are_all_kept(tmp_path, subject):
     entries = prepare(PrepareConfig(src=str(DREAMBENCH / subject), out=str(tmp_path / "out"),
                                     resolution=128))
     assert entries and all(e.kept for e in entries), [(e.source, e.reason) for e in entries]
+
+
+def test_contact_sheet_is_capped_and_originals_are_not_held(tmp_path, monkeypatch):
+    """Thumbnails are made as each photo is kept: once the loop is done no
+    decoded original is alive; the sheet shows at most SHEET_MAX photos."""
+    import gc
+    import weakref
+
+    import lorabooth.prepare as P
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(7):
+        _photo(i, size=(120, 96)).save(src / f"p{i}.png")
+    decoded, alive_at_sheet = [], {}
+    real_decode, real_sheet = P.decode, P.contact_sheet
+
+    def tracking_decode(path):
+        im, fmt = real_decode(path)
+        decoded.append(weakref.ref(im))
+        return im, fmt
+
+    def counting_sheet(thumbs, total):
+        gc.collect()
+        alive_at_sheet["n"] = sum(ref() is not None for ref in decoded)
+        return real_sheet(thumbs, total)
+
+    monkeypatch.setattr(P, "decode", tracking_decode)
+    monkeypatch.setattr(P, "contact_sheet", counting_sheet)
+    monkeypatch.setattr(P, "SHEET_MAX", 4)
+    entries = prepare(PrepareConfig(src=str(src), out=str(tmp_path / "out"), resolution=64,
+                                    dedupe_threshold=-1))
+    assert sum(e.kept for e in entries) == 7 and len(decoded) == 7
+    assert alive_at_sheet["n"] == 0
+    with Image.open(tmp_path / "out" / "contact_sheet.png") as sheet:
+        assert sheet.size == (4 * (P.CELL + 8) + 8, P.CELL + 20 + 16)  # 4 cells, one row
+    monkeypatch.undo()
+    thumb = P.thumbnail(_photo(1, size=(120, 96)), (12, 0, 108, 96), "x.png")
+    big = P.contact_sheet([thumb] * (P.SHEET_MAX + 50), P.SHEET_MAX + 50)
+    rows = -(-P.SHEET_MAX // 5)
+    assert big.size == (5 * (P.CELL + 8) + 8, rows * (P.CELL + 28) + 8)

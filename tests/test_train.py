@@ -167,7 +167,7 @@ def test_captions_flow_into_the_batches(photos, tmp_path, caplog):
     config = _config(photos, tmp_path / "r", captions=True, class_prompt="a photo of a dog")
     base = build_tiny()
     paths = readable_images(photos)
-    examples = t._setup_examples(config, base, 64, paths, [])
+    examples = t._setup_examples(config, base, 64, paths, t.instance_captions(config, paths), [])
     want = ["a photo of sks dog on a red sofa", "a photo of a dog", "a photo of sks dog"]
     assert torch.equal(examples.instance_ids, tokenize(base.tokenizer, want))
     assert any("photo_1.txt" in r.getMessage() and "lacks the identifier" in r.getMessage()
@@ -177,5 +177,7 @@ def test_captions_flow_into_the_batches(photos, tmp_path, caplog):
     assert torch.equal(context[0], examples.instance_embedding[2])
     assert not torch.equal(context[0], context[1])
     # without --captions the .txt files are ignored
-    plain = t._setup_examples(_config(photos, tmp_path / "r"), base, 64, paths, [])
+    plain_config = _config(photos, tmp_path / "r")
+    plain = t._setup_examples(plain_config, base, 64, paths,
+                              t.instance_captions(plain_config, paths), [])
     assert torch.equal(plain.instance_ids, tokenize(base.tokenizer, ["a photo of sks dog"] * 3))

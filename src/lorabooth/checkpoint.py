@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import UserError
-from .io import fsync_dir
+from .io import atomic_path, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,8 @@ def save_checkpoint(output: Path, step: int, modules: dict[str, torch.nn.Module]
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
-        save_file(trainable_state(modules), tmp / "lora.safetensors")
+        with atomic_path(tmp / "lora.safetensors") as f:  # keeps the umask's mode
+            save_file(trainable_state(modules), f)
         torch.save({"step": step, **training_state}, tmp / "state.pt")
         manifest = {f.name: _sha256(f) for f in sorted(tmp.iterdir())}
         (tmp / "manifest.json").write_text(json.dumps({"step": step, "sha256": manifest}))

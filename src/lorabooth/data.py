@@ -6,7 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
+
+from .imagefiles import problem
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
@@ -21,16 +23,8 @@ def image_files(folder: Path) -> list[Path]:
 
 
 def readable_images(folder: Path) -> list[Path]:
-    """The image files PIL can actually open."""
-    ok = []
-    for path in image_files(folder):
-        try:
-            with Image.open(path) as im:
-                im.verify()
-            ok.append(path)
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-            continue
-    return ok
+    """The image files that decode in full (the check `prepare` uses)."""
+    return [path for path in image_files(folder) if not problem(path)]
 
 
 def load_image(path: Path, resolution: int) -> torch.Tensor:

@@ -1,11 +1,12 @@
 """Atomic writes: a temp name in the same folder, fsync, then rename, so a
-kill at any moment leaves either the old file or the new one, never half."""
+kill at any moment leaves either the old file or the new one, never half.
+And the one folder relation checked before writing anywhere: nesting."""
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -18,17 +19,33 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temp path beside ``path``; on success fsync it and rename over."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
+    tmp = _new_temp(path)
+    mode = tmp.stat().st_mode & 0o777  # 0666 less the umask, as any new file gets
     try:
         yield tmp
+        # writers that replace the file (safetensors writes it 0600) lose that mode
+        os.chmod(tmp, mode)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _new_temp(path: Path) -> Path:
+    """Create an empty temp file beside ``path``. Not mkstemp: its files are
+    mode 0600 whatever the umask, and the rename would keep that mode. The
+    name holds at most 32 characters of ``path``'s, so a 250-character file
+    name still gets a temp name under the 255-byte limit."""
+    stem = path.name[:32]
+    while True:
+        tmp = path.with_name(f".{stem}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # umask applies
+            return tmp
+        except FileExistsError:
+            continue
 
 
 def fsync_dir(folder: Path) -> None:
@@ -54,3 +71,16 @@ def write_json(path: str | Path, data: Any) -> None:
 def save_png(image: Image.Image, path: str | Path, pnginfo: Any = None) -> None:
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG", pnginfo=pnginfo)
+
+
+
+def inside(a: str | Path, b: str | Path) -> bool:
+    """True when folder ``a`` is ``b`` or lies within it, symlinks resolved
+    (neither need exist)."""
+    a, b = Path(a).resolve(), Path(b).resolve()
+    return a == b or b in a.parents
+
+
+def nested(a: str | Path, b: str | Path) -> bool:
+    """True when folders ``a`` and ``b`` are the same or one holds the other."""
+    return inside(a, b) or inside(b, a)

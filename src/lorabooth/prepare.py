@@ -4,20 +4,22 @@ captioned training set, with a report accounting for every file."""
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from PIL import Image, ImageDraw, UnidentifiedImageError
+from PIL import Image, ImageDraw
 
 from .config import PrepareConfig
 from .errors import UserError
 from .grid import font
+from .imagefiles import Rejected, decode
 from .images import (
-    FORMATS, Box, center_box, crop_with_reflection, dhash, face_box, hamming, orient,
-    resize_short_side, resize_square, to_rgb,
+    Box, center_box, crop_with_reflection, dhash, face_box, hamming, resize_short_side,
+    resize_square,
 )
-from .io import save_png, write_json, write_text
+from .io import inside, save_png, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -37,46 +39,6 @@ class Entry:
     caption: str = ""
     duplicate_of: str = ""
     warnings: list[str] = field(default_factory=list)
-
-
-class Rejected(Exception):
-    """A source file that cannot be used; the message is the one-line reason."""
-
-
-SIGNATURES = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG", b"GIF87a": "GIF",
-              b"GIF89a": "GIF", b"BM": "BMP", b"II*\x00": "TIFF", b"MM\x00*": "TIFF"}
-
-
-def sniff(path: Path) -> str:
-    """The image format a file's first bytes claim, or ''."""
-    with path.open("rb") as f:
-        head = f.read(16)
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "WEBP"
-    return next((kind for magic, kind in SIGNATURES.items() if head.startswith(magic)), "")
-
-
-def decode(path: Path) -> tuple[Image.Image, str]:
-    """Open by content, first frame, EXIF-upright, RGB. Raises Rejected."""
-    if path.stat().st_size == 0:
-        raise Rejected("empty file")
-    try:
-        with Image.open(path) as im:
-            fmt = im.format or "?"
-            if fmt not in FORMATS:
-                raise Rejected(f"unsupported image format {fmt}")
-            im.seek(0)  # GIF/TIFF/MPO: the first frame
-            im.load()
-            return to_rgb(orient(im)), fmt
-    except UnidentifiedImageError:
-        kind = sniff(path)
-        if kind:
-            raise Rejected(f"truncated or corrupt image ({kind} header, unreadable content)") from None
-        raise Rejected("not an image (content is no known image format)") from None
-    except Rejected:
-        raise
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise Rejected(f"truncated or corrupt image ({str(e).splitlines()[0][:80]})") from None
 
 
 _FACE_DETECTOR = None
@@ -123,34 +85,90 @@ def caption_for(config: PrepareConfig) -> str:
 
 
 def _output_name(source: Path, taken: set[str]) -> str:
-    name, n = f"{source.stem}.png", 2
+    # at most 200 bytes of the source's name: with '-N.png' it stays a legal name
+    stem = source.stem.encode()[:200].decode(errors="ignore")
+    name, n = f"{stem}.png", 2
     while name in taken:
-        name, n = f"{source.stem}-{n}.png", n + 1
+        name, n = f"{stem}-{n}.png", n + 1
     taken.add(name)
     return name
 
 
-def prepare(config: PrepareConfig) -> list[Entry]:
-    """Process every file in SRC; write the kept images, captions, report and
-    contact sheet into OUT. Raises UserError when nothing could be kept."""
-    src, out = Path(config.src), Path(config.out)
+def _check_folders(src: Path, out: Path) -> None:
     if not src.is_dir():
         raise UserError(f"SRC {src}: no such folder")
-    if out.resolve() == src.resolve():
-        raise UserError(f"OUT {out}: must differ from SRC (prepare never writes into SRC)")
+    if inside(out, src):
+        raise UserError(f"OUT {out}: must differ from SRC and lie outside it (prepare never writes into SRC)")
     if out.exists() and not out.is_dir():
         raise UserError(f"OUT {out}: is a file, not a folder")
+
+
+def previous_outputs(out: Path) -> set[str]:
+    """The names of the files an earlier `prepare` wrote into ``out``, from its
+    prepare.json. Refuses a non-empty folder without one: those files are not
+    ours to replace or remove."""
+    if not out.is_dir() or not any(not p.name.startswith(".") for p in out.iterdir()):
+        return set()
+    try:
+        files = json.loads((out / "prepare.json").read_text(encoding="utf-8"))["files"]
+        images = [f["output"] for f in files if f.get("output")]
+        texts = [_caption_name(f["output"]) for f in files if f.get("output") and f.get("caption")]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise UserError(f"OUT {out}: the folder holds files and no prepare.json of an earlier "
+                        f"`lorabooth prepare`; choose a new or empty folder") from None
+    # only plain names of the kinds prepare writes: a doctored prepare.json
+    # cannot point outside OUT
+    return {n for n in images + texts if Path(n).name == n and not n.startswith(".")
+            and n.endswith((".png", ".txt"))} | {SHEET_NAME}
+
+
+def _caption_name(image_name: str) -> str:
+    return str(Path(image_name).with_suffix(".txt"))
+
+
+def prepare(config: PrepareConfig) -> list[Entry]:
+    """Process every file in SRC; write the kept images, captions, report and
+    contact sheet into OUT, and remove what an earlier run into OUT wrote and
+    this one does not. Raises UserError when nothing could be kept."""
+    src, out = Path(config.src), Path(config.out)
+    _check_folders(src, out)
+    before = previous_outputs(out)
     caption = caption_for(config)
     files = sorted(p for p in src.iterdir() if p.is_file() and not p.name.startswith("."))
     if not files:
         raise UserError(f"SRC {src}: the folder is empty")
-    entries, kept = [], []
+    if not (out / "prepare.json").exists():
+        # claimed first: after an interruption, a rerun knows the folder is ours
+        write_json(out / "prepare.json", {"files": [], "kept": 0, "rejected": 0})
+    entries = [Entry(source=path.name) for path in files]
+    thumbs = _process(config, files, entries, caption)
+    kept = [e for e in entries if e.kept]
+    written = {e.output for e in kept} | {_caption_name(e.output) for e in kept if e.caption}
+    if kept:
+        save_png(contact_sheet(thumbs, len(kept)), out / SHEET_NAME)
+        written.add(SHEET_NAME)
+    for name in sorted(before - written):  # gone from SRC, or rejected now
+        (out / name).unlink(missing_ok=True)
+    write_json(out / "prepare.json", {"config": asdict(config),
+                                      "files": [asdict(e) for e in entries],
+                                      "kept": len(kept), "rejected": len(entries) - len(kept)})
+    if not kept:
+        raise UserError(f"SRC {src}: none of {len(entries)} files could be used; "
+                        f"reasons in {out / 'prepare.json'}")
+    log.info("kept %d of %d files into %s", len(kept), len(entries), out)
+    return entries
+
+
+def _process(config: PrepareConfig, files: list[Path], entries: list[Entry],
+             caption: str) -> list[Thumb]:
+    """Judge, crop and write each file in turn; returns the contact sheet's
+    thumbnails (made as it goes: the originals are not held)."""
+    out = Path(config.out)
     exact: dict[str, str] = {}
     hashes: list[tuple[int, str]] = []
     taken: set[str] = set()
-    for path in files:
-        entry = Entry(source=path.name)
-        entries.append(entry)
+    thumbs = []
+    for path, entry in zip(files, entries):
         try:
             im, entry.format = decode(path)
             entry.size = im.size
@@ -183,44 +201,61 @@ def prepare(config: PrepareConfig) -> list[Entry]:
         save_png(final, out / entry.output)
         if caption:
             entry.caption = caption
-            write_text((out / entry.output).with_suffix(".txt"), caption + "\n")
+            write_text(out / _caption_name(entry.output), caption + "\n")
         entry.kept, entry.reason = True, "kept"
         for w in entry.warnings:
             log.warning("%s: %s", path.name, w)
-        kept.append((im, entry))
-    write_json(out / "prepare.json", {"config": asdict(config),
-                                      "files": [asdict(e) for e in entries],
-                                      "kept": len(kept), "rejected": len(entries) - len(kept)})
-    if not kept:
-        raise UserError(f"SRC {src}: none of {len(entries)} files could be used; "
-                        f"reasons in {out / 'prepare.json'}")
-    save_png(contact_sheet(kept), out / "contact_sheet.png")
-    log.info("kept %d of %d files into %s", len(kept), len(entries), out)
-    return entries
+        if len(thumbs) < SHEET_MAX:
+            thumbs.append(thumbnail(im, box, entry.source))
+    return thumbs
 
 
-def contact_sheet(kept: list[tuple[Image.Image, Entry]], cell: int = 192,
-                  per_row: int = 5) -> Image.Image:
-    """The kept originals, each with its crop box drawn, names underneath."""
+SHEET_NAME = "contact_sheet.png"
+SHEET_MAX = 100  # cells: bounds the sheet (5 x 20 cells, 1 x 4.4 kpx) and the thumbnails held
+CELL = 192  # a cell's side in pixels
+
+
+@dataclass
+class Thumb:
+    """One kept photo as the contact sheet draws it."""
+
+    image: Image.Image  # the photo scaled so that it and its crop box fit a cell
+    offset: tuple[int, int]  # where the photo's top-left corner sits in the cell
+    box: tuple[float, float, float, float]  # the crop box in cell pixels
+    name: str
+
+
+def thumbnail(im: Image.Image, box: Box, name: str) -> Thumb:
+    left, top, right, bottom = box
+    # the view spans the image and the crop box (which may leave the image)
+    vx0, vy0 = min(0, left), min(0, top)
+    vx1, vy1 = max(im.width, right), max(im.height, bottom)
+    scale = CELL / max(vx1 - vx0, vy1 - vy0)
+    small = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))),
+                      Image.Resampling.LANCZOS, reducing_gap=3.0)
+    ox, oy = -round(vx0 * scale), -round(vy0 * scale)
+    return Thumb(small, (ox, oy), (ox + left * scale, oy + top * scale,
+                                   ox + right * scale - 1, oy + bottom * scale - 1), name)
+
+
+def contact_sheet(thumbs: list[Thumb], total: int, per_row: int = 5) -> Image.Image:
+    """The kept photos (the first SHEET_MAX), each with its crop box drawn,
+    names underneath."""
+    thumbs = thumbs[:SHEET_MAX]
+    if total > len(thumbs):
+        log.info("contact sheet: the first %d of %d kept images", len(thumbs), total)
     face = font(13)
     label_h = 20
-    rows = -(-len(kept) // per_row)
-    cols = min(per_row, len(kept))
-    sheet = Image.new("RGB", (cols * (cell + 8) + 8, rows * (cell + label_h + 8) + 8), "white")
+    rows = -(-len(thumbs) // per_row)
+    cols = min(per_row, len(thumbs))
+    sheet = Image.new("RGB", (cols * (CELL + 8) + 8, rows * (CELL + label_h + 8) + 8), "white")
     draw = ImageDraw.Draw(sheet)
-    for i, (im, entry) in enumerate(kept):
-        left, top, right, bottom = entry.crop_box
-        # the view spans the image and the crop box (which may leave the image)
-        vx0, vy0 = min(0, left), min(0, top)
-        vx1, vy1 = max(im.width, right), max(im.height, bottom)
-        scale = cell / max(vx1 - vx0, vy1 - vy0)
-        thumb = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))),
-                          Image.Resampling.LANCZOS, reducing_gap=3.0)
-        x0 = 8 + (i % per_row) * (cell + 8)
-        y0 = 8 + (i // per_row) * (cell + label_h + 8)
-        ox, oy = x0 - round(vx0 * scale), y0 - round(vy0 * scale)
-        sheet.paste(thumb, (ox, oy))
-        draw.rectangle((ox + left * scale, oy + top * scale, ox + right * scale - 1,
-                        oy + bottom * scale - 1), outline=(255, 0, 0), width=2)
-        draw.text((x0, y0 + cell + 3), entry.source[:28], fill=(20, 20, 20), font=face)
+    for i, thumb in enumerate(thumbs):
+        x0 = 8 + (i % per_row) * (CELL + 8)
+        y0 = 8 + (i // per_row) * (CELL + label_h + 8)
+        sheet.paste(thumb.image, (x0 + thumb.offset[0], y0 + thumb.offset[1]))
+        left, top, right, bottom = thumb.box
+        draw.rectangle((x0 + left, y0 + top, x0 + right, y0 + bottom), outline=(255, 0, 0),
+                       width=2)
+        draw.text((x0, y0 + CELL + 3), thumb.name[:28], fill=(20, 20, 20), font=face)
     return sheet

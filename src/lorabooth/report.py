@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 
+from . import markdown as md
+
 COLUMNS = [("dino", "DINO ↑"), ("clip_i", "CLIP-I ↑"), ("clip_t", "CLIP-T ↑"),
            ("pres", "PRES ↓"), ("div", "DIV ↑")]
 
@@ -29,10 +31,11 @@ def render_report(result: dict) -> str:
     header = "| method | " + " | ".join(title for _, title in COLUMNS) + " |"
     rule = "|---|" + "---|" * len(COLUMNS)
     lines = [
-        f"# Evaluation of `{result['run']}`",
+        f"# Evaluation of {md.code(result['run'])}",
         "",
-        f"Subject: identifier `{result['identifier']}`, class `{result['class_noun']}`; "
-        f"prompts: {result['prompts']}; {result['images_per_prompt']} images per prompt "
+        f"Subject: identifier {md.code(result['identifier'])}, class "
+        f"{md.code(result['class_noun'])}; prompts: {md.text(str(result['prompts']))}; "
+        f"{result['images_per_prompt']} images per prompt "
         f"(seeds {result['seeds'][0]}-{result['seeds'][-1]}), {result['steps']} sampler steps, "
         f"UNet scale {result['unet_scale']:g}, text scale {result['text_scale']:g}, "
         f"guidance {result['guidance']:g}.",
@@ -52,9 +55,10 @@ def render_report(result: dict) -> str:
         "",
         "## How each figure is computed",
         "",
-        f"- **DINO**: cosine similarity of identity embeddings (`{judges.get('dino', '?')}`, CLS "
-        "token), every generated image against every real photo, averaged.",
-        f"- **CLIP-I**: the same with CLIP image embeddings (`{judges.get('clip', '?')}`).",
+        f"- **DINO**: cosine similarity of identity embeddings "
+        f"({md.code(judges.get('dino', '?'))}, CLS token), every generated image against every "
+        "real photo, averaged.",
+        f"- **CLIP-I**: the same with CLIP image embeddings ({md.code(judges.get('clip', '?'))}).",
         "- **CLIP-T**: CLIP cosine between each image and its prompt *with the identifier "
         "removed* (\"a dog in the jungle\"), the convention of public re-implementations.",
         "- **PRES**: DINO between images the *personalised* model draws for the bare class "

@@ -1,20 +1,25 @@
-"""The run folder: created and checked before any work, the effective config
-written first, the model card written last."""
+"""The run folder: checked and locked before anything in it is touched, the
+effective config written when training starts, the model card written last."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shlex
 import shutil
 import tomllib
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import tomli_w
 
 from . import __version__
+from . import markdown as md
 from .config import TrainConfig, option_name, to_toml_dict
 from .errors import UserError
-from .io import write_text
+from .io import inside, nested, write_text
 
 log = logging.getLogger(__name__)
 
@@ -97,40 +102,98 @@ def remove_leftovers(output: Path) -> None:
             junk.unlink(missing_ok=True)
 
 
-def prepare_output(config: TrainConfig, main: bool) -> Path:
+def check_folders(config: TrainConfig) -> None:
+    """Refuse folders that would write into the subject's photos (or train on
+    the subject as its own prior), before anything is written."""
+    photos = config.instance_dir
+    if config.prior_preservation and nested(config.class_path, photos):
+        raise UserError(f"--class-dir {config.class_path}: is, holds or lies inside "
+                        f"--instance-dir {photos}; class images need a folder of their own")
+    if inside(config.output, photos):
+        raise UserError(f"--output {config.output}: is or lies inside --instance-dir {photos}; "
+                        f"choose a folder outside the photos")
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and its ancestors that do not exist yet, deepest first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty: something worth keeping was written
+            return
+
+
+@contextmanager
+def run_folder(config: TrainConfig, main: bool) -> Iterator[Path]:
+    """OUTPUT, created if missing and locked while the block runs. Nothing in
+    it is touched before the lock is held (a refused second writer leaves the
+    live run's files alone); folders created here that are still empty when
+    the block fails are removed again."""
     output = Path(config.output)
     if output.exists() and not output.is_dir():
         raise UserError(f"--output {output}: is a file, not a folder")
+    created = _missing_folders(output.absolute())
     try:
         output.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"--output {output}: cannot create the folder ({e.strerror})") from None
-    if not os.access(output, os.W_OK | os.X_OK):
-        raise UserError(f"--output {output}: folder is not writable")
-    if main:
-        remove_leftovers(output)
-        check_resume_config(output, config)
-        write_text(output / "config.toml", tomli_w.dumps(to_toml_dict(config)))
-    return output
+    lock = None
+    try:
+        if not os.access(output, os.W_OK | os.X_OK):
+            raise UserError(f"--output {output}: folder is not writable")
+        if main:
+            lock = acquire_lock(output)
+            remove_leftovers(output)
+            check_resume_config(output, config)
+        yield output
+    except BaseException:
+        release_lock(lock)
+        lock = None
+        _remove_empty(created)
+        raise
+    finally:
+        release_lock(lock)
+
+
+def write_config(output: Path, config: TrainConfig) -> None:
+    write_text(output / "config.toml", tomli_w.dumps(to_toml_dict(config)))
 
 
 def model_card(config: TrainConfig, resolution: int) -> str:
+    """README.md of the run. Every user string is quoted for where it lands:
+    JSON in the YAML header, markdown-escaped in the text, shlex-quoted in the
+    shell command (a prompt holding `$(...)` must not run when pasted),
+    repr() in the Python snippet."""
     text_encoder = "UNet and text encoder" if config.train_text_encoder else "UNet"
-    prior = (f"yes: {config.num_class_images} images of '{config.class_prompt}', "
+    prior = (f"yes: {config.num_class_images} images of '{md.text(config.class_prompt)}', "
              f"weight {config.prior_loss_weight}" if config.prior_preservation else "no")
+    beach = f"{config.instance_prompt} on the beach"
+    shell = (f"lorabooth generate {shlex.quote(config.output)} --prompt {shlex.quote(beach)} \\\n"
+             f"    --unet-scale 0,0.5,1 --text-scale 1 --guidance 7.5")
+    python = (f"pipe = StableDiffusionPipeline.from_pretrained({config.model!r})\n"
+              f"pipe.load_lora_weights({config.output!r})\n"
+              f"image = pipe({beach!r}).images[0]")
     return f"""---
-base_model: {config.model}
+base_model: {json.dumps(config.model)}
 library_name: diffusers
 tags: [text-to-image, diffusers, lora, dreambooth, lorabooth]
-instance_prompt: {config.instance_prompt!r}
+instance_prompt: {json.dumps(config.instance_prompt)}
 ---
-# DreamBooth LoRA: {config.instance_prompt}
+# DreamBooth LoRA: {md.text(config.instance_prompt)}
 
-LoRA adapters for `{config.model}`, trained by lorabooth {__version__}.
+LoRA adapters for {md.code(config.model)}, trained by lorabooth {__version__}.
 
 | setting | value |
 |---|---|
-| instance prompt | {config.instance_prompt} |
+| instance prompt | {md.text(config.instance_prompt)} |
 | LoRA on | {text_encoder} |
 | rank / alpha | {config.rank} / {config.lora_alpha:g} |
 | steps, batch size | {config.steps}, {config.batch_size} |
@@ -141,16 +204,9 @@ LoRA adapters for `{config.model}`, trained by lorabooth {__version__}.
 | seed | {config.seed} |
 
 ## Use it
-```
-lorabooth generate {config.output} --prompt "{config.instance_prompt} on the beach" \\
-    --unet-scale 0,0.5,1 --text-scale 1 --guidance 7.5
-```
+{md.fenced(shell)}
 or in diffusers:
-```python
-pipe = StableDiffusionPipeline.from_pretrained("{config.model}")
-pipe.load_lora_weights("{config.output}")
-image = pipe("{config.instance_prompt} on the beach").images[0]
-```
+{md.fenced(python, "python")}
 
 Files: `pytorch_lora_weights.safetensors` (diffusers layout, metadata in its
 header), `config.toml` (the exact settings; `lorabooth train --config` reruns

@@ -21,17 +21,18 @@ from . import __version__
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import (
-    Shuffler, image_files, latent_distributions, prompt_embeddings, readable_images, tokenize,
+    Shuffler, image_files, latent_distributions, prompt_embeddings, tokenize,
 )
 from .errors import UserError
 from .formats import save_lora
 from .identifier import guess_identifier, identifier_warnings
+from .imagefiles import problem
 from .io import save_png, write_text
 from .lora import add_text_lora, add_unet_lora, freeze_all_but_lora, lora_parameters
 from .models import BaseModel, load_base, pipeline_from_parts
 from .objective import diffusion_target, dreambooth_loss
 from .prior import class_images, draw_class_images, missing_indices, remove_stale_temps
-from .runfiles import acquire_lock, model_card, prepare_output, release_lock
+from .runfiles import check_folders, model_card, run_folder, write_config
 from .speed import cast_frozen, frozen_dtype, tune_allocator, weight_dtype
 
 log = logging.getLogger(__name__)
@@ -54,22 +55,20 @@ class Examples:
 
 def train(config: TrainConfig) -> Path:
     """Train a DreamBooth LoRA as ``config`` says; returns the run folder."""
-    instance_paths = _instance_images(config)  # bad input fails before any work
+    # bad input fails before any work, and before anything is written
+    instance_paths = _instance_images(config)
+    captions = instance_captions(config, instance_paths)
+    check_folders(config)
     tune_allocator()
     accelerator = _setup_accelerator(config)
     set_seed(config.seed)  # python, numpy, torch: the LoRA init draws from torch's global RNG
-    output = prepare_output(config, accelerator.is_main_process)
-    lock = acquire_lock(output) if accelerator.is_main_process else None
-    try:
-        with _memory_advice(config):
-            _train(config, accelerator, output, instance_paths)
-    finally:
-        release_lock(lock)
+    with run_folder(config, accelerator.is_main_process) as output, _memory_advice(config):
+        _train(config, accelerator, output, instance_paths, captions)
     return output
 
 
 def _train(config: TrainConfig, accelerator: Accelerator, output: Path,
-           instance_paths: list[Path]) -> None:
+           instance_paths: list[Path], captions: list[str]) -> None:
     # Under mixed precision the frozen weights are stored in the compute dtype
     # (the UNet's 860 M are not re-cast every step); the VAE that caches
     # latents stays fp32.
@@ -86,7 +85,7 @@ def _train(config: TrainConfig, accelerator: Accelerator, output: Path,
 
     with accelerator.autocast():
         class_paths = _setup_class_images(config, base, resolution, accelerator)
-    examples = _setup_examples(config, base, resolution, instance_paths, class_paths)
+    examples = _setup_examples(config, base, resolution, instance_paths, captions, class_paths)
     if not config.validation_prompt:
         base.vae = None  # latents are cached; nothing else needs the VAE
         if not config.train_text_encoder:
@@ -106,6 +105,8 @@ def _train(config: TrainConfig, accelerator: Accelerator, output: Path,
     if config.resume:
         start = _resume(output, modules, optimizer, lr_scheduler, noise_rng,
                         instance_order, class_order)
+    if accelerator.is_main_process:
+        write_config(output, config)  # only now: a run that fails to start leaves none behind
     metrics = _open_metrics(output, start, accelerator.is_main_process)
 
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps,
@@ -252,17 +253,23 @@ def _instance_images(config: TrainConfig) -> list[Path]:
     folder = Path(config.instance_dir)
     if not folder.is_dir():
         raise UserError(f"--instance-dir {folder}: no such folder")
-    paths = readable_images(folder)
-    if not paths:
+    files = image_files(folder)
+    problems = {path: problem(path) for path in files}
+    if all(problems.values()):
         raise UserError(f"--instance-dir {folder}: no readable images (jpg, png, webp, bmp, tiff, gif)")
-    return paths
+    bad = [path for path in files if problems[path]]
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise UserError(f"--instance-dir: {bad[0]}: {problems[bad[0]]}{more}; "
+                        f"remove or replace it (`lorabooth prepare` sorts a folder out)")
+    return files
 
 
 def _setup_examples(config: TrainConfig, base: BaseModel, resolution: int,
-                    instance_paths: list[Path], class_paths: list[Path]) -> Examples:
+                    instance_paths: list[Path], captions: list[str],
+                    class_paths: list[Path]) -> Examples:
     instance = latent_distributions(base.vae, instance_paths, resolution)
     klass = latent_distributions(base.vae, class_paths, resolution) if class_paths else (None, None)
-    captions = instance_captions(config, instance_paths)
     prompts = sorted(set(captions)) + ([config.class_prompt] if class_paths else [])
     row = [prompts.index(c) for c in captions]  # image i -> its prompt's row
     ids = tokenize(base.tokenizer, prompts)
@@ -287,13 +294,23 @@ def instance_captions(config: TrainConfig, paths: list[Path]) -> list[str]:
     out = []
     for path in paths:
         txt = path.with_suffix(".txt")
-        caption = txt.read_text(encoding="utf-8").strip() if txt.is_file() else ""
+        caption = _read_caption(txt) if txt.is_file() else ""
         caption = caption or config.instance_prompt
         words = caption.lower().split()
         if identifier and not any(w in words for w in identifier):
             log.warning("%s: caption %r lacks the identifier %s", txt, caption, " ".join(identifier))
         out.append(caption)
     return out
+
+
+def _read_caption(txt: Path) -> str:
+    try:
+        return txt.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError as e:
+        raise UserError(f"--captions: {txt}: not UTF-8 text (byte {e.start}); "
+                        f"save it as UTF-8") from None
+    except OSError as e:
+        raise UserError(f"--captions: {txt}: cannot read ({e.strerror})") from None
 
 
 def _setup_lora(config: TrainConfig, base: BaseModel) -> dict[str, torch.nn.Module]:
