@@ -14,8 +14,8 @@ from .config import PrepareConfig
 from .errors import UserError
 from .grid import font
 from .images import (
-    FORMATS, Box, center_box, crop_with_reflection, dhash, face_box, hamming, orient,
-    resize_short_side, resize_square, to_rgb,
+    FORMATS, Box, center_box, crop_with_reflection, dhash, face_box, hamming, resize_short_side,
+    resize_square, upright_rgb,
 )
 from .io import save_png, write_json, write_text
 
@@ -67,7 +67,7 @@ def decode(path: Path) -> tuple[Image.Image, str]:
                 raise Rejected(f"unsupported image format {fmt}")
             im.seek(0)  # GIF/TIFF/MPO: the first frame
             im.load()
-            return to_rgb(orient(im)), fmt
+            return upright_rgb(im), fmt
     except UnidentifiedImageError:
         kind = sniff(path)
         if kind:
