@@ -20,7 +20,7 @@ from peft import LoraConfig
 from safetensors.torch import save_file
 
 from .errors import UserError
-from .io import atomic_path
+from .io import atomic_path, to_json
 from .lora import KOHYA_WEIGHT_NAME, TEXT_TARGETS, UNET_TARGETS, WEIGHT_NAME, read_lora
 
 LAYOUTS = ("diffusers", "kohya", "peft")
@@ -118,7 +118,7 @@ def adapter_header(tensors_peft: dict[str, torch.Tensor], rank: int, alpha: floa
             config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets)).to_dict()
             meta.update({f"{part}.{k}": (list(v) if isinstance(v, set) else v)
                          for k, v in config.items()})
-    return {"format": "pt", "lora_adapter_metadata": json.dumps(meta, sort_keys=True, default=str)}
+    return {"format": "pt", "lora_adapter_metadata": to_json(meta, sort_keys=True, default=str)}
 
 
 def kohya_metadata(header: dict[str, str]) -> dict[str, str]:

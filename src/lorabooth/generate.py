@@ -4,7 +4,6 @@ set separately; every combination drawn with the same seeds; a labelled grid."""
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import re
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from .errors import UserError
 from .grid import make_grid
-from .io import save_png
+from .io import save_png, to_json
 from .lora import find_lora, fused, load_into_pipeline, lora_metadata, set_scales
 from .speed import tune_allocator
 from .models import load_base, pipeline_from_parts
@@ -104,7 +103,7 @@ def _pnginfo(prompt: str, negative: str, setting: Setting, seed: int, steps: int
     fields = {"prompt": prompt, "negative_prompt": negative, "unet_scale": setting.unet_scale,
               "text_scale": setting.text_scale, "guidance": setting.guidance, "seed": seed,
               "steps": steps, "scheduler": scheduler, "lora": run}
-    info.add_text("lorabooth", json.dumps(fields))
+    info.add_text("lorabooth", to_json(fields))
     info.add_text("parameters", f"{prompt}\nNegative prompt: {negative}\nSteps: {steps}, "
                   f"Sampler: {scheduler}, CFG scale: {setting.guidance:g}, Seed: {seed}, "
                   f"LoRA scales: unet {setting.unet_scale:g} text {setting.text_scale:g}")

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from .errors import UserError
 from .formats import adapter_header, check_ranks, detect_layout, diffusers_to_peft, kohya_to_peft
 from .formats import peft_to_diffusers
-from .io import atomic_path
+from .io import atomic_path, to_json
 from .lora import find_lora, read_lora
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ def merge(inputs: list[str], weights: list[float] | None, out: str | Path,
         (merged, error), method = merge_svd(loras, weights, rank), f"svd-{rank}"
     r = check_ranks(merged, "merged")
     meta = {**adapter_header(merged, r, float(r)),
-            "lorabooth.merge": json.dumps({"inputs": [str(p) for p in inputs], "weights": weights,
+            "lorabooth.merge": to_json({"inputs": [str(p) for p in inputs], "weights": weights,
                                            "method": method, "relative_error": error})}
     if bases:
         meta["lorabooth.base_model"] = next(iter(bases))

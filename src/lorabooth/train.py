@@ -26,7 +26,7 @@ from .data import (
 from .errors import UserError
 from .formats import convert_file
 from .identifier import guess_identifier, identifier_warnings
-from .io import save_png, write_text
+from .io import save_png, to_json, write_text
 from .lora import (
     KOHYA_WEIGHT_NAME, add_text_lora, add_unet_lora, freeze_all_but_lora, lora_parameters, save_lora,
 )
@@ -145,7 +145,7 @@ def _train(config: TrainConfig, accelerator: Accelerator, output: Path,
         if len(optimizer.param_groups) > 1:
             record["lr_text"] = lr_scheduler.get_last_lr()[1]
         if metrics:
-            metrics.write(json.dumps(record) + "\n")
+            metrics.write(to_json(record) + "\n")
             metrics.flush()
         bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v)
                          for k, v in record.items() if k != "step" and v is not None},
@@ -416,7 +416,7 @@ def _finish(config: TrainConfig, base: BaseModel, output: Path,
         "lorabooth.train_text_encoder": config.train_text_encoder,
     }
     path = save_lora(output, modules["unet"], modules.get("text_encoder"),
-                     {k: json.dumps(v) for k, v in meta.items()})
+                     {k: to_json(v) for k, v in meta.items()})
     if config.save_format in ("kohya", "both"):
         convert_file(path, output / KOHYA_WEIGHT_NAME, "kohya")
     if config.save_format == "kohya":
