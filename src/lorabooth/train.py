@@ -357,8 +357,7 @@ def _unwrapped(accelerator: Accelerator, modules: dict[str, torch.nn.Module]):
 def _resume(output: Path, modules, optimizer, lr_scheduler, noise_rng: torch.Generator,
             instance_order: Shuffler, class_order: Shuffler | None) -> int:
     path = latest_checkpoint(output)
-    if path is None:
-        log.warning("--resume: no checkpoint in %s; starting at step 0", output / "checkpoints")
+    if path is None:  # a first run: nothing to say (`make demo` always passes --resume)
         return 0
     state = load_checkpoint(path, modules)
     optimizer.load_state_dict(state["optimizer"])
