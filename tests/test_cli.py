@@ -88,7 +88,8 @@ def test_real_process_no_traceback_and_no_network(photos, tmp_path, no_network_e
 
 def test_console_entry_point_help():
     exe = Path(sys.executable).parent / "lorabooth"
-    p = subprocess.run([str(exe), "train", "--help"], capture_output=True, text=True, timeout=60)
+    p = subprocess.run([str(exe), "train", "--help"], capture_output=True, text=True,
+                       timeout=600)  # a hang guard, not a speed limit
     assert p.returncode == 0 and "--prior-loss-weight" in p.stdout and "--lr-text" in p.stdout
 
 
