@@ -18,7 +18,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python -m lorabooth demo --output runs/demo
 
+# The sweep report's browser test needs headless Chromium: installed here when
+# it can be; when it cannot, the script says so and that one test is skipped.
 test: $(STAMP)
+	scripts/ensure-chromium
 	$(BIN)/python -m pytest tests
 
 clean:

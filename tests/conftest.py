@@ -1,4 +1,5 @@
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,63 @@ def make_photos(folder: Path, n: int = 3, size: tuple[int, int] = (80, 72)) -> P
         ImageDraw.Draw(im).ellipse((10 + 4 * i, 8, 60, 60), fill=(220, 60 + 30 * i, 40))
         im.save(folder / f"photo_{i}.png")
     return folder
+
+
+# Installed in a subprocess (as sitecustomize, imported at start-up) to refuse
+# every connection the way `no_network` does in this process; each attempt is
+# appended to the log file, which exists from start-up so that an empty log
+# proves the blocker ran and nothing tried the network.
+NETWORK_BLOCKER = """
+import os, socket
+_log = os.environ["LORABOOTH_TEST_NETWORK_LOG"]
+open(_log, "a").close()
+
+def _refuse(*args, **kwargs):
+    with open(_log, "a") as f:
+        f.write(repr(args) + "\\n")
+    raise OSError("network blocked by the test")
+
+socket.socket.connect = socket.socket.connect_ex = _refuse
+socket.create_connection = socket.getaddrinfo = _refuse
+"""
+
+
+@pytest.fixture
+def no_network(monkeypatch) -> list:
+    """Every connection (and name lookup) in this process fails with OSError,
+    as on a machine without a network; returns the list of attempts."""
+    attempts: list = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("network blocked by the test")
+
+    for owner, name in ((socket.socket, "connect"), (socket.socket, "connect_ex"),
+                        (socket, "create_connection"), (socket, "getaddrinfo")):
+        monkeypatch.setattr(owner, name, refuse)
+    return attempts
+
+
+@pytest.fixture
+def no_network_env(tmp_path) -> tuple[dict, Path]:
+    """An environment for a subprocess in which the network is blocked as by
+    `no_network`, and the file its attempts are written to."""
+    folder = tmp_path / "no_network"
+    folder.mkdir()
+    (folder / "sitecustomize.py").write_text(NETWORK_BLOCKER)
+    path = [str(folder)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    log = folder / "attempts.txt"
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(path),
+            "LORABOOTH_TEST_NETWORK_LOG": str(log)}, log
+
+
+def strict_loads(text: str):
+    """json.loads that, like JavaScript's JSON.parse, refuses NaN and Infinity."""
+    import json
+
+    def refuse(token):
+        raise ValueError(f"non-standard JSON token {token}")
+    return json.loads(text, parse_constant=refuse)
 
 
 def tiny_outputs(pipe):

@@ -36,3 +36,24 @@ def test_shuffler_visits_everything_each_epoch_and_resumes_exactly():
     t.load_state_dict(state)
     assert t.take(7) == ahead
     assert Shuffler(5, seed=1).take(5) == first  # seeded
+
+
+def test_transparent_png_trains_on_the_pixels_prepare_and_evaluate_see(tmp_path):
+    """Alpha over white everywhere: a photo with a transparent background is
+    not black to training and white to prepare and evaluate."""
+    from lorabooth.evaluate import _real_images
+    from lorabooth.prepare import decode
+
+    folder = tmp_path / "real"
+    folder.mkdir()
+    for i in range(2):
+        im = Image.new("RGBA", (16, 16), (30, 60, 90, 0))  # transparent, colour underneath
+        im.paste((200, 40 * i, 10, 255), (4, 4, 12, 12))  # an opaque subject
+        im.save(folder / f"cut_{i}.png")
+    trained = load_image(folder / "cut_0.png", 16)
+    seen = [decode(folder / "cut_0.png")[0], _real_images(str(folder))[0]]
+    for im in seen:
+        pixels = torch.tensor(list(im.getdata()), dtype=torch.float).T.reshape(3, 16, 16)
+        assert torch.allclose(trained, pixels / 127.5 - 1.0, atol=1e-6)
+    assert torch.equal(trained[:, 0, 0], torch.ones(3))  # white where transparent
+    assert torch.allclose(trained[:, 8, 8], torch.tensor([200, 0, 10]) / 127.5 - 1.0)

@@ -79,3 +79,24 @@ def test_fused_drawing_equals_the_adapters_and_restores_the_weights(trained_run)
     finally:
         pipe.enable_lora()
     assert base[0].tobytes() == plain[0].tobytes()
+
+
+def test_width_and_height(trained_run, tmp_path):
+    images = generate(trained_run, ["a dog"], num_images=1, steps=2, width=48, height=32,
+                      output=tmp_path)
+    assert images[0].size == (48, 32)
+    with Image.open(tmp_path / "00-a-dog" / "u1_t1_g7.5_s0.png") as png:
+        assert png.size == (48, 32)
+
+
+@pytest.mark.parametrize("option,value", [
+    ("--width", "100"), ("--height", "0"), ("--width", "-8"), ("--height", "4"), ("--width", "wide"),
+])
+def test_bad_size_is_one_line_exit_2(trained_run, tmp_path, capsys, option, value):
+    from lorabooth.cli import main
+
+    code = main(["generate", str(trained_run), "--prompt", "x", option, value,
+                 "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and option in err[0] and "Traceback" not in err[0], err
+    assert not (tmp_path / "out").exists()

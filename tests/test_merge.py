@@ -44,9 +44,20 @@ def test_svd_merge_reports_its_error(trained_run, second_run, tmp_path):
 
 
 def test_merged_file_loads_in_diffusers(trained_run, second_run, tmp_path):
+    """The merged file, loaded by diffusers alone, acts as diffusers' own blend
+    of the two runs' LoRAs as two adapters at half weight each."""
     merge([str(trained_run), str(second_run)], None, tmp_path / "m.safetensors")
-    pipe = pipeline_from_parts(build_tiny())
-    pipe.load_lora_weights(str(tmp_path), weight_name="m.safetensors")
+    merged = pipeline_from_parts(build_tiny())
+    merged.load_lora_weights(str(tmp_path), weight_name="m.safetensors")
+    blend = pipeline_from_parts(build_tiny())
+    blend.load_lora_weights(str(trained_run), adapter_name="a")
+    blend.load_lora_weights(str(second_run), adapter_name="b")
+    blend.set_adapters(["a", "b"], adapter_weights=[0.5, 0.5])
+    (um, tm), (ub, tb) = tiny_outputs(merged), tiny_outputs(blend)
+    u0, t0 = tiny_outputs(pipeline_from_parts(build_tiny()))
+    assert not torch.allclose(um, u0, atol=1e-5) and not torch.allclose(tm, t0, atol=1e-5)
+    assert torch.allclose(um, ub, atol=1e-5), (um - ub).abs().max()
+    assert torch.allclose(tm, tb, atol=1e-5), (tm - tb).abs().max()
 
 
 def test_fused_model_equals_base_plus_lora_at_those_scales(trained_run, tmp_path):

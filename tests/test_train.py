@@ -88,12 +88,20 @@ def test_config_toml_reruns_the_same_settings(trained_run):
     assert again.alpha == 8 and again.train_text_encoder and again.steps == 4
 
 
-def test_resume_continues_from_the_checkpoint(photos, tmp_path):
+def test_resume_continues_from_the_checkpoint(photos, tmp_path, caplog):
+    caplog.set_level("INFO", logger="lorabooth")
     full = train(_config(photos, tmp_path / "full", steps=6, checkpoint_every=3, lr=1e-2))
-    part = _config(photos, tmp_path / "part", steps=6, checkpoint_every=3, lr=1e-2)
+    part = _config(photos, tmp_path / "part", steps=6, checkpoint_every=3, lr=1e-2, resume=True)
+    caplog.clear()
     train(TrainConfig(**{**part.__dict__, "steps": 4}))  # "killed" after step 4; checkpoint at 3
+    # a first run with --resume (as `make demo` does) has nothing to resume and says nothing of it
+    said = [r.getMessage().lower() for r in caplog.records]
+    assert not [m for m in said if "resum" in m or "no checkpoint" in m], said
     assert (tmp_path / "part" / "checkpoints" / "step-000003").is_dir()
-    resumed = train(TrainConfig(**{**part.__dict__, "resume": True}))
+    caplog.clear()
+    resumed = train(part)
+    said = [r.getMessage() for r in caplog.records if "resum" in r.getMessage()]
+    assert len(said) == 1 and "step-000003 (step 3)" in said[0], said
     a, b = load_file(full / WEIGHT_NAME), load_file(resumed / WEIGHT_NAME)
     assert a.keys() == b.keys()
     for k in a:
@@ -121,8 +129,12 @@ def test_output_that_is_a_file(photos, tmp_path):
         train(_config(photos, tmp_path / "file"))
 
 
-def test_v_prediction_model_trains(photos, tmp_path, monkeypatch):
-    """A v-prediction base (SD 2.x style) trains with the velocity target."""
+def test_v_prediction_model_trains_on_the_velocity(photos, tmp_path, monkeypatch):
+    """A v-prediction base (SD 2.x style): every step's loss is the MSE of the
+    UNet's prediction against diffusers' own velocity (the scheduler's
+    get_velocity), which differs from the MSE against the noise."""
+    import torch.nn.functional as F
+
     t = importlib.import_module("lorabooth.train")
     from lorabooth.models import build_tiny
 
@@ -131,9 +143,27 @@ def test_v_prediction_model_trains(photos, tmp_path, monkeypatch):
         base.noise_scheduler.register_to_config(prediction_type="v_prediction")
         return base
 
+    seen = []
+    real_step_loss = t.step_loss
+
+    def spy(unet, scheduler, latents, noise, timesteps, context, n_instance, prior_weight):
+        out = real_step_loss(unet, scheduler, latents, noise, timesteps, context, n_instance,
+                             prior_weight)
+        with torch.no_grad():  # the same inputs, the target taken from the scheduler
+            pred = unet(scheduler.add_noise(latents, noise, timesteps), timesteps, context).sample
+            velocity = scheduler.get_velocity(latents, noise, timesteps)
+            seen.append((out[0].item(), F.mse_loss(pred, velocity).item(),
+                         F.mse_loss(pred, noise).item()))
+        return out
+
     monkeypatch.setattr(t, "load_base", v_tiny)
+    monkeypatch.setattr(t, "step_loss", spy)
     run = train(_config(photos, tmp_path / "v", steps=2))
-    assert all(math.isfinite(r["loss"]) for r in _losses(run))
+    assert len(seen) == 2
+    for loss, against_velocity, against_noise in seen:
+        assert loss == pytest.approx(against_velocity, rel=1e-5)
+        assert against_velocity != pytest.approx(against_noise, rel=1e-2)
+    assert [r["loss"] for r in _losses(run)] == pytest.approx([s[0] for s in seen])
 
 
 def test_bf16_autocast_keeps_lora_fp32_and_validates_on_schedule(photos, tmp_path):

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import UserError
-from .io import atomic_path, fsync_dir
+from .io import atomic_path, fsync_dir, to_json
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def save_checkpoint(output: Path, step: int, modules: dict[str, torch.nn.Module]
             save_file(trainable_state(modules), f)
         torch.save({"step": step, **training_state}, tmp / "state.pt")
         manifest = {f.name: _sha256(f) for f in sorted(tmp.iterdir())}
-        (tmp / "manifest.json").write_text(json.dumps({"step": step, "sha256": manifest}))
+        (tmp / "manifest.json").write_text(to_json({"step": step, "sha256": manifest}))
         for f in tmp.iterdir():
             with open(f, "rb+") as fh:
                 os.fsync(fh.fileno())

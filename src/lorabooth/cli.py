@@ -64,7 +64,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         text_scales=parse_floats(args.text_scale, "--text-scale"),
         guidances=parse_floats(args.guidance, "--guidance"), num_images=args.num_images,
         seed=args.seed, steps=args.steps, negative_prompt=args.negative_prompt,
-        scheduler=args.scheduler, output=args.output, model=args.model)
+        scheduler=args.scheduler, output=args.output, model=args.model, width=args.width,
+        height=args.height)
     logging.getLogger("lorabooth").info("drew %d images", len(images))
     return 0
 
@@ -195,6 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-images", type=int, default=4, help="images (seeds) per setting")
     gen.add_argument("--seed", type=int, default=0, help="first seed; image i uses seed+i")
     gen.add_argument("--scheduler", default="dpm", help="dpm, ddim, euler or pndm")
+    gen.add_argument("--width", type=int, default=None,
+                     help="image width in pixels, a multiple of 8 (default: the model's native size)")
+    gen.add_argument("--height", type=int, default=None,
+                     help="image height in pixels, a multiple of 8 (default: the model's native size)")
     gen.add_argument("--model", default=None, help="base model (default: the run's own)")
     gen.add_argument("--output", default=None, help="folder (default: RUN/generated)")
     gen.set_defaults(func=_cmd_generate)

@@ -10,6 +10,8 @@ from PIL import Image, ImageOps
 
 from .imagefiles import problem
 
+from .images import upright_rgb
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
 
@@ -28,9 +30,10 @@ def readable_images(folder: Path) -> list[Path]:
 
 
 def load_image(path: Path, resolution: int) -> torch.Tensor:
-    """EXIF-rotate, RGB, resize the short side, centre-crop: (3, R, R) in [-1, 1]."""
+    """Upright RGB as `prepare` and `evaluate` see it (alpha over white), resize
+    the short side, centre-crop: (3, R, R) in [-1, 1]."""
     with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im).convert("RGB")
+        im = upright_rgb(im)
         im = ImageOps.fit(im, (resolution, resolution), method=Image.Resampling.LANCZOS)
     pixels = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
     pixels = pixels.view(resolution, resolution, 3).permute(2, 0, 1)  # (H, W, C) -> (C, H, W)

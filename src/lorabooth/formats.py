@@ -22,7 +22,7 @@ from peft import LoraConfig, get_peft_model_state_dict
 from safetensors.torch import save_file
 
 from .errors import UserError
-from .io import atomic_path
+from .io import atomic_path, to_json
 from .lora import (
     ADAPTER, KOHYA_WEIGHT_NAME, TEXT_TARGETS, UNET_TARGETS, WEIGHT_NAME, find_lora, read_lora,
 )
@@ -158,7 +158,7 @@ def adapter_header(tensors_peft: dict[str, torch.Tensor], rank: int, alpha: floa
             config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets)).to_dict()
             meta.update({f"{part}.{k}": (list(v) if isinstance(v, set) else v)
                          for k, v in config.items()})
-    return {"format": "pt", "lora_adapter_metadata": json.dumps(meta, sort_keys=True, default=str)}
+    return {"format": "pt", "lora_adapter_metadata": to_json(meta, sort_keys=True, default=str)}
 
 
 def kohya_metadata(header: dict[str, str]) -> dict[str, str]:

@@ -4,7 +4,6 @@ set separately; every combination drawn with the same seeds; a labelled grid."""
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import re
 from dataclasses import dataclass
@@ -23,8 +22,8 @@ from PIL.PngImagePlugin import PngInfo
 
 from .errors import UserError
 from .grid import make_grid
-from .io import save_png
 from .formats import load_into_pipeline
+from .io import save_png, to_json
 from .lora import find_lora, fused, lora_metadata, set_scales
 from .speed import tune_allocator
 from .models import load_base, pipeline_from_parts
@@ -105,43 +104,54 @@ def _pnginfo(prompt: str, negative: str, setting: Setting, seed: int, steps: int
     fields = {"prompt": prompt, "negative_prompt": negative, "unet_scale": setting.unet_scale,
               "text_scale": setting.text_scale, "guidance": setting.guidance, "seed": seed,
               "steps": steps, "scheduler": scheduler, "lora": run}
-    info.add_text("lorabooth", json.dumps(fields))
+    info.add_text("lorabooth", to_json(fields))
     info.add_text("parameters", f"{prompt}\nNegative prompt: {negative}\nSteps: {steps}, "
                   f"Sampler: {scheduler}, CFG scale: {setting.guidance:g}, Seed: {seed}, "
                   f"LoRA scales: unet {setting.unet_scale:g} text {setting.text_scale:g}")
     return info
 
 
+def check_size(value: int | None, option: str) -> None:
+    """None (the model's native size) or a positive multiple of 8, as the
+    VAE's 8x downsampling of SD needs."""
+    if value is not None and (value < 8 or value % 8):
+        raise UserError(f"{option}: must be a positive multiple of 8 pixels (got {value})")
+
+
 @torch.inference_mode()
 def draw(pipe: StableDiffusionPipeline, has_text: bool, prompt: str, setting: Setting,
          seeds: list[int], steps: int, negative_prompt: str = "",
-         fuse: bool = True) -> list[Image.Image]:
-    """One image per seed for one prompt at one setting. The LoRA is fused
+         fuse: bool = True, size: tuple[int | None, int | None] = (None, None)
+         ) -> list[Image.Image]:
+    """One image per seed for one prompt at one setting, ``size`` (width,
+    height) in pixels, None for the model's native size. The LoRA is fused
     into the weights at the setting's scales while drawing (as fast as the
     base model); ``fuse=False`` runs the adapters beside the weights."""
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     if fuse:
         with fused(pipe, setting.unet_scale, setting.text_scale, has_text):
-            return _call(pipe, prompt, setting, generators, steps, negative_prompt)
+            return _call(pipe, prompt, setting, generators, steps, negative_prompt, size)
     set_scales(pipe, setting.unet_scale, setting.text_scale, has_text)
-    return _call(pipe, prompt, setting, generators, steps, negative_prompt)
+    return _call(pipe, prompt, setting, generators, steps, negative_prompt, size)
 
 
 def _call(pipe, prompt: str, setting: Setting, generators: list[torch.Generator], steps: int,
-          negative_prompt: str) -> list[Image.Image]:
+          negative_prompt: str, size: tuple[int | None, int | None]) -> list[Image.Image]:
     n = len(generators)
     return pipe([prompt] * n, negative_prompt=[negative_prompt] * n,
                 guidance_scale=setting.guidance, num_inference_steps=steps,
-                generator=generators).images
+                generator=generators, width=size[0], height=size[1]).images
 
 
 def generate(run: str | Path, prompts: list[str], unet_scales: list[float] = (1.0,),
              text_scales: list[float] = (1.0,), guidances: list[float] = (7.5,),
              num_images: int = 4, seed: int = 0, steps: int = 25, negative_prompt: str = "",
              scheduler: str = "dpm", output: str | Path | None = None,
-             model: str | None = None) -> list[Image.Image]:
+             model: str | None = None, width: int | None = None,
+             height: int | None = None) -> list[Image.Image]:
     """Draw every prompt at every (UNet scale, text scale, guidance) with the
-    same seeds; save PNGs with their settings and one labelled grid per prompt
+    same seeds, ``width`` x ``height`` pixels (default: the model's native
+    size); save PNGs with their settings and one labelled grid per prompt
     under ``output`` (default RUN/generated). Returns all images in order."""
     if not prompts:
         raise UserError("--prompt: give at least one prompt")
@@ -149,6 +159,8 @@ def generate(run: str | Path, prompts: list[str], unet_scales: list[float] = (1.
         raise UserError(f"--num-images: must be at least 1 (got {num_images})")
     if steps < 1:
         raise UserError(f"--steps: must be at least 1 (got {steps})")
+    check_size(width, "--width")
+    check_size(height, "--height")
     tune_allocator()
     pipe, has_text = load_pipeline(run, model, scheduler)
     out = Path(output) if output else Path(run) / "generated"
@@ -159,7 +171,8 @@ def generate(run: str | Path, prompts: list[str], unet_scales: list[float] = (1.
         folder = out / prompt_slug(p, prompt)
         rows = []
         for setting in settings:
-            images = draw(pipe, has_text, prompt, setting, seeds, steps, negative_prompt)
+            images = draw(pipe, has_text, prompt, setting, seeds, steps, negative_prompt,
+                          size=(width, height))
             for s, image in zip(seeds, images):
                 save_png(image, folder / f"{setting.slug}_s{s}.png",
                          _pnginfo(prompt, negative_prompt, setting, s, steps, scheduler, str(run)))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from .images import FORMATS, orient, to_rgb
+from .images import FORMATS, upright_rgb
 
 
 class Rejected(Exception):
@@ -39,7 +39,7 @@ def decode(path: Path) -> tuple[Image.Image, str]:
                 raise Rejected(f"unsupported image format {fmt}")
             im.seek(0)  # GIF/TIFF/MPO: the first frame
             im.load()
-            return to_rgb(orient(im)), fmt
+            return upright_rgb(im), fmt
     except UnidentifiedImageError:
         kind = sniff(path)
         if kind:

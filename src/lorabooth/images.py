@@ -1,5 +1,6 @@
-"""Pure image helpers for `prepare`: decoding any mode to RGB, perceptual
-hashes, square crop boxes, reflection padding. No files, no models."""
+"""Pure image helpers: the one conversion of any photo to upright RGB that
+training, `prepare` and `evaluate` share (so all three see the same pixels),
+perceptual hashes, square crop boxes, reflection padding. No files, no models."""
 
 from __future__ import annotations
 
@@ -36,6 +37,11 @@ def to_rgb(im: Image.Image) -> Image.Image:
 def orient(im: Image.Image) -> Image.Image:
     """Apply the EXIF orientation tag (1-8) so the pixels stand upright."""
     return ImageOps.exif_transpose(im)
+
+
+def upright_rgb(im: Image.Image) -> Image.Image:
+    """A photo as every command sees it: EXIF-upright, then ``to_rgb``."""
+    return to_rgb(orient(im))
 
 
 def dhash(im: Image.Image, size: int = 8) -> int:

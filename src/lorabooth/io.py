@@ -1,10 +1,12 @@
 """Atomic writes: a temp name in the same folder, fsync, then rename, so a
 kill at any moment leaves either the old file or the new one, never half.
-And the one folder relation checked before writing anywhere: nesting."""
+And the one folder relation checked before writing anywhere: nesting.
+And strict JSON: every JSON lorabooth writes goes through ``to_json``."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 from contextlib import contextmanager
@@ -64,8 +66,26 @@ def write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def finite(data: Any) -> Any:
+    """``data`` with every NaN and infinity, however deep, turned into None:
+    an undefined figure (CLIP-T of real photos) is JSON's null, which strict
+    readers accept; the NaN token Python writes by default they reject."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: finite(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [finite(v) for v in data]
+    return data
+
+
+def to_json(data: Any, **kwargs: Any) -> str:
+    """``json.dumps`` of ``finite(data)`` that refuses to write a NaN token."""
+    return json.dumps(finite(data), allow_nan=False, **kwargs)
+
+
 def write_json(path: str | Path, data: Any) -> None:
-    write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    write_text(path, to_json(data, indent=2, sort_keys=True) + "\n")
 
 
 def save_png(image: Image.Image, path: str | Path, pnginfo: Any = None) -> None:

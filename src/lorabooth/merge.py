@@ -7,7 +7,6 @@ delta_i exactly; ``rank=R`` re-factorises that sum by truncated SVD."""
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch
 
 from .errors import UserError
 from .formats import check_ranks, read_as_peft, write_lora
+from .io import to_json
 from .lora import find_lora
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ def merge(inputs: list[str], weights: list[float] | None, out: str | Path,
     else:
         (merged, error), method = merge_svd(loras, weights, rank), f"svd-{rank}"
     r = check_ranks(merged, "merged")
-    meta = {"lorabooth.merge": json.dumps({"inputs": [str(p) for p in inputs], "weights": weights,
+    meta = {"lorabooth.merge": to_json({"inputs": [str(p) for p in inputs], "weights": weights,
                                            "method": method, "relative_error": error})}
     if bases:
         meta["lorabooth.base_model"] = next(iter(bases))

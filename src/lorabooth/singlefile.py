@@ -162,13 +162,12 @@ def load_single_file(path: Path, config: str | Path):
 def sd15_config_dir(folder: Path) -> Path:
     """Stable Diffusion 1.5's component configs (no weights) written into
     ``folder``, so a single SD 1.x file loads without the hub."""
-    import json
-
+    from .io import to_json
     from .models import clip_tokenizer, sd_noise_scheduler
 
     def write(sub: str, config: dict) -> None:
         (folder / sub).mkdir(parents=True, exist_ok=True)
-        (folder / sub / "config.json").write_text(json.dumps(config))
+        (folder / sub / "config.json").write_text(to_json(config))
 
     write("unet", {"_class_name": "UNet2DConditionModel", "sample_size": 64,
                    "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2,
@@ -186,7 +185,7 @@ def sd15_config_dir(folder: Path) -> Path:
                            "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 1})
     sd_noise_scheduler().save_pretrained(folder / "scheduler")
     clip_tokenizer().save_pretrained(folder / "tokenizer")
-    (folder / "model_index.json").write_text(json.dumps({
+    (folder / "model_index.json").write_text(to_json({
         "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDPMScheduler"],

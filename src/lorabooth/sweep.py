@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from .config import TrainConfig, check_keys, read_toml, to_toml_dict
 from .errors import UserError
 from .generate import Setting, load_pipeline, prompt_slug, settings_grid
 from .grid import make_grid
-from .io import save_png
+from .io import save_png, to_json
 
 log = logging.getLogger(__name__)
 SECTIONS = {"base", "train", "generate", "evaluate"}
@@ -130,7 +129,7 @@ def expand(sweep: Sweep) -> list[tuple[str, TrainConfig]]:
 
 def config_hash(config: TrainConfig) -> str:
     data = {k: v for k, v in to_toml_dict(config).items() if k not in NEUTRAL}
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(to_json(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def run_state(config: TrainConfig) -> str:

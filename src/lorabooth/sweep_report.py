@@ -1,17 +1,18 @@
 """report.html for a sweep: one self-contained page (images inline as data
-URIs, no scripts or styles from the network), every user string escaped."""
+URIs, loss curves as inline SVG, no scripts or styles from the network),
+every user string escaped."""
 
 from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 from pathlib import Path
 
 from .config import to_toml_dict
 from .generate import prompt_slug
 from .io import write_text
+from .lossplot import loss_svg
 
 METRICS = ("dino", "clip_i", "clip_t", "pres", "div")
 
@@ -28,25 +29,12 @@ def _losses(run: Path) -> list[dict]:
 
 
 def loss_plot(results: list[dict]) -> str:
-    """Loss curves of every run as an inline PNG (matplotlib, no display)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 3.2), dpi=100)
+    """Every run's loss curve, smoothed over its faint raw losses, as inline SVG."""
+    runs = []
     for r in results:
         rows = _losses(r["run"])
-        if rows:
-            ax.plot([x["step"] for x in rows], [x["loss"] for x in rows], label=r["name"], lw=1)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+        runs.append((r["name"], [x["step"] for x in rows], [x["loss"] for x in rows]))
+    return loss_svg(runs)
 
 
 def _cell(metrics: dict | None, key: str) -> str:
@@ -101,7 +89,8 @@ pre {{ background: #f4f4f4; padding: 1em; }}
 {''.join(rows)}
 </table>
 <h2>Loss curves</h2>
-<img alt="loss curves" src="{loss_plot(results)}">
+<p>Thick: the loss smoothed (exponential moving average); faint: the loss of each step.</p>
+{loss_plot(results)}
 <h2>Grids</h2>
 {''.join(sections)}
 <h2>The sweep file</h2>

@@ -27,7 +27,7 @@ from .errors import UserError
 from .formats import save_lora
 from .identifier import guess_identifier, identifier_warnings
 from .imagefiles import problem
-from .io import save_png, write_text
+from .io import save_png, to_json, write_text
 from .lora import add_text_lora, add_unet_lora, freeze_all_but_lora, lora_parameters
 from .models import BaseModel, load_base, pipeline_from_parts
 from .objective import diffusion_target, dreambooth_loss
@@ -144,7 +144,7 @@ def _train(config: TrainConfig, accelerator: Accelerator, output: Path,
         if len(optimizer.param_groups) > 1:
             record["lr_text"] = lr_scheduler.get_last_lr()[1]
         if metrics:
-            metrics.write(json.dumps(record) + "\n")
+            metrics.write(to_json(record) + "\n")
             metrics.flush()
         bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v)
                          for k, v in record.items() if k != "step" and v is not None},
@@ -372,8 +372,7 @@ def _unwrapped(accelerator: Accelerator, modules: dict[str, torch.nn.Module]):
 def _resume(output: Path, modules, optimizer, lr_scheduler, noise_rng: torch.Generator,
             instance_order: Shuffler, class_order: Shuffler | None) -> int:
     path = latest_checkpoint(output)
-    if path is None:
-        log.warning("--resume: no checkpoint in %s; starting at step 0", output / "checkpoints")
+    if path is None:  # a first run: nothing to say (`make demo` always passes --resume)
         return 0
     state = load_checkpoint(path, modules)
     optimizer.load_state_dict(state["optimizer"])
@@ -432,7 +431,7 @@ def _finish(config: TrainConfig, base: BaseModel, output: Path,
     }
     layouts = {"both": ("diffusers", "kohya")}.get(config.save_format, (config.save_format,))
     save_lora(output, modules["unet"], modules.get("text_encoder"),
-              {k: json.dumps(v) for k, v in meta.items()}, layouts)
+              {k: to_json(v) for k, v in meta.items()}, layouts)
     if config.validation_prompt:
         _validate(config, base, output, config.steps)
     write_text(output / "README.md", model_card(config, resolution))

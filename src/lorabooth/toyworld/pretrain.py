@@ -5,7 +5,6 @@ on cached latents, stage 3 the judges. Seeded; every figure logged."""
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
@@ -20,7 +19,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from .. import __version__
 from ..data import tokenize
-from ..io import write_json
+from ..io import to_json, write_json
 from ..models import BaseModel, clip_tokenizer, save_base, sd_noise_scheduler
 from .world import caption, random_spec, render
 
@@ -183,5 +182,5 @@ def pretrain(out: str | Path, seed: int = 0, images: int = 40000, vae_steps: int
     save_base(base, out)
     record["total_seconds"] = round(time.perf_counter() - t0)
     write_json(out / "toyworld.json", record)
-    log.info("toy model written to %s: %s", out, json.dumps(record))
+    log.info("toy model written to %s: %s", out, to_json(record))
     return out

@@ -1,0 +1,27 @@
+"""Strict JSON: what lorabooth writes parses with a reader that rejects NaN."""
+
+import json
+import math
+
+import pytest
+
+from lorabooth.io import finite, to_json, write_json
+from conftest import strict_loads
+
+
+def test_non_finite_floats_become_null_at_any_depth(tmp_path):
+    data = {"mean": math.nan, "rows": [{"std": math.inf}, (1.5, -math.inf)], "n": 0, "s": "nan"}
+    assert finite(data) == {"mean": None, "rows": [{"std": None}, [1.5, None]], "n": 0, "s": "nan"}
+    assert strict_loads(to_json(data)) == finite(data)
+    write_json(tmp_path / "x.json", data)
+    assert strict_loads((tmp_path / "x.json").read_text())["mean"] is None
+
+
+def test_finite_data_is_written_as_json_dumps_writes_it():
+    data = {"b": [1, 2.5, True, None], "a": "x"}
+    assert to_json(data, sort_keys=True) == json.dumps(data, sort_keys=True)
+
+
+def test_strict_reader_rejects_what_python_writes_by_default():
+    with pytest.raises(ValueError, match="NaN"):
+        strict_loads(json.dumps({"x": math.nan}))
