@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 # what the run computes.
 RESUME_NEUTRAL = {"resume", "force", "steps", "checkpoint_every", "validation_prompt",
                   "validation_every", "output", "gradient_checkpointing"}
+# Options that change which LoRA tensors exist or their shapes: a checkpoint
+# cannot be loaded across them, so --force does not override them.
+RESUME_SHAPE = {"rank", "train_text_encoder"}
 
 
 def config_differences(old: dict, new: dict) -> list[str]:
@@ -41,6 +44,11 @@ def check_resume_config(output: Path, config: TrainConfig) -> None:
     except (OSError, tomllib.TOMLDecodeError):
         return
     diffs = config_differences(old, to_toml_dict(config))
+    shapes = [d for d in diffs if d.split()[0] in map(option_name, RESUME_SHAPE)]
+    if shapes:
+        raise UserError(f"--resume: {output} was trained with other LoRA shapes "
+                        f"({'; '.join(shapes)}); its checkpoints cannot be loaded into them, "
+                        f"even with --force; train into another --output")
     if diffs and not config.force:
         raise UserError(f"--resume: {output} was trained with other settings "
                         f"({'; '.join(diffs)}); use the same options or add --force")
