@@ -11,7 +11,7 @@ import pytest
 from lorabooth.cli import main
 from lorabooth.config import TrainConfig
 from lorabooth.errors import UserError
-from lorabooth.sweep import config_hash, expand, load_sweep, run_sweep, run_state
+from lorabooth.sweep import check_size, config_hash, expand, load_sweep, run_sweep, run_state
 
 SWEEP = """
 [base]
@@ -70,6 +70,15 @@ def test_run_names_are_unique_and_stay_in_the_sweep_folder(tmp_path, photos):
     root = (tmp_path / "sweep").resolve()
     assert all(o.parent == tmp_path / "sweep" and o.resolve().parent == root for o in outputs)
     assert all("/" not in name and name.startswith("lr=0.0005") for name, _ in runs)
+
+
+def test_a_grid_above_the_cap_needs_yes(tmp_path, photos):
+    text = SWEEP.replace("lr = [1e-4, 5e-4]", f"seed = {list(range(501))}")
+    sweep = load_sweep(_write(tmp_path, photos, text))
+    with pytest.raises(UserError, match="1002 training runs"):
+        check_size(sweep, yes=False)
+    check_size(sweep, yes=True)
+    check_size(load_sweep(_write(tmp_path, photos)), yes=False)
 
 
 def test_the_same_point_twice_is_refused(tmp_path, photos):

@@ -43,12 +43,13 @@ def check_resume_config(output: Path, config: TrainConfig) -> None:
         old = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, tomllib.TOMLDecodeError):
         return
-    diffs = config_differences(old, to_toml_dict(config))
-    shapes = [d for d in diffs if d.split()[0] in map(option_name, RESUME_SHAPE)]
+    new = to_toml_dict(config)
+    diffs = config_differences(old, new)
+    shapes = " and ".join(option_name(k) for k in sorted(RESUME_SHAPE) if old.get(k) != new[k])
     if shapes:
-        raise UserError(f"--resume: {output} was trained with other LoRA shapes "
-                        f"({'; '.join(shapes)}); its checkpoints cannot be loaded into them, "
-                        f"even with --force; train into another --output")
+        raise UserError(f"--resume: {output} was trained with other settings ({'; '.join(diffs)}); "
+                        f"its checkpoints cannot be loaded across a change of {shapes}, even "
+                        f"with --force; use the same {shapes} or another --output")
     if diffs and not config.force:
         raise UserError(f"--resume: {output} was trained with other settings "
                         f"({'; '.join(diffs)}); use the same options or add --force")
