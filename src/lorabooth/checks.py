@@ -18,8 +18,8 @@ if TYPE_CHECKING:  # the CLI imports this module; torch loads only when tensors 
 # numpy's legacy seeding (which accelerate's set_seed calls) takes 32 bits;
 # one range for every command keeps a seed usable everywhere.
 MAX_SEED = 2**32 - 1
-# Images one setting of `generate` draws; beyond this the seed list alone
-# exhausts memory long before the first picture.
+# Images per setting (`generate --num-images`, `evaluate`'s per prompt): far
+# beyond this the seed list alone exhausts memory before the first picture.
 MAX_IMAGES = 1000
 # Sampler steps: schedulers have 1000 training timesteps to spread them over.
 MAX_STEPS = 1000

@@ -204,8 +204,8 @@ def _memory_advice(config: TrainConfig) -> Iterator[None]:
     """Out of memory, on the GPU or the CPU, becomes one line of what to lower."""
     try:
         yield
-    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
-        if isinstance(e, RuntimeError) and not is_cpu_oom(e):
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        if not isinstance(e, (torch.OutOfMemoryError, MemoryError)) and not is_cpu_oom(e):
             raise
         raise UserError(
             f"out of memory; lower --batch-size (now {config.batch_size}) or --resolution "
