@@ -39,8 +39,11 @@ PROMPT = "a photo of sks dog"
 
 @contextmanager
 def no_network():
-    """Every attempt to reach another machine fails and is recorded (a
-    blocked connection the code caught and ignored still counts)."""
+    """As if online (HF_HUB_OFFLINE unset), but every attempt to reach
+    another machine fails and is recorded (a blocked connection the code
+    caught and ignored still counts)."""
+    import huggingface_hub.constants
+
     attempts: list = []
 
     def refuse(*args, **kwargs):
@@ -55,6 +58,8 @@ def no_network():
         return real_connect(self, address)
 
     with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("HF_HUB_OFFLINE", raising=False)
+        mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
         mp.setattr(socket.socket, "connect", connect)
         mp.setattr(socket, "getaddrinfo", refuse)
         mp.setattr(socket, "create_connection", refuse)
