@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import argparse
 import math
-from typing import TYPE_CHECKING, Iterable
+from collections.abc import Iterable
+
+import numpy as np
+import torch
 
 from .errors import UserError
-
-if TYPE_CHECKING:  # the CLI imports this module; torch loads only when tensors are checked
-    import numpy as np
-    import torch
 
 # numpy's legacy seeding (which accelerate's set_seed calls) takes 32 bits;
 # one range for every command keeps a seed usable everywhere.
@@ -54,10 +53,8 @@ def check_count(value: int, option: str, high: int) -> int:
     return value
 
 
-def check_tensors(tensors: dict[str, "torch.Tensor"], what: str) -> None:
+def check_tensors(tensors: dict[str, torch.Tensor], what: str) -> None:
     """Refuse to write ``tensors`` when any holds NaN or inf."""
-    import torch
-
     bad = [name for name, t in tensors.items()
            if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
@@ -65,11 +62,9 @@ def check_tensors(tensors: dict[str, "torch.Tensor"], what: str) -> None:
                         f"nothing was written")
 
 
-def check_images(arrays: "np.ndarray", what: str) -> None:
+def check_images(arrays: np.ndarray, what: str) -> None:
     """Refuse decoded images (floats in [0, 1]) that hold NaN or inf: saved
     as PNG they would silently turn black."""
-    import numpy as np
-
     if not np.isfinite(arrays).all():
         raise UserError(f"{what}: the drawn images hold NaN or inf (the LoRA or the settings "
                         f"are broken); nothing was written")
