@@ -116,7 +116,7 @@ def _bad_input(kind, tmp_path, photos, no_unet_model, trained_run):
     (tmp_path / "wrongtype.toml").write_text('steps = "many"\n')
     bad_lora = tmp_path / "badlora"
     bad_lora.mkdir(exist_ok=True)
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     from lorabooth.lora import WEIGHT_NAME, read_lora
     tensors, header = read_lora(trained_run / WEIGHT_NAME)

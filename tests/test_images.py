@@ -3,7 +3,7 @@ import pytest
 from PIL import Image
 
 from lorabooth.images import (
-    center_box, crop_with_reflection, dhash, face_box, hamming, orient, to_rgb,
+    center_box, crop_with_reflection, dhash, face_box, hamming, to_rgb,
 )
 
 

@@ -3,13 +3,14 @@
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
 from lorabooth.cli import main
 from lorabooth.config import TrainConfig
 from lorabooth.errors import UserError
-from lorabooth.sweep import config_hash, expand, load_sweep, run_sweep, run_state
+from lorabooth.sweep import check_size, config_hash, expand, load_sweep, run_sweep, run_state
 
 SWEEP = """
 [base]
@@ -44,15 +45,45 @@ def _write(tmp_path, photos, text=SWEEP):
 def test_expand_names_and_hashes(tmp_path, photos):
     sweep = load_sweep(_write(tmp_path, photos))
     runs = expand(sweep)
-    assert [n for n, _ in runs] == ["lr=0.0001,train_text_encoder=false",
-                                    "lr=0.0001,train_text_encoder=true",
-                                    "lr=0.0005,train_text_encoder=false",
-                                    "lr=0.0005,train_text_encoder=true"]
+    assert [n.rsplit("-", 1)[0] for n, _ in runs] == ["lr=0.0001,train_text_encoder=false",
+                                                      "lr=0.0001,train_text_encoder=true",
+                                                      "lr=0.0005,train_text_encoder=false",
+                                                      "lr=0.0005,train_text_encoder=true"]
+    assert all(n.rsplit("-", 1)[1] == config_hash(c)[:8] for n, c in runs)
     assert all(isinstance(c, TrainConfig) and c.steps == 2 for _, c in runs)
-    assert runs[3][1].output.endswith("lr=0.0005,train_text_encoder=true")
+    assert runs[3][1].output == str(tmp_path / "sweep" / runs[3][0])
     hashes = {config_hash(c) for _, c in runs}
     assert len(hashes) == 4
     assert len(sweep.settings) == 6
+
+
+def test_run_names_are_unique_and_stay_in_the_sweep_folder(tmp_path, photos):
+    """Values that print alike under :g, and a path value walking up with
+    `..`, each get their own folder under the sweep output."""
+    text = SWEEP.replace("lr = [1e-4, 5e-4]", "lr = [0.0005, 0.00050000001]").replace(
+        "train_text_encoder = [false, true]",
+        f'instance_dir = ["{photos}", "../{photos.name}/../{photos.name}"]')
+    runs = expand(load_sweep(_write(tmp_path, photos, text)))
+    outputs = [Path(c.output) for _, c in runs]
+    assert len(set(outputs)) == 4
+    root = (tmp_path / "sweep").resolve()
+    assert all(o.parent == tmp_path / "sweep" and o.resolve().parent == root for o in outputs)
+    assert all("/" not in name and name.startswith("lr=0.0005") for name, _ in runs)
+
+
+def test_a_grid_above_the_cap_needs_yes(tmp_path, photos):
+    text = SWEEP.replace("lr = [1e-4, 5e-4]", f"seed = {list(range(501))}")
+    sweep = load_sweep(_write(tmp_path, photos, text))
+    with pytest.raises(UserError, match="1002 training runs"):
+        check_size(sweep, yes=False)
+    check_size(sweep, yes=True)
+    check_size(load_sweep(_write(tmp_path, photos)), yes=False)
+
+
+def test_the_same_point_twice_is_refused(tmp_path, photos):
+    text = SWEEP.replace("lr = [1e-4, 5e-4]", "lr = [5e-4, 0.0005]")
+    with pytest.raises(UserError, match="two runs have the same settings"):
+        expand(load_sweep(_write(tmp_path, photos, text)))
 
 
 @pytest.mark.parametrize("bad,needle", [

@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -102,15 +103,51 @@ def checkpoints(output: Path) -> list[tuple[int, Path]]:
     return sorted((int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)))
 
 
-def latest_checkpoint(output: Path) -> Path | None:
-    """The newest checkpoint that verifies (broken newer ones are skipped)."""
+def _verified(output: Path) -> Iterator[Path]:
+    """Checkpoints that verify, newest first (broken ones are named and skipped)."""
     for _, path in reversed(checkpoints(output)):
         if verify(path):
-            return path
-        log.warning("checkpoint %s does not verify against its manifest; skipping it", path)
+            yield path
+        else:
+            log.warning("checkpoint %s does not verify against its manifest; skipping it", path)
+
+
+def latest_checkpoint(output: Path) -> Path | None:
+    """The newest checkpoint that verifies."""
+    return next(_verified(output), None)
+
+
+STATE_KEYS = ("step", "optimizer", "lr_scheduler", "noise_rng", "torch_rng", "instance_order",
+              "class_order")
+
+
+def read_checkpoint(path: Path, modules: dict[str, torch.nn.Module]
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """One checkpoint's LoRA tensors and training state, checked against this
+    run's LoRA before anything is loaded into it; ValueError when they do
+    not fit."""
+    tensors = load_file(path / "lora.safetensors")
+    expected = {k: v.shape for k, v in trainable_state(modules).items()}
+    if {k: v.shape for k, v in tensors.items()} != expected:
+        raise ValueError("its LoRA tensors are not this run's (names or shapes differ)")
+    state = torch.load(path / "state.pt", weights_only=True)
+    if not isinstance(state, dict) or any(k not in state for k in STATE_KEYS):
+        raise ValueError(f"state.pt lacks some of {', '.join(STATE_KEYS)}")
+    if not isinstance(state["step"], int) or not all(
+            isinstance(state[k], torch.Tensor) for k in ("noise_rng", "torch_rng")):
+        raise ValueError("state.pt holds values of the wrong types")
+    return tensors, state
+
+
+def latest_loadable(output: Path, modules: dict[str, torch.nn.Module]
+                    ) -> tuple[Path, dict[str, torch.Tensor], dict[str, Any]] | None:
+    """The newest checkpoint that verifies and reads. A file replaced along
+    with its manifest passes the checksums but not the reading: it is skipped
+    like one that fails them, and the next older one is tried."""
+    for path in _verified(output):
+        try:
+            return (path, *read_checkpoint(path, modules))
+        except Exception as e:  # noqa: BLE001 - torch.load and safetensors raise many kinds on bad bytes
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+            log.warning("checkpoint %s does not load (%s); skipping it", path, first)
     return None
-
-
-def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module]) -> dict[str, Any]:
-    load_trainable_state(modules, load_file(path / "lora.safetensors"))
-    return torch.load(path / "state.pt", weights_only=True)

@@ -10,6 +10,7 @@ from dataclasses import fields
 from typing import get_type_hints
 
 from . import __version__
+from .checks import finite_float
 from .config import PrepareConfig, TrainConfig, build_config, option_name
 from .errors import UserError
 
@@ -35,7 +36,8 @@ def _add_options(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ..
             parser.add_argument(option_name(f.name), dest=f.name, default=None,
                                 action=argparse.BooleanOptionalAction, help=help_text)
         else:
-            parser.add_argument(option_name(f.name), dest=f.name, type=kind, default=None,
+            parser.add_argument(option_name(f.name), dest=f.name, default=None,
+                                type=finite_float if kind is float else kind,
                                 metavar=f.name.upper(), help=help_text)
 
 
@@ -165,7 +167,7 @@ def _cmd_fuse(args: argparse.Namespace) -> int:
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from .sweep import run_sweep
 
-    run_sweep(args.file)
+    run_sweep(args.file, yes=args.yes)
     return 0
 
 
@@ -231,9 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--images-per-prompt", type=int, default=4, help="the paper uses 4")
     ev.add_argument("--pres-images", type=int, default=8, help="class-prompt images for PRES")
     ev.add_argument("--seed", type=int, default=0, help="first seed; image i uses seed+i")
-    ev.add_argument("--unet-scale", type=float, default=1.0, help="UNet LoRA scale")
-    ev.add_argument("--text-scale", type=float, default=1.0, help="text-encoder LoRA scale")
-    ev.add_argument("--guidance", type=float, default=7.5, help="guidance scale")
+    ev.add_argument("--unet-scale", type=finite_float, default=1.0, help="UNet LoRA scale")
+    ev.add_argument("--text-scale", type=finite_float, default=1.0, help="text-encoder LoRA scale")
+    ev.add_argument("--guidance", type=finite_float, default=7.5, help="guidance scale")
     ev.add_argument("--steps", type=int, default=25, help="sampler steps")
     ev.add_argument("--dino", default="facebook/dino-vits16", help="DINO model (folder or hub id)")
     ev.add_argument("--clip", default="openai/clip-vit-base-patch32",
@@ -286,8 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     fus = sub.add_parser("fuse", help="bake a LoRA into a full diffusers model folder")
     fus.add_argument("run", help="run folder or LoRA file")
     fus.add_argument("--out", required=True, help="output model folder")
-    fus.add_argument("--unet-scale", type=float, default=1.0)
-    fus.add_argument("--text-scale", type=float, default=1.0)
+    fus.add_argument("--unet-scale", type=finite_float, default=1.0)
+    fus.add_argument("--text-scale", type=finite_float, default=1.0)
     fus.add_argument("--model", default=None, help="base model (default: the run's own)")
     fus.add_argument("--single-file", action="store_true",
                      help="write one .safetensors in the original SD layout instead of a folder")
@@ -296,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     sw = sub.add_parser("sweep", help="a grid of training runs x inference settings, one report")
     sw.add_argument("file", help="sweep TOML: [base], [train.grid], [generate], [generate.grid], "
                                  "[evaluate]")
+    sw.add_argument("--yes", action="store_true",
+                    help="run a grid of more than 1000 training runs")
     sw.set_defaults(func=_cmd_sweep)
 
     demo = sub.add_parser("demo", help="train and draw on the built-in model with example photos")

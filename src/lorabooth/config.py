@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import stat
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from .checks import MAX_SEED, finite
 from .errors import UserError
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
@@ -28,6 +30,15 @@ def _help(text: str, default: Any = None, **kw: Any) -> Any:
 def option_name(key: str) -> str:
     """``prior_loss_weight`` -> ``--prior-loss-weight``."""
     return "--" + key.replace("_", "-")
+
+
+def _check_finite(config: Any) -> None:
+    """NaN and inf compare false with everything, so they slip past every
+    range check below; refuse them first, for every float field."""
+    hints = get_type_hints(type(config))
+    for f in fields(config):
+        if hints[f.name] is float:
+            finite(getattr(config, f.name), option_name(f.name))
 
 
 @dataclass(frozen=True)
@@ -72,6 +83,7 @@ class TrainConfig:
         def bad(key: str, why: str) -> UserError:
             return UserError(f"{option_name(key)}: {why} (got {getattr(self, key)!r})")
 
+        _check_finite(self)
         for key in ("lr", "lr_text", "prior_loss_weight"):
             if not getattr(self, key) > 0:
                 raise bad(key, "must be a positive number")
@@ -79,9 +91,11 @@ class TrainConfig:
                     "class_draw_batch"):
             if getattr(self, key) < 1:
                 raise bad(key, "must be at least 1")
-        for key in ("checkpoint_every", "validation_every", "seed"):
+        for key in ("checkpoint_every", "validation_every"):
             if getattr(self, key) < 0:
                 raise bad(key, "must be 0 or more")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise bad("seed", f"must be between 0 and {MAX_SEED}")
         if self.alpha < 0:
             raise bad("alpha", "must be 0 (= rank) or positive")
         if self.max_grad_norm < 0:
@@ -135,6 +149,7 @@ class PrepareConfig:
         def bad(key: str, why: str) -> UserError:
             return UserError(f"{option_name(key)}: {why} (got {getattr(self, key)!r})")
 
+        _check_finite(self)
         if self.resolution < 8 or self.resolution % 8:
             raise bad("resolution", "must be a positive multiple of 8")
         if self.crop not in CROPS:
@@ -187,13 +202,28 @@ def check_keys(cls: type, values: dict[str, Any], where: str) -> dict[str, Any]:
     return checked
 
 
+# Far above any real config or sweep file; a larger "config" is a mistake
+# (a model, a log) that would only be read into memory to fail.
+MAX_TOML_BYTES = 1 << 20
+
+
 def read_toml(path: str | Path) -> dict[str, Any]:
+    """A small regular UTF-8 TOML file; anything else (a device such as
+    /dev/zero, a folder, a huge or binary file) is one line."""
     path = Path(path)
     try:
+        info = path.stat()  # before opening: opening a FIFO would wait for a writer
+        if not stat.S_ISREG(info.st_mode):
+            raise UserError(f"{path}: not a regular file")
+        if info.st_size > MAX_TOML_BYTES:
+            raise UserError(f"{path}: {info.st_size} bytes is too large for a TOML file "
+                            f"(at most {MAX_TOML_BYTES})")
         with path.open("rb") as f:
-            return tomllib.load(f)
+            return tomllib.loads(f.read(MAX_TOML_BYTES + 1).decode("utf-8"))
     except FileNotFoundError:
         raise UserError(f"--config: no such file: {path}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not a text file (byte {e.start} is not UTF-8)") from None
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{path}: not valid TOML: {e}") from None
     except OSError as e:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from .checks import MAX_IMAGES, MAX_STEPS, check_count, check_seeds
 from .data import readable_images
 from .errors import UserError
 from .generate import Setting, draw, load_pipeline, prompt_slug
@@ -40,6 +41,25 @@ class EvalPrompt:
     slug: str
 
 
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise UserError(f"--kind: must be one of {', '.join(KINDS)} (got {kind!r})")
+
+
+def check_options(kind: str = "live", prompts_file: str | None = None, images_per_prompt: int = 4,
+                  pres_images: int = 8, steps: int = 25, seed: int = 0) -> None:
+    """What ``evaluate`` refuses before any work; a sweep checks its
+    [evaluate] section with it before the first run trains."""
+    if images_per_prompt < 2:
+        raise UserError("--images-per-prompt: at least 2 (DIV compares images of one prompt)")
+    check_count(images_per_prompt, "--images-per-prompt", MAX_IMAGES)
+    check_count(pres_images, "--pres-images", MAX_IMAGES)
+    check_count(steps, "--steps", MAX_STEPS)
+    check_seeds([seed, seed + max(images_per_prompt, pres_images) - 1], "--seed")
+    if not prompts_file:
+        _check_kind(kind)
+
+
 def load_prompts(kind: str, prompts_file: str | None, identifier: str,
                  class_noun: str) -> list[EvalPrompt]:
     """The paper's prompts (``{0}`` identifier, ``{1}`` class noun) or the user's."""
@@ -49,8 +69,7 @@ def load_prompts(kind: str, prompts_file: str | None, identifier: str,
         except OSError as e:
             raise UserError(f"--prompts {prompts_file}: cannot read ({e.strerror})") from None
     else:
-        if kind not in KINDS:
-            raise UserError(f"--kind: must be one of {', '.join(KINDS)} (got {kind!r})")
+        _check_kind(kind)
         text = (resources.files("lorabooth") / "assets" / "dreambench" /
                 f"prompts_{kind}.txt").read_text(encoding="utf-8")
     templates = [line.strip() for line in text.splitlines() if line.strip()]
@@ -149,8 +168,7 @@ def evaluate(run: str | Path, real: str, class_noun: str | None = None, kind: st
              clip: str = "openai/clip-vit-base-patch32", model: str | None = None,
              pres_images: int = 8) -> dict:
     """Score a run as in the paper's Table 1; returns what metrics.json holds."""
-    if images_per_prompt < 2:
-        raise UserError("--images-per-prompt: at least 2 (DIV compares images of one prompt)")
+    check_options(kind, prompts_file, images_per_prompt, pres_images, steps, seed)
     identifier, class_noun, class_prompt = _defaults_from_run(run, identifier, class_noun)
     prompts = load_prompts(kind, prompts_file, identifier, class_noun)
     real_images = _real_images(real)

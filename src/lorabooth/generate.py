@@ -20,6 +20,7 @@ from diffusers import (
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from .checks import MAX_IMAGES, MAX_STEPS, check_count, check_images, check_seeds, finite
 from .errors import UserError
 from .grid import make_grid
 from .formats import load_into_pipeline
@@ -62,7 +63,7 @@ def parse_floats(text: str, option: str) -> list[float]:
         raise UserError(f"{option}: expected numbers separated by commas (got {text!r})") from None
     if not values:
         raise UserError(f"{option}: expected at least one number (got {text!r})")
-    return values
+    return [finite(v, option) for v in values]
 
 
 def settings_grid(unet_scales: list[float], text_scales: list[float],
@@ -138,9 +139,11 @@ def draw(pipe: StableDiffusionPipeline, has_text: bool, prompt: str, setting: Se
 def _call(pipe, prompt: str, setting: Setting, generators: list[torch.Generator], steps: int,
           negative_prompt: str, size: tuple[int | None, int | None]) -> list[Image.Image]:
     n = len(generators)
-    return pipe([prompt] * n, negative_prompt=[negative_prompt] * n,
-                guidance_scale=setting.guidance, num_inference_steps=steps,
-                generator=generators, width=size[0], height=size[1]).images
+    arrays = pipe([prompt] * n, negative_prompt=[negative_prompt] * n,
+                  guidance_scale=setting.guidance, num_inference_steps=steps,
+                  generator=generators, width=size[0], height=size[1], output_type="np").images
+    check_images(arrays, f"{prompt!r} at {setting.label}")  # as PNGs NaN would be black
+    return pipe.numpy_to_pil(arrays)
 
 
 def generate(run: str | Path, prompts: list[str], unet_scales: list[float] = (1.0,),
@@ -155,16 +158,17 @@ def generate(run: str | Path, prompts: list[str], unet_scales: list[float] = (1.
     under ``output`` (default RUN/generated). Returns all images in order."""
     if not prompts:
         raise UserError("--prompt: give at least one prompt")
-    if num_images < 1:
-        raise UserError(f"--num-images: must be at least 1 (got {num_images})")
-    if steps < 1:
-        raise UserError(f"--steps: must be at least 1 (got {steps})")
+    check_count(num_images, "--num-images", MAX_IMAGES)
+    check_count(steps, "--steps", MAX_STEPS)
     check_size(width, "--width")
     check_size(height, "--height")
+    seeds = [seed + i for i in range(num_images)]
+    check_seeds(seeds, "--seed")
+    out = Path(output) if output else Path(run) / "generated"
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output {out}: is a file, not a folder")
     tune_allocator()
     pipe, has_text = load_pipeline(run, model, scheduler)
-    out = Path(output) if output else Path(run) / "generated"
-    seeds = [seed + i for i in range(num_images)]
     settings = settings_grid(list(unet_scales), list(text_scales), list(guidances))
     everything: list[Image.Image] = []
     for p, prompt in enumerate(prompts):

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 from wordfreq import zipf_frequency
 
+from .errors import UserError
+
 # Zipf frequency (log10 of occurrences per billion words, wordfreq's English
 # list): 3 is about one in a million words ("sks" is 2.3, "dog" 5.1). Below
 # COMMON a word is not common English; below RARE it is all but unknown.
@@ -68,6 +70,8 @@ def candidates(tokenizer) -> list[Candidate]:
 def rare_identifiers(tokenizer, n: int = 10, seed: int | None = None) -> list[Candidate]:
     """The ``n`` rarest candidates, or with ``seed`` ``n`` drawn at random from
     the rarest tenth (the paper samples from the rare range, not the one end)."""
+    if n < 1:  # a negative n would slice from the end: all but the last -n rows
+        raise UserError(f"--n: must be at least 1 (got {n})")
     pool = candidates(tokenizer)
     if seed is None:
         return pool[:n]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .checks import check_tensors
 from .errors import UserError
 from .formats import check_ranks, read_as_peft, write_lora
 from .io import to_json
@@ -22,7 +23,9 @@ log = logging.getLogger(__name__)
 
 def load_as_peft(path: str | Path) -> tuple[dict[str, torch.Tensor], float, dict[str, str]]:
     """Any LoRA file -> (peft-layout tensors, alpha, header)."""
-    peft, _, alpha, header = read_as_peft(find_lora(path))
+    path = find_lora(path)
+    peft, _, alpha, header = read_as_peft(path)
+    check_tensors(peft, str(path))  # a NaN input would make a NaN merge (or fail the SVD)
     return peft, alpha, header
 
 
@@ -83,8 +86,26 @@ def merge_svd(loras: list[tuple[dict, float]], weights: list[float],
     return _pad_ranks(out), (err2 / total2) ** 0.5 if total2 else 0.0
 
 
+def check_shapes(peft_by_input: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Every LoRA that touches a module must agree on its (out, in) shape;
+    LoRAs of other bases differ there and cannot be added."""
+    seen: dict[str, tuple[str, tuple[int, int]]] = {}
+    for name, peft in peft_by_input.items():
+        for module in modules_of(peft):
+            a, b = peft[f"{module}.lora_A.weight"], peft[f"{module}.lora_B.weight"]
+            shape = (b.shape[0], a.shape[-1])
+            first, expected = seen.setdefault(module, (name, shape))
+            if shape != expected or b.shape[1] != a.shape[0]:
+                raise UserError(f"merge: {name} and {first} differ in shape at {module} "
+                                f"({shape[0]}x{shape[1]} vs {expected[0]}x{expected[1]}); "
+                                f"LoRAs of different base models cannot be merged")
+
+
 def merge(inputs: list[str], weights: list[float] | None, out: str | Path,
           rank: int | None = None) -> dict:
+    out = Path(out)
+    if out.is_dir():
+        raise UserError(f"--out {out}: is a folder; give a .safetensors file name")
     if len(inputs) < 2:
         raise UserError("merge: give at least two LoRAs")
     weights = weights or [1.0 / len(inputs)] * len(inputs)
@@ -96,11 +117,13 @@ def merge(inputs: list[str], weights: list[float] | None, out: str | Path,
     bases = {h.get("lorabooth.base_model") for _, _, h in loaded} - {None}
     if len(bases) > 1:
         raise UserError(f"merge: the LoRAs were trained on different bases {sorted(bases)}")
+    check_shapes({str(p): peft for p, (peft, _, _) in zip(inputs, loaded)})
     loras = [(peft, alpha) for peft, alpha, _ in loaded]
     if rank is None:
         merged, error, method = merge_concat(loras, weights), 0.0, "concat"
     else:
         (merged, error), method = merge_svd(loras, weights, rank), f"svd-{rank}"
+    check_tensors(merged, f"--out {out}")
     r = check_ranks(merged, "merged")
     meta = {"lorabooth.merge": to_json({"inputs": [str(p) for p in inputs], "weights": weights,
                                            "method": method, "relative_error": error})}
@@ -119,12 +142,18 @@ def fuse(run: str | Path, out: str | Path, unet_scale: float = 1.0, text_scale: 
     from .generate import load_pipeline
     from .lora import set_scales
 
+    out = Path(out)
+    if single_file and out.is_dir():
+        raise UserError(f"--out {out}: is a folder; --single-file writes one .safetensors file")
+    if not single_file and out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: is a file; fuse writes a model folder there")
     pipe, has_text = load_pipeline(run, model)
     set_scales(pipe, unet_scale, text_scale, has_text)
     components = ["unet"] + (["text_encoder"] if has_text else [])
     pipe.fuse_lora(components=components, lora_scale=1.0)
     pipe.unload_lora_weights()  # the fused weights stay; the adapter layers go
-    out = Path(out)
+    for name in components:
+        check_tensors(getattr(pipe, name).state_dict(), f"--out {out}: the fused {name}")
     if single_file:
         from .models import BaseModel
         from .singlefile import save_single_file

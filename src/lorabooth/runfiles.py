@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 # what the run computes.
 RESUME_NEUTRAL = {"resume", "force", "steps", "checkpoint_every", "validation_prompt",
                   "validation_every", "output", "gradient_checkpointing"}
+# Options that change which LoRA tensors exist or their shapes: a checkpoint
+# cannot be loaded across them, so --force does not override them.
+RESUME_SHAPE = {"rank", "train_text_encoder"}
 
 
 def config_differences(old: dict, new: dict) -> list[str]:
@@ -45,7 +48,13 @@ def check_resume_config(output: Path, config: TrainConfig) -> None:
         old = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, tomllib.TOMLDecodeError):
         return
-    diffs = config_differences(old, to_toml_dict(config))
+    new = to_toml_dict(config)
+    diffs = config_differences(old, new)
+    shapes = " and ".join(option_name(k) for k in sorted(RESUME_SHAPE) if old.get(k) != new[k])
+    if shapes:
+        raise UserError(f"--resume: {output} was trained with other settings ({'; '.join(diffs)}); "
+                        f"its checkpoints cannot be loaded across a change of {shapes}, even "
+                        f"with --force; use the same {shapes} or another --output")
     if diffs and not config.force:
         raise UserError(f"--resume: {output} was trained with other settings "
                         f"({'; '.join(diffs)}); use the same options or add --force")

@@ -5,9 +5,12 @@ images already drawn are reused."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import logging
+import math
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,8 +18,10 @@ from typing import Any
 
 from PIL import Image
 
+from .checks import MAX_STEPS, check_count, check_seeds, finite
 from .config import TrainConfig, check_keys, read_toml, to_toml_dict
 from .errors import UserError
+from .evaluate import check_options
 from .generate import Setting, load_pipeline, prompt_slug, settings_grid
 from .grid import make_grid
 from .io import save_png, to_json
@@ -30,6 +35,8 @@ EVALUATE_KEYS = {"real": str, "class_noun": str, "kind": str, "prompts_file": st
                  "images_per_prompt": int, "steps": int, "baselines": bool, "dino": str,
                  "clip": str, "judges": str, "pres_images": int}
 NEUTRAL = {"output", "resume", "force"}  # do not change what a run computes
+EVALUATE_CHECKED = ("kind", "prompts_file", "images_per_prompt", "pres_images", "steps")
+MAX_RUNS = 1000  # a bigger grid is more likely a typo than a plan: it needs --yes
 
 
 @dataclass
@@ -63,6 +70,14 @@ def _unknown(key: str, known, where: str) -> UserError:
     return UserError(f"{where}: unknown key `{key}`" + (f"; did you mean `{close[0]}`?" if close else ""))
 
 
+def _table(data: dict, key: str, where: str) -> dict:
+    """``data[key]`` must be a TOML table (``[key]``), or absent."""
+    value = data.get(key, {})
+    if not isinstance(value, dict):
+        raise UserError(f"{where}: `{key}` must be a table [{key}] (got {value!r})")
+    return value
+
+
 def _typed(section: dict, spec: dict[str, type], where: str) -> dict:
     for key, value in section.items():
         if key not in spec:
@@ -72,59 +87,123 @@ def _typed(section: dict, spec: dict[str, type], where: str) -> dict:
     return section
 
 
-def load_sweep(path: str | Path) -> Sweep:
-    """Read and check the whole file before anything runs."""
-    where = str(path)
-    data = read_toml(path)
-    for key in data:
-        if key not in SECTIONS:
-            raise _unknown(key, SECTIONS, where)
-    base = check_keys(TrainConfig, data.get("base", {}), f"{where} [base]")
-    train = data.get("train", {})
+def _list_of(values: Any, kinds: tuple[type, ...], key: str, where: str, what: str) -> list:
+    """A non-empty list whose items are all of ``kinds`` (never bool)."""
+    if (not isinstance(values, list) or not values
+            or not all(isinstance(v, kinds) and not isinstance(v, bool) for v in values)):
+        raise UserError(f"{where}: `{key}` must be a non-empty list of {what} (got {values!r})")
+    return values
+
+
+def _check_train(data: dict, where: str) -> tuple[dict, dict]:
+    base = check_keys(TrainConfig, _table(data, "base", where), f"{where} [base]")
+    train = _table(data, "train", where)
     for key in train:
         if key != "grid":
             raise _unknown(key, {"grid"}, f"{where} [train]")
-    grid = train.get("grid", {})
+    grid = _table(train, "grid", f"{where} [train]")
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
             raise UserError(f"{where} [train.grid]: `{key}` must be a non-empty list")
         for v in values:
             check_keys(TrainConfig, {key: v}, f"{where} [train.grid]")
-    gen = _typed(dict(data.get("generate", {})), GENERATE_KEYS, f"{where} [generate]")
-    ggrid = gen.get("grid", {})
-    for key, values in ggrid.items():
+    return base, grid
+
+
+def _check_generate(data: dict, path: str) -> dict:
+    where, grid_where = f"{path} [generate]", f"{path} [generate.grid]"
+    gen = _typed(dict(_table(data, "generate", path)), GENERATE_KEYS, where)
+    for key, values in gen.get("grid", {}).items():
         if key not in GENERATE_GRID:
-            raise _unknown(key, GENERATE_GRID, f"{where} [generate.grid]")
-        if not isinstance(values, list) or not all(isinstance(v, (int, float)) for v in values):
-            raise UserError(f"{where} [generate.grid]: `{key}` must be a list of numbers")
-    if not gen.get("prompts"):
-        raise UserError(f"{where} [generate]: `prompts` is required (a list of prompts)")
-    evaluate = data.get("evaluate")
-    if evaluate is not None:
-        _typed(evaluate, EVALUATE_KEYS, f"{where} [evaluate]")
-    return Sweep(where, base, grid, [str(p) for p in gen["prompts"]],
-                 [int(s) for s in gen.get("seeds", [0])], int(gen.get("steps", 25)),
-                 str(gen.get("negative_prompt", "")), ggrid, evaluate)
+            raise _unknown(key, GENERATE_GRID, grid_where)
+        for v in _list_of(values, (int, float), key, grid_where, "numbers"):
+            finite(v, f"{grid_where}: `{key}`")
+    if "prompts" not in gen:
+        raise UserError(f"{where}: `prompts` is required (a list of prompts)")
+    _list_of(gen["prompts"], (str,), "prompts", where, "prompts")
+    check_seeds(_list_of(gen.get("seeds", [0]), (int,), "seeds", where, "integers"),
+                f"{where}: `seeds`")
+    check_count(gen.get("steps", 25), f"{where}: `steps`", MAX_STEPS)
+    return gen
+
+
+def _check_evaluate(data: dict, path: str) -> dict | None:
+    if "evaluate" not in data:
+        return None
+    where = f"{path} [evaluate]"
+    opts = _typed(_table(data, "evaluate", path), EVALUATE_KEYS, where)
+    if not Path(opts.get("real", "")).is_dir():
+        raise UserError(f"{where}: `real` must be the folder of the subject's photos "
+                        f"(got {opts.get('real', '')!r})")
+    if opts.get("judges", "toy") != "toy":
+        raise UserError(f"{where}: `judges` can only be \"toy\" (got {opts['judges']!r}); "
+                        f"leave it out for DINO and CLIP")
+    try:
+        check_options(**{k: v for k, v in opts.items() if k in EVALUATE_CHECKED})
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
+    return opts
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    """Read and check the whole file before anything runs: every section's
+    type, every train value by the train config's own checks (in
+    ``expand``), the generate and evaluate sections by their commands'."""
+    where = str(path)
+    data = read_toml(path)
+    for key in data:
+        if key not in SECTIONS:
+            raise _unknown(key, SECTIONS, where)
+    base, grid = _check_train(data, where)
+    gen = _check_generate(data, where)
+    return Sweep(where, base, grid, gen["prompts"], gen.get("seeds", [0]), gen.get("steps", 25),
+                 gen.get("negative_prompt", ""), gen.get("grid", {}), _check_evaluate(data, where))
 
 
 def _fmt(value: Any) -> str:
-    return str(value).lower() if isinstance(value, bool) else f"{value:g}" if isinstance(
-        value, float) else str(value)
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _label(values: dict[str, Any]) -> str:
+    """The settings that vary, readable and safe as one file name: no path
+    separators (so no `..` walk out of the sweep folder), at most 80 characters."""
+    text = ",".join(f"{k}={_fmt(v)}" for k, v in values.items()) or "base"
+    return re.sub(r"[^A-Za-z0-9.,=_+-]", "_", text)[:80]
 
 
 def expand(sweep: Sweep) -> list[tuple[str, TrainConfig]]:
-    """One (name, config) per point of the training grid, named by the
-    settings that vary: `lr=0.0005,train_text_encoder=true`."""
+    """One (name, config) per point of the training grid, each validated by
+    TrainConfig. The name is the settings that vary plus a hash of all of
+    them (`lr=0.0005,train_text_encoder=true-1a2b3c4d`): values that print
+    alike still get their own folder, always inside the sweep's output."""
     keys = list(sweep.train_grid)
     points = list(itertools.product(*(sweep.train_grid[k] for k in keys))) or [()]
     varying = [k for k in keys if len(sweep.train_grid[k]) > 1]
-    runs = []
+    root = sweep.output.resolve()
+    runs, names = [], set()
     for point in points:
         values = dict(zip(keys, point))
-        name = ",".join(f"{k}={_fmt(values[k])}" for k in varying) or "base"
-        config = TrainConfig(**{**sweep.base, **values, "output": str(sweep.output / name)})
-        runs.append((name, config))
+        label = _label({k: values[k] for k in varying})
+        try:
+            config = TrainConfig(**{**sweep.base, **values, "output": str(sweep.output)})
+        except UserError as e:
+            raise UserError(f"{sweep.source}: run {label}: {e}") from None
+        name = f"{label}-{config_hash(config)[:8]}"
+        if name in names:
+            raise UserError(f"{sweep.source} [train.grid]: two runs have the same settings "
+                            f"({label}); list each value once")
+        names.add(name)
+        if not (sweep.output / name).resolve().is_relative_to(root):  # a symlinked run folder
+            raise UserError(f"{sweep.output / name}: leads outside the sweep folder {root}")
+        runs.append((name, dataclasses.replace(config, output=str(sweep.output / name))))
     return runs
+
+
+def check_size(sweep: Sweep, yes: bool) -> None:
+    count = math.prod(len(v) for v in sweep.train_grid.values())
+    if count > MAX_RUNS and not yes:
+        raise UserError(f"{sweep.source} [train.grid]: {count} training runs (more than "
+                        f"{MAX_RUNS}); add --yes to start them all")
 
 
 def config_hash(config: TrainConfig) -> str:
@@ -164,11 +243,12 @@ def _draw_all(sweep: Sweep, run: Path) -> dict[str, list[list[Image.Image]]]:
     return out
 
 
-def run_sweep(path: str | Path) -> Path:
+def run_sweep(path: str | Path, yes: bool = False) -> Path:
     from .sweep_report import write_report
     from .train import train
 
     sweep = load_sweep(path)
+    check_size(sweep, yes)
     runs = expand(sweep)
     sweep.output.mkdir(parents=True, exist_ok=True)
     started, results = time.perf_counter(), []

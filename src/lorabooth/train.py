@@ -18,7 +18,10 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from . import __version__
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    latest_checkpoint, latest_loadable, load_trainable_state, save_checkpoint, trainable_state,
+)
+from .checks import check_tensors
 from .config import TrainConfig
 from .data import (
     Shuffler, image_files, latent_distributions, prompt_embeddings, tokenize,
@@ -200,11 +203,22 @@ def _memory_advice(config: TrainConfig) -> Iterator[None]:
     """Out of memory, on the GPU or the CPU, becomes one line of what to lower."""
     try:
         yield
-    except (torch.OutOfMemoryError, MemoryError):
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        if not isinstance(e, (torch.OutOfMemoryError, MemoryError)) and not is_cpu_oom(e):
+            raise
         raise UserError(
             f"out of memory; lower --batch-size (now {config.batch_size}) or --resolution "
             f"(now {config.resolution or 'the model default'}), use --mixed-precision bf16, "
             f"or fewer --class-draw-batch images (now {config.class_draw_batch})") from None
+
+
+# What torch's CPU allocator says when an allocation fails: a plain
+# RuntimeError there, not torch.OutOfMemoryError as on the GPU.
+CPU_OOM = ("DefaultCPUAllocator: can't allocate memory", "not enough memory")
+
+
+def is_cpu_oom(error: RuntimeError) -> bool:
+    return any(text in str(error) for text in CPU_OOM)
 
 
 def _setup_accelerator(config: TrainConfig) -> Accelerator:
@@ -371,10 +385,14 @@ def _unwrapped(accelerator: Accelerator, modules: dict[str, torch.nn.Module]):
 
 def _resume(output: Path, modules, optimizer, lr_scheduler, noise_rng: torch.Generator,
             instance_order: Shuffler, class_order: Shuffler | None) -> int:
-    path = latest_checkpoint(output)
-    if path is None:  # a first run: nothing to say (`make demo` always passes --resume)
+    found = latest_loadable(output, modules)
+    if found is None:
+        if any((output / "checkpoints").glob("*")):  # a first run has none: nothing to say
+            log.warning("--resume: no checkpoint in %s loads; starting at step 0",
+                        output / "checkpoints")
         return 0
-    state = load_checkpoint(path, modules)
+    path, tensors, state = found
+    load_trainable_state(modules, tensors)
     optimizer.load_state_dict(state["optimizer"])
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     noise_rng.set_state(state["noise_rng"])
@@ -429,6 +447,8 @@ def _finish(config: TrainConfig, base: BaseModel, output: Path,
         "lorabooth.resolution": resolution,
         "lorabooth.train_text_encoder": config.train_text_encoder,
     }
+    # the loop checks every step; a resume at its last step trains none
+    check_tensors(trainable_state(modules), f"--output {output}: the trained LoRA")
     layouts = {"both": ("diffusers", "kohya")}.get(config.save_format, (config.save_format,))
     save_lora(output, modules["unet"], modules.get("text_encoder"),
               {k: to_json(v) for k, v in meta.items()}, layouts)

@@ -1,0 +1,70 @@
+"""Range checks the commands share: numbers that must be finite, seeds the
+random generators accept, counts with a ceiling, and tensors or images that
+must hold no NaN or inf before they are written. Each failure is one
+``UserError`` naming the option or the thing refused."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+
+from .errors import UserError
+
+# numpy's legacy seeding (which accelerate's set_seed calls) takes 32 bits;
+# one range for every command keeps a seed usable everywhere.
+MAX_SEED = 2**32 - 1
+# Images per setting (`generate --num-images`, `evaluate`'s per prompt): far
+# beyond this the seed list alone exhausts memory before the first picture.
+MAX_IMAGES = 1000
+# Sampler steps: schedulers have 1000 training timesteps to spread them over.
+MAX_STEPS = 1000
+
+
+def finite(value: float, option: str) -> float:
+    if not math.isfinite(value):
+        raise UserError(f"{option}: must be a finite number (got {value!r})")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """An argparse ``type``: the error names the option (argparse adds it)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number (got {text!r})") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number (got {text!r})")
+    return value
+
+
+def check_seeds(seeds: Iterable[int], option: str) -> None:
+    for seed in seeds:
+        if not 0 <= seed <= MAX_SEED:
+            raise UserError(f"{option}: seeds must be between 0 and {MAX_SEED} (got {seed})")
+
+
+def check_count(value: int, option: str, high: int) -> int:
+    if not 1 <= value <= high:
+        raise UserError(f"{option}: must be between 1 and {high} (got {value})")
+    return value
+
+
+def check_tensors(tensors: dict[str, torch.Tensor], what: str) -> None:
+    """Refuse to write ``tensors`` when any holds NaN or inf."""
+    bad = [name for name, t in tensors.items()
+           if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise UserError(f"{what}: {len(bad)} tensors hold NaN or inf (first: {bad[0]}); "
+                        f"nothing was written")
+
+
+def check_images(arrays: np.ndarray, what: str) -> None:
+    """Refuse decoded images (floats in [0, 1]) that hold NaN or inf: saved
+    as PNG they would silently turn black."""
+    if not np.isfinite(arrays).all():
+        raise UserError(f"{what}: the drawn images hold NaN or inf (the LoRA or the settings "
+                        f"are broken); nothing was written")
