@@ -42,7 +42,7 @@ def main() -> None:
         config = TrainConfig(model="x", instance_dir=str(photos), output="unused",
                              instance_prompt="a photo of sks ball")
         paths = sorted(photos.glob("*.png"))
-        examples = t._setup_examples(config, base, 256, paths, [])
+        examples = t._setup_examples(config, base, 256, paths, t.instance_captions(config, paths), [])
         base.vae = base.text_encoder = None
         modules = t._setup_lora(config, base)
         cast_frozen(base.unet, dtype)

@@ -35,7 +35,7 @@ KILLS = {
     "drawing class images": ("lorabooth.prior", "save_png", 3, "png"),
     "mid-training": ("lorabooth.train", "dreambooth_loss", 5, None),
     "writing a checkpoint": ("torch", "save", 2, "bytes"),  # the 2nd checkpoint (step 4)
-    "writing the final weights": ("lorabooth.lora", "save_file", 1, "bytes"),
+    "writing the final weights": ("lorabooth.formats", "save_file", 1, "bytes"),
 }
 
 CHILD = textwrap.dedent("""

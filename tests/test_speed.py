@@ -58,7 +58,8 @@ def test_fast_step_equals_the_plain_step(photos, tmp_path, weight):
     config = TrainConfig(model="tiny", instance_dir=str(photos), output=str(tmp_path / "o"),
                          instance_prompt="a photo of sks dog", class_prompt="a photo of a dog",
                          prior_preservation=True, prior_loss_weight=weight)
-    examples = t._setup_examples(config, base, RES, paths[:1], paths[1:])
+    examples = t._setup_examples(config, base, RES, paths[:1],
+                                 t.instance_captions(config, paths[:1]), paths[1:])
     timesteps = torch.tensor([700, 120])
 
     gen = torch.Generator().manual_seed(3)
