@@ -21,6 +21,7 @@ demo: $(STAMP)
 # The sweep report's browser test needs headless Chromium: installed here when
 # it can be; when it cannot, the script says so and that one test is skipped.
 test: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
 	scripts/ensure-chromium
 	$(BIN)/python -m pytest tests
 

@@ -23,7 +23,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import PHOTOS, DEFAULT_MODEL_DIR, machine, model_dir, run_child, warm_page_cache
+from common import (
+    DEFAULT_MODEL_DIR,
+    PHOTOS,
+    machine,
+    model_dir,
+    run_child,
+    warm_page_cache,
+)
 
 CLASS_PROMPT = "a photo of a ball"
 
@@ -35,7 +42,8 @@ def _rate(child, count: int) -> dict:
     seconds = child.ticks[done] - child.ticks[0]
     per_image = seconds / done
     return {"images": done, "s_per_image": round(per_image, 2),
-            "images_per_s": round(1 / per_image, 4), "projected_100_images_min": round(100 * per_image / 60, 1),
+            "images_per_s": round(1 / per_image, 4),
+            "projected_100_images_min": round(100 * per_image / 60, 1),
             "to_first_image_s": round(child.ticks[0], 1), "peak_rss_gb": round(child.peak_rss_gb, 2)}
 
 

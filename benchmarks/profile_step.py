@@ -28,9 +28,9 @@ def main() -> None:
 
     from lorabooth.config import TrainConfig
     from lorabooth.models import load_base
-    from lorabooth.speed import cast_frozen, tune_allocator, weight_dtype
+    from lorabooth.precision import cast_frozen, tune_allocator, weight_dtype
 
-    t = importlib.import_module("lorabooth.train")
+    t = importlib.import_module("lorabooth.training")
     tune_allocator()
     print(f"# {machine()}\n")
     for precision in args.precision:
@@ -80,7 +80,7 @@ def main() -> None:
         print()
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows,
                                         max_name_column_width=40))
-        del base, modules, optimizer
+        base = modules = optimizer = None  # free before the next precision loads
 
 
 if __name__ == "__main__":

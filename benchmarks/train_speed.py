@@ -23,7 +23,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import PHOTOS, DEFAULT_MODEL_DIR, machine, model_dir, run_child, warm_page_cache
+from common import (
+    DEFAULT_MODEL_DIR,
+    PHOTOS,
+    machine,
+    model_dir,
+    run_child,
+    warm_page_cache,
+)
 
 PROMPT = "a photo of sks ball"
 SETTINGS = {  # name -> extra lorabooth options

@@ -120,7 +120,13 @@ def tiny_judges(tmp_path_factory) -> tuple[str, str]:
     """Random-weight DINO-shaped (ViT) and CLIP models saved as local folders,
     standing in for facebook/dino-vits16 and openai/clip-vit-base-patch32."""
     import torch
-    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, ViTConfig, ViTModel
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessorPil,
+        CLIPModel,
+        ViTConfig,
+        ViTModel,
+    )
     from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
 
     from lorabooth.models import clip_tokenizer

@@ -1,15 +1,20 @@
 """Every key of a trained SD-1.5-architecture LoRA maps to a weight of SD 1.5
-under the key rules of ComfyUI and AUTOMATIC1111 (lorabooth.clients, written
+under the key rules of ComfyUI and AUTOMATIC1111 (lorabooth.formats.clients, written
 from their published loader source)."""
 
 import re
 
 import pytest
 
-from lorabooth.clients import (
-    a1111_module, a1111_unloaded, comfyui_key_map, comfyui_unloaded, sd15_names, unloaded_by_client,
+from lorabooth.formats.clients import (
+    a1111_module,
+    a1111_unloaded,
+    comfyui_key_map,
+    comfyui_unloaded,
+    sd15_names,
+    unloaded_by_client,
 )
-from lorabooth.formats import old_text_keys
+from lorabooth.formats.layouts import old_text_keys
 from lorabooth.lora import KOHYA_WEIGHT_NAME, WEIGHT_NAME, read_lora
 
 

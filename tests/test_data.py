@@ -41,8 +41,8 @@ def test_shuffler_visits_everything_each_epoch_and_resumes_exactly():
 def test_transparent_png_trains_on_the_pixels_prepare_and_evaluate_see(tmp_path):
     """Alpha over white everywhere: a photo with a transparent background is
     not black to training and white to prepare and evaluate."""
-    from lorabooth.evaluate import _real_images
-    from lorabooth.prepare import decode
+    from lorabooth.evaluation.runner import _real_images
+    from lorabooth.imagefiles import decode
 
     folder = tmp_path / "real"
     folder.mkdir()

@@ -1,14 +1,13 @@
 import csv
-import importlib
 
 import pytest
 
+from conftest import strict_loads
 from lorabooth import evaluate
 from lorabooth.cli import main
 from lorabooth.errors import UserError
-from lorabooth.judges import Judges
-from lorabooth.report import COLUMNS
-from conftest import strict_loads
+from lorabooth.evaluation.embedders import Judges
+from lorabooth.evaluation.report import COLUMNS
 
 
 @pytest.fixture
@@ -48,11 +47,11 @@ def test_full_table_with_baselines(trained_run, session_photos, tiny_judges, pro
         "00-a-dog-in-the-jungle.png", "01-a-dog-on-the-beach.png"]
 
     # a second evaluation (here with CLIP as the identity judge too) draws nothing
-    from lorabooth.judges import clip_embedders
+    import lorabooth.drawing
+    from lorabooth.evaluation.embedders import clip_embedders
 
-    ev = importlib.import_module("lorabooth.evaluate")
     calls = []
-    monkeypatch.setattr(ev, "draw", lambda *a, **k: calls.append(a) or [])
+    monkeypatch.setattr(lorabooth.drawing, "draw", lambda *a, **k: calls.append(a) or [])
     clip_image, clip_text = clip_embedders(clip)
     other = Judges(identity=clip_image, image=clip_image, text_image=clip_image, text=clip_text,
                    names={"dino": clip, "clip": clip})
@@ -67,7 +66,7 @@ def test_full_table_with_baselines(trained_run, session_photos, tiny_judges, pro
 
 
 def test_identifier_dropped_for_clip_t():
-    from lorabooth.evaluate import load_prompts
+    from lorabooth.evaluation.runner import load_prompts
 
     live = load_prompts("live", None, "sks", "dog")
     assert len(live) == 25 and live[0].full == "a sks dog in the jungle"

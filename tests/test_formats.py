@@ -6,12 +6,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from conftest import tiny_outputs
 from lorabooth.cli import main
 from lorabooth.errors import UserError
-from lorabooth.formats import convert_file, detect_layout
+from lorabooth.formats.layouts import convert_file, detect_layout
 from lorabooth.lora import KOHYA_WEIGHT_NAME, WEIGHT_NAME, read_lora
 from lorabooth.models import build_tiny, pipeline_from_parts
-from conftest import tiny_outputs
 
 
 def _equal(a, b):
@@ -55,7 +55,7 @@ def test_kohya_file_acts_like_the_diffusers_file_in_diffusers(trained_run):
 
 def test_save_format_options(photos, tmp_path):
     from lorabooth import TrainConfig, train
-    from lorabooth.generate import generate
+    from lorabooth.drawing import generate
 
     run = train(TrainConfig(instance_dir=str(photos), instance_prompt="a photo of sks dog",
                             steps=1, save_format="kohya", output=str(tmp_path / "k")))
@@ -102,7 +102,7 @@ def _trained_text_output(trained_run):
     (no diffusers loader): what every loader must reproduce."""
     from peft import set_peft_model_state_dict
 
-    from lorabooth.formats import read_as_peft
+    from lorabooth.formats.layouts import read_as_peft
     from lorabooth.lora import add_text_lora
 
     tiny = build_tiny()
@@ -128,7 +128,7 @@ def test_diffusers_loads_both_files_and_the_text_lora_acts(trained_run):
 
 
 def test_old_spelling_reads_as_the_new(trained_run, tmp_path):
-    from lorabooth.formats import load_into_pipeline, read_as_peft
+    from lorabooth.formats.layouts import load_into_pipeline, read_as_peft
 
     tensors, header = read_lora(trained_run / WEIGHT_NAME)
     old = {k.replace("text_encoder.text_model.", "text_encoder."): v for k, v in tensors.items()}
@@ -144,7 +144,7 @@ def test_old_spelling_reads_as_the_new(trained_run, tmp_path):
 
 
 def test_partial_loading_is_never_silent(trained_run, tmp_path, caplog):
-    from lorabooth.formats import load_into_pipeline
+    from lorabooth.formats.layouts import load_into_pipeline
 
     tensors, header = read_lora(trained_run / WEIGHT_NAME)
     stray = "unet.down_blocks.7.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora"

@@ -1,8 +1,7 @@
 import json
 
-import torch
-
 import pytest
+import torch
 from PIL import Image
 
 from lorabooth import generate
@@ -55,7 +54,7 @@ def test_fused_drawing_equals_the_adapters_and_restores_the_weights(trained_run)
     the adapters beside the weights, and the weights come back afterwards."""
     import numpy as np
 
-    from lorabooth.generate import Setting, draw, load_pipeline
+    from lorabooth.drawing import Setting, draw, load_pipeline
 
     pipe, has_text = load_pipeline(trained_run)
     assert has_text

@@ -1,7 +1,8 @@
 import pytest
 from PIL import Image
 
-from lorabooth.generate import Setting, parse_floats, prompt_slug, settings_grid
+from lorabooth.checks import parse_floats
+from lorabooth.drawing import Setting, prompt_slug, settings_grid
 from lorabooth.errors import UserError
 from lorabooth.grid import PAD, Layout, make_grid
 

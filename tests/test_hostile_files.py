@@ -26,7 +26,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from lorabooth.cli import main
-from lorabooth.io import atomic_path, save_png, write_text
+from lorabooth.fileio import atomic_path, save_png, write_text
 
 TRAIN = ["train", "--instance-dir", "{photos}", "--instance-prompt", "a photo of sks dog",
          "--steps", "2", "--resolution", "32"]
@@ -162,7 +162,7 @@ def doctored_report(ctx: Ctx) -> None:
 def sigint_at_step(n: int) -> Callable[[Ctx], None]:
     """A real SIGINT to this process in the middle of step ``n`` (Ctrl-C)."""
     def setup(ctx: Ctx) -> None:
-        T = importlib.import_module("lorabooth.train")  # the package's `train` hides it
+        T = importlib.import_module("lorabooth.training")  # the package's `train` hides it
         real, calls = T.dreambooth_loss, {"n": 0}
 
         def interrupted(*args, **kwargs):

@@ -28,9 +28,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import make_photos
 from safetensors.torch import save_file
 
+from conftest import make_photos
 from lorabooth.cli import main
 from lorabooth.lora import WEIGHT_NAME, read_lora
 
@@ -206,7 +206,7 @@ def cpu_oom(ctx) -> None:
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] . DefaultCPUAllocator: can't "
                            "allocate memory: you tried to allocate 1099511627776 bytes.")
 
-    ctx.monkeypatch.setattr(importlib.import_module("lorabooth.train"), "_text_context", oom)
+    ctx.monkeypatch.setattr(importlib.import_module("lorabooth.training"), "_text_context", oom)
 
 
 def resumed_from_step_1(ctx) -> None:

@@ -2,7 +2,11 @@ import pytest
 
 from lorabooth.cli import main
 from lorabooth.identifier import (
-    candidates, check_prompt, guess_identifier, identifier_warnings, rare_identifiers,
+    candidates,
+    check_prompt,
+    guess_identifier,
+    identifier_warnings,
+    rare_identifiers,
 )
 from lorabooth.models import clip_tokenizer
 

@@ -3,7 +3,12 @@ import pytest
 from PIL import Image
 
 from lorabooth.images import (
-    center_box, crop_with_reflection, dhash, face_box, hamming, to_rgb,
+    center_box,
+    crop_with_reflection,
+    dhash,
+    face_box,
+    hamming,
+    to_rgb,
 )
 
 
@@ -83,7 +88,7 @@ def test_exif_orientation_marked_corner_ends_top_left(tmp_path, orientation):
     exif[0x0112] = orientation
     path = tmp_path / f"o{orientation}.jpg"
     stored.save(path, exif=exif, quality=95)
-    from lorabooth.prepare import decode
+    from lorabooth.imagefiles import decode
 
     im, fmt = decode(path)
     assert fmt == "JPEG" and im.size == (60, 40)

@@ -4,7 +4,7 @@ import torch
 from safetensors.torch import save_file
 
 from lorabooth.cli import main
-from lorabooth.inspection import guess_architecture
+from lorabooth.formats.inspection import guess_architecture
 from lorabooth.lora import KOHYA_WEIGHT_NAME, WEIGHT_NAME, read_lora
 
 

@@ -5,8 +5,8 @@ import math
 
 import pytest
 
-from lorabooth.io import finite, to_json, write_json
 from conftest import strict_loads
+from lorabooth.fileio import finite, to_json, write_json
 
 
 def test_non_finite_floats_become_null_at_any_depth(tmp_path):

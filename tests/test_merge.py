@@ -6,13 +6,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from conftest import tiny_outputs
 from lorabooth import TrainConfig, train
 from lorabooth.cli import main
 from lorabooth.errors import UserError
+from lorabooth.formats.merging import delta, fuse, load_as_peft, merge, modules_of
 from lorabooth.lora import read_lora
-from lorabooth.merge import delta, fuse, load_as_peft, merge, modules_of
 from lorabooth.models import build_tiny, load_base, pipeline_from_parts
-from conftest import tiny_outputs
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def test_merged_file_loads_in_diffusers(trained_run, second_run, tmp_path):
 
 
 def test_fused_model_equals_base_plus_lora_at_those_scales(trained_run, tmp_path):
-    from lorabooth.generate import load_pipeline
+    from lorabooth.drawing import load_pipeline
     from lorabooth.lora import set_scales
 
     out = fuse(trained_run, tmp_path / "fused", unet_scale=0.5, text_scale=0.8)

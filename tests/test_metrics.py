@@ -3,8 +3,13 @@ import math
 import pytest
 import torch
 
-from lorabooth.metrics import (
-    cosine_matrix, diversity, mean_pairwise, mean_pairwise_within, summarise, text_alignment,
+from lorabooth.evaluation.metrics import (
+    cosine_matrix,
+    diversity,
+    mean_pairwise,
+    mean_pairwise_within,
+    summarise,
+    text_alignment,
 )
 
 

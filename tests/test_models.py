@@ -66,7 +66,7 @@ def test_model_path_that_is_a_file(tmp_path):
 def test_single_file_in_the_original_layout_round_trips(tmp_path):
     """The tiny model written in the original SD key layout by our inverse map
     loads through diffusers' from_single_file with every tensor intact."""
-    from lorabooth.singlefile import save_single_file, to_single_file
+    from lorabooth.formats.singlefile import save_single_file, to_single_file
 
     tiny = build_tiny()
     keys = to_single_file(tiny)
@@ -84,7 +84,7 @@ def test_single_file_in_the_original_layout_round_trips(tmp_path):
 
 def test_train_and_generate_on_a_single_file(tmp_path, photos):
     from lorabooth import TrainConfig, generate, train
-    from lorabooth.singlefile import save_single_file
+    from lorabooth.formats.singlefile import save_single_file
 
     tiny = build_tiny()
     config = save_base(tiny, tmp_path / "config")
@@ -113,7 +113,7 @@ def test_pickled_single_file_that_would_run_code_is_refused(tmp_path):
 def test_sd15_configs_are_built_offline(tmp_path):
     import json
 
-    from lorabooth.singlefile import sd15_config_dir
+    from lorabooth.models import sd15_config_dir
 
     folder = sd15_config_dir(tmp_path / "sd15")
     unet = json.loads((folder / "unet" / "config.json").read_text())

@@ -60,6 +60,6 @@ def test_installed_wheel_runs_version_and_demo(installed, tmp_path):
                 "--steps", "4", cwd=tmp_path)
     assert demo.returncode == 0, demo.stderr[-2000:]
     assert (tmp_path / "demo" / "pytorch_lora_weights.safetensors").is_file()
-    prompts = _run(installed, "-c", "from lorabooth.evaluate import load_prompts; "
+    prompts = _run(installed, "-c", "from lorabooth.evaluation.runner import load_prompts; "
                    "print(len(load_prompts('object', None, 'sks', 'toy')))", cwd=tmp_path)
     assert prompts.returncode == 0 and int(prompts.stdout) == 25, prompts.stderr[-2000:]

@@ -18,7 +18,7 @@ from lorabooth.checkpoint import latest_checkpoint, verify
 from lorabooth.errors import UserError
 from lorabooth.lora import WEIGHT_NAME
 
-T = importlib.import_module("lorabooth.train")
+T = importlib.import_module("lorabooth.training")
 
 
 def _config(photos, out, **kw):
@@ -33,16 +33,16 @@ def _config(photos, out, **kw):
 # die (after writing half of what it was asked to write, where it writes).
 KILLS = {
     "drawing class images": ("lorabooth.prior", "save_png", 3, "png"),
-    "mid-training": ("lorabooth.train", "dreambooth_loss", 5, None),
+    "mid-training": ("lorabooth.training", "dreambooth_loss", 5, None),
     "writing a checkpoint": ("torch", "save", 2, "bytes"),  # the 2nd checkpoint (step 4)
-    "writing the final weights": ("lorabooth.formats", "save_file", 1, "bytes"),
+    "writing the final weights": ("lorabooth.formats.layouts", "save_file", 1, "bytes"),
 }
 
 CHILD = textwrap.dedent("""
     import importlib, os, signal, sys
     from pathlib import Path
     module_name, attr, when, kind = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-    import lorabooth.train  # noqa: F401  (so every module below is loaded)
+    import lorabooth.training  # noqa: F401  (so every module below is loaded)
     module = importlib.import_module(module_name)
     real = getattr(module, attr)
     calls = {"n": 0}

@@ -20,9 +20,9 @@ from lorabooth import TrainConfig, train
 from lorabooth.data import load_image, tokenize
 from lorabooth.lora import add_unet_lora, freeze_all_but_lora, lora_parameters
 from lorabooth.models import build_tiny
-from lorabooth.speed import cast_frozen, frozen_dtype, tune_allocator
+from lorabooth.precision import cast_frozen, frozen_dtype, tune_allocator
 
-t = importlib.import_module("lorabooth.train")
+t = importlib.import_module("lorabooth.training")
 RES = 64
 
 

@@ -10,7 +10,14 @@ import pytest
 from lorabooth.cli import main
 from lorabooth.config import TrainConfig
 from lorabooth.errors import UserError
-from lorabooth.sweep import check_size, config_hash, expand, load_sweep, run_sweep, run_state
+from lorabooth.sweep import (
+    check_size,
+    config_hash,
+    expand,
+    load_sweep,
+    run_state,
+    run_sweep,
+)
 
 SWEEP = """
 [base]
@@ -124,9 +131,9 @@ def test_sweep_end_to_end_then_nothing_to_do(tmp_path, photos, monkeypatch, capl
     # a second invocation trains nothing, loads no model, draws nothing and
     # leaves every LoRA and image it made the first time as it was
     import importlib
-    sw, ev = importlib.import_module("lorabooth.sweep"), importlib.import_module("lorabooth.evaluate")
+    sw, ev = importlib.import_module("lorabooth.sweep"), importlib.import_module("lorabooth.drawing")
     trained, loaded, drawn = [], [], []
-    monkeypatch.setattr(importlib.import_module("lorabooth.train"), "train",
+    monkeypatch.setattr(importlib.import_module("lorabooth.training"), "train",
                         lambda c: trained.append(c))
     monkeypatch.setattr(sw, "load_pipeline", lambda *a, **k: loaded.append(a))
     monkeypatch.setattr(ev, "draw", lambda *a, **k: drawn.append(a) or [])

@@ -7,11 +7,17 @@ import random
 import pytest
 import torch
 
-from lorabooth.toyworld.claims import holds, spread
+from lorabooth.toyworld.claims_report import holds, spread
 from lorabooth.toyworld.judges import HEADS, ToyJudge, judge_accuracy, prompt_attributes
-from lorabooth.toyworld.pretrain import warmup_cosine
+from lorabooth.toyworld.schedule import warmup_cosine
 from lorabooth.toyworld.world import (
-    CLASSES, CONTEXTS, HELD_OUT, caption, random_spec, render, subject_views,
+    CLASSES,
+    CONTEXTS,
+    HELD_OUT,
+    caption,
+    random_spec,
+    render,
+    subject_views,
 )
 
 # Thresholds stated in docs/toyworld.md.

@@ -48,7 +48,7 @@ def test_only_lora_weights_change(photos, tmp_path):
     assert ups and all(v.abs().sum() > 0 for v in ups)  # B started at zero and moved
 
     # the frozen weights inside the trained modules are untouched
-    t = importlib.import_module("lorabooth.train")
+    t = importlib.import_module("lorabooth.training")
     captured = {}
     real_finish = t._finish
 
@@ -135,7 +135,7 @@ def test_v_prediction_model_trains_on_the_velocity(photos, tmp_path, monkeypatch
     get_velocity), which differs from the MSE against the noise."""
     import torch.nn.functional as F
 
-    t = importlib.import_module("lorabooth.train")
+    t = importlib.import_module("lorabooth.training")
     from lorabooth.models import build_tiny
 
     def v_tiny(name, model_config="", unet_dtype=None):
@@ -167,7 +167,7 @@ def test_v_prediction_model_trains_on_the_velocity(photos, tmp_path, monkeypatch
 
 
 def test_bf16_autocast_keeps_lora_fp32_and_validates_on_schedule(photos, tmp_path):
-    t = importlib.import_module("lorabooth.train")
+    t = importlib.import_module("lorabooth.training")
     seen = {}
     real_finish = t._finish
 
@@ -191,7 +191,7 @@ def test_captions_flow_into_the_batches(photos, tmp_path, caplog):
     from lorabooth.data import readable_images, tokenize
     from lorabooth.models import build_tiny
 
-    t = importlib.import_module("lorabooth.train")
+    t = importlib.import_module("lorabooth.training")
     (photos / "photo_0.txt").write_text("a photo of sks dog on a red sofa\n")
     (photos / "photo_1.txt").write_text("a photo of a dog\n")  # forgot the identifier
     config = _config(photos, tmp_path / "r", captions=True, class_prompt="a photo of a dog")

@@ -5,25 +5,48 @@ Python API (what the CLI calls)::
     from lorabooth import TrainConfig, train, generate
     run = train(TrainConfig(model="tiny", instance_dir="photos/", instance_prompt="a photo of sks dog"))
     images = generate(run, ["a photo of sks dog on the beach"], unet_scales=[0, 1])
+
+Importing the package loads no torch: the functions come from their modules
+(`training`, `drawing`, `evaluation.runner`) on first use.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-from .config import TrainConfig  # noqa: E402
-from .errors import UserError  # noqa: E402
+# name -> module that defines it
+_API = {"TrainConfig": "config", "PrepareConfig": "config", "UserError": "errors",
+        "train": "training", "generate": "drawing", "evaluate": "evaluation.runner",
+        "prepare": "prepare"}
 
-# Imported eagerly on purpose: the submodules share the functions' names, and
-# importing them lazily would rebind `lorabooth.train` to the module.
-# torchvision is absent by design (it cannot sit beside the CPU torch wheel);
-# transformers announces its PIL fallback on import, which users need not see.
-from transformers.utils import logging as _hf_logging  # noqa: E402
+__all__ = [*_API, "__version__"]
 
-_verbosity = _hf_logging.get_verbosity()
-_hf_logging.set_verbosity_error()
-from .evaluate import evaluate  # noqa: E402
-from .generate import generate  # noqa: E402
-from .train import train  # noqa: E402
 
-_hf_logging.set_verbosity(_verbosity)
+def __getattr__(name: str) -> Any:
+    if name not in _API:
+        raise AttributeError(f"module 'lorabooth' has no attribute {name!r}")
+    module = _API[name]
+    if module in ("training", "drawing", "evaluation.runner"):
+        module = _import_quietly(module)
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
 
-__all__ = ["TrainConfig", "UserError", "train", "generate", "evaluate", "__version__"]
+
+def _import_quietly(module: str) -> str:
+    """Import a module that loads transformers with its warnings off:
+    torchvision is absent by design (it cannot sit beside the CPU torch
+    wheel) and transformers announces its PIL fallback, which users need not
+    see."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        importlib.import_module(f".{module}", __name__)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return module

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import UserError
-from .io import atomic_path, fsync_dir, to_json
+from .fileio import atomic_path, fsync_dir, to_json
 
 log = logging.getLogger(__name__)
 

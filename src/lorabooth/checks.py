@@ -8,9 +8,11 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
+if TYPE_CHECKING:  # the CLI checks options before torch is loaded
+    import numpy as np
+    import torch
 
 from .errors import UserError
 
@@ -56,7 +58,7 @@ def check_count(value: int, option: str, high: int) -> int:
 def check_tensors(tensors: dict[str, torch.Tensor], what: str) -> None:
     """Refuse to write ``tensors`` when any holds NaN or inf."""
     bad = [name for name, t in tensors.items()
-           if t.is_floating_point() and not torch.isfinite(t).all()]
+           if t.is_floating_point() and not t.isfinite().all()]
     if bad:
         raise UserError(f"{what}: {len(bad)} tensors hold NaN or inf (first: {bad[0]}); "
                         f"nothing was written")
@@ -65,6 +67,19 @@ def check_tensors(tensors: dict[str, torch.Tensor], what: str) -> None:
 def check_images(arrays: np.ndarray, what: str) -> None:
     """Refuse decoded images (floats in [0, 1]) that hold NaN or inf: saved
     as PNG they would silently turn black."""
+    import numpy as np
+
     if not np.isfinite(arrays).all():
         raise UserError(f"{what}: the drawn images hold NaN or inf (the LoRA or the settings "
                         f"are broken); nothing was written")
+
+
+def parse_floats(text: str, option: str) -> list[float]:
+    """``"0,0.5,1"`` -> ``[0.0, 0.5, 1.0]``; the error names the option."""
+    try:
+        values = [float(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{option}: expected numbers separated by commas (got {text!r})") from None
+    if not values:
+        raise UserError(f"{option}: expected at least one number (got {text!r})")
+    return [finite(v, option) for v in values]

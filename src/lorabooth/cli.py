@@ -10,7 +10,7 @@ from dataclasses import fields
 from typing import get_type_hints
 
 from . import __version__
-from .checks import finite_float
+from .checks import finite_float, parse_floats
 from .config import PrepareConfig, TrainConfig, build_config, option_name
 from .errors import UserError
 
@@ -51,7 +51,7 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
 def _cmd_train(args: argparse.Namespace) -> int:
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
     config = build_config(TrainConfig, args.config, overrides)
-    from .train import train  # heavy imports only once the options are known good
+    from .training import train  # heavy imports only once the options are known good
 
     output = train(config)
     logging.getLogger("lorabooth").info("LoRA: %s", output / "pytorch_lora_weights.safetensors")
@@ -59,12 +59,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from .generate import generate, parse_floats
+    scales = {name: parse_floats(getattr(args, name), option_name(name))
+              for name in ("unet_scale", "text_scale", "guidance")}
+    from .drawing import generate  # torch only once the lists are known good
 
     images = generate(
-        args.run, args.prompt, unet_scales=parse_floats(args.unet_scale, "--unet-scale"),
-        text_scales=parse_floats(args.text_scale, "--text-scale"),
-        guidances=parse_floats(args.guidance, "--guidance"), num_images=args.num_images,
+        args.run, args.prompt, unet_scales=scales["unet_scale"],
+        text_scales=scales["text_scale"], guidances=scales["guidance"], num_images=args.num_images,
         seed=args.seed, steps=args.steps, negative_prompt=args.negative_prompt,
         scheduler=args.scheduler, output=args.output, model=args.model, width=args.width,
         height=args.height)
@@ -97,7 +98,7 @@ def _cmd_identifier(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate
+    from .evaluation.runner import evaluate
 
     evaluate(args.run, args.real, class_noun=args.class_noun, kind=args.kind,
              prompts_file=args.prompts, identifier=args.identifier,
@@ -124,7 +125,7 @@ def _cmd_toyworld(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from .formats import convert_file
+    from .formats.layouts import convert_file
 
     out = convert_file(args.src, args.dst, args.to)
     logging.getLogger("lorabooth").info("wrote %s", out)
@@ -132,11 +133,11 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from .inspection import check_summary, inspect_lora, render
+    from .formats.inspection import check_summary, inspect_lora, render
 
     names, label = None, ""
     if args.model:
-        from .clients import model_names
+        from .formats.clients import model_names
         from .models import load_base
 
         base = load_base(args.model)
@@ -148,16 +149,15 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from .generate import parse_floats
-    from .merge import merge
-
     weights = parse_floats(args.weights, "--weights") if args.weights else None
+    from .formats.merging import merge
+
     merge(args.loras, weights, args.out, rank=args.rank)
     return 0
 
 
 def _cmd_fuse(args: argparse.Namespace) -> int:
-    from .merge import fuse
+    from .formats.merging import fuse
 
     fuse(args.run, args.out, unet_scale=args.unet_scale, text_scale=args.text_scale,
          model=args.model, single_file=args.single_file)

@@ -9,7 +9,6 @@ import torch
 from PIL import Image, ImageOps
 
 from .imagefiles import problem
-
 from .images import upright_rgb
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")

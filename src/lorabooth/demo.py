@@ -11,8 +11,8 @@ from importlib import resources
 from pathlib import Path
 
 from .config import TrainConfig
-from .generate import generate
-from .train import train
+from .drawing import generate
+from .training import train
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +28,8 @@ def demo_photos() -> Path:
 
 
 def demo(output: str | Path = "runs/demo", steps: int = 400) -> Path:
-    from .toyworld.judges import ToyJudge
     from .models import toy_model_dir
+    from .toyworld.judges import ToyJudge
 
     start = time.perf_counter()
     config = TrainConfig(
@@ -42,9 +42,9 @@ def demo(output: str | Path = "runs/demo", steps: int = 400) -> Path:
     images = generate(run, PROMPTS, unet_scales=SCALES, text_scales=[1.0], guidances=[5.0],
                       num_images=IMAGES, steps=20)
     judge = ToyJudge.load(toy_model_dir() / "judges.safetensors")
-    from .prepare import decode
     from .data import readable_images
-    from .metrics import cosine_matrix
+    from .evaluation.metrics import cosine_matrix
+    from .imagefiles import decode
 
     subject = judge.identity([decode(p)[0] for p in readable_images(demo_photos())])
     log.info("fidelity by the toy judges (%d images per row; the subject is purple, striped):",

@@ -143,7 +143,6 @@ def build_sd15_random(seed: int = 0) -> BaseModel:
     import json
     import tempfile
 
-    from .singlefile import sd15_config_dir
 
     with tempfile.TemporaryDirectory() as tmp, torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -203,7 +202,7 @@ def _load_single(path: Path, name: str, config: str) -> BaseModel:
     import shutil
     import tempfile
 
-    from .singlefile import load_single_file, sd15_config_dir
+    from .formats.singlefile import load_single_file
 
     scratch = None
     if not config:
@@ -235,7 +234,7 @@ def load_base(model: str, model_config: str = "",
         return _load_folder(toy_model_dir(), "toy", unet_dtype)
     path = Path(model).expanduser()
     if path.is_file():
-        from .singlefile import SINGLE_FILE_SUFFIXES
+        from .formats.singlefile import SINGLE_FILE_SUFFIXES
 
         if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
             raise UserError(f"--model {model}: is a file but not a checkpoint "
@@ -280,3 +279,36 @@ def save_base(base: BaseModel, folder: str | Path) -> Path:
     """Write a base model as a diffusers folder (used to test the folder path)."""
     pipeline_from_parts(base, base.noise_scheduler).save_pretrained(folder)
     return Path(folder)
+
+def sd15_config_dir(folder: Path) -> Path:
+    """Stable Diffusion 1.5's component configs (no weights) written into
+    ``folder``, so a single SD 1.x file loads without the hub."""
+    from .fileio import to_json
+
+    def write(sub: str, config: dict) -> None:
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+        (folder / sub / "config.json").write_text(to_json(config))
+
+    write("unet", {"_class_name": "UNet2DConditionModel", "sample_size": 64,
+                   "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2,
+                   "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+                   "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+                   "cross_attention_dim": 768, "attention_head_dim": 8})
+    write("vae", {"_class_name": "AutoencoderKL", "block_out_channels": [128, 256, 512, 512],
+                  "down_block_types": ["DownEncoderBlock2D"] * 4,
+                  "up_block_types": ["UpDecoderBlock2D"] * 4, "latent_channels": 4,
+                  "layers_per_block": 2, "sample_size": 512, "scaling_factor": 0.18215})
+    write("text_encoder", {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model",
+                           "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                           "num_attention_heads": 12, "max_position_embeddings": 77,
+                           "hidden_act": "quick_gelu", "vocab_size": 49408, "projection_dim": 768,
+                           "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 1})
+    sd_noise_scheduler().save_pretrained(folder / "scheduler")
+    clip_tokenizer().save_pretrained(folder / "tokenizer")
+    (folder / "model_index.json").write_text(to_json({
+        "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDPMScheduler"],
+        "safety_checker": [None, None], "feature_extractor": [None, None]}))
+    return folder
+

@@ -13,13 +13,19 @@ from PIL import Image, ImageDraw
 
 from .config import PrepareConfig
 from .errors import UserError
+from .fileio import inside, save_png, write_json, write_text
 from .grid import font
 from .imagefiles import Rejected, decode
 from .images import (
-    Box, center_box, crop_with_reflection, dhash, face_box, hamming, resize_short_side,
+    Box,
+    center_box,
+    crop_with_reflection,
+    dhash,
+    face_box,
+    hamming,
+    resize_short_side,
     resize_square,
 )
-from .io import inside, save_png, write_json, write_text
 
 log = logging.getLogger(__name__)
 

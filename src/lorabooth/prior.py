@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .data import readable_images
-from .io import save_png
+from .fileio import save_png
 
 log = logging.getLogger(__name__)
 

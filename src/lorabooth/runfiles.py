@@ -19,7 +19,7 @@ from . import __version__
 from . import markdown as md
 from .config import TrainConfig, option_name, to_toml_dict
 from .errors import UserError
-from .io import inside, nested, write_text
+from .fileio import inside, nested, write_text
 
 log = logging.getLogger(__name__)
 

@@ -20,11 +20,11 @@ from PIL import Image
 
 from .checks import MAX_STEPS, check_count, check_seeds, finite
 from .config import TrainConfig, check_keys, read_toml, to_toml_dict
+from .drawing import Setting, load_pipeline, prompt_slug, settings_grid
 from .errors import UserError
-from .evaluate import check_options
-from .generate import Setting, load_pipeline, prompt_slug, settings_grid
+from .evaluation.runner import check_options
+from .fileio import save_png, to_json
 from .grid import make_grid
-from .io import save_png, to_json
 
 log = logging.getLogger(__name__)
 SECTIONS = {"base", "train", "generate", "evaluate"}
@@ -226,7 +226,7 @@ def run_state(config: TrainConfig) -> str:
 
 def _draw_all(sweep: Sweep, run: Path) -> dict[str, list[list[Image.Image]]]:
     """Every prompt x setting x seed for one run, drawing only what is missing."""
-    from .evaluate import draw_cached
+    from .drawing import draw_cached
 
     pipe = None
     out: dict[str, list[list[Image.Image]]] = {}
@@ -245,7 +245,7 @@ def _draw_all(sweep: Sweep, run: Path) -> dict[str, list[list[Image.Image]]]:
 
 def run_sweep(path: str | Path, yes: bool = False) -> Path:
     from .sweep_report import write_report
-    from .train import train
+    from .training import train
 
     sweep = load_sweep(path)
     check_size(sweep, yes)
@@ -284,7 +284,7 @@ def run_sweep(path: str | Path, yes: bool = False) -> Path:
 
 
 def _evaluate(sweep: Sweep, run: Path) -> dict:
-    from .evaluate import evaluate
+    from .evaluation.runner import evaluate
 
     opts = dict(sweep.evaluate)
     real = opts.pop("real", "")

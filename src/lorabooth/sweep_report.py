@@ -10,8 +10,8 @@ import json
 from pathlib import Path
 
 from .config import to_toml_dict
-from .generate import prompt_slug
-from .io import write_text
+from .drawing import prompt_slug
+from .fileio import write_text
 from .lossplot import loss_svg
 
 METRICS = ("dino", "clip_i", "clip_t", "pres", "div")

@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import TrainConfig
-from ..generate import Setting, draw, load_pipeline
+from ..drawing import Setting, draw, load_pipeline
+from ..evaluation.metrics import cosine_matrix, mean_pairwise_within
+from ..fileio import save_png, write_json
 from ..grid import make_grid
-from ..io import save_png, write_json
-from ..metrics import cosine_matrix, mean_pairwise_within
-from ..train import train
+from ..training import train
 from .judges import ToyJudge
 from .world import HELD_OUT, render, subject_views
 
@@ -181,27 +181,13 @@ def _judges_path() -> Path:
     return toy_model_dir() / "judges.safetensors"
 
 
-def spread(values: list[float]) -> tuple[float, float, float]:
-    """Mean, min, max over seeds."""
-    return sum(values) / len(values), min(values), max(values)
-
-
-def holds(higher: list[float], lower: list[float]) -> bool:
-    """The claim 'higher > lower' holds when the gap between the means exceeds
-    both settings' spreads over seeds (max - min)."""
-    mh, lo_h, hi_h = spread(higher)
-    ml, lo_l, hi_l = spread(lower)
-    return mh - ml > max(hi_h - lo_h, hi_l - lo_l)
-
-
-
 def claims(out: str | Path, report: str | Path | None = None, quick: bool = False) -> dict:
     """Run the study; with ``report``, write the markdown and its pictures.
     ``quick``: one seed, the fidelity claim only, a few minutes."""
     import json
     import shutil
 
-    from ..io import write_text
+    from ..fileio import write_text
     from ..models import toy_model_dir
     from .claims_report import render_claims
 

@@ -3,8 +3,6 @@ seeds, and each claim judged by `holds` (the gap must exceed the spread)."""
 
 from __future__ import annotations
 
-from .claims import holds, spread
-
 FIGURES = [("fidelity", "identity sim. ↑"), ("subject_rate", "subject rate ↑"),
            ("context_acc", "context acc. ↑"), ("pres", "PRES ↓"), ("div", "DIV ↑"),
            ("class_colour_entropy", "class colour entropy ↑"),
@@ -13,6 +11,19 @@ ROWS = [("base", "base model (LoRA scale 0)"), ("unet", "UNet LoRA"),
         ("unet+prior", "UNet LoRA + prior preservation"),
         ("unet+te", "UNet + text-encoder LoRA (lr 1e-3 / 1e-4)"),
         ("common-word", "UNet LoRA, identifier 'red' (a common word)")]
+
+
+def spread(values: list[float]) -> tuple[float, float, float]:
+    """Mean, min, max over seeds."""
+    return sum(values) / len(values), min(values), max(values)
+
+
+def holds(higher: list[float], lower: list[float]) -> bool:
+    """The claim 'higher > lower' holds when the gap between the means exceeds
+    both settings' spreads over seeds (max - min)."""
+    mh, lo_h, hi_h = spread(higher)
+    ml, lo_l, hi_l = spread(lower)
+    return mh - ml > max(hi_h - lo_h, hi_l - lo_l)
 
 
 def _values(results: dict, row: str, key: str) -> list[float]:

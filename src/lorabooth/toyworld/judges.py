@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from ..judges import Judges
-from .pretrain import schedule
+from ..evaluation.embedders import Judges
+from .schedule import schedule
 from .world import CLASSES, COLOURS, CONTEXTS, PATTERNS, Spec, random_spec, render
 
 log = logging.getLogger(__name__)

@@ -6,7 +6,6 @@ on cached latents, stage 3 the judges. Seeded; every figure logged."""
 from __future__ import annotations
 
 import logging
-import math
 import random
 import sys
 import time
@@ -19,8 +18,9 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from .. import __version__
 from ..data import tokenize
-from ..io import to_json, write_json
+from ..fileio import to_json, write_json
 from ..models import BaseModel, clip_tokenizer, save_base, sd_noise_scheduler
+from .schedule import schedule
 from .world import caption, random_spec, render
 
 log = logging.getLogger(__name__)
@@ -58,16 +58,6 @@ def render_dataset(n: int, seed: int) -> tuple[torch.Tensor, list]:
                                            dtype=torch.uint8).view(32, 32, 3).permute(2, 0, 1)
                           for i, s in enumerate(specs)])
     return pixels, specs
-
-
-def warmup_cosine(step: int, steps: int, warmup: int) -> float:
-    """Learning-rate factor: linear warm-up, then cosine decay to zero."""
-    warm = min(1.0, (step + 1) / max(1, warmup))
-    return warm * 0.5 * (1 + math.cos(math.pi * min(step, steps) / max(1, steps)))
-
-
-def schedule(opt: torch.optim.Optimizer, steps: int, warmup: int):
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, steps, warmup))
 
 
 def _to_float(batch: torch.Tensor) -> torch.Tensor:

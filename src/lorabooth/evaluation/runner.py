@@ -14,18 +14,23 @@ from pathlib import Path
 
 from PIL import Image
 
-from .checks import MAX_IMAGES, MAX_STEPS, check_count, check_seeds
-from .data import readable_images
-from .errors import UserError
-from .generate import Setting, draw, load_pipeline, prompt_slug
-from .grid import make_grid
-from .io import save_png, write_json, write_text
-from .judges import Judges, default_judges
-from .lora import lora_metadata
+from ..checks import MAX_IMAGES, MAX_STEPS, check_count, check_seeds
+from ..data import readable_images
+from ..drawing import Setting, draw_cached, load_pipeline, prompt_slug
+from ..errors import UserError
+from ..fileio import save_png, write_json, write_text
+from ..grid import make_grid
+from ..imagefiles import Rejected, decode
+from ..lora import lora_metadata
+from .embedders import Judges, default_judges
 from .metrics import (
-    cosine_matrix, diversity, mean_pairwise, mean_pairwise_within, summarise, text_alignment,
+    cosine_matrix,
+    diversity,
+    mean_pairwise,
+    mean_pairwise_within,
+    summarise,
+    text_alignment,
 )
-from .prepare import Rejected, decode
 from .report import render_report
 
 log = logging.getLogger(__name__)
@@ -96,17 +101,6 @@ def _real_images(folder: str) -> list[Image.Image]:
     if len(images) < 2:
         raise UserError(f"--real {folder}: needs at least 2 readable photos (found {len(images)})")
     return images
-
-
-def draw_cached(pipe, has_text: bool, prompt: str, setting: Setting, seeds: list[int],
-                steps: int, folder: Path) -> list[Image.Image]:
-    """Images for ``seeds``, drawing only those not already in ``folder``."""
-    paths = [folder / f"seed{s}.png" for s in seeds]
-    todo = [s for s, p in zip(seeds, paths) if not p.is_file()]
-    if todo:
-        for s, image in zip(todo, draw(pipe, has_text, prompt, setting, todo, steps)):
-            save_png(image, folder / f"seed{s}.png")
-    return [Image.open(p).convert("RGB") for p in paths]
 
 
 def _defaults_from_run(run: str | Path, identifier: str | None,

@@ -58,7 +58,7 @@ def sd15_names() -> ModelNames:
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from .singlefile import sd15_config_dir
+    from ..models import sd15_config_dir
 
     with tempfile.TemporaryDirectory() as tmp, init_empty_weights():
         folder = sd15_config_dir(Path(tmp))

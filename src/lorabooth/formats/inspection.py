@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UserError
+from ..lora import read_lora
 from .clients import CLIENTS, ModelNames, sd15_names, unloaded_by_client
-from .errors import UserError
-from .formats import check_ranks, detect_layout, old_text_keys
-from .lora import read_lora
+from .layouts import check_ranks, detect_layout, old_text_keys
 
 # cross-attention width (the text encoder's hidden size) -> base family
 CROSS_ATTENTION = {768: "Stable Diffusion 1.x", 1024: "Stable Diffusion 2.x", 2048: "SDXL"}

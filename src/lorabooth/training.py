@@ -19,24 +19,32 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .checkpoint import (
-    latest_checkpoint, latest_loadable, load_trainable_state, save_checkpoint, trainable_state,
+    latest_checkpoint,
+    latest_loadable,
+    load_trainable_state,
+    save_checkpoint,
+    trainable_state,
 )
 from .checks import check_tensors
 from .config import TrainConfig
 from .data import (
-    Shuffler, image_files, latent_distributions, prompt_embeddings, tokenize,
+    Shuffler,
+    image_files,
+    latent_distributions,
+    prompt_embeddings,
+    tokenize,
 )
 from .errors import UserError
-from .formats import save_lora
+from .fileio import save_png, to_json, write_text
+from .formats.layouts import save_lora
 from .identifier import guess_identifier, identifier_warnings
 from .imagefiles import problem
-from .io import save_png, to_json, write_text
 from .lora import add_text_lora, add_unet_lora, freeze_all_but_lora, lora_parameters
 from .models import BaseModel, load_base, pipeline_from_parts
 from .objective import diffusion_target, dreambooth_loss
+from .precision import cast_frozen, frozen_dtype, tune_allocator, weight_dtype
 from .prior import class_images, draw_class_images, missing_indices, remove_stale_temps
 from .runfiles import check_folders, model_card, run_folder, write_config
-from .speed import cast_frozen, frozen_dtype, tune_allocator, weight_dtype
 
 log = logging.getLogger(__name__)
 

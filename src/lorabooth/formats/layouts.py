@@ -21,10 +21,16 @@ from diffusers.utils import (
 from peft import LoraConfig, get_peft_model_state_dict
 from safetensors.torch import save_file
 
-from .errors import UserError
-from .io import atomic_path, to_json
-from .lora import (
-    ADAPTER, KOHYA_WEIGHT_NAME, TEXT_TARGETS, UNET_TARGETS, WEIGHT_NAME, find_lora, read_lora,
+from ..errors import UserError
+from ..fileio import atomic_path, to_json
+from ..lora import (
+    ADAPTER,
+    KOHYA_WEIGHT_NAME,
+    TEXT_TARGETS,
+    UNET_TARGETS,
+    WEIGHT_NAME,
+    find_lora,
+    read_lora,
 )
 
 log = logging.getLogger(__name__)
@@ -143,7 +149,8 @@ def check_ranks(tensors: dict[str, torch.Tensor], where: str) -> int:
             up = tensors.get(partner)
             if up is None or up.shape[1] != down.shape[0]:
                 raise UserError(f"{where}: rank mismatch at {key} "
-                                f"({tuple(down.shape)} vs {tuple(up.shape) if up is not None else 'missing'})")
+                                f"({tuple(down.shape)} vs "
+                                f"{tuple(up.shape) if up is not None else 'missing'})")
             ranks.add(down.shape[0])
     if len(ranks) > 1:
         raise UserError(f"{where}: mixed ranks {sorted(ranks)}")

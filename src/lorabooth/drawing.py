@@ -20,14 +20,20 @@ from diffusers import (
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from .checks import MAX_IMAGES, MAX_STEPS, check_count, check_images, check_seeds, finite
+from .checks import (
+    MAX_IMAGES,
+    MAX_STEPS,
+    check_count,
+    check_images,
+    check_seeds,
+)
 from .errors import UserError
+from .fileio import save_png, to_json
+from .formats.layouts import load_into_pipeline
 from .grid import make_grid
-from .formats import load_into_pipeline
-from .io import save_png, to_json
 from .lora import find_lora, fused, lora_metadata, set_scales
-from .speed import tune_allocator
 from .models import load_base, pipeline_from_parts
+from .precision import tune_allocator
 
 log = logging.getLogger(__name__)
 
@@ -53,17 +59,6 @@ class Setting:
     @property
     def slug(self) -> str:
         return f"u{self.unet_scale:g}_t{self.text_scale:g}_g{self.guidance:g}"
-
-
-def parse_floats(text: str, option: str) -> list[float]:
-    """``"0,0.5,1"`` -> ``[0.0, 0.5, 1.0]``; the error names the option."""
-    try:
-        values = [float(v) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"{option}: expected numbers separated by commas (got {text!r})") from None
-    if not values:
-        raise UserError(f"{option}: expected at least one number (got {text!r})")
-    return [finite(v, option) for v in values]
 
 
 def settings_grid(unet_scales: list[float], text_scales: list[float],
@@ -144,6 +139,17 @@ def _call(pipe, prompt: str, setting: Setting, generators: list[torch.Generator]
                   generator=generators, width=size[0], height=size[1], output_type="np").images
     check_images(arrays, f"{prompt!r} at {setting.label}")  # as PNGs NaN would be black
     return pipe.numpy_to_pil(arrays)
+
+
+def draw_cached(pipe, has_text: bool, prompt: str, setting: Setting, seeds: list[int],
+                steps: int, folder: Path) -> list[Image.Image]:
+    """Images for ``seeds``, drawing only those not already in ``folder``."""
+    paths = [folder / f"seed{s}.png" for s in seeds]
+    todo = [s for s, p in zip(seeds, paths) if not p.is_file()]
+    if todo:
+        for s, image in zip(todo, draw(pipe, has_text, prompt, setting, todo, steps)):
+            save_png(image, folder / f"seed{s}.png")
+    return [Image.open(p).convert("RGB") for p in paths]
 
 
 def generate(run: str | Path, prompts: list[str], unet_scales: list[float] = (1.0,),

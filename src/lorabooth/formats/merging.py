@@ -12,11 +12,11 @@ from pathlib import Path
 
 import torch
 
-from .checks import check_tensors
-from .errors import UserError
-from .formats import check_ranks, read_as_peft, write_lora
-from .io import to_json
-from .lora import find_lora
+from ..checks import check_tensors
+from ..errors import UserError
+from ..fileio import to_json
+from ..lora import find_lora
+from .layouts import check_ranks, read_as_peft, write_lora
 
 log = logging.getLogger(__name__)
 
@@ -139,8 +139,8 @@ def fuse(run: str | Path, out: str | Path, unet_scale: float = 1.0, text_scale: 
          model: str | None = None, single_file: bool = False) -> Path:
     """A full diffusers model folder with the LoRA baked into its weights, or
     with ``single_file`` one `.safetensors` in the original SD layout."""
-    from .generate import load_pipeline
-    from .lora import set_scales
+    from ..drawing import load_pipeline
+    from ..lora import set_scales
 
     out = Path(out)
     if single_file and out.is_dir():
@@ -155,7 +155,7 @@ def fuse(run: str | Path, out: str | Path, unet_scale: float = 1.0, text_scale: 
     for name in components:
         check_tensors(getattr(pipe, name).state_dict(), f"--out {out}: the fused {name}")
     if single_file:
-        from .models import BaseModel
+        from ..models import BaseModel
         from .singlefile import save_single_file
 
         save_single_file(BaseModel("fused", pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 RESNET = [("in_layers.0", "norm1"), ("in_layers.2", "conv1"), ("emb_layers.1", "time_emb_proj"),
@@ -131,7 +131,7 @@ def to_single_file(base) -> dict[str, torch.Tensor]:
 def save_single_file(base, path: str | Path) -> Path:
     from safetensors.torch import save_file
 
-    from .io import atomic_path
+    from ..fileio import atomic_path
 
     tensors = {k: v.detach().contiguous() for k, v in to_single_file(base).items()}
     with atomic_path(path) as tmp:
@@ -145,7 +145,7 @@ def load_single_file(path: Path, config: str | Path):
     `.ckpt` files pass torch's safe loader first."""
     from diffusers import StableDiffusionPipeline
 
-    from .lora import load_pickle_safely
+    from ..lora import load_pickle_safely
 
     if path.suffix.lower() in (".ckpt", ".pt", ".pth"):
         load_pickle_safely(path)  # refuses anything but plain tensors before diffusers reads it
@@ -157,37 +157,3 @@ def load_single_file(path: Path, config: str | Path):
         first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise UserError(f"--model {path}: cannot be read as a Stable Diffusion single file "
                         f"({first})") from None
-
-
-def sd15_config_dir(folder: Path) -> Path:
-    """Stable Diffusion 1.5's component configs (no weights) written into
-    ``folder``, so a single SD 1.x file loads without the hub."""
-    from .io import to_json
-    from .models import clip_tokenizer, sd_noise_scheduler
-
-    def write(sub: str, config: dict) -> None:
-        (folder / sub).mkdir(parents=True, exist_ok=True)
-        (folder / sub / "config.json").write_text(to_json(config))
-
-    write("unet", {"_class_name": "UNet2DConditionModel", "sample_size": 64,
-                   "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2,
-                   "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-                   "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
-                   "cross_attention_dim": 768, "attention_head_dim": 8})
-    write("vae", {"_class_name": "AutoencoderKL", "block_out_channels": [128, 256, 512, 512],
-                  "down_block_types": ["DownEncoderBlock2D"] * 4,
-                  "up_block_types": ["UpDecoderBlock2D"] * 4, "latent_channels": 4,
-                  "layers_per_block": 2, "sample_size": 512, "scaling_factor": 0.18215})
-    write("text_encoder", {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model",
-                           "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
-                           "num_attention_heads": 12, "max_position_embeddings": 77,
-                           "hidden_act": "quick_gelu", "vocab_size": 49408, "projection_dim": 768,
-                           "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 1})
-    sd_noise_scheduler().save_pretrained(folder / "scheduler")
-    clip_tokenizer().save_pretrained(folder / "tokenizer")
-    (folder / "model_index.json").write_text(to_json({
-        "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDPMScheduler"],
-        "safety_checker": [None, None], "feature_extractor": [None, None]}))
-    return folder

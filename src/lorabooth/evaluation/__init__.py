@@ -1,0 +1,1 @@
+"""Evaluation: draw the paper's prompts, embed, score, report."""

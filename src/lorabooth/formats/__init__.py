@@ -1,0 +1,1 @@
+"""LoRA and checkpoint files: layouts, single files, merging, inspection."""
