@@ -20,7 +20,10 @@ __version__ = "0.1.0"
 # name -> module that defines it
 _API = {"TrainConfig": "config", "PrepareConfig": "config", "UserError": "errors",
         "train": "training", "generate": "drawing", "evaluate": "evaluation.runner",
-        "prepare": "prepare"}
+        "prepare": "prepare", "run": "commands",
+        **dict.fromkeys(("GenerateConfig", "EvaluateConfig", "IdentifierConfig", "InspectConfig",
+                         "ConvertConfig", "MergeConfig", "FuseConfig", "SweepConfig", "DemoConfig",
+                         "PretrainConfig", "ClaimsConfig"), "commands")}
 
 __all__ = [*_API, "__version__"]
 

@@ -43,6 +43,20 @@ def finite_float(text: str) -> float:
     return value
 
 
+def finite_floats(text: str) -> list[float]:
+    """An argparse ``type`` for a comma list of finite numbers."""
+    try:
+        values = [float(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected numbers separated by commas (got {text!r})") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected at least one number (got {text!r})")
+    if not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"must be a finite number (got {text!r})")
+    return values
+
+
 def check_seeds(seeds: Iterable[int], option: str) -> None:
     for seed in seeds:
         if not 0 <= seed <= MAX_SEED:

@@ -13,7 +13,7 @@ import stat
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, get_args, get_origin, get_type_hints
 
 from .checks import MAX_SEED, finite
 from .errors import UserError
@@ -21,10 +21,30 @@ from .errors import UserError
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 
 
-def _help(text: str, default: Any = None, **kw: Any) -> Any:
+def _help(text: str, default: Any = None, *, positional: bool = False, **kw: Any) -> Any:
+    """A field with its help text; ``positional`` fields are command-line
+    arguments without a dash (a list-typed one takes one or more)."""
+    meta = {"help": text, "positional": positional}
     if "default_factory" in kw:
-        return field(metadata={"help": text}, **kw)
-    return field(default=default, metadata={"help": text})
+        return field(metadata=meta, default_factory=kw["default_factory"])
+    return field(default=default, metadata=meta)
+
+
+def field_kind(cls: type, key: str) -> tuple[type, bool, bool]:
+    """(element type, is a list, may be None) of a field: the types the tree
+    uses are str, int, float, bool, list[str], list[float] and ``X | None``."""
+    hint = get_type_hints(cls)[key]
+    args = [a for a in get_args(hint) if a is not type(None)]
+    optional = type(None) in get_args(hint)
+    if optional:
+        hint = args[0]
+    if get_origin(hint) is list:
+        return get_args(hint)[0], True, optional
+    return hint, False, optional
+
+
+def field_default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
 def option_name(key: str) -> str:
@@ -32,13 +52,16 @@ def option_name(key: str) -> str:
     return "--" + key.replace("_", "-")
 
 
-def _check_finite(config: Any) -> None:
+def check_finite(config: Any) -> None:
     """NaN and inf compare false with everything, so they slip past every
-    range check below; refuse them first, for every float field."""
-    hints = get_type_hints(type(config))
+    range check; refuse them first, for every float field (lists too)."""
     for f in fields(config):
-        if hints[f.name] is float:
-            finite(getattr(config, f.name), option_name(f.name))
+        kind, many, _ = field_kind(type(config), f.name)
+        if kind is float:
+            value = getattr(config, f.name)
+            for v in (value if many else [value]):
+                if v is not None:
+                    finite(v, option_name(f.name))
 
 
 @dataclass(frozen=True)
@@ -83,7 +106,7 @@ class TrainConfig:
         def bad(key: str, why: str) -> UserError:
             return UserError(f"{option_name(key)}: {why} (got {getattr(self, key)!r})")
 
-        _check_finite(self)
+        check_finite(self)
         for key in ("lr", "lr_text", "prior_loss_weight"):
             if not getattr(self, key) > 0:
                 raise bad(key, "must be a positive number")
@@ -131,8 +154,8 @@ CROPS = ("center", "face", "none")
 
 @dataclass(frozen=True)
 class PrepareConfig:
-    src: str = _help("Folder of the user's photos (only read).", "")
-    out: str = _help("Folder for the training set.", "")
+    src: str = _help("Folder of the user's photos (never modified).", "", positional=True)
+    out: str = _help("Folder for the training set.", "", positional=True)
     resolution: int = _help("Side of the square output images in pixels.", 512)
     crop: str = _help("center, face (largest face, OpenCV Haar cascade) or none.", "center")
     min_size: int = _help("Reject images whose short side is below this (0: half the resolution).", 0)
@@ -149,7 +172,7 @@ class PrepareConfig:
         def bad(key: str, why: str) -> UserError:
             return UserError(f"{option_name(key)}: {why} (got {getattr(self, key)!r})")
 
-        _check_finite(self)
+        check_finite(self)
         if self.resolution < 8 or self.resolution % 8:
             raise bad("resolution", "must be a positive multiple of 8")
         if self.crop not in CROPS:
@@ -174,8 +197,7 @@ def config_keys(cls: type) -> list[str]:
     return [f.name for f in fields(cls)]
 
 
-def _check_type(cls: type, key: str, value: Any, where: str) -> Any:
-    expected = get_type_hints(cls)[key]
+def _check_scalar(expected: type, key: str, value: Any, where: str) -> Any:
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if expected is bool and not isinstance(value, bool):
@@ -187,6 +209,15 @@ def _check_type(cls: type, key: str, value: Any, where: str) -> Any:
     if expected is str and not isinstance(value, str):
         raise UserError(f"{where}: `{key}` must be a string (got {value!r})")
     return value
+
+
+def _check_type(cls: type, key: str, value: Any, where: str) -> Any:
+    kind, many, _ = field_kind(cls, key)
+    if not many:
+        return _check_scalar(kind, key, value, where)
+    if not isinstance(value, list):
+        raise UserError(f"{where}: `{key}` must be a list (got {value!r})")
+    return [_check_scalar(kind, key, v, where) for v in value]
 
 
 def check_keys(cls: type, values: dict[str, Any], where: str) -> dict[str, Any]:
@@ -240,4 +271,5 @@ def build_config(cls: type, file: str | Path | None, overrides: dict[str, Any]):
 
 
 def to_toml_dict(config: Any) -> dict[str, Any]:
-    return dataclasses.asdict(config)
+    """The config as TOML can hold it (TOML has no null: unset fields are left out)."""
+    return {k: v for k, v in dataclasses.asdict(config).items() if v is not None}

@@ -1,0 +1,348 @@
+"""Every command's options, one frozen dataclass each: with `TrainConfig`
+and `PrepareConfig` (config.py) they are the config tree the CLI generates
+its options from, `--config FILE.toml` reads, and the Python API takes:
+
+    from lorabooth import GenerateConfig, run
+    run(GenerateConfig(run="runs/dog", prompt=["a photo of sks dog on the beach"]))
+
+`run(config)` is the one call the CLI makes after parsing. It imports the
+heavy modules (torch, diffusers) only then, so a bad option is answered
+without them."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .checks import MAX_SEED
+from .config import PrepareConfig, TrainConfig, _help, check_finite, option_name
+from .errors import UserError
+
+log = logging.getLogger("lorabooth")
+
+
+def _bad(config: Any, key: str, why: str) -> UserError:
+    return UserError(f"{option_name(key)}: {why} (got {getattr(config, key)!r})")
+
+
+def _require(config: Any, *keys: str) -> None:
+    for key in keys:
+        if not getattr(config, key):
+            raise UserError(f"{option_name(key)}: is required")
+
+
+def _one_of(config: Any, key: str, choices: tuple[str, ...]) -> None:
+    if getattr(config, key) not in choices:
+        raise _bad(config, key, f"must be one of {', '.join(choices)}")
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    run: str = _help("Run folder (or a LoRA .safetensors file).", "", positional=True)
+    prompt: list[str] = _help("Prompt to draw (repeatable).", default_factory=list)
+    negative_prompt: str = _help("Negative prompt.", "")
+    unet_scale: list[float] = _help("UNet LoRA scale(s), comma list.", default_factory=lambda: [1.0])
+    text_scale: list[float] = _help("Text-encoder LoRA scale(s), comma list.",
+                                    default_factory=lambda: [1.0])
+    guidance: list[float] = _help("Guidance scale(s), comma list.", default_factory=lambda: [7.5])
+    steps: int = _help("Sampler steps.", 25)
+    num_images: int = _help("Images (seeds) per setting.", 4)
+    seed: int = _help("First seed; image i uses seed+i.", 0)
+    scheduler: str = _help("dpm, ddim, euler or pndm.", "dpm")
+    width: int | None = _help("Image width in pixels, a multiple of 8 (default: the model's "
+                              "native size).", None)
+    height: int | None = _help("Image height in pixels, a multiple of 8 (default: the model's "
+                               "native size).", None)
+    model: str = _help("Base model (default: the run's own).", "")
+    output: str = _help("Folder (default: RUN/generated).", "")
+
+    def __post_init__(self) -> None:
+        check_finite(self)
+        _require(self, "run")
+        if not self.prompt:
+            raise UserError("--prompt: give at least one prompt")
+        for key in ("unet_scale", "text_scale", "guidance"):
+            if not getattr(self, key):
+                raise _bad(self, key, "expected at least one number")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    run: str = _help("Run folder.", "", positional=True)
+    real: str = _help("Folder of the subject's photos (required).", "")
+    class_noun: str = _help("Class noun (default: from the run).", "")
+    kind: str = _help("The paper's prompt set: live (subjects) or object.", "live")
+    prompts: str = _help("Own prompts file, one per line ({0}: identifier, {1}: class noun).", "")
+    identifier: str = _help("Identifier (default: from the run's metadata).", "")
+    images_per_prompt: int = _help("Images per prompt (the paper uses 4).", 4)
+    pres_images: int = _help("Class-prompt images for PRES.", 8)
+    seed: int = _help("First seed; image i uses seed+i.", 0)
+    unet_scale: float = _help("UNet LoRA scale.", 1.0)
+    text_scale: float = _help("Text-encoder LoRA scale.", 1.0)
+    guidance: float = _help("Guidance scale.", 7.5)
+    steps: int = _help("Sampler steps.", 25)
+    dino: str = _help("DINO model (folder or hub id).", "facebook/dino-vits16")
+    clip: str = _help("CLIP model (folder or hub id; e.g. openai/clip-vit-large-patch14).",
+                      "openai/clip-vit-base-patch32")
+    model: str = _help("Base model (default: the run's own).", "")
+    out: str = _help("Folder (default: RUN/eval).", "")
+    baselines: bool = _help("Add the base model (floor) and the real photos leave-one-out "
+                            "(ceiling).", False)
+
+    def __post_init__(self) -> None:
+        check_finite(self)
+        _require(self, "run", "real")
+        _one_of(self, "kind", ("live", "object"))
+
+
+@dataclass(frozen=True)
+class IdentifierConfig:
+    model: str = _help("Whose tokenizer (tiny = CLIP's).", "tiny")
+    n: int = _help("How many candidates to show.", 10)
+    seed: int | None = _help("Draw --n at random from the rarest candidates instead of the top.",
+                             None)
+    check: str = _help("Show how this prompt tokenises and warn about its identifier.", "")
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise _bad(self, "n", "must be at least 1")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            raise _bad(self, "seed", f"must be between 0 and {MAX_SEED}")
+
+
+@dataclass(frozen=True)
+class InspectConfig:
+    file: str = _help("A LoRA file (.safetensors, any layout).", "", positional=True)
+    model: str = _help("Check the clients' key rules against this base model's weights "
+                       "(default: Stable Diffusion 1.5's, for SD 1.x files).", "")
+
+    def __post_init__(self) -> None:
+        _require(self, "file")
+
+
+@dataclass(frozen=True)
+class ConvertConfig:
+    src: str = _help("A LoRA .safetensors file (diffusers, kohya or peft layout).", "",
+                     positional=True)
+    dst: str = _help("Output file (or folder).", "", positional=True)
+    to: str = _help("Layout to write: kohya, diffusers or peft (required).", "")
+
+    def __post_init__(self) -> None:
+        _require(self, "src", "dst", "to")
+        _one_of(self, "to", ("kohya", "diffusers", "peft"))
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    loras: list[str] = _help("Run folders or LoRA files (any layout).", default_factory=list,
+                             positional=True)
+    weights: list[float] = _help("Comma list, one weight per LoRA (default: equal).",
+                                 default_factory=list)
+    out: str = _help("Output .safetensors (diffusers layout; required).", "")
+    rank: int | None = _help("Re-factorise to this rank by SVD (default: exact concatenation).",
+                             None)
+
+    def __post_init__(self) -> None:
+        check_finite(self)
+        _require(self, "out")
+
+
+@dataclass(frozen=True)
+class FuseConfig:
+    run: str = _help("Run folder or LoRA file.", "", positional=True)
+    out: str = _help("Output model folder (required).", "")
+    unet_scale: float = _help("UNet LoRA scale baked in.", 1.0)
+    text_scale: float = _help("Text-encoder LoRA scale baked in.", 1.0)
+    model: str = _help("Base model (default: the run's own).", "")
+    single_file: bool = _help("Write one .safetensors in the original SD layout instead of a "
+                              "folder.", False)
+
+    def __post_init__(self) -> None:
+        check_finite(self)
+        _require(self, "run", "out")
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    file: str = _help("Sweep TOML: [base], [train.grid], [generate], [generate.grid], "
+                      "[evaluate].", "", positional=True)
+    yes: bool = _help("Start a sweep of more runs than the safety cap.", False)
+
+    def __post_init__(self) -> None:
+        _require(self, "file")
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    output: str = _help("Run folder.", "runs/demo")
+    steps: int = _help("Training steps.", 400)
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise _bad(self, "steps", "must be at least 1")
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    out: str = _help("Folder for the model (diffusers layout; required).", "")
+    seed: int = _help("Random seed.", 0)
+    images: int = _help("Rendered training pictures.", 40000)
+    vae_steps: int = _help("VAE training steps.", 3000)
+    unet_steps: int = _help("UNet and text-encoder training steps.", 3000)
+    judge_steps: int = _help("Judge training steps.", 1500)
+    batch: int = _help("Batch size.", 64)
+
+    def __post_init__(self) -> None:
+        _require(self, "out")
+
+
+@dataclass(frozen=True)
+class ClaimsConfig:
+    out: str = _help("Folder for runs and figures.", "runs/toyworld-claims")
+    report: str = _help("Markdown report to write.", "docs/toyworld.md")
+    quick: bool = _help("One seed, the fidelity claim only.", False)
+
+
+def _train(c: TrainConfig) -> Any:
+    from .training import train
+
+    output = train(c)
+    log.info("LoRA: %s", output / "pytorch_lora_weights.safetensors")
+    return output
+
+
+def _generate(c: GenerateConfig) -> Any:
+    from .drawing import generate
+
+    images = generate(c.run, c.prompt, unet_scales=c.unet_scale, text_scales=c.text_scale,
+                      guidances=c.guidance, num_images=c.num_images, seed=c.seed, steps=c.steps,
+                      negative_prompt=c.negative_prompt, scheduler=c.scheduler,
+                      output=c.output or None, model=c.model or None, width=c.width,
+                      height=c.height)
+    log.info("drew %d images", len(images))
+    return images
+
+
+def _prepare(c: PrepareConfig) -> Any:
+    from .prepare import prepare
+
+    return prepare(c)
+
+
+def _identifier(c: IdentifierConfig) -> Any:
+    from .identifier import check_prompt, rare_identifiers, render_table
+    from .models import load_tokenizer
+
+    tokenizer = load_tokenizer(c.model)
+    if c.check:
+        report, warnings = check_prompt(c.check, tokenizer)
+        print(report)
+        for w in warnings:
+            log.warning("%s", w)
+        return report
+    candidates = rare_identifiers(tokenizer, n=c.n, seed=c.seed)
+    print(render_table(candidates))
+    return candidates
+
+
+def _evaluate(c: EvaluateConfig) -> Any:
+    from .evaluation.runner import evaluate
+
+    return evaluate(c.run, c.real, class_noun=c.class_noun or None, kind=c.kind,
+                    prompts_file=c.prompts or None, identifier=c.identifier or None,
+                    images_per_prompt=c.images_per_prompt, seed=c.seed, unet_scale=c.unet_scale,
+                    text_scale=c.text_scale, guidance=c.guidance, steps=c.steps,
+                    out=c.out or None, baselines=c.baselines, dino=c.dino, clip=c.clip,
+                    model=c.model or None, pres_images=c.pres_images)
+
+
+def _inspect(c: InspectConfig) -> Any:
+    from .formats.inspection import check_summary, inspect_lora, render
+
+    names, label = None, ""
+    if c.model:
+        from .formats.clients import model_names
+        from .models import load_base
+
+        base = load_base(c.model)
+        names, label = model_names(base.unet, base.text_encoder), c.model
+    summary = inspect_lora(c.file, names, label)
+    print(render(summary))
+    check_summary(summary)
+    return summary
+
+
+def _convert(c: ConvertConfig) -> Any:
+    from .formats.layouts import convert_file
+
+    out = convert_file(c.src, c.dst, c.to)
+    log.info("wrote %s", out)
+    return out
+
+
+def _merge(c: MergeConfig) -> Any:
+    from .formats.merging import merge
+
+    return merge(c.loras, c.weights or None, c.out, rank=c.rank)
+
+
+def _fuse(c: FuseConfig) -> Any:
+    from .formats.merging import fuse
+
+    return fuse(c.run, c.out, unet_scale=c.unet_scale, text_scale=c.text_scale,
+                model=c.model or None, single_file=c.single_file)
+
+
+def _sweep(c: SweepConfig) -> Any:
+    from .sweep import run_sweep
+
+    return run_sweep(c.file, yes=c.yes)
+
+
+def _demo(c: DemoConfig) -> Any:
+    from .demo import demo
+
+    return demo(c.output, steps=c.steps)
+
+
+def _pretrain(c: PretrainConfig) -> Any:
+    from .toyworld.pretrain import pretrain
+
+    return pretrain(c.out, seed=c.seed, images=c.images, vae_steps=c.vae_steps,
+                    unet_steps=c.unet_steps, batch=c.batch, judge_steps=c.judge_steps)
+
+
+def _claims(c: ClaimsConfig) -> Any:
+    from .toyworld.claims import claims
+
+    return claims(c.out, report=c.report, quick=c.quick)
+
+
+# command -> (config class, what it does, the function that runs it); "a b"
+# is subcommand b of a
+COMMANDS: dict[str, tuple[type, str, Callable[[Any], Any]]] = {
+    "train": (TrainConfig, "train a DreamBooth LoRA on photos of one subject", _train),
+    "generate": (GenerateConfig, "draw with a trained LoRA at chosen scales", _generate),
+    "prepare": (PrepareConfig, "turn a folder of photos into a clean training set", _prepare),
+    "identifier": (IdentifierConfig, "pick a rare-token identifier, or check one", _identifier),
+    "evaluate": (EvaluateConfig, "DINO, CLIP-I, CLIP-T, PRES, DIV as in the paper", _evaluate),
+    "toyworld pretrain": (PretrainConfig, "train the toy model and judges from scratch",
+                          _pretrain),
+    "toyworld claims": (ClaimsConfig, "measure DreamBooth's claims on the toy world", _claims),
+    "convert": (ConvertConfig, "LoRA file between diffusers, kohya and peft layouts", _convert),
+    "inspect": (InspectConfig, "what a LoRA file holds, and whether ComfyUI and AUTOMATIC1111 "
+                               "load every key of it", _inspect),
+    "merge": (MergeConfig, "combine LoRAs trained on the same base", _merge),
+    "fuse": (FuseConfig, "bake a LoRA into a full diffusers model folder", _fuse),
+    "sweep": (SweepConfig, "a grid of training runs x inference settings, one report", _sweep),
+    "demo": (DemoConfig, "train and draw on the built-in model with example photos", _demo),
+}
+
+
+def run(config: Any) -> Any:
+    """Carry out the command ``config`` is the options of."""
+    for cls, _, runner in COMMANDS.values():
+        if type(config) is cls:
+            return runner(config)
+    raise TypeError(f"not a lorabooth command config: {type(config).__name__}")
