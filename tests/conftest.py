@@ -3,21 +3,14 @@ import socket
 from pathlib import Path
 
 import pytest
-from PIL import Image, ImageDraw
+
+from helpers import make_photos
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 
-def make_photos(folder: Path, n: int = 3, size: tuple[int, int] = (80, 72)) -> Path:
-    """Small distinct pictures standing in for a user's subject photos."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        im = Image.new("RGB", size, (40 + 60 * i, 130, 200 - 50 * i))
-        ImageDraw.Draw(im).ellipse((10 + 4 * i, 8, 60, 60), fill=(220, 60 + 30 * i, 40))
-        im.save(folder / f"photo_{i}.png")
-    return folder
 
 
 # Installed in a subprocess (as sitecustomize, imported at start-up) to refuse
@@ -68,25 +61,8 @@ def no_network_env(tmp_path) -> tuple[dict, Path]:
             "LORABOOTH_TEST_NETWORK_LOG": str(log)}, log
 
 
-def strict_loads(text: str):
-    """json.loads that, like JavaScript's JSON.parse, refuses NaN and Infinity."""
-    import json
-
-    def refuse(token):
-        raise ValueError(f"non-standard JSON token {token}")
-    return json.loads(text, parse_constant=refuse)
 
 
-def tiny_outputs(pipe):
-    """A tiny pipeline's UNet prediction and text-encoder output for fixed
-    inputs: two pipelines whose weights agree give the same pair."""
-    import torch
-
-    g = torch.Generator().manual_seed(0)
-    x, ctx = torch.randn(1, 4, 32, 32, generator=g), torch.randn(1, 77, 32, generator=g)
-    ids = pipe.tokenizer(["a photo of sks dog"], padding="max_length", return_tensors="pt").input_ids
-    with torch.no_grad():
-        return pipe.unet(x, torch.tensor([400]), ctx).sample, pipe.text_encoder(ids)[0]
 
 
 @pytest.fixture

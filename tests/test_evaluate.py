@@ -2,7 +2,7 @@ import csv
 
 import pytest
 
-from conftest import strict_loads
+from helpers import strict_loads
 from lorabooth import evaluate
 from lorabooth.cli import main
 from lorabooth.errors import UserError

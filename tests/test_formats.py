@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import tiny_outputs
+from helpers import tiny_outputs
 from lorabooth.cli import main
 from lorabooth.errors import UserError
 from lorabooth.formats.layouts import convert_file, detect_layout

@@ -30,7 +30,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import make_photos
+from helpers import make_photos
 from lorabooth.cli import main
 from lorabooth.lora import WEIGHT_NAME, read_lora
 

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from conftest import strict_loads
+from helpers import strict_loads
 from lorabooth.fileio import finite, to_json, write_json
 
 

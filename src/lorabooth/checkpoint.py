@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import UserError
+from .errors import UserError, first_line
 from .fileio import atomic_path, fsync_dir, to_json
 
 log = logging.getLogger(__name__)
@@ -148,6 +148,6 @@ def latest_loadable(output: Path, modules: dict[str, torch.nn.Module]
         try:
             return (path, *read_checkpoint(path, modules))
         except Exception as e:  # noqa: BLE001 - torch.load and safetensors raise many kinds on bad bytes
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+            first = first_line(e, 120)
             log.warning("checkpoint %s does not load (%s); skipping it", path, first)
     return None

@@ -9,7 +9,7 @@ import torch
 from PIL import Image, ImageOps
 
 from .imagefiles import problem
-from .images import upright_rgb
+from .images import chw_uint8, signed_unit, upright_rgb
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
@@ -34,9 +34,7 @@ def load_image(path: Path, resolution: int) -> torch.Tensor:
     with Image.open(path) as im:
         im = upright_rgb(im)
         im = ImageOps.fit(im, (resolution, resolution), method=Image.Resampling.LANCZOS)
-    pixels = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
-    pixels = pixels.view(resolution, resolution, 3).permute(2, 0, 1)  # (H, W, C) -> (C, H, W)
-    return pixels.float() / 127.5 - 1.0
+    return signed_unit(chw_uint8(im))
 
 
 @torch.inference_mode()

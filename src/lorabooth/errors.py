@@ -7,3 +7,10 @@ class UserError(Exception):
     The CLI prints ``str(error)`` on one line and exits with status 2; no
     traceback, because the fix is on the user's side and the message says it.
     """
+
+
+def first_line(error: BaseException, limit: int = 160) -> str:
+    """A library exception's first line (at most ``limit`` characters), or its
+    type's name when it has no message: what a one-line error can quote."""
+    lines = str(error).strip().splitlines()
+    return (lines[0] if lines else type(error).__name__)[:limit]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from .errors import first_line
 from .images import FORMATS, upright_rgb
 
 
@@ -49,7 +50,7 @@ def decode(path: Path) -> tuple[Image.Image, str]:
         # PIL refuses before allocating: the header declares billions of pixels
         raise Rejected(f"too large to open safely: {str(e).split(',')[0]}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise Rejected(f"truncated or corrupt image ({str(e).splitlines()[0][:80]})") from None
+        raise Rejected(f"truncated or corrupt image ({first_line(e, 80)})") from None
 
 
 def problem(path: Path) -> str:

@@ -4,8 +4,13 @@ perceptual hashes, square crop boxes, reflection padding. No files, no models.""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 from PIL import Image, ImageOps
+
+if TYPE_CHECKING:  # prepare and the CLI use this module without torch
+    import torch
 
 # Formats recognised by content (PIL sniffs the bytes; the extension is ignored).
 FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF", "MPO")
@@ -102,3 +107,16 @@ def resize_short_side(im: Image.Image, resolution: int) -> Image.Image:
     scale = resolution / min(w, h)
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
     return im.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+
+
+def chw_uint8(im: Image.Image) -> torch.Tensor:
+    """An RGB picture as a (3, H, W) uint8 tensor."""
+    import torch
+
+    pixels = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+    return pixels.view(im.height, im.width, 3).permute(2, 0, 1)  # (H, W, C) -> (C, H, W)
+
+
+def signed_unit(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> floats in [-1, 1], the range the VAE and the judges take."""
+    return pixels.float() / 127.5 - 1.0

@@ -13,7 +13,7 @@ from diffusers import StableDiffusionPipeline
 from peft import LoraConfig, inject_adapter_in_model
 from safetensors import safe_open
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -60,7 +60,7 @@ def load_pickle_safely(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError) as e:
-        first = str(e).strip().splitlines()[0][:100] if str(e).strip() else type(e).__name__
+        first = first_line(e, 100)
         raise UserError(
             f"{path}: refused: this pickle file needs more than tensors to load ({first}); "
             "pickles can run arbitrary code, so lorabooth only loads plain tensors from them. "

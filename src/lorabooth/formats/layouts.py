@@ -21,7 +21,7 @@ from diffusers.utils import (
 from peft import LoraConfig, get_peft_model_state_dict
 from safetensors.torch import save_file
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..fileio import atomic_path, to_json
 from ..lora import (
     ADAPTER,
@@ -129,7 +129,7 @@ def kohya_to_peft(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Ten
     try:
         legacy, alphas = StableDiffusionPipeline.lora_state_dict(dict(renamed))
     except (ValueError, KeyError) as e:
-        raise UserError(f"kohya file: cannot be read ({str(e).splitlines()[0][:120]})") from None
+        raise UserError(f"kohya file: cannot be read ({first_line(e, 120)})") from None
     values = {float(v) for v in (alphas or {}).values()}
     if len(values) > 1:
         raise UserError(f"kohya file: modules use different alphas {sorted(values)}; "
@@ -279,8 +279,7 @@ def load_into_pipeline(pipe: StableDiffusionPipeline, run: str | Path) -> bool:
     try:
         pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=ADAPTER)
     except (ValueError, RuntimeError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path}: does not fit this base model ({first[:200]})") from None
+        raise UserError(f"{path}: does not fit this base model ({first_line(e, 200)})") from None
     held = set()
     for part in ("unet", "text_encoder"):
         if ADAPTER in (getattr(getattr(pipe, part), "peft_config", None) or {}):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 RESNET = [("in_layers.0", "norm1"), ("in_layers.2", "conv1"), ("emb_layers.1", "time_emb_proj"),
@@ -154,6 +154,6 @@ def load_single_file(path: Path, config: str | Path):
             str(path), config=str(config), local_files_only=True, torch_dtype=torch.float32,
             safety_checker=None, requires_safety_checker=False)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise UserError(f"--model {path}: cannot be read as a Stable Diffusion single file "
                         f"({first})") from None

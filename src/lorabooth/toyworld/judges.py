@@ -17,6 +17,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from ..evaluation.embedders import Judges
+from ..images import chw_uint8, signed_unit
 from .schedule import schedule
 from .world import CLASSES, COLOURS, CONTEXTS, PATTERNS, Spec, random_spec, render
 
@@ -45,9 +46,8 @@ class JudgeNet(nn.Module):
 
 
 def _pixels(images: list[Image.Image]) -> torch.Tensor:
-    arrs = [torch.frombuffer(bytearray(im.convert("RGB").resize((32, 32)).tobytes()),
-                             dtype=torch.uint8).view(32, 32, 3).permute(2, 0, 1) for im in images]
-    return torch.stack(arrs).float() / 127.5 - 1.0
+    return signed_unit(torch.stack([chw_uint8(im.convert("RGB").resize((32, 32)))
+                                    for im in images]))
 
 
 def _labels(specs: list[Spec]) -> dict[str, torch.Tensor]:

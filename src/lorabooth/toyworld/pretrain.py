@@ -19,6 +19,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from .. import __version__
 from ..data import tokenize
 from ..fileio import to_json, write_json
+from ..images import chw_uint8, signed_unit
 from ..models import BaseModel, clip_tokenizer, save_base, sd_noise_scheduler
 from .schedule import schedule
 from .world import caption, random_spec, render
@@ -54,14 +55,8 @@ def render_dataset(n: int, seed: int) -> tuple[torch.Tensor, list]:
     """n pictures (uint8, (n, 3, 32, 32)) and their specs; held-out combos excluded."""
     rng = random.Random(seed)
     specs = [random_spec(rng) for _ in range(n)]
-    pixels = torch.stack([torch.frombuffer(bytearray(render(s, seed * 1_000_003 + i).tobytes()),
-                                           dtype=torch.uint8).view(32, 32, 3).permute(2, 0, 1)
-                          for i, s in enumerate(specs)])
+    pixels = torch.stack([chw_uint8(render(s, seed * 1_000_003 + i)) for i, s in enumerate(specs)])
     return pixels, specs
-
-
-def _to_float(batch: torch.Tensor) -> torch.Tensor:
-    return batch.float() / 127.5 - 1.0
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -76,7 +71,7 @@ def train_vae(vae: AutoencoderKL, pixels: torch.Tensor, steps: int, batch: int,
     vae.train()
     t0 = time.perf_counter()
     for step in range(steps):
-        x = _to_float(pixels[torch.randint(0, len(pixels), (batch,), generator=gen)])
+        x = signed_unit(pixels[torch.randint(0, len(pixels), (batch,), generator=gen)])
         dist = vae.encode(x).latent_dist
         recon = vae.decode(dist.sample(generator=gen)).sample
         loss = F.mse_loss(recon, x) + 1e-6 * dist.kl().mean()
@@ -89,7 +84,7 @@ def train_vae(vae: AutoencoderKL, pixels: torch.Tensor, steps: int, batch: int,
                      time.perf_counter() - t0)
     vae.eval()
     with torch.no_grad():
-        x = _to_float(held)
+        x = signed_unit(held)
         quality = psnr(vae.decode(vae.encode(x).latent_dist.mean).sample, x)
     return {"vae_steps": steps, "vae_seconds": round(time.perf_counter() - t0),
             "vae_psnr_db_held_out": round(quality, 2)}
@@ -99,7 +94,7 @@ def train_vae(vae: AutoencoderKL, pixels: torch.Tensor, steps: int, batch: int,
 def encode_all(vae: AutoencoderKL, pixels: torch.Tensor, batch: int = 512):
     means, stds = [], []
     for i in range(0, len(pixels), batch):
-        dist = vae.encode(_to_float(pixels[i : i + batch])).latent_dist
+        dist = vae.encode(signed_unit(pixels[i : i + batch])).latent_dist
         means.append(dist.mean)
         stds.append(dist.std)
     return torch.cat(means), torch.cat(stds)
