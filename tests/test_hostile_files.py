@@ -171,6 +171,9 @@ def sigint_at_step(n: int) -> Callable[[Ctx], None]:
                 os.kill(os.getpid(), signal.SIGINT)
             return real(*args, **kwargs)
         ctx.monkeypatch.setattr(T, "dreambooth_loss", interrupted)
+        # what a terminal's Ctrl-C meets; a process started in the background
+        # of a non-interactive shell (as CI may start it) inherits SIGINT ignored
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     return setup
 
 
