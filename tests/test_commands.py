@@ -9,7 +9,7 @@ import tomli_w
 
 from lorabooth.cli import build_parser
 from lorabooth.commands import COMMANDS, GenerateConfig, IdentifierConfig, MergeConfig, run
-from lorabooth.config import build_config, option_name, to_toml_dict
+from lorabooth.config import SweepEvaluate, SweepGenerate, build_config, option_name, to_toml_dict
 from lorabooth.errors import UserError
 
 # values for the fields a config cannot be built without
@@ -82,3 +82,15 @@ def test_python_api_takes_the_same_objects(trained_run, tmp_path, capsys):
     assert "round-trips" in capsys.readouterr().out
     with pytest.raises(TypeError, match="not a lorabooth command config"):
         run(object())
+
+
+@pytest.mark.parametrize("cls", [SweepGenerate, SweepEvaluate])
+def test_sweep_file_tables_are_in_the_tree(cls, tmp_path):
+    """A sweep file's [generate] and [evaluate] tables: every field has help
+    text and is a key the file may hold."""
+    for f in dataclasses.fields(cls):
+        assert f.metadata.get("help"), f"{cls.__name__}: {f.name} has no help text"
+    values = {"prompts": ["a photo of sks dog"]} if cls is SweepGenerate else {"real": str(tmp_path)}
+    config = cls(**values)
+    (tmp_path / "t.toml").write_text(tomli_w.dumps(to_toml_dict(config)))
+    assert build_config(cls, tmp_path / "t.toml", {}) == config

@@ -99,7 +99,7 @@ def test_the_same_point_twice_is_refused(tmp_path, photos):
     ("[train.grid]\nrank = [4, \"x\"]\n", "`rank` must be an integer"),
     ("[generate.grid]\nunet_scal = [1]\n", "did you mean `unet_scale`"),
     ("[generat]\nprompts = [\"x\"]\n", "did you mean `generate`"),
-    ("[evaluate]\nreal = 3\n", "`real` must be str"),
+    ("[evaluate]\nreal = 3\n", "`real` must be a string"),
 ])
 def test_bad_sweep_files_name_the_key(tmp_path, bad, needle, capsys):
     f = tmp_path / "bad.toml"

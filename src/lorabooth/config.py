@@ -11,11 +11,12 @@ import dataclasses
 import difflib
 import stat
 import tomllib
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
-from .checks import MAX_SEED, finite
+from .checks import MAX_SEED, MAX_STEPS, check_count, check_seeds, finite
 from .errors import UserError
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
@@ -193,6 +194,52 @@ class PrepareConfig:
         return self.min_size or self.resolution // 2
 
 
+@dataclass(frozen=True)
+class SweepGenerate:
+    """A sweep file's [generate] table with its [generate.grid] lists: what
+    every run draws."""
+    prompts: list[str] = _help("Prompts drawn by every run (required).", default_factory=list)
+    seeds: list[int] = _help("Seeds; every prompt and setting is drawn once per seed.",
+                             default_factory=lambda: [0])
+    steps: int = _help("Sampler steps.", 25)
+    negative_prompt: str = _help("Negative prompt.", "")
+    unet_scale: list[float] = _help("[generate.grid] UNet LoRA scales.", default_factory=lambda: [1.0])
+    text_scale: list[float] = _help("[generate.grid] text-encoder LoRA scales.",
+                                    default_factory=lambda: [1.0])
+    guidance: list[float] = _help("[generate.grid] guidance scales.", default_factory=lambda: [7.5])
+
+    def __post_init__(self) -> None:
+        check_finite(self)
+        for key in ("prompts", "seeds", "unet_scale", "text_scale", "guidance"):
+            if not getattr(self, key):
+                raise UserError(f"`{key}` must be a non-empty list (got [])")
+        check_seeds(self.seeds, "`seeds`")
+        check_count(self.steps, "`steps`", MAX_STEPS)
+
+
+@dataclass(frozen=True)
+class SweepEvaluate:
+    """A sweep file's [evaluate] table: `lorabooth evaluate` on every run."""
+    real: str = _help("Folder of the subject's photos (required).", "")
+    class_noun: str = _help("Class noun (default: from the run).", "")
+    kind: str = _help("The paper's prompt set: live or object.", "live")
+    prompts_file: str = _help("Own prompts file instead of the paper's.", "")
+    images_per_prompt: int = _help("Images per prompt.", 4)
+    pres_images: int = _help("Class-prompt images for PRES.", 8)
+    steps: int = _help("Sampler steps.", 25)
+    baselines: bool = _help("Add the base model and the real photos as rows.", False)
+    dino: str = _help("DINO model (folder or hub id).", "facebook/dino-vits16")
+    clip: str = _help("CLIP model (folder or hub id).", "openai/clip-vit-base-patch32")
+    judges: str = _help("\"toy\": the toy world's judges instead of DINO and CLIP.", "")
+
+    def __post_init__(self) -> None:
+        if not Path(self.real).is_dir():
+            raise UserError(f"`real` must be the folder of the subject's photos (got {self.real!r})")
+        if self.judges not in ("", "toy"):
+            raise UserError(f"`judges` can only be \"toy\" (got {self.judges!r}); "
+                            "leave it out for DINO and CLIP")
+
+
 def config_keys(cls: type) -> list[str]:
     return [f.name for f in fields(cls)]
 
@@ -220,17 +267,30 @@ def _check_type(cls: type, key: str, value: Any, where: str) -> Any:
     return [_check_scalar(kind, key, v, where) for v in value]
 
 
+def unknown_key(key: str, known: Iterable[str], where: str) -> UserError:
+    """`unknown key `lerning_rate`; did you mean `learning_rate`?`"""
+    close = difflib.get_close_matches(key, list(known), n=1)
+    hint = f"; did you mean `{close[0]}`?" if close else ""
+    return UserError(f"{where}: unknown key `{key}`{hint}")
+
+
 def check_keys(cls: type, values: dict[str, Any], where: str) -> dict[str, Any]:
     """Reject unknown keys (suggesting the closest) and wrong types."""
     known = config_keys(cls)
     checked = {}
     for key, value in values.items():
         if key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f"; did you mean `{close[0]}`?" if close else ""
-            raise UserError(f"{where}: unknown key `{key}`{hint}")
+            raise unknown_key(key, known, where)
         checked[key] = _check_type(cls, key, value, where)
     return checked
+
+
+def build_section(cls: type, values: dict[str, Any], where: str):
+    """A config from one table of a file: every error names the table."""
+    try:
+        return cls(**check_keys(cls, values, where))
+    except UserError as e:
+        raise e if str(e).startswith(where) else UserError(f"{where}: {e}") from None
 
 
 # Far above any real config or sweep file; a larger "config" is a mistake

@@ -12,14 +12,23 @@ import logging
 import math
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-from .checks import MAX_STEPS, check_count, check_seeds, finite
-from .config import TrainConfig, check_keys, read_toml, to_toml_dict
+from .config import (
+    SweepEvaluate,
+    SweepGenerate,
+    TrainConfig,
+    build_section,
+    check_keys,
+    config_keys,
+    read_toml,
+    to_toml_dict,
+    unknown_key,
+)
 from .drawing import Setting, load_pipeline, prompt_slug, settings_grid
 from .errors import UserError
 from .evaluation.runner import check_options
@@ -27,47 +36,43 @@ from .fileio import save_png, to_json
 from .grid import make_grid
 
 log = logging.getLogger(__name__)
-SECTIONS = {"base", "train", "generate", "evaluate"}
-GENERATE_KEYS = {"prompts": list, "seeds": list, "steps": int, "negative_prompt": str,
-                 "grid": dict}
-GENERATE_GRID = ("unet_scale", "text_scale", "guidance")
-EVALUATE_KEYS = {"real": str, "class_noun": str, "kind": str, "prompts_file": str,
-                 "images_per_prompt": int, "steps": int, "baselines": bool, "dino": str,
-                 "clip": str, "judges": str, "pres_images": int}
+SECTIONS = ("base", "train", "generate", "evaluate")
+GRID_KEYS = ("unet_scale", "text_scale", "guidance")  # [generate.grid]
 NEUTRAL = {"output", "resume", "force"}  # do not change what a run computes
-EVALUATE_CHECKED = ("kind", "prompts_file", "images_per_prompt", "pres_images", "steps")
 MAX_RUNS = 1000  # a bigger grid is more likely a typo than a plan: it needs --yes
 
 
 @dataclass
 class Sweep:
+    """A checked sweep file: a TrainConfig base plus its grid ([base],
+    [train.grid]), what every run draws ([generate]) and how it is scored
+    ([evaluate]); the tables are the config tree's own classes."""
     source: str
     base: dict[str, Any]
     train_grid: dict[str, list]
-    prompts: list[str]
-    seeds: list[int]
-    steps: int = 25
-    negative_prompt: str = ""
-    generate_grid: dict[str, list] = field(default_factory=dict)
-    evaluate: dict[str, Any] | None = None
+    generate: SweepGenerate
+    evaluate: SweepEvaluate | None = None
 
     @property
     def output(self) -> Path:
         return Path(self.base.get("output", "runs/sweep"))
 
     @property
+    def prompts(self) -> list[str]:
+        return self.generate.prompts
+
+    @property
+    def seeds(self) -> list[int]:
+        return self.generate.seeds
+
+    @property
+    def steps(self) -> int:
+        return self.generate.steps
+
+    @property
     def settings(self) -> list[Setting]:
-        g = self.generate_grid
-        return settings_grid([float(v) for v in g.get("unet_scale", [1.0])],
-                             [float(v) for v in g.get("text_scale", [1.0])],
-                             [float(v) for v in g.get("guidance", [7.5])])
-
-
-def _unknown(key: str, known, where: str) -> UserError:
-    import difflib
-
-    close = difflib.get_close_matches(key, list(known), n=1)
-    return UserError(f"{where}: unknown key `{key}`" + (f"; did you mean `{close[0]}`?" if close else ""))
+        g = self.generate
+        return settings_grid(g.unet_scale, g.text_scale, g.guidance)
 
 
 def _table(data: dict, key: str, where: str) -> dict:
@@ -78,29 +83,12 @@ def _table(data: dict, key: str, where: str) -> dict:
     return value
 
 
-def _typed(section: dict, spec: dict[str, type], where: str) -> dict:
-    for key, value in section.items():
-        if key not in spec:
-            raise _unknown(key, spec, where)
-        if spec[key] is int and isinstance(value, bool) or not isinstance(value, spec[key]):
-            raise UserError(f"{where}: `{key}` must be {spec[key].__name__} (got {value!r})")
-    return section
-
-
-def _list_of(values: Any, kinds: tuple[type, ...], key: str, where: str, what: str) -> list:
-    """A non-empty list whose items are all of ``kinds`` (never bool)."""
-    if (not isinstance(values, list) or not values
-            or not all(isinstance(v, kinds) and not isinstance(v, bool) for v in values)):
-        raise UserError(f"{where}: `{key}` must be a non-empty list of {what} (got {values!r})")
-    return values
-
-
 def _check_train(data: dict, where: str) -> tuple[dict, dict]:
     base = check_keys(TrainConfig, _table(data, "base", where), f"{where} [base]")
     train = _table(data, "train", where)
     for key in train:
         if key != "grid":
-            raise _unknown(key, {"grid"}, f"{where} [train]")
+            raise unknown_key(key, ["grid"], f"{where} [train]")
     grid = _table(train, "grid", f"{where} [train]")
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
@@ -110,54 +98,47 @@ def _check_train(data: dict, where: str) -> tuple[dict, dict]:
     return base, grid
 
 
-def _check_generate(data: dict, path: str) -> dict:
-    where, grid_where = f"{path} [generate]", f"{path} [generate.grid]"
-    gen = _typed(dict(_table(data, "generate", path)), GENERATE_KEYS, where)
-    for key, values in gen.get("grid", {}).items():
-        if key not in GENERATE_GRID:
-            raise _unknown(key, GENERATE_GRID, grid_where)
-        for v in _list_of(values, (int, float), key, grid_where, "numbers"):
-            finite(v, f"{grid_where}: `{key}`")
-    if "prompts" not in gen:
-        raise UserError(f"{where}: `prompts` is required (a list of prompts)")
-    _list_of(gen["prompts"], (str,), "prompts", where, "prompts")
-    check_seeds(_list_of(gen.get("seeds", [0]), (int,), "seeds", where, "integers"),
-                f"{where}: `seeds`")
-    check_count(gen.get("steps", 25), f"{where}: `steps`", MAX_STEPS)
-    return gen
+def _check_generate(data: dict, path: str) -> SweepGenerate:
+    table = dict(_table(data, "generate", path))
+    grid = _table(table, "grid", f"{path} [generate]")
+    table.pop("grid", None)
+    for key in grid:
+        if key not in GRID_KEYS:
+            raise unknown_key(key, GRID_KEYS, f"{path} [generate.grid]")
+    for key in table:
+        if key in GRID_KEYS:  # a scale list belongs in the grid table
+            raise unknown_key(key, set(config_keys(SweepGenerate)) - set(GRID_KEYS),
+                              f"{path} [generate]")
+    if "prompts" not in table:
+        raise UserError(f"{path} [generate]: `prompts` is required (a list of prompts)")
+    return build_section(SweepGenerate, {**table, **grid}, f"{path} [generate]")
 
 
-def _check_evaluate(data: dict, path: str) -> dict | None:
+def _check_evaluate(data: dict, path: str) -> SweepEvaluate | None:
     if "evaluate" not in data:
         return None
     where = f"{path} [evaluate]"
-    opts = _typed(_table(data, "evaluate", path), EVALUATE_KEYS, where)
-    if not Path(opts.get("real", "")).is_dir():
-        raise UserError(f"{where}: `real` must be the folder of the subject's photos "
-                        f"(got {opts.get('real', '')!r})")
-    if opts.get("judges", "toy") != "toy":
-        raise UserError(f"{where}: `judges` can only be \"toy\" (got {opts['judges']!r}); "
-                        f"leave it out for DINO and CLIP")
+    section = build_section(SweepEvaluate, dict(_table(data, "evaluate", path)), where)
     try:
-        check_options(**{k: v for k, v in opts.items() if k in EVALUATE_CHECKED})
+        check_options(kind=section.kind, prompts_file=section.prompts_file or None,
+                      images_per_prompt=section.images_per_prompt,
+                      pres_images=section.pres_images, steps=section.steps)
     except UserError as e:
         raise UserError(f"{where}: {e}") from None
-    return opts
+    return section
 
 
 def load_sweep(path: str | Path) -> Sweep:
-    """Read and check the whole file before anything runs: every section's
-    type, every train value by the train config's own checks (in
-    ``expand``), the generate and evaluate sections by their commands'."""
+    """Read and check the whole file before anything runs: every table by
+    its class in the config tree, every train value by TrainConfig's own
+    checks (in ``expand``), the evaluate options by evaluate's."""
     where = str(path)
     data = read_toml(path)
     for key in data:
         if key not in SECTIONS:
-            raise _unknown(key, SECTIONS, where)
+            raise unknown_key(key, SECTIONS, where)
     base, grid = _check_train(data, where)
-    gen = _check_generate(data, where)
-    return Sweep(where, base, grid, gen["prompts"], gen.get("seeds", [0]), gen.get("steps", 25),
-                 gen.get("negative_prompt", ""), gen.get("grid", {}), _check_evaluate(data, where))
+    return Sweep(where, base, grid, _check_generate(data, where), _check_evaluate(data, where))
 
 
 def _fmt(value: Any) -> str:
@@ -286,12 +267,14 @@ def run_sweep(path: str | Path, yes: bool = False) -> Path:
 def _evaluate(sweep: Sweep, run: Path) -> dict:
     from .evaluation.runner import evaluate
 
-    opts = dict(sweep.evaluate)
-    real = opts.pop("real", "")
-    if opts.pop("judges", "") == "toy":  # the toy world's own judges instead of DINO/CLIP
+    e = sweep.evaluate
+    judges = None
+    if e.judges == "toy":  # the toy world's own judges instead of DINO/CLIP
         from .models import toy_model_dir
         from .toyworld.judges import ToyJudge
 
-        opts["judges"] = ToyJudge.load(toy_model_dir() / "judges.safetensors").judges()
-    return evaluate(run, real, out=run / "eval", **opts)
-
+        judges = ToyJudge.load(toy_model_dir() / "judges.safetensors").judges()
+    return evaluate(run, e.real, class_noun=e.class_noun or None, kind=e.kind,
+                    prompts_file=e.prompts_file or None, images_per_prompt=e.images_per_prompt,
+                    steps=e.steps, baselines=e.baselines, dino=e.dino, clip=e.clip,
+                    pres_images=e.pres_images, judges=judges, out=run / "eval")
