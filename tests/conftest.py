@@ -125,3 +125,21 @@ def tiny_judges(tmp_path_factory) -> tuple[str, str]:
                           ).save_pretrained(clip)
     clip_tokenizer().save_pretrained(clip)
     return str(dino), str(clip)
+
+
+@pytest.fixture
+def on_finish(monkeypatch):
+    """Look inside a training run just before it saves its LoRA:
+    ``on_finish(look)`` makes every following run call ``look(config, base,
+    modules)`` and then its real ``_finish``."""
+    import lorabooth.training as t
+
+    real = t._finish
+
+    def install(look) -> None:
+        def spy(config, base, output, modules, resolution):
+            look(config, base, modules)
+            real(config, base, output, modules, resolution)
+        monkeypatch.setattr(t, "_finish", spy)
+    return install
+

@@ -6,7 +6,6 @@ afterwards (sha256 of every file, and the list of every path, dot-files too).
 """
 
 import hashlib
-import importlib
 import json
 import os
 import pickle
@@ -162,7 +161,7 @@ def doctored_report(ctx: Ctx) -> None:
 def sigint_at_step(n: int) -> Callable[[Ctx], None]:
     """A real SIGINT to this process in the middle of step ``n`` (Ctrl-C)."""
     def setup(ctx: Ctx) -> None:
-        T = importlib.import_module("lorabooth.training")  # the package's `train` hides it
+        import lorabooth.training as T
         real, calls = T.dreambooth_loss, {"n": 0}
 
         def interrupted(*args, **kwargs):

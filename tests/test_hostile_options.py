@@ -200,13 +200,13 @@ def kept_weights(ctx) -> None:
 
 
 def cpu_oom(ctx) -> None:
-    import importlib
+    import lorabooth.training
 
     def oom(*a, **k):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] . DefaultCPUAllocator: can't "
                            "allocate memory: you tried to allocate 1099511627776 bytes.")
 
-    ctx.monkeypatch.setattr(importlib.import_module("lorabooth.training"), "_text_context", oom)
+    ctx.monkeypatch.setattr(lorabooth.training, "_text_context", oom)
 
 
 def resumed_from_step_1(ctx) -> None:

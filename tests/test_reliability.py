@@ -2,7 +2,6 @@
 
 import errno
 import hashlib
-import importlib
 import os
 import subprocess
 import sys
@@ -13,12 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import lorabooth.training as T
 from lorabooth import TrainConfig, train
 from lorabooth.checkpoint import latest_checkpoint, verify
 from lorabooth.errors import UserError
 from lorabooth.lora import WEIGHT_NAME
-
-T = importlib.import_module("lorabooth.training")
 
 
 def _config(photos, out, **kw):
@@ -191,7 +189,7 @@ def test_out_of_memory_is_one_line_of_advice(photos, tmp_path, monkeypatch):
 
 
 def test_disk_full_while_checkpointing_keeps_the_previous_one(photos, tmp_path, monkeypatch):
-    ck = importlib.import_module("lorabooth.checkpoint")
+    import lorabooth.checkpoint as ck
     real = ck.torch.save
     calls = {"n": 0}
 

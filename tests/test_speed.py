@@ -9,13 +9,13 @@ rounding.
 """
 
 import copy
-import importlib
 import json
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import lorabooth.training as t
 from helpers import PINNED_FIRST_LOSSES
 from lorabooth import TrainConfig, train
 from lorabooth.data import load_image, tokenize
@@ -23,7 +23,6 @@ from lorabooth.lora import add_unet_lora, freeze_all_but_lora, lora_parameters
 from lorabooth.models import build_tiny
 from lorabooth.precision import cast_frozen, frozen_dtype, tune_allocator
 
-t = importlib.import_module("lorabooth.training")
 RES = 64
 
 
@@ -99,27 +98,22 @@ def test_cast_frozen_keeps_lora_fp32():
     assert frozen_dtype(unet) == torch.float32
 
 
-def test_bf16_run_keeps_frozen_weights_bf16_and_close_to_fp32(photos, tmp_path):
+def test_bf16_run_keeps_frozen_weights_bf16_and_close_to_fp32(photos, tmp_path, on_finish):
     """--mixed-precision bf16 stores the frozen UNet in bf16 (no per-step cast),
     trains fp32 LoRA weights, and its losses follow the fp32 run's."""
     seen = {}
-    real_finish = t._finish
 
-    def spy(config, base, output, modules, resolution):
+    def look(config, base, modules):
         seen["frozen"] = frozen_dtype(modules["unet"])
         seen["text_encoder"] = base.text_encoder
-        real_finish(config, base, output, modules, resolution)
 
-    t._finish = spy
-    try:
-        runs = {}
-        for precision in ("no", "bf16"):
-            runs[precision] = train(TrainConfig(
-                model="tiny", instance_dir=str(photos), instance_prompt="a photo of sks dog",
-                steps=3, seed=0, mixed_precision=precision, output=str(tmp_path / precision)))
-            seen[precision] = seen.pop("frozen")
-    finally:
-        t._finish = real_finish
+    on_finish(look)
+    runs = {}
+    for precision in ("no", "bf16"):
+        runs[precision] = train(TrainConfig(
+            model="tiny", instance_dir=str(photos), instance_prompt="a photo of sks dog",
+            steps=3, seed=0, mixed_precision=precision, output=str(tmp_path / precision)))
+        seen[precision] = seen.pop("frozen")
     assert seen["no"] == torch.float32 and seen["bf16"] == torch.bfloat16
     assert seen["text_encoder"] is None  # embeddings cached, nothing else needed it: freed
     losses = {k: [json.loads(line)["loss"] for line in (v / "metrics.jsonl").read_text().splitlines()]
@@ -127,26 +121,18 @@ def test_bf16_run_keeps_frozen_weights_bf16_and_close_to_fp32(photos, tmp_path):
     assert losses["bf16"] == pytest.approx(losses["no"], rel=3e-2)
 
 
-def test_gradient_checkpointing_trains_the_same(photos, tmp_path):
+def test_gradient_checkpointing_trains_the_same(photos, tmp_path, on_finish):
     """Recomputing activations saves memory and changes nothing else: the
     seeded losses are test_train's pinned ones."""
     seen = {}
-    real_finish = t._finish
-
-    def spy(config, base, output, modules, resolution):
-        seen[config.output] = {name: m.is_gradient_checkpointing for name, m in modules.items()}
-        real_finish(config, base, output, modules, resolution)
-
-    t._finish = spy
-    try:
-        run = train(TrainConfig(model="tiny", instance_dir=str(photos), steps=3, seed=0,
-                                instance_prompt="a photo of sks dog", output=str(tmp_path / "gc"),
-                                gradient_checkpointing=True))
-        run_te = train(TrainConfig(model="tiny", instance_dir=str(photos), steps=1, seed=0,
-                                   instance_prompt="a photo of sks dog", train_text_encoder=True,
-                                   output=str(tmp_path / "gc-te"), gradient_checkpointing=True))
-    finally:
-        t._finish = real_finish
+    on_finish(lambda config, base, modules: seen.update(
+        {config.output: {name: m.is_gradient_checkpointing for name, m in modules.items()}}))
+    run = train(TrainConfig(model="tiny", instance_dir=str(photos), steps=3, seed=0,
+                            instance_prompt="a photo of sks dog", output=str(tmp_path / "gc"),
+                            gradient_checkpointing=True))
+    run_te = train(TrainConfig(model="tiny", instance_dir=str(photos), steps=1, seed=0,
+                               instance_prompt="a photo of sks dog", train_text_encoder=True,
+                               output=str(tmp_path / "gc-te"), gradient_checkpointing=True))
     assert seen == {str(run): {"unet": True},
                     str(run_te): {"unet": True, "text_encoder": True}}
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -130,10 +130,11 @@ def test_sweep_end_to_end_then_nothing_to_do(tmp_path, photos, monkeypatch, capl
 
     # a second invocation trains nothing, loads no model, draws nothing and
     # leaves every LoRA and image it made the first time as it was
-    import importlib
-    sw, ev = importlib.import_module("lorabooth.sweep"), importlib.import_module("lorabooth.drawing")
+    import lorabooth.drawing as ev
+    import lorabooth.sweep as sw
+    import lorabooth.training
     trained, loaded, drawn = [], [], []
-    monkeypatch.setattr(importlib.import_module("lorabooth.training"), "train",
+    monkeypatch.setattr(lorabooth.training, "train",
                         lambda c: trained.append(c))
     monkeypatch.setattr(sw, "load_pipeline", lambda *a, **k: loaded.append(a))
     monkeypatch.setattr(ev, "draw", lambda *a, **k: drawn.append(a) or [])

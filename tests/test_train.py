@@ -1,4 +1,3 @@
-import importlib
 import json
 import math
 
@@ -38,7 +37,7 @@ def test_prior_term_is_logged_separately(trained_run):
         assert r["lr"] == 1e-2 and r["lr_text"] == 1e-2 and r["s_per_step"] > 0
 
 
-def test_only_lora_weights_change(photos, tmp_path):
+def test_only_lora_weights_change(photos, tmp_path, on_finish):
     from lorabooth.models import build_tiny
 
     run = train(_config(photos, tmp_path / "r", steps=2, lr=1e-2, train_text_encoder=True))
@@ -49,20 +48,10 @@ def test_only_lora_weights_change(photos, tmp_path):
     assert ups and all(v.abs().sum() > 0 for v in ups)  # B started at zero and moved
 
     # the frozen weights inside the trained modules are untouched
-    t = importlib.import_module("lorabooth.training")
     captured = {}
-    real_finish = t._finish
-
-    def spy(config, base, output, modules, resolution):
-        captured["unet"] = {k: v.clone() for k, v in modules["unet"].state_dict().items()
-                            if "lora_" not in k}
-        real_finish(config, base, output, modules, resolution)
-
-    t._finish = spy
-    try:
-        train(_config(photos, tmp_path / "r2", steps=2, lr=1e-2))
-    finally:
-        t._finish = real_finish
+    on_finish(lambda config, base, modules: captured.update(unet={
+        k: v.clone() for k, v in modules["unet"].state_dict().items() if "lora_" not in k}))
+    train(_config(photos, tmp_path / "r2", steps=2, lr=1e-2))
     reference = build_tiny().unet.state_dict()
     for k, v in captured["unet"].items():
         key = k.replace(".base_layer", "")
@@ -136,7 +125,7 @@ def test_v_prediction_model_trains_on_the_velocity(photos, tmp_path, monkeypatch
     get_velocity), which differs from the MSE against the noise."""
     import torch.nn.functional as F
 
-    t = importlib.import_module("lorabooth.training")
+    import lorabooth.training as t
     from lorabooth.models import build_tiny
 
     def v_tiny(name, model_config="", unet_dtype=None):
@@ -167,21 +156,12 @@ def test_v_prediction_model_trains_on_the_velocity(photos, tmp_path, monkeypatch
     assert [r["loss"] for r in _losses(run)] == pytest.approx([s[0] for s in seen])
 
 
-def test_bf16_autocast_keeps_lora_fp32_and_validates_on_schedule(photos, tmp_path):
-    t = importlib.import_module("lorabooth.training")
+def test_bf16_autocast_keeps_lora_fp32_and_validates_on_schedule(photos, tmp_path, on_finish):
     seen = {}
-    real_finish = t._finish
-
-    def spy(config, base, output, modules, resolution):
-        seen["dtypes"] = {p.dtype for p in modules["unet"].parameters() if p.requires_grad}
-        real_finish(config, base, output, modules, resolution)
-
-    t._finish = spy
-    try:
-        run = train(_config(photos, tmp_path / "bf16", steps=2, mixed_precision="bf16",
-                            validation_prompt="a photo of sks dog", validation_every=1))
-    finally:
-        t._finish = real_finish
+    on_finish(lambda config, base, modules: seen.update(
+        dtypes={p.dtype for p in modules["unet"].parameters() if p.requires_grad}))
+    run = train(_config(photos, tmp_path / "bf16", steps=2, mixed_precision="bf16",
+                        validation_prompt="a photo of sks dog", validation_every=1))
     assert seen["dtypes"] == {torch.float32}
     assert all(v.dtype == torch.float32 for v in load_file(run / WEIGHT_NAME).values())
     assert all(math.isfinite(r["loss"]) for r in _losses(run))
@@ -189,10 +169,9 @@ def test_bf16_autocast_keeps_lora_fp32_and_validates_on_schedule(photos, tmp_pat
 
 
 def test_captions_flow_into_the_batches(photos, tmp_path, caplog):
+    import lorabooth.training as t
     from lorabooth.data import readable_images, tokenize
     from lorabooth.models import build_tiny
-
-    t = importlib.import_module("lorabooth.training")
     (photos / "photo_0.txt").write_text("a photo of sks dog on a red sofa\n")
     (photos / "photo_1.txt").write_text("a photo of a dog\n")  # forgot the identifier
     config = _config(photos, tmp_path / "r", captions=True, class_prompt="a photo of a dog")
