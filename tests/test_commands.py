@@ -8,7 +8,14 @@ import pytest
 import tomli_w
 
 from lorabooth.cli import build_parser
-from lorabooth.commands import COMMANDS, GenerateConfig, IdentifierConfig, MergeConfig, run
+from lorabooth.commands import (
+    COMMANDS,
+    EvaluateConfig,
+    GenerateConfig,
+    IdentifierConfig,
+    MergeConfig,
+    run,
+)
 from lorabooth.config import SweepEvaluate, SweepGenerate, build_config, option_name, to_toml_dict
 from lorabooth.errors import UserError
 
@@ -69,6 +76,14 @@ def test_configs_check_their_values():
         MergeConfig(loras=["a", "b"], out="o", weights=[float("inf"), 1.0])
     with pytest.raises(UserError, match="--n: must be at least 1"):
         IdentifierConfig(n=-5)
+    with pytest.raises(UserError, match="--num-images: must be between 1 and 1000"):
+        GenerateConfig(run="r", prompt=["x"], num_images=10**9)
+    with pytest.raises(UserError, match="--width: must be a positive multiple of 8"):
+        GenerateConfig(run="r", prompt=["x"], width=30)
+    with pytest.raises(UserError, match="--images-per-prompt: at least 2"):
+        EvaluateConfig(run="r", real="p", images_per_prompt=1)
+    with pytest.raises(UserError, match="--kind: must be one of live, object"):
+        EvaluateConfig(run="r", real="p", kind="x")
 
 
 def test_python_api_takes_the_same_objects(trained_run, tmp_path, capsys):

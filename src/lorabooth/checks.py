@@ -97,3 +97,32 @@ def parse_floats(text: str, option: str) -> list[float]:
     if not values:
         raise UserError(f"{option}: expected at least one number (got {text!r})")
     return [finite(v, option) for v in values]
+
+
+def check_size(value: int | None, option: str) -> None:
+    """None (the model's native size) or a positive multiple of 8, as the
+    VAE's 8x downsampling of SD needs."""
+    if value is not None and (value < 8 or value % 8):
+        raise UserError(f"{option}: must be a positive multiple of 8 pixels (got {value})")
+
+
+KINDS = ("live", "object")  # the paper's prompt sets
+
+
+def check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise UserError(f"--kind: must be one of {', '.join(KINDS)} (got {kind!r})")
+
+
+def check_options(kind: str = "live", prompts_file: str | None = None, images_per_prompt: int = 4,
+                  pres_images: int = 8, steps: int = 25, seed: int = 0) -> None:
+    """What ``evaluate`` refuses before any work; a sweep checks its
+    [evaluate] section with it before the first run trains."""
+    if images_per_prompt < 2:
+        raise UserError("--images-per-prompt: at least 2 (DIV compares images of one prompt)")
+    check_count(images_per_prompt, "--images-per-prompt", MAX_IMAGES)
+    check_count(pres_images, "--pres-images", MAX_IMAGES)
+    check_count(steps, "--steps", MAX_STEPS)
+    check_seeds([seed, seed + max(images_per_prompt, pres_images) - 1], "--seed")
+    if not prompts_file:
+        check_kind(kind)

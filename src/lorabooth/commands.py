@@ -15,7 +15,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .checks import MAX_SEED
+from .checks import MAX_IMAGES, MAX_SEED, MAX_STEPS, check_count, check_options, check_seeds, check_size
 from .config import PrepareConfig, TrainConfig, _help, check_finite, option_name
 from .errors import UserError
 
@@ -65,6 +65,11 @@ class GenerateConfig:
         for key in ("unet_scale", "text_scale", "guidance"):
             if not getattr(self, key):
                 raise _bad(self, key, "expected at least one number")
+        check_count(self.num_images, "--num-images", MAX_IMAGES)
+        check_count(self.steps, "--steps", MAX_STEPS)
+        check_size(self.width, "--width")
+        check_size(self.height, "--height")
+        check_seeds([self.seed, self.seed + self.num_images - 1], "--seed")
 
 
 @dataclass(frozen=True)
@@ -93,7 +98,8 @@ class EvaluateConfig:
     def __post_init__(self) -> None:
         check_finite(self)
         _require(self, "run", "real")
-        _one_of(self, "kind", ("live", "object"))
+        check_options(self.kind, self.prompts or None, self.images_per_prompt, self.pres_images,
+                      self.steps, self.seed)
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from .checks import (
     check_count,
     check_images,
     check_seeds,
+    check_size,
 )
 from .errors import UserError
 from .fileio import save_png, to_json
@@ -105,13 +106,6 @@ def _pnginfo(prompt: str, negative: str, setting: Setting, seed: int, steps: int
                   f"Sampler: {scheduler}, CFG scale: {setting.guidance:g}, Seed: {seed}, "
                   f"LoRA scales: unet {setting.unet_scale:g} text {setting.text_scale:g}")
     return info
-
-
-def check_size(value: int | None, option: str) -> None:
-    """None (the model's native size) or a positive multiple of 8, as the
-    VAE's 8x downsampling of SD needs."""
-    if value is not None and (value < 8 or value % 8):
-        raise UserError(f"{option}: must be a positive multiple of 8 pixels (got {value})")
 
 
 @torch.inference_mode()

@@ -18,6 +18,7 @@ from typing import Any
 
 from PIL import Image
 
+from .checks import check_options
 from .config import (
     SweepEvaluate,
     SweepGenerate,
@@ -31,7 +32,6 @@ from .config import (
 )
 from .drawing import Setting, load_pipeline, prompt_slug, settings_grid
 from .errors import UserError
-from .evaluation.runner import check_options
 from .fileio import save_png, to_json
 from .grid import make_grid
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..checks import MAX_IMAGES, MAX_STEPS, check_count, check_seeds
+from ..checks import check_kind, check_options
 from ..data import readable_images
 from ..drawing import Setting, draw_cached, load_pipeline, prompt_slug
 from ..errors import UserError
@@ -35,8 +35,6 @@ from .report import render_report
 
 log = logging.getLogger(__name__)
 
-KINDS = ("live", "object")
-METRICS = ("dino", "clip_i", "clip_t", "pres", "div")
 
 
 @dataclass(frozen=True)
@@ -44,25 +42,6 @@ class EvalPrompt:
     full: str  # with the identifier: what the model is asked to draw
     clean: str  # without it: what CLIP-T compares against
     slug: str
-
-
-def _check_kind(kind: str) -> None:
-    if kind not in KINDS:
-        raise UserError(f"--kind: must be one of {', '.join(KINDS)} (got {kind!r})")
-
-
-def check_options(kind: str = "live", prompts_file: str | None = None, images_per_prompt: int = 4,
-                  pres_images: int = 8, steps: int = 25, seed: int = 0) -> None:
-    """What ``evaluate`` refuses before any work; a sweep checks its
-    [evaluate] section with it before the first run trains."""
-    if images_per_prompt < 2:
-        raise UserError("--images-per-prompt: at least 2 (DIV compares images of one prompt)")
-    check_count(images_per_prompt, "--images-per-prompt", MAX_IMAGES)
-    check_count(pres_images, "--pres-images", MAX_IMAGES)
-    check_count(steps, "--steps", MAX_STEPS)
-    check_seeds([seed, seed + max(images_per_prompt, pres_images) - 1], "--seed")
-    if not prompts_file:
-        _check_kind(kind)
 
 
 def load_prompts(kind: str, prompts_file: str | None, identifier: str,
@@ -74,7 +53,7 @@ def load_prompts(kind: str, prompts_file: str | None, identifier: str,
         except OSError as e:
             raise UserError(f"--prompts {prompts_file}: cannot read ({e.strerror})") from None
     else:
-        _check_kind(kind)
+        check_kind(kind)
         text = (resources.files("lorabooth") / "assets" / "dreambench" /
                 f"prompts_{kind}.txt").read_text(encoding="utf-8")
     templates = [line.strip() for line in text.splitlines() if line.strip()]
