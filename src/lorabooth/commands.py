@@ -16,7 +16,15 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from .checks import MAX_IMAGES, MAX_SEED, MAX_STEPS, check_count, check_options, check_seeds, check_size
-from .config import PrepareConfig, TrainConfig, _help, check_finite, option_name
+from .config import (
+    DEFAULT_CLIP,
+    DEFAULT_DINO,
+    PrepareConfig,
+    TrainConfig,
+    _help,
+    check_finite,
+    option_name,
+)
 from .errors import UserError
 
 log = logging.getLogger("lorabooth")
@@ -87,9 +95,9 @@ class EvaluateConfig:
     text_scale: float = _help("Text-encoder LoRA scale.", 1.0)
     guidance: float = _help("Guidance scale.", 7.5)
     steps: int = _help("Sampler steps.", 25)
-    dino: str = _help("DINO model (folder or hub id).", "facebook/dino-vits16")
+    dino: str = _help("DINO model (folder or hub id).", DEFAULT_DINO)
     clip: str = _help("CLIP model (folder or hub id; e.g. openai/clip-vit-large-patch14).",
-                      "openai/clip-vit-base-patch32")
+                      DEFAULT_CLIP)
     model: str = _help("Base model (default: the run's own).", "")
     out: str = _help("Folder (default: RUN/eval).", "")
     baselines: bool = _help("Add the base model (floor) and the real photos leave-one-out "

@@ -20,6 +20,9 @@ from .checks import MAX_SEED, MAX_STEPS, check_count, check_seeds, finite
 from .errors import UserError
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
+# the judges `evaluate` (and a sweep's [evaluate]) use unless told otherwise
+DEFAULT_DINO = "facebook/dino-vits16"
+DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 
 
 def _help(text: str, default: Any = None, *, positional: bool = False, **kw: Any) -> Any:
@@ -228,8 +231,8 @@ class SweepEvaluate:
     pres_images: int = _help("Class-prompt images for PRES.", 8)
     steps: int = _help("Sampler steps.", 25)
     baselines: bool = _help("Add the base model and the real photos as rows.", False)
-    dino: str = _help("DINO model (folder or hub id).", "facebook/dino-vits16")
-    clip: str = _help("CLIP model (folder or hub id).", "openai/clip-vit-base-patch32")
+    dino: str = _help("DINO model (folder or hub id).", DEFAULT_DINO)
+    clip: str = _help("CLIP model (folder or hub id).", DEFAULT_CLIP)
     judges: str = _help("\"toy\": the toy world's judges instead of DINO and CLIP.", "")
 
     def __post_init__(self) -> None:

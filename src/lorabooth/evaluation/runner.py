@@ -15,6 +15,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..checks import check_kind, check_options
+from ..config import DEFAULT_CLIP, DEFAULT_DINO
 from ..data import readable_images
 from ..drawing import Setting, draw_cached, load_pipeline, prompt_slug
 from ..errors import UserError
@@ -137,8 +138,8 @@ def evaluate(run: str | Path, real: str, class_noun: str | None = None, kind: st
              images_per_prompt: int = 4, seed: int = 0, unet_scale: float = 1.0,
              text_scale: float = 1.0, guidance: float = 7.5, steps: int = 25,
              out: str | Path | None = None, baselines: bool = False,
-             judges: Judges | None = None, dino: str = "facebook/dino-vits16",
-             clip: str = "openai/clip-vit-base-patch32", model: str | None = None,
+             judges: Judges | None = None, dino: str = DEFAULT_DINO,
+             clip: str = DEFAULT_CLIP, model: str | None = None,
              pres_images: int = 8) -> dict:
     """Score a run as in the paper's Table 1; returns what metrics.json holds."""
     check_options(kind, prompts_file, images_per_prompt, pres_images, steps, seed)

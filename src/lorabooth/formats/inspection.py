@@ -3,7 +3,6 @@ users draw with would load every key of it."""
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +12,7 @@ import torch
 from ..errors import UserError
 from ..lora import read_lora
 from .clients import CLIENTS, ModelNames, sd15_names, unloaded_by_client
-from .layouts import check_ranks, detect_layout, old_text_keys
+from .layouts import alpha_from_header, check_ranks, detect_layout, old_text_keys
 
 # cross-attention width (the text encoder's hidden size) -> base family
 CROSS_ATTENTION = {768: "Stable Diffusion 1.x", 1024: "Stable Diffusion 2.x", 2048: "SDXL"}
@@ -77,14 +76,6 @@ def guess_architecture(tensors: dict[str, torch.Tensor]) -> str:
     return "unknown (no cross-attention LoRA to tell by)"
 
 
-def _header_alpha(header: dict[str, str]) -> float | None:
-    try:
-        meta = json.loads(header.get("lora_adapter_metadata", "{}"))
-        return float(meta["unet.lora_alpha"]) if "unet.lora_alpha" in meta else None
-    except (ValueError, TypeError):
-        return None
-
-
 def inspect_lora(path: str | Path, names: ModelNames | None = None,
                  names_label: str = "") -> Summary:
     """Read ``path``; check it against ``names`` (a model's weights) or, for SD
@@ -94,7 +85,7 @@ def inspect_lora(path: str | Path, names: ModelNames | None = None,
     layout = detect_layout(tensors, str(path))
     check_ranks(tensors, str(path))
     groups = _group_table(tensors)
-    alpha = _header_alpha(header)
+    alpha = alpha_from_header(header, None)
     if alpha is not None:
         groups = {g: (n, r, a if a is not None else alpha) for g, (n, r, a) in groups.items()}
     summary = Summary(str(path), layout, guess_architecture(tensors), groups,

@@ -197,10 +197,10 @@ def read_as_peft(path: str | Path) -> tuple[dict[str, torch.Tensor], int, float,
     rank = check_ranks(tensors, str(path))
     if layout == "kohya":
         peft, alpha = kohya_to_peft(tensors)
-    elif layout == "peft":
-        peft, alpha = {canonical_key(k): v for k, v in tensors.items()}, _alpha_from_header(header, rank)
     else:
-        peft, alpha = diffusers_to_peft(tensors), _alpha_from_header(header, rank)
+        alpha = alpha_from_header(header, float(rank))
+        peft = ({canonical_key(k): v for k, v in tensors.items()} if layout == "peft"
+                else diffusers_to_peft(tensors))
     return peft, rank, alpha, header
 
 
@@ -234,12 +234,14 @@ def convert_file(src: str | Path, dst: str | Path, to: str) -> Path:
     return write_lora(dst, peft, rank, alpha, header, to)
 
 
-def _alpha_from_header(header: dict[str, str], rank: int) -> float:
+def alpha_from_header(header: dict[str, str], default: float | None) -> float | None:
+    """The alpha diffusers' adapter metadata records, or ``default``."""
     try:
         meta = json.loads(header.get("lora_adapter_metadata", "{}"))
-        return float(meta.get("unet.lora_alpha", meta.get("text_encoder.lora_alpha", rank)))
-    except (ValueError, TypeError):
-        return float(rank)
+        value = meta.get("unet.lora_alpha", meta.get("text_encoder.lora_alpha"))
+        return float(value) if value is not None else default
+    except (ValueError, TypeError, AttributeError):
+        return default
 
 
 def module_lora(module: torch.nn.Module, prefix: str,
