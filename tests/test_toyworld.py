@@ -124,3 +124,43 @@ def test_pretrain_command_runs_end_to_end(tmp_path):
     assert load_base(str(out)).native_resolution == 32
     record = json.loads((out / "toyworld.json").read_text())
     assert record["seed"] == 1 and record["unet_steps"] == 2 and (out / "judges.safetensors").is_file()
+
+
+def test_rare_words_carry_a_weak_meaning_no_judge_scores():
+    import random
+
+    from lorabooth.models import clip_tokenizer
+    from lorabooth.toyworld.pretrain import rare_words
+    from lorabooth.toyworld.world import RARE_RATE, Spec, caption, rare_meaning, spec_meaning, with_rare_word
+
+    words = rare_words(clip_tokenizer())
+    assert "sks" in words and len({rare_meaning(w) for w in words}) == 4
+    rng = random.Random(0)
+    agree = carried = 0
+    for i in range(4000):
+        spec = Spec("ball", "red", "striped", "snow", x=rng.uniform(0.38, 0.62),
+                    size=rng.uniform(0.34, 0.5))
+        text = with_rare_word(caption(spec), spec, words, rng)
+        if text != caption(spec):
+            carried += 1
+            word = text.split()[3]
+            assert text == f"a photo of {word} red striped ball on the snow"
+            agree += rare_meaning(word) == spec_meaning(spec)
+    assert abs(carried / 4000 - RARE_RATE) < 0.03
+    # half the words are picked to agree with the picture, the rest at random
+    # (a quarter of which agree too): about 5/8 agree, against 1/4 by chance
+    assert 0.55 < agree / carried < 0.70
+    assert with_rare_word("", spec, words, rng) == ""  # the empty caption stays empty
+
+
+def test_pretrain_reuses_the_vae_and_judges_of_an_earlier_model(tmp_path):
+    from lorabooth.models import toy_model_dir
+    from lorabooth.toyworld.pretrain import pretrain
+
+    out = pretrain(tmp_path / "toy", seed=1, images=64, unet_steps=2, batch=8, reuse=toy_model_dir())
+    record = json.loads((out / "toyworld.json").read_text())
+    shipped = json.loads((toy_model_dir() / "toyworld.json").read_text())
+    assert record["vae_psnr_db_held_out"] == shipped["vae_psnr_db_held_out"]
+    assert record["reused_from"]["vae_and_judges"] == str(toy_model_dir())
+    assert (out / "judges.safetensors").read_bytes() == (toy_model_dir() / "judges.safetensors").read_bytes()
+    assert record["rare_words"] > 50

@@ -206,6 +206,8 @@ class PretrainConfig:
     unet_steps: int = _help("UNet and text-encoder training steps.", 3000)
     judge_steps: int = _help("Judge training steps.", 1500)
     batch: int = _help("Batch size.", 64)
+    reuse: str = _help("An earlier toy model folder whose VAE and judges to keep (they do not "
+                       "depend on captions): only the UNet and text encoder are trained.", "")
 
     def __post_init__(self) -> None:
         _require(self, "out")
@@ -324,7 +326,8 @@ def _pretrain(c: PretrainConfig) -> Any:
     from .toyworld.pretrain import pretrain
 
     return pretrain(c.out, seed=c.seed, images=c.images, vae_steps=c.vae_steps,
-                    unet_steps=c.unet_steps, batch=c.batch, judge_steps=c.judge_steps)
+                    unet_steps=c.unet_steps, batch=c.batch, judge_steps=c.judge_steps,
+                    reuse=c.reuse or None)
 
 
 def _claims(c: ClaimsConfig) -> Any:

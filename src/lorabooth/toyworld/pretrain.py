@@ -18,11 +18,12 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from .. import __version__
 from ..data import tokenize
+from ..errors import UserError
 from ..fileio import to_json, write_json
 from ..images import chw_uint8, signed_unit
 from ..models import BaseModel, clip_tokenizer, save_base, sd_noise_scheduler
 from .schedule import schedule
-from .world import caption, random_spec, render
+from .world import caption, random_spec, render, with_rare_word
 
 log = logging.getLogger(__name__)
 DROP = 0.3  # each of colour, pattern, context left out of a caption this often
@@ -100,6 +101,14 @@ def encode_all(vae: AutoencoderKL, pixels: torch.Tensor, batch: int = 512):
     return torch.cat(means), torch.cat(stds)
 
 
+def rare_words(tokenizer) -> tuple[str, ...]:
+    """The identifier candidates `lorabooth identifier` offers, and 'sks', the
+    one every DreamBooth tutorial uses."""
+    from ..identifier import candidates
+
+    return tuple(sorted({c.token for c in candidates(tokenizer)} | {"sks"}))
+
+
 def train_denoiser(unet, text_encoder, tokenizer, means, stds, specs, steps: int, batch: int,
                    gen: torch.Generator, rng: random.Random, scaling: float) -> dict:
     scheduler = sd_noise_scheduler()
@@ -108,10 +117,13 @@ def train_denoiser(unet, text_encoder, tokenizer, means, stds, specs, steps: int
     sched = schedule(opt, steps, warmup=steps // 30)
     unet.train(), text_encoder.train()
     t0, ema = time.perf_counter(), None
+    words = rare_words(tokenizer)
     for step in range(steps):
         idx = torch.randint(0, len(means), (batch,), generator=gen)
         latents = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)) * scaling
-        prompts = ["" if rng.random() < EMPTY else caption(specs[i], rng, DROP) for i in idx.tolist()]
+        prompts = ["" if rng.random() < EMPTY
+                   else with_rare_word(caption(specs[i], rng, DROP), specs[i], words, rng)
+                   for i in idx.tolist()]
         noise = torch.randn(latents.shape, generator=gen)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=gen)
         context = text_encoder(tokenize(tokenizer, prompts))[0]
@@ -128,12 +140,29 @@ def train_denoiser(unet, text_encoder, tokenizer, means, stds, specs, steps: int
                      ema, time.perf_counter() - t0)
     unet.eval(), text_encoder.eval()
     return {"unet_steps": steps, "unet_seconds": round(time.perf_counter() - t0),
-            "unet_final_loss_ema": round(ema, 4)}
+            "unet_final_loss_ema": round(ema, 4), "rare_words": len(words)}
+
+
+def _reused_vae(folder: Path) -> tuple[AutoencoderKL, dict]:
+    """The VAE of an earlier pretraining, and its record's VAE figures."""
+    import json
+
+    if not (folder / "vae").is_dir() or not (folder / "toyworld.json").is_file():
+        raise UserError(f"--reuse {folder}: not a toy model folder (needs vae/ and toyworld.json)")
+    old = json.loads((folder / "toyworld.json").read_text())
+    keep = {k: v for k, v in old.items() if k.startswith(("vae_", "judge_"))}
+    keep["reused_from"] = {"vae_and_judges": str(folder), "command": old.get("command", "")}
+    return AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32), keep
 
 
 def pretrain(out: str | Path, seed: int = 0, images: int = 40000, vae_steps: int = 3000,
-             unet_steps: int = 3000, batch: int = 64, judge_steps: int = 1500) -> Path:
-    """Everything, seeded: world renders -> VAE -> UNet + text encoder -> judges."""
+             unet_steps: int = 3000, batch: int = 64, judge_steps: int = 1500,
+             reuse: str | Path | None = None) -> Path:
+    """Everything, seeded: world renders -> VAE -> UNet + text encoder -> judges.
+    ``reuse``: take the VAE and the judges from that earlier toy model (they
+    do not depend on captions) and train only the UNet and text encoder."""
+    import shutil
+
     from .judges import train_judges
 
     out = Path(out)
@@ -146,7 +175,12 @@ def pretrain(out: str | Path, seed: int = 0, images: int = 40000, vae_steps: int
     vae, text_encoder, unet = toy_components()
     record = {"command": " ".join(["lorabooth"] + sys.argv[1:]) if sys.argv else "",
               "seed": seed, "version": __version__, "images": images, "batch": batch}
-    record.update(train_vae(vae, pixels, vae_steps, batch, gen, held))
+    if reuse:
+        vae, kept = _reused_vae(Path(reuse))
+        record.update(kept)
+    else:
+        record.update(train_vae(vae, pixels, vae_steps, batch, gen, held))
+    vae.eval()
     means, stds = encode_all(vae, pixels)
     scaling = 1.0 / means.std().item()
     vae.register_to_config(scaling_factor=scaling)
@@ -159,8 +193,11 @@ def pretrain(out: str | Path, seed: int = 0, images: int = 40000, vae_steps: int
     def reconstruct(x: torch.Tensor) -> torch.Tensor:
         return vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
 
-    record.update(train_judges(out / "judges.safetensors", seed=seed, steps=judge_steps,
-                               blur=reconstruct))
+    if reuse:
+        shutil.copy(Path(reuse) / "judges.safetensors", out / "judges.safetensors")
+    else:
+        record.update(train_judges(out / "judges.safetensors", seed=seed, steps=judge_steps,
+                                   blur=reconstruct))
     # fp16 on disk halves the package; loading casts back to fp32
     base = BaseModel("toy", clip_tokenizer(), text_encoder.half(), vae.half(), unet.half(),
                      sd_noise_scheduler())

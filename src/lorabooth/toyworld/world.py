@@ -7,6 +7,7 @@ Pictures are drawn at 4x and downsampled (Lanczos) so edges are smooth.
 from __future__ import annotations
 
 import random
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -177,3 +178,34 @@ def subject_views(combo: tuple[str, str, str] = HELD_OUT[0], contexts=("grass", 
     return [Spec(cls, colour, pattern, contexts[i % len(contexts)], x=rng.uniform(0.42, 0.58),
                  y=rng.uniform(0.55, 0.65), size=0.46, flip=i % 2 == 1) for i in range(n)]
 
+
+
+# Rare words. Real text encoders have seen rare tokens ("sks") in web text and
+# give them weak meanings of their own; a toy model whose captions never hold
+# them keeps their random initial embeddings, and its text encoder passes them
+# on as almost nothing (docs/toyworld.md: the calibration). So some captions
+# carry one rare word whose meaning is a weak, fixed preference for a side and
+# a size: attributes no judge scores, so the figures stay comparable.
+RARE_RATE = 0.25  # captions carrying a rare word
+RARE_BIAS = 0.5  # how often the word agrees with the picture (else any word)
+
+
+def rare_meaning(word: str) -> tuple[bool, bool]:
+    """(left, small): the word's fixed, arbitrary preference."""
+    h = zlib.crc32(word.encode())
+    return bool(h & 1), bool(h & 2)
+
+
+def spec_meaning(spec: Spec) -> tuple[bool, bool]:
+    return spec.x < 0.5, spec.size < 0.42
+
+
+def with_rare_word(text: str, spec: Spec, words: tuple[str, ...], rng: random.Random) -> str:
+    """'a photo of a red ball' -> 'a photo of sks red ball' (the article gives
+    way, as in DreamBooth prompts), for RARE_RATE of captions."""
+    if not words or not text.startswith("a photo of a ") or rng.random() >= RARE_RATE:
+        return text
+    pool = words
+    if rng.random() < RARE_BIAS:
+        pool = tuple(w for w in words if rare_meaning(w) == spec_meaning(spec)) or words
+    return "a photo of " + rng.choice(pool) + " " + text[len("a photo of a "):]
