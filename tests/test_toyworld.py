@@ -76,7 +76,8 @@ def test_shipped_model_loads_offline_and_records_its_making(no_network):
     record = json.loads((toy_model_dir() / "toyworld.json").read_text())
     assert record["command"].startswith("lorabooth toyworld pretrain") and "seed" in record
     size = sum(p.stat().st_size for p in toy_model_dir().rglob("*") if p.is_file())
-    assert size < 35e6
+    assert size < 30e6  # the budget; the tokenizer is rebuilt at load time
+    assert not (toy_model_dir() / "tokenizer").exists()
 
 
 def test_judges_read_fresh_renders(toy):
@@ -153,14 +154,104 @@ def test_rare_words_carry_a_weak_meaning_no_judge_scores():
     assert with_rare_word("", spec, words, rng) == ""  # the empty caption stays empty
 
 
-def test_pretrain_reuses_the_vae_and_judges_of_an_earlier_model(tmp_path):
-    from lorabooth.models import toy_model_dir
+def test_pretrain_reuses_the_vae_and_judges_and_continues_the_denoiser(tmp_path):
+    from lorabooth.models import load_base, toy_model_dir
     from lorabooth.toyworld.pretrain import pretrain
 
-    out = pretrain(tmp_path / "toy", seed=1, images=64, unet_steps=2, batch=8, reuse=toy_model_dir())
+    out = pretrain(tmp_path / "toy", seed=1, images=64, unet_steps=2, batch=8, reuse=toy_model_dir(),
+                   init=toy_model_dir())
     record = json.loads((out / "toyworld.json").read_text())
     shipped = json.loads((toy_model_dir() / "toyworld.json").read_text())
     assert record["vae_psnr_db_held_out"] == shipped["vae_psnr_db_held_out"]
     assert record["reused_from"]["vae_and_judges"] == str(toy_model_dir())
     assert (out / "judges.safetensors").read_bytes() == (toy_model_dir() / "judges.safetensors").read_bytes()
-    assert record["rare_words"] > 50
+    assert record["rare_words"] > 50 and record["denoiser_init"] == str(toy_model_dir())
+    # two small steps from the shipped weights, not a fresh random init
+    new, old = load_base(str(out)).unet.state_dict(), load_base("toy").unet.state_dict()
+    assert max((new[k] - old[k]).abs().max().item() for k in old) < 0.05
+
+
+def test_frontier_verdict_and_the_both_at_once_rule():
+    from lorabooth.toyworld.claims import VARIANTS
+    from lorabooth.toyworld.claims_report import both_at_once, frontier_verdict, within
+
+    base = {"fidelity": [0.50, 0.55, 0.60], "pres": [0.20, 0.25, 0.30]}
+    assert "moves the frontier" in frontier_verdict(
+        {"fidelity": [0.80, 0.82, 0.85], "pres": [0.22, 0.25, 0.28]}, base)
+    assert "a trade** (better identity, worse PRES)" in frontier_verdict(
+        {"fidelity": [0.80, 0.82, 0.85], "pres": [0.60, 0.65, 0.70]}, base)
+    assert "moves the frontier** (better PRES" in frontier_verdict(
+        {"fidelity": base["fidelity"], "pres": [0.0, 0.02, 0.05]}, base)
+    assert "worse" in frontier_verdict({"fidelity": [0.1, 0.12, 0.15], "pres": base["pres"]}, base)
+    assert "no change" in frontier_verdict({"fidelity": [0.52, 0.6, 0.7], "pres": base["pres"]}, base)
+    assert within([0.5, 0.6], [0.5, 0.7, 0.9], "high") and not within([0.4, 0.45], [0.5, 0.9], "high")
+    assert within([0.2, 0.3], [0.2, 0.3], "low") and not within([0.5], [0.2, 0.3], "low")
+
+    def runs(fid, pres):
+        return [{"fidelity": f, "pres": p} for f, p in zip(fid, pres)]
+
+    results = {"unet": runs([0.6, 0.7, 0.8], [0.8, 0.85, 0.9]),
+               "unet+prior": runs([0.1, 0.2, 0.3], [0.2, 0.25, 0.3]),
+               "prior-w0.3": runs([0.65, 0.7, 0.75], [0.25, 0.28, 0.3]),  # both: listed
+               "prior-w0.1": runs([0.7, 0.75, 0.8], [0.5, 0.55, 0.6]),  # drifts: not
+               "unet+te": runs([0.9, 0.9, 0.9], [0.2, 0.2, 0.2])}  # no prior: not a candidate
+    assert both_at_once(results, VARIANTS) == ["prior-w0.3"]
+
+
+def test_frontier_picture_has_a_point_per_setting_and_seed():
+    import xml.etree.ElementTree as ET
+
+    from lorabooth.toyworld.frontier import frontier_svg
+
+    points = [(name, 0.1 * i, 0.2 * j) for i, name in enumerate(["base", "unet", "a&b"])
+              for j in range(3)]
+    svg = frontier_svg(points)
+    root = ET.fromstring(svg)  # well-formed, names escaped
+    marks = [e for e in root.iter() if e.tag.endswith(("circle", "rect", "polygon"))
+             and e.find("{http://www.w3.org/2000/svg}title") is not None]
+    assert len(marks) == 9 + 3  # the points, then one legend marker per setting
+    assert "a&amp;b" in svg and "PRES" in svg
+
+
+def test_report_names_the_seed_recipe_the_levers_and_the_timing():
+    from lorabooth.toyworld.claims import LEVERS, VARIANTS, Study
+    from lorabooth.toyworld.claims_report import render_claims
+
+    rng = random.Random(0)
+
+    def run():
+        return {k: rng.random() for k in ("fidelity", "subject_rate", "context_acc", "pres", "div",
+                                           "class_colour_entropy", "red_other_classes")}
+
+    names = ["base"] + [v.name for v in VARIANTS + LEVERS]
+    results = {n: [run() for _ in range(3)] for n in names}
+    results["train_seconds"] = {n: [10.0, 12.0, 14.0] for n in names}
+    results["class_draw_seconds"] = [6.0, 6.0, 6.0]
+    results["calibration"] = {"identifiers": {"sks": 0.9}, "references": {"a photo of a red ball": 2.0},
+                              "rare_norm": 0.5, "word_norm": 0.5}
+    text = render_claims(results, {"command": "lorabooth toyworld pretrain"}, Study(out=None))
+    assert "the seed's recipe" in text and "sks 0.90" in text
+    assert "class images 12 s of training + 6 s to draw 64 class images = 18 s" in text
+    lever_table = text.split("### The levers")[1].split("###")[0]
+    assert all(v.title in lever_table for v in LEVERS)
+    assert lever_table.count("| **") == len(LEVERS)  # one verdict per lever
+
+
+def test_token_recovery_loss_names_each_word_and_ignores_padding():
+    from lorabooth.data import tokenize
+    from lorabooth.models import clip_tokenizer
+    from lorabooth.toyworld.pretrain import caption_vocabulary, rare_words, token_recovery_loss
+
+    tok = clip_tokenizer()
+    specs = [random_spec(random.Random(i)) for i in range(300)]
+    vocabulary = caption_vocabulary(tok, specs, rare_words(tok))
+    assert tok.convert_tokens_to_ids("sks</w>") in vocabulary.tolist() and len(vocabulary) < 200
+    ids = tokenize(tok, ["a photo of sks ball", "a photo of a red ball in the room"])
+    embeddings = torch.randn(49408, 128, generator=torch.Generator().manual_seed(0))
+    states = embeddings[ids].clone()  # each position holds its own token: recoverable
+    assert token_recovery_loss(states, ids, embeddings, vocabulary).item() < 1e-3
+    states[0, 4] = embeddings[tok.convert_tokens_to_ids("a</w>")]  # 'sks' lost: reads as 'a'
+    assert token_recovery_loss(states, ids, embeddings, vocabulary).item() > 1.0
+    states = embeddings[ids].clone()
+    states[:, 12:] = torch.randn(2, 65, 128)  # padding past the first EOS does not count
+    assert token_recovery_loss(states, ids, embeddings, vocabulary).item() < 1e-3

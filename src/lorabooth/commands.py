@@ -208,6 +208,8 @@ class PretrainConfig:
     batch: int = _help("Batch size.", 64)
     reuse: str = _help("An earlier toy model folder whose VAE and judges to keep (they do not "
                        "depend on captions): only the UNet and text encoder are trained.", "")
+    init: str = _help("An earlier toy model folder to start the UNet and text encoder from "
+                      "(continued pretraining) instead of from scratch.", "")
 
     def __post_init__(self) -> None:
         _require(self, "out")
@@ -327,7 +329,7 @@ def _pretrain(c: PretrainConfig) -> Any:
 
     return pretrain(c.out, seed=c.seed, images=c.images, vae_steps=c.vae_steps,
                     unet_steps=c.unet_steps, batch=c.batch, judge_steps=c.judge_steps,
-                    reuse=c.reuse or None)
+                    reuse=c.reuse or None, init=c.init or None)
 
 
 def _claims(c: ClaimsConfig) -> Any:

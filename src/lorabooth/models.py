@@ -156,9 +156,11 @@ def build_sd15_random(seed: int = 0) -> BaseModel:
     return BaseModel("sd15-random", clip_tokenizer(), text_encoder, vae, unet, sd_noise_scheduler())
 
 
-def _load_folder(path: Path, name: str, unet_dtype: torch.dtype = torch.float32) -> BaseModel:
-    missing = [p for p in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-               if not (path / p).is_dir()]
+def _load_folder(path: Path, name: str, unet_dtype: torch.dtype = torch.float32,
+                 tokenizer: CLIPTokenizer | None = None) -> BaseModel:
+    """``tokenizer``: use this one instead of the folder's tokenizer/."""
+    needed = ("unet", "vae", "text_encoder", "scheduler") + (() if tokenizer else ("tokenizer",))
+    missing = [p for p in needed if not (path / p).is_dir()]
     if missing:
         raise UserError(f"--model {name}: not a diffusers model folder, missing "
                         f"{', '.join(missing)}/ in {path}")
@@ -168,7 +170,7 @@ def _load_folder(path: Path, name: str, unet_dtype: torch.dtype = torch.float32)
         # stored fp16); the UNet in ``unet_dtype`` when training keeps its
         # frozen weights in bf16/fp16 (converted while loading; the fp32
         # file's mapped pages still count once, see benchmarks/RESULTS.md)
-        tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
+        tokenizer=tokenizer or CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
         text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder",
                                                    dtype=torch.float32),
         vae=AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32),
@@ -231,7 +233,9 @@ def load_base(model: str, model_config: str = "",
         if not (toy_model_dir() / "unet").is_dir():
             raise UserError("--model toy: the toy model is not in this installation; "
                             "make it with `lorabooth toyworld pretrain --out DIR` and pass DIR")
-        return _load_folder(toy_model_dir(), "toy", unet_dtype)
+        # CLIP's own tokenizer, rebuilt from open_clip's vocabulary: the
+        # package does not ship a 3.6 MB copy of it
+        return _load_folder(toy_model_dir(), "toy", unet_dtype, tokenizer=clip_tokenizer())
     path = Path(model).expanduser()
     if path.is_file():
         from .formats.singlefile import SINGLE_FILE_SUFFIXES

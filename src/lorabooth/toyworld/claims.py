@@ -5,6 +5,7 @@ the compared settings exceeds the spread (max - min) of both over seeds."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -27,19 +28,52 @@ NEW_CONTEXTS = ("snow", "room")  # never in the subject's photos (grass, beach)
 OTHER_CLASSES = ("mug", "car", "kite")
 
 
+# The toy-scaled training every row starts from (the seed's 300 steps at
+# batch 1 and lr 5e-4 are one row of their own).
+TOY_TRAIN = {"steps": 400, "batch_size": 4, "lr": 1e-3, "lr_text": 1e-4, "rank": 4}
+PRIOR = {"prior_preservation": True, "num_class_images": 64, "prior_loss_weight": 1.0}
+CLASS_PROMPT = "a photo of a ball"
+
+
 @dataclass(frozen=True)
 class Variant:
     name: str
+    title: str
     identifier: str = "sks"
-    prior: bool = False
-    text_encoder: bool = False
+    train: dict = field(default_factory=dict)  # TrainConfig fields over TOY_TRAIN
+
+    @property
+    def prior(self) -> bool:
+        return bool(self.train.get("prior_preservation"))
 
 
 VARIANTS = (
-    Variant("unet"),
-    Variant("unet+prior", prior=True),
-    Variant("unet+te", text_encoder=True),
-    Variant("common-word", identifier="red"),
+    Variant("unet", "UNet LoRA"),
+    Variant("unet+prior", "UNet LoRA + prior preservation (weight 1, 64 class images)", train=PRIOR),
+    Variant("unet+te", "UNet + text-encoder LoRA (lr 1e-3 / 1e-4)", train={"train_text_encoder": True}),
+    Variant("common-word", "UNet LoRA, identifier 'red' (a common word)", identifier="red"),
+    Variant("seed-recipe", "**the seed's recipe**: prior + text-encoder LoRA, lr 5e-4 / 1e-4, "
+            "300 steps, batch 1", train={**PRIOR, "train_text_encoder": True, "lr": 5e-4,
+                                         "steps": 300, "batch_size": 1}),
+    Variant("seed-recipe-toy", "prior + text-encoder LoRA, toy-scaled (lr 1e-3 / 1e-4, 400 steps, "
+            "batch 4)", train={**PRIOR, "train_text_encoder": True}),
+    Variant("prior-w0.3", "UNet LoRA + prior, weight 0.3", train={**PRIOR, "prior_loss_weight": 0.3}),
+    Variant("prior-w0.1", "UNet LoRA + prior, weight 0.1", train={**PRIOR, "prior_loss_weight": 0.1}),
+    Variant("prior-16", "UNet LoRA + prior, 16 class images", train={**PRIOR, "num_class_images": 16}),
+)
+# Each lever on the same baseline, "unet+prior"; does it move the frontier?
+LEVERS = (
+    Variant("model-prior", "image-free prior (`--prior-preservation model`)",
+            train={**PRIOR, "prior_preservation": "model"}),
+    Variant("snr-gamma", "+ min-SNR-γ 5 (`--snr-gamma 5`)", train={**PRIOR, "snr_gamma": 5.0}),
+    Variant("noise-offset", "+ noise offset 0.05 (`--noise-offset 0.05`)",
+            train={**PRIOR, "noise_offset": 0.05}),
+    Variant("dora", "+ DoRA (`--adapter dora`)", train={**PRIOR, "adapter": "dora"}),
+    Variant("train-token", "+ pivotal tuning (`--train-token`)", train={**PRIOR, "train_token": True}),
+    Variant("caption-dropout", "+ caption dropout 0.1 (`--caption-dropout 0.1`)",
+            train={**PRIOR, "caption_dropout": 0.1}),
+    Variant("ema", "+ EMA of the LoRA weights 0.99 (`--ema-decay 0.99`)",
+            train={**PRIOR, "ema_decay": 0.99}),
 )
 
 
@@ -47,11 +81,10 @@ VARIANTS = (
 class Study:
     out: Path
     seeds: tuple[int, ...] = (0, 1, 2)
-    steps: int = 400
     images: int = 16  # per prompt
-    variants: tuple[Variant, ...] = VARIANTS
+    variants: tuple[Variant, ...] = VARIANTS + LEVERS
     scales: bool = True
-    results: dict = field(default_factory=dict)
+    grid_seed: int = 0  # the seed whose images make the report's pictures
 
 
 def subject_photos(folder: Path) -> Path:
@@ -61,19 +94,45 @@ def subject_photos(folder: Path) -> Path:
     return folder
 
 
-def train_variant(study: Study, variant: Variant, seed: int, photos: Path) -> Path:
-    out = study.out / "runs" / f"{variant.name}-seed{seed}"
-    if (out / "pytorch_lora_weights.safetensors").is_file():
-        return out
-    train(TrainConfig(
-        model="toy", instance_dir=str(photos), output=str(out), seed=seed, steps=study.steps,
-        instance_prompt=f"a photo of {variant.identifier} ball",
-        class_prompt="a photo of a ball", prior_preservation=variant.prior,
-        num_class_images=64, class_dir=str(study.out / f"class_images-seed{seed}"),
-        class_draw_steps=20, class_draw_batch=16, batch_size=4, lr=1e-3, lr_text=1e-4,
-        train_text_encoder=variant.text_encoder, rank=4,
-    ))
-    return out
+def train_config(study: Study, variant: Variant, seed: int, photos: Path) -> TrainConfig:
+    return TrainConfig(**{
+        "model": "toy", "instance_dir": str(photos), "seed": seed,
+        "output": str(study.out / "runs" / f"{variant.name}-seed{seed}"),
+        "instance_prompt": f"a photo of {variant.identifier} ball", "class_prompt": CLASS_PROMPT,
+        "class_dir": str(study.out / f"class_images-seed{seed}"), "class_draw_steps": 20,
+        "class_draw_batch": 16, **TOY_TRAIN, **variant.train})
+
+
+def draw_class_images_timed(study: Study, seed: int, photos: Path) -> float:
+    """Seconds to draw the seed's class images, as training would draw them
+    (it finds them present afterwards): the cost the image-free prior saves."""
+    from ..models import load_base, pipeline_from_parts
+    from ..prior import draw_class_images, missing_indices
+
+    config = train_config(study, VARIANTS[1], seed, photos)
+    todo = missing_indices(config.class_path, config.num_class_images)
+    if not todo:
+        return float("nan")
+    pipe = pipeline_from_parts(load_base("toy"))
+    pipe.set_progress_bar_config(disable=True)
+    t0 = time.perf_counter()
+    draw_class_images(pipe, config.class_path, CLASS_PROMPT, todo, 32, seed=seed * 1_000_003,
+                      steps=config.class_draw_steps, batch=config.class_draw_batch, progress=False)
+    return time.perf_counter() - t0
+
+
+def train_variant(study: Study, variant: Variant, seed: int, photos: Path) -> tuple[Path, float]:
+    """The run folder and its training seconds (class images already drawn)."""
+    config = train_config(study, variant, seed, photos)
+    out = Path(config.output)
+    done = out / "train_seconds.json"
+    if done.is_file():
+        return out, json.loads(done.read_text())["seconds"]
+    t0 = time.perf_counter()
+    train(config)
+    seconds = round(time.perf_counter() - t0, 1)
+    write_json(done, {"seconds": seconds})
+    return out, seconds
 
 
 def _entropy(labels: list[str]) -> float:
@@ -117,32 +176,88 @@ def score(pipe, has_text: bool, judge: ToyJudge, subject, identifier: str, setti
 
 
 def run_study(study: Study) -> dict:
+    """Every variant x seed, each run's scores cached beside it (score.json),
+    so an interrupted or extended study redoes nothing."""
     t0 = time.perf_counter()
     judge = ToyJudge.load(_judges_path())
     photos = subject_photos(study.out / "subject")
     subject = judge.identity([render(s, 1000 + i) for i, s in enumerate(subject_views(SUBJECT))])
-    results: dict = {"base": [], **{v.name: [] for v in study.variants}, "scales": []}
+    results: dict = {"base": [], **{v.name: [] for v in study.variants}, "scales": [],
+                     "train_seconds": {v.name: [] for v in study.variants},
+                     "class_draw_seconds": [], "calibration": _calibration()}
     for seed in study.seeds:
+        if any(v.train.get("prior_preservation") is True for v in study.variants):
+            drew = draw_class_images_timed(study, seed, photos)
+            if drew == drew:  # not NaN: drawn now, not by an earlier invocation
+                write_json(study.out / f"class_draw_seconds-seed{seed}.json", {"seconds": drew})
+            cached = study.out / f"class_draw_seconds-seed{seed}.json"
+            if cached.is_file():
+                results["class_draw_seconds"].append(json.loads(cached.read_text())["seconds"])
         for variant in study.variants:
-            run = train_variant(study, variant, seed, photos)
-            pipe, has_text = load_pipeline(run)
-            keep: dict = {}
-            results[variant.name].append(
-                score(pipe, has_text, judge, subject, variant.identifier, Setting(1, 1, 5.0),
-                      study.images, keep))
+            run, seconds = train_variant(study, variant, seed, photos)
+            results["train_seconds"][variant.name].append(seconds)
+            results[variant.name].append(_scored(run / "score.json", lambda: _score_run(
+                study, variant, seed, run, judge, subject)))
             if variant.name == "unet":
-                base_keep: dict = {}
-                results["base"].append(score(pipe, has_text, judge, subject, "sks",
-                                             Setting(0, 0, 5.0), study.images, base_keep))
-                if seed == study.seeds[0]:
-                    _grid_base_vs_lora(study, base_keep, keep)
+                results["base"].append(_scored(run / "score_base.json", lambda: _score_base(
+                    study, seed, run, judge, subject)))
             if variant.name == "unet+te" and study.scales:
-                results["scales"].append(_scale_sweep(study, pipe, has_text, judge, subject))
-                if seed == study.seeds[0]:
-                    _grid_scales(study, pipe, has_text)
-    results["seconds"] = round(time.perf_counter() - t0)
+                results["scales"].append(_scored(run / "score_scales.json", lambda: _score_scales(
+                    study, seed, run, judge, subject)))
+    results["seconds"] = round(time.perf_counter() - t0)  # this invocation
+    results["work_seconds"] = round(_work_seconds(results))
     write_json(study.out / "claims.json", results)
     return results
+
+
+def _work_seconds(results: dict) -> float:
+    """Training, scoring and class drawing summed over every run, whichever
+    invocation did them."""
+    train_s = sum(sum(v) for v in results["train_seconds"].values())
+    scored = [r.get("seconds", 0.0) for name, rows in results.items()
+              if isinstance(rows, list) and rows and isinstance(rows[0], dict) for r in rows]
+    return train_s + sum(scored) + sum(results["class_draw_seconds"])
+
+
+def _scored(path: Path, compute) -> dict:
+    """A run's scores, computed once; "seconds" is what scoring took."""
+    if path.is_file():
+        return json.loads(path.read_text())
+    t0 = time.perf_counter()
+    result = compute()
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    write_json(path, result)
+    return result
+
+
+def _score_run(study: Study, variant: Variant, seed: int, run: Path, judge, subject) -> dict:
+    pipe, has_text = load_pipeline(run)
+    keep: dict = {}
+    result = score(pipe, has_text, judge, subject, variant.identifier, Setting(1, 1, 5.0),
+                   study.images, keep)
+    if variant.name == "unet" and seed == study.grid_seed:
+        base_keep: dict = {}
+        score(pipe, has_text, judge, subject, "sks", Setting(0, 0, 5.0), 6, base_keep)
+        _grid_base_vs_lora(study, base_keep, keep)
+    return result
+
+
+def _score_base(study: Study, seed: int, run: Path, judge, subject) -> dict:
+    pipe, has_text = load_pipeline(run)
+    return score(pipe, has_text, judge, subject, "sks", Setting(0, 0, 5.0), study.images)
+
+
+def _score_scales(study: Study, seed: int, run: Path, judge, subject) -> dict:
+    pipe, has_text = load_pipeline(run)
+    if seed == study.grid_seed:
+        _grid_scales(study, pipe, has_text)
+    return _scale_sweep(study, pipe, has_text, judge, subject)
+
+
+def frontier_points(results: dict, study: Study) -> list[tuple[str, float, float]]:
+    """(setting, PRES, identity) per run, the base model first."""
+    rows = [("base", "base model")] + [(v.name, v.name) for v in study.variants]
+    return [(label, r["pres"], r["fidelity"]) for name, label in rows for r in results.get(name, [])]
 
 
 def _scale_sweep(study: Study, pipe, has_text, judge, subject) -> dict:
@@ -175,6 +290,14 @@ def _grid_scales(study: Study, pipe, has_text) -> None:
              study.out / "grid_scales_guidance.png")
 
 
+def _calibration() -> dict:
+    from ..models import load_base
+    from .calibration import identifier_distances
+
+    base = load_base("toy")
+    return identifier_distances(base.tokenizer, base.text_encoder)
+
+
 def _judges_path() -> Path:
     from ..models import toy_model_dir
 
@@ -184,24 +307,25 @@ def _judges_path() -> Path:
 def claims(out: str | Path, report: str | Path | None = None, quick: bool = False) -> dict:
     """Run the study; with ``report``, write the markdown and its pictures.
     ``quick``: one seed, the fidelity claim only, a few minutes."""
-    import json
     import shutil
 
     from ..fileio import write_text
     from ..models import toy_model_dir
     from .claims_report import render_claims
+    from .frontier import frontier_svg
 
     study = Study(Path(out))
     if quick:
-        study = Study(Path(out), seeds=(0,), steps=150, images=8, variants=(VARIANTS[0],),
-                      scales=False)
+        quick_unet = Variant("unet", "UNet LoRA", train={"steps": 150})
+        study = Study(Path(out), seeds=(0,), images=8, variants=(quick_unet,), scales=False)
     results = run_study(study)
     if report:
         report = Path(report)
         record = json.loads((toy_model_dir() / "toyworld.json").read_text())
-        write_text(report, render_claims(results, record, study.seeds, study.steps, study.images))
+        write_text(report, render_claims(results, record, study))
         pictures = report.parent / "toyworld"
         pictures.mkdir(parents=True, exist_ok=True)
+        write_text(pictures / "frontier.svg", frontier_svg(frontier_points(results, study)))
         for name in ("grid_base_vs_lora.png", "grid_scales_guidance.png"):
             if (study.out / name).is_file():
                 shutil.copy(study.out / name, pictures / name)

@@ -7,10 +7,7 @@ FIGURES = [("fidelity", "identity sim. ↑"), ("subject_rate", "subject rate ↑
            ("context_acc", "context acc. ↑"), ("pres", "PRES ↓"), ("div", "DIV ↑"),
            ("class_colour_entropy", "class colour entropy ↑"),
            ("red_other_classes", "'red' still red ↑")]
-ROWS = [("base", "base model (LoRA scale 0)"), ("unet", "UNet LoRA"),
-        ("unet+prior", "UNet LoRA + prior preservation"),
-        ("unet+te", "UNet + text-encoder LoRA (lr 1e-3 / 1e-4)"),
-        ("common-word", "UNet LoRA, identifier 'red' (a common word)")]
+BASELINE = "unet+prior"  # what every lever is added to
 
 
 def spread(values: list[float]) -> tuple[float, float, float]:
@@ -24,6 +21,29 @@ def holds(higher: list[float], lower: list[float]) -> bool:
     mh, lo_h, hi_h = spread(higher)
     ml, lo_l, hi_l = spread(lower)
     return mh - ml > max(hi_h - lo_h, hi_l - lo_l)
+
+
+def within(values: list[float], reference: list[float], better: str) -> bool:
+    """The mean of ``values`` is at least as good as the worst seed of
+    ``reference`` ('high': not below its min; 'low': not above its max)."""
+    mean = spread(values)[0]
+    return mean >= min(reference) if better == "high" else mean <= max(reference)
+
+
+def frontier_verdict(lever: dict[str, list[float]], base: dict[str, list[float]]) -> str:
+    """Does a lever move the (identity, PRES) frontier beyond the seed spread?"""
+    gains = [holds(lever["fidelity"], base["fidelity"]), holds(base["pres"], lever["pres"])]
+    losses = [holds(base["fidelity"], lever["fidelity"]), holds(lever["pres"], base["pres"])]
+    names = ("identity", "PRES")
+    won = [n for n, g in zip(names, gains) if g]
+    lost = [n for n, g in zip(names, losses) if g]
+    if won and not lost:
+        return f"**moves the frontier** (better {' and '.join(won)}, nothing worse)"
+    if won and lost:
+        return f"**a trade** (better {' and '.join(won)}, worse {' and '.join(lost)})"
+    if lost:
+        return f"**worse** ({' and '.join(lost)})"
+    return "**no change beyond the seed spread**"
 
 
 def _values(results: dict, row: str, key: str) -> list[float]:
@@ -48,6 +68,47 @@ def _claim(results, higher_row, lower_row, key) -> tuple[bool | None, str]:
     if not hi or not lo:
         return None, "–"
     return holds(hi, lo), f"{key}: {_fmt(hi)} vs {_fmt(lo)}"
+
+
+def _seconds(results: dict, row: str) -> str:
+    values = results.get("train_seconds", {}).get(row, [])
+    return f"{sum(values) / len(values):.0f}" if values else "–"
+
+
+def table(results: dict, variants) -> list[str]:
+    lines = ["| setting | " + " | ".join(t for _, t in FIGURES) + " | train s |",
+             "|---|" + "---|" * (len(FIGURES) + 1)]
+    rows = [("base", "base model (LoRA scale 0)")] + [(v.name, v.title) for v in variants]
+    for row, title in rows:
+        if results.get(row):
+            lines.append(f"| {title} | " + " | ".join(_fmt(_values(results, row, k))
+                                                       for k, _ in FIGURES)
+                         + f" | {_seconds(results, row)} |")
+    return lines
+
+
+def both_at_once(results: dict, variants) -> list[str]:
+    """Settings with prior preservation whose identity similarity reaches the
+    no-prior run's spread while PRES stays within the UNet + prior run's."""
+    fid, pres = _values(results, "unet", "fidelity"), _values(results, BASELINE, "pres")
+    if not fid or not pres:
+        return []
+    return [v.name for v in variants if v.prior and results.get(v.name)
+            and within(_values(results, v.name, "fidelity"), fid, "high")
+            and within(_values(results, v.name, "pres"), pres, "low")]
+
+
+def lever_rows(results: dict, levers) -> list[str]:
+    base = {k: _values(results, BASELINE, k) for k in ("fidelity", "pres")}
+    if not all(base.values()):
+        return []
+    lines = ["| lever (on UNet LoRA + prior) | identity sim. | PRES | verdict |", "|---|---|---|---|"]
+    for v in levers:
+        if results.get(v.name):
+            mine = {k: _values(results, v.name, k) for k in ("fidelity", "pres")}
+            lines.append(f"| {v.title} | {_fmt(mine['fidelity'])} | {_fmt(mine['pres'])} | "
+                         f"{frontier_verdict(mine, base)} |")
+    return lines
 
 
 def _scale_rows(results: dict) -> list[str]:
@@ -75,17 +136,56 @@ def _monotone(results: dict, key: str, rising: bool) -> tuple[bool | None, str]:
     return ok, " → ".join(f"{m:.2f}" for m in means)
 
 
-def render_claims(results: dict, record: dict, seeds: tuple, steps: int, images: int) -> str:
-    header = "| setting | " + " | ".join(t for _, t in FIGURES) + " |"
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _timing(results: dict) -> str:
+    drawn = results.get("class_draw_seconds", [])
+    images = results.get("train_seconds", {}).get(BASELINE, [])
+    model = results.get("train_seconds", {}).get("model-prior", [])
+    if not drawn or not images or not model:
+        return "not measured in this run"
+    return (f"image-free prior {_mean(model):.0f} s of training; class images "
+            f"{_mean(images):.0f} s of training + {_mean(drawn):.0f} s to draw 64 class images "
+            f"= {_mean(images) + _mean(drawn):.0f} s (means over seeds)")
+
+
+def _calibration(results: dict) -> list[str]:
+    cal = results.get("calibration")
+    if not cal:
+        return []
+    words = ", ".join(f"{w} {d:.2f}" for w, d in cal["identifiers"].items())
+    refs = ", ".join(f"'{p}' {d:.2f}" for p, d in cal["references"].items())
+    return [
+        "How far the text encoder moves 'a photo of W ball' from 'a photo of a ball' (mean L2 "
+        f"per position over the 77): rare identifiers W: {words}; for scale, {refs}. Input "
+        f"embedding norms: rare identifiers {cal['rare_norm']:.2f}, words of the captions "
+        f"{cal['word_norm']:.2f}. Why this matters and what it was before the calibration: "
+        "[calibration.md](calibration.md).",
+        "",
+    ]
+
+
+def render_claims(results: dict, record: dict, study) -> str:
+    from .claims import LEVERS, TOY_TRAIN, VARIANTS
+
+    variants = [v for v in VARIANTS if results.get(v.name)]
+    levers = [v for v in LEVERS if results.get(v.name)]
+    seeds = study.seeds
     lines = [
         "# The toy world: DreamBooth's claims, measured offline",
         "",
         "Made by `lorabooth toyworld claims` "
-        f"({len(seeds)} seeds: {', '.join(map(str, seeds))}; {steps} LoRA steps, batch 4, rank 4; "
-        f"{images} images per prompt, DPM-Solver 20 steps, guidance 5; "
-        f"{results.get('seconds', '?')} s on this machine). "
+        f"({len(seeds)} seeds: {', '.join(map(str, seeds))}; unless a row says otherwise "
+        f"{TOY_TRAIN['steps']} LoRA steps, batch {TOY_TRAIN['batch_size']}, lr {TOY_TRAIN['lr']:g}, "
+        f"rank {TOY_TRAIN['rank']}; {study.images} images per prompt, DPM-Solver 20 steps, "
+        f"guidance 5; {results.get('work_seconds', '?')} s of drawing, training and scoring on this "
+        "machine). "
         "Every figure is *mean [min–max] over seeds*. A claim holds only where the gap between "
-        "the two means exceeds the larger of the two ranges.",
+        "the two means exceeds the larger of the two ranges. The toy world is a stand-in for "
+        "real models: it shows what the method does and which settings move what, at 32 px on "
+        "a CPU; the numbers are not Stable Diffusion's.",
         "",
         "## The world, the model and the judges",
         "",
@@ -93,70 +193,47 @@ def render_claims(results: dict, record: dict, seeds: tuple, steps: int, images:
         "striped, dotted) in 4 contexts (grass, beach, snow, room), captioned by template. Three "
         "(class, colour, pattern) combinations are never rendered in pretraining; the subject is "
         "one of them, a **purple striped ball**, shown to the LoRA in 4 views on grass and beach "
-        "only and asked for on the *snow* and in the *room*.",
+        "only and asked for on the *snow* and in the *room*. A quarter of the pretraining "
+        "captions carry one rare word ('sks' or one of the identifier candidates `lorabooth "
+        "identifier` offers) with a weak meaning of its own (a side and a size no judge scores), "
+        "as real text encoders have met rare tokens in web text; see "
+        "[calibration.md](calibration.md).",
         "",
         f"The toy model (`--model toy`, diffusers AutoencoderKL + UNet2DConditionModel, "
         f"transformers CLIPTextModel, the real CLIP tokenizer) was pretrained by "
-        f"`{record.get('command', 'lorabooth toyworld pretrain')}` in "
-        f"{record.get('total_seconds', '?')} s: VAE {record.get('vae_steps')} steps "
-        f"({record.get('vae_psnr_db_held_out')} dB PSNR on held-out renders), UNet + text encoder "
-        f"{record.get('unet_steps')} steps, judges {record.get('judge_steps')} steps "
-        f"(accuracy on fresh renders: {record.get('judge_accuracy_fresh')}). The time is wall "
-        "clock on 2 cores that were also running other jobs; alone, the stages take about "
-        "45 minutes. The tests hold the shipped judges to >= 0.9 accuracy on every attribute "
-        "of fresh renders and the base model to the prompt's class and context in >= 60% of "
-        "its images.",
+        f"`{record.get('command', 'lorabooth toyworld pretrain')}`: VAE "
+        f"{record.get('vae_steps')} steps ({record.get('vae_psnr_db_held_out')} dB PSNR on "
+        f"held-out renders), UNet + text encoder {record.get('unet_steps')} steps in "
+        f"{record.get('unet_seconds', '?')} s, judges {record.get('judge_steps')} steps (accuracy "
+        f"on fresh renders: {record.get('judge_accuracy_fresh')})"
+        + (f"; the VAE and the judges are those of `{record['reused_from']['command']}`"
+           if record.get("reused_from") else "")
+        + ". Times are wall clock on 2 cores shared with other jobs. The tests hold the "
+        "shipped judges to >= 0.9 accuracy on every attribute of fresh renders and the base "
+        "model to the prompt's class and context in >= 60% of its images.",
         "",
+        *_calibration(results),
         "Figures: *identity sim.* = cosine of the judge's identity embedding (the toy DINO) "
         "between generated images and the subject's views; *subject rate* = share judged purple "
         "and striped; *context acc.* = share judged in the prompt's context; *PRES*, *DIV*, "
         "*class colour entropy* on 'a photo of a ball' (bits, 6 colours = 2.58 max); "
-        "*'red' still red* = share of 'a photo of a red mug/car/kite' judged red.",
+        "*'red' still red* = share of 'a photo of a red mug/car/kite' judged red; *train s* = "
+        "training wall time (class images drawn beforehand, see claim 7).",
         "",
-        header, "|---|" + "---|" * len(FIGURES),
+        *table(results, variants + levers),
     ]
-    for row, title in ROWS:
-        if results.get(row):
-            lines.append(f"| {title} | " + " | ".join(_fmt(_values(results, row, k))
-                                                       for k, _ in FIGURES) + " |")
-    c1, t1 = _claim(results, "unet", "base", "fidelity")
-    ctx_gap = [a - b for a, b in zip(_values(results, "base", "context_acc"),
-                                     _values(results, "unet", "context_acc"))]
-    c2a, t2a = _claim(results, "unet", "unet+prior", "pres")
-    c2b, t2b = _claim(results, "unet+prior", "unet", "div")
-    c3, t3 = _claim(results, "unet", "common-word", "red_other_classes")
-    c4a, t4a = _monotone(results, "fidelity", rising=True)
-    c4b, t4b = _monotone(results, "context_acc", rising=False)
-    c5a, t5a = _claim(results, "unet+te", "unet", "fidelity")
-    c5b, t5b = _claim(results, "unet", "unet+te", "context_acc")
+    lines += _claims(results, variants, levers)
     lines += [
-        "",
-        "## The claims",
-        "",
-        f"1. **Fidelity**: the LoRA raises identity similarity over the base model: "
-        f"{_verdict(c1)} ({t1}). Context accuracy drops by "
-        f"{(sum(ctx_gap) / len(ctx_gap)) if ctx_gap else float('nan'):.3f} on average "
-        "(base minus LoRA).",
-        f"2. **Prior preservation**: without it the bare class drifts towards the subject "
-        f"(PRES higher without): {_verdict(c2a)} ({t2a}); and loses variety (DIV higher with): "
-        f"{_verdict(c2b)} ({t2b}). The price, at prior weight 1 with 64 class images and "
-        f"UNet-only LoRA: the subject is learned far less "
-        f"(identity sim. {_fmt(_values(results, 'unet+prior', 'fidelity'))} with prior vs "
-        f"{_fmt(_values(results, 'unet', 'fidelity'))} without). Getting both at once needs "
-        "other settings (a lower prior weight, more steps); see the seed study's sweep.",
-        f"3. **Identifier**: a rare token ('sks') leaves the word 'red' its meaning more than "
-        f"using 'red' itself as the identifier: {_verdict(c3)} ({t3}).",
-        f"4. **Scales**: raising the UNet scale (text scale 1) raises identity similarity "
-        f"monotonically within noise: {_verdict(c4a)} ({t4a}); and lowers context accuracy: "
-        f"{_verdict(c4b)} ({t4b}).",
-        f"5. **Text-encoder LoRA** (own lr, 10x lower): fidelity higher than UNet only: "
-        f"{_verdict(c5a)} ({t5a}); context accuracy lower: {_verdict(c5b)} ({t5b}).",
         "",
         "### Scale sweep (UNet + text-encoder LoRA)",
         "",
         *_scale_rows(results),
         "",
         "## Pictures",
+        "",
+        "Identity similarity against PRES, one point per setting and seed (top left is best):",
+        "",
+        "![fidelity against preservation](toyworld/frontier.svg)",
         "",
         "Base model vs LoRA, in contexts the subject was never shown in:",
         "",
@@ -167,3 +244,51 @@ def render_claims(results: dict, record: dict, seeds: tuple, steps: int, images:
         "![scales and guidance](toyworld/grid_scales_guidance.png)",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _claims(results: dict, variants, levers) -> list[str]:
+    c1, t1 = _claim(results, "unet", "base", "fidelity")
+    ctx_gap = [a - b for a, b in zip(_values(results, "base", "context_acc"),
+                                     _values(results, "unet", "context_acc"))]
+    c2a, t2a = _claim(results, "unet", BASELINE, "pres")
+    c2b, t2b = _claim(results, BASELINE, "unet", "div")
+    c2c, t2c = _claim(results, "unet", BASELINE, "fidelity")
+    c3, t3 = _claim(results, "unet", "common-word", "red_other_classes")
+    c4a, t4a = _monotone(results, "fidelity", rising=True)
+    c4b, t4b = _monotone(results, "context_acc", rising=False)
+    c5a, t5a = _claim(results, "unet+te", "unet", "fidelity")
+    c5b, t5b = _claim(results, "unet", "unet+te", "context_acc")
+    both = both_at_once(results, variants + levers)
+    titles = {v.name: v.title for v in variants + levers}
+    return [
+        "",
+        "## The claims",
+        "",
+        f"1. **Fidelity**: the LoRA raises identity similarity over the base model: "
+        f"{_verdict(c1)} ({t1}). Context accuracy drops by "
+        f"{(sum(ctx_gap) / len(ctx_gap)) if ctx_gap else float('nan'):.3f} on average "
+        "(base minus LoRA).",
+        f"2. **Prior preservation**: without it the bare class drifts towards the subject "
+        f"(PRES higher without): {_verdict(c2a)} ({t2a}); and loses variety (DIV higher with): "
+        f"{_verdict(c2b)} ({t2b}). Does it cost fidelity (weight 1, 64 class images, UNet-only "
+        f"LoRA; identity higher without)? {_verdict(c2c)} ({t2c}).",
+        f"3. **Identifier**: a rare token ('sks') leaves the word 'red' its meaning more than "
+        f"using 'red' itself as the identifier: {_verdict(c3)} ({t3}).",
+        f"4. **Scales**: raising the UNet scale (text scale 1) raises identity similarity "
+        f"monotonically within noise: {_verdict(c4a)} ({t4a}); and lowers context accuracy: "
+        f"{_verdict(c4b)} ({t4b}).",
+        f"5. **Text-encoder LoRA** (own lr, 10x lower): fidelity higher than UNet only: "
+        f"{_verdict(c5a)} ({t5a}); context accuracy lower: {_verdict(c5b)} ({t5b}).",
+        "6. **Likeness without wrecking the class**: settings with prior preservation whose "
+        "identity similarity reaches the no-prior run's spread (mean >= its worst seed) while "
+        "PRES stays within the prior run's (mean <= its worst seed): "
+        + ("; ".join(titles[n] for n in both) if both else "**none**") + ".",
+        f"7. **Image-free prior**: time, {_timing(results)}.",
+        "",
+        "### The levers, each on the same baseline (UNet LoRA + prior preservation)",
+        "",
+        "A lever *moves the frontier* when identity rises or PRES falls by more than the spread "
+        "over seeds and neither gets worse by more than it.",
+        "",
+        *lever_rows(results, levers),
+    ]

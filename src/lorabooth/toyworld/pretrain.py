@@ -28,6 +28,12 @@ from .world import caption, random_spec, render, with_rare_word
 log = logging.getLogger(__name__)
 DROP = 0.3  # each of colour, pattern, context left out of a caption this often
 EMPTY = 0.1  # captions left empty, for classifier-free guidance
+# Token recovery: each word's final hidden state must name the word (logits
+# against the input embeddings of the captions' vocabulary). Real CLIP's
+# hidden states keep their tokens recoverable, so a rare identifier reaches the
+# UNet as something distinct; trained on denoising alone, the toy text encoder
+# squashes words that carry little meaning (docs/calibration.md).
+RECOVERY_WEIGHT = 0.05
 
 
 def toy_components() -> tuple[AutoencoderKL, CLIPTextModel, UNet2DConditionModel]:
@@ -101,6 +107,30 @@ def encode_all(vae: AutoencoderKL, pixels: torch.Tensor, batch: int = 512):
     return torch.cat(means), torch.cat(stds)
 
 
+def caption_vocabulary(tokenizer, specs, words: tuple[str, ...]) -> torch.Tensor:
+    """Every token id a pretraining caption can hold (sorted): the template's
+    words, the rare words, BOS and EOS."""
+    rng = random.Random(0)
+    texts = [caption(s, rng) for s in specs[:2000]] + list(words) + ["in the room"]
+    ids = {i for t in texts for i in tokenizer(t).input_ids}
+    return torch.tensor(sorted(ids))
+
+
+def token_recovery_loss(states: torch.Tensor, ids: torch.Tensor, embeddings: torch.Tensor,
+                        vocabulary: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of naming each position's own token from its final
+    hidden state (B, 77, D), scored against the input embeddings of
+    ``vocabulary`` (V,); positions past the first EOS (padding) are ignored."""
+    eos = ids.max()  # CLIP's EOS/pad id is the largest in the vocabulary
+    first_eos = (ids == eos).int().argmax(dim=1, keepdim=True)  # (B, 1)
+    keep = torch.arange(ids.shape[1])[None, :] <= first_eos  # (B, 77)
+    lookup = torch.full((int(embeddings.shape[0]),), -100, dtype=torch.long)
+    lookup[vocabulary] = torch.arange(len(vocabulary))
+    target = torch.where(keep, lookup[ids], torch.full_like(ids, -100))
+    logits = states @ embeddings[vocabulary].T  # (B, 77, V)
+    return F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100)
+
+
 def rare_words(tokenizer) -> tuple[str, ...]:
     """The identifier candidates `lorabooth identifier` offers, and 'sks', the
     one every DreamBooth tutorial uses."""
@@ -118,6 +148,7 @@ def train_denoiser(unet, text_encoder, tokenizer, means, stds, specs, steps: int
     unet.train(), text_encoder.train()
     t0, ema = time.perf_counter(), None
     words = rare_words(tokenizer)
+    vocabulary = caption_vocabulary(tokenizer, specs, words)
     for step in range(steps):
         idx = torch.randint(0, len(means), (batch,), generator=gen)
         latents = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)) * scaling
@@ -126,9 +157,12 @@ def train_denoiser(unet, text_encoder, tokenizer, means, stds, specs, steps: int
                    for i in idx.tolist()]
         noise = torch.randn(latents.shape, generator=gen)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=gen)
-        context = text_encoder(tokenize(tokenizer, prompts))[0]
+        ids = tokenize(tokenizer, prompts)
+        context = text_encoder(ids)[0]
         pred = unet(scheduler.add_noise(latents, noise, t), t, context).sample
-        loss = F.mse_loss(pred, noise)
+        recovery = token_recovery_loss(context, ids, text_encoder.get_input_embeddings().weight,
+                                       vocabulary)
+        loss = F.mse_loss(pred, noise) + RECOVERY_WEIGHT * recovery
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -136,11 +170,12 @@ def train_denoiser(unet, text_encoder, tokenizer, means, stds, specs, steps: int
         opt.zero_grad(set_to_none=True)
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
         if step % 100 == 0 or step == steps - 1:
-            log.info("unet step %d/%d loss %.4f (ema %.4f, %.0f s)", step + 1, steps, loss.item(),
-                     ema, time.perf_counter() - t0)
+            log.info("unet step %d/%d loss %.4f (ema %.4f, token recovery %.3f, %.0f s)", step + 1,
+                     steps, loss.item(), ema, recovery.item(), time.perf_counter() - t0)
     unet.eval(), text_encoder.eval()
     return {"unet_steps": steps, "unet_seconds": round(time.perf_counter() - t0),
-            "unet_final_loss_ema": round(ema, 4), "rare_words": len(words)}
+            "unet_final_loss_ema": round(ema, 4), "rare_words": len(words),
+            "token_recovery_final": round(recovery.item(), 4)}
 
 
 def _reused_vae(folder: Path) -> tuple[AutoencoderKL, dict]:
@@ -155,12 +190,21 @@ def _reused_vae(folder: Path) -> tuple[AutoencoderKL, dict]:
     return AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32), keep
 
 
+def _initial_denoiser(folder: Path) -> tuple[CLIPTextModel, UNet2DConditionModel]:
+    if not (folder / "unet").is_dir() or not (folder / "text_encoder").is_dir():
+        raise UserError(f"--init {folder}: not a toy model folder (needs unet/ and text_encoder/)")
+    return (CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=torch.float32),
+            UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32))
+
+
 def pretrain(out: str | Path, seed: int = 0, images: int = 40000, vae_steps: int = 3000,
              unet_steps: int = 3000, batch: int = 64, judge_steps: int = 1500,
-             reuse: str | Path | None = None) -> Path:
+             reuse: str | Path | None = None, init: str | Path | None = None) -> Path:
     """Everything, seeded: world renders -> VAE -> UNet + text encoder -> judges.
     ``reuse``: take the VAE and the judges from that earlier toy model (they
-    do not depend on captions) and train only the UNet and text encoder."""
+    do not depend on captions) and train only the UNet and text encoder.
+    ``init``: start the UNet and text encoder from that toy model's weights
+    (continued pretraining, e.g. on changed captions) instead of from scratch."""
     import shutil
 
     from .judges import train_judges
@@ -180,6 +224,9 @@ def pretrain(out: str | Path, seed: int = 0, images: int = 40000, vae_steps: int
         record.update(kept)
     else:
         record.update(train_vae(vae, pixels, vae_steps, batch, gen, held))
+    if init:
+        text_encoder, unet = _initial_denoiser(Path(init))
+        record["denoiser_init"] = str(init)
     vae.eval()
     means, stds = encode_all(vae, pixels)
     scaling = 1.0 / means.std().item()
