@@ -295,8 +295,10 @@ def _check_scalar(expected: type, key: str, value: Any, where: str) -> Any:
 
 def _check_type(cls: type, key: str, value: Any, where: str) -> Any:
     kind, many, _ = field_kind(cls, key)
-    if isinstance(value, bool) and "flag_value" in cls.__dataclass_fields__[key].metadata:
-        return value  # the option's old bool form; the config normalises it
+    if "flag_value" in cls.__dataclass_fields__[key].metadata:  # a str that may be a bool
+        if not isinstance(value, (bool, str)):
+            raise UserError(f"{where}: `{key}` must be a string or true/false (got {value!r})")
+        return value  # the config checks the string and normalises the bool
     if not many:
         return _check_scalar(kind, key, value, where)
     if not isinstance(value, list):
