@@ -51,6 +51,8 @@ def test_train_and_generate_from_the_command_line(photos, tmp_path, capsys):
     (["--batch-size", "0"], "--batch-size"),
     (["--mixed-precision", "fp8"], "--mixed-precision"),
     (["--prior-preservation"], "--class-prompt"),
+    (["--prior-preservation", "model"], "--class-prompt"),
+    (["--prior-preservation", "maybe", "--class-prompt", "a dog"], "--prior-preservation"),
     (["--no-such-option", "1"], "--no-such-option"),
 ])
 def test_bad_options_one_line_exit_2(photos, tmp_path, capsys, args, option):
@@ -191,3 +193,32 @@ def test_fewer_class_images_than_present_keeps_them_and_says_so(photos, tmp_path
                       num_class_images=3, output=str(tmp_path / "r")))
     assert len(list(cls.iterdir())) == 5
     assert any("holds 5 images; using 3" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("args,mode", [
+    ([], None), (["--prior-preservation"], "images"), (["--prior-preservation", "images"], "images"),
+    (["--prior-preservation", "model"], "model"), (["--prior-preservation=off"], "off"),
+    (["--no-prior-preservation"], "off"), (["--prior-preservation", "--steps", "2"], "images"),
+])
+def test_prior_preservation_bare_flag_value_or_no(args, mode):
+    """The bare flag keeps its old meaning (class images); a value picks the mode."""
+    from lorabooth.cli import build_parser
+
+    parsed = build_parser().parse_args(["train", *args])
+    assert parsed.prior_preservation == mode
+
+
+def test_prior_preservation_command_line_beats_the_file(tmp_path):
+    from dataclasses import fields
+
+    from lorabooth.cli import build_parser
+    from lorabooth.config import TrainConfig, build_config
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('instance_dir = "p"\ninstance_prompt = "a photo of sks dog"\n'
+                   'class_prompt = "a photo of a dog"\nprior_preservation = true\n')
+    for args, mode in (([], "images"), (["--prior-preservation", "model"], "model"),
+                       (["--no-prior-preservation"], "off")):
+        parsed = build_parser().parse_args(["train", *args])
+        overrides = {f.name: getattr(parsed, f.name) for f in fields(TrainConfig)}  # as main
+        assert build_config(TrainConfig, cfg, overrides).prior_preservation == mode

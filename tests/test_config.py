@@ -52,7 +52,7 @@ def test_toml_then_command_line(tmp_path):
     f.write_text('instance_dir = "p"\ninstance_prompt = "a photo of sks cat"\nsteps = 7\nlr = 1\n'
                  'prior_preservation = true\nclass_prompt = "a photo of a cat"\n')
     c = build_config(TrainConfig, f, {"steps": 9, "rank": None})
-    assert c.steps == 9 and c.rank == 4 and c.lr == 1.0 and c.prior_preservation
+    assert c.steps == 9 and c.rank == 4 and c.lr == 1.0 and c.prior_preservation == "images"
 
 
 def test_toml_unknown_key_suggests_the_closest(tmp_path):
@@ -66,7 +66,7 @@ def test_toml_unknown_key_suggests_the_closest(tmp_path):
 
 
 @pytest.mark.parametrize("key,value", [("steps", "ten"), ("steps", 1.5), ("lr", "fast"),
-                                       ("prior_preservation", "yes"), ("model", 3)])
+                                       ("prior_preservation", 3), ("model", 3)])
 def test_toml_wrong_type_names_the_key(key, value):
     with pytest.raises(UserError, match=f"`{key}`"):
         check_keys(TrainConfig, {key: value}, "x.toml")
@@ -79,3 +79,33 @@ def test_bad_toml_file(tmp_path):
         build_config(TrainConfig, f, {})
     with pytest.raises(UserError, match="no such file"):
         build_config(TrainConfig, tmp_path / "missing.toml", {})
+
+
+@pytest.mark.parametrize("given,mode", [(False, "off"), (True, "images"), ("off", "off"),
+                                        ("images", "images"), ("model", "model")])
+def test_prior_preservation_modes_and_the_old_bool(given, mode):
+    """It was a bool: True (Python, TOML true, a sweep grid) still means class images."""
+    c = TrainConfig(**GOOD, class_prompt="a photo of a dog", prior_preservation=given)
+    assert c.prior_preservation == mode  # the mode string, also in config.toml and metadata
+    assert (c.uses_prior, c.prior_images, c.prior_model) == (
+        mode != "off", mode == "images", mode == "model")
+
+
+def test_prior_preservation_toml_bool_and_mode(tmp_path):
+    f = tmp_path / "c.toml"
+    for text, mode in (("true", "images"), ("false", "off"), ('"model"', "model")):
+        f.write_text(f'instance_dir = "p"\ninstance_prompt = "a photo of sks cat"\n'
+                     f'class_prompt = "a photo of a cat"\nprior_preservation = {text}\n')
+        assert build_config(TrainConfig, f, {}).prior_preservation == mode
+
+
+@pytest.mark.parametrize("value", ["yes", "true", "Model", ""])
+def test_prior_preservation_other_values_name_the_option(value):
+    with pytest.raises(UserError) as e:
+        TrainConfig(**GOOD, class_prompt="a photo of a dog", prior_preservation=value)
+    assert str(e.value).startswith("--prior-preservation: must be one of off, images, model")
+
+
+def test_model_prior_needs_a_class_prompt():
+    with pytest.raises(UserError, match="--class-prompt"):
+        TrainConfig(**GOOD, prior_preservation="model")

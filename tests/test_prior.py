@@ -1,7 +1,17 @@
+import pytest
+import torch
 from PIL import Image
 
+from lorabooth.data import prompt_embeddings
+from lorabooth.lora import add_unet_lora, lora_parameters
 from lorabooth.models import build_tiny, pipeline_from_parts
-from lorabooth.prior import class_image_name, draw_class_images, missing_indices
+from lorabooth.prior import (
+    adapters_disabled,
+    class_image_name,
+    draw_class_images,
+    missing_indices,
+    model_prior_rows,
+)
 
 
 def _pipe():
@@ -53,3 +63,71 @@ def test_stale_temp_files_are_removed_and_not_counted(tmp_path):
     assert missing_indices(tmp_path, 2) == [1]
     remove_stale_temps(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [class_image_name(0)]
+
+
+def _trained_looking():
+    """The tiny model with a LoRA whose B is away from zero, as after training."""
+    base = build_tiny()
+    add_unet_lora(base.unet, 4, 4.0)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in base.unet.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g))
+    return base
+
+
+def _batch(n=2):
+    g = torch.Generator().manual_seed(9)
+    return (torch.randn(n, 4, 8, 8, generator=g), torch.randn(n, 4, 8, 8, generator=g),
+            torch.tensor([10, 700][:n]))
+
+
+def test_model_prior_target_is_the_base_models_prediction_exactly():
+    base = _trained_looking()
+    reference = build_tiny()  # the same weights, never given a LoRA
+    context = prompt_embeddings(base.tokenizer, base.text_encoder, ["a photo of a dog"])
+    latents, noise, t = _batch()
+    lat2, noise2, t2, frozen = model_prior_rows(base.unet, base.noise_scheduler, latents, noise,
+                                                t, context, torch.Generator().manual_seed(1))
+    # (B, ...) -> (2B, ...): the instance rows untouched, then the same latents re-noised
+    assert lat2.shape == noise2.shape == (4, 4, 8, 8) and t2.shape == (4,) and frozen.shape == (2, 4, 8, 8)
+    assert torch.equal(lat2[:2], latents) and torch.equal(lat2[2:], latents)
+    assert torch.equal(noise2[:2], noise) and torch.equal(t2[:2], t)
+    assert not torch.equal(noise2[2:], noise)  # an independent draw
+
+    noisy = base.noise_scheduler.add_noise(latents, noise2[2:], t2[2:])
+    ctx = context.expand(2, -1, -1)
+    with torch.no_grad():
+        expected = reference.unet(noisy, t2[2:], ctx).sample
+        with_lora = base.unet(noisy, t2[2:], ctx).sample
+    assert torch.equal(frozen, expected)
+    assert not torch.allclose(with_lora, frozen, atol=1e-3)  # the LoRA is back on
+    assert not frozen.requires_grad
+    assert all(p.requires_grad for p in lora_parameters(base.unet))  # and still trains
+
+
+def test_model_prior_rows_are_drawn_from_the_generator():
+    base = build_tiny()
+    add_unet_lora(base.unet, 4, 4.0)
+    context = torch.randn(1, 77, 32)
+    latents, noise, t = _batch()
+    a = model_prior_rows(base.unet, base.noise_scheduler, latents, noise, t, context,
+                         torch.Generator().manual_seed(1))
+    b = model_prior_rows(base.unet, base.noise_scheduler, latents, noise, t, context,
+                         torch.Generator().manual_seed(1))
+    c = model_prior_rows(base.unet, base.noise_scheduler, latents, noise, t, context,
+                         torch.Generator().manual_seed(2))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(a[1], c[1]) and not torch.equal(a[3], c[3])
+
+
+def test_adapters_come_back_on_when_the_block_raises():
+    base = _trained_looking()
+    x, _, t = _batch(1)
+    context = torch.randn(1, 77, 32)
+    with torch.no_grad():
+        on = base.unet(x, t, context).sample
+        with pytest.raises(KeyError), adapters_disabled(base.unet):
+            raise KeyError("boom")
+        assert torch.equal(base.unet(x, t, context).sample, on)

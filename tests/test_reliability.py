@@ -232,3 +232,18 @@ def test_nothing_written_outside_output_and_class_dir(photos, tmp_path):
     assert list(cwd.iterdir()) == [] and list(home.rglob("*")) == []
     assert _tree_digest(photos) == before  # the photos are never modified
     assert sorted(q.name for q in tmp_path.iterdir()) == ["cls", "cwd", "home", "out", "photos"]
+
+
+def test_resume_reads_a_run_saved_when_prior_preservation_was_a_bool(tmp_path):
+    import tomli_w
+
+    from lorabooth.config import to_toml_dict
+    from lorabooth.runfiles import check_resume_config
+
+    config = _config(tmp_path / "photos", tmp_path, resume=True)  # prior_preservation=True
+    old = {**to_toml_dict(config), "prior_preservation": True}  # as runs before the modes wrote it
+    (tmp_path / "config.toml").write_text(tomli_w.dumps(old))
+    check_resume_config(tmp_path, config)  # "images" is what true meant: no change
+    with pytest.raises(UserError, match="--prior-preservation 'images' -> 'model'"):
+        check_resume_config(tmp_path, _config(tmp_path / "photos", tmp_path, resume=True,
+                                              prior_preservation="model"))

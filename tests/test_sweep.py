@@ -178,3 +178,16 @@ def test_report_renders_in_a_real_browser(tmp_path, photos):
     from PIL import Image
     with Image.open(shot) as im:
         assert im.size == (1200, 1600) and len(set(im.convert("RGB").getdata())) > 50
+
+
+def test_prior_preservation_grid_takes_the_old_bools_and_the_modes(tmp_path, photos):
+    text = SWEEP.replace('steps = 2\nsave', 'steps = 2\nclass_prompt = "a photo of a dog"\nsave', 1)
+    text = text.replace("lr = [1e-4, 5e-4]\ntrain_text_encoder = [false, true]",
+                        'prior_preservation = [false, true, "model"]')
+    runs = expand(load_sweep(_write(tmp_path, photos, text)))
+    assert [c.prior_preservation for _, c in runs] == ["off", "images", "model"]
+    assert [n.rsplit("-", 1)[0] for n, _ in runs] == [
+        "prior_preservation=false", "prior_preservation=true", "prior_preservation=model"]
+    bad = text.replace('"model"]', '"modle"]')
+    with pytest.raises(UserError, match="--prior-preservation: must be one of off, images, model"):
+        expand(load_sweep(_write(tmp_path, photos, bad)))

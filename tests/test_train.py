@@ -191,3 +191,37 @@ def test_captions_flow_into_the_batches(photos, tmp_path, caplog):
     plain = t._setup_examples(plain_config, base, 64, paths,
                               t.instance_captions(plain_config, paths), [])
     assert torch.equal(plain.instance_ids, tokenize(base.tokenizer, ["a photo of sks dog"] * 3))
+
+
+def test_prior_from_the_model_draws_no_images_and_logs_its_loss(photos, tmp_path):
+    """--prior-preservation model: no class images drawn or stored, the prior
+    term is logged each step and recorded as the mode everywhere."""
+    run = train(_config(photos, tmp_path / "r", steps=3, lr=1e-2, lr_text=1e-2,
+                        class_prompt="a photo of a dog", prior_preservation="model",
+                        train_text_encoder=True, prior_loss_weight=0.5))
+    assert not (run / "class_images").exists()
+    assert not list(run.rglob("class_*.png"))
+    rows = _losses(run)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        assert r["loss"] == pytest.approx(r["loss_instance"] + 0.5 * r["loss_prior"], rel=1e-5)
+    # step 1: the LoRA starts as a no-op, so it predicts what the frozen model does
+    assert rows[0]["loss_prior"] < 1e-8 < rows[-1]["loss_prior"]
+    assert lora_metadata(run)["prior_preservation"] == "model"
+    assert 'prior_preservation = "model"' in (run / "config.toml").read_text()
+    assert "image-free" in (run / "README.md").read_text()
+
+
+def test_prior_from_the_model_resumes_to_the_same_numbers(photos, tmp_path, caplog):
+    kw = dict(lr=1e-2, class_prompt="a photo of a dog", prior_preservation="model",
+              checkpoint_every=2)
+    straight = train(_config(photos, tmp_path / "a", steps=4, **kw))
+    out = tmp_path / "b"
+    train(_config(photos, out, steps=3, **kw))  # leaves a checkpoint at step 2
+    caplog.set_level("INFO", logger="lorabooth")
+    resumed = train(_config(photos, out, steps=4, resume=True, **kw))
+    assert "(step 2)" in caplog.text  # it did resume: the prior's draws continue the stream
+    assert _losses(resumed) == [{**r, "s_per_step": r2["s_per_step"]}
+                                for r, r2 in zip(_losses(straight), _losses(resumed))]
+    a, b = load_file(straight / WEIGHT_NAME), load_file(resumed / WEIGHT_NAME)
+    assert all(torch.equal(a[k], b[k]) for k in a)

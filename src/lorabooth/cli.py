@@ -35,7 +35,12 @@ def _add_options(parser: argparse.ArgumentParser, cls: type) -> None:
         if "default" not in help_text:
             help_text += f" (default: {field_default(f)!r})"
         name = {"dest": f.name, "default": None, "help": help_text}
-        if kind is bool:
+        if "flag_value" in f.metadata:  # --opt (the flag value), --opt VALUE, --no-opt ("off")
+            parser.add_argument(option_name(f.name), nargs="?", const=f.metadata["flag_value"],
+                                metavar=f.name.upper(), **name)
+            parser.add_argument("--no-" + option_name(f.name)[2:], dest=f.name,
+                                action="store_const", const="off", help=argparse.SUPPRESS)
+        elif kind is bool:
             parser.add_argument(option_name(f.name), action=argparse.BooleanOptionalAction, **name)
         elif many and kind is str:
             parser.add_argument(option_name(f.name), action="append", metavar=f.name.upper(), **name)

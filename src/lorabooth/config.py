@@ -20,6 +20,9 @@ from .checks import MAX_SEED, MAX_STEPS, check_count, check_seeds, finite
 from .errors import UserError
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
+# off; images: drawn class images (DreamBooth's prior preservation); model:
+# no images, the frozen base model's own prediction under the class prompt
+PRIOR_MODES = ("off", "images", "model")
 # the judges `evaluate` (and a sweep's [evaluate]) use unless told otherwise
 DEFAULT_DINO = "facebook/dino-vits16"
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
@@ -29,6 +32,8 @@ def _help(text: str, default: Any = None, *, positional: bool = False, **kw: Any
     """A field with its help text; ``positional`` fields are command-line
     arguments without a dash (a list-typed one takes one or more)."""
     meta = {"help": text, "positional": positional}
+    if "flag_value" in kw:  # a str option that may also be given bare (or as true/false)
+        meta["flag_value"] = kw["flag_value"]
     if "default_factory" in kw:
         return field(metadata=meta, default_factory=kw["default_factory"])
     return field(default=default, metadata=meta)
@@ -56,6 +61,14 @@ def option_name(key: str) -> str:
     return "--" + key.replace("_", "-")
 
 
+def prior_mode(value: Any) -> Any:
+    """``prior_preservation`` was a bool before it had modes: true (a bare
+    flag) is "images", false is "off"; a str is left for the range check."""
+    if isinstance(value, bool):
+        return "images" if value else "off"
+    return value
+
+
 def check_finite(config: Any) -> None:
     """NaN and inf compare false with everything, so they slip past every
     range check; refuse them first, for every float field (lists too)."""
@@ -77,7 +90,11 @@ class TrainConfig:
     instance_prompt: str = _help("Prompt naming the subject, e.g. 'a photo of sks dog'.", "")
     class_prompt: str = _help("Bare class prompt for prior preservation, e.g. 'a photo of a dog'.", "")
     class_dir: str = _help("Folder of class images (default: OUTPUT/class_images).", "")
-    prior_preservation: bool = _help("Add the denoising loss on class images.", False)
+    prior_preservation: str = _help(
+        "off; images: add the denoising loss on class images drawn by the base model; model: "
+        "no class images, match the frozen base model's own prediction for the class prompt "
+        "(one extra forward per step; --class-dir and --num-class-images are ignored). "
+        "A bare --prior-preservation (true in TOML) means images.", "off", flag_value="images")
     num_class_images: int = _help("How many class images to use (drawn if missing).", 100)
     prior_loss_weight: float = _help("Weight lambda of the prior-preservation loss.", 1.0)
     resolution: int = _help("Training resolution in pixels (0: the model's own).", 0)
@@ -111,6 +128,9 @@ class TrainConfig:
             return UserError(f"{option_name(key)}: {why} (got {getattr(self, key)!r})")
 
         check_finite(self)
+        object.__setattr__(self, "prior_preservation", prior_mode(self.prior_preservation))
+        if self.prior_preservation not in PRIOR_MODES:
+            raise bad("prior_preservation", f"must be one of {', '.join(PRIOR_MODES)}")
         for key in ("lr", "lr_text", "prior_loss_weight"):
             if not getattr(self, key) > 0:
                 raise bad(key, "must be a positive number")
@@ -139,7 +159,7 @@ class TrainConfig:
             raise bad("instance_dir", "is required: a folder with photos of the subject")
         if not self.instance_prompt.strip():
             raise bad("instance_prompt", "is required, e.g. 'a photo of sks dog'")
-        if self.prior_preservation and not self.class_prompt.strip():
+        if self.uses_prior and not self.class_prompt.strip():
             raise bad("class_prompt", "is required with --prior-preservation, e.g. 'a photo of a dog'")
         if not self.output:
             raise bad("output", "is required")
@@ -147,6 +167,18 @@ class TrainConfig:
     @property
     def lora_alpha(self) -> float:
         return self.alpha or float(self.rank)
+
+    @property
+    def uses_prior(self) -> bool:
+        return self.prior_preservation != "off"
+
+    @property
+    def prior_images(self) -> bool:
+        return self.prior_preservation == "images"
+
+    @property
+    def prior_model(self) -> bool:
+        return self.prior_preservation == "model"
 
     @property
     def class_path(self) -> Path:
@@ -263,6 +295,10 @@ def _check_scalar(expected: type, key: str, value: Any, where: str) -> Any:
 
 def _check_type(cls: type, key: str, value: Any, where: str) -> Any:
     kind, many, _ = field_kind(cls, key)
+    if "flag_value" in cls.__dataclass_fields__[key].metadata:  # a str that may be a bool
+        if not isinstance(value, (bool, str)):
+            raise UserError(f"{where}: `{key}` must be a string or true/false (got {value!r})")
+        return value  # the config checks the string and normalises the bool
     if not many:
         return _check_scalar(kind, key, value, where)
     if not isinstance(value, list):

@@ -33,3 +33,11 @@ def dreambooth_loss(pred: torch.Tensor, target: torch.Tensor, num_instance: int,
         return instance, instance, None
     prior = F.mse_loss(pred[num_instance:], target[num_instance:])
     return instance + prior_weight * prior, instance, prior
+
+
+def with_prior_target(target: torch.Tensor, num_instance: int,
+                      frozen_pred: torch.Tensor) -> torch.Tensor:
+    """Image-free prior preservation: the class rows' target is the frozen base
+    model's own prediction for them under the class prompt (no gradient flows
+    into it), the instance rows keep theirs. (B, ...) and (B - n, ...) -> (B, ...)."""
+    return torch.cat([target[:num_instance], frozen_pred.detach().to(target.dtype)])

@@ -1,6 +1,8 @@
-"""Class images for prior preservation, drawn by the frozen base model.
+"""Prior preservation's targets: class images drawn by the frozen base model
+(``--prior-preservation images``), or the frozen model's own prediction, step
+by step, without images (``model``).
 
-Resumable and safe to interrupt: images already in the folder are reused,
+Class images are resumable and safe to interrupt: images already in the folder are reused,
 only the missing ones are drawn, each written atomically, and image ``i`` is
 always drawn from seed ``seed + i`` so a refill draws what a full run would.
 """
@@ -8,7 +10,9 @@ always drawn from seed ``seed + i`` so a refill draws what a full run would.
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -71,3 +75,40 @@ def draw_class_images(pipe, folder: Path, prompt: str, indices: list[int], resol
 
 def class_images(folder: Path, count: int) -> list[Path]:
     return readable_images(folder)[:count]
+
+
+@contextmanager
+def adapters_disabled(unet: torch.nn.Module) -> Iterator[None]:
+    """The base model exactly: every LoRA layer skipped (diffusers' peft
+    switch), then switched back on, also when the block raises."""
+    unet.disable_adapters()
+    try:
+        yield
+    finally:
+        unet.enable_adapters()
+
+
+def model_prior_rows(unet: torch.nn.Module, scheduler, latents: torch.Tensor,
+                     noise: torch.Tensor, timesteps: torch.Tensor, class_context: torch.Tensor,
+                     rng: torch.Generator):
+    """The batch with prior rows appended (``--prior-preservation model``):
+    the instance latents again, noised with a fresh draw of noise and
+    timesteps from ``rng``, and their target, the frozen base model's
+    prediction (LoRA off, no grad) under the class prompt ``class_context``
+    (1, 77, D). The LoRA model will be trained to predict the same there.
+
+    Why the subject's own latents: the input then covers the noise levels and
+    image statistics the instance loss trains on, so the prior holds the class
+    prompt's behaviour exactly where the LoRA moves the model, at the cost of
+    one no-grad forward and no images to draw or store.
+    Returns (latents, noise, timesteps, frozen prediction); (B, ...) -> (2B, ...)."""
+    prior_noise = torch.randn(latents.shape, generator=rng)
+    prior_t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],),
+                            generator=rng)
+    noisy = scheduler.add_noise(latents, prior_noise, prior_t)
+    device = class_context.device
+    context = class_context.expand(latents.shape[0], -1, -1)
+    with torch.no_grad(), adapters_disabled(unet):
+        frozen = unet(noisy.to(device), prior_t.to(device), context).sample
+    return (torch.cat([latents, latents]), torch.cat([noise, prior_noise]),
+            torch.cat([timesteps, prior_t]), frozen)

@@ -17,7 +17,7 @@ import tomli_w
 
 from . import __version__
 from . import markdown as md
-from .config import TrainConfig, option_name, to_toml_dict
+from .config import TrainConfig, option_name, prior_mode, to_toml_dict
 from .errors import UserError
 from .fileio import inside, nested, write_text
 
@@ -48,6 +48,8 @@ def check_resume_config(output: Path, config: TrainConfig) -> None:
         old = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, tomllib.TOMLDecodeError):
         return
+    if "prior_preservation" in old:  # a bool in runs from before it had modes
+        old["prior_preservation"] = prior_mode(old["prior_preservation"])
     new = to_toml_dict(config)
     diffs = config_differences(old, new)
     shapes = " and ".join(option_name(k) for k in sorted(RESUME_SHAPE) if old.get(k) != new[k])
@@ -115,7 +117,7 @@ def check_folders(config: TrainConfig) -> None:
     """Refuse folders that would write into the subject's photos (or train on
     the subject as its own prior), before anything is written."""
     photos = config.instance_dir
-    if config.prior_preservation and nested(config.class_path, photos):
+    if config.prior_images and nested(config.class_path, photos):
         raise UserError(f"--class-dir {config.class_path}: is, holds or lies inside "
                         f"--instance-dir {photos}; class images need a folder of their own")
     if inside(config.output, photos):
@@ -182,8 +184,12 @@ def model_card(config: TrainConfig, resolution: int) -> str:
     shell command (a prompt holding `$(...)` must not run when pasted),
     repr() in the Python snippet."""
     text_encoder = "UNet and text encoder" if config.train_text_encoder else "UNet"
-    prior = (f"yes: {config.num_class_images} images of '{md.text(config.class_prompt)}', "
-             f"weight {config.prior_loss_weight}" if config.prior_preservation else "no")
+    prior = {"off": "no",
+             "images": f"yes: {config.num_class_images} images of "
+                       f"'{md.text(config.class_prompt)}', weight {config.prior_loss_weight}",
+             "model": f"yes, image-free: the frozen base model's prediction for "
+                      f"'{md.text(config.class_prompt)}', weight {config.prior_loss_weight}",
+             }[config.prior_preservation]
     beach = f"{config.instance_prompt} on the beach"
     shell = (f"lorabooth generate {shlex.quote(config.output)} --prompt {shlex.quote(beach)} \\\n"
              f"    --unet-scale 0,0.5,1 --text-scale 1 --guidance 7.5")

@@ -41,9 +41,15 @@ from .identifier import guess_identifier, identifier_warnings
 from .imagefiles import problem
 from .lora import add_text_lora, add_unet_lora, freeze_all_but_lora, lora_parameters
 from .models import BaseModel, load_base, pipeline_from_parts
-from .objective import diffusion_target, dreambooth_loss
+from .objective import diffusion_target, dreambooth_loss, with_prior_target
 from .precision import cast_frozen, frozen_dtype, tune_allocator, weight_dtype
-from .prior import class_images, draw_class_images, missing_indices, remove_stale_temps
+from .prior import (
+    class_images,
+    draw_class_images,
+    missing_indices,
+    model_prior_rows,
+    remove_stale_temps,
+)
 from .runfiles import check_folders, model_card, run_folder, write_config
 
 log = logging.getLogger(__name__)
@@ -58,7 +64,7 @@ class Examples:
     class_mean: torch.Tensor | None  # (M, 4, h, w), None without prior preservation
     class_std: torch.Tensor | None
     instance_embedding: torch.Tensor | None  # (N, 77, D), one per image; text encoder frozen
-    class_embedding: torch.Tensor | None  # (1, 77, D)
+    class_embedding: torch.Tensor | None  # (1, 77, D), frozen; the target's in --prior-preservation model
     instance_ids: torch.Tensor  # (N, 77) token ids, used when the text encoder trains
     class_ids: torch.Tensor | None
     scaling_factor: float  # the VAE's latent scale, kept so the VAE itself can be freed
@@ -132,10 +138,16 @@ def _train(config: TrainConfig, accelerator: Accelerator, output: Path,
         timesteps = torch.randint(0, base.noise_scheduler.config.num_train_timesteps,
                                   (latents.shape[0],), generator=noise_rng)
         with accelerator.autocast():
-            context = _text_context(examples, modules, idx, len(cidx), accelerator.device)
+            frozen = None  # --prior-preservation model: rows whose target is the base model's
+            if config.prior_model:
+                latents, noise, timesteps, frozen = model_prior_rows(
+                    accelerator.unwrap_model(modules["unet"]), base.noise_scheduler, latents,
+                    noise, timesteps, examples.class_embedding.to(accelerator.device), noise_rng)
+            context = _text_context(examples, modules, idx, len(latents) - len(idx),
+                                    accelerator.device)
             loss, loss_instance, loss_prior = step_loss(
                 modules["unet"], base.noise_scheduler, latents, noise, timesteps, context,
-                len(idx), config.prior_loss_weight)
+                len(idx), config.prior_loss_weight, frozen)
         if not torch.isfinite(loss):
             raise _numerical_fault(config, output, step + 1, f"the loss is {loss.item()}")
         accelerator.backward(loss)
@@ -186,12 +198,16 @@ def _train(config: TrainConfig, accelerator: Accelerator, output: Path,
 
 def step_loss(unet: torch.nn.Module, scheduler, latents: torch.Tensor, noise: torch.Tensor,
               timesteps: torch.Tensor, context: torch.Tensor, n_instance: int,
-              prior_weight: float):
+              prior_weight: float, prior_target: torch.Tensor | None = None):
     """The DreamBooth loss of one batch (instance rows first): noise the
-    latents at ``timesteps``, predict, compare with the scheduler's target."""
+    latents at ``timesteps``, predict, compare with the scheduler's target;
+    ``prior_target`` (the frozen model's prediction) replaces it for the
+    class rows when given."""
     noisy = scheduler.add_noise(latents, noise, timesteps)
     target = diffusion_target(noise, latents, timesteps, scheduler.alphas_cumprod,
                               scheduler.config.prediction_type)
+    if prior_target is not None:
+        target = with_prior_target(target.to(prior_target.device), n_instance, prior_target)
     device = context.device
     pred = unet(noisy.to(device), timesteps.to(device), context).sample
     return dreambooth_loss(pred, target.to(device), n_instance, prior_weight)
@@ -247,7 +263,9 @@ def _setup_accelerator(config: TrainConfig) -> Accelerator:
 
 def _setup_class_images(config: TrainConfig, base: BaseModel, resolution: int,
                         accelerator: Accelerator) -> list[Path]:
-    if not config.prior_preservation:
+    if config.prior_model and config.class_dir:
+        log.warning("--class-dir: not used with --prior-preservation model (no class images)")
+    if not config.prior_images:
         return []
     folder = config.class_path
     if folder.exists() and not folder.is_dir():
@@ -292,17 +310,20 @@ def _setup_examples(config: TrainConfig, base: BaseModel, resolution: int,
                     class_paths: list[Path]) -> Examples:
     instance = latent_distributions(base.vae, instance_paths, resolution)
     klass = latent_distributions(base.vae, class_paths, resolution) if class_paths else (None, None)
-    prompts = sorted(set(captions)) + ([config.class_prompt] if class_paths else [])
+    with_class = config.uses_prior
+    prompts = sorted(set(captions)) + ([config.class_prompt] if with_class else [])
     row = [prompts.index(c) for c in captions]  # image i -> its prompt's row
     ids = tokenize(base.tokenizer, prompts)
     frozen = None
     if not config.train_text_encoder:
         frozen = prompt_embeddings(base.tokenizer, base.text_encoder, prompts)
+    elif config.prior_model:  # the target's class prompt: the text encoder without LoRA (not yet added)
+        frozen = prompt_embeddings(base.tokenizer, base.text_encoder, prompts[-1:])
     return Examples(
         instance_mean=instance[0], instance_std=instance[1], class_mean=klass[0], class_std=klass[1],
-        instance_embedding=None if frozen is None else frozen[row],
-        class_embedding=None if frozen is None or not class_paths else frozen[-1:],
-        instance_ids=ids[row], class_ids=ids[-1:] if class_paths else None,
+        instance_embedding=None if frozen is None or config.train_text_encoder else frozen[row],
+        class_embedding=None if frozen is None or not with_class else frozen[-1:],
+        instance_ids=ids[row], class_ids=ids[-1:] if with_class else None,
         scaling_factor=float(base.vae.config.scaling_factor),
     )
 
