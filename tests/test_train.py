@@ -136,9 +136,10 @@ def test_v_prediction_model_trains_on_the_velocity(photos, tmp_path, monkeypatch
     seen = []
     real_step_loss = t.step_loss
 
-    def spy(unet, scheduler, latents, noise, timesteps, context, n_instance, prior_weight):
+    def spy(unet, scheduler, latents, noise, timesteps, context, n_instance, prior_weight,
+            *levers):
         out = real_step_loss(unet, scheduler, latents, noise, timesteps, context, n_instance,
-                             prior_weight)
+                             prior_weight, *levers)
         with torch.no_grad():  # the same inputs, the target taken from the scheduler
             pred = unet(scheduler.add_noise(latents, noise, timesteps), timesteps, context).sample
             velocity = scheduler.get_velocity(latents, noise, timesteps)
