@@ -1,4 +1,7 @@
+import dataclasses
+
 import pytest
+import tomli_w
 
 from lorabooth.config import TrainConfig, build_config, check_keys
 from lorabooth.errors import UserError
@@ -109,3 +112,20 @@ def test_prior_preservation_other_values_name_the_option(value):
 def test_model_prior_needs_a_class_prompt():
     with pytest.raises(UserError, match="--class-prompt"):
         TrainConfig(**GOOD, prior_preservation="model")
+
+
+def test_levers_default_off_and_round_trip_toml_and_command_line(tmp_path):
+    from lorabooth.cli import build_parser
+    from lorabooth.config import to_toml_dict
+
+    c = TrainConfig(**GOOD)
+    assert (c.snr_gamma, c.noise_offset, c.caption_dropout, c.ema_decay) == (0, 0, 0, 0)
+    f = tmp_path / "c.toml"
+    f.write_text('instance_dir = "p"\ninstance_prompt = "a photo of sks cat"\nsnr_gamma = 5\n'
+                 'noise_offset = 0.05\ncaption_dropout = 0.1\nema_decay = 0.99\n')
+    args = build_parser().parse_args(["train", "--config", str(f), "--ema-decay", "0.9"])
+    c = build_config(TrainConfig, args.config, {k.name: getattr(args, k.name)
+                                                for k in dataclasses.fields(TrainConfig)})
+    assert (c.snr_gamma, c.noise_offset, c.caption_dropout, c.ema_decay) == (5, 0.05, 0.1, 0.9)
+    f.write_text(tomli_w.dumps(to_toml_dict(c)))  # what a run's config.toml holds
+    assert build_config(TrainConfig, f, {}) == c

@@ -1,7 +1,8 @@
+import pytest
 import torch
 from PIL import Image
 
-from lorabooth.data import Shuffler, load_image, readable_images
+from lorabooth.data import Shuffler, caption_dropout, load_image, readable_images
 
 
 def test_readable_images_skips_non_images(tmp_path):
@@ -57,3 +58,18 @@ def test_transparent_png_trains_on_the_pixels_prepare_and_evaluate_see(tmp_path)
         assert torch.allclose(trained, pixels / 127.5 - 1.0, atol=1e-6)
     assert torch.equal(trained[:, 0, 0], torch.ones(3))  # white where transparent
     assert torch.allclose(trained[:, 8, 8], torch.tensor([200, 0, 10]) / 127.5 - 1.0)
+
+
+def test_caption_dropout_picks_at_the_rate_and_is_seeded():
+    rates = [caption_dropout(10_000, p, torch.Generator().manual_seed(1)).float().mean().item()
+             for p in (0.1, 0.5, 0.9)]
+    assert rates[0] == pytest.approx(0.1, abs=0.015) and rates[1] == pytest.approx(0.5, abs=0.02)
+    assert rates[2] == pytest.approx(0.9, abs=0.015)
+    a = caption_dropout(50, 0.3, torch.Generator().manual_seed(4))
+    assert a.dtype == torch.bool and a.shape == (50,)
+    assert torch.equal(a, caption_dropout(50, 0.3, torch.Generator().manual_seed(4)))
+    assert not torch.equal(a, caption_dropout(50, 0.3, torch.Generator().manual_seed(5)))
+    rng = torch.Generator().manual_seed(2)
+    state = rng.get_state()
+    assert not caption_dropout(5, 0.0, rng).any()  # off: nothing dropped, nothing drawn
+    assert torch.equal(rng.get_state(), state)

@@ -233,6 +233,20 @@ def sweep_escape_setup(ctx) -> None:
     write("s.toml", BASE + grid + GENERATE)(ctx)
 
 
+def levers_recorded(run: Path) -> None:
+    from lorabooth.lora import lora_metadata
+
+    config = (run / "config.toml").read_text()
+    for line in ("snr_gamma = 5.0", "noise_offset = 0.05", "caption_dropout = 0.5",
+                 "ema_decay = 0.9"):
+        assert line in config.splitlines(), config
+    meta = lora_metadata(run)
+    assert [meta[k] for k in ("snr_gamma", "noise_offset", "caption_dropout", "ema_decay")] == \
+        [5.0, 0.05, 0.5, 0.9]
+    assert "| 5, 0.05, 0.5, 0.9 |" in (run / "README.md").read_text()
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 5
+
+
 TRAIN = ["train", "--instance-dir", "{photos}", "--instance-prompt", PROMPT,
          "--output", "{tmp}/out", "--steps", "1", "--resolution", "32"]
 GEN = ["generate", "{run}", "--prompt", PROMPT, "--output", "{tmp}/gen", "--num-images", "1",
@@ -270,6 +284,24 @@ ROWS = [
     Row("train --lr-text -inf", TRAIN + ["--lr-text=-inf"], 2, f"--lr-text: {FINITE}"),
     Row("train --config alpha = nan", TRAIN + ["--config", "{tmp}/c.toml"], 2,
         f"--alpha: {FINITE}", write("c.toml", "alpha = nan\n")),
+    # the training levers: off (0) or in range
+    Row("train --snr-gamma -1", TRAIN + ["--snr-gamma=-1"], 2,
+        "--snr-gamma: must be 0 (off) or positive"),
+    Row("train --snr-gamma inf", TRAIN + ["--snr-gamma", "inf"], 2, f"--snr-gamma: {FINITE}"),
+    Row("train --noise-offset nan", TRAIN + ["--noise-offset", "nan"], 2,
+        f"--noise-offset: {FINITE}"),
+    Row("train --noise-offset -0.05", TRAIN + ["--noise-offset=-0.05"], 2,
+        "--noise-offset: must be 0 (off) or positive"),
+    Row("train --caption-dropout 1", TRAIN + ["--caption-dropout", "1"], 2,
+        "--caption-dropout: must be at least 0 (off) and below 1"),
+    Row("train --caption-dropout -0.1", TRAIN + ["--caption-dropout=-0.1"], 2,
+        "--caption-dropout: must be at least 0 (off) and below 1"),
+    Row("train --ema-decay 1.5", TRAIN + ["--ema-decay", "1.5"], 2,
+        "--ema-decay: must be at least 0 (off) and below 1"),
+    Row("train --config ema_decay = 1.0", TRAIN + ["--config", "{tmp}/c.toml"], 2,
+        "--ema-decay: must be at least 0 (off) and below 1", write("c.toml", "ema_decay = 1.0\n")),
+    Row("train --config caption_dropout = 'high'", TRAIN + ["--config", "{tmp}/c.toml"], 2,
+        "caption_dropout", write("c.toml", "caption_dropout = 'high'\n")),
     Row("prepare --face-margin nan", ["prepare", "{photos}", "{tmp}/prep", "--face-margin", "nan"],
         2, f"--face-margin: {FINITE}", after=nothing_at("prep")),
     Row("generate --unet-scale nan", GEN + ["--unet-scale", "nan"], 2, f"--unet-scale: {FINITE}",
@@ -382,6 +414,11 @@ ROWS = [
     # kept passing: the tiny and toy commands reach no network. Blocked in every row;
     # the rows above train (tampered state.pt), draw (NaN LoRA) and fuse on tiny.
     Row("no network: train toy", TRAIN + ["--model", "toy"], 0, "LoRA:"),
+    # the four training levers work on the toy model the toy world measures them on
+    Row("no network: train toy with the levers",
+        TRAIN + ["--model", "toy", "--steps", "5", "--snr-gamma", "5", "--noise-offset", "0.05",
+                 "--caption-dropout", "0.5", "--ema-decay", "0.9"], 0, "LoRA:",
+        after=lambda ctx: levers_recorded(ctx.tmp / "out")),
 ]
 
 

@@ -1,7 +1,14 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
-from lorabooth.objective import diffusion_target, dreambooth_loss, with_prior_target
+from lorabooth.objective import (
+    diffusion_target,
+    dreambooth_loss,
+    min_snr_weights,
+    offset_noise,
+    with_prior_target,
+)
 
 
 def test_epsilon_target_is_the_noise():
@@ -65,3 +72,77 @@ def test_model_prior_target_keeps_the_batch_dtype():
     target = torch.randn(2, 4, 2, 2)
     full = with_prior_target(target, 1, torch.randn(1, 4, 2, 2, dtype=torch.bfloat16))
     assert full.dtype == torch.float32
+
+
+def _alphas_for_snr(snrs):
+    """alphas_cumprod whose timestep i has SNR snrs[i]: a = SNR / (1 + SNR)."""
+    snr = torch.tensor(snrs, dtype=torch.float64)
+    return snr / (1 + snr)
+
+
+def test_min_snr_weights_for_known_snrs():
+    ac = _alphas_for_snr([100.0, 5.0, 1.0, 0.25])
+    t = torch.tensor([0, 1, 2, 3, 0])
+    eps = min_snr_weights(t, ac, 5.0, "epsilon")
+    # min(SNR, 5) / SNR: 5/100 where the SNR is above gamma, 1 at or below it
+    assert eps.tolist() == pytest.approx([0.05, 1.0, 1.0, 1.0, 0.05])
+    v = min_snr_weights(t, ac, 5.0, "v_prediction")
+    # min(SNR, 5) / (SNR + 1)
+    assert v.tolist() == pytest.approx([5 / 101, 5 / 6, 1 / 2, 0.25 / 1.25, 5 / 101])
+    assert eps.shape == (5,) and eps.dtype == torch.float32
+    assert min_snr_weights(torch.tensor([0]), torch.tensor([0.0]), 5.0, "epsilon").item() == 1.0
+    with pytest.raises(ValueError):
+        min_snr_weights(t, ac, 5.0, "sample")
+
+
+def test_min_snr_weights_on_the_sd_schedule_fall_only_at_low_noise():
+    from lorabooth.models import build_tiny
+
+    ac = build_tiny().noise_scheduler.alphas_cumprod
+    w = min_snr_weights(torch.arange(1000), ac, 5.0, "epsilon")
+    snr = ac / (1 - ac)
+    assert torch.all(w[snr <= 5] == 1) and torch.all(w[snr > 5] < 1)
+    assert w[0] < 0.01 and torch.all(w[1:] >= w[:-1])  # rising with the noise level
+
+
+def test_weighted_loss_without_weights_is_the_old_loss():
+    pred, target = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8)
+    for n in (2, 4):
+        old = dreambooth_loss(pred, target, n, 0.3)
+        assert dreambooth_loss(pred, target, n, 0.3, None) == old
+        ones = dreambooth_loss(pred, target, n, 0.3, torch.ones(4))  # every row weighs 1
+        assert all((a is None and b is None) or torch.allclose(a, b)
+                   for a, b in zip(ones, old))
+
+
+def test_weighted_loss_weighs_each_row_in_both_parts():
+    pred, target = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8)
+    w = torch.tensor([0.5, 2.0, 0.1, 3.0])
+    total, inst, prior = dreambooth_loss(pred, target, 2, 0.3, w)
+    rows = [F.mse_loss(pred[i], target[i]) for i in range(4)]
+    assert torch.allclose(inst, (0.5 * rows[0] + 2.0 * rows[1]) / 2)
+    assert torch.allclose(prior, (0.1 * rows[2] + 3.0 * rows[3]) / 2)
+    assert torch.allclose(total, inst + 0.3 * prior)
+    # batch size 1: the weight still scales the loss (no normalising by the weights' sum)
+    one, _, none = dreambooth_loss(pred[:1], target[:1], 1, 1.0, torch.tensor([0.25]))
+    assert none is None and torch.allclose(one, 0.25 * rows[0])
+
+
+def test_noise_offset_is_one_seeded_shift_per_sample_and_channel():
+    noise = torch.randn(3, 4, 8, 8)
+    out = offset_noise(noise, 0.1, torch.Generator().manual_seed(7))
+    shift = (out - noise) / 0.1
+    # constant over each (sample, channel) plane: the (B, C, 1, 1) structure
+    assert torch.allclose(shift, shift[:, :, :1, :1].expand_as(shift), atol=1e-5)
+    assert torch.allclose(shift[:, :, 0, 0], torch.randn(3, 4, generator=torch.Generator().manual_seed(7)),
+                          atol=1e-5)
+    again = offset_noise(noise, 0.1, torch.Generator().manual_seed(7))
+    assert torch.equal(out, again)
+    assert not torch.equal(out, offset_noise(noise, 0.1, torch.Generator().manual_seed(8)))
+
+
+def test_zero_noise_offset_is_the_noise_and_draws_nothing():
+    noise, rng = torch.randn(2, 4, 8, 8), torch.Generator().manual_seed(3)
+    state = rng.get_state()
+    assert offset_noise(noise, 0.0, rng) is noise
+    assert torch.equal(rng.get_state(), state)

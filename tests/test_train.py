@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import PINNED_FIRST_LOSSES
+from helpers import PINNED_FIRST_LOSSES, make_photos
 from lorabooth import TrainConfig, train
 from lorabooth.errors import UserError
 from lorabooth.lora import WEIGHT_NAME, lora_metadata
@@ -136,9 +136,10 @@ def test_v_prediction_model_trains_on_the_velocity(photos, tmp_path, monkeypatch
     seen = []
     real_step_loss = t.step_loss
 
-    def spy(unet, scheduler, latents, noise, timesteps, context, n_instance, prior_weight):
+    def spy(unet, scheduler, latents, noise, timesteps, context, n_instance, prior_weight,
+            *levers):
         out = real_step_loss(unet, scheduler, latents, noise, timesteps, context, n_instance,
-                             prior_weight)
+                             prior_weight, *levers)
         with torch.no_grad():  # the same inputs, the target taken from the scheduler
             pred = unet(scheduler.add_noise(latents, noise, timesteps), timesteps, context).sample
             velocity = scheduler.get_velocity(latents, noise, timesteps)
@@ -225,3 +226,128 @@ def test_prior_from_the_model_resumes_to_the_same_numbers(photos, tmp_path, capl
                                 for r, r2 in zip(_losses(straight), _losses(resumed))]
     a, b = load_file(straight / WEIGHT_NAME), load_file(resumed / WEIGHT_NAME)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_caption_dropout_swaps_only_the_marked_instance_rows(photos, tmp_path):
+    import lorabooth.training as t
+    from lorabooth.data import prompt_embeddings, tokenize
+    from lorabooth.models import build_tiny
+
+    base = build_tiny()
+    paths = sorted(photos.glob("*.png"))
+    dropped = torch.tensor([True, False, True])
+    for train_text in (False, True):
+        config = _config(photos, tmp_path / "r", caption_dropout=0.5, train_text_encoder=train_text,
+                         class_prompt="a photo of a dog", prior_preservation=True)
+        examples = t._setup_examples(config, base, 64, paths, t.instance_captions(config, paths),
+                                     paths[:1])
+        if train_text:  # the ids go through the (trained) encoder: look at them directly
+            modules = {"text_encoder": lambda ids: (ids,)}
+            empty, kept, klass = tokenize(base.tokenizer, [""]), examples.instance_ids, examples.class_ids
+        else:
+            modules = {"unet": None}
+            empty = prompt_embeddings(base.tokenizer, base.text_encoder, [""])
+            kept, klass = examples.instance_embedding, examples.class_embedding
+        context = t._text_context(examples, modules, [2, 0, 1], 2, torch.device("cpu"), dropped)
+        assert len(context) == 5
+        assert torch.equal(context[0], empty[0]) and torch.equal(context[2], empty[0])
+        assert torch.equal(context[1], kept[0])  # row 1 kept image 0's prompt
+        assert torch.equal(context[3], klass[0]) and torch.equal(context[4], klass[0])  # never dropped
+        assert not torch.equal(kept[0], empty[0])
+        off = t._text_context(examples, modules, [2, 0, 1], 2, torch.device("cpu"),
+                              torch.zeros(3, dtype=torch.bool))
+        assert torch.equal(off, t._text_context(examples, modules, [2, 0, 1], 2, torch.device("cpu")))
+    plain = t._setup_examples(_config(photos, tmp_path / "r"), base, 64, paths,
+                              [PROMPT] * 3, [])
+    assert plain.empty_embedding is None and plain.empty_ids is None  # off: nothing extra cached
+
+
+PROMPT = "a photo of sks dog"
+
+
+def test_ema_run_saves_the_average_not_the_last_weights(photos, tmp_path, on_finish, monkeypatch):
+    import lorabooth.training as t
+    from lorabooth.checkpoint import trainable_state
+    from lorabooth.formats.layouts import module_lora, read_as_peft
+
+    seen = []  # the raw LoRA weights: at the start, then after each step
+
+    def clone(modules):
+        return {k: v.clone() for k, v in trainable_state(modules).items()}
+
+    def shadow_spy(modules, decay):
+        seen.append(clone(modules))
+        return real_shadow(modules, decay)
+
+    def update_spy(shadow, modules, decay):
+        seen.append(clone(modules))
+        real_update(shadow, modules, decay)
+
+    real_shadow, real_update = t.ema_shadow, t.ema_update
+    monkeypatch.setattr(t, "ema_shadow", shadow_spy)
+    monkeypatch.setattr(t, "ema_update", update_spy)
+    finished = {}
+    on_finish(lambda config, base, modules: finished.update(
+        state=clone(modules), unet=module_lora(modules["unet"], "unet")))
+    run = train(_config(photos, tmp_path / "ema", steps=2, lr=1e-2, ema_decay=0.5))
+    w0, w1, w2 = seen
+    for k, got in finished["state"].items():
+        assert torch.allclose(got, 0.5 * (0.5 * w0[k] + 0.5 * w1[k]) + 0.5 * w2[k], atol=1e-7), k
+    moved = [k for k in w2 if not torch.allclose(w2[k], finished["state"][k])]
+    assert moved  # the last step's weights are not what was saved
+    saved, _, _, _ = read_as_peft(run / WEIGHT_NAME)
+    assert finished["unet"].keys() <= saved.keys()
+    assert all(torch.equal(saved[k], v) for k, v in finished["unet"].items())
+
+
+def test_all_four_levers_resume_exactly_and_load_in_diffusers(photos, tmp_path, monkeypatch):
+    """--snr-gamma, --noise-offset, --caption-dropout and --ema-decay at once,
+    with prior preservation and a trained text encoder: each reaches the loop,
+    a run killed after step 3 and resumed from its step-2 checkpoint ends with
+    the uninterrupted run's file, and plain diffusers loads that file."""
+    import lorabooth.training as t
+    from helpers import tiny_outputs
+    from lorabooth.models import build_tiny, pipeline_from_parts
+
+    calls = {"offset": [], "dropped": [], "gamma": []}
+
+    def spy(name, real, record):
+        def wrapped(*args):
+            out = real(*args)
+            calls[name].append(record(args, out))
+            return out
+        monkeypatch.setattr(t, real.__name__, wrapped)
+
+    spy("offset", t.offset_noise, lambda a, out: (a[1], not torch.equal(out, a[0])))
+    spy("dropped", t.caption_dropout, lambda a, out: out.tolist())
+    spy("gamma", t.min_snr_weights, lambda a, out: (a[2], out.tolist()))
+    levers = dict(snr_gamma=5.0, noise_offset=0.1, caption_dropout=0.5, ema_decay=0.8,
+                  batch_size=2, lr=1e-2, lr_text=1e-2, train_text_encoder=True,
+                  prior_preservation=True, class_prompt="a photo of a dog", num_class_images=2,
+                  class_dir=str(make_photos(tmp_path / "cls", 2)), resolution=32,
+                  steps=4, checkpoint_every=2)
+    full = train(_config(photos, tmp_path / "full", **levers))
+    assert [c[0] for c in calls["offset"]] == [0.1] * 4 and all(c[1] for c in calls["offset"])
+    dropped = [d for row in calls["dropped"] for d in row]
+    assert len(dropped) == 8 and 0 < sum(dropped) < 8  # two instance rows a step
+    assert len(calls["gamma"]) == 4 and all(g == 5.0 and len(w) == 4 for g, w in calls["gamma"])
+
+    part = _config(photos, tmp_path / "part", resume=True, **levers)
+    train(TrainConfig(**{**part.__dict__, "steps": 3}))  # "killed" after step 3
+    resumed = train(part)
+    a, b = load_file(full / WEIGHT_NAME), load_file(resumed / WEIGHT_NAME)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    assert [r["loss"] for r in _losses(resumed)] == pytest.approx([r["loss"] for r in _losses(full)])
+
+    meta = lora_metadata(full)
+    assert (meta["snr_gamma"], meta["noise_offset"], meta["caption_dropout"],
+            meta["ema_decay"]) == (5.0, 0.1, 0.5, 0.8)
+    assert "| 5, 0.1, 0.5, 0.8 |" in (full / "README.md").read_text()
+    pipe = pipeline_from_parts(build_tiny())
+    pipe.load_lora_weights(str(full), weight_name=WEIGHT_NAME)  # plain diffusers
+    (unet, text), (base_unet, base_text) = tiny_outputs(pipe), tiny_outputs(
+        pipeline_from_parts(build_tiny()))
+    assert not torch.allclose(unet, base_unet, atol=1e-5)
+    assert not torch.allclose(text, base_text, atol=1e-5)

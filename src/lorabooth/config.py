@@ -122,6 +122,14 @@ class TrainConfig:
     max_grad_norm: float = _help("Clip the gradient norm to this (0: no clipping).", 1.0)
     class_draw_steps: int = _help("Sampler steps used to draw class images.", 25)
     class_draw_batch: int = _help("Class images drawn per batch.", 4)
+    snr_gamma: float = _help("Min-SNR-gamma loss weighting: weigh each sample by "
+                             "min(SNR, gamma)/SNR (typical 5; 0: off).", 0.0)
+    noise_offset: float = _help("Add this x N(0,1) per sample and channel to the noise, so "
+                                "brightness can shift (typical 0.05; 0: off).", 0.0)
+    caption_dropout: float = _help("Probability of training an instance image on the empty "
+                                   "prompt instead of its own (0: never).", 0.0)
+    ema_decay: float = _help("Keep an exponential moving average of the LoRA weights with this "
+                             "decay and save it (typical 0.99; 0: off).", 0.0)
 
     def __post_init__(self) -> None:
         def bad(key: str, why: str) -> UserError:
@@ -131,6 +139,7 @@ class TrainConfig:
         object.__setattr__(self, "prior_preservation", prior_mode(self.prior_preservation))
         if self.prior_preservation not in PRIOR_MODES:
             raise bad("prior_preservation", f"must be one of {', '.join(PRIOR_MODES)}")
+        self._check_levers(bad)
         for key in ("lr", "lr_text", "prior_loss_weight"):
             if not getattr(self, key) > 0:
                 raise bad(key, "must be a positive number")
@@ -163,6 +172,14 @@ class TrainConfig:
             raise bad("class_prompt", "is required with --prior-preservation, e.g. 'a photo of a dog'")
         if not self.output:
             raise bad("output", "is required")
+
+    def _check_levers(self, bad) -> None:
+        for key in ("snr_gamma", "noise_offset"):
+            if getattr(self, key) < 0:
+                raise bad(key, "must be 0 (off) or positive")
+        for key in ("caption_dropout", "ema_decay"):
+            if not 0 <= getattr(self, key) < 1:
+                raise bad(key, "must be at least 0 (off) and below 1")
 
     @property
     def lora_alpha(self) -> float:

@@ -67,6 +67,16 @@ def prompt_embeddings(tokenizer, text_encoder, prompts: list[str]) -> torch.Tens
     return text_encoder(ids)[0].float().cpu()
 
 
+def caption_dropout(n: int, probability: float, rng: torch.Generator) -> torch.Tensor:
+    """Which of ``n`` instance rows train on the empty prompt this step: (n,)
+    bool, each True with ``probability``, so the LoRA also learns the subject
+    unconditioned (what classifier-free guidance subtracts). Probability 0
+    draws nothing from ``rng``."""
+    if not probability:
+        return torch.zeros(n, dtype=torch.bool)
+    return torch.rand(n, generator=rng) < probability
+
+
 class Shuffler:
     """An endless stream of indices in 0..n-1, reshuffled every epoch by its own
     generator; its state is saved in checkpoints so a resumed run sees the

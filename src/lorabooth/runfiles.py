@@ -190,6 +190,8 @@ def model_card(config: TrainConfig, resolution: int) -> str:
              "model": f"yes, image-free: the frozen base model's prediction for "
                       f"'{md.text(config.class_prompt)}', weight {config.prior_loss_weight}",
              }[config.prior_preservation]
+    levers = ", ".join(f"{v:g}" for v in (config.snr_gamma, config.noise_offset,
+                                           config.caption_dropout, config.ema_decay))
     beach = f"{config.instance_prompt} on the beach"
     shell = (f"lorabooth generate {shlex.quote(config.output)} --prompt {shlex.quote(beach)} \\\n"
              f"    --unet-scale 0,0.5,1 --text-scale 1 --guidance 7.5")
@@ -216,6 +218,7 @@ LoRA adapters for {md.code(config.model)}, trained by lorabooth {__version__}.
 | resolution | {resolution} px |
 | prior preservation | {prior} |
 | mixed precision | {config.mixed_precision} |
+| min-SNR γ, noise offset, caption dropout, EMA decay (0: off) | {levers} |
 | seed | {config.seed} |
 
 ## Use it

@@ -29,11 +29,13 @@ from .checks import check_tensors
 from .config import TrainConfig
 from .data import (
     Shuffler,
+    caption_dropout,
     image_files,
     latent_distributions,
     prompt_embeddings,
     tokenize,
 )
+from .ema import ema_load, ema_shadow, ema_state, ema_update
 from .errors import UserError
 from .fileio import save_png, to_json, write_text
 from .formats.layouts import save_lora
@@ -41,7 +43,13 @@ from .identifier import guess_identifier, identifier_warnings
 from .imagefiles import problem
 from .lora import add_text_lora, add_unet_lora, freeze_all_but_lora, lora_parameters
 from .models import BaseModel, load_base, pipeline_from_parts
-from .objective import diffusion_target, dreambooth_loss, with_prior_target
+from .objective import (
+    diffusion_target,
+    dreambooth_loss,
+    min_snr_weights,
+    offset_noise,
+    with_prior_target,
+)
 from .precision import cast_frozen, frozen_dtype, tune_allocator, weight_dtype
 from .prior import (
     class_images,
@@ -68,6 +76,8 @@ class Examples:
     instance_ids: torch.Tensor  # (N, 77) token ids, used when the text encoder trains
     class_ids: torch.Tensor | None
     scaling_factor: float  # the VAE's latent scale, kept so the VAE itself can be freed
+    empty_embedding: torch.Tensor | None = None  # (1, 77, D) of "", for --caption-dropout
+    empty_ids: torch.Tensor | None = None  # (1, 77)
 
 
 def train(config: TrainConfig) -> Path:
@@ -118,10 +128,12 @@ def _train(config: TrainConfig, accelerator: Accelerator, output: Path,
     noise_rng = torch.Generator().manual_seed(seed)
     instance_order = Shuffler(len(examples.instance_mean), seed)
     class_order = Shuffler(len(class_paths), seed + 1) if class_paths else None
+    trained = _unwrapped(accelerator, modules)  # keyed as checkpoints and files save them
+    ema = ema_shadow(trained, config.ema_decay)  # None: no EMA
     start = 0
     if config.resume:
         start = _resume(output, modules, optimizer, lr_scheduler, noise_rng,
-                        instance_order, class_order)
+                        instance_order, class_order, ema)
     if accelerator.is_main_process:
         write_config(output, config)  # only now: a run that fails to start leaves none behind
     metrics = _open_metrics(output, start, accelerator.is_main_process)
@@ -137,6 +149,8 @@ def _train(config: TrainConfig, accelerator: Accelerator, output: Path,
         noise = torch.randn(latents.shape, generator=noise_rng)
         timesteps = torch.randint(0, base.noise_scheduler.config.num_train_timesteps,
                                   (latents.shape[0],), generator=noise_rng)
+        noise = offset_noise(noise, config.noise_offset, noise_rng)
+        dropped = caption_dropout(len(idx), config.caption_dropout, noise_rng)
         with accelerator.autocast():
             frozen = None  # --prior-preservation model: rows whose target is the base model's
             if config.prior_model:
@@ -144,10 +158,10 @@ def _train(config: TrainConfig, accelerator: Accelerator, output: Path,
                     accelerator.unwrap_model(modules["unet"]), base.noise_scheduler, latents,
                     noise, timesteps, examples.class_embedding.to(accelerator.device), noise_rng)
             context = _text_context(examples, modules, idx, len(latents) - len(idx),
-                                    accelerator.device)
+                                    accelerator.device, dropped)
             loss, loss_instance, loss_prior = step_loss(
                 modules["unet"], base.noise_scheduler, latents, noise, timesteps, context,
-                len(idx), config.prior_loss_weight, frozen)
+                len(idx), config.prior_loss_weight, frozen, config.snr_gamma)
         if not torch.isfinite(loss):
             raise _numerical_fault(config, output, step + 1, f"the loss is {loss.item()}")
         accelerator.backward(loss)
@@ -157,6 +171,8 @@ def _train(config: TrainConfig, accelerator: Accelerator, output: Path,
         optimizer.step()
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema_update(ema, trained, config.ema_decay)
         if not all(torch.isfinite(p).all() for m in modules.values() for p in lora_parameters(m)):
             raise _numerical_fault(config, output, step + 1, "the LoRA weights hold NaN or inf")
 
@@ -181,7 +197,8 @@ def _train(config: TrainConfig, accelerator: Accelerator, output: Path,
                     "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
                     "noise_rng": noise_rng.get_state(), "torch_rng": torch.get_rng_state(),
                     "instance_order": instance_order.state_dict(),
-                    "class_order": class_order.state_dict() if class_order else None})
+                    "class_order": class_order.state_dict() if class_order else None,
+                    "ema": ema_state(ema)})
                 log.debug("checkpoint %s", path)
         if (config.validation_prompt and config.validation_every and done < config.steps
                 and done % config.validation_every == 0 and accelerator.is_main_process):
@@ -191,6 +208,8 @@ def _train(config: TrainConfig, accelerator: Accelerator, output: Path,
         metrics.close()
 
     accelerator.wait_for_everyone()
+    if ema is not None:  # the file (and the last sample) hold the average, not the last step
+        load_trainable_state(trained, ema)
     if accelerator.is_main_process:
         _finish(config, base, output, _unwrapped(accelerator, modules), resolution)
     accelerator.end_training()
@@ -198,19 +217,23 @@ def _train(config: TrainConfig, accelerator: Accelerator, output: Path,
 
 def step_loss(unet: torch.nn.Module, scheduler, latents: torch.Tensor, noise: torch.Tensor,
               timesteps: torch.Tensor, context: torch.Tensor, n_instance: int,
-              prior_weight: float, prior_target: torch.Tensor | None = None):
+              prior_weight: float, prior_target: torch.Tensor | None = None,
+              snr_gamma: float = 0.0):
     """The DreamBooth loss of one batch (instance rows first): noise the
     latents at ``timesteps``, predict, compare with the scheduler's target;
     ``prior_target`` (the frozen model's prediction) replaces it for the
-    class rows when given."""
+    class rows when given; ``snr_gamma`` > 0 weighs the rows by min-SNR-gamma
+    (by each row's timestep, the model-prior rows too)."""
     noisy = scheduler.add_noise(latents, noise, timesteps)
-    target = diffusion_target(noise, latents, timesteps, scheduler.alphas_cumprod,
-                              scheduler.config.prediction_type)
+    prediction_type = scheduler.config.prediction_type
+    target = diffusion_target(noise, latents, timesteps, scheduler.alphas_cumprod, prediction_type)
     if prior_target is not None:
         target = with_prior_target(target.to(prior_target.device), n_instance, prior_target)
+    weights = (min_snr_weights(timesteps, scheduler.alphas_cumprod, snr_gamma, prediction_type)
+               if snr_gamma else None)
     device = context.device
     pred = unet(noisy.to(device), timesteps.to(device), context).sample
-    return dreambooth_loss(pred, target.to(device), n_instance, prior_weight)
+    return dreambooth_loss(pred, target.to(device), n_instance, prior_weight, weights)
 
 
 def _numerical_fault(config: TrainConfig, output: Path, step: int, what: str) -> UserError:
@@ -319,12 +342,16 @@ def _setup_examples(config: TrainConfig, base: BaseModel, resolution: int,
         frozen = prompt_embeddings(base.tokenizer, base.text_encoder, prompts)
     elif config.prior_model:  # the target's class prompt: the text encoder without LoRA (not yet added)
         frozen = prompt_embeddings(base.tokenizer, base.text_encoder, prompts[-1:])
+    dropout = config.caption_dropout > 0
     return Examples(
         instance_mean=instance[0], instance_std=instance[1], class_mean=klass[0], class_std=klass[1],
         instance_embedding=None if frozen is None or config.train_text_encoder else frozen[row],
         class_embedding=None if frozen is None or not with_class else frozen[-1:],
         instance_ids=ids[row], class_ids=ids[-1:] if with_class else None,
         scaling_factor=float(base.vae.config.scaling_factor),
+        empty_embedding=(prompt_embeddings(base.tokenizer, base.text_encoder, [""])
+                         if dropout and not config.train_text_encoder else None),
+        empty_ids=tokenize(base.tokenizer, [""]) if dropout else None,
     )
 
 
@@ -395,14 +422,20 @@ def _sample_latents(examples: Examples, idx: list[int], cidx: list[int],
 
 
 def _text_context(examples: Examples, modules: dict[str, torch.nn.Module], idx: list[int],
-                  n_class: int, device: torch.device) -> torch.Tensor:
-    """Encoder hidden states for the batch: (B, 77, D), instance rows first."""
+                  n_class: int, device: torch.device,
+                  dropped: torch.Tensor | None = None) -> torch.Tensor:
+    """Encoder hidden states for the batch: (B, 77, D), instance rows first;
+    the instance rows marked in ``dropped`` (len(idx),) get the empty prompt's."""
     if "text_encoder" in modules:
         ids = [examples.instance_ids[idx]]
+        if dropped is not None and dropped.any():
+            ids[0] = torch.where(dropped[:, None], examples.empty_ids, ids[0])
         if n_class:
             ids.append(examples.class_ids.expand(n_class, -1))
         return modules["text_encoder"](torch.cat(ids).to(device))[0]
     parts = [examples.instance_embedding[idx]]
+    if dropped is not None and dropped.any():
+        parts[0] = torch.where(dropped[:, None, None], examples.empty_embedding, parts[0])
     if n_class:
         parts.append(examples.class_embedding.expand(n_class, -1, -1))
     return torch.cat(parts).to(device)
@@ -413,7 +446,8 @@ def _unwrapped(accelerator: Accelerator, modules: dict[str, torch.nn.Module]):
 
 
 def _resume(output: Path, modules, optimizer, lr_scheduler, noise_rng: torch.Generator,
-            instance_order: Shuffler, class_order: Shuffler | None) -> int:
+            instance_order: Shuffler, class_order: Shuffler | None,
+            ema: dict[str, torch.Tensor] | None) -> int:
     found = latest_loadable(output, modules)
     if found is None:
         if any((output / "checkpoints").glob("*")):  # a first run has none: nothing to say
@@ -422,6 +456,8 @@ def _resume(output: Path, modules, optimizer, lr_scheduler, noise_rng: torch.Gen
         return 0
     path, tensors, state = found
     load_trainable_state(modules, tensors)
+    if ema is not None:  # a checkpoint written without EMA (--force) starts it from its weights
+        ema_load(ema, state.get("ema") or tensors)
     optimizer.load_state_dict(state["optimizer"])
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     noise_rng.set_state(state["noise_rng"])
@@ -475,6 +511,9 @@ def _finish(config: TrainConfig, base: BaseModel, output: Path,
         "lorabooth.lr_text": config.lr_text, "lorabooth.seed": config.seed,
         "lorabooth.resolution": resolution,
         "lorabooth.train_text_encoder": config.train_text_encoder,
+        "lorabooth.snr_gamma": config.snr_gamma, "lorabooth.noise_offset": config.noise_offset,
+        "lorabooth.caption_dropout": config.caption_dropout,
+        "lorabooth.ema_decay": config.ema_decay,
     }
     # the loop checks every step; a resume at its last step trains none
     check_tensors(trainable_state(modules), f"--output {output}: the trained LoRA")

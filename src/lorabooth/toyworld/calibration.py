@@ -11,7 +11,8 @@ from ..data import tokenize
 from ..identifier import candidates
 
 CLASS_PROMPT = "a photo of a ball"
-REFERENCES = ("a photo of a ball on the snow", "a photo of a red ball", "a photo of a striped ball")
+# same length as the class prompt where a word replaces its "a", as the identifier does
+REFERENCES = ("a photo of red ball", "a photo of striped ball", "a photo of a ball on the snow")
 CAPTION_WORDS = ("ball", "car", "mug", "kite", "red", "purple", "striped", "dotted", "snow", "room")
 
 
