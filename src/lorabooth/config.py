@@ -105,13 +105,22 @@ class TrainConfig:
     max_grad_norm: float = _help("Clip the gradient norm to this (0: no clipping).", 1.0)
     class_draw_steps: int = _help("Sampler steps used to draw class images.", 25)
     class_draw_batch: int = _help("Class images drawn per batch.", 4)
+    train_token: bool = _help(
+        "Pivotal tuning: also learn the input embedding of the identifier's token(s) "
+        "(textual inversion beside the LoRA); saved in the LoRA file.", False)
+    # Adam moves each element by about lr per step whatever the gradient's
+    # scale; CLIP's embedding elements are ~0.01-0.02, so 1e-3 lets the rows
+    # move a lot over a few hundred steps, half of what diffusers'
+    # textual-inversion example takes (5e-4 x 4 accumulation) since the LoRA
+    # learns beside them.
+    lr_token: float = _help("Learning rate of the trained token embedding (--train-token).", 1e-3)
 
     def __post_init__(self) -> None:
         def bad(key: str, why: str) -> UserError:
             return UserError(f"{option_name(key)}: {why} (got {getattr(self, key)!r})")
 
         check_finite(self)
-        for key in ("lr", "lr_text", "prior_loss_weight"):
+        for key in ("lr", "lr_text", "prior_loss_weight", "lr_token"):
             if not getattr(self, key) > 0:
                 raise bad(key, "must be a positive number")
         for key in ("steps", "batch_size", "rank", "num_class_images", "class_draw_steps",
