@@ -152,6 +152,11 @@ class TrainConfig:
             raise bad("class_prompt", "is required with --prior-preservation, e.g. 'a photo of a dog'")
         if not self.output:
             raise bad("output", "is required")
+        if self.train_token:
+            from .identifier import guess_identifier
+
+            if not guess_identifier(self.instance_prompt, self.class_prompt):
+                raise bad("instance_prompt", "has no identifier word for --train-token to train")
 
     @property
     def lora_alpha(self) -> float:
