@@ -282,6 +282,13 @@ ROWS = [
               "--prior-preservation: must be one of off, images, model (got 'yes')",
               rest='[train.grid]\nprior_preservation = [false, "yes"]\n'),
     Row("train --lr-text -inf", TRAIN + ["--lr-text=-inf"], 2, f"--lr-text: {FINITE}"),
+    Row("train --lr-token nan", TRAIN + ["--lr-token", "nan"], 2, f"--lr-token: {FINITE}"),
+    Row("train --lr-token 0", TRAIN + ["--train-token", "--lr-token", "0"], 2,
+        "--lr-token: must be a positive number", after=nothing_at("out")),
+    Row("train --train-token without an identifier word",
+        ["train", "--instance-dir", "{photos}", "--instance-prompt", "!!", "--train-token",
+         "--output", "{tmp}/out", "--steps", "1"], 2,
+        "--instance-prompt: has no identifier word for --train-token", after=nothing_at("out")),
     Row("train --config alpha = nan", TRAIN + ["--config", "{tmp}/c.toml"], 2,
         f"--alpha: {FINITE}", write("c.toml", "alpha = nan\n")),
     # the training levers: off (0) or in range

@@ -130,6 +130,15 @@ class TrainConfig:
                                    "prompt instead of its own (0: never).", 0.0)
     ema_decay: float = _help("Keep an exponential moving average of the LoRA weights with this "
                              "decay and save it (typical 0.99; 0: off).", 0.0)
+    train_token: bool = _help(
+        "Pivotal tuning: also learn the input embedding of the identifier's token(s) "
+        "(textual inversion beside the LoRA); saved in the LoRA file.", False)
+    # Adam moves each element by about lr per step whatever the gradient's
+    # scale; CLIP's embedding elements are ~0.01-0.02, so 1e-3 lets the rows
+    # move a lot over a few hundred steps, half of what diffusers'
+    # textual-inversion example takes (5e-4 x 4 accumulation) since the LoRA
+    # learns beside them.
+    lr_token: float = _help("Learning rate of the trained token embedding (--train-token).", 1e-3)
 
     def __post_init__(self) -> None:
         def bad(key: str, why: str) -> UserError:
@@ -140,7 +149,7 @@ class TrainConfig:
         if self.prior_preservation not in PRIOR_MODES:
             raise bad("prior_preservation", f"must be one of {', '.join(PRIOR_MODES)}")
         self._check_levers(bad)
-        for key in ("lr", "lr_text", "prior_loss_weight"):
+        for key in ("lr", "lr_text", "prior_loss_weight", "lr_token"):
             if not getattr(self, key) > 0:
                 raise bad(key, "must be a positive number")
         for key in ("steps", "batch_size", "rank", "num_class_images", "class_draw_steps",
@@ -172,6 +181,11 @@ class TrainConfig:
             raise bad("class_prompt", "is required with --prior-preservation, e.g. 'a photo of a dog'")
         if not self.output:
             raise bad("output", "is required")
+        if self.train_token:
+            from .identifier import guess_identifier
+
+            if not guess_identifier(self.instance_prompt, self.class_prompt):
+                raise bad("instance_prompt", "has no identifier word for --train-token to train")
 
     def _check_levers(self, bad) -> None:
         for key in ("snr_gamma", "noise_offset"):

@@ -20,6 +20,8 @@ from . import markdown as md
 from .config import TrainConfig, option_name, prior_mode, to_toml_dict
 from .errors import UserError
 from .fileio import inside, nested, write_text
+from .identifier import guess_identifier
+from .pivotal import diffusers_lines
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +32,7 @@ RESUME_NEUTRAL = {"resume", "force", "steps", "checkpoint_every", "validation_pr
                   "validation_every", "output", "gradient_checkpointing"}
 # Options that change which LoRA tensors exist or their shapes: a checkpoint
 # cannot be loaded across them, so --force does not override them.
-RESUME_SHAPE = {"rank", "train_text_encoder"}
+RESUME_SHAPE = {"rank", "train_text_encoder", "train_token"}
 
 
 def config_differences(old: dict, new: dict) -> list[str]:
@@ -195,9 +197,15 @@ def model_card(config: TrainConfig, resolution: int) -> str:
     beach = f"{config.instance_prompt} on the beach"
     shell = (f"lorabooth generate {shlex.quote(config.output)} --prompt {shlex.quote(beach)} \\\n"
              f"    --unet-scale 0,0.5,1 --text-scale 1 --guidance 7.5")
+    load = f"pipe.load_lora_weights({config.output!r})\n"
+    words = guess_identifier(config.instance_prompt, config.class_prompt)
+    token = "no"
+    if config.train_token:
+        load = ("import torch\nfrom safetensors.torch import load_file\n"
+                + diffusers_lines(config.output, words, config.save_format == "kohya"))
+        token = f"yes: {md.text(' '.join(words))}, learning rate {config.lr_token:g}"
     python = (f"pipe = StableDiffusionPipeline.from_pretrained({config.model!r})\n"
-              f"pipe.load_lora_weights({config.output!r})\n"
-              f"image = pipe({beach!r}).images[0]")
+              f"{load}image = pipe({beach!r}).images[0]")
     return f"""---
 base_model: {json.dumps(config.model)}
 library_name: diffusers
@@ -217,6 +225,7 @@ LoRA adapters for {md.code(config.model)}, trained by lorabooth {__version__}.
 | learning rates (UNet / text) | {config.lr:g} / {config.lr_text:g} |
 | resolution | {resolution} px |
 | prior preservation | {prior} |
+| trained token embedding (pivotal tuning) | {token} |
 | mixed precision | {config.mixed_precision} |
 | min-SNR γ, noise offset, caption dropout, EMA decay (0: off) | {levers} |
 | seed | {config.seed} |

@@ -50,6 +50,7 @@ from .objective import (
     offset_noise,
     with_prior_target,
 )
+from .pivotal import TRAINED_TOKENS, attach, holds_tokens, setup_token
 from .precision import cast_frozen, frozen_dtype, tune_allocator, weight_dtype
 from .prior import (
     class_images,
@@ -78,6 +79,9 @@ class Examples:
     scaling_factor: float  # the VAE's latent scale, kept so the VAE itself can be freed
     empty_embedding: torch.Tensor | None = None  # (1, 77, D) of "", for --caption-dropout
     empty_ids: torch.Tensor | None = None  # (1, 77)
+    # --train-token with the text encoder frozen: it runs on the instance rows
+    # every step (their identifier's embedding trains); None: cached above
+    encoder: torch.nn.Module | None = None
 
 
 def train(config: TrainConfig) -> Path:
@@ -115,14 +119,17 @@ def _train(config: TrainConfig, accelerator: Accelerator, output: Path,
     examples = _setup_examples(config, base, resolution, instance_paths, captions, class_paths)
     if not config.validation_prompt:
         base.vae = None  # latents are cached; nothing else needs the VAE
-        if not config.train_text_encoder:
+        if not (config.train_text_encoder or config.train_token):
             base.text_encoder = None  # nor the text encoder: prompt embeddings are cached
+    token = _setup_token(config, base)  # before the cast: its rows start from the fp32 weights
     modules = _setup_lora(config, base)
     for module in modules.values():
         cast_frozen(module, dtype)  # the text encoder's frozen part too; LoRA stays fp32
+    modules.update(token)
     optimizer, lr_scheduler = _setup_optimizer(config, modules)
     modules = {name: accelerator.prepare(m) for name, m in modules.items()}
     optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
+    _use_token(accelerator, base, modules, examples)
 
     seed = config.seed + accelerator.process_index
     noise_rng = torch.Generator().manual_seed(seed)
@@ -180,7 +187,7 @@ def _train(config: TrainConfig, accelerator: Accelerator, output: Path,
                   "loss_prior": None if loss_prior is None else loss_prior.item(),
                   "lr": lr_scheduler.get_last_lr()[0],
                   "s_per_step": round(time.perf_counter() - tick, 4)}
-        if len(optimizer.param_groups) > 1:
+        if "text_encoder" in modules:
             record["lr_text"] = lr_scheduler.get_last_lr()[1]
         if metrics:
             metrics.write(to_json(record) + "\n")
@@ -404,6 +411,11 @@ def _setup_optimizer(config: TrainConfig, modules: dict[str, torch.nn.Module]):
     groups = [{"params": lora_parameters(modules["unet"]), "lr": config.lr}]
     if "text_encoder" in modules:
         groups.append({"params": lora_parameters(modules["text_encoder"]), "lr": config.lr_text})
+    if "token" in modules:
+        # no weight decay: it would pull the rows towards zero, not towards
+        # where they started
+        groups.append({"params": [modules["token"].vectors], "lr": config.lr_token,
+                       "weight_decay": 0.0})
     # foreach: one fused kernel per group instead of a loop over 256 small tensors
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8,
                                   foreach=True)
@@ -433,12 +445,45 @@ def _text_context(examples: Examples, modules: dict[str, torch.nn.Module], idx: 
         if n_class:
             ids.append(examples.class_ids.expand(n_class, -1))
         return modules["text_encoder"](torch.cat(ids).to(device))[0]
-    parts = [examples.instance_embedding[idx]]
-    if dropped is not None and dropped.any():
-        parts[0] = torch.where(dropped[:, None, None], examples.empty_embedding, parts[0])
+    if examples.encoder is not None:  # --train-token: the identifier's rows change every step
+        ids = examples.instance_ids[idx]
+        if dropped is not None and dropped.any():
+            ids = torch.where(dropped[:, None], examples.empty_ids, ids)
+        parts = [examples.encoder(ids.to(device))[0]]
+    else:
+        parts = [examples.instance_embedding[idx].to(device)]
+        if dropped is not None and dropped.any():
+            parts[0] = torch.where(dropped[:, None, None].to(device),
+                                   examples.empty_embedding.to(device), parts[0])
     if n_class:
-        parts.append(examples.class_embedding.expand(n_class, -1, -1))
-    return torch.cat(parts).to(device)
+        klass = (examples.class_embedding if examples.class_embedding is not None
+                 else examples.encoder(examples.class_ids.to(device))[0])
+        parts.append(klass.to(device).expand(n_class, -1, -1))
+    return torch.cat(parts)
+
+
+def _setup_token(config: TrainConfig, base: BaseModel) -> dict[str, torch.nn.Module]:
+    """--train-token: the identifier's embedding rows as a module of their own."""
+    if not config.train_token:
+        return {}
+    words = guess_identifier(config.instance_prompt, config.class_prompt)
+    return {"token": setup_token(base.tokenizer, base.text_encoder, words)}
+
+
+def _use_token(accelerator: Accelerator, base: BaseModel, modules: dict[str, torch.nn.Module],
+               examples: Examples) -> None:
+    """The text encoder looks the identifier up in the trained rows from now
+    on; cached embeddings that hold it are dropped (the encoder runs on those
+    prompts every step; the class prompt's stay cached when it lacks it)."""
+    if "token" not in modules:
+        return
+    attach(base.text_encoder, modules["token"])
+    if "text_encoder" in modules:
+        return  # it runs every step already
+    token = accelerator.unwrap_model(modules["token"])
+    examples.encoder, examples.instance_embedding = base.text_encoder, None
+    if examples.class_ids is not None and holds_tokens(examples.class_ids, token):
+        examples.class_embedding = None
 
 
 def _unwrapped(accelerator: Accelerator, modules: dict[str, torch.nn.Module]):
@@ -515,11 +560,16 @@ def _finish(config: TrainConfig, base: BaseModel, output: Path,
         "lorabooth.caption_dropout": config.caption_dropout,
         "lorabooth.ema_decay": config.ema_decay,
     }
+    meta["lorabooth.train_token"] = config.train_token
+    embeddings = modules["token"].by_word() if "token" in modules else None
+    if embeddings:
+        meta[TRAINED_TOKENS] = modules["token"].ids
+        meta["lorabooth.lr_token"] = config.lr_token
     # the loop checks every step; a resume at its last step trains none
     check_tensors(trainable_state(modules), f"--output {output}: the trained LoRA")
     layouts = {"both": ("diffusers", "kohya")}.get(config.save_format, (config.save_format,))
     save_lora(output, modules["unet"], modules.get("text_encoder"),
-              {k: to_json(v) for k, v in meta.items()}, layouts)
+              {k: to_json(v) for k, v in meta.items()}, layouts, embeddings)
     if config.validation_prompt:
         _validate(config, base, output, config.steps)
     write_text(output / "README.md", model_card(config, resolution))

@@ -11,6 +11,7 @@ import torch
 
 from ..errors import UserError
 from ..lora import read_lora
+from ..pivotal import split_embeddings
 from .clients import CLIENTS, ModelNames, sd15_names, unloaded_by_client
 from .layouts import alpha_from_header, check_ranks, detect_layout, old_text_keys
 
@@ -29,6 +30,7 @@ class Summary:
     metadata: dict[str, str]
     unloaded: dict[str, list[str]] = field(default_factory=dict)  # client -> keys
     checked_against: str = ""
+    embeddings: dict[str, tuple[int, ...]] = field(default_factory=dict)  # trained token -> shape
 
 
 def _module_and_group(key: str) -> tuple[str, str] | None:
@@ -81,7 +83,8 @@ def inspect_lora(path: str | Path, names: ModelNames | None = None,
     """Read ``path``; check it against ``names`` (a model's weights) or, for SD
     1.x files, against Stable Diffusion 1.5's."""
     path = Path(path)
-    tensors, header = read_lora(path)
+    raw, header = read_lora(path)
+    tensors, embeddings = split_embeddings(raw)  # --train-token's rows: no LoRA module
     layout = detect_layout(tensors, str(path))
     check_ranks(tensors, str(path))
     groups = _group_table(tensors)
@@ -90,7 +93,8 @@ def inspect_lora(path: str | Path, names: ModelNames | None = None,
         groups = {g: (n, r, a if a is not None else alpha) for g, (n, r, a) in groups.items()}
     summary = Summary(str(path), layout, guess_architecture(tensors), groups,
                       len(old_text_keys(tensors)),
-                      {k: v for k, v in header.items() if k != "lora_adapter_metadata"})
+                      {k: v for k, v in header.items() if k != "lora_adapter_metadata"},
+                      embeddings={w: tuple(v.shape) for w, v in embeddings.items()})
     if names is None and summary.architecture == "Stable Diffusion 1.x":
         names, names_label = sd15_names(), "Stable Diffusion 1.5"
     if names is not None:
@@ -113,6 +117,10 @@ def render(s: Summary) -> str:
     if s.layout != "kohya" and any(a is not None and a != r for _, r, a in s.groups.values()):
         lines.append("alpha: kept in the header only, which diffusers reads and other clients "
                      "ignore (they apply alpha = rank); use the kohya file there")
+    for word, shape in sorted(s.embeddings.items()):
+        lines.append(f"trained token {word!r}: {shape[0]} embedding vector(s) of {shape[-1]} "
+                     f"(--train-token); lorabooth generate and AUTOMATIC1111 (kohya file) use "
+                     f"them, ComfyUI skips them, diffusers: see the run's README")
     for key, value in sorted(s.metadata.items()):
         lines.append(f"meta {key}: {value[:200]}")
     if not s.checked_against:

@@ -32,6 +32,7 @@ from ..lora import (
     find_lora,
     read_lora,
 )
+from ..pivotal import embedding_keys, split_embeddings, write_rows
 
 log = logging.getLogger(__name__)
 
@@ -188,11 +189,18 @@ def kohya_metadata(header: dict[str, str]) -> dict[str, str]:
     }
 
 
+def read_embeddings(path: str | Path) -> dict[str, torch.Tensor]:
+    """A file's trained token embeddings (--train-token): {word: (pieces, D)}."""
+    return split_embeddings(read_lora(Path(path))[0])[1]
+
+
 def read_as_peft(path: str | Path) -> tuple[dict[str, torch.Tensor], int, float, dict[str, str]]:
     """Any LoRA file in any layout and spelling -> (peft tensors with the
-    canonical names, rank, alpha, header)."""
+    canonical names, rank, alpha, header). Trained token embeddings are left
+    out (``read_embeddings`` reads them)."""
     path = Path(path)
     tensors, header = read_lora(path)
+    tensors = split_embeddings(tensors)[0]
     layout = detect_layout(tensors, str(path))
     rank = check_ranks(tensors, str(path))
     if layout == "kohya":
@@ -205,10 +213,12 @@ def read_as_peft(path: str | Path) -> tuple[dict[str, torch.Tensor], int, float,
 
 
 def write_lora(dst: Path, peft: dict[str, torch.Tensor], rank: int, alpha: float,
-               header: dict[str, str], to: str = "diffusers") -> Path:
+               header: dict[str, str], to: str = "diffusers",
+               embeddings: dict[str, torch.Tensor] | None = None) -> Path:
     """Write peft tensors in layout ``to`` atomically, with the metadata each
     reader needs (diffusers: rank and alpha; UIs: kohya's `ss_*` fields) and
-    our own `lorabooth.*` fields."""
+    our own `lorabooth.*` fields; ``embeddings`` (--train-token's rows) in
+    that layout's spelling."""
     ours = {k: v for k, v in header.items() if k.startswith(("lorabooth.", "ss_"))}
     if to == "kohya":
         out = peft_to_kohya(peft, alpha)
@@ -217,6 +227,7 @@ def write_lora(dst: Path, peft: dict[str, torch.Tensor], rank: int, alpha: float
         out = ({canonical_key(k): v for k, v in peft.items()} if to == "peft"
                else peft_to_diffusers(peft))
         meta = {**adapter_header(peft, rank, alpha), **ours}
+    out.update(embedding_keys(embeddings or {}, to))
     with atomic_path(dst) as tmp:
         save_file({k: v.contiguous() for k, v in out.items()}, tmp, metadata=meta)
     return dst
@@ -231,7 +242,7 @@ def convert_file(src: str | Path, dst: str | Path, to: str) -> Path:
     if dst.is_dir():
         dst = dst / (KOHYA_WEIGHT_NAME if to == "kohya" else WEIGHT_NAME)
     peft, rank, alpha, header = read_as_peft(src)
-    return write_lora(dst, peft, rank, alpha, header, to)
+    return write_lora(dst, peft, rank, alpha, header, to, read_embeddings(src))
 
 
 def alpha_from_header(header: dict[str, str], default: float | None) -> float | None:
@@ -252,10 +263,12 @@ def module_lora(module: torch.nn.Module, prefix: str,
 
 
 def save_lora(folder: str | Path, unet: torch.nn.Module, text_encoder: torch.nn.Module | None,
-              metadata: dict[str, str], layouts: tuple[str, ...] = ("diffusers",)) -> Path:
+              metadata: dict[str, str], layouts: tuple[str, ...] = ("diffusers",),
+              embeddings: dict[str, torch.Tensor] | None = None) -> Path:
     """Write a trained adapter into ``folder`` in each of ``layouts``
     (diffusers -> pytorch_lora_weights.safetensors, kohya ->
-    lora_kohya.safetensors); returns the first file written."""
+    lora_kohya.safetensors), with the trained token ``embeddings`` if any;
+    returns the first file written."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     peft = module_lora(unet, "unet")
@@ -263,7 +276,8 @@ def save_lora(folder: str | Path, unet: torch.nn.Module, text_encoder: torch.nn.
         peft.update(module_lora(text_encoder, "text_encoder"))
     config = unet.peft_config["default"]
     paths = [write_lora(folder / (KOHYA_WEIGHT_NAME if to == "kohya" else WEIGHT_NAME), peft,
-                        config.r, float(config.lora_alpha), metadata, to) for to in layouts]
+                        config.r, float(config.lora_alpha), metadata, to, embeddings)
+             for to in layouts]
     return paths[0]
 
 
@@ -278,8 +292,13 @@ def load_into_pipeline(pipe: StableDiffusionPipeline, run: str | Path) -> bool:
     may even create adapter layers the file has no weights for)."""
     path = find_lora(run)
     peft, _, _, _ = read_as_peft(path)
+    tensors, embeddings = split_embeddings(read_lora(path)[0])
+    # diffusers skips our diffusers-layout key but refuses a kohya file's
+    # bundled embedding: such a file goes in without it (alphas are in its keys)
+    kohya = embeddings and detect_layout(tensors, str(path)) == "kohya"
+    source = tensors if kohya else str(path.parent)
     try:
-        pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=ADAPTER)
+        pipe.load_lora_weights(source, weight_name=path.name, adapter_name=ADAPTER)
     except (ValueError, RuntimeError, KeyError) as e:
         raise UserError(f"{path}: does not fit this base model ({first_line(e, 200)})") from None
     held = set()
@@ -294,4 +313,5 @@ def load_into_pipeline(pipe: StableDiffusionPipeline, run: str | Path) -> bool:
         if keys:
             log.warning("%s: %d of its modules %s, e.g. %s: the LoRA acts only in part",
                         path, len(keys), what, min(keys))
+    write_rows(pipe.tokenizer, pipe.text_encoder, embeddings, str(path))  # --train-token's rows
     return any(k.startswith("text_encoder") for k in held)

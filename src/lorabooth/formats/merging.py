@@ -16,7 +16,8 @@ from ..checks import check_tensors
 from ..errors import UserError
 from ..fileio import to_json
 from ..lora import find_lora
-from .layouts import check_ranks, read_as_peft, write_lora
+from ..pivotal import TRAINED_TOKENS
+from .layouts import check_ranks, read_as_peft, read_embeddings, write_lora
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,20 @@ def load_as_peft(path: str | Path) -> tuple[dict[str, torch.Tensor], float, dict
     peft, _, alpha, header = read_as_peft(path)
     check_tensors(peft, str(path))  # a NaN input would make a NaN merge (or fail the SVD)
     return peft, alpha, header
+
+
+def merged_embeddings(inputs: list[str]) -> dict[str, torch.Tensor]:
+    """The one input's trained token embeddings (--train-token), carried
+    over unweighted: two sets of rows for the same tokens have no sum that
+    means both subjects."""
+    found = [(p, e) for p in inputs if (e := read_embeddings(find_lora(p)))]
+    if len(found) > 1:
+        raise UserError(f"merge: {found[0][0]} and {found[1][0]} both carry trained token "
+                        f"embeddings (--train-token); merge at most one such LoRA")
+    if found:
+        log.info("%s: its trained token embeddings %s are carried over unweighted",
+                 found[0][0], ", ".join(found[0][1]))
+    return found[0][1] if found else {}
 
 
 def modules_of(peft: dict[str, torch.Tensor]) -> list[str]:
@@ -118,6 +133,7 @@ def merge(inputs: list[str], weights: list[float] | None, out: str | Path,
     if len(bases) > 1:
         raise UserError(f"merge: the LoRAs were trained on different bases {sorted(bases)}")
     check_shapes({str(p): peft for p, (peft, _, _) in zip(inputs, loaded)})
+    embeddings = merged_embeddings(inputs)
     loras = [(peft, alpha) for peft, alpha, _ in loaded]
     if rank is None:
         merged, error, method = merge_concat(loras, weights), 0.0, "concat"
@@ -129,7 +145,10 @@ def merge(inputs: list[str], weights: list[float] | None, out: str | Path,
                                            "method": method, "relative_error": error})}
     if bases:
         meta["lorabooth.base_model"] = next(iter(bases))
-    out = write_lora(Path(out), merged, r, float(r), meta)
+    tokens = [h[TRAINED_TOKENS] for _, _, h in loaded if TRAINED_TOKENS in h]
+    if embeddings and tokens:
+        meta[TRAINED_TOKENS] = tokens[0]
+    out = write_lora(Path(out), merged, r, float(r), meta, embeddings=embeddings)
     log.info("merged %d LoRAs by %s into %s (rank %d, relative error %.2e)", len(inputs),
              method, out, r, error)
     return {"method": method, "rank": r, "relative_error": error, "path": str(out)}
