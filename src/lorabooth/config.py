@@ -68,6 +68,20 @@ def check_finite(config: Any) -> None:
                     finite(v, option_name(f.name))
 
 
+ADAPTERS = ("lora", "dora")
+
+
+def check_adapter(adapter: str, save_format: str) -> None:
+    """DoRA files have no kohya export: the clients that read kohya files
+    (ComfyUI, AUTOMATIC1111) apply kohya's `dora_scale` with their own axis
+    conventions, unverified against peft's weight."""
+    if adapter not in ADAPTERS:
+        raise UserError(f"--adapter: must be one of {', '.join(ADAPTERS)} (got {adapter!r})")
+    if adapter == "dora" and save_format == "kohya":
+        raise UserError("--adapter dora: cannot be saved with --save-format kohya (kohya's "
+                        "dora_scale is applied differently by each client); use diffusers or both")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     model: str = _help("A diffusers folder, a Hugging Face hub id, or `tiny`.", "tiny")
@@ -105,12 +119,15 @@ class TrainConfig:
     max_grad_norm: float = _help("Clip the gradient norm to this (0: no clipping).", 1.0)
     class_draw_steps: int = _help("Sampler steps used to draw class images.", 25)
     class_draw_batch: int = _help("Class images drawn per batch.", 4)
+    adapter: str = _help("lora, or dora (weight-decomposed LoRA: a trained magnitude per "
+                         "output channel; diffusers file only, no kohya export).", "lora")
 
     def __post_init__(self) -> None:
         def bad(key: str, why: str) -> UserError:
             return UserError(f"{option_name(key)}: {why} (got {getattr(self, key)!r})")
 
         check_finite(self)
+        check_adapter(self.adapter, self.save_format)
         for key in ("lr", "lr_text", "prior_loss_weight"):
             if not getattr(self, key) > 0:
                 raise bad(key, "must be a positive number")
