@@ -6,16 +6,27 @@ import json
 import logging
 
 import pytest
+import tomli_w
 import torch
 from diffusers import StableDiffusionPipeline
 from peft import LoraConfig, inject_adapter_in_model
+from safetensors.torch import save_file
 
 from helpers import tiny_outputs
 from lorabooth.cli import main
-from lorabooth.config import TrainConfig, build_config
+from lorabooth.config import TrainConfig, build_config, to_toml_dict
 from lorabooth.formats.layouts import convert_file, read_as_peft
-from lorabooth.lora import KOHYA_WEIGHT_NAME, WEIGHT_NAME, lora_metadata, lora_parameters, read_lora
+from lorabooth.lora import (
+    KOHYA_WEIGHT_NAME,
+    WEIGHT_NAME,
+    add_unet_lora,
+    freeze_all_but_lora,
+    lora_metadata,
+    lora_parameters,
+    read_lora,
+)
 from lorabooth.models import build_tiny, pipeline_from_parts
+from lorabooth.runfiles import check_resume_config
 
 PROMPT = "a photo of sks dog"
 
@@ -182,7 +193,6 @@ def test_dora_refusals_are_one_line(dora_run, tmp_path, capsys):
     kohya = {"lora_unet_a_b.lora_down.weight": torch.zeros(2, 4),
              "lora_unet_a_b.lora_up.weight": torch.zeros(4, 2),
              "lora_unet_a_b.dora_scale": torch.ones(1, 4)}
-    from safetensors.torch import save_file
     save_file(kohya, tmp_path / "kd.safetensors")
     assert main(["convert", str(tmp_path / "kd.safetensors"), str(tmp_path / "o.safetensors"),
                  "--to", "diffusers"]) == 2
@@ -191,10 +201,21 @@ def test_dora_refusals_are_one_line(dora_run, tmp_path, capsys):
 
 def test_lora_parameters_include_the_magnitude():
     unet = build_tiny().unet
-    from lorabooth.lora import add_unet_lora, freeze_all_but_lora
-
     add_unet_lora(unet, 2, 2.0, dora=True)
     freeze_all_but_lora(unet)
     names = {n for n, p in unet.named_parameters() if p.requires_grad}
     assert sum("lora_magnitude_vector" in n for n in names) == 48
     assert len(lora_parameters(unet)) == len(names) == 48 * 3
+
+
+def test_a_run_from_before_the_option_resumes_as_lora(tmp_path, caplog):
+
+    config = TrainConfig(instance_dir="x", instance_prompt=PROMPT, output=str(tmp_path),
+                         resume=True)
+    old = {k: v for k, v in to_toml_dict(config).items() if k != "adapter"}
+    (tmp_path / "config.toml").write_text(tomli_w.dumps(old))
+    check_resume_config(tmp_path, config)  # no "--adapter None -> 'lora'" refusal
+    assert "--adapter" not in caplog.text
+    with pytest.raises(Exception, match="change of --adapter, even with --force"):
+        check_resume_config(tmp_path, TrainConfig(**{**vars(config), "adapter": "dora",
+                                                     "force": True}))

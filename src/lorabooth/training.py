@@ -202,7 +202,9 @@ def save_layouts(config: TrainConfig) -> tuple[str, ...]:
     (config refuses --save-format kohya; `both` writes the diffusers one)."""
     layouts = {"both": ("diffusers", "kohya")}.get(config.save_format, (config.save_format,))
     if config.adapter == "dora" and "kohya" in layouts:
-        log.warning("--adapter dora: writing the diffusers file only; %s", KOHYA_DORA_REFUSAL)
+        log.warning("--adapter dora: writing the diffusers file only (diffusers and peft apply "
+                    "its magnitudes; ComfyUI reads them only as kohya dora_scale); %s",
+                    KOHYA_DORA_REFUSAL)
         layouts = tuple(x for x in layouts if x != "kohya")
     return layouts
 
