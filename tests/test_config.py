@@ -23,7 +23,7 @@ def test_defaults_follow_the_brief():
     ("resolution", 100, "--resolution"), ("steps", 0, "--steps"),
     ("batch_size", 0, "--batch-size"), ("mixed_precision", "fp8", "--mixed-precision"),
     ("prior_loss_weight", 0.0, "--prior-loss-weight"), ("num_class_images", 0, "--num-class-images"),
-    ("checkpoint_every", -1, "--checkpoint-every"),
+    ("checkpoint_every", -1, "--checkpoint-every"), ("adapter", "qlora", "--adapter"),
 ])
 def test_bad_values_name_the_option(key, value, option):
     with pytest.raises(UserError) as e:

@@ -81,6 +81,20 @@ def check_finite(config: Any) -> None:
                     finite(v, option_name(f.name))
 
 
+ADAPTERS = ("lora", "dora")
+
+
+def check_adapter(adapter: str, save_format: str) -> None:
+    """DoRA files have no kohya export: the clients that read kohya files
+    (ComfyUI, AUTOMATIC1111) apply kohya's `dora_scale` with their own axis
+    conventions, unverified against peft's weight."""
+    if adapter not in ADAPTERS:
+        raise UserError(f"--adapter: must be one of {', '.join(ADAPTERS)} (got {adapter!r})")
+    if adapter == "dora" and save_format == "kohya":
+        raise UserError("--adapter dora: cannot be saved with --save-format kohya (kohya's "
+                        "dora_scale is applied differently by each client); use diffusers or both")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     model: str = _help("A diffusers folder, a Hugging Face hub id, or `tiny`.", "tiny")
@@ -139,6 +153,8 @@ class TrainConfig:
     # textual-inversion example takes (5e-4 x 4 accumulation) since the LoRA
     # learns beside them.
     lr_token: float = _help("Learning rate of the trained token embedding (--train-token).", 1e-3)
+    adapter: str = _help("lora, or dora (weight-decomposed LoRA: a trained magnitude per "
+                         "output channel; diffusers file only, no kohya export).", "lora")
 
     def __post_init__(self) -> None:
         def bad(key: str, why: str) -> UserError:
@@ -149,6 +165,7 @@ class TrainConfig:
         if self.prior_preservation not in PRIOR_MODES:
             raise bad("prior_preservation", f"must be one of {', '.join(PRIOR_MODES)}")
         self._check_levers(bad)
+        check_adapter(self.adapter, self.save_format)
         for key in ("lr", "lr_text", "prior_loss_weight", "lr_token"):
             if not getattr(self, key) > 0:
                 raise bad(key, "must be a positive number")

@@ -22,23 +22,28 @@ KOHYA_WEIGHT_NAME = "lora_kohya.safetensors"
 ADAPTER = "lorabooth"
 
 
-def lora_config(rank: int, alpha: float, targets: tuple[str, ...]) -> LoraConfig:
+def lora_config(rank: int, alpha: float, targets: tuple[str, ...],
+                dora: bool = False) -> LoraConfig:
     # Gaussian init of A, zeros for B (peft's default for B): the adapter starts
-    # as an exact no-op, so step 0 draws the base model's images.
+    # as an exact no-op, so step 0 draws the base model's images. DoRA's
+    # magnitude starts at the weight's row norms, so it starts as a no-op too.
     return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
-                      target_modules=list(targets))
+                      target_modules=list(targets), use_dora=dora)
 
 
-def add_unet_lora(unet: torch.nn.Module, rank: int, alpha: float) -> None:
-    unet.add_adapter(lora_config(rank, alpha, UNET_TARGETS))
+def add_unet_lora(unet: torch.nn.Module, rank: int, alpha: float, dora: bool = False) -> None:
+    unet.add_adapter(lora_config(rank, alpha, UNET_TARGETS, dora))
 
 
-def add_text_lora(text_encoder: torch.nn.Module, rank: int, alpha: float) -> None:
+def add_text_lora(text_encoder: torch.nn.Module, rank: int, alpha: float,
+                  dora: bool = False) -> None:
     # peft's injector directly: transformers' own add_adapter needs a newer
     # peft than is released for some transformers versions.
-    inject_adapter_in_model(lora_config(rank, alpha, TEXT_TARGETS), text_encoder)
+    inject_adapter_in_model(lora_config(rank, alpha, TEXT_TARGETS, dora), text_encoder)
 
 
+# "lora_" in a parameter name: peft's lora_A, lora_B and DoRA's
+# lora_magnitude_vector, the trained parameters.
 def lora_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for n, p in module.named_parameters() if "lora_" in n]
 

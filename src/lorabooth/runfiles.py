@@ -10,6 +10,7 @@ import shlex
 import shutil
 import tomllib
 from contextlib import contextmanager
+from dataclasses import fields
 from pathlib import Path
 from typing import Iterator
 
@@ -17,7 +18,7 @@ import tomli_w
 
 from . import __version__
 from . import markdown as md
-from .config import TrainConfig, option_name, prior_mode, to_toml_dict
+from .config import TrainConfig, field_default, option_name, prior_mode, to_toml_dict
 from .errors import UserError
 from .fileio import inside, nested, write_text
 from .identifier import guess_identifier
@@ -32,7 +33,7 @@ RESUME_NEUTRAL = {"resume", "force", "steps", "checkpoint_every", "validation_pr
                   "validation_every", "output", "gradient_checkpointing"}
 # Options that change which LoRA tensors exist or their shapes: a checkpoint
 # cannot be loaded across them, so --force does not override them.
-RESUME_SHAPE = {"rank", "train_text_encoder", "train_token"}
+RESUME_SHAPE = {"rank", "train_text_encoder", "train_token", "adapter"}
 
 
 def config_differences(old: dict, new: dict) -> list[str]:
@@ -52,6 +53,8 @@ def check_resume_config(output: Path, config: TrainConfig) -> None:
         return
     if "prior_preservation" in old:  # a bool in runs from before it had modes
         old["prior_preservation"] = prior_mode(old["prior_preservation"])
+    # a run written before an option existed ran with its default
+    old = {**{f.name: field_default(f) for f in fields(TrainConfig)}, **old}
     new = to_toml_dict(config)
     diffs = config_differences(old, new)
     shapes = " and ".join(option_name(k) for k in sorted(RESUME_SHAPE) if old.get(k) != new[k])
@@ -220,6 +223,7 @@ LoRA adapters for {md.code(config.model)}, trained by lorabooth {__version__}.
 |---|---|
 | instance prompt | {md.text(config.instance_prompt)} |
 | LoRA on | {text_encoder} |
+| adapter | {config.adapter} |
 | rank / alpha | {config.rank} / {config.lora_alpha:g} |
 | steps, batch size | {config.steps}, {config.batch_size} |
 | learning rates (UNet / text) | {config.lr:g} / {config.lr_text:g} |

@@ -38,7 +38,7 @@ from .data import (
 from .ema import ema_load, ema_shadow, ema_state, ema_update
 from .errors import UserError
 from .fileio import save_png, to_json, write_text
-from .formats.layouts import save_lora
+from .formats.layouts import KOHYA_DORA_REFUSAL, save_lora
 from .identifier import guess_identifier, identifier_warnings
 from .imagefiles import problem
 from .lora import add_text_lora, add_unet_lora, freeze_all_but_lora, lora_parameters
@@ -243,6 +243,18 @@ def step_loss(unet: torch.nn.Module, scheduler, latents: torch.Tensor, noise: to
     return dreambooth_loss(pred, target.to(device), n_instance, prior_weight, weights)
 
 
+def save_layouts(config: TrainConfig) -> tuple[str, ...]:
+    """The file layouts --save-format asks for; a DoRA run has no kohya file
+    (config refuses --save-format kohya; `both` writes the diffusers one)."""
+    layouts = {"both": ("diffusers", "kohya")}.get(config.save_format, (config.save_format,))
+    if config.adapter == "dora" and "kohya" in layouts:
+        log.warning("--adapter dora: writing the diffusers file only (diffusers and peft apply "
+                    "its magnitudes; ComfyUI reads them only as kohya dora_scale); %s",
+                    KOHYA_DORA_REFUSAL)
+        layouts = tuple(x for x in layouts if x != "kohya")
+    return layouts
+
+
 def _numerical_fault(config: TrainConfig, output: Path, step: int, what: str) -> UserError:
     good = latest_checkpoint(output)
     keep = (f"the last good checkpoint is {good} (--resume continues from it)" if good
@@ -391,11 +403,12 @@ def _read_caption(txt: Path) -> str:
 
 
 def _setup_lora(config: TrainConfig, base: BaseModel) -> dict[str, torch.nn.Module]:
-    add_unet_lora(base.unet, config.rank, config.lora_alpha)
+    dora = config.adapter == "dora"
+    add_unet_lora(base.unet, config.rank, config.lora_alpha, dora)
     freeze_all_but_lora(base.unet)
     modules = {"unet": base.unet}
     if config.train_text_encoder:
-        add_text_lora(base.text_encoder, config.rank, config.lora_alpha)
+        add_text_lora(base.text_encoder, config.rank, config.lora_alpha, dora)
         freeze_all_but_lora(base.text_encoder)
         modules["text_encoder"] = base.text_encoder
     if config.gradient_checkpointing:
@@ -559,6 +572,7 @@ def _finish(config: TrainConfig, base: BaseModel, output: Path,
         "lorabooth.snr_gamma": config.snr_gamma, "lorabooth.noise_offset": config.noise_offset,
         "lorabooth.caption_dropout": config.caption_dropout,
         "lorabooth.ema_decay": config.ema_decay,
+        "lorabooth.adapter": config.adapter,
     }
     meta["lorabooth.train_token"] = config.train_token
     embeddings = modules["token"].by_word() if "token" in modules else None
@@ -567,9 +581,8 @@ def _finish(config: TrainConfig, base: BaseModel, output: Path,
         meta["lorabooth.lr_token"] = config.lr_token
     # the loop checks every step; a resume at its last step trains none
     check_tensors(trainable_state(modules), f"--output {output}: the trained LoRA")
-    layouts = {"both": ("diffusers", "kohya")}.get(config.save_format, (config.save_format,))
     save_lora(output, modules["unet"], modules.get("text_encoder"),
-              {k: to_json(v) for k, v in meta.items()}, layouts, embeddings)
+              {k: to_json(v) for k, v in meta.items()}, save_layouts(config), embeddings)
     if config.validation_prompt:
         _validate(config, base, output, config.steps)
     write_text(output / "README.md", model_card(config, resolution))

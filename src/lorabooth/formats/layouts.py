@@ -59,6 +59,25 @@ def old_text_keys(tensors: dict[str, torch.Tensor]) -> list[str]:
     return [k for k in tensors if canonical_key(k) != k]
 
 
+# DoRA's magnitude, one per output channel: peft names it `….lora_magnitude_vector`
+# (its state dict) or `….lora_magnitude_vector.weight` (the parameter); kohya
+# files name it `….dora_scale`.
+MAGNITUDE = ".lora_magnitude_vector"
+KOHYA_MAGNITUDE = ".dora_scale"
+KOHYA_DORA_REFUSAL = ("a DoRA adapter has no kohya export: ComfyUI and AUTOMATIC1111 apply "
+                      "kohya's dora_scale by their own axis conventions, not verified against "
+                      "peft's weight; use the diffusers file")
+
+
+def is_dora(tensors: dict[str, torch.Tensor]) -> bool:
+    return any(MAGNITUDE in k or k.endswith(KOHYA_MAGNITUDE) for k in tensors)
+
+
+def peft_magnitude_key(key: str) -> str:
+    """`….lora_magnitude_vector.weight` -> peft's state-dict name."""
+    return key.removesuffix(".weight") if key.endswith(MAGNITUDE + ".weight") else key
+
+
 def detect_layout(tensors: dict[str, torch.Tensor], where: str) -> str:
     keys = list(tensors)
     if keys and all(k.startswith("lora_") for k in keys):
@@ -104,6 +123,12 @@ def peft_to_diffusers(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
             lambda m: f".processor.{m[1]}_lora.{'down' if m[2] == 'A' else 'up'}.weight", key)
 
     tensors = {canonical_key(k): v for k, v in tensors.items()}
+    if is_dora(tensors):
+        # The attention-processor spelling has no place for DoRA's magnitude:
+        # peft names throughout, the magnitude as the parameter
+        # (`….lora_magnitude_vector.weight`), the one spelling diffusers 0.42
+        # loads into both the UNet and (through transformers 5) the text encoder.
+        return {(k + ".weight" if k.endswith(MAGNITUDE) else k): v for k, v in tensors.items()}
     unet = {unet_key(k): v for k, v in tensors.items() if k.startswith("unet.")}
     text = _text(tensors, convert_state_dict_to_diffusers)
     return {**unet, **text}
@@ -163,7 +188,8 @@ def adapter_header(tensors_peft: dict[str, torch.Tensor], rank: int, alpha: floa
     meta = {}
     for part, targets in (("unet", UNET_TARGETS), ("text_encoder", TEXT_TARGETS)):
         if any(k.startswith(part + ".") for k in tensors_peft):
-            config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets)).to_dict()
+            config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets),
+                                use_dora=is_dora(tensors_peft)).to_dict()
             meta.update({f"{part}.{k}": (list(v) if isinstance(v, set) else v)
                          for k, v in config.items()})
     return {"format": "pt", "lora_adapter_metadata": to_json(meta, sort_keys=True, default=str)}
@@ -204,11 +230,14 @@ def read_as_peft(path: str | Path) -> tuple[dict[str, torch.Tensor], int, float,
     layout = detect_layout(tensors, str(path))
     rank = check_ranks(tensors, str(path))
     if layout == "kohya":
+        if is_dora(tensors):  # diffusers' kohya reader drops dora_scale with a warning
+            raise UserError(f"{path}: a kohya DoRA file (dora_scale): lorabooth reads DoRA only "
+                            "in the diffusers or peft layout")
         peft, alpha = kohya_to_peft(tensors)
     else:
         alpha = alpha_from_header(header, float(rank))
-        peft = ({canonical_key(k): v for k, v in tensors.items()} if layout == "peft"
-                else diffusers_to_peft(tensors))
+        peft = ({peft_magnitude_key(canonical_key(k)): v for k, v in tensors.items()}
+                if layout == "peft" else diffusers_to_peft(tensors))
     return peft, rank, alpha, header
 
 
@@ -221,6 +250,8 @@ def write_lora(dst: Path, peft: dict[str, torch.Tensor], rank: int, alpha: float
     that layout's spelling."""
     ours = {k: v for k, v in header.items() if k.startswith(("lorabooth.", "ss_"))}
     if to == "kohya":
+        if is_dora(peft):
+            raise UserError(f"{dst}: not written: {KOHYA_DORA_REFUSAL}")
         out = peft_to_kohya(peft, alpha)
         meta = {"format": "pt", **kohya_metadata(header)}
     else:
@@ -242,6 +273,8 @@ def convert_file(src: str | Path, dst: str | Path, to: str) -> Path:
     if dst.is_dir():
         dst = dst / (KOHYA_WEIGHT_NAME if to == "kohya" else WEIGHT_NAME)
     peft, rank, alpha, header = read_as_peft(src)
+    if to == "kohya" and is_dora(peft):
+        raise UserError(f"{src}: cannot convert to kohya: {KOHYA_DORA_REFUSAL}")
     return write_lora(dst, peft, rank, alpha, header, to, read_embeddings(src))
 
 

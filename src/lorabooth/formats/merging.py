@@ -17,7 +17,7 @@ from ..errors import UserError
 from ..fileio import to_json
 from ..lora import find_lora
 from ..pivotal import TRAINED_TOKENS
-from .layouts import check_ranks, read_as_peft, read_embeddings, write_lora
+from .layouts import check_ranks, is_dora, read_as_peft, read_embeddings, write_lora
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +26,10 @@ def load_as_peft(path: str | Path) -> tuple[dict[str, torch.Tensor], float, dict
     """Any LoRA file -> (peft-layout tensors, alpha, header)."""
     path = find_lora(path)
     peft, _, alpha, header = read_as_peft(path)
+    if is_dora(peft):
+        raise UserError(f"{path}: a DoRA adapter cannot be merged: DoRA rescales each merged "
+                        "weight by its own magnitude, so adding or concatenating the low-rank "
+                        "parts of two DoRA adapters is not DoRA; fuse each into its base instead")
     check_tensors(peft, str(path))  # a NaN input would make a NaN merge (or fail the SVD)
     return peft, alpha, header
 
