@@ -206,7 +206,7 @@ def cpu_oom(ctx) -> None:
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] . DefaultCPUAllocator: can't "
                            "allocate memory: you tried to allocate 1099511627776 bytes.")
 
-    ctx.monkeypatch.setattr(lorabooth.training, "_text_context", oom)
+    ctx.monkeypatch.setattr(lorabooth.training, "text_context", oom)
 
 
 def resumed_from_step_1(ctx) -> None:

@@ -114,8 +114,9 @@ def test_the_rows_train_and_nothing_else_in_the_matrix_changes(photos, tmp_path,
 
 
 def test_class_embeddings_stay_cached_unless_they_hold_the_token():
+    from lorabooth.batches import Examples
     from lorabooth.pivotal import setup_token
-    from lorabooth.training import Examples, _use_token
+    from lorabooth.training import _use_token
 
     tiny = build_tiny()
     ids = tiny.tokenizer([PROMPT, CLASS, "a photo of sks"], padding="max_length",

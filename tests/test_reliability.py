@@ -173,16 +173,16 @@ def test_out_of_memory_is_one_line_of_advice(photos, tmp_path, monkeypatch):
     def oom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
 
-    monkeypatch.setattr(T, "_text_context", oom)
+    monkeypatch.setattr(T, "text_context", oom)
     with pytest.raises(UserError, match="out of memory; lower --batch-size"):
         train(_config(photos, tmp_path / "run", prior_preservation=False))
-    monkeypatch.setattr(T, "_text_context", lambda *a, **k: (_ for _ in ()).throw(MemoryError()))
+    monkeypatch.setattr(T, "text_context", lambda *a, **k: (_ for _ in ()).throw(MemoryError()))
     with pytest.raises(UserError, match="out of memory"):
         train(_config(photos, tmp_path / "run2", prior_preservation=False))
     # the CPU allocator's failure is a plain RuntimeError; any other one is a bug, not advice
     for message, raised in (("DefaultCPUAllocator: can't allocate memory: you tried to allocate "
                              "1099511627776 bytes", UserError), ("shapes do not match", RuntimeError)):
-        monkeypatch.setattr(T, "_text_context",
+        monkeypatch.setattr(T, "text_context",
                             lambda *a, m=message, **k: (_ for _ in ()).throw(RuntimeError(m)))
         with pytest.raises(raised, match="out of memory" if raised is UserError else message):
             train(_config(photos, tmp_path / "run3", prior_preservation=False))

@@ -58,14 +58,14 @@ def test_fast_step_equals_the_plain_step(photos, tmp_path, weight):
     config = TrainConfig(model="tiny", instance_dir=str(photos), output=str(tmp_path / "o"),
                          instance_prompt="a photo of sks dog", class_prompt="a photo of a dog",
                          prior_preservation=True, prior_loss_weight=weight)
-    examples = t._setup_examples(config, base, RES, paths[:1],
+    examples = t.setup_examples(config, base, RES, paths[:1],
                                  t.instance_captions(config, paths[:1]), paths[1:])
     timesteps = torch.tensor([700, 120])
 
     gen = torch.Generator().manual_seed(3)
-    latents = t._sample_latents(examples, [0], [0], gen)
+    latents = t.sample_latents(examples, [0], [0], gen)
     noise = torch.randn(latents.shape, generator=gen)
-    context = t._text_context(examples, {"unet": base.unet}, [0], 1, torch.device("cpu"))
+    context = t.text_context(examples, {"unet": base.unet}, [0], 1, torch.device("cpu"))
     fast, _, _ = t.step_loss(base.unet, base.noise_scheduler, latents, noise, timesteps,
                              context, 1, weight)
     plain = _plain_loss(base, plain_unet, paths, ["a photo of sks dog", "a photo of a dog"],

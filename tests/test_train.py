@@ -178,18 +178,18 @@ def test_captions_flow_into_the_batches(photos, tmp_path, caplog):
     config = _config(photos, tmp_path / "r", captions=True, class_prompt="a photo of a dog")
     base = build_tiny()
     paths = readable_images(photos)
-    examples = t._setup_examples(config, base, 64, paths, t.instance_captions(config, paths), [])
+    examples = t.setup_examples(config, base, 64, paths, t.instance_captions(config, paths), [])
     want = ["a photo of sks dog on a red sofa", "a photo of a dog", "a photo of sks dog"]
     assert torch.equal(examples.instance_ids, tokenize(base.tokenizer, want))
     assert any("photo_1.txt" in r.getMessage() and "lacks the identifier" in r.getMessage()
                for r in caplog.records)
     # the batch for images [2, 0] carries their own captions' embeddings, in order
-    context = t._text_context(examples, {"unet": None}, [2, 0], 0, torch.device("cpu"))
+    context = t.text_context(examples, {"unet": None}, [2, 0], 0, torch.device("cpu"))
     assert torch.equal(context[0], examples.instance_embedding[2])
     assert not torch.equal(context[0], context[1])
     # without --captions the .txt files are ignored
     plain_config = _config(photos, tmp_path / "r")
-    plain = t._setup_examples(plain_config, base, 64, paths,
+    plain = t.setup_examples(plain_config, base, 64, paths,
                               t.instance_captions(plain_config, paths), [])
     assert torch.equal(plain.instance_ids, tokenize(base.tokenizer, ["a photo of sks dog"] * 3))
 
@@ -239,7 +239,7 @@ def test_caption_dropout_swaps_only_the_marked_instance_rows(photos, tmp_path):
     for train_text in (False, True):
         config = _config(photos, tmp_path / "r", caption_dropout=0.5, train_text_encoder=train_text,
                          class_prompt="a photo of a dog", prior_preservation=True)
-        examples = t._setup_examples(config, base, 64, paths, t.instance_captions(config, paths),
+        examples = t.setup_examples(config, base, 64, paths, t.instance_captions(config, paths),
                                      paths[:1])
         if train_text:  # the ids go through the (trained) encoder: look at them directly
             modules = {"text_encoder": lambda ids: (ids,)}
@@ -248,16 +248,16 @@ def test_caption_dropout_swaps_only_the_marked_instance_rows(photos, tmp_path):
             modules = {"unet": None}
             empty = prompt_embeddings(base.tokenizer, base.text_encoder, [""])
             kept, klass = examples.instance_embedding, examples.class_embedding
-        context = t._text_context(examples, modules, [2, 0, 1], 2, torch.device("cpu"), dropped)
+        context = t.text_context(examples, modules, [2, 0, 1], 2, torch.device("cpu"), dropped)
         assert len(context) == 5
         assert torch.equal(context[0], empty[0]) and torch.equal(context[2], empty[0])
         assert torch.equal(context[1], kept[0])  # row 1 kept image 0's prompt
         assert torch.equal(context[3], klass[0]) and torch.equal(context[4], klass[0])  # never dropped
         assert not torch.equal(kept[0], empty[0])
-        off = t._text_context(examples, modules, [2, 0, 1], 2, torch.device("cpu"),
+        off = t.text_context(examples, modules, [2, 0, 1], 2, torch.device("cpu"),
                               torch.zeros(3, dtype=torch.bool))
-        assert torch.equal(off, t._text_context(examples, modules, [2, 0, 1], 2, torch.device("cpu")))
-    plain = t._setup_examples(_config(photos, tmp_path / "r"), base, 64, paths,
+        assert torch.equal(off, t.text_context(examples, modules, [2, 0, 1], 2, torch.device("cpu")))
+    plain = t.setup_examples(_config(photos, tmp_path / "r"), base, 64, paths,
                               [PROMPT] * 3, [])
     assert plain.empty_embedding is None and plain.empty_ids is None  # off: nothing extra cached
 
