@@ -255,3 +255,16 @@ def test_token_recovery_loss_names_each_word_and_ignores_padding():
     states = embeddings[ids].clone()
     states[:, 12:] = torch.randn(2, 65, 128)  # padding past the first EOS does not count
     assert token_recovery_loss(states, ids, embeddings, vocabulary).item() < 1e-3
+
+
+def test_shipped_text_encoder_makes_rare_identifiers_distinct(toy):
+    """The calibration (docs/calibration.md): before it, 'a photo of sks ball'
+    reached the UNet 0.11 from 'a photo of a ball' (rare embeddings 0.22, never
+    trained); the calibrated model measures 0.50, about as far as 'striped'."""
+    from lorabooth.toyworld.calibration import identifier_distances
+
+    base, _ = toy
+    found = identifier_distances(base.tokenizer, base.text_encoder)
+    assert found["identifiers"]["sks"] >= 3 * 0.11, found
+    assert min(found["identifiers"].values()) >= 0.3, found
+    assert found["rare_norm"] >= 0.5 and found["references"]["a photo of red ball"] > 1.0, found

@@ -34,8 +34,11 @@ def demo(output: str | Path = "runs/demo", steps: int = 400) -> Path:
     start = time.perf_counter()
     config = TrainConfig(
         model="toy", instance_dir=str(demo_photos()), instance_prompt=INSTANCE_PROMPT,
-        class_prompt="a photo of a ball", steps=steps, batch_size=4, lr=1e-3, lr_text=1e-4,
-        train_text_encoder=True, seed=0, checkpoint_every=max(1, steps // 2),
+        # the image-free prior: in the toy world the setting that learns the
+        # subject and keeps the class (docs/toyworld.md, the levers)
+        class_prompt="a photo of a ball", prior_preservation="model",
+        steps=steps, batch_size=4, lr=1e-3, lr_text=1e-4,
+        seed=0, checkpoint_every=max(1, steps // 2),
         output=str(output), resume=True,
     )
     run = train(config)

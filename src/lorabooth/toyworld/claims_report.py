@@ -111,13 +111,18 @@ def lever_rows(results: dict, levers) -> list[str]:
     return lines
 
 
+def _settings(sweeps: list[dict]) -> list[str]:
+    """The scale settings of a sweep (its "seconds" is not one)."""
+    return [n for n, v in sweeps[0].items() if isinstance(v, dict)] if sweeps else []
+
+
 def _scale_rows(results: dict) -> list[str]:
     sweeps = results.get("scales", [])
     if not sweeps:
         return []
     lines = ["| setting | " + " | ".join(t for _, t in FIGURES[:3]) + " |",
              "|---|" + "---|" * 3]
-    for name in sweeps[0]:
+    for name in _settings(sweeps):
         cells = [_fmt([s[name][k] for s in sweeps]) for k, _ in FIGURES[:3]]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
@@ -127,7 +132,7 @@ def _monotone(results: dict, key: str, rising: bool) -> tuple[bool | None, str]:
     sweeps = results.get("scales", [])
     if not sweeps:
         return None, "–"
-    names = [n for n in (sweeps[0] if sweeps else []) if n.endswith("text=1")]
+    names = [n for n in _settings(sweeps) if n.endswith("text=1")]
     means = [sum(s[n][key] for s in sweeps) / len(sweeps) for n in names]
     spreads = [max(s[n][key] for s in sweeps) - min(s[n][key] for s in sweeps) for n in names]
     noise = max(spreads, default=0.0)
