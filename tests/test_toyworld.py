@@ -229,7 +229,8 @@ def test_report_names_the_seed_recipe_the_levers_and_the_timing():
     results["class_draw_seconds"] = [6.0, 6.0, 6.0]
     results["calibration"] = {"identifiers": {"sks": 0.9}, "references": {"a photo of a red ball": 2.0},
                               "rare_norm": 0.5, "word_norm": 0.5}
-    text = render_claims(results, {"command": "lorabooth toyworld pretrain"}, Study(out=None))
+    text = render_claims(results, {"command": "lorabooth toyworld pretrain"}, Study(out=None),
+                         VARIANTS, LEVERS, {"steps": 400, "batch_size": 4, "lr": 1e-3, "rank": 4})
     assert "the seed's recipe" in text and "sks 0.90" in text
     assert "class images 12 s of training + 6 s to draw 64 class images = 18 s" in text
     lever_table = text.split("### The levers")[1].split("###")[0]

@@ -322,7 +322,7 @@ def claims(out: str | Path, report: str | Path | None = None, quick: bool = Fals
     if report:
         report = Path(report)
         record = json.loads((toy_model_dir() / "toyworld.json").read_text())
-        write_text(report, render_claims(results, record, study))
+        write_text(report, render_claims(results, record, study, VARIANTS, LEVERS, TOY_TRAIN))
         pictures = report.parent / "toyworld"
         pictures.mkdir(parents=True, exist_ok=True)
         write_text(pictures / "frontier.svg", frontier_svg(frontier_points(results, study)))

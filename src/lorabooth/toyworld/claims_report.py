@@ -172,19 +172,19 @@ def _calibration(results: dict) -> list[str]:
     ]
 
 
-def render_claims(results: dict, record: dict, study) -> str:
-    from .claims import LEVERS, TOY_TRAIN, VARIANTS
-
-    variants = [v for v in VARIANTS if results.get(v.name)]
-    levers = [v for v in LEVERS if results.get(v.name)]
+def render_claims(results: dict, record: dict, study, settings, levers, toy_train: dict) -> str:
+    """``settings`` and ``levers``: the study's variants (the levers get the
+    frontier verdicts); ``toy_train``: the training every row starts from."""
+    variants = [v for v in settings if results.get(v.name)]
+    levers = [v for v in levers if results.get(v.name)]
     seeds = study.seeds
     lines = [
         "# The toy world: DreamBooth's claims, measured offline",
         "",
         "Made by `lorabooth toyworld claims` "
         f"({len(seeds)} seeds: {', '.join(map(str, seeds))}; unless a row says otherwise "
-        f"{TOY_TRAIN['steps']} LoRA steps, batch {TOY_TRAIN['batch_size']}, lr {TOY_TRAIN['lr']:g}, "
-        f"rank {TOY_TRAIN['rank']}; {study.images} images per prompt, DPM-Solver 20 steps, "
+        f"{toy_train['steps']} LoRA steps, batch {toy_train['batch_size']}, lr {toy_train['lr']:g}, "
+        f"rank {toy_train['rank']}; {study.images} images per prompt, DPM-Solver 20 steps, "
         f"guidance 5; {results.get('work_seconds', '?')} s of drawing, training and scoring on this "
         "machine). "
         "Every figure is *mean [min–max] over seeds*. A claim holds only where the gap between "
