@@ -153,7 +153,8 @@ def _timing(results: dict) -> str:
         return "not measured in this run"
     return (f"image-free prior {_mean(model):.0f} s of training; class images "
             f"{_mean(images):.0f} s of training + {_mean(drawn):.0f} s to draw 64 class images "
-            f"= {_mean(images) + _mean(drawn):.0f} s (means over seeds)")
+            f"= {_mean(images) + _mean(drawn):.0f} s (means over seeds, with several runs sharing "
+            "the cores; `benchmarks/prior_modes.py` times the two alone)")
 
 
 def _calibration(results: dict) -> list[str]:
