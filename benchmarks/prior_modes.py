@@ -14,10 +14,8 @@ import argparse
 import json
 import tempfile
 import time
-from pathlib import Path
 
 from common import machine
-
 from lorabooth.config import TrainConfig
 from lorabooth.demo import demo_photos
 from lorabooth.training import train
