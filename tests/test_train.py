@@ -370,7 +370,8 @@ def test_the_levers_combine_and_the_run_draws(tmp_path):
                            output=str(tmp_path / out), checkpoint_every=2, **levers, **kw)
 
     straight = train(config("straight", 4))
-    train(config("resumed", 2))
+    train(config("resumed", 3))  # leaves its step-2 checkpoint: the resume starts there
+    assert [p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()] == ["step-000002"]
     resumed = train(config("resumed", 4, resume=True))
     a, b = load_file(straight / WEIGHT_NAME), load_file(resumed / WEIGHT_NAME)
     assert a.keys() == b.keys() and any("lora_magnitude_vector" in k for k in a)
