@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 from .checks import MAX_IMAGES, MAX_SEED, MAX_STEPS, check_count, check_options, check_seeds, check_size
@@ -28,6 +29,8 @@ from .config import (
 from .errors import UserError
 
 log = logging.getLogger("lorabooth")
+MAX_TRIALS = 10000  # `tune --budget`
+MAX_TRAIN_STEPS = 100000  # `tune --steps`
 
 
 def _bad(config: Any, key: str, why: str) -> UserError:
@@ -222,6 +225,51 @@ class ClaimsConfig:
     quick: bool = _help("One seed, the fidelity claim only.", False)
 
 
+@dataclass(frozen=True)
+class TuneConfig:
+    photos: str = _help("Folder of the subject's photos.", "", positional=True)
+    class_noun: str = _help("Class noun (required): prompts are 'a photo of sks NOUN' and "
+                            "'a photo of a NOUN'.", "")
+    budget: int = _help("Completed trials the study holds in total (a second tune adds up to "
+                        "this).", 20)
+    model: str = _help("Base model, as for train.", "tiny")
+    out: str = _help("Folder: study.db, trials/, report.md, pareto.svg, best/.", "runs/tune")
+    storage: str = _help("Optuna RDB URL, e.g. postgresql://user@host/db (default: SQLite "
+                         "OUT/study.db).", "")
+    seed: int = _help("Seed of the sampler, the training runs and the evaluation.", 0)
+    steps: list[int] = _help("Training step counts to choose from, comma list.",
+                             default_factory=lambda: [100, 200, 400])
+    resolution: int = _help("Training resolution (0: the model's own).", 0)
+    num_class_images: int = _help("Class images for --prior-preservation images (drawn once, "
+                                  "shared by the trials).", 50)
+    kind: str = _help("The paper's prompt set to score on: live or object.", "live")
+    prompts: str = _help("Own prompts file instead ({0}: identifier, {1}: class noun).", "")
+    images_per_prompt: int = _help("Images per prompt.", 4)
+    pres_images: int = _help("Class-prompt images for PRES.", 8)
+    sample_steps: int = _help("Sampler steps for every image drawn.", 25)
+    judges: str = _help("\"toy\": the toy world's judges instead of DINO and CLIP.", "")
+    dino: str = _help("DINO model (folder or hub id).", DEFAULT_DINO)
+    clip: str = _help("CLIP model (folder or hub id).", DEFAULT_CLIP)
+
+    def __post_init__(self) -> None:
+        check_finite(self)
+        _require(self, "photos", "class_noun")
+        if not Path(self.photos).is_dir():
+            raise UserError(f"{self.photos}: no such folder of photos")
+        if self.class_noun != " ".join(self.class_noun.split()):
+            raise _bad(self, "class_noun", "one line, no leading or trailing spaces")
+        check_count(self.budget, "--budget", MAX_TRIALS)
+        # the command line reads a comma list as numbers: 200.0 is 200, 2.5 no step count
+        if not self.steps or any(s != int(s) or not 1 <= s <= MAX_TRAIN_STEPS for s in self.steps):
+            raise _bad(self, "steps", f"whole numbers between 1 and {MAX_TRAIN_STEPS}")
+        object.__setattr__(self, "steps", [int(s) for s in self.steps])
+        check_count(self.num_class_images, "--num-class-images", MAX_IMAGES)
+        check_count(self.sample_steps, "--sample-steps", MAX_STEPS)
+        check_options(self.kind, self.prompts or None, self.images_per_prompt, self.pres_images,
+                      1, self.seed)
+        _one_of(self, "judges", ("", "toy"))
+
+
 def _train(c: TrainConfig) -> Any:
     from .training import train
 
@@ -318,6 +366,12 @@ def _sweep(c: SweepConfig) -> Any:
     return run_sweep(c.file, yes=c.yes)
 
 
+def _tune(c: TuneConfig) -> Any:
+    from .tune import tune
+
+    return tune(c)
+
+
 def _demo(c: DemoConfig) -> Any:
     from .demo import demo
 
@@ -355,6 +409,8 @@ COMMANDS: dict[str, tuple[type, str, Callable[[Any], Any]]] = {
     "merge": (MergeConfig, "combine LoRAs trained on the same base", _merge),
     "fuse": (FuseConfig, "bake a LoRA into a full diffusers model folder", _fuse),
     "sweep": (SweepConfig, "a grid of training runs x inference settings, one report", _sweep),
+    "tune": (TuneConfig, "search training settings and scales with Optuna: fidelity, "
+                         "CLIP-T, PRES", _tune),
     "demo": (DemoConfig, "train and draw on the built-in model with example photos", _demo),
 }
 

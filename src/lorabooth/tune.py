@@ -1,0 +1,239 @@
+"""`lorabooth tune PHOTOS`: search the training settings and inference
+scales with Optuna, three objectives at once: fidelity to the subject up,
+prompt following up, drift of the bare class towards the subject (PRES)
+down. Each trial is a `train` run plus an `evaluate` of it; the study lives
+in an RDB (OUT/study.db, SQLite, by default), so a second `tune` on the same
+folder continues it and reruns no finished trial.
+
+One `tune` process per study at a time: a trial still RUNNING when one
+starts is from a process that died, so it is marked failed and its
+settings tried again."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import TrainConfig
+from .errors import UserError
+from .fileio import write_text
+from .markdown import code, text
+
+log = logging.getLogger(__name__)
+STUDY = "lorabooth-tune"  # fixed: every `tune` on the same storage continues it
+OBJECTIVES = ("fidelity", "clip_t", "pres")
+DIRECTIONS = ("maximize", "maximize", "minimize")
+PRIOR_CHOICES = ("off", "images", "model")
+RANKS = (2, 4, 8)
+
+
+@dataclass(frozen=True)
+class Scales:
+    """The inference settings a trial is evaluated at."""
+    unet_scale: float
+    guidance: float
+
+
+def suggest(trial: Any, steps_choices: list[int]) -> tuple[dict[str, Any], Scales]:
+    """The search space: TrainConfig overrides and inference scales for one
+    trial (``trial`` is an ``optuna.Trial``, or a ``FixedTrial`` in tests)."""
+    overrides = {
+        "lr": trial.suggest_float("lr", 1e-4, 2e-3, log=True),
+        "steps": trial.suggest_categorical("steps", list(steps_choices)),
+        "rank": trial.suggest_categorical("rank", list(RANKS)),
+        "prior_preservation": trial.suggest_categorical("prior_preservation",
+                                                        list(PRIOR_CHOICES)),
+        "prior_loss_weight": trial.suggest_float("prior_loss_weight", 0.1, 1.0, log=True),
+        "train_text_encoder": trial.suggest_categorical("train_text_encoder", [False, True]),
+        "train_token": trial.suggest_categorical("train_token", [False, True]),
+    }
+    scales = Scales(trial.suggest_float("unet_scale", 0.5, 1.0),
+                    trial.suggest_float("guidance", 3.0, 7.0))
+    return overrides, scales
+
+
+def open_storage(url: str) -> Any:
+    """An Optuna RDB storage, or one line naming --storage."""
+    import optuna
+
+    try:
+        return optuna.storages.RDBStorage(url)
+    except Exception as e:  # sqlalchemy: bad URL, missing driver, unreachable server
+        why = " ".join(str(e).split())[:200] or type(e).__name__
+        raise UserError(f"--storage {url}: cannot open ({why})") from None
+
+
+def load_study(storage: Any, seed: int) -> Any:
+    """The study, created or continued. The sampler's seed moves on with the
+    number of trials so far, so a continued study does not draw its first
+    points again."""
+    import optuna
+
+    probe = optuna.create_study(storage=storage, study_name=STUDY, directions=list(DIRECTIONS),
+                                load_if_exists=True)
+    sampler = optuna.samplers.TPESampler(seed=seed + len(probe.trials))
+    return optuna.load_study(study_name=STUDY, storage=storage, sampler=sampler)
+
+
+def retry_interrupted(study: Any) -> int:
+    """Mark every RUNNING trial (its process died) failed and queue its
+    settings again; returns how many."""
+    from optuna.trial import TrialState
+
+    stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    for t in stale:
+        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+        log.warning("trial %d was interrupted: marked failed, its settings queued again",
+                    t.number)
+    return len(stale)
+
+
+def completed(study: Any) -> list[Any]:
+    from optuna.trial import TrialState
+
+    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+
+
+def recommend(trials: list[Any], front: list[Any]) -> Any | None:
+    """The rule the report states: among the Pareto trials whose PRES is at
+    most the median PRES of all completed trials, the highest fidelity
+    (then the highest CLIP-T)."""
+    if not front:
+        return None
+    median = statistics.median(t.values[2] for t in trials)
+    tame = [t for t in front if t.values[2] <= median] or front
+    return max(tame, key=lambda t: (t.values[0], t.values[1]))
+
+
+RULE = ("the highest fidelity among the Pareto trials whose PRES is at most the median PRES "
+        "of all completed trials (ties: the highest CLIP-T)")
+
+
+def _judges(c: Any) -> Any:
+    """Built once for every trial: the toy world's judges, or DINO and CLIP."""
+    if c.judges == "toy":
+        from .models import toy_model_dir
+        from .toyworld.judges import ToyJudge
+
+        return ToyJudge.load(toy_model_dir() / "judges.safetensors").judges()
+    from .evaluation.embedders import default_judges
+
+    return default_judges(c.dino, c.clip)
+
+
+def trial_config(c: Any, overrides: dict[str, Any], run: Path) -> TrainConfig:
+    """The `train` options of one trial; the class images (drawn by the base
+    model, the same for every trial) are shared in OUT/class_images."""
+    return TrainConfig(model=c.model, instance_dir=c.photos,
+                       instance_prompt=f"a photo of sks {c.class_noun}",
+                       class_prompt=f"a photo of a {c.class_noun}",
+                       class_dir=str(Path(c.out) / "class_images"),
+                       num_class_images=c.num_class_images, class_draw_steps=c.sample_steps,
+                       resolution=c.resolution, seed=c.seed, save_format="diffusers",
+                       output=str(run), **overrides)
+
+
+def _objective(c: Any, judges: Any) -> Any:
+    from .evaluation.runner import evaluate
+    from .training import train
+
+    def objective(trial: Any) -> tuple[float, float, float]:
+        overrides, scales = suggest(trial, c.steps)
+        run = Path(c.out) / "trials" / f"{trial.number:04d}"
+        if run.exists():  # left by a study this storage no longer holds
+            shutil.rmtree(run)
+        trial.set_user_attr("run", str(run))
+        trial.set_user_attr("settings", {**overrides, "unet_scale": scales.unet_scale,
+                                         "guidance": scales.guidance})
+        train(trial_config(c, overrides, run))
+        result = evaluate(run, c.photos, class_noun=c.class_noun, kind=c.kind,
+                          prompts_file=c.prompts or None, images_per_prompt=c.images_per_prompt,
+                          seed=c.seed, unet_scale=scales.unet_scale, guidance=scales.guidance,
+                          steps=c.sample_steps, judges=judges, pres_images=c.pres_images,
+                          out=run / "eval")
+        row = result["rows"]["lorabooth"]
+        scores = {"fidelity": row["dino"]["mean"], "clip_t": row["clip_t"]["mean"],
+                  "pres": row["pres"]["mean"]}
+        trial.set_user_attr("scores", scores)
+        log.info("trial %d: fidelity %.4f, CLIP-T %.4f, PRES %.4f", trial.number,
+                 *(scores[k] for k in OBJECTIVES))
+        return tuple(scores[k] for k in OBJECTIVES)
+
+    return objective
+
+
+def tune(c: Any) -> Path:
+    """Run the study until it holds ``c.budget`` completed trials, then
+    write OUT/report.md, OUT/pareto.svg and OUT/best/; returns the report."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    out = Path(c.out)
+    storage = open_storage(c.storage) if c.storage else None  # refused before any write
+    out.mkdir(parents=True, exist_ok=True)
+    storage = storage or open_storage(f"sqlite:///{(out / 'study.db').resolve()}")
+    study = load_study(storage, c.seed)
+    retry_interrupted(study)
+    judges = _judges(c)
+    objective, failed = _objective(c, judges), 0
+    while (done := len(completed(study))) < c.budget:
+        log.info("trial %d of %d", done + 1, c.budget)
+        study.optimize(objective, n_trials=1)
+        if len(completed(study)) == done:  # a score was NaN: Optuna failed the trial
+            failed += 1
+            if failed >= c.budget:
+                raise UserError(f"--budget {c.budget}: {failed} trials in a row gave no scores")
+    return write_outputs(study, out)
+
+
+def _row(t: Any, mark: str = "") -> str:
+    s = t.user_attrs["settings"]
+    cells = [f"{t.number}{mark}", *(f"{v:.4f}" for v in t.values), f"{s['lr']:.2e}",
+             str(s["steps"]), str(s["rank"]), s["prior_preservation"],
+             f"{s['prior_loss_weight']:.2f}", str(s["train_text_encoder"]).lower(),
+             str(s["train_token"]).lower(), f"{s['unet_scale']:.2f}", f"{s['guidance']:.2f}"]
+    return "| " + " | ".join(cells) + " |"
+
+
+HEADER = ("| trial | fidelity | CLIP-T | PRES | lr | steps | rank | prior | prior weight "
+          "| text encoder | token | UNet scale | guidance |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def write_outputs(study: Any, out: Path) -> Path:
+    from .toyworld.frontier import frontier_svg
+
+    trials = completed(study)
+    front = sorted(study.best_trials, key=lambda t: -t.values[0])
+    best = recommend(trials, front)
+    on_front = {t.number for t in front}
+    points = [("recommended" if best and t.number == best.number else
+               "Pareto front" if t.number in on_front else "other trials", t.values[2], t.values[0])
+              for t in trials]
+    write_text(out / "pareto.svg", frontier_svg(points))
+    lines = [f"# lorabooth tune: {text(str(out))}", "",
+             f"{len(trials)} completed trials of {len(study.trials)}; objectives: fidelity "
+             "(identity similarity to the photos) up, CLIP-T (prompt following) up, PRES (the "
+             "bare class drifting towards the subject) down.", "",
+             "## Pareto front", "", HEADER, *(_row(t) for t in front), "",
+             "## Recommended", "", f"Rule: {RULE}.", ""]
+    if best is not None:
+        run = Path(best.user_attrs["run"])
+        dest = out / "best"
+        shutil.rmtree(dest, ignore_errors=True)
+        dest.mkdir(parents=True)
+        for name in ("pytorch_lora_weights.safetensors", "config.toml"):
+            shutil.copy2(run / name, dest / name)
+        s = best.user_attrs["settings"]
+        lines += [HEADER, _row(best), "", f"Its LoRA and config: {code(str(dest))}; draw with "
+                  f"`--unet-scale {s['unet_scale']:.2f} --guidance {s['guidance']:.2f}`.", ""]
+    lines += ["![fidelity against PRES](pareto.svg)", ""]
+    report = out / "report.md"
+    write_text(report, "\n".join(lines))
+    log.info("report: %s", report)
+    return report

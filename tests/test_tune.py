@@ -1,0 +1,123 @@
+"""`lorabooth tune`: an Optuna study of train + evaluate trials, kept in
+an RDB so a second run continues it; on the tiny model and tiny judges,
+which exercise the machinery, not the scores."""
+
+from __future__ import annotations
+
+import re
+
+import optuna
+import pytest
+from optuna.trial import FixedTrial, TrialState
+from safetensors.torch import load_file
+
+from lorabooth.cli import main
+from lorabooth.commands import TuneConfig
+from lorabooth.errors import UserError
+from lorabooth.tune import RANKS, STUDY, recommend, suggest
+
+
+def _argv(photos, out, judges, prompts, *extra):
+    dino, clip = judges
+    return ["tune", str(photos), "--class-noun", "dog", "--out", str(out), "--steps", "2,3",
+            "--resolution", "32", "--num-class-images", "1", "--prompts", prompts,
+            "--images-per-prompt", "2", "--pres-images", "2", "--sample-steps", "2",
+            "--dino", dino, "--clip", clip, *extra]
+
+
+@pytest.fixture
+def prompts(tmp_path):
+    f = tmp_path / "prompts.txt"
+    f.write_text("a {0} {1} on the beach\n")
+    return str(f)
+
+
+def _study(out):
+    return optuna.load_study(study_name=STUDY, storage=f"sqlite:///{out / 'study.db'}")
+
+
+def test_suggest_covers_the_space():
+    params = {"lr": 3e-4, "steps": 7, "rank": 8, "prior_preservation": "model",
+              "prior_loss_weight": 0.5, "train_text_encoder": True, "train_token": False,
+              "unet_scale": 0.75, "guidance": 4.0}
+    overrides, scales = suggest(FixedTrial(params), [7, 9])
+    assert overrides == {k: params[k] for k in list(params)[:7]}
+    assert (scales.unet_scale, scales.guidance) == (0.75, 4.0)
+    study = optuna.create_study(directions=["maximize"] * 3)
+    for _ in range(20):
+        trial = study.ask()
+        overrides, scales = suggest(trial, [7, 9])
+        assert 1e-4 <= overrides["lr"] <= 2e-3 and overrides["rank"] in RANKS
+        assert overrides["steps"] in (7, 9) and 0.1 <= overrides["prior_loss_weight"] <= 1
+        assert 0.5 <= scales.unet_scale <= 1 and 3 <= scales.guidance <= 7
+        study.tell(trial, [0.0, 0.0, 0.0])
+
+
+def test_recommend_takes_the_highest_fidelity_among_tame_pareto_trials():
+    def t(number, fid, clip, pres):
+        return optuna.trial.create_trial(values=[fid, clip, pres], state=TrialState.COMPLETE)
+
+    trials = [t(0, 0.9, 0.2, 0.9), t(1, 0.7, 0.2, 0.3), t(2, 0.6, 0.3, 0.1), t(3, 0.5, 0.1, 0.5),
+              t(4, 0.4, 0.1, 0.6)]
+    front = trials[:3]
+    assert recommend(trials, front) is trials[1]  # trial 0 drifts above the median PRES 0.5
+    assert recommend(trials, []) is None
+
+
+def test_tune_writes_the_study_continues_and_retries_an_interrupted_trial(
+        photos, tiny_judges, prompts, tmp_path):
+    out = tmp_path / "tune"
+    assert main(_argv(photos, out, tiny_judges, prompts, "--budget", "2")) == 0
+    study = _study(out)
+    done = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert len(done) == 2
+    for t in done:
+        assert set(t.user_attrs["scores"]) == {"fidelity", "clip_t", "pres"}
+        assert t.values == [t.user_attrs["scores"][k] for k in ("fidelity", "clip_t", "pres")]
+        assert (out / "trials" / f"{t.number:04d}" / "pytorch_lora_weights.safetensors").is_file()
+    report = (out / "report.md").read_text()
+    assert "## Pareto front" in report and "Rule: the highest fidelity" in report
+    assert len(re.findall(r"^\| \d+ \|", report, re.M)) == len(study.best_trials) + 1
+    assert (out / "pareto.svg").read_text().startswith("<svg")
+    assert load_file(out / "best" / "pytorch_lora_weights.safetensors")
+    assert 'instance_prompt = "a photo of sks dog"' in (out / "best" / "config.toml").read_text()
+
+    # a second tune with --budget 3 adds exactly one trial and reruns none
+    made = {p: p.stat().st_mtime_ns for p in (out / "trials").rglob("*.safetensors")}
+    assert main(_argv(photos, out, tiny_judges, prompts, "--budget", "3")) == 0
+    study = _study(out)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
+    assert {p: p.stat().st_mtime_ns for p in made} == made
+    assert study.trials[2].params != study.trials[0].params  # the sampler moved on
+
+    # a trial left RUNNING (its process killed) is failed and its settings tried again
+    stale = study.ask()
+    suggest(stale, [2, 3])
+    assert main(_argv(photos, out, tiny_judges, prompts, "--budget", "4")) == 0
+    study = _study(out)
+    assert study.trials[stale.number].state == TrialState.FAIL
+    retry = study.trials[-1]
+    assert retry.state == TrialState.COMPLETE and retry.params == study.trials[stale.number].params
+    assert retry.user_attrs["retry_of"] == stale.number
+    assert len([t for t in study.trials if t.state == TrialState.COMPLETE]) == 4
+
+
+@pytest.mark.parametrize("storage", ["nosuchdb://x/y", "not a url",
+                                     "postgresql://user@localhost/db"])
+def test_bad_storage_is_one_line_and_writes_nothing(photos, tmp_path, storage, capsys):
+    out = tmp_path / "tune"
+    assert main(["tune", str(photos), "--class-noun", "dog", "--out", str(out),
+                 "--storage", storage]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--storage" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("change, fragment", [
+    ({"budget": 0}, "--budget"), ({"class_noun": ""}, "--class-noun: is required"),
+    ({"class_noun": "dog\n"}, "--class-noun"), ({"steps": [0]}, "--steps"),
+    ({"steps": []}, "--steps"), ({"steps": [2.5]}, "--steps: whole numbers"), ({"judges": "x"}, "--judges"),
+    ({"images_per_prompt": 1}, "--images-per-prompt")])
+def test_bad_options_name_the_option(photos, change, fragment):
+    with pytest.raises(UserError, match=re.escape(fragment)):
+        TuneConfig(**{"photos": str(photos), "class_noun": "dog", **change})
