@@ -254,6 +254,7 @@ GEN = ["generate", "{run}", "--prompt", PROMPT, "--output", "{tmp}/gen", "--num-
 MERGE = ["merge", "{run}", "{run}", "--out", "{tmp}/m.safetensors"]
 FUSE = ["fuse", "{run}", "--out", "{tmp}/fused"]
 EVAL = ["evaluate", "{run}", "--real", "{photos}", "--class-noun", "dog"]
+TUNE = ["tune", "{photos}", "--class-noun", "dog", "--out", "{tmp}/tune"]
 FINITE = "must be a finite number"
 
 ROWS = [
@@ -326,6 +327,21 @@ ROWS = [
     sweep_row("[base] lr = nan", f"--lr: {FINITE}", base=BASE + "lr = nan\n"),
     sweep_row("unet_scale = [nan]", f"[generate]: --unet-scale: {FINITE}",
               rest="[generate.grid]\nunet_scale = [1.0, nan]\n"),
+    # tune: refused before the study or its folder exists
+    Row("tune --budget 0", TUNE + ["--budget", "0"], 2, "--budget: must be between 1 and",
+        after=nothing_at("tune")),
+    Row("tune --budget -3", TUNE + ["--budget=-3"], 2, "--budget: must be between 1 and"),
+    Row("tune --steps 2.5", TUNE + ["--steps", "2,2.5"], 2, "--steps: whole numbers between 1"),
+    Row("tune --steps nan", TUNE + ["--steps", "nan"], 2, f"--steps: {FINITE}"),
+    Row("tune without --class-noun", ["tune", "{photos}", "--out", "{tmp}/tune"], 2,
+        "--class-noun: is required", after=nothing_at("tune")),
+    Row("tune --judges x", TUNE + ["--judges", "x"], 2, "--judges: must be one of"),
+    Row("tune --storage malformed", TUNE + ["--storage", "not a url"], 2,
+        "--storage not a url: cannot open", after=nothing_at("tune")),
+    Row("tune --storage unknown database", TUNE + ["--storage", "nosuchdb://h/db"], 2,
+        "--storage nosuchdb://h/db: cannot open", after=nothing_at("tune")),
+    Row("tune --storage sqlite in no folder", TUNE + ["--storage", "sqlite:///{tmp}/no/x.db"], 2,
+        "cannot open", after=nothing_at("no")),
     # item 5: images and tensors checked before they are written
     Row("generate a NaN LoRA", ["generate", "{nan_lora}", "--prompt", PROMPT, "--output",
                                 "{tmp}/gen", "--num-images", "1", "--steps", "1"], 2,

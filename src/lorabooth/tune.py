@@ -63,8 +63,19 @@ def open_storage(url: str) -> Any:
     try:
         return optuna.storages.RDBStorage(url)
     except Exception as e:  # sqlalchemy: bad URL, missing driver, unreachable server
-        why = " ".join(str(e).split())[:200] or type(e).__name__
-        raise UserError(f"--storage {url}: cannot open ({why})") from None
+        why = " ".join(str(e).split("(Background on this error")[0].split())[:200]
+        raise UserError(f"--storage {_shown(url)}: cannot open ({why or type(e).__name__})"
+                        ) from None
+
+
+def _shown(url: str) -> str:
+    """The URL without its password."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not even parseable: nothing to hide
+        return url
 
 
 def load_study(storage: Any, seed: int) -> Any:
@@ -132,7 +143,8 @@ def trial_config(c: Any, overrides: dict[str, Any], run: Path) -> TrainConfig:
     return TrainConfig(model=c.model, instance_dir=c.photos,
                        instance_prompt=f"a photo of sks {c.class_noun}",
                        class_prompt=f"a photo of a {c.class_noun}",
-                       class_dir=str(Path(c.out) / "class_images"),
+                       class_dir=str(Path(c.out) / "class_images")
+                       if overrides.get("prior_preservation") == "images" else "",
                        num_class_images=c.num_class_images, class_draw_steps=c.sample_steps,
                        resolution=c.resolution, seed=c.seed, save_format="diffusers",
                        output=str(run), **overrides)
