@@ -22,7 +22,8 @@ from lorabooth.errors import UserError
 # values for the fields a config cannot be built without
 REQUIRED = {"run": "runs/x", "file": "f.toml", "src": "in", "dst": "out", "to": "kohya",
             "out": "o", "real": "photos", "prompt": ["a photo of sks dog"], "loras": ["a", "b"],
-            "instance_dir": "photos", "instance_prompt": "a photo of sks dog"}
+            "instance_dir": "photos", "instance_prompt": "a photo of sks dog", "photos": "photos",
+            "class_noun": "dog"}
 
 
 def _subparser(name: str) -> argparse.ArgumentParser:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 from .checks import MAX_IMAGES, MAX_SEED, MAX_STEPS, check_count, check_options, check_seeds, check_size
@@ -254,8 +253,6 @@ class TuneConfig:
     def __post_init__(self) -> None:
         check_finite(self)
         _require(self, "photos", "class_noun")
-        if not Path(self.photos).is_dir():
-            raise UserError(f"{self.photos}: no such folder of photos")
         if self.class_noun != " ".join(self.class_noun.split()):
             raise _bad(self, "class_noun", "one line, no leading or trailing spaces")
         check_count(self.budget, "--budget", MAX_TRIALS)

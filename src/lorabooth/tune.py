@@ -186,6 +186,8 @@ def tune(c: Any) -> Path:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     out = Path(c.out)
+    if not Path(c.photos).is_dir():
+        raise UserError(f"{c.photos}: no such folder of photos")
     storage = open_storage(c.storage) if c.storage else None  # refused before any write
     out.mkdir(parents=True, exist_ok=True)
     storage = storage or open_storage(f"sqlite:///{(out / 'study.db').resolve()}")
