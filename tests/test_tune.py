@@ -121,3 +121,42 @@ def test_bad_storage_is_one_line_and_writes_nothing(photos, tmp_path, storage, c
 def test_bad_options_name_the_option(photos, change, fragment):
     with pytest.raises(UserError, match=re.escape(fragment)):
         TuneConfig(**{"photos": str(photos), "class_noun": "dog", **change})
+
+
+def test_a_trial_stopped_by_ctrl_c_is_retried_once(photos, tmp_path, monkeypatch):
+    """Optuna marks a trial interrupted by Ctrl-C FAIL, not RUNNING: tune
+    notes it and the next tune retries its settings (scores faked here)."""
+    import lorabooth.evaluation.runner
+    import lorabooth.training
+    from lorabooth.tune import tune
+
+    trained = []
+
+    def interrupted(config):
+        raise KeyboardInterrupt
+
+    def fake_train(config):
+        trained.append(config)
+
+    def fake_evaluate(*args, **kwargs):
+        stat = {"mean": 0.5, "std": 0.0, "n": 1}
+        return {"rows": {"lorabooth": {"dino": stat, "clip_t": stat, "pres": stat}}}
+
+    monkeypatch.setattr(lorabooth.evaluation.runner, "evaluate", fake_evaluate)
+    monkeypatch.setattr(lorabooth.training, "train", interrupted)
+    config = TuneConfig(photos=str(photos), class_noun="dog", out=str(tmp_path / "t"), budget=1,
+                        judges="toy")
+    monkeypatch.setattr("lorabooth.tune._judges", lambda c: None)
+    monkeypatch.setattr("lorabooth.tune.write_outputs", lambda study, out: out)
+    with pytest.raises(KeyboardInterrupt):
+        tune(config)
+    monkeypatch.setattr(lorabooth.training, "train", fake_train)
+    tune(config)
+    study = _study(tmp_path / "t")
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert study.trials[1].params == study.trials[0].params
+    assert study.trials[1].user_attrs["retry_of"] == 0
+    tune(TuneConfig(**{**config.__dict__, "budget": 2}))  # retried once, not again
+    assert [t.state for t in _study(tmp_path / "t").trials][2:] == [TrialState.COMPLETE]
+    assert "retry_of" not in _study(tmp_path / "t").trials[2].user_attrs
+    assert len(trained) == 2

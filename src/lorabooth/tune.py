@@ -91,17 +91,21 @@ def load_study(storage: Any, seed: int) -> Any:
 
 
 def retry_interrupted(study: Any) -> int:
-    """Mark every RUNNING trial (its process died) failed and queue its
-    settings again; returns how many."""
+    """Trials whose process died (still RUNNING) or was interrupted (Ctrl-C:
+    Optuna marks them FAIL) are failed and their settings queued again, once
+    each; returns how many."""
     from optuna.trial import TrialState
 
-    stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    for t in stale:
-        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+    retried = {t.user_attrs.get("retry_of") for t in study.get_trials(deepcopy=False)}
+    todo = [t for t in study.get_trials(deepcopy=False)
+            if t.number not in retried and (t.state == TrialState.RUNNING or (
+                t.state == TrialState.FAIL and t.user_attrs.get("interrupted")))]
+    for t in todo:
+        if t.state == TrialState.RUNNING:
+            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
         study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
-        log.warning("trial %d was interrupted: marked failed, its settings queued again",
-                    t.number)
-    return len(stale)
+        log.warning("trial %d was interrupted: its settings are tried again", t.number)
+    return len(todo)
 
 
 def completed(study: Any) -> list[Any]:
@@ -162,12 +166,17 @@ def _objective(c: Any, judges: Any) -> Any:
         trial.set_user_attr("run", str(run))
         trial.set_user_attr("settings", {**overrides, "unet_scale": scales.unet_scale,
                                          "guidance": scales.guidance})
-        train(trial_config(c, overrides, run))
-        result = evaluate(run, c.photos, class_noun=c.class_noun, kind=c.kind,
-                          prompts_file=c.prompts or None, images_per_prompt=c.images_per_prompt,
-                          seed=c.seed, unet_scale=scales.unet_scale, guidance=scales.guidance,
-                          steps=c.sample_steps, judges=judges, pres_images=c.pres_images,
-                          out=run / "eval")
+        try:
+            train(trial_config(c, overrides, run))
+            result = evaluate(run, c.photos, class_noun=c.class_noun, kind=c.kind,
+                              prompts_file=c.prompts or None,
+                              images_per_prompt=c.images_per_prompt, seed=c.seed,
+                              unet_scale=scales.unet_scale, guidance=scales.guidance,
+                              steps=c.sample_steps, judges=judges, pres_images=c.pres_images,
+                              out=run / "eval")
+        except KeyboardInterrupt:  # Optuna fails the trial; the next tune retries it
+            trial.set_user_attr("interrupted", True)
+            raise
         row = result["rows"]["lorabooth"]
         scores = {"fidelity": row["dino"]["mean"], "clip_t": row["clip_t"]["mean"],
                   "pres": row["pres"]["mean"]}
