@@ -160,3 +160,40 @@ def test_a_trial_stopped_by_ctrl_c_is_retried_once(photos, tmp_path, monkeypatch
     assert [t.state for t in _study(tmp_path / "t").trials][2:] == [TrialState.COMPLETE]
     assert "retry_of" not in _study(tmp_path / "t").trials[2].user_attrs
     assert len(trained) == 2
+
+
+def test_a_killed_tune_process_leaves_a_running_trial_that_is_retried(
+        photos, tiny_judges, prompts, tmp_path, no_network_env):
+    """SIGKILL while a trial is being evaluated (its images are being drawn):
+    the trial stays RUNNING in study.db; the next tune fails it and retries
+    its settings."""
+    import os
+    import signal
+    import sqlite3
+    import subprocess
+    import sys
+    import time
+
+    env, _ = no_network_env
+    out = tmp_path / "tune"
+    many = tmp_path / "many.txt"  # a long evaluation: the kill lands inside it
+    many.write_text("".join(f"a {{0}} {{1}} number {i}\n" for i in range(40)))
+    proc = subprocess.Popen([sys.executable, "-m", "lorabooth",
+                             *_argv(photos, out, tiny_judges, str(many), "--budget", "5")],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (out / "trials" / "0000" / "eval" / "images").is_dir():
+                break
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    with sqlite3.connect(out / "study.db") as db:
+        states = [s for (s,) in db.execute("SELECT state FROM trials ORDER BY number")]
+    assert states == ["RUNNING"]
+    assert main(_argv(photos, out, tiny_judges, prompts, "--budget", "1")) == 0
+    study = _study(out)
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert study.trials[1].params == study.trials[0].params

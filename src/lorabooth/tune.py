@@ -90,7 +90,7 @@ def load_study(storage: Any, seed: int) -> Any:
     return optuna.load_study(study_name=STUDY, storage=storage, sampler=sampler)
 
 
-def retry_interrupted(study: Any) -> int:
+def retry_interrupted(study: Any, storage: Any) -> int:
     """Trials whose process died (still RUNNING) or was interrupted (Ctrl-C:
     Optuna marks them FAIL) are failed and their settings queued again, once
     each; returns how many."""
@@ -102,7 +102,7 @@ def retry_interrupted(study: Any) -> int:
                 t.state == TrialState.FAIL and t.user_attrs.get("interrupted")))]
     for t in todo:
         if t.state == TrialState.RUNNING:
-            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
         study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
         log.warning("trial %d was interrupted: its settings are tried again", t.number)
     return len(todo)
@@ -201,7 +201,7 @@ def tune(c: Any) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     storage = storage or open_storage(f"sqlite:///{(out / 'study.db').resolve()}")
     study = load_study(storage, c.seed)
-    retry_interrupted(study)
+    retry_interrupted(study, storage)
     judges = _judges(c)
     objective, failed = _objective(c, judges), 0
     while (done := len(completed(study))) < c.budget:
