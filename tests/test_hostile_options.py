@@ -338,6 +338,8 @@ ROWS = [
     Row("tune a missing photo folder", ["tune", "{tmp}/none", "--class-noun", "dog", "--out",
                                         "{tmp}/tune"], 2, "none: no such folder of photos",
         after=nothing_at("tune")),
+    Row("tune a missing --clip model", TUNE + ["--clip", "{tmp}/noclip"], 2, "noclip",
+        after=nothing_at("tune")),
     Row("tune --judges x", TUNE + ["--judges", "x"], 2, "--judges: must be one of"),
     Row("tune --storage malformed", TUNE + ["--storage", "not a url"], 2,
         "--storage not a url: cannot open", after=nothing_at("tune")),

@@ -197,3 +197,19 @@ def test_a_killed_tune_process_leaves_a_running_trial_that_is_retried(
     study = _study(out)
     assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE]
     assert study.trials[1].params == study.trials[0].params
+
+
+def test_trials_without_scores_stop_the_study_in_one_line(photos, tmp_path, monkeypatch):
+    import lorabooth.evaluation.runner
+    import lorabooth.training
+    from lorabooth.tune import tune
+
+    nan = {"mean": float("nan"), "std": 0.0, "n": 1}
+    monkeypatch.setattr(lorabooth.training, "train", lambda config: None)
+    monkeypatch.setattr(lorabooth.evaluation.runner, "evaluate", lambda *a, **k: {
+        "rows": {"lorabooth": {"dino": nan, "clip_t": nan, "pres": nan}}})
+    monkeypatch.setattr("lorabooth.tune._judges", lambda c: None)
+    config = TuneConfig(photos=str(photos), class_noun="dog", out=str(tmp_path / "t"), budget=2)
+    with pytest.raises(UserError, match=r"--budget 2: stopped after 2 trials that gave no scores"):
+        tune(config)
+    assert [t.state for t in _study(tmp_path / "t").trials] == [TrialState.FAIL] * 2

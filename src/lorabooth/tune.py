@@ -198,11 +198,11 @@ def tune(c: Any) -> Path:
     if not Path(c.photos).is_dir():
         raise UserError(f"{c.photos}: no such folder of photos")
     storage = open_storage(c.storage) if c.storage else None  # refused before any write
+    judges = _judges(c)  # a missing DINO/CLIP model, too
     out.mkdir(parents=True, exist_ok=True)
     storage = storage or open_storage(f"sqlite:///{(out / 'study.db').resolve()}")
     study = load_study(storage, c.seed)
     retry_interrupted(study, storage)
-    judges = _judges(c)
     objective, failed = _objective(c, judges), 0
     while (done := len(completed(study))) < c.budget:
         log.info("trial %d of %d", done + 1, c.budget)
@@ -210,13 +210,14 @@ def tune(c: Any) -> Path:
         if len(completed(study)) == done:  # a score was NaN: Optuna failed the trial
             failed += 1
             if failed >= c.budget:
-                raise UserError(f"--budget {c.budget}: {failed} trials in a row gave no scores")
+                raise UserError(f"--budget {c.budget}: stopped after {failed} trials that "
+                                "gave no scores (NaN)")
     return write_outputs(study, out)
 
 
-def _row(t: Any, mark: str = "") -> str:
+def _row(t: Any) -> str:
     s = t.user_attrs["settings"]
-    cells = [f"{t.number}{mark}", *(f"{v:.4f}" for v in t.values), f"{s['lr']:.2e}",
+    cells = [str(t.number), *(f"{v:.4f}" for v in t.values), f"{s['lr']:.2e}",
              str(s["steps"]), str(s["rank"]), s["prior_preservation"],
              f"{s['prior_loss_weight']:.2f}", str(s["train_text_encoder"]).lower(),
              str(s["train_token"]).lower(), f"{s['unet_scale']:.2f}", f"{s['guidance']:.2f}"]
