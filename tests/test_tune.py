@@ -84,7 +84,7 @@ def test_tune_writes_the_study_continues_and_retries_an_interrupted_trial(
 
     # a second tune with --budget 3 adds exactly one trial and reruns none
     made = {p: p.stat().st_mtime_ns for p in (out / "trials").rglob("*.safetensors")}
-    assert main(_argv(photos, out, tiny_judges, prompts, "--budget", "3")) == 0
+    assert main(["tune", str(photos), "--config", str(out / "tune.toml"), "--budget", "3"]) == 0
     study = _study(out)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
     assert {p: p.stat().st_mtime_ns for p in made} == made

@@ -18,7 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import TrainConfig
+import tomli_w
+
+from .config import TrainConfig, to_toml_dict
 from .errors import UserError
 from .fileio import write_text
 from .markdown import code, text
@@ -190,7 +192,8 @@ def _objective(c: Any, judges: Any) -> Any:
 
 def tune(c: Any) -> Path:
     """Run the study until it holds ``c.budget`` completed trials, then
-    write OUT/report.md, OUT/pareto.svg and OUT/best/; returns the report."""
+    write OUT/report.md, OUT/pareto.svg and OUT/best/ (and its own options
+to OUT/tune.toml); returns the report."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -200,6 +203,7 @@ def tune(c: Any) -> Path:
     storage = open_storage(c.storage) if c.storage else None  # refused before any write
     judges = _judges(c)  # a missing DINO/CLIP model, too
     out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "tune.toml", tomli_w.dumps(to_toml_dict(c)))  # `tune PHOTOS --config` reruns it
     storage = storage or open_storage(f"sqlite:///{(out / 'study.db').resolve()}")
     study = load_study(storage, c.seed)
     retry_interrupted(study, storage)
