@@ -74,7 +74,8 @@ def test_tune_writes_the_study_continues_and_retries_an_interrupted_trial(
     for t in done:
         assert set(t.user_attrs["scores"]) == {"fidelity", "clip_t", "pres"}
         assert t.values == [t.user_attrs["scores"][k] for k in ("fidelity", "clip_t", "pres")]
-        assert (out / "trials" / f"{t.number:04d}" / "pytorch_lora_weights.safetensors").is_file()
+        assert t.user_attrs["run"] == f"trials/{t.number:04d}"
+        assert (out / t.user_attrs["run"] / "pytorch_lora_weights.safetensors").is_file()
     report = (out / "report.md").read_text()
     assert "## Pareto front" in report and "Rule: the highest fidelity" in report
     assert len(re.findall(r"^\| \d+ \|", report, re.M)) == len(study.best_trials) + 1

@@ -165,7 +165,7 @@ def _objective(c: Any, judges: Any) -> Any:
         run = Path(c.out) / "trials" / f"{trial.number:04d}"
         if run.exists():  # left by a study this storage no longer holds
             shutil.rmtree(run)
-        trial.set_user_attr("run", str(run))
+        trial.set_user_attr("run", run.relative_to(c.out).as_posix())  # OUT may move
         trial.set_user_attr("settings", {**overrides, "unet_scale": scales.unet_scale,
                                          "guidance": scales.guidance})
         try:
@@ -251,7 +251,7 @@ def write_outputs(study: Any, out: Path) -> Path:
              "## Pareto front", "", HEADER, *(_row(t) for t in front), "",
              "## Recommended", "", f"Rule: {RULE}.", ""]
     if best is not None:
-        run = Path(best.user_attrs["run"])
+        run = out / best.user_attrs["run"]
         dest = out / "best"
         shutil.rmtree(dest, ignore_errors=True)
         dest.mkdir(parents=True)
