@@ -62,7 +62,13 @@ from .prior import (
     model_prior_rows,
     remove_stale_temps,
 )
-from .ranks import all_rank_streams, mean_over_ranks, rank_streams, restore_streams
+from .ranks import (
+    all_rank_streams,
+    end_distributed,
+    mean_over_ranks,
+    rank_streams,
+    restore_streams,
+)
 from .runfiles import check_folders, model_card, run_folder, write_config
 
 log = logging.getLogger(__name__)
@@ -202,7 +208,7 @@ def _train(config: TrainConfig, accelerator: Accelerator, output: Path,
         load_trainable_state(trained, ema)
     if accelerator.is_main_process:
         _finish(config, base, output, _unwrapped(accelerator, modules), resolution)
-    accelerator.end_training()
+    end_distributed(accelerator, modules)
 
 
 def step_loss(unet: torch.nn.Module, scheduler, latents: torch.Tensor, noise: torch.Tensor,
