@@ -15,6 +15,7 @@ stays near the 1-process one.
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -63,9 +64,9 @@ def _command(args: list[str], launcher: str = "torchrun") -> list[str]:
     return head + ["-m", "lorabooth", "train", *BASE, *args]
 
 
-def _launch(args: list[str], launcher: str = "torchrun") -> None:
-    """Run the launcher to its end; on a hang, end it and its workers (their
-    own session, so no worker outlives the test)."""
+def _launch(args: list[str], launcher: str = "torchrun") -> str:
+    """Run the launcher to its end; returns its stderr (the ranks' log). On a
+    hang, end it and its workers (their own session: no worker outlives the test)."""
     proc = subprocess.Popen(_command(args, launcher), env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
@@ -75,6 +76,7 @@ def _launch(args: list[str], launcher: str = "torchrun") -> None:
         _, err = proc.communicate()
         raise AssertionError(f"the launch hung: {err[-3000:]}") from None
     assert proc.returncode == 0, err[-3000:]
+    return err
 
 
 def _losses(run: Path) -> list[dict]:
@@ -127,12 +129,15 @@ def test_two_processes_train_one_global_batch(photos, tmp_path):
 
 def test_class_images_are_drawn_once_split_across_ranks(photos, tmp_path):
     run, classes = tmp_path / "run", tmp_path / "classes"
-    _launch(["--instance-dir", str(photos), "--steps", "3", "--batch-size", "1",
+    log = _launch(["--instance-dir", str(photos), "--steps", "3", "--batch-size", "1",
                     "--prior-preservation", "images", "--num-class-images", "4",
                     "--class-prompt", "a photo of a dog", "--class-dir", str(classes),
                     "--class-draw-steps", "2", "--output", str(run)])
     assert sorted(p.name for p in classes.iterdir()) == [
         f"class_{i:05d}.png" for i in range(4)]
+    # drawn once: each rank drew its half (plan[rank::2]), nobody all four
+    drew = re.findall(r"drawing (\d+) class images", log)
+    assert sorted(drew) == ["2", "2"], drew
     for p in classes.iterdir():
         with Image.open(p) as im:
             im.load()
@@ -200,3 +205,32 @@ def test_a_killed_rank_resumes_to_the_uninterrupted_file(photos, tmp_path):
     _same_files(full, part)
     assert [r["step"] for r in _losses(part)] == list(range(1, 25))
     assert [r["loss"] for r in _losses(part)] == pytest.approx([r["loss"] for r in _losses(full)])
+
+
+def test_each_rank_gets_its_own_streams_back():
+    from lorabooth.data import Shuffler
+    from lorabooth.ranks import rank_streams, restore_streams
+
+    def streams(seed):
+        rng, order = torch.Generator().manual_seed(seed), Shuffler(5, seed)
+        order.take(2), torch.randn(3, generator=rng)
+        return rng, order
+
+    saved = [rank_streams(*streams(seed), None) for seed in (10, 11)]
+    state = {**saved[0], "ranks": saved}
+    for rank in (0, 1):
+        rng, order = torch.Generator().manual_seed(99), Shuffler(5, 99)
+        assert restore_streams(state, rank, rng, order, None)
+        want_rng, want_order = streams(10 + rank)
+        assert torch.equal(torch.randn(4, generator=rng), torch.randn(4, generator=want_rng))
+        assert order.take(7) == want_order.take(7)
+    # a checkpoint one process wrote: process 0 takes its streams; process 1
+    # keeps its own fresh ones rather than copy process 0's noise
+    old = dict(saved[0])
+    rng = torch.Generator().manual_seed(99)
+    assert restore_streams(old, 0, rng, Shuffler(5, 99), None)
+    assert torch.equal(torch.randn(4, generator=rng), torch.randn(4, generator=streams(10)[0]))
+    rng = torch.Generator().manual_seed(99)
+    assert not restore_streams(old, 1, rng, Shuffler(5, 99), None)
+    assert torch.equal(torch.randn(4, generator=rng),
+                       torch.randn(4, generator=torch.Generator().manual_seed(99)))
