@@ -201,7 +201,8 @@ def test_a_killed_rank_resumes_to_the_uninterrupted_file(photos, tmp_path):
             launcher.wait()
     assert not (part / WEIGHT_NAME).exists()  # killed: no final file
 
-    _launch([*args, "--output", str(part), "--resume"])
+    log = _launch([*args, "--output", str(part), "--resume"])
+    assert re.search(r"resuming from \S+step-0000\d\d \(step \d+\)", log), log[-3000:]
     _same_files(full, part)
     assert [r["step"] for r in _losses(part)] == list(range(1, 25))
     assert [r["loss"] for r in _losses(part)] == pytest.approx([r["loss"] for r in _losses(full)])

@@ -129,7 +129,7 @@ def _train(config: TrainConfig, accelerator: Accelerator, output: Path,
     ema = ema_shadow(trained, config.ema_decay)  # None: no EMA
     start = 0
     if config.resume:
-        start = _resume(output, modules, optimizer, lr_scheduler, noise_rng,
+        start = _resume(output, trained, optimizer, lr_scheduler, noise_rng,
                         instance_order, class_order, ema, accelerator.process_index)
     if accelerator.is_main_process:
         write_config(output, config)  # only now: a run that fails to start leaves none behind
