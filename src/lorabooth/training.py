@@ -62,6 +62,13 @@ from .prior import (
     model_prior_rows,
     remove_stale_temps,
 )
+from .ranks import (
+    all_rank_streams,
+    end_distributed,
+    mean_over_ranks,
+    rank_streams,
+    restore_streams,
+)
 from .runfiles import check_folders, model_card, run_folder, write_config
 
 log = logging.getLogger(__name__)
@@ -122,8 +129,8 @@ def _train(config: TrainConfig, accelerator: Accelerator, output: Path,
     ema = ema_shadow(trained, config.ema_decay)  # None: no EMA
     start = 0
     if config.resume:
-        start = _resume(output, modules, optimizer, lr_scheduler, noise_rng,
-                        instance_order, class_order, ema)
+        start = _resume(output, trained, optimizer, lr_scheduler, noise_rng,
+                        instance_order, class_order, ema, accelerator.process_index)
     if accelerator.is_main_process:
         write_config(output, config)  # only now: a run that fails to start leaves none behind
     metrics = _open_metrics(output, start, accelerator.is_main_process)
@@ -166,8 +173,8 @@ def _train(config: TrainConfig, accelerator: Accelerator, output: Path,
         if not all(torch.isfinite(p).all() for m in modules.values() for p in lora_parameters(m)):
             raise _numerical_fault(config, output, step + 1, "the LoRA weights hold NaN or inf")
 
-        record = {"step": step + 1, "loss": loss.item(), "loss_instance": loss_instance.item(),
-                  "loss_prior": None if loss_prior is None else loss_prior.item(),
+        record = {"step": step + 1, **mean_over_ranks(accelerator, {
+                      "loss": loss, "loss_instance": loss_instance, "loss_prior": loss_prior}),
                   "lr": lr_scheduler.get_last_lr()[0],
                   "s_per_step": round(time.perf_counter() - tick, 4)}
         if "text_encoder" in modules:
@@ -182,13 +189,12 @@ def _train(config: TrainConfig, accelerator: Accelerator, output: Path,
         done = step + 1
         if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
             accelerator.wait_for_everyone()
+            own = rank_streams(noise_rng, instance_order, class_order)
+            ranks = all_rank_streams(accelerator, own)  # each process resumes its own streams
             if accelerator.is_main_process:
                 path = save_checkpoint(output, done, _unwrapped(accelerator, modules), {
                     "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
-                    "noise_rng": noise_rng.get_state(), "torch_rng": torch.get_rng_state(),
-                    "instance_order": instance_order.state_dict(),
-                    "class_order": class_order.state_dict() if class_order else None,
-                    "ema": ema_state(ema)})
+                    **own, "ranks": ranks, "ema": ema_state(ema)})
                 log.debug("checkpoint %s", path)
         if (config.validation_prompt and config.validation_every and done < config.steps
                 and done % config.validation_every == 0 and accelerator.is_main_process):
@@ -202,7 +208,7 @@ def _train(config: TrainConfig, accelerator: Accelerator, output: Path,
         load_trainable_state(trained, ema)
     if accelerator.is_main_process:
         _finish(config, base, output, _unwrapped(accelerator, modules), resolution)
-    accelerator.end_training()
+    end_distributed(accelerator, modules)
 
 
 def step_loss(unet: torch.nn.Module, scheduler, latents: torch.Tensor, noise: torch.Tensor,
@@ -283,7 +289,10 @@ def _setup_accelerator(config: TrainConfig) -> Accelerator:
     # process (a notebook, the tests) with another precision must reset it.
     # The distributed part (PartialState) is kept.
     AcceleratorState._reset_state()
-    return Accelerator(mixed_precision=precision)
+    # cpu=: without it a CPU-only process started by `accelerate launch` or
+    # torchrun ignores WORLD_SIZE and trains alone (accelerate only picks gloo
+    # for cpu=True), every "rank" writing the same folder.
+    return Accelerator(mixed_precision=precision, cpu=on_cpu)
 
 
 def _setup_class_images(config: TrainConfig, base: BaseModel, resolution: int,
@@ -378,7 +387,7 @@ def _unwrapped(accelerator: Accelerator, modules: dict[str, torch.nn.Module]):
 
 def _resume(output: Path, modules, optimizer, lr_scheduler, noise_rng: torch.Generator,
             instance_order: Shuffler, class_order: Shuffler | None,
-            ema: dict[str, torch.Tensor] | None) -> int:
+            ema: dict[str, torch.Tensor] | None, rank: int = 0) -> int:
     found = latest_loadable(output, modules)
     if found is None:
         if any((output / "checkpoints").glob("*")):  # a first run has none: nothing to say
@@ -391,11 +400,9 @@ def _resume(output: Path, modules, optimizer, lr_scheduler, noise_rng: torch.Gen
         ema_load(ema, state.get("ema") or tensors)
     optimizer.load_state_dict(state["optimizer"])
     lr_scheduler.load_state_dict(state["lr_scheduler"])
-    noise_rng.set_state(state["noise_rng"])
-    torch.set_rng_state(state["torch_rng"])
-    instance_order.load_state_dict(state["instance_order"])
-    if class_order is not None and state["class_order"] is not None:
-        class_order.load_state_dict(state["class_order"])
+    if not restore_streams(state, rank, noise_rng, instance_order, class_order):
+        log.warning("--resume: %s was written by fewer processes; process %d starts its "
+                    "random streams afresh", path, rank)
     log.info("resuming from %s (step %d)", path, state["step"])
     return int(state["step"])
 
