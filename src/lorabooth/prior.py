@@ -22,6 +22,12 @@ from .fileio import save_png
 log = logging.getLogger(__name__)
 
 
+def class_image_seed(run_seed: int) -> int:
+    """The seed class image 0 is drawn from (image i: this + i), apart from
+    the seeds a run's own noise and order draw from."""
+    return run_seed * 1_000_003
+
+
 def class_image_name(index: int) -> str:
     return f"class_{index:05d}.png"
 

@@ -56,6 +56,7 @@ from .objective import (
 from .pivotal import TRAINED_TOKENS, attach, holds_tokens, setup_token
 from .precision import cast_frozen, frozen_dtype, tune_allocator, weight_dtype
 from .prior import (
+    class_image_seed,
     class_images,
     draw_class_images,
     missing_indices,
@@ -317,7 +318,7 @@ def _setup_class_images(config: TrainConfig, base: BaseModel, resolution: int,
         pipe.set_progress_bar_config(disable=True)
         draw_class_images(pipe, folder, config.class_prompt,
                           plan[accelerator.process_index::accelerator.num_processes], resolution,
-                          seed=config.seed * 1_000_003, steps=config.class_draw_steps,
+                          seed=class_image_seed(config.seed), steps=config.class_draw_steps,
                           batch=config.class_draw_batch, progress=accelerator.is_main_process)
     accelerator.wait_for_everyone()
     return class_images(folder, config.num_class_images)

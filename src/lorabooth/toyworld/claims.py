@@ -107,16 +107,18 @@ def draw_class_images_timed(study: Study, seed: int, photos: Path) -> float:
     """Seconds to draw the seed's class images, as training would draw them
     (it finds them present afterwards): the cost the image-free prior saves."""
     from ..models import load_base, pipeline_from_parts
-    from ..prior import draw_class_images, missing_indices
+    from ..prior import class_image_seed, draw_class_images, missing_indices
 
     config = train_config(study, VARIANTS[1], seed, photos)
     todo = missing_indices(config.class_path, config.num_class_images)
     if not todo:
         return float("nan")
-    pipe = pipeline_from_parts(load_base("toy"))
+    base = load_base(config.model)
+    pipe = pipeline_from_parts(base)
     pipe.set_progress_bar_config(disable=True)
     t0 = time.perf_counter()
-    draw_class_images(pipe, config.class_path, CLASS_PROMPT, todo, 32, seed=seed * 1_000_003,
+    draw_class_images(pipe, config.class_path, config.class_prompt, todo, base.native_resolution,
+                      seed=class_image_seed(config.seed),
                       steps=config.class_draw_steps, batch=config.class_draw_batch, progress=False)
     return time.perf_counter() - t0
 
@@ -135,6 +137,10 @@ def train_variant(study: Study, variant: Variant, seed: int, photos: Path) -> tu
     return out, seconds
 
 
+def _preposition(context: str) -> str:
+    return "in the" if context == "room" else "on the"
+
+
 def _entropy(labels: list[str]) -> float:
     counts = Counter(labels)
     n = sum(counts.values())
@@ -147,9 +153,8 @@ def score(pipe, has_text: bool, judge: ToyJudge, subject, identifier: str, setti
     seeds = list(range(n))
     fid, subj, ctx = [], [], []
     for context in NEW_CONTEXTS:
-        prep = "in the" if context == "room" else "on the"
-        images = draw(pipe, has_text, f"a photo of {identifier} ball {prep} {context}", setting,
-                      seeds, 20)
+        prompt = f"a photo of {identifier} ball {_preposition(context)} {context}"
+        images = draw(pipe, has_text, prompt, setting, seeds, 20)
         if keep is not None:
             keep[context] = images
         fid.append(cosine_matrix(judge.identity(images), subject).mean().item())
@@ -236,9 +241,7 @@ def _score_run(study: Study, variant: Variant, seed: int, run: Path, judge, subj
     result = score(pipe, has_text, judge, subject, variant.identifier, Setting(1, 1, 5.0),
                    study.images, keep)
     if variant.name == "unet" and seed == study.grid_seed:
-        base_keep: dict = {}
-        score(pipe, has_text, judge, subject, "sks", Setting(0, 0, 5.0), 6, base_keep)
-        _grid_base_vs_lora(study, base_keep, keep)
+        _grid_base_vs_lora(study, pipe, has_text, keep)
     return result
 
 
@@ -271,10 +274,14 @@ def _scale_sweep(study: Study, pipe, has_text, judge, subject) -> dict:
     return out
 
 
-def _grid_base_vs_lora(study: Study, base: dict, lora: dict) -> None:
+def _grid_base_vs_lora(study: Study, pipe, has_text, lora: dict) -> None:
+    """The LoRA's first 6 images per new context beside the base model's (the
+    same seeds, LoRA scale 0): only those are drawn again, not a whole score."""
     rows, labels = [], []
     for context in NEW_CONTEXTS:
-        rows += [base[context][:6], lora[context][:6]]
+        base = draw(pipe, has_text, f"a photo of sks ball {_preposition(context)} {context}",
+                    Setting(0, 0, 5.0), list(range(6)), 20)
+        rows += [base, lora[context][:6]]
         labels += [f"base, {context}", f"LoRA, {context}"]
     save_png(make_grid(rows, labels, [f"seed {i}" for i in range(6)],
                        title="a photo of sks ball on the snow / in the room", min_cell=64),
