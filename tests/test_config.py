@@ -24,6 +24,7 @@ def test_defaults_follow_the_brief():
     ("batch_size", 0, "--batch-size"), ("mixed_precision", "fp8", "--mixed-precision"),
     ("prior_loss_weight", 0.0, "--prior-loss-weight"), ("num_class_images", 0, "--num-class-images"),
     ("checkpoint_every", -1, "--checkpoint-every"), ("adapter", "qlora", "--adapter"),
+    ("validation_images", 0, "--validation-images"), ("validation_images", 65, "--validation-images"),
 ])
 def test_bad_values_name_the_option(key, value, option):
     with pytest.raises(UserError) as e:

@@ -42,7 +42,7 @@ def test_shuffler_visits_everything_each_epoch_and_resumes_exactly():
 def test_transparent_png_trains_on_the_pixels_prepare_and_evaluate_see(tmp_path):
     """Alpha over white everywhere: a photo with a transparent background is
     not black to training and white to prepare and evaluate."""
-    from lorabooth.evaluation.runner import _real_images
+    from lorabooth.evaluation.runner import real_images_of
     from lorabooth.imagefiles import decode
 
     folder = tmp_path / "real"
@@ -52,7 +52,7 @@ def test_transparent_png_trains_on_the_pixels_prepare_and_evaluate_see(tmp_path)
         im.paste((200, 40 * i, 10, 255), (4, 4, 12, 12))  # an opaque subject
         im.save(folder / f"cut_{i}.png")
     trained = load_image(folder / "cut_0.png", 16)
-    seen = [decode(folder / "cut_0.png")[0], _real_images(str(folder))[0]]
+    seen = [decode(folder / "cut_0.png")[0], real_images_of(str(folder))[0]]
     for im in seen:
         pixels = torch.tensor(list(im.getdata()), dtype=torch.float).T.reshape(3, 16, 16)
         assert torch.allclose(trained, pixels / 127.5 - 1.0, atol=1e-6)

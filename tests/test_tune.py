@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 from lorabooth.cli import main
 from lorabooth.commands import TuneConfig
 from lorabooth.errors import UserError
-from lorabooth.tune import RANKS, STUDY, recommend, suggest
+from lorabooth.tune import RANKS, STUDY, suggest
+from lorabooth.tune_report import recommend
 
 
 def _argv(photos, out, judges, prompts, *extra):
@@ -118,6 +119,7 @@ def test_bad_storage_is_one_line_and_writes_nothing(photos, tmp_path, storage, c
     ({"budget": 0}, "--budget"), ({"class_noun": ""}, "--class-noun: is required"),
     ({"class_noun": "dog\n"}, "--class-noun"), ({"steps": [0]}, "--steps"),
     ({"steps": []}, "--steps"), ({"steps": [2.5]}, "--steps: whole numbers"), ({"judges": "x"}, "--judges"),
+    ({"pruner": "median"}, "--pruner"), ({"prune_every": 0}, "--prune-every"),
     ({"images_per_prompt": 1}, "--images-per-prompt")])
 def test_bad_options_name_the_option(photos, change, fragment):
     with pytest.raises(UserError, match=re.escape(fragment)):
@@ -133,10 +135,10 @@ def test_a_trial_stopped_by_ctrl_c_is_retried_once(photos, tmp_path, monkeypatch
 
     trained = []
 
-    def interrupted(config):
+    def interrupted(config, **kwargs):
         raise KeyboardInterrupt
 
-    def fake_train(config):
+    def fake_train(config, **kwargs):
         trained.append(config)
 
     def fake_evaluate(*args, **kwargs):
@@ -192,7 +194,9 @@ def test_a_killed_tune_process_leaves_a_running_trial_that_is_retried(
     finally:
         proc.wait()
     with sqlite3.connect(out / "study.db") as db:
-        states = [s for (s,) in db.execute("SELECT state FROM trials ORDER BY number")]
+        states = [s for (s,) in db.execute(  # the pruner's twin study lives there too
+            "SELECT t.state FROM trials t JOIN studies s ON s.study_id = t.study_id "
+            "WHERE s.study_name = ? ORDER BY t.number", (STUDY,))]
     assert states == ["RUNNING"]
     assert main(_argv(photos, out, tiny_judges, prompts, "--budget", "1")) == 0
     study = _study(out)
@@ -214,3 +218,81 @@ def test_trials_without_scores_stop_the_study_in_one_line(photos, tmp_path, monk
     with pytest.raises(UserError, match=r"--budget 2: stopped after 2 trials that gave no scores"):
         tune(config)
     assert [t.state for t in _study(tmp_path / "t").trials] == [TrialState.FAIL] * 2
+
+
+def test_the_percentile_pruner_stops_a_trial_clearly_behind_at_the_same_step():
+    """Real Optuna pruner on the twin study: after four finished trials, a
+    validation score in their bottom quarter at the same step prunes."""
+    from lorabooth.tune_pruning import STARTUP_TRIALS, Pruning, validation_study
+
+    storage = optuna.storages.InMemoryStorage()
+    twins = validation_study(storage, "percentile")
+    main_study = optuna.create_study(storage=storage, directions=["maximize"] * 3)
+
+    def run(score: float) -> optuna.trial.Trial:
+        trial = main_study.ask()
+        pruning = Pruning(twins, trial, lambda images: score)
+        pruning(50, [])
+        pruning(100, [])
+        pruning.finish(score)
+        return trial
+
+    assert validation_study(storage, "none") is None
+    for score in (0.8, 0.7, 0.9, 0.85)[:STARTUP_TRIALS]:
+        run(score)
+    behind = main_study.ask()
+    with pytest.raises(optuna.TrialPruned, match="step 50"):
+        Pruning(twins, behind, lambda images: 0.1)(50, [])
+    assert behind.user_attrs["pruned_at"] == 50 and behind.user_attrs["validation"] == [[50, 0.1]]
+    assert twins.trials[-1].state == TrialState.PRUNED
+    ahead = run(0.95)  # not behind: runs to the end
+    assert "pruned_at" not in ahead.user_attrs
+    assert twins.trials[-1].state == TrialState.COMPLETE and twins.trials[-1].value == 0.95
+
+
+def test_a_pruned_trial_stops_training_and_the_report_counts_what_it_saved(
+        photos, tiny_judges, prompts, tmp_path, monkeypatch):
+    """The whole path with a pruner that prunes every odd twin at its first
+    validation: the trial's training stops there, it is PRUNED in the study,
+    does not count towards --budget, and both reports say what it saved."""
+    import lorabooth.tune_pruning
+
+    class OddTwins(optuna.pruners.BasePruner):
+        def prune(self, study, trial):
+            return trial.number % 2 == 1
+
+    monkeypatch.setattr(lorabooth.tune_pruning, "make_pruner", lambda name: OddTwins())
+    out = tmp_path / "tune <b>&"
+    argv = _argv(photos, out, tiny_judges, prompts, "--budget", "2", "--prune-every", "2")
+    argv[argv.index("--steps") + 1] = "4"
+    assert main(argv) == 0
+    study = _study(out)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.PRUNED,
+                                               TrialState.COMPLETE]
+    pruned = study.trials[1]
+    assert pruned.user_attrs["pruned_at"] == 2
+    lines = (out / pruned.user_attrs["run"] / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2  # trained 2 of its 4 steps
+    samples = sorted(p.name for p in (out / pruned.user_attrs["run"] / "samples").iterdir())
+    assert samples == ["step-000002-1.png", "step-000002-2.png", "step-000002-3.png",
+                       "step-000002.png"]
+    assert all(len(t.user_attrs["validation"]) == 1 for t in study.trials)
+    assert "1 trials pruned (1 at step 2): 2 of 12 planned training steps not trained (17%)" \
+        in (out / "report.md").read_text()
+    page = (out / "report.html").read_text()
+    assert "2 of 12 planned" in page and "tune &lt;b&gt;&amp;" in page and "<b>&" not in page
+    assert re.findall(r'src="([^"]{5})', page) == ["data:"] * page.count(" src=")
+    assert page.count('<tr class="recommended">') == 1
+    assert (out / "front.png").is_file() and "![the Pareto front's images](front.png)" in \
+        (out / "report.md").read_text()
+
+
+def test_the_pareto_plot_colours_by_clip_t_and_marks_the_front():
+    from lorabooth.tune_report import pareto_svg
+
+    svg = pareto_svg([("trial 0", 0.2, 0.8, 0.30, "front"), ("trial 1", 0.5, 0.6, 0.20, "other"),
+                      ("trial <2>", 0.1, 0.7, 0.25, "recommended")])
+    assert '<circle cx="' in svg and 'fill="#440154"><title>trial 1 (other)' in svg  # lowest CLIP-T
+    assert 'fill="#fde725"><title>trial 0 (front)' in svg and "<rect" in svg  # highest, a square
+    assert "<polygon" in svg and "trial &lt;2&gt; (recommended)" in svg
+    assert pareto_svg([]) == "<p>No completed trials.</p>"

@@ -26,6 +26,7 @@ from .config import (
     option_name,
 )
 from .errors import UserError
+from .tune_pruning import PRUNERS
 
 log = logging.getLogger("lorabooth")
 MAX_TRIALS = 10000  # `tune --budget`
@@ -225,6 +226,24 @@ class ClaimsConfig:
 
 
 @dataclass(frozen=True)
+class TuneStudyConfig:
+    out: str = _help("Folder for the tunes, the fixed-setting runs and their scores.",
+                     "runs/tune-study")
+    report: str = _help("Markdown report to write (its figure goes beside it, in tune/).",
+                        "docs/tune.md")
+    repeats: list[int] = _help("Repeats to run here (tune seeds), comma list; run them as "
+                               "separate processes side by side, each rewrites the report.",
+                               default_factory=lambda: [0, 1, 2])
+    budget: int = _help("Completed trials per tune.", 8)
+
+    def __post_init__(self) -> None:
+        check_count(self.budget, "--budget", MAX_TRIALS)
+        if not self.repeats or any(r != int(r) or not 0 <= r <= 1000 for r in self.repeats):
+            raise _bad(self, "repeats", "whole numbers between 0 and 1000")
+        object.__setattr__(self, "repeats", [int(r) for r in self.repeats])
+
+
+@dataclass(frozen=True)
 class TuneConfig:
     photos: str = _help("Folder of the subject's photos.", "", positional=True)
     class_noun: str = _help("Class noun (required): prompts are 'a photo of sks NOUN' and "
@@ -249,10 +268,17 @@ class TuneConfig:
     judges: str = _help("\"toy\": the toy world's judges instead of DINO and CLIP.", "")
     dino: str = _help("DINO model (folder or hub id).", DEFAULT_DINO)
     clip: str = _help("CLIP model (folder or hub id).", DEFAULT_CLIP)
+    pruner: str = _help("percentile: stop a trial whose validation fidelity is in the bottom "
+                        "quarter of the trials so far at the same step (after 4 trials); none.",
+                        "percentile")
+    prune_every: int = _help("Steps between a trial's validations under the pruner (4 images "
+                             "of the instance prompt, scored by the judges).", 50)
 
     def __post_init__(self) -> None:
         check_finite(self)
         _require(self, "photos", "class_noun")
+        _one_of(self, "pruner", PRUNERS)
+        check_count(self.prune_every, "--prune-every", MAX_TRAIN_STEPS)
         if self.class_noun != " ".join(self.class_noun.split()):
             raise _bad(self, "class_noun", "one line, no leading or trailing spaces")
         check_count(self.budget, "--budget", MAX_TRIALS)
@@ -389,6 +415,12 @@ def _claims(c: ClaimsConfig) -> Any:
     return claims(c.out, report=c.report, quick=c.quick)
 
 
+def _tune_study(c: TuneStudyConfig) -> Any:
+    from .toyworld.tune_study import tune_study
+
+    return tune_study(c.out, c.report, c.repeats, c.budget)
+
+
 # command -> (config class, what it does, the function that runs it); "a b"
 # is subcommand b of a
 COMMANDS: dict[str, tuple[type, str, Callable[[Any], Any]]] = {
@@ -400,6 +432,8 @@ COMMANDS: dict[str, tuple[type, str, Callable[[Any], Any]]] = {
     "toyworld pretrain": (PretrainConfig, "train the toy model and judges from scratch",
                           _pretrain),
     "toyworld claims": (ClaimsConfig, "measure DreamBooth's claims on the toy world", _claims),
+    "toyworld tune-study": (TuneStudyConfig, "measure whether `tune` beats fixed settings on "
+                                             "the toy world, at the same CPU time", _tune_study),
     "convert": (ConvertConfig, "LoRA file between diffusers, kohya and peft layouts", _convert),
     "inspect": (InspectConfig, "what a LoRA file holds, and whether ComfyUI and AUTOMATIC1111 "
                                "load every key of it", _inspect),

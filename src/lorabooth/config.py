@@ -128,6 +128,8 @@ class TrainConfig:
     force: bool = _help("With --resume: continue even if the settings changed.", False)
     validation_prompt: str = _help("Prompt drawn into OUTPUT/samples during training.", "")
     validation_every: int = _help("Draw the validation prompt every N steps (0: only at the end).", 0)
+    validation_images: int = _help("Images per validation (seeds SEED, SEED+1, ...): "
+                                   "samples/step-N.png, then step-N-1.png, ...", 1)
     captions: bool = _help("Use IMAGE.txt beside each instance image as its prompt when present.",
                            False)
     output: str = _help("Run folder.", "runs/run")
@@ -170,12 +172,14 @@ class TrainConfig:
             if not getattr(self, key) > 0:
                 raise bad(key, "must be a positive number")
         for key in ("steps", "batch_size", "rank", "num_class_images", "class_draw_steps",
-                    "class_draw_batch"):
+                    "class_draw_batch", "validation_images"):
             if getattr(self, key) < 1:
                 raise bad(key, "must be at least 1")
         for key in ("checkpoint_every", "validation_every"):
             if getattr(self, key) < 0:
                 raise bad(key, "must be 0 or more")
+        if self.validation_images > 64:
+            raise bad("validation_images", "at most 64 (each validation draws them all)")
         if not 0 <= self.seed <= MAX_SEED:
             raise bad("seed", f"must be between 0 and {MAX_SEED}")
         if self.alpha < 0:

@@ -8,12 +8,13 @@ import logging
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
+from PIL.Image import Image
 from tqdm.auto import tqdm
 
 from . import __version__
@@ -73,10 +74,14 @@ from .ranks import (
 from .runfiles import check_folders, model_card, run_folder, write_config
 
 log = logging.getLogger(__name__)
+OnValidation = Callable[[int, list[Image]], None]  # (step, the validation's images)
 
 
-def train(config: TrainConfig) -> Path:
-    """Train a DreamBooth LoRA as ``config`` says; returns the run folder."""
+def train(config: TrainConfig, on_validation: OnValidation | None = None) -> Path:
+    """Train a DreamBooth LoRA as ``config`` says; returns the run folder.
+
+    ``on_validation(step, images)`` sees each validation's images (single
+    process only): `tune`'s pruner scores them and may raise to stop the run."""
     # bad input fails before any work, and before anything is written
     instance_paths = instance_images(config)
     captions = instance_captions(config, instance_paths)
@@ -85,12 +90,15 @@ def train(config: TrainConfig) -> Path:
     accelerator = _setup_accelerator(config)
     set_seed(config.seed)  # python, numpy, torch: the LoRA init draws from torch's global RNG
     with run_folder(config, accelerator.is_main_process) as output, _memory_advice(config):
-        _train(config, accelerator, output, instance_paths, captions)
+        if on_validation is not None and accelerator.num_processes > 1:
+            raise UserError("a validation callback (tune's pruner) runs in one process only")
+        _train(config, accelerator, output, instance_paths, captions, on_validation)
     return output
 
 
 def _train(config: TrainConfig, accelerator: Accelerator, output: Path,
-           instance_paths: list[Path], captions: list[str]) -> None:
+           instance_paths: list[Path], captions: list[str],
+           on_validation: OnValidation | None) -> None:
     # Under mixed precision the frozen weights are stored in the compute dtype
     # (the UNet's 860 M are not re-cast every step); the VAE that caches
     # latents stays fp32.
@@ -199,7 +207,9 @@ def _train(config: TrainConfig, accelerator: Accelerator, output: Path,
                 log.debug("checkpoint %s", path)
         if (config.validation_prompt and config.validation_every and done < config.steps
                 and done % config.validation_every == 0 and accelerator.is_main_process):
-            _validate(config, base, output, done)
+            images = _validate(config, base, output, done)
+            if on_validation is not None:
+                on_validation(done, images)
     bar.close()
     if metrics:
         metrics.close()
@@ -422,17 +432,22 @@ def _open_metrics(output: Path, start: int, main: bool):
 
 
 @torch.no_grad()
-def _validate(config: TrainConfig, base: BaseModel, output: Path, step: int) -> None:
+def _validate(config: TrainConfig, base: BaseModel, output: Path, step: int) -> list[Image]:
+    """Draws the validation prompt ``config.validation_images`` times (one
+    generator: the first image is the same whatever the count)."""
     pipe = pipeline_from_parts(base)
     pipe.set_progress_bar_config(disable=True)
     was_training = base.unet.training
     base.unet.eval()
     dtype = frozen_dtype(base.unet)  # bf16 weights under mixed precision
     with torch.autocast(base.unet.device.type, dtype=dtype, enabled=dtype != torch.float32):
-        image = pipe(config.validation_prompt, num_inference_steps=25,
-                     generator=torch.Generator().manual_seed(config.seed)).images[0]
+        images = pipe(config.validation_prompt, num_inference_steps=25,
+                      num_images_per_prompt=config.validation_images,
+                      generator=torch.Generator().manual_seed(config.seed)).images
     base.unet.train(was_training)
-    save_png(image, output / "samples" / f"step-{step:06d}.png")
+    for k, image in enumerate(images):
+        save_png(image, output / "samples" / (f"step-{step:06d}" + (f"-{k}" if k else "") + ".png"))
+    return images
 
 
 def _finish(config: TrainConfig, base: BaseModel, output: Path,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-import statistics
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,8 @@ import tomli_w
 from .config import TrainConfig, to_toml_dict
 from .errors import UserError
 from .fileio import write_text
-from .markdown import code, text
+from .tune_pruning import Pruning, validation_study
+from .tune_report import completed, write_outputs
 
 log = logging.getLogger(__name__)
 STUDY = "lorabooth-tune"  # fixed: every `tune` on the same storage continues it
@@ -31,6 +32,8 @@ OBJECTIVES = ("fidelity", "clip_t", "pres")
 DIRECTIONS = ("maximize", "maximize", "minimize")
 PRIOR_CHOICES = ("off", "images", "model")
 RANKS = (2, 4, 8)
+MAX_PRUNED_PER_TRIAL = 3  # pruned trials per --budget before tune gives up looking
+VALIDATION_IMAGES = 4  # per validation under the pruner: enough to average a judge's noise
 
 
 @dataclass(frozen=True)
@@ -110,27 +113,6 @@ def retry_interrupted(study: Any, storage: Any) -> int:
     return len(todo)
 
 
-def completed(study: Any) -> list[Any]:
-    from optuna.trial import TrialState
-
-    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-
-
-def recommend(trials: list[Any], front: list[Any]) -> Any | None:
-    """The rule the report states: among the Pareto trials whose PRES is at
-    most the median PRES of all completed trials, the highest fidelity
-    (then the highest CLIP-T)."""
-    if not front:
-        return None
-    median = statistics.median(t.values[2] for t in trials)
-    tame = [t for t in front if t.values[2] <= median] or front
-    return max(tame, key=lambda t: (t.values[0], t.values[1]))
-
-
-RULE = ("the highest fidelity among the Pareto trials whose PRES is at most the median PRES "
-        "of all completed trials (ties: the highest CLIP-T)")
-
-
 def _judges(c: Any) -> Any:
     """Built once for every trial: the toy world's judges, or DINO and CLIP."""
     if c.judges == "toy":
@@ -143,22 +125,36 @@ def _judges(c: Any) -> Any:
     return default_judges(c.dino, c.clip)
 
 
-def trial_config(c: Any, overrides: dict[str, Any], run: Path) -> TrainConfig:
+def trial_config(c: Any, overrides: dict[str, Any], run: Path, pruning: bool = False
+                 ) -> TrainConfig:
     """The `train` options of one trial; the class images (drawn by the base
-    model, the same for every trial) are shared in OUT/class_images."""
-    return TrainConfig(model=c.model, instance_dir=c.photos,
-                       instance_prompt=f"a photo of sks {c.class_noun}",
+    model, the same for every trial) are shared in OUT/class_images. Under
+    the pruner it draws the instance prompt every ``c.prune_every`` steps."""
+    instance_prompt = f"a photo of sks {c.class_noun}"
+    validation = dict(validation_prompt=instance_prompt, validation_every=c.prune_every,
+                      validation_images=VALIDATION_IMAGES) if pruning else {}
+    return TrainConfig(model=c.model, instance_dir=c.photos, instance_prompt=instance_prompt,
                        class_prompt=f"a photo of a {c.class_noun}",
                        class_dir=str(Path(c.out) / "class_images")
                        if overrides.get("prior_preservation") == "images" else "",
                        num_class_images=c.num_class_images, class_draw_steps=c.sample_steps,
                        resolution=c.resolution, seed=c.seed, save_format="diffusers",
-                       output=str(run), **overrides)
+                       output=str(run), **validation, **overrides)
 
 
-def _objective(c: Any, judges: Any) -> Any:
-    from .evaluation.runner import evaluate
+def _objective(c: Any, judges: Any, twins: Any | None) -> Any:
+    import optuna
+
+    from .evaluation.metrics import mean_pairwise
+    from .evaluation.runner import evaluate, real_images_of
     from .training import train
+
+    real: list = []  # the photos' identity embeddings, on the first validation
+
+    def fidelity(images: list) -> float:  # as evaluate scores it ("dino")
+        if not real:
+            real.append(judges.identity(real_images_of(c.photos)))
+        return mean_pairwise(judges.identity(images), real[0])
 
     def objective(trial: Any) -> tuple[float, float, float]:
         overrides, scales = suggest(trial, c.steps)
@@ -168,8 +164,10 @@ def _objective(c: Any, judges: Any) -> Any:
         trial.set_user_attr("run", run.relative_to(c.out).as_posix())  # OUT may move
         trial.set_user_attr("settings", {**overrides, "unet_scale": scales.unet_scale,
                                          "guidance": scales.guidance})
+        pruning = Pruning(twins, trial, fidelity) if twins is not None else None
+        tick = time.process_time()
         try:
-            train(trial_config(c, overrides, run))
+            train(trial_config(c, overrides, run, pruning is not None), on_validation=pruning)
             result = evaluate(run, c.photos, class_noun=c.class_noun, kind=c.kind,
                               prompts_file=c.prompts or None,
                               images_per_prompt=c.images_per_prompt, seed=c.seed,
@@ -179,10 +177,21 @@ def _objective(c: Any, judges: Any) -> Any:
         except KeyboardInterrupt:  # Optuna fails the trial; the next tune retries it
             trial.set_user_attr("interrupted", True)
             raise
+        except optuna.TrialPruned:
+            trial.set_user_attr("cpu_s", round(time.process_time() - tick, 2))
+            log.info("trial %d pruned at step %d", trial.number, trial.user_attrs["pruned_at"])
+            raise
+        except BaseException:
+            if pruning is not None:
+                pruning.abandon()
+            raise
+        trial.set_user_attr("cpu_s", round(time.process_time() - tick, 2))
         row = result["rows"]["lorabooth"]
         scores = {"fidelity": row["dino"]["mean"], "clip_t": row["clip_t"]["mean"],
                   "pres": row["pres"]["mean"]}
         trial.set_user_attr("scores", scores)
+        if pruning is not None:
+            pruning.finish(scores["fidelity"])
         log.info("trial %d: fidelity %.4f, CLIP-T %.4f, PRES %.4f", trial.number,
                  *(scores[k] for k in OBJECTIVES))
         return tuple(scores[k] for k in OBJECTIVES)
@@ -191,10 +200,12 @@ def _objective(c: Any, judges: Any) -> Any:
 
 
 def tune(c: Any) -> Path:
-    """Run the study until it holds ``c.budget`` completed trials, then
+    """Run the study until it holds ``c.budget`` completed trials (pruned
+    ones do not count), then
     write OUT/report.md, OUT/pareto.svg and OUT/best/ (and its own options
 to OUT/tune.toml); returns the report."""
     import optuna
+    from optuna.trial import TrialState
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     out = Path(c.out)
@@ -207,61 +218,16 @@ to OUT/tune.toml); returns the report."""
     storage = storage or open_storage(f"sqlite:///{(out / 'study.db').resolve()}")
     study = load_study(storage, c.seed)
     retry_interrupted(study, storage)
-    objective, failed = _objective(c, judges), 0
+    objective = _objective(c, judges, validation_study(storage, c.pruner))
+    ended: list[Any] = []  # this process's trials' end states
     while (done := len(completed(study))) < c.budget:
         log.info("trial %d of %d", done + 1, c.budget)
-        study.optimize(objective, n_trials=1)
-        if len(completed(study)) == done:  # a score was NaN: Optuna failed the trial
-            failed += 1
-            if failed >= c.budget:
-                raise UserError(f"--budget {c.budget}: stopped after {failed} trials that "
-                                "gave no scores (NaN)")
+        study.optimize(objective, n_trials=1, callbacks=[lambda _, t: ended.append(t.state)])
+        if (failed := ended.count(TrialState.FAIL)) >= c.budget:  # a score was NaN
+            raise UserError(f"--budget {c.budget}: stopped after {failed} trials that "
+                            "gave no scores (NaN)")
+        if (pruned := ended.count(TrialState.PRUNED)) >= MAX_PRUNED_PER_TRIAL * c.budget:
+            log.warning("stopped after %d pruned trials: the pruner finds nearly every trial "
+                        "behind the first ones (--pruner none turns it off)", pruned)
+            break
     return write_outputs(study, out)
-
-
-def _row(t: Any) -> str:
-    s = t.user_attrs["settings"]
-    cells = [str(t.number), *(f"{v:.4f}" for v in t.values), f"{s['lr']:.2e}",
-             str(s["steps"]), str(s["rank"]), s["prior_preservation"],
-             f"{s['prior_loss_weight']:.2f}", str(s["train_text_encoder"]).lower(),
-             str(s["train_token"]).lower(), f"{s['unet_scale']:.2f}", f"{s['guidance']:.2f}"]
-    return "| " + " | ".join(cells) + " |"
-
-
-HEADER = ("| trial | fidelity | CLIP-T | PRES | lr | steps | rank | prior | prior weight "
-          "| text encoder | token | UNet scale | guidance |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-
-
-def write_outputs(study: Any, out: Path) -> Path:
-    from .toyworld.frontier import frontier_svg
-
-    trials = completed(study)
-    front = sorted(study.best_trials, key=lambda t: -t.values[0])
-    best = recommend(trials, front)
-    on_front = {t.number for t in front}
-    points = [("recommended" if best and t.number == best.number else
-               "Pareto front" if t.number in on_front else "other trials", t.values[2], t.values[0])
-              for t in trials]
-    write_text(out / "pareto.svg", frontier_svg(points))
-    lines = [f"# lorabooth tune: {text(str(out))}", "",
-             f"{len(trials)} completed trials of {len(study.trials)}; objectives: fidelity "
-             "(identity similarity to the photos) up, CLIP-T (prompt following) up, PRES (the "
-             "bare class drifting towards the subject) down.", "",
-             "## Pareto front", "", HEADER, *(_row(t) for t in front), "",
-             "## Recommended", "", f"Rule: {RULE}.", ""]
-    if best is not None:
-        run = out / best.user_attrs["run"]
-        dest = out / "best"
-        shutil.rmtree(dest, ignore_errors=True)
-        dest.mkdir(parents=True)
-        for name in ("pytorch_lora_weights.safetensors", "config.toml"):
-            shutil.copy2(run / name, dest / name)
-        s = best.user_attrs["settings"]
-        lines += [HEADER, _row(best), "", f"Its LoRA and config: {code(str(dest))}; draw with "
-                  f"`--unet-scale {s['unet_scale']:.2f} --guidance {s['guidance']:.2f}`.", ""]
-    lines += ["![fidelity against PRES](pareto.svg)", ""]
-    report = out / "report.md"
-    write_text(report, "\n".join(lines))
-    log.info("report: %s", report)
-    return report

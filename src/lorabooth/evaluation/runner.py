@@ -68,7 +68,8 @@ def load_prompts(kind: str, prompts_file: str | None, identifier: str,
     return out
 
 
-def _real_images(folder: str) -> list[Image.Image]:
+def real_images_of(folder: str) -> list[Image.Image]:
+    """The readable photos of ``folder`` (at least 2), decoded as `prepare` does."""
     path = Path(folder)
     if not path.is_dir():
         raise UserError(f"--real {folder}: no such folder")
@@ -145,7 +146,7 @@ def evaluate(run: str | Path, real: str, class_noun: str | None = None, kind: st
     check_options(kind, prompts_file, images_per_prompt, pres_images, steps, seed)
     identifier, class_noun, class_prompt = _defaults_from_run(run, identifier, class_noun)
     prompts = load_prompts(kind, prompts_file, identifier, class_noun)
-    real_images = _real_images(real)
+    real_images = real_images_of(real)
     judges = judges or default_judges(dino, clip)  # fails fast before any drawing
     out = Path(out) if out else Path(run) / "eval"
     seeds = [seed + i for i in range(images_per_prompt)]

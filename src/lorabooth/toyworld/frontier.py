@@ -13,7 +13,7 @@ LEFT, RIGHT, TOP, BOTTOM = 56, 270, 14, 44
 MARKERS = ("circle", "square", "diamond", "triangle")
 
 
-def _marker(kind: str, x: float, y: float, colour: str, title: str) -> str:
+def marker(kind: str, x: float, y: float, colour: str, title: str) -> str:
     tip = f"<title>{html.escape(title)}</title>"
     if kind == "circle":
         return f'<circle cx="{x:.1f}" cy="{y:.1f}" r="4.5" fill="{colour}">{tip}</circle>'
@@ -26,16 +26,15 @@ def _marker(kind: str, x: float, y: float, colour: str, title: str) -> str:
     return f'<polygon points="{coords}" fill="{colour}">{tip}</polygon>'
 
 
-def frontier_svg(points: list[tuple[str, float, float]]) -> str:
-    """``points``: (setting, pres, fidelity), several per setting (its seeds).
-    Each setting gets its own colour and marker and a legend line."""
-    if not points:
-        return "<p>No runs measured.</p>"
-    names = list(dict.fromkeys(name for name, _, _ in points))
-    xs, ys = [p for _, p, _ in points], [f for _, _, f in points]
+def pres_axes(xs: list[float], ys: list[float], width: int, height: int,
+              margins: tuple[int, int, int, int], y_label: str):
+    """The white frame, axes, ticks and labels of a PRES (x) against
+    fidelity (y) plot, both axes spanning at least 0..1; returns the two
+    scale functions and the SVG parts."""
+    left, right, top, bottom = margins
     x_lo, x_hi = min(0.0, min(xs)), max(1.0, max(xs))
     y_lo, y_hi = min(0.0, min(ys)), max(1.0, max(ys))
-    x0, x1, y0, y1 = LEFT, WIDTH - RIGHT, HEIGHT - BOTTOM, TOP
+    x0, x1, y0, y1 = left, width - right, height - bottom, top
 
     def sx(v: float) -> float:
         return x0 + (v - x_lo) / (x_hi - x_lo) * (x1 - x0)
@@ -43,25 +42,36 @@ def frontier_svg(points: list[tuple[str, float, float]]) -> str:
     def sy(v: float) -> float:
         return y0 - (v - y_lo) / (y_hi - y_lo) * (y0 - y1)
 
-    parts = [f'<rect x="0" y="0" width="{WIDTH}" height="{HEIGHT}" fill="white"/>',
+    parts = [f'<rect x="0" y="0" width="{width}" height="{height}" fill="white"/>',
              f'<path d="M{x0},{y1} L{x0},{y0} L{x1},{y0}" stroke="#444" fill="none"/>']
     for v in (x_lo, (x_lo + x_hi) / 2, x_hi):
         parts.append(f'<text x="{sx(v):.1f}" y="{y0 + 16}" text-anchor="middle">{v:.2g}</text>')
     for v in (y_lo, (y_lo + y_hi) / 2, y_hi):
         parts.append(f'<text x="{x0 - 6}" y="{sy(v) + 4:.1f}" text-anchor="end">{v:.2g}</text>')
-    parts.append(f'<text x="{(x0 + x1) / 2}" y="{HEIGHT - 8}" text-anchor="middle">PRES: the bare '
+    parts.append(f'<text x="{(x0 + x1) / 2}" y="{height - 8}" text-anchor="middle">PRES: the bare '
                  "class drifts to the subject (lower is better) →</text>")
     parts.append(f'<text x="14" y="{(y0 + y1) / 2}" text-anchor="middle" transform="rotate(-90 14 '
-                 f'{(y0 + y1) / 2})">identity similarity (higher is better) →</text>')
+                 f'{(y0 + y1) / 2})">{y_label} (higher is better) →</text>')
+    return sx, sy, parts
+
+
+def frontier_svg(points: list[tuple[str, float, float]]) -> str:
+    """``points``: (setting, pres, fidelity), several per setting (its seeds).
+    Each setting gets its own colour and marker and a legend line."""
+    if not points:
+        return "<p>No runs measured.</p>"
+    names = list(dict.fromkeys(name for name, _, _ in points))
+    sx, sy, parts = pres_axes([p for _, p, _ in points], [f for _, _, f in points], WIDTH,
+                              HEIGHT, (LEFT, RIGHT, TOP, BOTTOM), "identity similarity")
     for i, name in enumerate(names):
         colour, _ = style(i)
         kind = MARKERS[i // 10 % len(MARKERS)]  # 10 colours, then the next marker
         for setting, pres, fid in points:
             if setting == name:
-                parts.append(_marker(kind, sx(pres), sy(fid), colour,
+                parts.append(marker(kind, sx(pres), sy(fid), colour,
                                      f"{name}: PRES {pres:.3f}, identity {fid:.3f}"))
         y = TOP + 8 + 16 * i
-        parts.append(_marker(kind, WIDTH - RIGHT + 20, y, colour, name))
+        parts.append(marker(kind, WIDTH - RIGHT + 20, y, colour, name))
         parts.append(f'<text x="{WIDTH - RIGHT + 32}" y="{y + 4}">{html.escape(name)}</text>')
     height = max(HEIGHT, TOP + 16 * len(names) + 8)
     return (f'<svg xmlns="http://www.w3.org/2000/svg" class="frontier" role="img" '

@@ -1,0 +1,63 @@
+"""The toy-world study of `tune` against fixed settings: its equal-CPU rule,
+its pick, and its report (the runs themselves are faked here; the study
+itself is `lorabooth toyworld tune-study`, recorded in docs/tune.md)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from lorabooth.toyworld import tune_study
+from lorabooth.toyworld.tune_study import ARMS, Plan, render, run_fixed, verdict
+
+
+def test_verdict_needs_every_repeat_on_one_side():
+    assert verdict([0.8, 0.9], [0.5, 0.7]) == "better, beyond the spread"
+    assert verdict([0.5, 0.7], [0.8, 0.9]) == "worse, beyond the spread"
+    assert verdict([0.6, 0.9], [0.5, 0.7]) == "no difference beyond the spread"
+    assert verdict([0.1, 0.2], [0.3, 0.4], higher_is_better=False) == "better, beyond the spread"
+
+
+def test_a_fixed_setting_runs_seed_after_seed_until_it_used_the_tunes_cpu_time(
+        tmp_path, monkeypatch):
+    """Each fake run costs 10 CPU seconds on a fake clock: a 25 s budget buys
+    three runs (the last one crosses it), each with its own training seed, and
+    the pick is the one `tune`'s rule takes."""
+    clock = itertools.count(0, 10)  # each run reads the clock twice: 10 s apart
+    monkeypatch.setattr(tune_study.time, "process_time", lambda: next(clock))
+    trained = []
+    monkeypatch.setattr("lorabooth.training.train", lambda config: trained.append(config))
+    scores = iter([{"fidelity": 0.5, "clip_t": 0.2, "pres": 0.3},
+                   {"fidelity": 0.9, "clip_t": 0.2, "pres": 0.9},  # drifts: not picked
+                   {"fidelity": 0.7, "clip_t": 0.3, "pres": 0.2}])
+    monkeypatch.setattr(tune_study, "_evaluate", lambda *a, **k: next(scores))
+    result = run_fixed(Plan(tmp_path), "seed-recipe", 2, 25.0, judges=None)
+    assert result["runs"] == 3 and result["cpu_s"] == 30
+    assert [c.seed for c in trained] == [2000, 2001, 2002]
+    assert all(c.prior_preservation == "images" and c.train_text_encoder for c in trained)
+    assert result["pick"]["run"].endswith("seed2002")
+    # cached: a second call (a resumed study) trains nothing again
+    assert run_fixed(Plan(tmp_path), "seed-recipe", 2, 25.0, judges=None)["runs"] == 3
+    assert len(trained) == 3
+
+
+def _repeat(fid: dict[str, float]) -> dict:
+    arm = {a: {"cpu_s": 100.0, "runs": 3, "pick": {"scores": {"fidelity": f}},
+               "held_out": {"fidelity": f, "clip_t": 0.3, "pres": 0.2}} for a, f in fid.items()}
+    arm["tune"].update(completed=8, pruned=2, failed=0, steps_saved=300, steps_planned=2000)
+    arm["tune"]["pick"]["settings"] = {"lr": 1e-3, "steps": 200, "prior_preservation": "model"}
+    return arm
+
+
+@pytest.mark.parametrize("tune_fid, word", [((0.9, 0.95), "better"), ((0.4, 0.7), "no difference")])
+def test_the_report_states_the_verdict_and_the_tunes(tune_fid, word):
+    results = {r: _repeat({"tune": f, "defaults": 0.6 + r / 100, "seed-recipe": 0.2})
+               for r, f in enumerate(tune_fid)}
+    text, svg = render(results, Plan(tune_study.Path("x"), budget=8))
+    assert f"- vs `train`'s defaults: fidelity {word}" in text
+    assert "- vs the seed's recipe: fidelity better, beyond the spread" in text
+    assert f"| `tune` (its recommended trial) | 3.0 | 100 | {sum(tune_fid) / 2:.3f}" in text
+    assert "| 1 | 8 | 2 | 0 | 100 | 300 of 2000 | lr 0.001, steps 200, prior_preservation model |" in text
+    assert svg.startswith("<svg") and all(a in text for a in ("defaults", "seed's recipe"))
+    assert len(ARMS) == 3
