@@ -1,6 +1,7 @@
 """Plain helpers the tests share (fixtures live in conftest.py)."""
 
 import json
+import subprocess
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -38,3 +39,17 @@ def tiny_outputs(pipe):
     ids = pipe.tokenizer(["a photo of sks dog"], padding="max_length", return_tensors="pt").input_ids
     with torch.no_grad():
         return pipe.unet(x, torch.tensor([400]), ctx).sample, pipe.text_encoder(ids)[0]
+
+
+# Headless Chromium as the report tests run it; the timeouts are hang
+# guards, not speed limits.
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run",
+                  "--virtual-time-budget=5000"]
+
+
+def chromium_dom(page: Path, profile: Path) -> str:
+    """The DOM of ``page`` after Chromium loaded it and ran its scripts."""
+    return subprocess.run(["chromium", *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
+                           "--dump-dom", page.as_uri()],
+                          capture_output=True, text=True, timeout=600).stdout

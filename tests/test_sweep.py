@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import CHROMIUM_FLAGS, chromium_dom
 from lorabooth.cli import main
 from lorabooth.config import TrainConfig
 from lorabooth.errors import UserError
@@ -163,18 +164,14 @@ def test_report_renders_in_a_real_browser(tmp_path, photos):
         "train_text_encoder = [false, true]", "")
     report = run_sweep(_write(tmp_path, photos, text))
     shot = tmp_path / "shot.png"
-    # timeouts below: hang guards, not speed limits
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", "--no-first-run",
-             f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000"]
-    dom = subprocess.run(["chromium", *flags, "--dump-dom", report.as_uri()],
-                         capture_output=True, text=True, timeout=600).stdout
+    dom = chromium_dom(report, tmp_path / "profile")
     m = re.search(r'data-images-loaded="(\d+)/(\d+)"', dom)
     assert m and m.group(1) == m.group(2) and int(m.group(2)) >= 2, dom[:500]
     assert dom.count('class="smooth"') == dom.count('class="raw"') == 1  # the loss-curve SVG
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in dom
-    subprocess.run(["chromium", *flags, f"--screenshot={shot}", "--window-size=1200,1600",
-                    report.as_uri()], capture_output=True, timeout=600)
+    subprocess.run(["chromium", *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}",
+                    f"--screenshot={shot}", "--window-size=1200,1600", report.as_uri()],
+                   capture_output=True, timeout=600)  # a hang guard, not a speed limit
     from PIL import Image
     with Image.open(shot) as im:
         assert im.size == (1200, 1600) and len(set(im.convert("RGB").getdata())) > 50

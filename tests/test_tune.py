@@ -5,12 +5,14 @@ which exercise the machinery, not the scores."""
 from __future__ import annotations
 
 import re
+import shutil
 
 import optuna
 import pytest
 from optuna.trial import FixedTrial, TrialState
 from safetensors.torch import load_file
 
+from helpers import chromium_dom
 from lorabooth.cli import main
 from lorabooth.commands import TuneConfig
 from lorabooth.errors import UserError
@@ -285,6 +287,9 @@ def test_a_pruned_trial_stops_training_and_the_report_counts_what_it_saved(
     assert page.count('<tr class="recommended">') == 1
     assert (out / "front.png").is_file() and "![the Pareto front's images](front.png)" in \
         (out / "report.md").read_text()
+    if shutil.which("chromium"):  # the page in a real browser: every image decodes
+        dom = chromium_dom(out / "report.html", tmp_path / "profile")
+        assert 'data-images-loaded="1/1"' in dom and "tune &lt;b&gt;&amp;" in dom, dom[:500]
 
 
 def test_the_pareto_plot_colours_by_clip_t_and_marks_the_front():

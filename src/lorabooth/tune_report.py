@@ -171,7 +171,7 @@ def render_html(out: Path, trials: list[Any], front: list[Any], best: Any | None
                  "</p>" if best is not None else "<p>No completed trial yet.</p>")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src data:; style-src 'unsafe-inline'">
+<meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'">
 <title>lorabooth tune: {e(str(out))}</title>
 <style>
 body {{ font-family: sans-serif; margin: 2em; color: #222; }}
@@ -197,6 +197,13 @@ CLIP-T (prompt following) up, PRES (the bare class drifting towards the subject)
 <p>{e(" ".join(pruning))}</p>
 <h2>The tune's options</h2>
 <pre>{e(options)}</pre>
+<script>
+window.addEventListener("load", function () {{
+  var ok = Array.prototype.filter.call(document.images, function (i) {{
+    return i.complete && i.naturalWidth > 0; }}).length;
+  document.body.setAttribute("data-images-loaded", ok + "/" + document.images.length);
+}});
+</script>
 </body></html>
 """
 
