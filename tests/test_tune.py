@@ -176,8 +176,8 @@ def test_a_trial_stopped_by_ctrl_c_is_retried_once(photos, tmp_path, monkeypatch
 
 def test_a_killed_tune_process_leaves_a_running_trial_that_is_retried(
         photos, tiny_judges, prompts, tmp_path, no_network_env):
-    """SIGKILL while trial 1 is being evaluated (its images are being drawn;
-    trial 0 is complete): trial 1 stays RUNNING in study.db, its heartbeat
+    """SIGKILL as soon as trial 1 has started (its run folder appears; trial
+    0 is complete): trial 1 stays RUNNING in study.db and its heartbeat
     stops; the next tune waits until it is stale, fails it and retries its
     settings once. Trial 0 is neither lost nor run again."""
     import os
@@ -189,14 +189,12 @@ def test_a_killed_tune_process_leaves_a_running_trial_that_is_retried(
 
     env, _ = no_network_env
     out = tmp_path / "tune"
-    many = tmp_path / "many.txt"  # a long evaluation: the kill lands inside it
-    many.write_text("".join(f"a {{0}} {{1}} number {i}\n" for i in range(40)))
     fast = ("--steps", "1", "--sample-steps", "1")
     proc = subprocess.Popen([sys.executable, "-m", "lorabooth",
-                             *_argv(photos, out, tiny_judges, str(many), "--budget", "5", *fast)],
+                             *_argv(photos, out, tiny_judges, prompts, "--budget", "5", *fast)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        while proc.poll() is None and not (out / "trials" / "0001" / "eval" / "images").is_dir():
+        while proc.poll() is None and not (out / "trials" / "0001").is_dir():
             time.sleep(0.05)
         os.kill(proc.pid, signal.SIGKILL)
     finally:

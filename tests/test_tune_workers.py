@@ -229,7 +229,7 @@ def postgres_url():
     """A PostgreSQL server of its own, on a Unix socket in a temporary
     folder, started by the test and removed after it; skipped (with the
     reason) where there is no server to start."""
-    pytest.importorskip("psycopg2", reason="no psycopg2: pip install lorabooth[postgresql]")
+    pytest.importorskip("psycopg", reason="no psycopg: pip install 'lorabooth[postgresql]'")
     missing = [b for b in ("initdb", "pg_ctl", "createdb") if not shutil.which(b)]
     if missing:
         pytest.skip(f"no PostgreSQL binaries ({', '.join(missing)}): scripts/ensure-postgresql")

@@ -18,7 +18,7 @@ import statistics
 import time
 import warnings
 from collections import Counter
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Iterator
@@ -204,8 +204,8 @@ def _objective(c: Any, judges: Any, space: dict[str, Any]) -> Any:
         trial.set_user_attr("settings", {**overrides, **scales.__dict__})
         try:
             config = trial_config(c, overrides, run)
-            with class_images_once(config.class_path, lambda: config.prior_images and
-                                   missing_indices(config.class_path, c.num_class_images)):
+            with (class_images_once(config.class_path, lambda: missing_indices(
+                    config.class_path, c.num_class_images)) if config.prior_images else nullcontext()):
                 train(config)
             result = evaluate(run, c.photos, class_noun=c.class_noun, kind=c.kind,
                               prompts_file=c.prompts or None,
@@ -252,7 +252,7 @@ def tune(c: Any) -> Path:
     if c.workers == 1:
         work(c, storage, space, judges)
     else:
-        del judges  # each worker loads its own
+        del judges  # loaded to refuse a missing model before any write; each worker loads its own
         run_workers(c.workers, _worker, (c, space, url))
     return write_outputs(load_study(storage), out)
 
