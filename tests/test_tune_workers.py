@@ -20,7 +20,14 @@ from optuna.trial import TrialState
 
 from lorabooth.cli import main
 from lorabooth.errors import UserError
-from lorabooth.tune import SQLITE_TIMEOUT, STUDY, open_storage, sampler_seed
+from lorabooth.tune import (
+    SQLITE_TIMEOUT,
+    STUDY,
+    adopt_silent_trials,
+    load_study,
+    open_storage,
+    sampler_seed,
+)
 from lorabooth.tune_space import Range, check_study_fits, default_space, load_space, suggest
 from lorabooth.tune_workers import class_images_once, visible_gpus, worker_env
 
@@ -61,6 +68,20 @@ def test_sqlite_storage_waits_for_the_write_lock_and_beats(tmp_path):
         assert db.exec_driver_sql("PRAGMA busy_timeout").scalar() == SQLITE_TIMEOUT * 1000
     assert (storage.heartbeat_interval, storage.grace_period) == (7, 14)
     assert storage.heartbeat_stale_trial_callback._max_retry == 1
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
+def test_a_running_trial_that_never_beat_gets_one_beat_once_it_is_old(tmp_path):
+    """A trial whose process died before its first heartbeat would never
+    turn stale: once older than the grace period it gets one beat (and then
+    turns stale like any dead worker's); a trial that beats is left alone."""
+    storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}", heartbeat=1)
+    study = load_study(storage)
+    study.ask()  # silent
+    storage.record_heartbeat(study.ask()._trial_id)
+    assert adopt_silent_trials(storage, grace=3600) == 0  # too young: its owner may be starting
+    assert adopt_silent_trials(storage, grace=0) == 1
+    assert adopt_silent_trials(storage, grace=0) == 0  # beaten once, not kept alive
 
 
 def test_space_file_narrows_fixes_and_replaces_steps(tmp_path):
@@ -203,6 +224,7 @@ def _check_each_trial_ran_once(study, out, err):
     assert sorted(runs) == sorted(t.number for t in done)
     assert all(len(workers) == 1 for workers in runs.values()), runs
     assert len({t.user_attrs["run"] for t in done}) == len(done)
+    assert len({str(sorted(t.params.items())) for t in done}) == len(done)  # drawn apart
     for t in done:
         assert (out / t.user_attrs["run"] / "pytorch_lora_weights.safetensors").is_file()
     assert (out / "report.md").is_file()

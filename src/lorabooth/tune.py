@@ -123,7 +123,7 @@ def retry_interrupted(study: Any) -> int:
     return len(todo)
 
 
-def adopt_silent_trials(storage: Any, study: Any, grace: int) -> int:
+def adopt_silent_trials(storage: Any, grace: int) -> int:
     """RUNNING trials that never beat (their process was killed between
     creating the trial and its first beat, or they come from a tune without
     heartbeats) would stay RUNNING for ever: once such a trial is older than
@@ -138,7 +138,7 @@ def adopt_silent_trials(storage: Any, study: Any, grace: int) -> int:
             "SELECT t.trial_id FROM trials t LEFT JOIN trial_heartbeats h "
             "ON h.trial_id = t.trial_id WHERE t.study_id = :study AND t.state = 'RUNNING' "
             "AND h.trial_id IS NULL AND t.datetime_start < :before"),
-            {"study": study._study_id, "before": before}).scalars().all()
+            {"study": storage.get_study_id_from_name(STUDY), "before": before}).scalars().all()
     for trial_id in ids:
         storage.record_heartbeat(trial_id)
     return len(ids)
@@ -284,7 +284,7 @@ def work(c: Any, storage: Any, space: dict[str, Any], judges: Any, worker: int =
     while True:
         with _experimental_ok():
             optuna.storages.fail_stale_trials(study)  # optimize does it too, but not while we wait
-        adopt_silent_trials(storage, study, 2 * c.heartbeat)
+        adopt_silent_trials(storage, 2 * c.heartbeat)
         trials = study.get_trials(deepcopy=False)
         states = Counter(t.state for t in trials)
         done = states[TrialState.COMPLETE]
