@@ -18,11 +18,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python -m lorabooth demo --output runs/demo
 
-# The sweep report's browser test needs headless Chromium: installed here when
-# it can be; when it cannot, the script says so and that one test is skipped.
+# The sweep report's browser test needs headless Chromium, tune's PostgreSQL
+# test a PostgreSQL server to start: installed here when they can be; when
+# they cannot, the scripts say so and those tests are skipped.
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	scripts/ensure-chromium
+	scripts/ensure-postgresql
 	$(BIN)/python -m pytest tests
 
 clean:

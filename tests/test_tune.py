@@ -18,6 +18,7 @@ from lorabooth.commands import TuneConfig
 from lorabooth.errors import UserError
 from lorabooth.tune import RANKS, STUDY, suggest
 from lorabooth.tune_report import recommend
+from lorabooth.tune_space import default_space
 
 
 def _argv(photos, out, judges, prompts, *extra):
@@ -25,7 +26,7 @@ def _argv(photos, out, judges, prompts, *extra):
     return ["tune", str(photos), "--class-noun", "dog", "--out", str(out), "--steps", "2,3",
             "--resolution", "32", "--num-class-images", "1", "--prompts", prompts,
             "--images-per-prompt", "2", "--pres-images", "2", "--sample-steps", "2",
-            "--dino", dino, "--clip", clip, *extra]
+            "--dino", dino, "--clip", clip, "--heartbeat", "1", *extra]
 
 
 @pytest.fixture
@@ -42,18 +43,27 @@ def _study(out):
 def test_suggest_covers_the_space():
     params = {"lr": 3e-4, "steps": 7, "rank": 8, "prior_preservation": "model",
               "prior_loss_weight": 0.5, "train_text_encoder": True, "train_token": False,
-              "unet_scale": 0.75, "guidance": 4.0}
-    overrides, scales = suggest(FixedTrial(params), [7, 9])
+              "unet_scale": 0.75, "text_scale": 0.6, "guidance": 4.0}
+    overrides, scales = suggest(FixedTrial(params), default_space([7, 9]))
     assert overrides == {k: params[k] for k in list(params)[:7]}
-    assert (scales.unet_scale, scales.guidance) == (0.75, 4.0)
+    assert (scales.unet_scale, scales.text_scale, scales.guidance) == (0.75, 0.6, 4.0)
     study = optuna.create_study(directions=["maximize"] * 3)
+    text_scales = set()
     for _ in range(20):
         trial = study.ask()
-        overrides, scales = suggest(trial, [7, 9])
+        overrides, scales = suggest(trial, default_space([7, 9]))
         assert 1e-4 <= overrides["lr"] <= 2e-3 and overrides["rank"] in RANKS
         assert overrides["steps"] in (7, 9) and 0.1 <= overrides["prior_loss_weight"] <= 1
         assert 0.5 <= scales.unet_scale <= 1 and 3 <= scales.guidance <= 7
+        # the text-encoder scale is drawn only for a LoRA with text layers
+        assert ("text_scale" in trial.params) == overrides["train_text_encoder"]
+        if overrides["train_text_encoder"]:
+            assert 0.5 <= scales.text_scale <= 1
+            text_scales.add(scales.text_scale)
+        else:
+            assert scales.text_scale == 1.0
         study.tell(trial, [0.0, 0.0, 0.0])
+    assert len(text_scales) > 1
 
 
 def test_recommend_takes_the_highest_fidelity_among_tame_pareto_trials():
@@ -94,15 +104,16 @@ def test_tune_writes_the_study_continues_and_retries_an_interrupted_trial(
     assert {p: p.stat().st_mtime_ns for p in made} == made
     assert study.trials[2].params != study.trials[0].params  # the sampler moved on
 
-    # a trial left RUNNING (its process killed) is failed and its settings tried again
+    # a trial left RUNNING that never beat (its process killed at once) is
+    # failed and its settings tried again
     stale = study.ask()
-    suggest(stale, [2, 3])
+    suggest(stale, default_space([2, 3]))
     assert main(_argv(photos, out, tiny_judges, prompts, "--budget", "4")) == 0
     study = _study(out)
     assert study.trials[stale.number].state == TrialState.FAIL
     retry = study.trials[-1]
     assert retry.state == TrialState.COMPLETE and retry.params == study.trials[stale.number].params
-    assert retry.user_attrs["retry_of"] == stale.number
+    assert retry.system_attrs["failed_trial"] == stale.number  # Optuna's heartbeat retry
     assert len([t for t in study.trials if t.state == TrialState.COMPLETE]) == 4
 
 
@@ -169,9 +180,10 @@ def test_a_trial_stopped_by_ctrl_c_is_retried_once(photos, tmp_path, monkeypatch
 
 def test_a_killed_tune_process_leaves_a_running_trial_that_is_retried(
         photos, tiny_judges, prompts, tmp_path, no_network_env):
-    """SIGKILL while a trial is being evaluated (its images are being drawn):
-    the trial stays RUNNING in study.db; the next tune fails it and retries
-    its settings."""
+    """SIGKILL as soon as trial 1 has started (its run folder appears; trial
+    0 is complete): trial 1 stays RUNNING in study.db and its heartbeat
+    stops; the next tune waits until it is stale, fails it and retries its
+    settings once. Trial 0 is neither lost nor run again."""
     import os
     import signal
     import sqlite3
@@ -181,16 +193,12 @@ def test_a_killed_tune_process_leaves_a_running_trial_that_is_retried(
 
     env, _ = no_network_env
     out = tmp_path / "tune"
-    many = tmp_path / "many.txt"  # a long evaluation: the kill lands inside it
-    many.write_text("".join(f"a {{0}} {{1}} number {i}\n" for i in range(40)))
+    fast = ("--steps", "1", "--sample-steps", "1")
     proc = subprocess.Popen([sys.executable, "-m", "lorabooth",
-                             *_argv(photos, out, tiny_judges, str(many), "--budget", "5")],
+                             *_argv(photos, out, tiny_judges, prompts, "--budget", "5", *fast)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and proc.poll() is None:
-            if (out / "trials" / "0000" / "eval" / "images").is_dir():
-                break
+        while proc.poll() is None and not (out / "trials" / "0001").is_dir():
             time.sleep(0.05)
         os.kill(proc.pid, signal.SIGKILL)
     finally:
@@ -199,11 +207,16 @@ def test_a_killed_tune_process_leaves_a_running_trial_that_is_retried(
         states = [s for (s,) in db.execute(  # the pruner's twin study lives there too
             "SELECT t.state FROM trials t JOIN studies s ON s.study_id = t.study_id "
             "WHERE s.study_name = ? ORDER BY t.number", (STUDY,))]
-    assert states == ["RUNNING"]
-    assert main(_argv(photos, out, tiny_judges, prompts, "--budget", "1")) == 0
+    assert states == ["COMPLETE", "RUNNING"]
+    first = out / "trials" / "0000" / "pytorch_lora_weights.safetensors"
+    made = first.stat().st_mtime_ns
+    assert main(_argv(photos, out, tiny_judges, prompts, "--budget", "2", *fast)) == 0
     study = _study(out)
-    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE]
-    assert study.trials[1].params == study.trials[0].params
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.FAIL,
+                                               TrialState.COMPLETE]
+    assert study.trials[2].params == study.trials[1].params
+    assert study.trials[2].system_attrs["failed_trial"] == 1  # Optuna's heartbeat retry
+    assert first.stat().st_mtime_ns == made
 
 
 def test_trials_without_scores_stop_the_study_in_one_line(photos, tmp_path, monkeypatch):
@@ -212,7 +225,7 @@ def test_trials_without_scores_stop_the_study_in_one_line(photos, tmp_path, monk
     from lorabooth.tune import tune
 
     nan = {"mean": float("nan"), "std": 0.0, "n": 1}
-    monkeypatch.setattr(lorabooth.training, "train", lambda config: None)
+    monkeypatch.setattr(lorabooth.training, "train", lambda config, **kwargs: None)
     monkeypatch.setattr(lorabooth.evaluation.runner, "evaluate", lambda *a, **k: {
         "rows": {"lorabooth": {"dino": nan, "clip_t": nan, "pres": nan}}})
     monkeypatch.setattr("lorabooth.tune._judges", lambda c: None)

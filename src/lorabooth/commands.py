@@ -31,6 +31,8 @@ from .tune_pruning import PRUNERS
 log = logging.getLogger("lorabooth")
 MAX_TRIALS = 10000  # `tune --budget`
 MAX_TRAIN_STEPS = 100000  # `tune --steps`
+MAX_WORKERS = 256  # `tune --workers`: processes on one machine
+MAX_HEARTBEAT = 3600  # `tune --heartbeat` seconds: a dead worker's trial waits twice this
 
 
 def _bad(config: Any, key: str, why: str) -> UserError:
@@ -253,7 +255,17 @@ class TuneConfig:
     model: str = _help("Base model, as for train.", "tiny")
     out: str = _help("Folder: study.db, trials/, report.md, pareto.svg, best/.", "runs/tune")
     storage: str = _help("Optuna RDB URL, e.g. postgresql://user@host/db (default: SQLite "
-                         "OUT/study.db).", "")
+                         "OUT/study.db); `tune`s on several machines share a study through it.",
+                         "")
+    workers: int = _help("Worker processes on this machine sharing the study: one GPU each "
+                         "(round robin) when there are GPUs, else the CPU cores split between "
+                         "them.", 1)
+    heartbeat: int = _help("Seconds between a running trial's liveness beats in the storage; a "
+                           "trial silent for twice as long belongs to a dead worker and is "
+                           "retried once.", 60)
+    space: str = _help("TOML file narrowing the search: lr = {low = 1e-4, high = 1e-3, log = "
+                       "true}, steps = [100, 200], prior_preservation = \"model\" (one value "
+                       "fixes a parameter; its steps replace --steps).", "")
     seed: int = _help("Seed of the sampler, the training runs and the evaluation.", 0)
     steps: list[int] = _help("Training step counts to choose from, comma list.",
                              default_factory=lambda: [100, 200, 400])
@@ -282,6 +294,8 @@ class TuneConfig:
         if self.class_noun != " ".join(self.class_noun.split()):
             raise _bad(self, "class_noun", "one line, no leading or trailing spaces")
         check_count(self.budget, "--budget", MAX_TRIALS)
+        check_count(self.workers, "--workers", MAX_WORKERS)
+        check_count(self.heartbeat, "--heartbeat", MAX_HEARTBEAT)
         # the command line reads a comma list as numbers: 200.0 is 200, 2.5 no step count
         if not self.steps or any(s != int(s) or not 1 <= s <= MAX_TRAIN_STEPS for s in self.steps):
             raise _bad(self, "steps", f"whole numbers between 1 and {MAX_TRAIN_STEPS}")
