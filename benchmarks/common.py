@@ -22,8 +22,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = ROOT / "src" / "lorabooth" / "assets" / "demo_photos"
-DEFAULT_MODEL_DIR = Path(os.environ.get("LORABOOTH_BENCH_DIR",
-                                        Path.home() / ".cache" / "lorabooth" / "bench")) / "sd15-random"
+BENCH_DIR = Path(os.environ.get("LORABOOTH_BENCH_DIR", Path.home() / ".cache" / "lorabooth" / "bench"))
+DEFAULT_MODEL_DIR = BENCH_DIR / "sd15-random"
 
 # Stable Diffusion 1.5's own scheduler_config.json: the reference draws its
 # class images with the scheduler it finds in the model folder, as it would
@@ -35,18 +35,25 @@ SD15_SCHEDULER = {
 }
 
 
-def model_dir(path: Path = DEFAULT_MODEL_DIR) -> Path:
-    """SD 1.5's architecture with random weights as a diffusers folder
-    (about 4 GB in fp32), built once from configs and kept outside the repo."""
+def model_dir(path: Path = DEFAULT_MODEL_DIR, name: str = "sd15-random") -> Path:
+    """The built-in model ``name`` (random weights at a real architecture's
+    size: ``sd15-random``, about 4 GB in fp32) saved as a diffusers folder,
+    built once from configs and kept outside the repo; an unknown name fails
+    with the loader's own message."""
     path = Path(path)
     if not (path / "model_index.json").is_file():
-        print(f"building the SD 1.5-size model in {path} (once)", file=sys.stderr)
+        print(f"building {name} in {path} (once)", file=sys.stderr)
         tmp = path.with_name(path.name + ".partial")
-        subprocess.run([sys.executable, "-c", (
-            "import sys; from lorabooth.models import build_sd15_random, save_base; "
-            "save_base(build_sd15_random(), sys.argv[1])"), str(tmp)], check=True)
+        built = subprocess.run([sys.executable, "-c", (
+            "import sys; from lorabooth.errors import UserError; "
+            "from lorabooth.models import load_base, save_base\n"
+            "try: save_base(load_base(sys.argv[1]), sys.argv[2])\n"
+            "except UserError as e: sys.exit(str(e))"), name, str(tmp)])
+        if built.returncode:
+            sys.exit(f"could not build {name} (above)")
         tmp.rename(path)
-    (path / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD15_SCHEDULER, indent=2))
+    if name == "sd15-random":
+        (path / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD15_SCHEDULER, indent=2))
     return path
 
 

@@ -2,7 +2,8 @@
 beside diffusers' train_dreambooth_lora.py, one after the other.
 
 Both train on the same SD 1.5-architecture folder (random weights, built once
-from configs, see common.model_dir) and the same photos, at 256 px, batch 1,
+from configs, see common.model_dir; `--model` picks another built-in) and
+the same photos, at 256 px (`--resolution`), batch 1,
 UNet LoRA rank 4, constant lr 5e-4, no prior preservation. Each side is timed
 from its progress bar by this script's clock (steady s/step: the median gap
 between updates after the first step; time to the first step: launch until
@@ -10,6 +11,8 @@ the bar appears) and its peak RSS comes from the kernel.
 
     python benchmarks/train_speed.py [--steps 8] [--settings fp32 bf16 fp32-gc]
         [--reference train_dreambooth_lora.py --reference-python VENV/bin/python]
+        [--reference-peak-rss-gb 5.96]   # a recorded figure, when the reference cannot run
+        [--model sdxl-random --resolution 512]   # another built-in, saved as a folder once
 
 Fetch the reference as ../shared/REFERENCE.md says, into a folder outside the
 project, with its own venv; never commit it.
@@ -24,7 +27,7 @@ import tempfile
 from pathlib import Path
 
 from common import (
-    DEFAULT_MODEL_DIR,
+    BENCH_DIR,
     PHOTOS,
     machine,
     model_dir,
@@ -41,11 +44,11 @@ SETTINGS = {  # name -> extra lorabooth options
 }
 
 
-def ours(model: Path, steps: int, extra: list[str]) -> dict:
+def ours(model: Path, steps: int, resolution: int, extra: list[str]) -> dict:
     out = Path(tempfile.mkdtemp(prefix="bench-ours-"))
     child = run_child(
         [sys.executable, "-m", "lorabooth", "train", "--model", str(model),
-         "--instance-dir", str(PHOTOS), "--instance-prompt", PROMPT, "--resolution", "256",
+         "--instance-dir", str(PHOTOS), "--instance-prompt", PROMPT, "--resolution", str(resolution),
          "--steps", str(steps), "--batch-size", "1", "--rank", "4", "--lr", "5e-4",
          "--save-format", "diffusers", "--output", str(out), *extra],
         bar=r"train:\s+\d+%\|[^|]*\|\s*(\d+)/\d+")
@@ -54,11 +57,12 @@ def ours(model: Path, steps: int, extra: list[str]) -> dict:
     return _row(child, logged_median=sorted(logged[1:])[len(logged[1:]) // 2])
 
 
-def reference(script: Path, python: str, model: Path, steps: int) -> dict:
+def reference(script: Path, python: str, model: Path, steps: int, resolution: int) -> dict:
     out = Path(tempfile.mkdtemp(prefix="bench-ref-"))
     child = run_child(
         [python, str(script), "--pretrained_model_name_or_path", str(model),
-         "--instance_data_dir", str(PHOTOS), "--instance_prompt", PROMPT, "--resolution", "256",
+         "--instance_data_dir", str(PHOTOS), "--instance_prompt", PROMPT,
+         "--resolution", str(resolution),
          "--train_batch_size", "1", "--max_train_steps", str(steps), "--rank", "4",
          "--learning_rate", "5e-4", "--lr_scheduler", "constant", "--lr_warmup_steps", "0",
          "--output_dir", str(out), "--seed", "0"],
@@ -76,29 +80,45 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--settings", nargs="+", default=["fp32", "bf16"], choices=SETTINGS)
-    parser.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR)
+    parser.add_argument("--model", default="sd15-random",
+                        help="the built-in model to save as a folder and train on")
+    parser.add_argument("--model-dir", type=Path, help="where that folder is kept "
+                        "(default: $LORABOOTH_BENCH_DIR or ~/.cache/lorabooth/bench, then MODEL)")
+    parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--reference", type=Path, help="train_dreambooth_lora.py")
     parser.add_argument("--reference-python", default=sys.executable,
                         help="the python of the reference's own venv")
+    parser.add_argument("--reference-peak-rss-gb", type=float,
+                        help="without --reference: a recorded reference peak to compare with")
     args = parser.parse_args()
 
-    model = model_dir(args.model_dir)
+    model = model_dir(args.model_dir or BENCH_DIR / args.model, args.model)
     warm_page_cache(model)
-    print(json.dumps({"machine": machine(), "steps": args.steps}), flush=True)
+    print(json.dumps({"machine": machine(), "model": args.model, "steps": args.steps,
+                      "resolution": args.resolution}), flush=True)
     rows = {}
     if args.reference:
-        rows["reference fp32"] = reference(args.reference, args.reference_python, model, args.steps)
+        rows["reference fp32"] = reference(args.reference, args.reference_python, model,
+                                           args.steps, args.resolution)
         print(json.dumps({"run": "reference fp32", **rows["reference fp32"]}), flush=True)
     for name in args.settings:
-        rows[f"lorabooth {name}"] = ours(model, args.steps, SETTINGS[name])
+        rows[f"lorabooth {name}"] = ours(model, args.steps, args.resolution, SETTINGS[name])
         print(json.dumps({"run": f"lorabooth {name}", **rows[f"lorabooth {name}"]}), flush=True)
+    _table(rows, args.reference_peak_rss_gb)
 
+
+def _table(rows: dict, recorded_peak_gb: float | None) -> None:
+    """Markdown rows; RSS against the reference run, or else the recorded
+    reference peak (then there is no speed to compare: times drift)."""
     ref = rows.get("reference fp32")
+    if ref is None and recorded_peak_gb:
+        print(f"\n(RSS vs the recorded reference fp32 peak, {recorded_peak_gb:.2f} GB)")
     print("\n| run | steady s/step | speed vs reference | to first step | peak RSS | RSS vs reference |")
     print("|---|---|---|---|---|---|")
     for name, r in rows.items():
         speed = f"{ref['steady_s_per_step'] / r['steady_s_per_step']:.2f}x" if ref else "-"
-        mem = f"{r['peak_rss_gb'] / ref['peak_rss_gb']:.2f}x" if ref else "-"
+        ref_gb = ref["peak_rss_gb"] if ref else recorded_peak_gb
+        mem = f"{r['peak_rss_gb'] / ref_gb:.2f}x" if ref_gb else "-"
         print(f"| {name} | {r['steady_s_per_step']:.2f} | {speed} | {r['to_first_step_s']:.1f} s "
               f"| {r['peak_rss_gb']:.2f} GB | {mem} |")
 

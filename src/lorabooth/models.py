@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
+from .lowmem import load_unet
 
 # A hub lookup that cannot connect must fail fast, not hang: cap huggingface_hub's
 # timeouts unless the user set their own.
@@ -168,13 +169,13 @@ def _load_folder(path: Path, name: str, unet_dtype: torch.dtype = torch.float32,
         name=name,
         # fp32 whatever the files hold (the toy model and many checkpoints are
         # stored fp16); the UNet in ``unet_dtype`` when training keeps its
-        # frozen weights in bf16/fp16 (converted while loading; the fp32
-        # file's mapped pages still count once, see benchmarks/RESULTS.md)
+        # frozen weights in bf16/fp16 (read and converted one tensor at a
+        # time: no fp32 copy resident, see lowmem.py)
         tokenizer=tokenizer or CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
         text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder",
                                                    dtype=torch.float32),
         vae=AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32),
-        unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=unet_dtype),
+        unet=load_unet(path / "unet", unet_dtype, path),
         noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler"),
     )
 
