@@ -281,8 +281,8 @@ class TuneConfig:
     dino: str = _help("DINO model (folder or hub id).", DEFAULT_DINO)
     clip: str = _help("CLIP model (folder or hub id).", DEFAULT_CLIP)
     pruner: str = _help("percentile: stop a trial whose validation fidelity is in the bottom "
-                        "quarter of the trials so far at the same step (after 4 trials); none.",
-                        "percentile")
+                        "tenth of the finished trials at the same step (from its second "
+                        "validation, after 4 trials); none.", "percentile")
     prune_every: int = _help("Steps between a trial's validations under the pruner (4 images "
                              "of the instance prompt, scored by the judges).", 50)
 
