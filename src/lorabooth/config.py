@@ -18,6 +18,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 from .checks import MAX_SEED, MAX_STEPS, check_count, check_seeds, finite
 from .errors import UserError
+from .tracking import check_report_to
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 # off; images: drawn class images (DreamBooth's prior preservation); model:
@@ -157,6 +158,8 @@ class TrainConfig:
     lr_token: float = _help("Learning rate of the trained token embedding (--train-token).", 1e-3)
     adapter: str = _help("lora, or dora (weight-decomposed LoRA: a trained magnitude per "
                          "output channel; diffusers file only, no kohya export).", "lora")
+    report_to: str = _help("Also log the per-step metrics to tensorboard or wandb (their package "
+                           "must be installed), under OUTPUT/logs (empty: metrics.jsonl only).", "")
 
     def __post_init__(self) -> None:
         def bad(key: str, why: str) -> UserError:
@@ -168,6 +171,7 @@ class TrainConfig:
             raise bad("prior_preservation", f"must be one of {', '.join(PRIOR_MODES)}")
         self._check_levers(bad)
         check_adapter(self.adapter, self.save_format)
+        check_report_to(self.report_to)
         for key in ("lr", "lr_text", "prior_loss_weight", "lr_token"):
             if not getattr(self, key) > 0:
                 raise bad(key, "must be a positive number")

@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 # Options that may change between a run and its --resume without changing
 # what the run computes.
 RESUME_NEUTRAL = {"resume", "force", "steps", "checkpoint_every", "validation_prompt",
-                  "validation_every", "validation_images", "output", "gradient_checkpointing"}
+                  "validation_every", "validation_images", "output", "gradient_checkpointing",
+                  "report_to"}
 # Options that change which LoRA tensors exist or their shapes: a checkpoint
 # cannot be loaded across them, so --force does not override them.
 RESUME_SHAPE = {"rank", "train_text_encoder", "train_token", "adapter"}

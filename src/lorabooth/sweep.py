@@ -38,7 +38,8 @@ from .grid import make_grid
 log = logging.getLogger(__name__)
 SECTIONS = ("base", "train", "generate", "evaluate")
 GRID_KEYS = ("unet_scale", "text_scale", "guidance")  # [generate.grid]
-NEUTRAL = {"output", "resume", "force"}  # do not change what a run computes
+# do not change what a run computes (report_to: a sweep's runs hashed before it existed stay done)
+NEUTRAL = {"output", "resume", "force", "report_to", "validation_images"}
 MAX_RUNS = 1000  # a bigger grid is more likely a typo than a plan: it needs --yes
 
 

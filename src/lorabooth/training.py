@@ -72,6 +72,7 @@ from .ranks import (
     restore_streams,
 )
 from .runfiles import check_folders, model_card, run_folder, write_config
+from .tracking import accelerator_options, log_record, start_trackers
 
 log = logging.getLogger(__name__)
 OnValidation = Callable[[int, list[Image]], None]  # (step, the validation's images)
@@ -143,6 +144,7 @@ def _train(config: TrainConfig, accelerator: Accelerator, output: Path,
     if accelerator.is_main_process:
         write_config(output, config)  # only now: a run that fails to start leaves none behind
     metrics = _open_metrics(output, start, accelerator.is_main_process)
+    start_trackers(accelerator, config, output, start)  # --report-to
 
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps,
                desc="train", mininterval=1.0, disable=not accelerator.is_main_process)
@@ -191,6 +193,7 @@ def _train(config: TrainConfig, accelerator: Accelerator, output: Path,
         if metrics:
             metrics.write(to_json(record) + "\n")
             metrics.flush()
+        log_record(accelerator, record)
         bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v)
                          for k, v in record.items() if k != "step" and v is not None},
                         refresh=False)
@@ -303,7 +306,8 @@ def _setup_accelerator(config: TrainConfig) -> Accelerator:
     # cpu=: without it a CPU-only process started by `accelerate launch` or
     # torchrun ignores WORLD_SIZE and trains alone (accelerate only picks gloo
     # for cpu=True), every "rank" writing the same folder.
-    return Accelerator(mixed_precision=precision, cpu=on_cpu)
+    return Accelerator(mixed_precision=precision, cpu=on_cpu,
+                       **accelerator_options(config.report_to, config.output))
 
 
 def _setup_class_images(config: TrainConfig, base: BaseModel, resolution: int,
