@@ -133,6 +133,7 @@ def test_bad_storage_is_one_line_and_writes_nothing(photos, tmp_path, storage, c
     ({"class_noun": "dog\n"}, "--class-noun"), ({"steps": [0]}, "--steps"),
     ({"steps": []}, "--steps"), ({"steps": [2.5]}, "--steps: whole numbers"), ({"judges": "x"}, "--judges"),
     ({"pruner": "median"}, "--pruner"), ({"prune_every": 0}, "--prune-every"),
+    ({"prune_percentile": 100.0}, "--prune-percentile"),
     ({"images_per_prompt": 1}, "--images-per-prompt")])
 def test_bad_options_name_the_option(photos, change, fragment):
     with pytest.raises(UserError, match=re.escape(fragment)):
@@ -241,7 +242,7 @@ def test_the_percentile_pruner_stops_a_trial_clearly_behind_at_the_same_step():
     from lorabooth.tune_pruning import STARTUP_TRIALS, Pruning, validation_study
 
     storage = optuna.storages.InMemoryStorage()
-    twins = validation_study(storage, "percentile", 50)
+    twins = validation_study(storage, "percentile")
     main_study = optuna.create_study(storage=storage, directions=["maximize"] * 3)
 
     def run(score: float) -> optuna.trial.Trial:
@@ -252,16 +253,13 @@ def test_the_percentile_pruner_stops_a_trial_clearly_behind_at_the_same_step():
         pruning.finish(score)
         return trial
 
-    assert validation_study(storage, "none", 50) is None
+    assert validation_study(storage, "none") is None
     for score in (0.8, 0.7, 0.9, 0.85)[:STARTUP_TRIALS]:
         run(score)
     behind = main_study.ask()
-    pruning = Pruning(twins, behind, lambda images: 0.1)
-    pruning(50, [])  # the first validation never prunes: early scores say little
-    with pytest.raises(optuna.TrialPruned, match="step 100"):
-        pruning(100, [])
-    assert behind.user_attrs["pruned_at"] == 100
-    assert behind.user_attrs["validation"] == [[50, 0.1], [100, 0.1]]
+    with pytest.raises(optuna.TrialPruned, match="step 50"):
+        Pruning(twins, behind, lambda images: 0.1)(50, [])
+    assert behind.user_attrs["pruned_at"] == 50 and behind.user_attrs["validation"] == [[50, 0.1]]
     assert twins.trials[-1].state == TrialState.PRUNED
     ahead = run(0.95)  # not behind: runs to the end
     assert "pruned_at" not in ahead.user_attrs
@@ -279,7 +277,7 @@ def test_a_pruned_trial_stops_training_and_the_report_counts_what_it_saved(
         def prune(self, study, trial):
             return trial.number % 2 == 1
 
-    monkeypatch.setattr(lorabooth.tune_pruning, "make_pruner", lambda name, every: OddTwins())
+    monkeypatch.setattr(lorabooth.tune_pruning, "make_pruner", lambda name, percentile: OddTwins())
     out = tmp_path / "tune <b>&"
     argv = _argv(photos, out, tiny_judges, prompts, "--budget", "2", "--prune-every", "2")
     argv[argv.index("--steps") + 1] = "4"

@@ -289,7 +289,7 @@ def work(c: Any, storage: Any, space: dict[str, Any], judges: Any, worker: int =
     from optuna.trial import TrialState
 
     study = load_study(storage)
-    objective = _objective(c, judges, space, validation_study(storage, c.pruner, c.prune_every))
+    objective = _objective(c, judges, space, validation_study(storage, c.pruner, c.prune_percentile))
     ended: list[Any] = []  # this worker's trials' end states
     while True:
         with _experimental_ok():
