@@ -283,7 +283,7 @@ class TuneConfig:
     pruner: str = _help("percentile: stop a trial whose validation fidelity is in the bottom "
                         "--prune-percentile of the finished trials at the same step (after 4 "
                         "trials); none.", "percentile")
-    prune_percentile: float = _help("The pruner's percentile: 25 pruned 55-58% of the planned "
+    prune_percentile: float = _help("The pruner's percentile: 25 pruned 55-68% of the planned "
                                     "steps on the toy world, 10 fewer (docs/tune.md).", 25.0)
     prune_every: int = _help("Steps between a trial's validations under the pruner (4 images "
                              "of the instance prompt, scored by the judges).", 50)

@@ -20,7 +20,7 @@ PRUNERS = ("percentile", "none")
 # Optuna's percentile compares with finished trials only, the pruner's
 # survivors, so the bar rises as a study goes on. Measured on the toy world
 # (docs/tune.md, 3 tune seeds, budget 8): the bottom quarter from the first
-# validation pruned 11, 24 and 15 trials (55-58% of the planned steps not
+# validation pruned 11, 24 and 15 trials (55-68% of the planned steps not
 # trained; one search stopped at its cap of 3 x budget); the bottom tenth
 # from the second validation, with 4 finished trials at that step, pruned
 # none. The default is the measured quarter.
