@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test clean
+.PHONY: demo ui test clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -17,6 +17,11 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/python -m lorabooth demo --output runs/demo
+
+# The web page on this machine only (http://127.0.0.1:7860), the training
+# form set to the built-in toy model; runs go to lorabooth-runs/.
+ui: $(STAMP)
+	$(BIN)/python -m lorabooth ui --model toy --workspace lorabooth-runs
 
 # The sweep report's browser test needs headless Chromium: installed here when
 # it can be; when it cannot, the script says so and that one test is skipped.
