@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -250,3 +251,39 @@ def test_a_broken_state_file_is_ignored(ws):
     assert fake_queue(ws).jobs() == []
     (ws.root / "x" / STATE).write_text(json.dumps({"id": "y"}))  # fields missing
     assert load_job(ws.root / "x") is None
+
+
+def test_measure_jobs_are_the_cli_commands_on_workspace_paths(ws):
+    queue = fake_queue(ws)
+    run = ws.root / "runs" / "a"
+    run.mkdir(parents=True)
+    (run / "config.toml").write_text('model = "toy"\nsteps = 2\n')
+    (ws.root / "photos").mkdir()
+    job = h.start_measure(ws, queue, "tune", "runs/a", "photos", "ball", "", 3)
+    assert job.argv == ["tune", str(ws.root / "photos"), "--class-noun", "ball", "--budget", "3",
+                        "--model", "toy", "--out", str(ws.root / "tune" / "photos"),
+                        "--judges", "toy"]
+    job = h.start_measure(ws, queue, "evaluate", "runs/a", "photos", "", "", 1)
+    assert job.argv[:4] == ["evaluate", str(run), "--real", str(ws.root / "photos")]
+    (ws.root / "s.toml").write_text('[base]\noutput = "/tmp/elsewhere"\n')
+    with pytest.raises(UserError, match="outside the workspace"):
+        h.start_measure(ws, queue, "sweep", "", "", "", "s.toml", 1)
+    with pytest.raises(UserError, match="outside the workspace"):
+        h.start_measure(ws, queue, "evaluate", "runs/a", "/etc", "", "", 1)
+    assert queue.wait_idle(WAIT)
+
+
+def test_the_lora_comes_in_either_layout(ws, trained_run):
+    from safetensors.torch import load_file
+
+    from lorabooth.formats.layouts import detect_layout
+
+    run = ws.root / "runs" / "a"
+    run.mkdir(parents=True)
+    shutil.copy(trained_run / h.LORA_FILES["diffusers"], run)  # a run saved in one layout
+    assert h.lora_file(ws, "runs/a", "diffusers") == run / h.LORA_FILES["diffusers"]
+    kohya = h.lora_file(ws, "runs/a", "kohya")
+    assert kohya.parent == run / "downloads" and detect_layout(load_file(kohya), "") == "kohya"
+    with pytest.raises(UserError, match="no LoRA file yet"):
+        (ws.root / "runs" / "b").mkdir()
+        h.lora_file(ws, "runs/b", "kohya")

@@ -168,8 +168,9 @@ def _draw_tab(ws: Workspace, queue: JobQueue) -> tuple[gr.Dropdown, gr.Dropdown]
     with gr.Row():
         guidance = gr.Slider(1, 15, value=7.5, step=0.5, label="Guidance")
         seed = gr.Number(value=0, precision=0, label="First seed")
-        count = gr.Number(value=4, precision=0, label="Seeds (images per setting)")
-        steps = gr.Number(value=20, precision=0, label="Sampler steps")
+        count = gr.Number(value=4, precision=0, label="Seeds (images per setting)",
+                          elem_id="draw-count")
+        steps = gr.Number(value=20, precision=0, label="Sampler steps", elem_id="draw-steps")
     go = gr.Button("Draw", variant="primary", elem_id="draw-go")
     status = gr.HTML(elem_id="draw-status")
     folders = gr.State([])

@@ -114,10 +114,9 @@ def start_training(ws: Workspace, queue: JobQueue, values: dict) -> Job:
     queue `lorabooth train --config RUN/ui-train.toml`."""
     config = config_from_form(ws, values)
     run = Path(config.output)
-    current = load_job(run)
-    if (run / "config.toml").is_file() and not (current and current.status != "done"):
-        raise UserError(f"output {ws.relative(run)}: already holds a finished run; choose another "
-                        f"folder (or Resume it from the Runs list)")
+    if (run / "config.toml").is_file():  # written once a training has started there
+        raise UserError(f"output {ws.relative(run)}: already holds a run; choose another folder, "
+                        f"or Resume that one")
     run.mkdir(parents=True, exist_ok=True)
     from ..fileio import write_text
 
