@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test clean
+.PHONY: demo ui test clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -18,9 +18,14 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python -m lorabooth demo --output runs/demo
 
-# The sweep report's browser test needs headless Chromium, tune's PostgreSQL
-# test a PostgreSQL server to start: installed here when they can be; when
-# they cannot, the scripts say so and those tests are skipped.
+# The web page on this machine only (http://127.0.0.1:7860), the training
+# form set to the built-in toy model; runs go to lorabooth-runs/.
+ui: $(STAMP)
+	$(BIN)/python -m lorabooth ui --model toy --workspace lorabooth-runs
+
+# The browser tests (sweep report, web page) need headless Chromium, tune's
+# PostgreSQL test a PostgreSQL server to start: installed here when they can
+# be; when they cannot, the scripts say so and those tests are skipped.
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	scripts/ensure-chromium

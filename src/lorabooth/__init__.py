@@ -23,7 +23,7 @@ _API = {"TrainConfig": "config", "PrepareConfig": "config", "UserError": "errors
         "prepare": "prepare", "run": "commands",
         **dict.fromkeys(("GenerateConfig", "EvaluateConfig", "IdentifierConfig", "InspectConfig",
                          "ConvertConfig", "MergeConfig", "FuseConfig", "SweepConfig", "DemoConfig",
-                         "PretrainConfig", "ClaimsConfig", "TuneConfig"), "commands")}
+                         "PretrainConfig", "ClaimsConfig", "TuneConfig", "UiConfig"), "commands")}
 
 __all__ = [*_API, "__version__"]
 

@@ -311,6 +311,31 @@ class TuneConfig:
         _one_of(self, "judges", ("", "toy"))
 
 
+@dataclass(frozen=True)
+class UiConfig:
+    workspace: str = _help("The one folder the page reads and writes (photos, datasets, runs); "
+                           "a path outside it, `..` or a symlink out of it is refused.",
+                           "lorabooth-runs")
+    host: str = _help("Address to listen on; any but 127.0.0.1, localhost or ::1 needs --auth.",
+                      "127.0.0.1")
+    port: int = _help("Port to listen on.", 7860)
+    auth: str = _help("user:password the page asks for (required with a --host beyond this "
+                      "machine).", "")
+    model: str = _help("Base model the training form starts with (tiny, toy, a folder, a hub "
+                       "id).", "tiny")
+    max_upload_mb: int = _help("Largest photo the page accepts, in MB.", 25)
+
+    def __post_init__(self) -> None:
+        from .ui.server import parse_auth
+
+        _require(self, "workspace", "host", "model")
+        if not 0 < self.port < 65536:
+            raise _bad(self, "port", "must be between 1 and 65535")
+        if self.max_upload_mb < 1:
+            raise _bad(self, "max_upload_mb", "must be at least 1")
+        parse_auth(self.auth, self.host)
+
+
 def _train(c: TrainConfig) -> Any:
     from .training import train
 
@@ -413,6 +438,13 @@ def _tune(c: TuneConfig) -> Any:
     return tune(c)
 
 
+def _ui(c: UiConfig) -> Any:
+    from .ui.server import serve
+
+    return serve(c.workspace, host=c.host, port=c.port, auth=c.auth, model=c.model,
+                 max_upload_mb=c.max_upload_mb)
+
+
 def _demo(c: DemoConfig) -> Any:
     from .demo import demo
 
@@ -461,6 +493,8 @@ COMMANDS: dict[str, tuple[type, str, Callable[[Any], Any]]] = {
     "tune": (TuneConfig, "search training settings and scales with Optuna: fidelity, "
                          "CLIP-T, PRES", _tune),
     "demo": (DemoConfig, "train and draw on the built-in model with example photos", _demo),
+    "ui": (UiConfig, "the whole workflow in a local web page: photos, identifier, train, draw, "
+                     "measure, runs", _ui),
 }
 
 

@@ -1,0 +1,75 @@
+"""`lorabooth ui`: check who may connect, open the workspace, find the jobs
+an earlier server left, and serve the page. Local by default, no share
+links, no analytics, no web fonts: the page makes no request beyond this
+machine."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from ..errors import UserError
+from .workspace import Workspace
+
+log = logging.getLogger(__name__)
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def parse_auth(auth: str, host: str) -> tuple[str, str] | None:
+    """``user:password`` as Gradio's auth pair; required for any host but
+    this machine, since the page starts processes and writes files."""
+    if not auth:
+        if host not in LOCAL_HOSTS:
+            raise UserError(f"--host {host}: serving beyond this machine needs --auth "
+                            f"user:password (anyone who reaches the port could train, draw and "
+                            f"write files in the workspace)")
+        return None
+    user, sep, password = auth.partition(":")
+    if not (sep and user and password):
+        raise UserError("--auth: expected user:password, both non-empty")
+    return user, password
+
+
+def serve(workspace: str, host: str = "127.0.0.1", port: int = 7860, auth: str = "",
+          model: str = "tiny", max_upload_mb: int = 25, block: bool = True) -> Any:
+    credentials = parse_auth(auth, host)
+    ws = Workspace.open(workspace, max_upload_mb << 20)
+    # before gradio is imported: it reads these once
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    os.environ.setdefault("GRADIO_TEMP_DIR", str(ws.root / ".ui-uploads"))
+    import fastapi
+    import gradio as gr
+    import uvicorn
+
+    from .app import CSS, build
+    from .jobs import JobQueue
+
+    queue = JobQueue(ws)
+    found = queue.recover()
+    if found:
+        log.info("found %d job(s) left by an earlier server", len(found))
+    page = build(ws, queue, model)
+    page.queue(default_concurrency_limit=4)
+    # system fonts: the default theme would fetch Google's from the browser
+    theme = gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["monospace"])
+    # Our own uvicorn in the main thread rather than launch(): launch gives
+    # its server thread 5 s to start and gives up on a busy machine.
+    app = gr.mount_gradio_app(
+        fastapi.FastAPI(openapi_url=None, docs_url=None, redoc_url=None), page, path="",
+        server_name=host, server_port=port, footer_links=[], auth=credentials,
+        allowed_paths=[str(ws.root)], show_error=False, max_file_size=max_upload_mb << 20,
+        ssr_mode=False, enable_monitoring=False, pwa=False, mcp_server=False, theme=theme,
+        css=CSS)
+    where = f"workspace {ws.root}; serving on http://{host}:{port}"
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets)
+            if self.started:  # only now: a script waiting for this line knows the port answers
+                log.info("%s", where)
+
+    server = Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    if block:
+        server.run()
+    return server
