@@ -87,34 +87,42 @@ def sgm_unet_module(module: str) -> str:
     return unet_ldm_key(module + ".weight", _SDXL_PAIRS).removesuffix(".weight")
 
 
+def openclip_name(key: str) -> str:
+    """A CLIPTextModelWithProjection weight -> open_clip's name for it (no
+    prefix); q, k and v all land in `attn.in_proj_weight`/`_bias`."""
+    key = key if key.startswith(("text_model.", "text_projection")) else "text_model." + key
+    if key in OPENCLIP_TOP:
+        return OPENCLIP_TOP[key]
+    if key == "text_projection.weight":
+        return "text_projection"
+    m = re.fullmatch(r"text_model\.encoder\.layers\.(\d+)\.(.+)", key)
+    if m is None:
+        raise ValueError(f"text_encoder_2 weight {key}: no open_clip name")
+    rest = m[2]
+    if q := re.fullmatch(r"self_attn\.[qkv]_proj\.(weight|bias)", rest):
+        rest = f"attn.in_proj_{q[1]}"
+    else:
+        hf, oc = next(((hf, oc) for hf, oc in OPENCLIP if rest.startswith(hf)), (None, None))
+        if hf is None:
+            raise ValueError(f"text_encoder_2 weight {key}: no open_clip name")
+        rest = oc + rest[len(hf):]
+    return f"transformer.resblocks.{m[1]}.{rest}"
+
+
 def te2_to_openclip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A CLIPTextModelWithProjection state dict -> open_clip's names (no
+    """A CLIPTextModelWithProjection state dict -> open_clip's layout (no
     prefix): the inverse of diffusers' `convert_open_clip_checkpoint`."""
-    state = {k if k.startswith(("text_model.", "text_projection")) else "text_model." + k: v
-             for k, v in state.items()}
     out, fused = {}, {}
     for key, value in state.items():
-        if key in OPENCLIP_TOP:
-            out[OPENCLIP_TOP[key]] = value
-        elif key == "text_projection.weight":
-            out["text_projection"] = value.T  # open_clip multiplies x @ P: (width, projection)
-        elif m := re.fullmatch(r"text_model\.encoder\.layers\.(\d+)\.(.+)", key):
-            layer, rest = m[1], m[2]
-            if q := re.fullmatch(r"self_attn\.([qkv])_proj\.(weight|bias)", rest):
-                fused.setdefault((layer, q[2]), {})[q[1]] = value
-                continue
-            for hf, oc in OPENCLIP:
-                if rest.startswith(hf):
-                    rest = oc + rest[len(hf):]
-                    break
-            else:
-                raise ValueError(f"text_encoder_2 weight {key}: no open_clip name")
-            out[f"transformer.resblocks.{layer}.{rest}"] = value
+        name = openclip_name(key)
+        if ".in_proj_" in name:
+            fused.setdefault(name, {})[re.search(r"([qkv])_proj", key)[1]] = value
+        elif name == "text_projection":
+            out[name] = value.T  # open_clip computes x @ P with P: (width, projection)
         else:
-            raise ValueError(f"text_encoder_2 weight {key}: no open_clip name")
-    for (layer, kind), parts in fused.items():  # (3 * width, width) in q, k, v order
-        out[f"transformer.resblocks.{layer}.attn.in_proj_{kind}"] = torch.cat(
-            [parts["q"], parts["k"], parts["v"]])
+            out[name] = value
+    for name, parts in fused.items():  # (3 * width, width): q, k, v stacked
+        out[name] = torch.cat([parts["q"], parts["k"], parts["v"]])
     return out
 
 
