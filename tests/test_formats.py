@@ -209,6 +209,7 @@ def test_sdxl_kohya_names_are_sd_scripts_names(sdxl_lora, tmp_path):
         assert f"lora_unet_{module}" in unet, module
     assert {float(v) for k, v in kohya.items() if k.endswith(".alpha")} == {8.0}
     assert header["lorabooth.family"] == "sdxl"
+    assert header["ss_base_model_version"] == "sdxl_base_v1-0"  # as sd-scripts marks SDXL
     # what diffusers' converter alone writes: the diffusers block names
     theirs = convert_state_dict_to_kohya(read_as_peft(sdxl_lora)[0])
     assert any(k.startswith("lora_unet_down_blocks_1_") for k in theirs)

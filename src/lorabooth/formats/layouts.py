@@ -33,7 +33,7 @@ from ..lora import (
     read_lora,
 )
 from ..pivotal import embedding_keys, split_embeddings, write_rows
-from .sdxl import FAMILY_KEY, SDXL, SDXL_UNET, family_of, sgm_unet_module
+from .sdxl import FAMILY_KEY, SDXL, SDXL_KOHYA_META, SDXL_UNET, family_of, sgm_unet_module
 
 log = logging.getLogger(__name__)
 
@@ -274,7 +274,8 @@ def write_lora(dst: Path, peft: dict[str, torch.Tensor], rank: int, alpha: float
         if is_dora(peft):
             raise UserError(f"{dst}: not written: {KOHYA_DORA_REFUSAL}")
         out = peft_to_kohya(peft, alpha, family)
-        meta = {"format": "pt", **kohya_metadata({**header, **ours})}
+        meta = {"format": "pt", **kohya_metadata({**header, **ours}),
+                **(SDXL_KOHYA_META if family == SDXL else {})}
     else:
         out = ({canonical_key(k): v for k, v in peft.items()} if to == "peft"
                else peft_to_diffusers(peft))

@@ -25,6 +25,10 @@ from .singlefile import ldm_pairs, text_ldm_name, unet_ldm_key, unet_to_ldm, vae
 SD, SDXL = "sd", "sdxl"  # LoRA families: one text encoder (SD 1.x/2.x) or SDXL's two
 FAMILY_NAMES = {SD: "Stable Diffusion 1.x/2.x", SDXL: "SDXL"}
 FAMILY_KEY = "lorabooth.family"
+# What kohya's sd-scripts write into an SDXL LoRA's header; AUTOMATIC1111 and
+# model sites sort LoRAs by base model on these.
+SDXL_KOHYA_META = {"ss_base_model_version": "sdxl_base_v1-0",
+                   "modelspec.architecture": "stable-diffusion-xl-v1-base/lora"}
 
 # SDXL 1.0's UNet, text encoders (CLIP ViT-L, OpenCLIP ViT-bigG) as diffusers
 # configures them: the weight names the clients' rules are checked against.
