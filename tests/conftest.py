@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import make_photos
+from helpers import make_photos, make_sdxl_lora
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -89,6 +89,13 @@ def trained_run(tmp_path_factory, session_photos) -> Path:
         rank=4, alpha=8, seed=0, output=str(out), validation_prompt="a photo of sks dog",
     )
     return train(config)
+
+
+@pytest.fixture(scope="session")
+def sdxl_lora(tmp_path_factory) -> Path:
+    """A trained-looking LoRA of the tiny SDXL model (UNet and both text
+    encoders, rank 4, alpha 8) as diffusers' own SDXL saver writes it."""
+    return make_sdxl_lora(tmp_path_factory.mktemp("sdxl_lora"), rank=4, alpha=8.0)
 
 
 @pytest.fixture(scope="session")

@@ -53,3 +53,115 @@ def chromium_dom(page: Path, profile: Path) -> str:
     return subprocess.run(["chromium", *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
                            "--dump-dom", page.as_uri()],
                           capture_output=True, text=True, timeout=600).stdout
+
+
+# SDXL-shaped test model. The lead will point this at
+# `lorabooth.models.build_tiny_sdxl` (branch sdxl-core) after merging; until
+# then it is built here from the shapes of diffusers' own tiny-SDXL tests.
+# The two text encoders differ in width (32 vs 48) on purpose: diffusers'
+# single-file reader tells CLIP-L from OpenCLIP-G's slot by width.
+TINY_SDXL_TEXT_WIDTHS = (32, 48)
+
+
+def tiny_sdxl_pipeline(seed: int = 0):
+    """A StableDiffusionXLPipeline with small random weights, built offline."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from lorabooth.models import CLIP_VOCAB_SIZE, clip_tokenizer
+
+    def clip_config(width: int, act: str) -> CLIPTextConfig:
+        return CLIPTextConfig(hidden_size=width, intermediate_size=37, num_hidden_layers=3,
+                              num_attention_heads=4, vocab_size=CLIP_VOCAB_SIZE,
+                              max_position_embeddings=77, layer_norm_eps=1e-5, hidden_act=act,
+                              projection_dim=32, bos_token_id=49406, eos_token_id=49407,
+                              pad_token_id=49407)
+
+    te1, te2 = TINY_SDXL_TEXT_WIDTHS
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=32, in_channels=4, out_channels=4, layers_per_block=2,
+            block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+            use_linear_projection=True, transformer_layers_per_block=(1, 2),
+            addition_embed_type="text_time", addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=6 * 8 + 32,  # 6 size/crop ids + pooled text
+            cross_attention_dim=te1 + te2, norm_num_groups=32)
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
+                            block_out_channels=(32, 64), norm_num_groups=32, sample_size=64,
+                            down_block_types=("DownEncoderBlock2D",) * 2,
+                            up_block_types=("UpDecoderBlock2D",) * 2)
+        text_encoder = CLIPTextModel(clip_config(te1, "quick_gelu"))
+        text_encoder_2 = CLIPTextModelWithProjection(clip_config(te2, "gelu"))
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012,
+                                       beta_schedule="scaled_linear", steps_offset=1)
+    return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder,
+                                     text_encoder_2=text_encoder_2, tokenizer=clip_tokenizer(),
+                                     tokenizer_2=clip_tokenizer(), unet=unet, scheduler=scheduler)
+
+
+def sdxl_lora_layers(pipe, rank: int = 4, alpha: float = 8.0, seed: int = 0) -> dict:
+    """A trained-looking LoRA on ``pipe`` (attention of the UNet and both text
+    encoders, random non-zero B matrices) as peft state dicts per part."""
+    import torch
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+
+    from lorabooth.lora import TEXT_TARGETS, UNET_TARGETS
+
+    g = torch.Generator().manual_seed(seed)
+    layers = {}
+    for part, targets in (("unet", UNET_TARGETS), ("text_encoder", TEXT_TARGETS),
+                          ("text_encoder_2", TEXT_TARGETS)):
+        module = getattr(pipe, part)
+        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha,
+                                           target_modules=list(targets)), module)
+        with torch.no_grad():
+            for name, p in module.named_parameters():
+                if "lora_" in name:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        layers[part] = get_peft_model_state_dict(module)
+    return layers
+
+
+def make_sdxl_lora(folder: Path, rank: int = 4, alpha: float = 8.0, seed: int = 0) -> Path:
+    """An SDXL LoRA file as diffusers itself saves one
+    (`StableDiffusionXLPipeline.save_lora_weights`: keys `unet.…`,
+    `text_encoder.…`, `text_encoder_2.…`), with rank and alpha in its header."""
+    from diffusers import StableDiffusionXLPipeline
+    from peft import LoraConfig
+
+    from lorabooth.lora import TEXT_TARGETS, UNET_TARGETS, WEIGHT_NAME
+
+    layers = sdxl_lora_layers(tiny_sdxl_pipeline(), rank, alpha, seed)
+    meta = {part: LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets)).to_dict()
+            for part, targets in (("unet", UNET_TARGETS), ("text_encoder", TEXT_TARGETS),
+                                  ("text_encoder_2", TEXT_TARGETS))}
+    StableDiffusionXLPipeline.save_lora_weights(
+        folder, unet_lora_layers=layers["unet"], text_encoder_lora_layers=layers["text_encoder"],
+        text_encoder_2_lora_layers=layers["text_encoder_2"], unet_lora_adapter_metadata=meta["unet"],
+        text_encoder_lora_adapter_metadata=meta["text_encoder"],
+        text_encoder_2_lora_adapter_metadata=meta["text_encoder_2"])
+    return Path(folder) / WEIGHT_NAME
+
+
+def tiny_sdxl_outputs(pipe):
+    """The tiny SDXL pipeline's UNet prediction and both encoders' outputs
+    for fixed inputs: two pipelines whose weights agree give the same three."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    width = sum(TINY_SDXL_TEXT_WIDTHS)
+    x, ctx = torch.randn(1, 4, 32, 32, generator=g), torch.randn(1, 77, width, generator=g)
+    extra = {"text_embeds": torch.randn(1, 32, generator=g),
+             "time_ids": torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]])}
+    ids = pipe.tokenizer(["a photo of sks dog"], padding="max_length", return_tensors="pt").input_ids
+    with torch.no_grad():
+        return (pipe.unet(x, torch.tensor([400]), ctx, added_cond_kwargs=extra).sample,
+                pipe.text_encoder(ids)[0], pipe.text_encoder_2(ids)[0])

@@ -12,6 +12,7 @@ from lorabooth.formats.clients import (
     comfyui_key_map,
     comfyui_unloaded,
     sd15_names,
+    sdxl_names,
     unloaded_by_client,
 )
 from lorabooth.formats.layouts import old_text_keys
@@ -78,3 +79,55 @@ def test_the_transformers_5_spelling_is_what_the_clients_drop(sd15_run, sd15):
     diffusers, _ = read_lora(sd15_run / WEIGHT_NAME)
     old = [k.replace("text_encoder.text_model.", "text_encoder.") for k in diffusers]
     assert len(unloaded_by_client(old, sd15)["ComfyUI"]) == 96
+
+
+@pytest.fixture(scope="module")
+def sdxl():
+    return sdxl_names()
+
+
+def test_the_rules_name_sdxl_as_the_clients_do(sdxl):
+    """Known places of SDXL's original layout, in each spelling a file may use."""
+    key_map = comfyui_key_map(sdxl)
+    ldm = "model.diffusion_model.input_blocks.4.1.transformer_blocks.1.attn2.to_k.weight"
+    diffusers = "down_blocks.1.attentions.0.transformer_blocks.1.attn2.to_k"
+    assert key_map["lora_unet_input_blocks_4_1_transformer_blocks_1_attn2_to_k"] == ldm
+    assert key_map[f"lora_unet_{diffusers.replace('.', '_')}"] == ldm
+    assert key_map["unet." + diffusers.replace(".to_k", ".processor.to_k")] == ldm
+    assert key_map["lora_te1_text_model_encoder_layers_11_self_attn_v_proj"] == \
+        "conditioner.embedders.0.transformer.text_model.encoder.layers.11.self_attn.v_proj.weight"
+    te2 = "conditioner.embedders.1.model.transformer.resblocks.31."
+    assert key_map["lora_te2_text_model_encoder_layers_31_self_attn_q_proj"] == \
+        key_map["text_encoder_2.text_model.encoder.layers.31.self_attn.k_proj"] == \
+        te2 + "attn.in_proj_weight"
+    assert key_map["lora_te2_text_model_encoder_layers_31_mlp_fc1"] == te2 + "mlp.c_fc.weight"
+    assert "lora_te2_text_model_encoder_layers_32_mlp_fc1" not in key_map  # bigG has 32 layers
+    assert a1111_module("lora_te2_text_model_encoder_layers_3_mlp_fc2") == \
+        "1_model_transformer_resblocks_3_mlp_c_proj"
+    assert a1111_module("lora_te2_text_model_encoder_layers_3_self_attn_out_proj") == \
+        "1_model_transformer_resblocks_3_attn_out_proj"
+    up = ".lora_up.weight"
+    fine = ["lora_te2_text_model_encoder_layers_31_self_attn_q_proj" + up,  # onto the fused attn
+            "lora_te1_text_model_encoder_layers_0_mlp_fc1" + up,
+            "lora_unet_output_blocks_2_1_transformer_blocks_9_attn1_to_out_0" + up,
+            "lora_unet_up_blocks_0_attentions_2_transformer_blocks_9_attn1_to_out_0" + up]
+    assert a1111_unloaded(fine, sdxl) == []
+    # SD 1.x's encoder prefix has no SDXL module in AUTOMATIC1111
+    sd1_style = "lora_te_text_model_encoder_layers_0_mlp_fc1" + up
+    assert a1111_unloaded([sd1_style], sdxl) == [sd1_style]
+    nowhere = "lora_te2_text_model_encoder_layers_32_mlp_fc1" + up
+    assert comfyui_unloaded([nowhere], sdxl) == a1111_unloaded([nowhere], sdxl) == [nowhere]
+
+
+def test_sdxl_files_load_completely_in_comfyui_and_a1111(sdxl_lora, sdxl, tmp_path):
+    from lorabooth.formats.layouts import convert_file
+
+    kohya, _ = read_lora(convert_file(sdxl_lora, tmp_path / "k.safetensors", "kohya"))
+    diffusers, _ = read_lora(convert_file(sdxl_lora, tmp_path / "d.safetensors", "diffusers"))
+    assert len(kohya) == 120 * 3 and len(diffusers) == 120 * 2
+    assert unloaded_by_client(list(kohya), sdxl) == {"ComfyUI": [], "AUTOMATIC1111": []}
+    assert unloaded_by_client(list(diffusers), sdxl) == {"ComfyUI": []}
+    # the encoder-1 names without `text_model` (transformers 5) are dropped
+    old = [k.replace("lora_te1_text_model_", "lora_te1_") for k in kohya]
+    unloaded = unloaded_by_client(old, sdxl)
+    assert len(unloaded["ComfyUI"]) == len(unloaded["AUTOMATIC1111"]) == 36

@@ -1,6 +1,7 @@
 """LoRA layouts for the UIs users run: kohya <-> diffusers <-> peft."""
 
 import json
+from functools import reduce
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from safetensors.torch import save_file
 from helpers import tiny_outputs
 from lorabooth.cli import main
 from lorabooth.errors import UserError
-from lorabooth.formats.layouts import convert_file, detect_layout
+from lorabooth.formats.layouts import convert_file, detect_layout, read_as_peft
 from lorabooth.lora import KOHYA_WEIGHT_NAME, WEIGHT_NAME, read_lora
 from lorabooth.models import build_tiny, pipeline_from_parts
 
@@ -169,3 +170,85 @@ def test_partial_loading_is_never_silent(trained_run, tmp_path, caplog):
     save_file(nothing, tmp_path / "nothing.safetensors")
     with pytest.raises(UserError, match="fit this base model"):
         load_into_pipeline(pipeline_from_parts(build_tiny()), tmp_path / "nothing.safetensors")
+
+
+# SDXL: diffusers' own file in, kohya's sd-scripts names out, and back exactly.
+
+
+def test_sdxl_round_trips_are_exact(sdxl_lora, tmp_path):
+    ours = convert_file(sdxl_lora, tmp_path / "d.safetensors", "diffusers")
+    kohya = convert_file(ours, tmp_path / "k.safetensors", "kohya")
+    back = convert_file(kohya, tmp_path / "d2.safetensors", "diffusers")
+    assert _equal(read_lora(back)[0], read_lora(ours)[0])
+    assert _equal(read_lora(convert_file(back, tmp_path / "k2.safetensors", "kohya"))[0],
+                  read_lora(kohya)[0])
+    peft = convert_file(kohya, tmp_path / "p.safetensors", "peft")
+    assert _equal(read_as_peft(peft)[0], read_as_peft(sdxl_lora)[0])
+    # diffusers' file spells encoder 1 the transformers-5 way; ours as the clients do
+    assert any(k.startswith("text_encoder.encoder.") for k in read_lora(sdxl_lora)[0])
+    assert all(k.startswith(("unet.", "text_encoder.text_model.", "text_encoder_2.text_model."))
+               for k in read_lora(ours)[0])
+
+
+def test_sdxl_kohya_names_are_sd_scripts_names(sdxl_lora, tmp_path):
+    from diffusers.utils import convert_state_dict_to_kohya
+
+    kohya, header = read_lora(convert_file(sdxl_lora, tmp_path / "k.safetensors", "kohya"))
+    modules = {k.split(".")[0] for k in kohya}
+    # tiny UNet: 12 transformer blocks x 2 attentions x 4 projections; 3 layers x 4 per encoder
+    assert len(modules) == 96 + 12 + 12 and len(kohya) == 3 * len(modules)
+    assert sum(m.startswith("lora_te1_text_model_encoder_layers_") for m in modules) == 12
+    assert sum(m.startswith("lora_te2_text_model_encoder_layers_") for m in modules) == 12
+    unet = {m for m in modules if m.startswith("lora_unet_")}
+    assert all(m.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_",
+                             "lora_unet_output_blocks_")) for m in unet)
+    # down_blocks.1.attentions.0, mid_block.attentions.0, up_blocks.0.attentions.2
+    for module in ("input_blocks_4_1_transformer_blocks_1_attn2_to_k",
+                   "middle_block_1_transformer_blocks_0_attn1_to_out_0",
+                   "output_blocks_2_1_transformer_blocks_1_attn1_to_v"):
+        assert f"lora_unet_{module}" in unet, module
+    assert {float(v) for k, v in kohya.items() if k.endswith(".alpha")} == {8.0}
+    assert header["lorabooth.family"] == "sdxl"
+    assert header["ss_base_model_version"] == "sdxl_base_v1-0"  # as sd-scripts marks SDXL
+    # what diffusers' converter alone writes: the diffusers block names
+    theirs = convert_state_dict_to_kohya(read_as_peft(sdxl_lora)[0])
+    assert any(k.startswith("lora_unet_down_blocks_1_") for k in theirs)
+
+
+def test_sgm_names_are_what_diffusers_reads_back_for_all_of_sdxl():
+    """Every attention projection of SDXL 1.0's UNet (70 transformer blocks x
+    2 attentions x 4 = 560 modules): our SGM name, read by diffusers'
+    SGM-to-diffusers renumbering, is its own name."""
+    from diffusers.loaders.lora_conversion_utils import _maybe_map_sgm_blocks_to_diffusers
+
+    from lorabooth.formats.sdxl import SDXL_UNET, sdxl_meta_models, sgm_unet_module
+
+    unet, _, _ = sdxl_meta_models()
+    modules = [n for n, _ in unet.named_modules()
+               if n.endswith((".to_q", ".to_k", ".to_v", ".to_out.0"))]
+    assert len(modules) == 560
+    ours = {f"lora_unet_{sgm_unet_module(m).replace('.', '_')}.lora_down.weight": m
+            for m in modules}
+    back = _maybe_map_sgm_blocks_to_diffusers(dict.fromkeys(ours, 0), SDXL_UNET)
+    # it renumbers the blocks; its key converter then renames them
+    words = (("input_blocks", "down_blocks"), ("middle_block", "mid_block"),
+             ("output_blocks", "up_blocks"))
+    back = sorted(reduce(lambda k, w: k.replace(*w), words, k) for k in back)
+    assert back == sorted(f"lora_unet_{m.replace('.', '_')}.lora_down.weight" for m in modules)
+    assert sgm_unet_module("down_blocks.2.attentions.1.transformer_blocks.9.attn1.to_out.0") == \
+        "input_blocks.8.1.transformer_blocks.9.attn1.to_out.0"
+
+
+def test_sdxl_kohya_file_acts_like_the_diffusers_file_in_diffusers(sdxl_lora, tmp_path):
+    from helpers import tiny_sdxl_outputs, tiny_sdxl_pipeline
+
+    kohya = convert_file(sdxl_lora, tmp_path / "k.safetensors", "kohya")
+    base = tiny_sdxl_outputs(tiny_sdxl_pipeline())
+    outputs = []
+    for path in (sdxl_lora, kohya):
+        pipe = tiny_sdxl_pipeline()
+        pipe.load_lora_weights(str(path.parent), weight_name=path.name)  # plain diffusers
+        outputs.append(tiny_sdxl_outputs(pipe))
+    for part, (a, b, b0) in enumerate(zip(*outputs, base)):
+        assert not torch.allclose(a, b0, atol=1e-4), part
+        assert torch.allclose(a, b, atol=1e-5), (part, (a - b).abs().max())

@@ -125,3 +125,106 @@ def test_fuse_to_a_single_file(trained_run, tmp_path):
     for part in ("unet", "text_encoder"):
         sa, sb = getattr(a, part).state_dict(), getattr(b, part).state_dict()
         assert all(torch.allclose(sa[k], sb[k].reshape(sa[k].shape)) for k in sa), part
+
+
+# SDXL: merge, fuse into a folder and into an original-layout single file.
+
+
+@pytest.fixture(scope="module")
+def sdxl_base(tmp_path_factory):
+    """The tiny SDXL model as a diffusers folder (what --model names)."""
+    from helpers import tiny_sdxl_pipeline
+
+    folder = tmp_path_factory.mktemp("sdxl") / "tiny-sdxl"
+    tiny_sdxl_pipeline().save_pretrained(folder)
+    return folder
+
+
+def _sdxl_with(folder, *loras, weights=None):
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(folder, local_files_only=True)
+    for i, path in enumerate(loras):
+        pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=f"l{i}")
+    if weights:
+        pipe.set_adapters([f"l{i}" for i in range(len(loras))], adapter_weights=weights)
+    return pipe
+
+
+def test_sdxl_merge_is_the_weighted_blend(sdxl_lora, sdxl_base, tmp_path):
+    """The merged SDXL file, loaded by diffusers, acts as diffusers' own blend
+    of the two LoRAs as adapters at 0.7 and 0.3, in the UNet and both encoders."""
+    from helpers import make_sdxl_lora, tiny_sdxl_outputs
+
+    other = make_sdxl_lora(tmp_path / "other", rank=2, alpha=2.0, seed=1)
+    info = merge([str(sdxl_lora), str(other)], [0.7, 0.3], tmp_path / "m.safetensors")
+    assert info["rank"] == 6 and info["relative_error"] == 0
+    merged = tiny_sdxl_outputs(_sdxl_with(sdxl_base, tmp_path / "m.safetensors"))
+    blend = tiny_sdxl_outputs(_sdxl_with(sdxl_base, sdxl_lora, other, weights=[0.7, 0.3]))
+    base = tiny_sdxl_outputs(_sdxl_with(sdxl_base))
+    for part, (m, b, b0) in enumerate(zip(merged, blend, base)):
+        assert not torch.allclose(m, b0, atol=1e-4), part
+        assert torch.allclose(m, b, atol=1e-5), (part, (m - b).abs().max())
+    assert read_lora(tmp_path / "m.safetensors")[1]["lorabooth.family"] == "sdxl"
+
+
+def test_families_do_not_mix(trained_run, sdxl_lora, sdxl_base, tmp_path, capsys):
+    for argv, needle in [
+            (["merge", str(trained_run), str(sdxl_lora), "--out", str(tmp_path / "m.safetensors")],
+             "of different model families cannot be merged"),
+            (["fuse", str(sdxl_lora), "--out", str(tmp_path / "f"), "--model", "tiny"],
+             "is an SDXL LoRA; it fuses only into an SDXL diffusers folder"),
+            (["fuse", str(trained_run), "--out", str(tmp_path / "g"), "--model", str(sdxl_base)],
+             "an SDXL model")]:
+        code = main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and needle in err[0], err
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_sdxl_fuse_to_a_folder_and_a_single_file(sdxl_lora, sdxl_base, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    from helpers import tiny_sdxl_outputs
+
+    folder = fuse(sdxl_lora, tmp_path / "fused", unet_scale=0.5, text_scale=0.8,
+                  model=str(sdxl_base))
+    fused = StableDiffusionXLPipeline.from_pretrained(folder, local_files_only=True)
+    assert not any("lora" in n for n, _ in fused.unet.named_parameters())
+    lora = _sdxl_with(sdxl_base, sdxl_lora)
+    lora.set_adapters(["l0"], adapter_weights=[
+        {"unet": 0.5, "text_encoder": 0.8, "text_encoder_2": 0.8}])
+    for part, (f, want, base) in enumerate(zip(tiny_sdxl_outputs(fused), tiny_sdxl_outputs(lora),
+                                               tiny_sdxl_outputs(_sdxl_with(sdxl_base)))):
+        assert not torch.allclose(f, base, atol=1e-4), part
+        assert torch.allclose(f, want, atol=1e-5), (part, (f - want).abs().max())
+    single = fuse(sdxl_lora, tmp_path / "fused.safetensors", unet_scale=0.5, text_scale=0.8,
+                  model=str(sdxl_base), single_file=True)
+    keys = read_lora(single)[0].keys()
+    assert any(k.startswith("conditioner.embedders.1.model.transformer.resblocks.0.attn."
+                            "in_proj_weight") for k in keys)
+    assert any(k.startswith("conditioner.embedders.0.transformer.text_model.") for k in keys)
+    back = StableDiffusionXLPipeline.from_single_file(str(single), config=str(sdxl_base),
+                                                      local_files_only=True)
+    for part in ("unet", "text_encoder", "text_encoder_2", "vae"):
+        sa, sb = getattr(fused, part).state_dict(), getattr(back, part).state_dict()
+        assert sa.keys() == sb.keys(), part
+        assert all(torch.equal(sa[k], sb[k].reshape(sa[k].shape)) for k in sa), part
+
+
+def test_open_clip_layout_is_the_inverse_of_diffusers_reader():
+    """Encoder 2 written in open_clip's layout and read by diffusers'
+    `convert_open_clip_checkpoint` gives every weight back."""
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+
+    from helpers import tiny_sdxl_pipeline
+    from lorabooth.formats.sdxl import TE2_LDM, te2_to_openclip
+
+    te2 = tiny_sdxl_pipeline().text_encoder_2
+    state = te2.state_dict()
+    ldm = {TE2_LDM + k: v for k, v in te2_to_openclip(state).items()}
+    assert ldm[TE2_LDM + "transformer.resblocks.2.attn.in_proj_weight"].shape == (3 * 48, 48)
+    assert ldm[TE2_LDM + "text_projection"].shape == (48, 32)
+    back = convert_open_clip_checkpoint(te2, ldm, prefix=TE2_LDM)
+    assert back.keys() == state.keys()
+    assert all(torch.equal(back[k], state[k]) for k in state)

@@ -134,7 +134,8 @@ class IdentifierConfig:
 class InspectConfig:
     file: str = _help("A LoRA file (.safetensors, any layout).", "", positional=True)
     model: str = _help("Check the clients' key rules against this base model's weights "
-                       "(default: Stable Diffusion 1.5's, for SD 1.x files).", "")
+                       "(default: Stable Diffusion 1.5's for SD 1.x files, SDXL 1.0's for "
+                       "SDXL files).", "")
 
     def __post_init__(self) -> None:
         _require(self, "file")
@@ -174,8 +175,8 @@ class FuseConfig:
     unet_scale: float = _help("UNet LoRA scale baked in.", 1.0)
     text_scale: float = _help("Text-encoder LoRA scale baked in.", 1.0)
     model: str = _help("Base model (default: the run's own).", "")
-    single_file: bool = _help("Write one .safetensors in the original SD layout instead of a "
-                              "folder.", False)
+    single_file: bool = _help("Write one .safetensors in the original SD (or SDXL) layout "
+                              "instead of a folder.", False)
 
     def __post_init__(self) -> None:
         check_finite(self)
@@ -394,11 +395,14 @@ def _inspect(c: InspectConfig) -> Any:
 
     names, label = None, ""
     if c.model:
-        from .formats.clients import model_names
+        from .formats.clients import is_sdxl_folder, model_names, sdxl_folder_names
         from .models import load_base
 
-        base = load_base(c.model)
-        names, label = model_names(base.unet, base.text_encoder), c.model
+        if is_sdxl_folder(c.model):
+            names, label = sdxl_folder_names(c.model), c.model
+        else:
+            base = load_base(c.model)
+            names, label = model_names(base.unet, base.text_encoder), c.model
     summary = inspect_lora(c.file, names, label)
     print(render(summary))
     check_summary(summary)

@@ -1,5 +1,6 @@
-"""Which keys of a LoRA file the SD 1.x clients would load, by their own
-matching rules, so a file can be checked without running them.
+"""Which keys of a LoRA file the clients would load into an SD 1.x or SDXL
+model, by their own matching rules, so a file can be checked without
+running them.
 
 Written from the clients' published loader source (not copied):
 - ComfyUI `comfy/lora.py`: `model_lora_keys_unet` and `model_lora_keys_clip`
@@ -11,10 +12,16 @@ Written from the clients' published loader source (not copied):
 - AUTOMATIC1111 `extensions-builtin/Lora/networks.py`: `load_network` splits a
   key at its first dot, turns the module part into the original (LDM) module
   name with `convert_diffusers_name_to_compvis`, and looks that up among the
-  model's modules; kohya layout only.
+  model's modules; kohya layout only. For SDXL it then tries the key as it
+  stands with `lora_unet` -> `diffusion_model` (kohya's SGM names) and
+  `lora_te1_text_model` -> `0_transformer_text_model`, and maps
+  `lora_te2_…` onto open_clip's modules (`1_model_transformer_resblocks_N_attn`,
+  q/k/v onto the fused attention).
 
 Both match against the original-layout checkpoint's names
-(`model.diffusion_model.…`, `cond_stage_model.transformer.text_model.…`)."""
+(`model.diffusion_model.…`, `cond_stage_model.transformer.text_model.…`; SDXL:
+`conditioner.embedders.0.transformer.text_model.…`, `conditioner.embedders.1.model.…`),
+ComfyUI's text encoders against transformers' CLIP names (its clip_l, clip_g)."""
 
 from __future__ import annotations
 
@@ -22,6 +29,7 @@ import json
 import re
 import tempfile
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 CLIENTS = ("ComfyUI", "AUTOMATIC1111")
@@ -41,14 +49,32 @@ class ModelNames:
     """A model's weights as the clients see them."""
     ldm: frozenset[str]               # original-layout weight keys
     diffusers_unet: dict[str, str]    # diffusers UNet key -> original-layout key
+    # encoder ("text_encoder", "text_encoder_2") -> {weight in transformers'
+    # CLIP names with `text_model.`: its original-layout key}. ComfyUI
+    # matches LoRA keys on the former for both of SDXL's encoders.
+    clip: dict[str, dict[str, str]]
 
 
-def model_names(unet, text_encoder) -> ModelNames:
+def _clip_names(text_encoder, original) -> dict[str, str]:
+    keys = (k if k.startswith(("text_model.", "text_projection")) else "text_model." + k
+            for k in text_encoder.state_dict())
+    return {k: original(k) for k in keys}
+
+
+def model_names(unet, text_encoder, text_encoder_2=None) -> ModelNames:
+    """The names of an SD model, or of an SDXL one (``text_encoder_2`` given)."""
+    from .sdxl import TE2_LDM, openclip_name, te1_ldm_name
     from .singlefile import text_ldm_name, unet_ldm_names
 
     unet_names = unet_ldm_names(unet)
-    text = {text_ldm_name(k) for k in text_encoder.state_dict()}
-    return ModelNames(frozenset(unet_names.values()) | frozenset(text), unet_names)
+    if text_encoder_2 is None:
+        clip = {"text_encoder": _clip_names(text_encoder, text_ldm_name)}
+    else:
+        clip = {"text_encoder": _clip_names(text_encoder, te1_ldm_name),
+                "text_encoder_2": _clip_names(text_encoder_2,
+                                              lambda k: TE2_LDM + openclip_name(k))}
+    text = frozenset(v for names in clip.values() for v in names.values())
+    return ModelNames(frozenset(unet_names.values()) | text, unet_names, clip)
 
 
 def sd15_names() -> ModelNames:
@@ -69,6 +95,33 @@ def sd15_names() -> ModelNames:
     return model_names(unet, text_encoder)
 
 
+@lru_cache(maxsize=1)
+def sdxl_names() -> ModelNames:
+    """SDXL 1.0's weight names, from its configs on the meta device."""
+    from .sdxl import sdxl_meta_models
+
+    return model_names(*sdxl_meta_models())
+
+
+def is_sdxl_folder(model: str) -> bool:
+    index = Path(model).expanduser() / "model_index.json"
+    return index.is_file() and "XL" in json.loads(index.read_text()).get("_class_name", "")
+
+
+def sdxl_folder_names(folder: str | Path) -> ModelNames:
+    """An SDXL diffusers folder's weight names, from its configs alone."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    folder = Path(folder).expanduser()
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
+        te1 = CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(folder / "text_encoder_2"))
+    return model_names(unet, te1, te2)
+
+
 def comfyui_key_map(names: ModelNames) -> dict[str, str]:
     """LoRA module name -> model weight, as `model_lora_keys_unet/_clip` build it."""
     key_map: dict[str, str] = {}
@@ -87,14 +140,20 @@ def comfyui_key_map(names: ModelNames) -> dict[str, str]:
             legacy = legacy[:-len(".0")]
         for prefix in ("", "unet."):
             key_map[prefix + legacy] = ldm
-    layer = re.compile(re.escape(TEXT_LDM) + r"text_model\.encoder\.layers\.(\d+)\.(.+)\.weight$")
-    for ldm in names.ldm:
-        m = layer.match(ldm)
-        if m and m[2] in CLIP_MODULES:
+    # `model_lora_keys_clip`: SD's one encoder (ComfyUI's clip_l) answers to
+    # lora_te_ and lora_te1_; with a second (clip_g, SDXL) that one answers
+    # to lora_te2_ and text_encoder_2.
+    prefixes = {"text_encoder": ("lora_te_", "lora_te1_"), "text_encoder_2": ("lora_te2_",)}
+    layer = re.compile(r"text_model\.encoder\.layers\.(\d+)\.(.+)\.weight$")
+    for encoder, weights in names.clip.items():
+        for weight, target in weights.items():
+            m = layer.match(weight)
+            if not (m and m[2] in CLIP_MODULES):
+                continue
             kohya = f"text_model_encoder_layers_{m[1]}_{CLIP_MODULES[m[2]]}"
-            key_map["lora_te_" + kohya] = ldm
-            key_map["lora_te1_" + kohya] = ldm
-            key_map[f"text_encoder.text_model.encoder.layers.{m[1]}.{m[2]}"] = ldm
+            for prefix in prefixes[encoder]:
+                key_map[prefix + kohya] = target
+            key_map[f"{encoder}.text_model.encoder.layers.{m[1]}.{m[2]}"] = target
     return key_map
 
 
@@ -144,6 +203,10 @@ def a1111_module(key: str) -> str:
                    f"{2 if int(m[1]) > 0 else 1}_conv"),
         (r"lora_te_text_model_encoder_layers_(\d+)_(.+)",
          lambda m: f"transformer_text_model_encoder_layers_{m[1]}_{m[2]}"),
+        # SDXL's second encoder: open_clip's module names
+        (r"lora_te2_text_model_encoder_layers_(\d+)_(.+)",
+         lambda m: f"1_model_transformer_resblocks_{m[1]}_" + m[2].replace(
+             "mlp_fc1", "mlp_c_fc").replace("mlp_fc2", "mlp_c_proj").replace("self_attn", "attn")),
     ]
     for pattern, build in rules:
         m = re.match(pattern, key)
@@ -156,19 +219,27 @@ def a1111_unloaded(keys: list[str], names: ModelNames) -> list[str]:
     """The keys `load_network` would list as "Failed to match keys" (or could
     not give a LoRA module type)."""
     modules = set()
+    # `network_layer_mapping`: the UNet's modules, SD's encoder's, and SDXL's
+    # two embedders' as `<i>_<name in the embedder>`
+    shorts = ((UNET_LDM, "diffusion_model."), (TEXT_LDM, "transformer."),
+              ("conditioner.embedders.", ""))
     for ldm in names.ldm:
         module = ldm.rsplit(".", 1)[0]
-        for prefix, short in ((UNET_LDM, "diffusion_model."), (TEXT_LDM, "transformer.")):
+        for prefix, short in shorts:
             if module.startswith(prefix):
                 modules.add((short + module[len(prefix):]).replace(".", "_"))
     unloaded = []
     for key in keys:
         base, _, part = key.partition(".")
-        candidates = [a1111_module(base)]
+        converted = a1111_module(base)
+        candidates = [converted]
+        if m := re.match(r"(.*)_[qkv]_proj$", converted):  # open_clip's fused attention
+            candidates.append(m[1])
         if "lora_unet" in base:
             candidates.append(base.replace("lora_unet", "diffusion_model"))
         elif "lora_te1_text_model" in base:
-            candidates.append(base.replace("lora_te1_text_model", "transformer_text_model"))
+            candidates += [base.replace("lora_te1_text_model", "0_transformer_text_model"),
+                           base.replace("lora_te1_text_model", "transformer_text_model")]
         if part not in A1111_PARTS or not any(c in modules for c in candidates):
             unloaded.append(key)
     return sorted(unloaded)

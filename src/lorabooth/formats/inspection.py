@@ -12,8 +12,9 @@ import torch
 from ..errors import UserError
 from ..lora import read_lora
 from ..pivotal import split_embeddings
-from .clients import CLIENTS, ModelNames, sd15_names, unloaded_by_client
+from .clients import CLIENTS, ModelNames, sd15_names, sdxl_names, unloaded_by_client
 from .layouts import alpha_from_header, check_ranks, detect_layout, old_text_keys
+from .sdxl import SDXL, family_of
 
 # cross-attention width (the text encoder's hidden size) -> base family
 CROSS_ATTENTION = {768: "Stable Diffusion 1.x", 1024: "Stable Diffusion 2.x", 2048: "SDXL"}
@@ -65,9 +66,8 @@ def _group_table(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[int, int, 
             for g, (n, ranks, alphas) in sorted(groups.items())}
 
 
-def guess_architecture(tensors: dict[str, torch.Tensor]) -> str:
-    keys = list(tensors)
-    if any(k.startswith(("text_encoder_2.", "lora_te2_")) for k in keys):
+def guess_architecture(tensors: dict[str, torch.Tensor], header: dict[str, str] | None = None) -> str:
+    if family_of(tensors, header) == SDXL:
         return "SDXL"
     for key, value in tensors.items():
         if re.search(r"attn2[._](processor[._])?to_k", key) and value.ndim == 2 and (
@@ -81,7 +81,7 @@ def guess_architecture(tensors: dict[str, torch.Tensor]) -> str:
 def inspect_lora(path: str | Path, names: ModelNames | None = None,
                  names_label: str = "") -> Summary:
     """Read ``path``; check it against ``names`` (a model's weights) or, for SD
-    1.x files, against Stable Diffusion 1.5's."""
+    1.x and SDXL files, against Stable Diffusion 1.5's or SDXL 1.0's."""
     path = Path(path)
     raw, header = read_lora(path)
     tensors, embeddings = split_embeddings(raw)  # --train-token's rows: no LoRA module
@@ -91,12 +91,14 @@ def inspect_lora(path: str | Path, names: ModelNames | None = None,
     alpha = alpha_from_header(header, None)
     if alpha is not None:
         groups = {g: (n, r, a if a is not None else alpha) for g, (n, r, a) in groups.items()}
-    summary = Summary(str(path), layout, guess_architecture(tensors), groups,
+    summary = Summary(str(path), layout, guess_architecture(tensors, header), groups,
                       len(old_text_keys(tensors)),
                       {k: v for k, v in header.items() if k != "lora_adapter_metadata"},
                       embeddings={w: tuple(v.shape) for w, v in embeddings.items()})
     if names is None and summary.architecture == "Stable Diffusion 1.x":
         names, names_label = sd15_names(), "Stable Diffusion 1.5"
+    elif names is None and summary.architecture == "SDXL":
+        names, names_label = sdxl_names(), "SDXL 1.0"
     if names is not None:
         summary.unloaded = unloaded_by_client(list(tensors), names)
         summary.checked_against = names_label
@@ -108,6 +110,8 @@ def render(s: Summary) -> str:
     unet = sum(n for g, (n, _, _) in s.groups.items() if g.startswith("unet"))
     text = sum(n for g, (n, _, _) in s.groups.items() if not g.startswith("unet"))
     lines.append(f"modules: {unet} UNet, {text} text encoder")
+    encoders = [g for g in s.groups if not g.startswith("unet")]
+    lines.append(f"text encoders with LoRA: {', '.join(encoders) if encoders else 'none'}")
     for group, (n, rank, alpha) in s.groups.items():
         lines.append(f"  {group}: {n} modules, rank {rank}, alpha "
                      f"{'mixed or unknown' if alpha is None else f'{alpha:g}'}")
@@ -124,8 +128,8 @@ def render(s: Summary) -> str:
     for key, value in sorted(s.metadata.items()):
         lines.append(f"meta {key}: {value[:200]}")
     if not s.checked_against:
-        lines.append("clients: not checked (the ComfyUI/AUTOMATIC1111 rules here are SD 1.x's; "
-                     "--model names a base to check against)")
+        lines.append("clients: not checked (the ComfyUI/AUTOMATIC1111 rules here are SD 1.x's "
+                     "and SDXL's; --model names a base to check against)")
     for client in CLIENTS:
         if client not in s.unloaded:
             continue

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.utils import (
     convert_state_dict_to_diffusers,
     convert_state_dict_to_kohya,
@@ -33,6 +33,7 @@ from ..lora import (
     read_lora,
 )
 from ..pivotal import embedding_keys, split_embeddings, write_rows
+from .sdxl import FAMILY_KEY, SDXL, SDXL_KOHYA_META, SDXL_UNET, family_of, sgm_unet_module
 
 log = logging.getLogger(__name__)
 
@@ -134,9 +135,22 @@ def peft_to_diffusers(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return {**unet, **text}
 
 
-def peft_to_kohya(tensors: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
-    kohya = convert_state_dict_to_kohya({canonical_key(k): v for k, v in tensors.items()})
-    sdxl = any(k.startswith("lora_te2_") for k in kohya)
+def _sgm_key(key: str) -> str:
+    """`unet.<diffusers module>.lora_A.weight` -> the module's SGM name."""
+    module, _, tail = key.removeprefix("unet.").partition(".lora_")
+    return f"unet.{sgm_unet_module(module)}.lora_{tail}"
+
+
+def peft_to_kohya(tensors: dict[str, torch.Tensor], alpha: float,
+                  family: str | None = None) -> dict[str, torch.Tensor]:
+    """Peft -> kohya through diffusers' converter. SDXL's UNet modules take
+    their SGM names (`lora_unet_input_blocks_4_1_…`), as kohya's sd-scripts
+    write them; diffusers' converter would keep the diffusers names."""
+    tensors = {canonical_key(k): v for k, v in tensors.items()}
+    sdxl = (family or family_of(tensors)) == SDXL
+    if sdxl:
+        tensors = {(_sgm_key(k) if k.startswith("unet.") else k): v for k, v in tensors.items()}
+    kohya = convert_state_dict_to_kohya(tensors)
     out = {}
     for key, value in kohya.items():
         if not sdxl and key.startswith("lora_te1_"):
@@ -152,8 +166,11 @@ def kohya_to_peft(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Ten
     tensors = {canonical_key(k): v for k, v in tensors.items()}
     renamed = {("lora_te1_" + k[len("lora_te_"):] if k.startswith("lora_te_") else k): v
                for k, v in tensors.items()}
+    # SGM block names (SDXL's kohya files) are renumbered by diffusers from the
+    # layers per level, 2 in every SD and SDXL UNet
+    reader = StableDiffusionXLPipeline if family_of(tensors) == SDXL else StableDiffusionPipeline
     try:
-        legacy, alphas = StableDiffusionPipeline.lora_state_dict(dict(renamed))
+        legacy, alphas = reader.lora_state_dict(dict(renamed), unet_config=SDXL_UNET)
     except (ValueError, KeyError) as e:
         raise UserError(f"kohya file: cannot be read ({first_line(e, 120)})") from None
     values = {float(v) for v in (alphas or {}).values()}
@@ -186,7 +203,8 @@ def check_ranks(tensors: dict[str, torch.Tensor], where: str) -> int:
 def adapter_header(tensors_peft: dict[str, torch.Tensor], rank: int, alpha: float) -> dict[str, str]:
     """The `lora_adapter_metadata` diffusers reads to rebuild rank and alpha."""
     meta = {}
-    for part, targets in (("unet", UNET_TARGETS), ("text_encoder", TEXT_TARGETS)):
+    for part, targets in (("unet", UNET_TARGETS), ("text_encoder", TEXT_TARGETS),
+                          ("text_encoder_2", TEXT_TARGETS)):
         if any(k.startswith(part + ".") for k in tensors_peft):
             config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets),
                                 use_dora=is_dora(tensors_peft)).to_dict()
@@ -249,11 +267,15 @@ def write_lora(dst: Path, peft: dict[str, torch.Tensor], rank: int, alpha: float
     our own `lorabooth.*` fields; ``embeddings`` (--train-token's rows) in
     that layout's spelling."""
     ours = {k: v for k, v in header.items() if k.startswith(("lorabooth.", "ss_"))}
+    family = family_of(peft, header)
+    if family == SDXL:  # a UNet-only SDXL LoRA of a small model has no other sign of it
+        ours[FAMILY_KEY] = SDXL
     if to == "kohya":
         if is_dora(peft):
             raise UserError(f"{dst}: not written: {KOHYA_DORA_REFUSAL}")
-        out = peft_to_kohya(peft, alpha)
-        meta = {"format": "pt", **kohya_metadata(header)}
+        out = peft_to_kohya(peft, alpha, family)
+        meta = {"format": "pt", **kohya_metadata({**header, **ours}),
+                **(SDXL_KOHYA_META if family == SDXL else {})}
     else:
         out = ({canonical_key(k): v for k, v in peft.items()} if to == "peft"
                else peft_to_diffusers(peft))
@@ -297,16 +319,21 @@ def module_lora(module: torch.nn.Module, prefix: str,
 
 def save_lora(folder: str | Path, unet: torch.nn.Module, text_encoder: torch.nn.Module | None,
               metadata: dict[str, str], layouts: tuple[str, ...] = ("diffusers",),
-              embeddings: dict[str, torch.Tensor] | None = None) -> Path:
+              embeddings: dict[str, torch.Tensor] | None = None,
+              text_encoder_2: torch.nn.Module | None = None, family: str | None = None) -> Path:
     """Write a trained adapter into ``folder`` in each of ``layouts``
     (diffusers -> pytorch_lora_weights.safetensors, kohya ->
     lora_kohya.safetensors), with the trained token ``embeddings`` if any;
-    returns the first file written."""
+    returns the first file written. SDXL: pass its second encoder and
+    ``family="sdxl"`` (kohya then names the UNet modules as sd-scripts does)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     peft = module_lora(unet, "unet")
-    if text_encoder is not None:
-        peft.update(module_lora(text_encoder, "text_encoder"))
+    for part, module in (("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
+        if module is not None:
+            peft.update(module_lora(module, part))
+    if family:
+        metadata = {**metadata, FAMILY_KEY: family}
     config = unet.peft_config["default"]
     paths = [write_lora(folder / (KOHYA_WEIGHT_NAME if to == "kohya" else WEIGHT_NAME), peft,
                         config.r, float(config.lora_alpha), metadata, to, embeddings)
@@ -335,8 +362,8 @@ def load_into_pipeline(pipe: StableDiffusionPipeline, run: str | Path) -> bool:
     except (ValueError, RuntimeError, KeyError) as e:
         raise UserError(f"{path}: does not fit this base model ({first_line(e, 200)})") from None
     held = set()
-    for part in ("unet", "text_encoder"):
-        if ADAPTER in (getattr(getattr(pipe, part), "peft_config", None) or {}):
+    for part in ("unet", "text_encoder", "text_encoder_2"):
+        if ADAPTER in (getattr(getattr(pipe, part, None), "peft_config", None) or {}):
             held |= _modules(module_lora(getattr(pipe, part), part, ADAPTER))
     wanted = _modules(peft)
     if not held & wanted:

@@ -15,9 +15,10 @@ import torch
 from ..checks import check_tensors
 from ..errors import UserError
 from ..fileio import to_json
-from ..lora import find_lora
+from ..lora import find_lora, read_lora
 from ..pivotal import TRAINED_TOKENS
 from .layouts import check_ranks, is_dora, read_as_peft, read_embeddings, write_lora
+from .sdxl import FAMILY_KEY, FAMILY_NAMES, SD, SDXL, family_of
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +134,13 @@ def merge(inputs: list[str], weights: list[float] | None, out: str | Path,
     if rank is not None and rank < 1:
         raise UserError(f"--rank: must be at least 1 (got {rank})")
     loaded = [load_as_peft(p) for p in inputs]
+    families = [family_of(peft, h) for peft, _, h in loaded]
+    if len(set(families)) > 1:
+        other = next(i for i, f in enumerate(families) if f != families[0])
+        raise UserError(f"merge: {inputs[0]} is a{'n' if families[0] == SDXL else ''} "
+                        f"{FAMILY_NAMES[families[0]]} LoRA and {inputs[other]} a"
+                        f"{'n' if families[other] == SDXL else ''} {FAMILY_NAMES[families[other]]} "
+                        "one; LoRAs of different model families cannot be merged")
     bases = {h.get("lorabooth.base_model") for _, _, h in loaded} - {None}
     if len(bases) > 1:
         raise UserError(f"merge: the LoRAs were trained on different bases {sorted(bases)}")
@@ -149,6 +157,8 @@ def merge(inputs: list[str], weights: list[float] | None, out: str | Path,
                                            "method": method, "relative_error": error})}
     if bases:
         meta["lorabooth.base_model"] = next(iter(bases))
+    if families[0] == SDXL:
+        meta[FAMILY_KEY] = SDXL
     tokens = [h[TRAINED_TOKENS] for _, _, h in loaded if TRAINED_TOKENS in h]
     if embeddings and tokens:
         meta[TRAINED_TOKENS] = tokens[0]
@@ -158,26 +168,69 @@ def merge(inputs: list[str], weights: list[float] | None, out: str | Path,
     return {"method": method, "rank": r, "relative_error": error, "path": str(out)}
 
 
+def _sdxl_pipeline(model: str | None, run: str | Path):
+    """An SDXL diffusers folder as a pipeline (fp32, offline)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from .clients import is_sdxl_folder
+
+    if not model:
+        raise UserError(f"{run}: an SDXL LoRA that does not record its base model; pass --model "
+                        "(an SDXL diffusers folder)")
+    if not is_sdxl_folder(model):
+        raise UserError(f"--model {model}: {run} is an SDXL LoRA; it fuses only into an SDXL "
+                        "diffusers folder (model_index.json of a StableDiffusionXLPipeline)")
+    return StableDiffusionXLPipeline.from_pretrained(model, torch_dtype=torch.float32,
+                                                     local_files_only=True)
+
+
+def _loaded_pipeline(run: str | Path, model: str | None):
+    """The base with the LoRA loaded, for either family; a LoRA of one family
+    and a base of the other are refused before anything is loaded."""
+    from ..drawing import load_pipeline
+    from ..lora import lora_metadata
+    from .clients import is_sdxl_folder
+    from .layouts import load_into_pipeline
+
+    path = find_lora(run)
+    tensors, header = read_lora(path)
+    base = model or lora_metadata(path).get("base_model")
+    if family_of(tensors, header) == SDXL:
+        pipe = _sdxl_pipeline(base, run)
+        pipe.set_progress_bar_config(disable=True)
+        load_into_pipeline(pipe, path)
+        return pipe
+    if base and is_sdxl_folder(base):
+        raise UserError(f"--model {base}: an SDXL model; {run} is a "
+                        f"{FAMILY_NAMES[SD]} LoRA, which fuses only into such a model")
+    return load_pipeline(run, model)[0]
+
+
 def fuse(run: str | Path, out: str | Path, unet_scale: float = 1.0, text_scale: float = 1.0,
          model: str | None = None, single_file: bool = False) -> Path:
     """A full diffusers model folder with the LoRA baked into its weights, or
-    with ``single_file`` one `.safetensors` in the original SD layout."""
-    from ..drawing import load_pipeline
-    from ..lora import set_scales
+    with ``single_file`` one `.safetensors` in the original SD or SDXL layout."""
+    from ..lora import ADAPTER
 
     out = Path(out)
     if single_file and out.is_dir():
         raise UserError(f"--out {out}: is a folder; --single-file writes one .safetensors file")
     if not single_file and out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: is a file; fuse writes a model folder there")
-    pipe, has_text = load_pipeline(run, model)
-    set_scales(pipe, unet_scale, text_scale, has_text)
-    components = ["unet"] + (["text_encoder"] if has_text else [])
+    pipe = _loaded_pipeline(run, model)
+    components = [p for p in ("unet", "text_encoder", "text_encoder_2")
+                  if ADAPTER in (getattr(getattr(pipe, p, None), "peft_config", None) or {})]
+    pipe.set_adapters([ADAPTER], adapter_weights=[
+        {p: unet_scale if p == "unet" else text_scale for p in components}])
     pipe.fuse_lora(components=components, lora_scale=1.0)
     pipe.unload_lora_weights()  # the fused weights stay; the adapter layers go
     for name in components:
         check_tensors(getattr(pipe, name).state_dict(), f"--out {out}: the fused {name}")
-    if single_file:
+    if single_file and getattr(pipe, "text_encoder_2", None) is not None:
+        from .sdxl import save_sdxl_single_file
+
+        save_sdxl_single_file(pipe, out)
+    elif single_file:
         from ..models import BaseModel
         from .singlefile import save_single_file
 

@@ -46,22 +46,37 @@ def _unet_prefixes(config) -> list[tuple[str, str]]:
               ("middle_block.2.", "mid_block.resnets.1."), ("time_embed.0.", "time_embedding.linear_1."),
               ("time_embed.2.", "time_embedding.linear_2."), ("input_blocks.0.0.", "conv_in."),
               ("out.0.", "conv_norm_out."), ("out.2.", "conv_out.")]
+    if getattr(config, "addition_embed_type", None) == "text_time":  # SDXL's size/crop embedding
+        pairs += [("label_emb.0.0.", "add_embedding.linear_1."),
+                  ("label_emb.0.2.", "add_embedding.linear_2.")]
     return pairs
+
+
+def ldm_pairs(config) -> list[tuple[str, str]]:
+    """The (LDM, diffusers) prefix pairs, longest diffusers prefix first."""
+    return sorted(_unet_prefixes(config), key=lambda p: -len(p[1]))
+
+
+def unet_ldm_key(key: str, pairs: list[tuple[str, str]]) -> str:
+    """One diffusers UNet state-dict key (or a module name followed by
+    `.weight`) -> its name in the original layout, without
+    `model.diffusion_model.`; ``pairs`` from ``ldm_pairs``."""
+    found = next((p for p in pairs if key.startswith(p[1])), None)
+    if found is None:
+        raise UserError(f"UNet weight {key}: no place in the original layout")
+    ldm_prefix, hf_prefix = found
+    rest = key[len(hf_prefix):]
+    if "resnets" in hf_prefix:
+        for ldm, hf in RESNET:
+            if rest.startswith(hf + "."):
+                rest = ldm + rest[len(hf):]
+    return ldm_prefix + rest
 
 
 def unet_ldm_names(unet) -> dict[str, str]:
     """Each diffusers UNet state-dict key -> its name in the original layout."""
-    pairs = sorted(_unet_prefixes(unet.config), key=lambda p: -len(p[1]))
-    names = {}
-    for key in unet.state_dict():
-        ldm_prefix, hf_prefix = next(p for p in pairs if key.startswith(p[1]))
-        rest = key[len(hf_prefix):]
-        if "resnets" in hf_prefix:
-            for ldm, hf in RESNET:
-                if rest.startswith(hf + "."):
-                    rest = ldm + rest[len(hf):]
-        names[key] = "model.diffusion_model." + ldm_prefix + rest
-    return names
+    pairs = ldm_pairs(unet.config)
+    return {key: "model.diffusion_model." + unet_ldm_key(key, pairs) for key in unet.state_dict()}
 
 
 def text_ldm_name(key: str) -> str:
