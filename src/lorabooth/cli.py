@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
 from dataclasses import fields
 
@@ -13,6 +11,7 @@ from .checks import finite_float, finite_floats
 from .commands import COMMANDS, run
 from .config import build_config, field_default, field_kind, option_name
 from .errors import UserError
+from .logs import quiet_libraries
 
 
 class _Parser(argparse.ArgumentParser):
@@ -69,24 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet_libraries() -> None:
-    # The libraries' own warnings are mostly noise for a user; what matters
-    # among them (a LoRA loading only in part) lorabooth checks and reports
-    # itself (formats.load_into_pipeline).
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    logging.basicConfig(level=logging.INFO, format="lorabooth: %(message)s", stream=sys.stderr)
-    for name in ("accelerate", "diffusers", "transformers", "peft", "httpx", "huggingface_hub"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # argparse: --help (0) or a bad option (2, already printed)
         return int(e.code or 0)
-    _quiet_libraries()
+    quiet_libraries()
     try:
         cls = args.config_class
         overrides = {f.name: getattr(args, f.name) for f in fields(cls)}

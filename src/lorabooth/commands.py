@@ -472,7 +472,7 @@ def _claims(c: ClaimsConfig) -> Any:
 def _tune_study(c: TuneStudyConfig) -> Any:
     from .toyworld.tune_study import tune_study
 
-    return tune_study(c.out, c.report, c.repeats, c.budget)
+    return tune_study(c.out, c.report, c.repeats, c.budget, TuneConfig)
 
 
 # command -> (config class, what it does, the function that runs it); "a b"

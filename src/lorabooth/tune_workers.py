@@ -87,9 +87,9 @@ def start_worker(worker: int, env: dict[str, str]) -> None:
     torch.set_num_threads(int(env["OMP_NUM_THREADS"]))  # torch may be imported already
     logging.basicConfig(level=logging.INFO, format=f"lorabooth worker {worker}: %(message)s",
                         stream=sys.stderr)
-    from .cli import _quiet_libraries
+    from .logs import quiet_libraries
 
-    _quiet_libraries()  # its basicConfig is then a no-op: the worker's prefix stays
+    quiet_libraries()  # its basicConfig is then a no-op: the worker's prefix stays
 
 
 @contextmanager

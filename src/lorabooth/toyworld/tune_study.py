@@ -83,15 +83,16 @@ def _cached(path: Path, compute) -> dict:
     return result
 
 
-def run_tune(plan: Plan, repeat: int, judges: Any) -> dict:
-    """One tune (seed ``repeat``): its CPU seconds, trial counts and pick."""
-    from ..commands import TuneConfig
+def run_tune(plan: Plan, repeat: int, judges: Any, tune_config: type) -> dict:
+    """One tune (seed ``repeat``): its CPU seconds, trial counts and pick;
+    ``tune_config``: the command line's TuneConfig (passed in: the commands
+    import this module, not the other way round)."""
     from ..tune import tune
     from ..tune_pruning import steps_saved
     from ..tune_report import completed, recommend
 
     out = plan.out / f"tune-{repeat}"
-    config = TuneConfig(photos=str(plan.out / "photos"), class_noun=CLASS_NOUN, model="toy",
+    config = tune_config(photos=str(plan.out / "photos"), class_noun=CLASS_NOUN, model="toy",
                         judges="toy", budget=plan.budget, seed=repeat, out=str(out),
                         steps=list(plan.steps), prompts=str(prompts_file(plan.out)),
                         images_per_prompt=plan.images_per_prompt,
@@ -173,13 +174,13 @@ def held_out(plan: Plan, arm: str, repeat: int, pick: dict, judges: Any) -> dict
         plan, run, HELD_OUT_SEED + repeat, run / "eval-held-out", judges, scales))
 
 
-def run_repeat(plan: Plan, repeat: int) -> dict:
+def run_repeat(plan: Plan, repeat: int, tune_config: type) -> dict:
     """Everything for one repeat; cached on disk, so a killed repeat resumes."""
     from ..models import toy_model_dir
     from .judges import ToyJudge
 
     judges = ToyJudge.load(toy_model_dir() / "judges.safetensors").judges()
-    result = {"tune": run_tune(plan, repeat, judges)}
+    result = {"tune": run_tune(plan, repeat, judges, tune_config)}
     for arm in FIXED:
         result[arm] = run_fixed(plan, arm, repeat, result["tune"]["cpu_s"], judges)
     for arm in ARMS:
@@ -261,13 +262,14 @@ def render(results: dict[int, dict], plan: Plan) -> str:
     return "\n".join(lines) + "\n", frontier_svg(points)
 
 
-def tune_study(out: str | Path, report: str | Path, repeats: list[int], budget: int) -> Path:
+def tune_study(out: str | Path, report: str | Path, repeats: list[int], budget: int,
+               tune_config: type) -> Path:
     """Run the repeats (each cached: rerunning resumes) and write the report
     from every repeat finished so far, in this process or another."""
     plan = Plan(Path(out), budget=budget)
     prepare(plan)
     for r in repeats:
-        run_repeat(plan, r)
+        run_repeat(plan, r, tune_config)
     results = {int(p.stem.split("-")[1]): json.loads(p.read_text())
                for p in sorted(plan.out.glob("repeat-*.json"))}
     text, svg = render(results, plan)
