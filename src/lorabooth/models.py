@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
+from .families import FAMILIES, Family
 
 # A hub lookup that cannot connect must fail fast, not hang: cap huggingface_hub's
 # timeouts unless the user set their own.
@@ -31,7 +32,7 @@ from diffusers import (  # noqa: E402  (after the timeouts are set)
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
 
-BUILTIN_MODELS = ("tiny", "toy", "sd15-random")
+BUILTIN_MODELS = ("tiny", "toy", "sd15-random", "tiny-sdxl", "sdxl-random")
 
 
 def toy_model_dir() -> Path:
@@ -42,7 +43,8 @@ CLIP_VOCAB_SIZE = 49408
 
 @dataclass
 class BaseModel:
-    """The parts of a Stable-Diffusion-shaped model that training needs."""
+    """The parts of a Stable-Diffusion-shaped model that training needs;
+    ``family`` says which text encoders it has (SDXL: a second one)."""
 
     name: str
     tokenizer: CLIPTokenizer
@@ -50,6 +52,18 @@ class BaseModel:
     vae: AutoencoderKL
     unet: UNet2DConditionModel
     noise_scheduler: DDPMScheduler
+    family: Family = FAMILIES["sd1"]
+    tokenizer_2: CLIPTokenizer | None = None
+    text_encoder_2: torch.nn.Module | None = None  # CLIPTextModelWithProjection
+
+    @property
+    def tokenizers(self) -> list[CLIPTokenizer]:
+        return [self.tokenizer, self.tokenizer_2][:len(self.family.encoders)]
+
+    @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        """The family's text encoders in order (None where freed)."""
+        return [getattr(self, name) for name in self.family.encoders]
 
     @property
     def vae_scale_factor(self) -> int:
@@ -159,7 +173,12 @@ def build_sd15_random(seed: int = 0) -> BaseModel:
 def _load_folder(path: Path, name: str, unet_dtype: torch.dtype = torch.float32,
                  tokenizer: CLIPTokenizer | None = None) -> BaseModel:
     """``tokenizer``: use this one instead of the folder's tokenizer/."""
+    from .sdxl import folder_family
+
+    family = FAMILIES[folder_family(path)]
+    second = ("text_encoder_2", "tokenizer_2") if family.name == "sdxl" else ()
     needed = ("unet", "vae", "text_encoder", "scheduler") + (() if tokenizer else ("tokenizer",))
+    needed += second
     missing = [p for p in needed if not (path / p).is_dir()]
     if missing:
         raise UserError(f"--model {name}: not a diffusers model folder, missing "
@@ -176,7 +195,19 @@ def _load_folder(path: Path, name: str, unet_dtype: torch.dtype = torch.float32,
         vae=AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32),
         unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=unet_dtype),
         noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler"),
+        family=family, **_second_encoder(path, second),
     )
+
+
+def _second_encoder(path: Path, parts: tuple[str, ...]) -> dict:
+    """SDXL's second tokenizer and text encoder from a diffusers folder, fp32."""
+    if not parts:
+        return {}
+    from transformers import CLIPTextModelWithProjection
+
+    return {"tokenizer_2": CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2"),
+            "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(
+                path, subfolder="text_encoder_2", dtype=torch.float32)}
 
 
 def resolve_hub(model_id: str) -> Path:
@@ -201,22 +232,27 @@ def resolve_hub(model_id: str) -> Path:
 
 
 def _load_single(path: Path, name: str, config: str) -> BaseModel:
+    """A single file; its architecture from ``config`` (a diffusers folder)
+    if given, else from its keys, with SD 1.5's or SDXL's offline configs."""
     import shutil
     import tempfile
 
     from .formats.singlefile import load_single_file
+    from .sdxl import file_family, folder_family, sdxl_config_dir
 
+    family = folder_family(Path(config)) if config else file_family(path)
     scratch = None
     if not config:
-        scratch = Path(tempfile.mkdtemp(prefix="lorabooth-sd15-config-"))
-        config = str(sd15_config_dir(scratch))
+        scratch = Path(tempfile.mkdtemp(prefix=f"lorabooth-{family}-config-"))
+        config = str((sdxl_config_dir if family == "sdxl" else sd15_config_dir)(scratch))
     try:
-        pipe = load_single_file(path, config)
+        pipe = load_single_file(path, config, family)
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
     return BaseModel(name, pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet,
-                     DDPMScheduler.from_config(pipe.scheduler.config))
+                     DDPMScheduler.from_config(pipe.scheduler.config), FAMILIES[family],
+                     getattr(pipe, "tokenizer_2", None), getattr(pipe, "text_encoder_2", None))
 
 
 def load_base(model: str, model_config: str = "",
@@ -229,6 +265,10 @@ def load_base(model: str, model_config: str = "",
         return build_tiny()
     if model == "sd15-random":
         return build_sd15_random()
+    if model in ("tiny-sdxl", "sdxl-random"):
+        from .sdxl import build_sdxl_random, build_tiny_sdxl
+
+        return build_tiny_sdxl() if model == "tiny-sdxl" else build_sdxl_random()
     if model == "toy":
         if not (toy_model_dir() / "unet").is_dir():
             raise UserError("--model toy: the toy model is not in this installation; "
@@ -255,7 +295,7 @@ def load_base(model: str, model_config: str = "",
 def load_tokenizer(model: str) -> CLIPTokenizer:
     """Only the tokenizer of a base model (no weights loaded)."""
     if model in BUILTIN_MODELS:
-        return clip_tokenizer()  # both built-in models use CLIP's own tokenizer
+        return clip_tokenizer()  # the built-in models use CLIP's own tokenizer (SDXL: the first)
     path = Path(model).expanduser()
     if not path.is_dir():
         if path.exists() or model.count("/") != 1:
@@ -267,16 +307,17 @@ def load_tokenizer(model: str) -> CLIPTokenizer:
 
 
 def pipeline_from_parts(base: BaseModel, scheduler=None) -> StableDiffusionPipeline:
-    """A pipeline over the same modules (no copies); DPM-Solver++ unless told."""
+    """The family's pipeline (StableDiffusionPipeline or
+    StableDiffusionXLPipeline) over the same modules (no copies);
+    DPM-Solver++ unless told."""
     from diffusers import DPMSolverMultistepScheduler
 
     if scheduler is None:
         scheduler = DPMSolverMultistepScheduler.from_config(base.noise_scheduler.config)
-    return StableDiffusionPipeline(
-        vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
-        unet=base.unet, scheduler=scheduler, safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False,
-    )
+    components = {"vae": base.vae, "unet": base.unet, "tokenizer": base.tokenizer,
+                  "text_encoder": base.text_encoder, "tokenizer_2": base.tokenizer_2,
+                  "text_encoder_2": base.text_encoder_2}
+    return base.family.pipeline(components, scheduler)
 
 
 def save_base(base: BaseModel, folder: str | Path) -> Path:

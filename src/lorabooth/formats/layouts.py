@@ -37,6 +37,7 @@ from ..pivotal import embedding_keys, split_embeddings, write_rows
 log = logging.getLogger(__name__)
 
 LAYOUTS = ("diffusers", "kohya", "peft")
+TEXT_PARTS = ("text_encoder", "text_encoder_2")  # diffusers' names of the text encoders
 
 # transformers 5 dropped the `text_model.` level from CLIPTextModel's module
 # names. Every SD client (ComfyUI, AUTOMATIC1111/Forge, InvokeAI, kohya's
@@ -186,7 +187,8 @@ def check_ranks(tensors: dict[str, torch.Tensor], where: str) -> int:
 def adapter_header(tensors_peft: dict[str, torch.Tensor], rank: int, alpha: float) -> dict[str, str]:
     """The `lora_adapter_metadata` diffusers reads to rebuild rank and alpha."""
     meta = {}
-    for part, targets in (("unet", UNET_TARGETS), ("text_encoder", TEXT_TARGETS)):
+    for part, targets in (("unet", UNET_TARGETS), ("text_encoder", TEXT_TARGETS),
+                          ("text_encoder_2", TEXT_TARGETS)):
         if any(k.startswith(part + ".") for k in tensors_peft):
             config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets),
                                 use_dora=is_dora(tensors_peft)).to_dict()
@@ -297,16 +299,20 @@ def module_lora(module: torch.nn.Module, prefix: str,
 
 def save_lora(folder: str | Path, unet: torch.nn.Module, text_encoder: torch.nn.Module | None,
               metadata: dict[str, str], layouts: tuple[str, ...] = ("diffusers",),
-              embeddings: dict[str, torch.Tensor] | None = None) -> Path:
+              embeddings: dict[str, torch.Tensor] | None = None,
+              text_encoder_2: torch.nn.Module | None = None) -> Path:
     """Write a trained adapter into ``folder`` in each of ``layouts``
     (diffusers -> pytorch_lora_weights.safetensors, kohya ->
     lora_kohya.safetensors), with the trained token ``embeddings`` if any;
-    returns the first file written."""
+    SDXL's second text encoder as `text_encoder_2.…`, what
+    StableDiffusionXLPipeline.load_lora_weights reads. Returns the first
+    file written."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     peft = module_lora(unet, "unet")
-    if text_encoder is not None:
-        peft.update(module_lora(text_encoder, "text_encoder"))
+    for prefix, encoder in (("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
+        if encoder is not None:
+            peft.update(module_lora(encoder, prefix))
     config = unet.peft_config["default"]
     paths = [write_lora(folder / (KOHYA_WEIGHT_NAME if to == "kohya" else WEIGHT_NAME), peft,
                         config.r, float(config.lora_alpha), metadata, to, embeddings)
@@ -318,9 +324,10 @@ def _modules(peft: dict[str, torch.Tensor]) -> set[str]:
     return {k.rsplit(".lora_", 1)[0] for k in peft if ".lora_A." in k}
 
 
-def load_into_pipeline(pipe: StableDiffusionPipeline, run: str | Path) -> bool:
-    """Load a run's LoRA with diffusers' own loader; True if it has a
-    text-encoder part. Then compare what the pipeline holds with what the
+def load_into_pipeline(pipe: StableDiffusionPipeline, run: str | Path) -> tuple[str, ...]:
+    """Load a run's LoRA with diffusers' own loader; returns the text encoders
+    that hold a part of it (`text_encoder`, SDXL's `text_encoder_2`; empty:
+    UNet only). Then compare what the pipeline holds with what the
     file holds: diffusers loads a partly matching file without a word (and
     may even create adapter layers the file has no weights for)."""
     path = find_lora(run)
@@ -335,8 +342,8 @@ def load_into_pipeline(pipe: StableDiffusionPipeline, run: str | Path) -> bool:
     except (ValueError, RuntimeError, KeyError) as e:
         raise UserError(f"{path}: does not fit this base model ({first_line(e, 200)})") from None
     held = set()
-    for part in ("unet", "text_encoder"):
-        if ADAPTER in (getattr(getattr(pipe, part), "peft_config", None) or {}):
+    for part in ("unet", *TEXT_PARTS):
+        if ADAPTER in (getattr(getattr(pipe, part, None), "peft_config", None) or {}):
             held |= _modules(module_lora(getattr(pipe, part), part, ADAPTER))
     wanted = _modules(peft)
     if not held & wanted:
@@ -347,4 +354,4 @@ def load_into_pipeline(pipe: StableDiffusionPipeline, run: str | Path) -> bool:
             log.warning("%s: %d of its modules %s, e.g. %s: the LoRA acts only in part",
                         path, len(keys), what, min(keys))
     write_rows(pipe.tokenizer, pipe.text_encoder, embeddings, str(path))  # --train-token's rows
-    return any(k.startswith("text_encoder") for k in held)
+    return tuple(part for part in TEXT_PARTS if any(k.startswith(part + ".") for k in held))
