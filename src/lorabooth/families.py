@@ -108,6 +108,7 @@ def fp32_decode(vae: torch.nn.Module) -> None:
 class Family(Protocol):
     name: str
     encoders: tuple[str, ...]  # diffusers' component names of the text encoders
+    pipeline_name: str  # the diffusers class that draws (for the run's README)
 
     def encode(self, encoders: list[torch.nn.Module], ids: torch.Tensor) -> Conditioning:
         """Token ids (B, len(encoders), 77) -> the text part of the conditioning."""
@@ -124,6 +125,7 @@ class SD1:
 
     name = "sd1"
     encoders = ("text_encoder",)
+    pipeline_name = "StableDiffusionPipeline"
 
     def encode(self, encoders: list[torch.nn.Module], ids: torch.Tensor) -> Conditioning:
         return Conditioning(encoders[0](ids[:, 0])[0])
@@ -147,6 +149,7 @@ class SDXL:
 
     name = "sdxl"
     encoders = ("text_encoder", "text_encoder_2")
+    pipeline_name = "StableDiffusionXLPipeline"
 
     def encode(self, encoders: list[torch.nn.Module], ids: torch.Tensor) -> Conditioning:
         outputs = [encoder(ids[:, i], output_hidden_states=True)

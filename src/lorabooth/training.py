@@ -490,4 +490,4 @@ def _finish(config: TrainConfig, base: BaseModel, output: Path,
               modules.get("text_encoder_2"))
     if config.validation_prompt:
         _validate(config, base, output, config.steps)
-    write_text(output / "README.md", model_card(config, resolution))
+    write_text(output / "README.md", model_card(config, resolution, base.family.pipeline_name))

@@ -172,7 +172,7 @@ def fuse(run: str | Path, out: str | Path, unet_scale: float = 1.0, text_scale: 
         raise UserError(f"--out {out}: is a file; fuse writes a model folder there")
     pipe, has_text = load_pipeline(run, model)
     set_scales(pipe, unet_scale, text_scale, has_text)
-    components = ["unet"] + (["text_encoder"] if has_text else [])
+    components = ["unet", *has_text]  # the text encoders holding LoRA
     pipe.fuse_lora(components=components, lora_scale=1.0)
     pipe.unload_lora_weights()  # the fused weights stay; the adapter layers go
     for name in components:
