@@ -148,6 +148,7 @@ def test_both_text_encoders_train_each_at_its_rate(sdxl_run):
     assert len(list((sdxl_run / "class_images").glob("*.png"))) == 2
     assert (sdxl_run / "samples" / "step-000003.png").is_file()
     assert lora_metadata(sdxl_run)["lr_text2"] == 2e-2
+    assert "StableDiffusionXLPipeline.from_pretrained" in (sdxl_run / "README.md").read_text()
 
 
 def test_lr_text2_is_encoder_2s_param_group():
@@ -279,3 +280,133 @@ def test_sdxl_config_dir_is_sdxl_base_10(tmp_path):
     assert unet["transformer_layers_per_block"] == [1, 2, 10] and unet["sample_size"] == 128
     tok2 = json.loads((folder / "tokenizer_2" / "special_tokens_map.json").read_text())
     assert "!" in json.dumps(tok2["pad_token"])  # OpenCLIP pads with "!"
+
+
+# --- drawing -----------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def sdxl_unet_run(tmp_path_factory, session_photos):
+    out = tmp_path_factory.mktemp("sdxl") / "unet-only"
+    return train(TrainConfig(model="tiny-sdxl", instance_dir=str(session_photos),
+                             instance_prompt=PROMPT, steps=2, lr=1e-2, output=str(out),
+                             save_format="diffusers"))
+
+
+def _pixels(pipe, parts, setting):
+    import numpy as np
+
+    from lorabooth.drawing import draw
+
+    return np.asarray(draw(pipe, parts, PROMPT, setting, [0], 2)[0], dtype=float)
+
+
+def test_each_text_encoder_has_its_scale(sdxl_run, sdxl_unet_run):
+    from lorabooth.drawing import Setting, load_pipeline
+    from lorabooth.models import pipeline_from_parts
+
+    pipe, parts = load_pipeline(sdxl_run)
+    assert type(pipe).__name__ == "StableDiffusionXLPipeline"
+    assert parts == ("text_encoder", "text_encoder_2")
+    full = _pixels(pipe, parts, Setting(1.0, 1.0, 5.0))
+    assert (full == _pixels(pipe, parts, Setting(1.0, 1.0, 5.0, 1.0))).all()  # text2 = text
+    others = [_pixels(pipe, parts, s) for s in (Setting(1.0, 1.0, 5.0, 0.0),
+                                                 Setting(1.0, 0.0, 5.0, 1.0),
+                                                 Setting(0.0, 1.0, 5.0))]
+    for i, image in enumerate(others):  # each scale alone changes the image
+        assert abs(image - full).mean() > 0.05, i
+    assert abs(others[0] - others[1]).mean() > 0.05  # encoder 1 and 2 are scaled apart
+    off = _pixels(pipe, parts, Setting(0.0, 0.0, 5.0, 0.0))
+    plain = pipeline_from_parts(build_tiny_sdxl())
+    plain.set_progress_bar_config(disable=True)
+    assert abs(off - _pixels(plain, (), Setting(0.0, 0.0, 5.0))).max() <= 1  # all off: the base
+
+    pipe, parts = load_pipeline(sdxl_unet_run)  # no text-encoder LoRA: text scales change nothing
+    assert parts == ()
+    assert (_pixels(pipe, parts, Setting(1.0, 1.0, 5.0, 0.0))
+            == _pixels(pipe, parts, Setting(1.0, 0.0, 5.0, 1.0))).all()
+
+
+def test_generate_grid_over_text2_scales(sdxl_run, tmp_path):
+    from lorabooth.commands import GenerateConfig, run
+
+    out = tmp_path / "g"
+    images = run(GenerateConfig(run=str(sdxl_run), prompt=[PROMPT], text2_scale=[0.0, 1.0],
+                                num_images=1, steps=2, output=str(out)))
+    assert len(images) == 2 and images[0].size == (64, 64)  # tiny-sdxl's native size
+    names = sorted(p.name for p in (out / "00-a-photo-of-sks-dog").iterdir())
+    assert names == ["grid.png", "u1_t1_tt0_g7.5_s0.png", "u1_t1_tt1_g7.5_s0.png"]
+
+
+def test_the_sdxl_vae_decodes_in_fp32_under_autocast():
+    from lorabooth.models import pipeline_from_parts
+
+    base = build_tiny_sdxl()
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        pipeline_from_parts(base)  # the SDXL pipeline keeps its VAE's decode in fp32
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            under = base.vae.decode(z.bfloat16()).sample
+        exact = base.vae.decode(z.bfloat16().float()).sample
+    assert under.dtype == torch.float32 and torch.equal(under, exact)
+
+
+# --- evaluate and sweep ------------------------------------------------------
+
+def test_evaluate_scores_an_sdxl_run_at_a_text2_scale(sdxl_run, session_photos, tiny_judges,
+                                                       tmp_path):
+    from lorabooth import evaluate
+
+    dino, clip = tiny_judges
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a {0} {1} on the beach\n")
+    out = tmp_path / "eval"
+    result = evaluate(sdxl_run, str(session_photos), prompts_file=str(prompts),
+                      images_per_prompt=2, steps=2, out=out, dino=dino, clip=clip,
+                      pres_images=2, text2_scale=0.5)
+    assert result["text2_scale"] == 0.5 and result["identifier"] == "sks"
+    for metric in ("dino", "clip_i", "clip_t", "pres", "div"):
+        assert -1 <= result["rows"]["lorabooth"][metric]["mean"] <= 1, metric
+    assert (out / "images" / "u1_t1_tt0.5_g7.5_steps2").is_dir()
+
+
+def test_sweep_trains_draws_and_scores_tiny_sdxl(tmp_path, photos, tiny_judges):
+    from lorabooth.sweep import run_sweep
+
+    dino, clip = tiny_judges
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a {0} {1} on the beach\n")
+    f = tmp_path / "sweep.toml"
+    f.write_text(f"""
+[base]
+model = "tiny-sdxl"
+instance_dir = "{photos}"
+instance_prompt = "a photo of sks dog"
+steps = 2
+save_format = "diffusers"
+output = "{tmp_path / 'sweep'}"
+
+[train.grid]
+train_text_encoder = [true]
+
+[generate]
+prompts = ["a photo of sks dog"]
+steps = 2
+
+[generate.grid]
+text2_scale = [0.0, 1.0]
+
+[evaluate]
+real = "{photos}"
+prompts_file = "{prompts}"
+images_per_prompt = 2
+pres_images = 2
+steps = 2
+dino = "{dino}"
+clip = "{clip}"
+""")
+    report = run_sweep(f)
+    page = report.read_text()
+    assert "text2 0" in page and "text2 1" in page  # the settings' labels
+    folders = sorted(p.name for p in (tmp_path / "sweep").glob("*/sweep/00-*/*") if p.is_dir())
+    assert folders == ["u1_t1_tt0_g7.5_steps2", "u1_t1_tt1_g7.5_steps2"]
+    assert list((tmp_path / "sweep").glob("*/eval/metrics.json"))
