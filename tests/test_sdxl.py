@@ -36,7 +36,7 @@ def sdxl_run(tmp_path_factory, session_photos):
         model="tiny-sdxl", instance_dir=str(session_photos), instance_prompt=PROMPT,
         class_prompt=CLASS, prior_preservation="images", num_class_images=2, class_draw_steps=2,
         steps=3, lr=1e-2, lr_text=1e-2, lr_text2=2e-2, train_text_encoder=True, seed=0,
-        output=str(out), save_format="diffusers", validation_prompt=PROMPT))
+        output=str(out), save_format="diffusers"))
 
 
 # --- the pure parts -------------------------------------------------------
@@ -146,7 +146,6 @@ def test_both_text_encoders_train_each_at_its_rate(sdxl_run):
         assert r["lr_text"] == 1e-2 and r["lr_text2"] == 2e-2
         assert r["loss"] == pytest.approx(r["loss_instance"] + r["loss_prior"], rel=1e-5)
     assert len(list((sdxl_run / "class_images").glob("*.png"))) == 2
-    assert (sdxl_run / "samples" / "step-000003.png").is_file()
     assert lora_metadata(sdxl_run)["lr_text2"] == 2e-2
     assert "StableDiffusionXLPipeline.from_pretrained" in (sdxl_run / "README.md").read_text()
 
