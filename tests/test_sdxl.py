@@ -309,6 +309,8 @@ def _pixels(pipe, parts, setting):
 
 
 def test_each_text_encoder_has_its_scale(sdxl_run, sdxl_unet_run):
+    import numpy as np
+
     from lorabooth.drawing import Setting, load_pipeline
     from lorabooth.models import pipeline_from_parts
 
@@ -324,9 +326,12 @@ def test_each_text_encoder_has_its_scale(sdxl_run, sdxl_unet_run):
         assert abs(image - full).mean() > 0.05, i
     assert abs(others[0] - others[1]).mean() > 0.05  # encoder 1 and 2 are scaled apart
     off = _pixels(pipe, parts, Setting(0.0, 0.0, 5.0, 0.0))
-    plain = pipeline_from_parts(build_tiny_sdxl())
+    plain = pipeline_from_parts(build_tiny_sdxl())  # the base model, no LoRA loaded
     plain.set_progress_bar_config(disable=True)
-    assert abs(off - _pixels(plain, (), Setting(0.0, 0.0, 5.0))).max() <= 1  # all off: the base
+    arrays = plain([PROMPT], negative_prompt=[""], guidance_scale=5.0, num_inference_steps=2,
+                   generator=[torch.Generator().manual_seed(0)], output_type="np").images
+    base = np.asarray(plain.numpy_to_pil(arrays)[0], dtype=float)
+    assert abs(off - base).max() <= 1  # every scale 0: the base model's image
 
     pipe, parts = load_pipeline(sdxl_unet_run)  # no text-encoder LoRA: text scales change nothing
     assert parts == ()
