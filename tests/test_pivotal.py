@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from helpers import tiny_outputs
 from lorabooth import TrainConfig, train
 from lorabooth.errors import UserError
+from lorabooth.families import Conditioning
 from lorabooth.lora import KOHYA_WEIGHT_NAME, WEIGHT_NAME, lora_metadata, read_lora
 from lorabooth.models import build_tiny, pipeline_from_parts
 from lorabooth.pivotal import (
@@ -127,12 +128,13 @@ def test_class_embeddings_stay_cached_unless_they_hold_the_token():
         unwrap_model = staticmethod(lambda m: m)
 
     for class_ids, cached in ((ids[1:2], True), (ids[2:3], False)):
-        cache = torch.zeros(1, 77, 32)
+        cache = Conditioning(torch.zeros(1, 77, 32))
         examples = Examples(torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.zeros(1),
-                            torch.zeros(1, 77, 32), cache, ids[:1], class_ids, 1.0)
+                            Conditioning(torch.zeros(1, 77, 32)), cache, ids[:1, None],
+                            class_ids[:, None], 1.0)
         base = build_tiny()
         _use_token(Unwrap(), base, {"unet": None, "token": token}, examples)
-        assert examples.instance_embedding is None and examples.encoder is base.text_encoder
+        assert examples.instance_embedding is None and examples.encoders == [base.text_encoder]
         assert (examples.class_embedding is cache) is cached
 
 

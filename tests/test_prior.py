@@ -2,7 +2,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lorabooth.data import prompt_embeddings
+from lorabooth.families import encode_prompts
 from lorabooth.lora import add_unet_lora, lora_parameters
 from lorabooth.models import build_tiny, pipeline_from_parts
 from lorabooth.prior import (
@@ -86,10 +86,12 @@ def _batch(n=2):
 def test_model_prior_target_is_the_base_models_prediction_exactly():
     base = _trained_looking()
     reference = build_tiny()  # the same weights, never given a LoRA
-    context = prompt_embeddings(base.tokenizer, base.text_encoder, ["a photo of a dog"])
+    context = encode_prompts(base.family, base.tokenizers, base.text_encoders,
+                             ["a photo of a dog"]).hidden
     latents, noise, t = _batch()
-    lat2, noise2, t2, frozen = model_prior_rows(base.unet, base.noise_scheduler, latents, noise,
-                                                t, context, torch.Generator().manual_seed(1))
+    lat2, noise2, t2, frozen = model_prior_rows(
+        base.unet, base.noise_scheduler, latents, noise, t,
+        {"encoder_hidden_states": context.expand(2, -1, -1)}, torch.Generator().manual_seed(1))
     # (B, ...) -> (2B, ...): the instance rows untouched, then the same latents re-noised
     assert lat2.shape == noise2.shape == (4, 4, 8, 8) and t2.shape == (4,) and frozen.shape == (2, 4, 8, 8)
     assert torch.equal(lat2[:2], latents) and torch.equal(lat2[2:], latents)
@@ -110,7 +112,7 @@ def test_model_prior_target_is_the_base_models_prediction_exactly():
 def test_model_prior_rows_are_drawn_from_the_generator():
     base = build_tiny()
     add_unet_lora(base.unet, 4, 4.0)
-    context = torch.randn(1, 77, 32)
+    context = {"encoder_hidden_states": torch.randn(1, 77, 32).expand(2, -1, -1)}
     latents, noise, t = _batch()
     a = model_prior_rows(base.unet, base.noise_scheduler, latents, noise, t, context,
                          torch.Generator().manual_seed(1))

@@ -65,7 +65,8 @@ def test_fast_step_equals_the_plain_step(photos, tmp_path, weight):
     gen = torch.Generator().manual_seed(3)
     latents = t.sample_latents(examples, [0], [0], gen)
     noise = torch.randn(latents.shape, generator=gen)
-    context = t.text_context(examples, {"unet": base.unet}, [0], 1, torch.device("cpu"))
+    context = base.family.unet_inputs(
+        t.text_context(examples, {"unet": base.unet}, [0], 1, torch.device("cpu")))
     fast, _, _ = t.step_loss(base.unet, base.noise_scheduler, latents, noise, timesteps,
                              context, 1, weight)
     plain = _plain_loss(base, plain_unet, paths, ["a photo of sks dog", "a photo of a dog"],

@@ -141,7 +141,7 @@ def test_v_prediction_model_trains_on_the_velocity(photos, tmp_path, monkeypatch
         out = real_step_loss(unet, scheduler, latents, noise, timesteps, context, n_instance,
                              prior_weight, *levers)
         with torch.no_grad():  # the same inputs, the target taken from the scheduler
-            pred = unet(scheduler.add_noise(latents, noise, timesteps), timesteps, context).sample
+            pred = unet(scheduler.add_noise(latents, noise, timesteps), timesteps, **context).sample
             velocity = scheduler.get_velocity(latents, noise, timesteps)
             seen.append((out[0].item(), F.mse_loss(pred, velocity).item(),
                          F.mse_loss(pred, noise).item()))
@@ -180,18 +180,18 @@ def test_captions_flow_into_the_batches(photos, tmp_path, caplog):
     paths = readable_images(photos)
     examples = t.setup_examples(config, base, 64, paths, t.instance_captions(config, paths), [])
     want = ["a photo of sks dog on a red sofa", "a photo of a dog", "a photo of sks dog"]
-    assert torch.equal(examples.instance_ids, tokenize(base.tokenizer, want))
+    assert torch.equal(examples.instance_ids, tokenize(base.tokenizer, want)[:, None])  # (N, 1 encoder, 77)
     assert any("photo_1.txt" in r.getMessage() and "lacks the identifier" in r.getMessage()
                for r in caplog.records)
     # the batch for images [2, 0] carries their own captions' embeddings, in order
-    context = t.text_context(examples, {"unet": None}, [2, 0], 0, torch.device("cpu"))
-    assert torch.equal(context[0], examples.instance_embedding[2])
+    context = t.text_context(examples, {"unet": None}, [2, 0], 0, torch.device("cpu")).hidden
+    assert torch.equal(context[0], examples.instance_embedding.hidden[2])
     assert not torch.equal(context[0], context[1])
     # without --captions the .txt files are ignored
     plain_config = _config(photos, tmp_path / "r")
     plain = t.setup_examples(plain_config, base, 64, paths,
                               t.instance_captions(plain_config, paths), [])
-    assert torch.equal(plain.instance_ids, tokenize(base.tokenizer, ["a photo of sks dog"] * 3))
+    assert torch.equal(plain.instance_ids, tokenize(base.tokenizer, ["a photo of sks dog"] * 3)[:, None])
 
 
 def test_prior_from_the_model_draws_no_images_and_logs_its_loss(photos, tmp_path):
@@ -230,7 +230,8 @@ def test_prior_from_the_model_resumes_to_the_same_numbers(photos, tmp_path, capl
 
 def test_caption_dropout_swaps_only_the_marked_instance_rows(photos, tmp_path):
     import lorabooth.training as t
-    from lorabooth.data import prompt_embeddings, tokenize
+    from lorabooth.data import tokenize
+    from lorabooth.families import encode_prompts
     from lorabooth.models import build_tiny
 
     base = build_tiny()
@@ -243,20 +244,22 @@ def test_caption_dropout_swaps_only_the_marked_instance_rows(photos, tmp_path):
                                      paths[:1])
         if train_text:  # the ids go through the (trained) encoder: look at them directly
             modules = {"text_encoder": lambda ids: (ids,)}
-            empty, kept, klass = tokenize(base.tokenizer, [""]), examples.instance_ids, examples.class_ids
+            empty = tokenize(base.tokenizer, [""])
+            kept, klass = examples.instance_ids[:, 0], examples.class_ids[:, 0]
         else:
             modules = {"unet": None}
-            empty = prompt_embeddings(base.tokenizer, base.text_encoder, [""])
-            kept, klass = examples.instance_embedding, examples.class_embedding
-        context = t.text_context(examples, modules, [2, 0, 1], 2, torch.device("cpu"), dropped)
+            empty = encode_prompts(base.family, base.tokenizers, base.text_encoders, [""]).hidden
+            kept, klass = examples.instance_embedding.hidden, examples.class_embedding.hidden
+        context = t.text_context(examples, modules, [2, 0, 1], 2, torch.device("cpu"), dropped).hidden
         assert len(context) == 5
         assert torch.equal(context[0], empty[0]) and torch.equal(context[2], empty[0])
         assert torch.equal(context[1], kept[0])  # row 1 kept image 0's prompt
         assert torch.equal(context[3], klass[0]) and torch.equal(context[4], klass[0])  # never dropped
         assert not torch.equal(kept[0], empty[0])
         off = t.text_context(examples, modules, [2, 0, 1], 2, torch.device("cpu"),
-                              torch.zeros(3, dtype=torch.bool))
-        assert torch.equal(off, t.text_context(examples, modules, [2, 0, 1], 2, torch.device("cpu")))
+                              torch.zeros(3, dtype=torch.bool)).hidden
+        assert torch.equal(off, t.text_context(examples, modules, [2, 0, 1], 2,
+                                               torch.device("cpu")).hidden)
     plain = t.setup_examples(_config(photos, tmp_path / "r"), base, 64, paths,
                               [PROMPT] * 3, [])
     assert plain.empty_embedding is None and plain.empty_ids is None  # off: nothing extra cached

@@ -13,9 +13,16 @@ Importing the package loads no torch: the functions come from their modules
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
 
 __version__ = "0.1.0"
+
+# A hub lookup that cannot connect must fail fast, not hang: cap huggingface_hub's
+# timeouts unless the user set their own. Here, because huggingface_hub reads
+# them when first imported, by whichever lorabooth module imports diffusers first.
+os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
+os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
 
 # name -> module that defines it
 _API = {"TrainConfig": "config", "PrepareConfig": "config", "UserError": "errors",

@@ -1,18 +1,21 @@
 """What the training loop reads: the subject's images and prompts checked,
-latents and prompt embeddings computed once before the loop (``Examples``),
-and each step's batch of them (``sample_latents``, ``text_context``)."""
+latents, prompt embeddings and SDXL's time ids computed once before the loop
+(``Examples``), and each step's batch of them (``sample_latents``,
+``text_context``, ``batch_time_ids``)."""
 
 from __future__ import annotations
 
+import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .config import TrainConfig
-from .data import image_files, latent_distributions, prompt_embeddings, tokenize
+from .data import image_files, latent_distributions
 from .errors import UserError
+from .families import FAMILIES, Conditioning, Family, encode_prompts, time_ids, tokenize_all
 from .identifier import guess_identifier
 from .imagefiles import problem
 from .models import BaseModel
@@ -28,16 +31,20 @@ class Examples:
     instance_std: torch.Tensor
     class_mean: torch.Tensor | None  # (M, 4, h, w), None without prior preservation
     class_std: torch.Tensor | None
-    instance_embedding: torch.Tensor | None  # (N, 77, D), one per image; text encoder frozen
-    class_embedding: torch.Tensor | None  # (1, 77, D), frozen; the target's in --prior-preservation model
-    instance_ids: torch.Tensor  # (N, 77) token ids, used when the text encoder trains
+    instance_embedding: Conditioning | None  # (N, 77, D), one per image; text encoders frozen
+    class_embedding: Conditioning | None  # (1, 77, D), frozen; the target's in --prior-preservation model
+    instance_ids: torch.Tensor  # (N, E, 77) token ids, E text encoders; used when they train
     class_ids: torch.Tensor | None
     scaling_factor: float  # the VAE's latent scale, kept so the VAE itself can be freed
-    empty_embedding: torch.Tensor | None = None  # (1, 77, D) of "", for --caption-dropout
-    empty_ids: torch.Tensor | None = None  # (1, 77)
+    empty_embedding: Conditioning | None = None  # (1, 77, D) of "", for --caption-dropout
+    empty_ids: torch.Tensor | None = None  # (1, E, 77)
     # --train-token with the text encoder frozen: it runs on the instance rows
     # every step (their identifier's embedding trains); None: cached above
-    encoder: torch.nn.Module | None = None
+    encoders: list[torch.nn.Module] | None = None
+    family: Family = FAMILIES["sd1"]
+    # SDXL's micro-conditioning per image (N, 6) and (M, 6); SD 1.x ignores them
+    instance_time_ids: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 6))
+    class_time_ids: torch.Tensor | None = None
 
 
 def instance_images(config: TrainConfig) -> list[Path]:
@@ -64,23 +71,61 @@ def setup_examples(config: TrainConfig, base: BaseModel, resolution: int,
     with_class = config.uses_prior
     prompts = sorted(set(captions)) + ([config.class_prompt] if with_class else [])
     row = [prompts.index(c) for c in captions]  # image i -> its prompt's row
-    ids = tokenize(base.tokenizer, prompts)
+    ids = tokenize_all(base.tokenizers, prompts)
+
+    def encode(some: list[str]) -> Conditioning:
+        return encode_prompts(base.family, base.tokenizers, base.text_encoders, some)
+
     frozen = None
     if not config.train_text_encoder:
-        frozen = prompt_embeddings(base.tokenizer, base.text_encoder, prompts)
-    elif config.prior_model:  # the target's class prompt: the text encoder without LoRA (not yet added)
-        frozen = prompt_embeddings(base.tokenizer, base.text_encoder, prompts[-1:])
+        frozen = encode(prompts)
+    elif config.prior_model:  # the target's class prompt: the text encoders without LoRA (not yet added)
+        frozen = encode(prompts[-1:])
     dropout = config.caption_dropout > 0
+    boxes = prepared_boxes(Path(config.instance_dir))
     return Examples(
         instance_mean=instance[0], instance_std=instance[1], class_mean=klass[0], class_std=klass[1],
-        instance_embedding=None if frozen is None or config.train_text_encoder else frozen[row],
-        class_embedding=None if frozen is None or not with_class else frozen[-1:],
+        instance_embedding=None if frozen is None or config.train_text_encoder else frozen.rows(row),
+        class_embedding=None if frozen is None or not with_class else frozen.rows(slice(-1, None)),
         instance_ids=ids[row], class_ids=ids[-1:] if with_class else None,
         scaling_factor=float(base.vae.config.scaling_factor),
-        empty_embedding=(prompt_embeddings(base.tokenizer, base.text_encoder, [""])
-                         if dropout and not config.train_text_encoder else None),
-        empty_ids=tokenize(base.tokenizer, [""]) if dropout else None,
+        empty_embedding=encode([""]) if dropout and not config.train_text_encoder else None,
+        empty_ids=tokenize_all(base.tokenizers, [""]) if dropout else None,
+        family=base.family,
+        instance_time_ids=image_time_ids(instance_paths, resolution, boxes),
+        class_time_ids=image_time_ids(class_paths, resolution, {}) if class_paths else None,
     )
+
+
+def prepared_boxes(folder: Path) -> dict[str, tuple[tuple[int, int], tuple]]:
+    """Image name -> (original photo size, crop box) from the folder's
+    prepare.json (written by `lorabooth prepare`); {} without one."""
+    try:
+        files = json.loads((folder / "prepare.json").read_text(encoding="utf-8"))["files"]
+        return {f["output"]: (tuple(f["size"]), tuple(f["crop_box"])) for f in files
+                if f.get("output") and f.get("size") and f.get("crop_box")}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def image_time_ids(paths: list[Path], resolution: int,
+                   boxes: dict[str, tuple[tuple[int, int], tuple]]) -> torch.Tensor:
+    """(N, 6) SDXL time ids: the photo `prepare` cropped and its real crop box
+    when known, else the image itself, centre-cropped as the loader does."""
+    from PIL import Image
+
+    from .images import upright_rgb
+
+    rows = []
+    for path in paths:
+        if path.name in boxes:
+            size, box = boxes[path.name]
+        else:
+            with Image.open(path) as im:
+                size = upright_rgb(im).size  # as the loader sees it, EXIF rotation applied
+            box = (0, 0, *size)
+        rows.append(time_ids(size, box, resolution))
+    return torch.tensor(rows, dtype=torch.float32).reshape(len(paths), 6)
 
 
 def instance_captions(config: TrainConfig, paths: list[Path]) -> list[str]:
@@ -123,28 +168,40 @@ def sample_latents(examples: Examples, idx: list[int], cidx: list[int],
 
 def text_context(examples: Examples, modules: dict[str, torch.nn.Module], idx: list[int],
                   n_class: int, device: torch.device,
-                  dropped: torch.Tensor | None = None) -> torch.Tensor:
-    """Encoder hidden states for the batch: (B, 77, D), instance rows first;
-    the instance rows marked in ``dropped`` (len(idx),) get the empty prompt's."""
-    if "text_encoder" in modules:
-        ids = [examples.instance_ids[idx]]
-        if dropped is not None and dropped.any():
-            ids[0] = torch.where(dropped[:, None], examples.empty_ids, ids[0])
+                  dropped: torch.Tensor | None = None) -> Conditioning:
+    """The text conditioning of the batch (hidden states (B, 77, D), SDXL's
+    pooled embeddings), instance rows first; the instance rows marked in
+    ``dropped`` (len(idx),) get the empty prompt's."""
+    family = examples.family
+    trained = [modules[name] for name in family.encoders if name in modules]
+    ids = examples.instance_ids[idx]
+    if dropped is not None and dropped.any():
+        ids = torch.where(dropped[:, None, None], examples.empty_ids, ids)
+    if trained:  # the text encoders train: every row through them
         if n_class:
-            ids.append(examples.class_ids.expand(n_class, -1))
-        return modules["text_encoder"](torch.cat(ids).to(device))[0]
-    if examples.encoder is not None:  # --train-token: the identifier's rows change every step
-        ids = examples.instance_ids[idx]
-        if dropped is not None and dropped.any():
-            ids = torch.where(dropped[:, None], examples.empty_ids, ids)
-        parts = [examples.encoder(ids.to(device))[0]]
+            ids = torch.cat([ids, examples.class_ids.expand(n_class, -1, -1)])
+        return family.encode(trained, ids.to(device))
+    if examples.encoders is not None:  # --train-token: the identifier's rows change every step
+        parts = [family.encode(examples.encoders, ids.to(device))]
     else:
-        parts = [examples.instance_embedding[idx].to(device)]
+        parts = [examples.instance_embedding.rows(idx).to(device)]
         if dropped is not None and dropped.any():
-            parts[0] = torch.where(dropped[:, None, None].to(device),
-                                   examples.empty_embedding.to(device), parts[0])
+            parts[0] = parts[0].where(dropped, examples.empty_embedding)
     if n_class:
         klass = (examples.class_embedding if examples.class_embedding is not None
-                 else examples.encoder(examples.class_ids.to(device))[0])
-        parts.append(klass.to(device).expand(n_class, -1, -1))
+                 else family.encode(examples.encoders, examples.class_ids.to(device)))
+        parts.append(klass.to(device).expand(n_class))
+    return Conditioning.cat(parts)
+
+
+def batch_time_ids(examples: Examples, idx: list[int], cidx: list[int],
+                   model_prior: bool = False) -> torch.Tensor:
+    """(B, 6) time ids of the batch's rows: instance rows, then class images'
+    (``cidx``) or, for --prior-preservation model, the instance rows again
+    (its prior rows re-noise the instance latents)."""
+    parts = [examples.instance_time_ids[idx]]
+    if cidx:
+        parts.append(examples.class_time_ids[cidx])
+    if model_prior:
+        parts.append(parts[0])
     return torch.cat(parts)

@@ -56,8 +56,11 @@ class GenerateConfig:
     prompt: list[str] = _help("Prompt to draw (repeatable).", default_factory=list)
     negative_prompt: str = _help("Negative prompt.", "")
     unet_scale: list[float] = _help("UNet LoRA scale(s), comma list.", default_factory=lambda: [1.0])
-    text_scale: list[float] = _help("Text-encoder LoRA scale(s), comma list.",
+    text_scale: list[float] = _help("Text-encoder LoRA scale(s), comma list (SDXL: both "
+                                    "encoders unless --text2-scale is given).",
                                     default_factory=lambda: [1.0])
+    text2_scale: list[float] = _help("SDXL: the second text encoder's LoRA scale(s), comma list "
+                                     "(default: --text-scale).", default_factory=list)
     guidance: list[float] = _help("Guidance scale(s), comma list.", default_factory=lambda: [7.5])
     steps: int = _help("Sampler steps.", 25)
     num_images: int = _help("Images (seeds) per setting.", 4)
@@ -97,7 +100,10 @@ class EvaluateConfig:
     pres_images: int = _help("Class-prompt images for PRES.", 8)
     seed: int = _help("First seed; image i uses seed+i.", 0)
     unet_scale: float = _help("UNet LoRA scale.", 1.0)
-    text_scale: float = _help("Text-encoder LoRA scale.", 1.0)
+    text_scale: float = _help("Text-encoder LoRA scale (SDXL: both encoders unless "
+                              "--text2-scale is given).", 1.0)
+    text2_scale: float | None = _help("SDXL: the second text encoder's LoRA scale (default: "
+                                      "--text-scale).", None)
     guidance: float = _help("Guidance scale.", 7.5)
     steps: int = _help("Sampler steps.", 25)
     dino: str = _help("DINO model (folder or hub id).", DEFAULT_DINO)
@@ -352,7 +358,7 @@ def _generate(c: GenerateConfig) -> Any:
                       guidances=c.guidance, num_images=c.num_images, seed=c.seed, steps=c.steps,
                       negative_prompt=c.negative_prompt, scheduler=c.scheduler,
                       output=c.output or None, model=c.model or None, width=c.width,
-                      height=c.height)
+                      height=c.height, text2_scales=c.text2_scale)
     log.info("drew %d images", len(images))
     return images
 
@@ -385,7 +391,8 @@ def _evaluate(c: EvaluateConfig) -> Any:
     return evaluate(c.run, c.real, class_noun=c.class_noun or None, kind=c.kind,
                     prompts_file=c.prompts or None, identifier=c.identifier or None,
                     images_per_prompt=c.images_per_prompt, seed=c.seed, unet_scale=c.unet_scale,
-                    text_scale=c.text_scale, guidance=c.guidance, steps=c.steps,
+                    text_scale=c.text_scale, text2_scale=c.text2_scale, guidance=c.guidance,
+                    steps=c.steps,
                     out=c.out or None, baselines=c.baselines, dino=c.dino, clip=c.clip,
                     model=c.model or None, pres_images=c.pres_images)
 

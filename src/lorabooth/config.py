@@ -98,9 +98,12 @@ def check_adapter(adapter: str, save_format: str) -> None:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    model: str = _help("A diffusers folder, a Hugging Face hub id, or `tiny`.", "tiny")
+    model: str = _help("A diffusers folder (SD 1.x or SDXL), a Hugging Face hub id, a single "
+                       "checkpoint file, or a built-in: tiny, tiny-sdxl, toy, sd15-random, "
+                       "sdxl-random.", "tiny")
     model_config: str = _help("For a single-file --model: a diffusers folder with that "
-                              "architecture's configs (default: Stable Diffusion 1.5's).", "")
+                              "architecture's configs (default: SD 1.5's or SDXL's, told "
+                              "from the file's keys).", "")
     instance_dir: str = _help("Folder with 3-20 photos of the subject.", "")
     instance_prompt: str = _help("Prompt naming the subject, e.g. 'a photo of sks dog'.", "")
     class_prompt: str = _help("Bare class prompt for prior preservation, e.g. 'a photo of a dog'.", "")
@@ -117,6 +120,8 @@ class TrainConfig:
     batch_size: int = _help("Instance images per step (as many class images are added).", 1)
     lr: float = _help("Learning rate of the UNet LoRA.", 5e-4)
     lr_text: float = _help("Learning rate of the text-encoder LoRA.", 1e-4)
+    lr_text2: float = _help("SDXL: learning rate of the second text encoder's LoRA (0: the "
+                            "same as --lr-text).", 0.0)
     train_text_encoder: bool = _help("Also train LoRA on the text encoder's attention.", False)
     rank: int = _help("LoRA rank.", 4)
     alpha: float = _help("LoRA alpha (0: equal to the rank).", 0.0)
@@ -188,6 +193,8 @@ class TrainConfig:
             raise bad("seed", f"must be between 0 and {MAX_SEED}")
         if self.alpha < 0:
             raise bad("alpha", "must be 0 (= rank) or positive")
+        if self.lr_text2 < 0:
+            raise bad("lr_text2", "must be 0 (= --lr-text) or positive")
         if self.max_grad_norm < 0:
             raise bad("max_grad_norm", "must be 0 (off) or positive")
         if self.resolution < 0 or self.resolution % 8:
@@ -219,6 +226,10 @@ class TrainConfig:
         for key in ("caption_dropout", "ema_decay"):
             if not 0 <= getattr(self, key) < 1:
                 raise bad(key, "must be at least 0 (off) and below 1")
+
+    def text_lr(self, encoder: str) -> float:
+        """The learning rate of a text encoder's LoRA, by diffusers' name."""
+        return (self.lr_text2 or self.lr_text) if encoder == "text_encoder_2" else self.lr_text
 
     @property
     def lora_alpha(self) -> float:
@@ -297,6 +308,8 @@ class SweepGenerate:
     unet_scale: list[float] = _help("[generate.grid] UNet LoRA scales.", default_factory=lambda: [1.0])
     text_scale: list[float] = _help("[generate.grid] text-encoder LoRA scales.",
                                     default_factory=lambda: [1.0])
+    text2_scale: list[float] = _help("[generate.grid] SDXL: the second text encoder's LoRA "
+                                     "scales (default: the text scale).", default_factory=list)
     guidance: list[float] = _help("[generate.grid] guidance scales.", default_factory=lambda: [7.5])
 
     def __post_init__(self) -> None:

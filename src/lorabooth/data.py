@@ -60,13 +60,6 @@ def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
                      truncation=True, return_tensors="pt").input_ids
 
 
-@torch.inference_mode()
-def prompt_embeddings(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
-    """Frozen text-encoder output for fixed prompts: (P, 77, D)."""
-    ids = tokenize(tokenizer, prompts).to(text_encoder.device)
-    return text_encoder(ids)[0].float().cpu()
-
-
 def caption_dropout(n: int, probability: float, rng: torch.Generator) -> torch.Tensor:
     """Which of ``n`` instance rows train on the empty prompt this step: (n,)
     bool, each True with ``probability``, so the LoRA also learns the subject

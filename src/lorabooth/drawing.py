@@ -52,19 +52,24 @@ class Setting:
     unet_scale: float
     text_scale: float
     guidance: float
+    text2_scale: float | None = None  # SDXL's second text encoder; None: text_scale
 
     @property
     def label(self) -> str:
-        return f"unet {self.unet_scale:g} | text {self.text_scale:g} | cfg {self.guidance:g}"
+        text2 = "" if self.text2_scale is None else f" | text2 {self.text2_scale:g}"
+        return f"unet {self.unet_scale:g} | text {self.text_scale:g}{text2} | cfg {self.guidance:g}"
 
     @property
     def slug(self) -> str:
-        return f"u{self.unet_scale:g}_t{self.text_scale:g}_g{self.guidance:g}"
+        text2 = "" if self.text2_scale is None else f"_tt{self.text2_scale:g}"
+        return f"u{self.unet_scale:g}_t{self.text_scale:g}{text2}_g{self.guidance:g}"
 
 
 def settings_grid(unet_scales: list[float], text_scales: list[float],
-                  guidances: list[float]) -> list[Setting]:
-    return [Setting(u, t, g) for u, t, g in itertools.product(unet_scales, text_scales, guidances)]
+                  guidances: list[float], text2_scales: list[float] = ()) -> list[Setting]:
+    """Every combination; no ``text2_scales``: each text encoder at the text scale."""
+    return [Setting(u, t, g, t2) for u, t, t2, g in
+            itertools.product(unet_scales, text_scales, list(text2_scales) or [None], guidances)]
 
 
 def prompt_slug(index: int, prompt: str) -> str:
@@ -78,9 +83,10 @@ def _scheduler(name: str, config):
 
 
 def load_pipeline(run: str | Path, model: str | None = None,
-                  scheduler: str = "dpm") -> tuple[StableDiffusionPipeline, bool]:
+                  scheduler: str = "dpm") -> tuple[StableDiffusionPipeline, tuple[str, ...]]:
     """The run's base model (from its metadata unless ``model`` is given) with
-    its LoRA loaded; returns (pipeline, whether it has a text-encoder LoRA)."""
+    its LoRA loaded, in the model family's pipeline (SDXL's with an fp32 VAE);
+    returns (pipeline, the text encoders holding LoRA)."""
     if scheduler not in SCHEDULERS:
         raise UserError(f"--scheduler: unknown {scheduler!r}; choose from {', '.join(SCHEDULERS)}")
     find_lora(run)
@@ -91,8 +97,7 @@ def load_pipeline(run: str | Path, model: str | None = None,
     base = load_base(base_name, "" if model else str(meta.get("model_config", "")))
     pipe = pipeline_from_parts(base, _scheduler(scheduler, base.noise_scheduler.config))
     pipe.set_progress_bar_config(disable=True)
-    has_text = load_into_pipeline(pipe, run)
-    return pipe, has_text
+    return pipe, load_into_pipeline(pipe, run)
 
 
 def _pnginfo(prompt: str, negative: str, setting: Setting, seed: int, steps: int,
@@ -101,27 +106,31 @@ def _pnginfo(prompt: str, negative: str, setting: Setting, seed: int, steps: int
     fields = {"prompt": prompt, "negative_prompt": negative, "unet_scale": setting.unet_scale,
               "text_scale": setting.text_scale, "guidance": setting.guidance, "seed": seed,
               "steps": steps, "scheduler": scheduler, "lora": run}
+    if setting.text2_scale is not None:
+        fields["text2_scale"] = setting.text2_scale
     info.add_text("lorabooth", to_json(fields))
     info.add_text("parameters", f"{prompt}\nNegative prompt: {negative}\nSteps: {steps}, "
                   f"Sampler: {scheduler}, CFG scale: {setting.guidance:g}, Seed: {seed}, "
-                  f"LoRA scales: unet {setting.unet_scale:g} text {setting.text_scale:g}")
+                  f"LoRA scales: {setting.label.rsplit(' | cfg', 1)[0].replace(' |', '')}")
     return info
 
 
 @torch.inference_mode()
-def draw(pipe: StableDiffusionPipeline, has_text: bool, prompt: str, setting: Setting,
+def draw(pipe: StableDiffusionPipeline, has_text: tuple[str, ...], prompt: str, setting: Setting,
          seeds: list[int], steps: int, negative_prompt: str = "",
          fuse: bool = True, size: tuple[int | None, int | None] = (None, None)
          ) -> list[Image.Image]:
     """One image per seed for one prompt at one setting, ``size`` (width,
     height) in pixels, None for the model's native size. The LoRA is fused
     into the weights at the setting's scales while drawing (as fast as the
-    base model); ``fuse=False`` runs the adapters beside the weights."""
+    base model); ``fuse=False`` runs the adapters beside the weights.
+    ``has_text``: the text encoders holding LoRA (``load_pipeline``'s)."""
     generators = [torch.Generator().manual_seed(s) for s in seeds]
+    scales = (setting.unet_scale, setting.text_scale, has_text, setting.text2_scale)
     if fuse:
-        with fused(pipe, setting.unet_scale, setting.text_scale, has_text):
+        with fused(pipe, *scales):
             return _call(pipe, prompt, setting, generators, steps, negative_prompt, size)
-    set_scales(pipe, setting.unet_scale, setting.text_scale, has_text)
+    set_scales(pipe, *scales)
     return _call(pipe, prompt, setting, generators, steps, negative_prompt, size)
 
 
@@ -135,7 +144,7 @@ def _call(pipe, prompt: str, setting: Setting, generators: list[torch.Generator]
     return pipe.numpy_to_pil(arrays)
 
 
-def draw_cached(pipe, has_text: bool, prompt: str, setting: Setting, seeds: list[int],
+def draw_cached(pipe, has_text: tuple[str, ...], prompt: str, setting: Setting, seeds: list[int],
                 steps: int, folder: Path) -> list[Image.Image]:
     """Images for ``seeds``, drawing only those not already in ``folder``."""
     paths = [folder / f"seed{s}.png" for s in seeds]
@@ -151,9 +160,9 @@ def generate(run: str | Path, prompts: list[str], unet_scales: list[float] = (1.
              num_images: int = 4, seed: int = 0, steps: int = 25, negative_prompt: str = "",
              scheduler: str = "dpm", output: str | Path | None = None,
              model: str | None = None, width: int | None = None,
-             height: int | None = None) -> list[Image.Image]:
-    """Draw every prompt at every (UNet scale, text scale, guidance) with the
-    same seeds, ``width`` x ``height`` pixels (default: the model's native
+             height: int | None = None, text2_scales: list[float] = ()) -> list[Image.Image]:
+    """Draw every prompt at every (UNet scale, text scale, SDXL's text-2
+    scale, guidance) with the same seeds, ``width`` x ``height`` pixels (default: the model's native
     size); save PNGs with their settings and one labelled grid per prompt
     under ``output`` (default RUN/generated). Returns all images in order."""
     if not prompts:
@@ -169,7 +178,8 @@ def generate(run: str | Path, prompts: list[str], unet_scales: list[float] = (1.
         raise UserError(f"--output {out}: is a file, not a folder")
     tune_allocator()
     pipe, has_text = load_pipeline(run, model, scheduler)
-    settings = settings_grid(list(unet_scales), list(text_scales), list(guidances))
+    settings = settings_grid(list(unet_scales), list(text_scales), list(guidances),
+                             list(text2_scales))
     everything: list[Image.Image] = []
     for p, prompt in enumerate(prompts):
         folder = out / prompt_slug(p, prompt)

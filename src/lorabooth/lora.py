@@ -115,25 +115,28 @@ def lora_metadata(run: str | Path) -> dict[str, Any]:
 
 @contextmanager
 def fused(pipe: StableDiffusionPipeline, unet_scale: float, text_scale: float,
-          has_text: bool) -> Iterator[None]:
+          text_parts: tuple[str, ...], text2_scale: float | None = None) -> Iterator[None]:
     """The adapters merged into the base weights at these scales while the
     block runs, then taken out again: drawing at fixed scales then costs what
     the base model costs (no extra LoRA matmuls per layer). Unfusing
     subtracts what fusing added, so the weights come back to within float
     rounding."""
-    set_scales(pipe, unet_scale, text_scale, has_text)
-    components = ["unet", "text_encoder"] if has_text else ["unet"]
-    pipe.fuse_lora(components=components, lora_scale=1.0, adapter_names=[ADAPTER])
+    weights = set_scales(pipe, unet_scale, text_scale, text_parts, text2_scale)
+    pipe.fuse_lora(components=list(weights), lora_scale=1.0, adapter_names=[ADAPTER])
     try:
         yield
     finally:
-        pipe.unfuse_lora(components=components)
+        pipe.unfuse_lora(components=list(weights))
 
 
 def set_scales(pipe: StableDiffusionPipeline, unet_scale: float, text_scale: float,
-               has_text: bool) -> None:
-    """Scale the UNet and text-encoder adapters independently."""
-    weights: dict[str, float] = {"unet": unet_scale}
-    if has_text:
-        weights["text_encoder"] = text_scale
+               text_parts: tuple[str, ...], text2_scale: float | None = None) -> dict[str, float]:
+    """Scale the UNet and text-encoder adapters independently; returns the
+    scale of each component. ``text_parts``: the text encoders holding LoRA
+    (diffusers' names); ``text_scale`` applies to each, SDXL's second
+    (`text_encoder_2`) takes ``text2_scale`` when given."""
+    per_encoder = {"text_encoder_2": text_scale if text2_scale is None else text2_scale}
+    weights = {"unet": unet_scale, **{part: per_encoder.get(part, text_scale)
+                                      for part in text_parts}}
     pipe.set_adapters([ADAPTER], adapter_weights=[weights])
+    return weights

@@ -7,105 +7,35 @@ fails within seconds with one line saying how to get it.
 
 from __future__ import annotations
 
-import gzip
 import os
-from dataclasses import dataclass
-from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
 import torch
-
-from .errors import UserError
-from .lowmem import load_unet
-
-# A hub lookup that cannot connect must fail fast, not hang: cap huggingface_hub's
-# timeouts unless the user set their own.
-os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
-os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
-
-from diffusers import (  # noqa: E402  (after the timeouts are set)
+from diffusers import (
     AutoencoderKL,
     DDPMScheduler,
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-BUILTIN_MODELS = ("tiny", "toy", "sd15-random")
+from .errors import UserError
+from .families import FAMILIES
+from .lowmem import load_unet
+from .parts import (  # noqa: F401  (re-exported: the rest of the package imports them from here)
+    CLIP_VOCAB_SIZE,
+    BaseModel,
+    clip_tokenizer,
+    sd_noise_scheduler,
+)
+
+BUILTIN_MODELS = ("tiny", "toy", "sd15-random", "tiny-sdxl", "sdxl-random")
 
 
 def toy_model_dir() -> Path:
     """The shipped toy-world model (`lorabooth toyworld pretrain` remakes it)."""
     return Path(str(resources.files("lorabooth") / "assets" / "toy"))
-CLIP_VOCAB_SIZE = 49408
-
-
-@dataclass
-class BaseModel:
-    """The parts of a Stable-Diffusion-shaped model that training needs."""
-
-    name: str
-    tokenizer: CLIPTokenizer
-    text_encoder: CLIPTextModel
-    vae: AutoencoderKL
-    unet: UNet2DConditionModel
-    noise_scheduler: DDPMScheduler
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    @property
-    def native_resolution(self) -> int:
-        return int(self.unet.config.sample_size) * self.vae_scale_factor
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    # GPT-2/CLIP byte-level BPE: every byte gets a printable unicode stand-in,
-    # so merges never see whitespace or control characters.
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
-        + list(range(ord("®"), ord("ÿ") + 1))
-    chars = printable[:]
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, map(chr, chars)))
-
-
-@lru_cache(maxsize=1)
-def _clip_vocab() -> tuple[dict[str, int], list[str]]:
-    path = resources.files("lorabooth") / "assets" / "bpe_simple_vocab_16e6.txt.gz"
-    lines = gzip.decompress(path.read_bytes()).decode("utf-8").split("\n")
-    # The file's first line is a header; CLIP keeps 49152 - 256 - 2 merges so that
-    # 256 bytes x 2 (with/without </w>) + merges + 2 specials = 49408 tokens.
-    merges = lines[1 : 49152 - 256 - 2 + 1]
-    byte_chars = list(_bytes_to_unicode().values())
-    tokens = byte_chars + [c + "</w>" for c in byte_chars]
-    tokens += ["".join(m.split()) for m in merges]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    return {t: i for i, t in enumerate(tokens)}, merges
-
-
-def clip_tokenizer() -> CLIPTokenizer:
-    """The real CLIP tokenizer (49,408 tokens), built offline from the BPE file
-    that ships with open_clip (MIT licence; see assets/LICENSE-open_clip.txt)."""
-    vocab, merges = _clip_vocab()
-    return CLIPTokenizer(vocab=dict(vocab), merges=[tuple(m.split()) for m in merges],
-                         model_max_length=77)
-
-
-def sd_noise_scheduler() -> DDPMScheduler:
-    """Stable Diffusion 1.x's training noise schedule."""
-    return DDPMScheduler(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-        beta_schedule="scaled_linear", prediction_type="epsilon",
-        clip_sample=False, steps_offset=1,
-    )
-
 
 def build_tiny(seed: int = 0) -> BaseModel:
     """An SD-1.5-shaped model with small random weights, built from configs in
@@ -160,7 +90,12 @@ def build_sd15_random(seed: int = 0) -> BaseModel:
 def _load_folder(path: Path, name: str, unet_dtype: torch.dtype = torch.float32,
                  tokenizer: CLIPTokenizer | None = None) -> BaseModel:
     """``tokenizer``: use this one instead of the folder's tokenizer/."""
+    from .sdxl import folder_family
+
+    family = FAMILIES[folder_family(path)]
+    second = ("text_encoder_2", "tokenizer_2") if family.name == "sdxl" else ()
     needed = ("unet", "vae", "text_encoder", "scheduler") + (() if tokenizer else ("tokenizer",))
+    needed += second
     missing = [p for p in needed if not (path / p).is_dir()]
     if missing:
         raise UserError(f"--model {name}: not a diffusers model folder, missing "
@@ -177,7 +112,19 @@ def _load_folder(path: Path, name: str, unet_dtype: torch.dtype = torch.float32,
         vae=AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32),
         unet=load_unet(path / "unet", unet_dtype, path),
         noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler"),
+        family=family, **_second_encoder(path, second),
     )
+
+
+def _second_encoder(path: Path, parts: tuple[str, ...]) -> dict:
+    """SDXL's second tokenizer and text encoder from a diffusers folder, fp32."""
+    if not parts:
+        return {}
+    from transformers import CLIPTextModelWithProjection
+
+    return {"tokenizer_2": CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2"),
+            "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(
+                path, subfolder="text_encoder_2", dtype=torch.float32)}
 
 
 def resolve_hub(model_id: str) -> Path:
@@ -202,22 +149,27 @@ def resolve_hub(model_id: str) -> Path:
 
 
 def _load_single(path: Path, name: str, config: str) -> BaseModel:
+    """A single file; its architecture from ``config`` (a diffusers folder)
+    if given, else from its keys, with SD 1.5's or SDXL's offline configs."""
     import shutil
     import tempfile
 
     from .formats.singlefile import load_single_file
+    from .sdxl import file_family, folder_family, sdxl_config_dir
 
+    family = folder_family(Path(config)) if config else file_family(path)
     scratch = None
     if not config:
-        scratch = Path(tempfile.mkdtemp(prefix="lorabooth-sd15-config-"))
-        config = str(sd15_config_dir(scratch))
+        scratch = Path(tempfile.mkdtemp(prefix=f"lorabooth-{family}-config-"))
+        config = str((sdxl_config_dir if family == "sdxl" else sd15_config_dir)(scratch))
     try:
-        pipe = load_single_file(path, config)
+        pipe = load_single_file(path, config, family)
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
     return BaseModel(name, pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet,
-                     DDPMScheduler.from_config(pipe.scheduler.config))
+                     DDPMScheduler.from_config(pipe.scheduler.config), FAMILIES[family],
+                     getattr(pipe, "tokenizer_2", None), getattr(pipe, "text_encoder_2", None))
 
 
 def load_base(model: str, model_config: str = "",
@@ -230,6 +182,10 @@ def load_base(model: str, model_config: str = "",
         return build_tiny()
     if model == "sd15-random":
         return build_sd15_random()
+    if model in ("tiny-sdxl", "sdxl-random"):
+        from .sdxl import build_sdxl_random, build_tiny_sdxl
+
+        return build_tiny_sdxl() if model == "tiny-sdxl" else build_sdxl_random()
     if model == "toy":
         if not (toy_model_dir() / "unet").is_dir():
             raise UserError("--model toy: the toy model is not in this installation; "
@@ -256,7 +212,7 @@ def load_base(model: str, model_config: str = "",
 def load_tokenizer(model: str) -> CLIPTokenizer:
     """Only the tokenizer of a base model (no weights loaded)."""
     if model in BUILTIN_MODELS:
-        return clip_tokenizer()  # both built-in models use CLIP's own tokenizer
+        return clip_tokenizer()  # the built-in models use CLIP's own tokenizer (SDXL: the first)
     path = Path(model).expanduser()
     if not path.is_dir():
         if path.exists() or model.count("/") != 1:
@@ -268,16 +224,17 @@ def load_tokenizer(model: str) -> CLIPTokenizer:
 
 
 def pipeline_from_parts(base: BaseModel, scheduler=None) -> StableDiffusionPipeline:
-    """A pipeline over the same modules (no copies); DPM-Solver++ unless told."""
+    """The family's pipeline (StableDiffusionPipeline or
+    StableDiffusionXLPipeline) over the same modules (no copies);
+    DPM-Solver++ unless told."""
     from diffusers import DPMSolverMultistepScheduler
 
     if scheduler is None:
         scheduler = DPMSolverMultistepScheduler.from_config(base.noise_scheduler.config)
-    return StableDiffusionPipeline(
-        vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
-        unet=base.unet, scheduler=scheduler, safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False,
-    )
+    components = {"vae": base.vae, "unet": base.unet, "tokenizer": base.tokenizer,
+                  "text_encoder": base.text_encoder, "tokenizer_2": base.tokenizer_2,
+                  "text_encoder_2": base.text_encoder_2}
+    return base.family.pipeline(components, scheduler)
 
 
 def save_base(base: BaseModel, folder: str | Path) -> Path:

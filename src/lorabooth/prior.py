@@ -95,13 +95,14 @@ def adapters_disabled(unet: torch.nn.Module) -> Iterator[None]:
 
 
 def model_prior_rows(unet: torch.nn.Module, scheduler, latents: torch.Tensor,
-                     noise: torch.Tensor, timesteps: torch.Tensor, class_context: torch.Tensor,
+                     noise: torch.Tensor, timesteps: torch.Tensor, class_inputs: dict,
                      rng: torch.Generator):
     """The batch with prior rows appended (``--prior-preservation model``):
     the instance latents again, noised with a fresh draw of noise and
     timesteps from ``rng``, and their target, the frozen base model's
-    prediction (LoRA off, no grad) under the class prompt ``class_context``
-    (1, 77, D). The LoRA model will be trained to predict the same there.
+    prediction (LoRA off, no grad) under the class prompt: ``class_inputs``,
+    the UNet's conditioning for B rows (the family's ``unet_inputs``). The
+    LoRA model will be trained to predict the same there.
 
     Why the subject's own latents: the input then covers the noise levels and
     image statistics the instance loss trains on, so the prior holds the class
@@ -112,9 +113,8 @@ def model_prior_rows(unet: torch.nn.Module, scheduler, latents: torch.Tensor,
     prior_t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],),
                             generator=rng)
     noisy = scheduler.add_noise(latents, prior_noise, prior_t)
-    device = class_context.device
-    context = class_context.expand(latents.shape[0], -1, -1)
+    device = class_inputs["encoder_hidden_states"].device
     with torch.no_grad(), adapters_disabled(unet):
-        frozen = unet(noisy.to(device), prior_t.to(device), context).sample
+        frozen = unet(noisy.to(device), prior_t.to(device), **class_inputs).sample
     return (torch.cat([latents, latents]), torch.cat([noise, prior_noise]),
             torch.cat([timesteps, prior_t]), frozen)

@@ -184,7 +184,8 @@ def write_config(output: Path, config: TrainConfig) -> None:
     write_text(output / "config.toml", tomli_w.dumps(to_toml_dict(config)))
 
 
-def model_card(config: TrainConfig, resolution: int) -> str:
+def model_card(config: TrainConfig, resolution: int,
+               pipeline: str = "StableDiffusionPipeline") -> str:
     """README.md of the run. Every user string is quoted for where it lands:
     JSON in the YAML header, markdown-escaped in the text, shlex-quoted in the
     shell command (a prompt holding `$(...)` must not run when pasted),
@@ -208,7 +209,7 @@ def model_card(config: TrainConfig, resolution: int) -> str:
         load = ("import torch\nfrom safetensors.torch import load_file\n"
                 + diffusers_lines(config.output, words, config.save_format == "kohya"))
         token = f"yes: {md.text(' '.join(words))}, learning rate {config.lr_token:g}"
-    python = (f"pipe = StableDiffusionPipeline.from_pretrained({config.model!r})\n"
+    python = (f"pipe = {pipeline}.from_pretrained({config.model!r})\n"
               f"{load}image = pipe({beach!r}).images[0]")
     return f"""---
 base_model: {json.dumps(config.model)}

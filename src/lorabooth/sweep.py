@@ -37,7 +37,7 @@ from .grid import make_grid
 
 log = logging.getLogger(__name__)
 SECTIONS = ("base", "train", "generate", "evaluate")
-GRID_KEYS = ("unet_scale", "text_scale", "guidance")  # [generate.grid]
+GRID_KEYS = ("unet_scale", "text_scale", "text2_scale", "guidance")  # [generate.grid]
 # do not change what a run computes (report_to: a sweep's runs hashed before it existed stay done)
 NEUTRAL = {"output", "resume", "force", "report_to", "validation_images"}
 MAX_RUNS = 1000  # a bigger grid is more likely a typo than a plan: it needs --yes
@@ -73,7 +73,7 @@ class Sweep:
     @property
     def settings(self) -> list[Setting]:
         g = self.generate
-        return settings_grid(g.unet_scale, g.text_scale, g.guidance)
+        return settings_grid(g.unet_scale, g.text_scale, g.guidance, g.text2_scale)
 
 
 def _table(data: dict, key: str, where: str) -> dict:

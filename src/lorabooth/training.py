@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .batches import (
     Examples,
+    batch_time_ids,
     instance_captions,
     instance_images,
     sample_latents,
@@ -44,6 +45,7 @@ from .ema import ema_load, ema_shadow, ema_state, ema_update
 from .errors import UserError
 from .fileio import save_png, to_json, write_text
 from .formats.layouts import KOHYA_DORA_REFUSAL, save_lora
+from .formats.sdxl import FAMILY_KEY, SD, SDXL
 from .identifier import guess_identifier, identifier_warnings
 from .lora import add_text_lora, add_unet_lora, freeze_all_but_lora, lora_parameters
 from .models import BaseModel, load_base, pipeline_from_parts
@@ -76,6 +78,8 @@ from .tracking import accelerator_options, log_record, start_trackers
 
 log = logging.getLogger(__name__)
 OnValidation = Callable[[int, list[Image]], None]  # (step, the validation's images)
+# the text encoders' optimizer groups in order (after the UNet's), and their metrics keys
+TEXT_LR_KEYS = (("text_encoder", "lr_text"), ("text_encoder_2", "lr_text2"))
 
 
 def train(config: TrainConfig, on_validation: OnValidation | None = None) -> Path:
@@ -105,13 +109,15 @@ def _train(config: TrainConfig, accelerator: Accelerator, output: Path,
     # latents stays fp32.
     dtype = weight_dtype(accelerator.mixed_precision)
     base = load_base(config.model, config.model_config, unet_dtype=dtype)
+    if config.train_token and len(base.family.encoders) > 1:
+        raise UserError(f"--train-token: trains one text encoder's token rows; {config.model} "
+                        f"has {len(base.family.encoders)} text encoders (SDXL), not supported yet")
     for warning in identifier_warnings(base.tokenizer, config.instance_prompt, config.class_prompt):
         log.warning("--instance-prompt: %s", warning)
     resolution = config.resolution or base.native_resolution
-    base.vae.requires_grad_(False), base.unet.requires_grad_(False)
-    base.text_encoder.requires_grad_(False)
-    base.unet.to(accelerator.device), base.vae.to(accelerator.device)
-    base.text_encoder.to(accelerator.device)
+    for module in (base.vae, base.unet, *base.text_encoders):
+        module.requires_grad_(False)
+        module.to(accelerator.device)
     cast_frozen(base.unet, dtype)  # the sources that load fp32
 
     with accelerator.autocast():
@@ -120,7 +126,8 @@ def _train(config: TrainConfig, accelerator: Accelerator, output: Path,
     if not config.validation_prompt:
         base.vae = None  # latents are cached; nothing else needs the VAE
         if not (config.train_text_encoder or config.train_token):
-            base.text_encoder = None  # nor the text encoder: prompt embeddings are cached
+            for name in base.family.encoders:  # nor the text encoders: prompt embeddings are cached
+                setattr(base, name, None)
     token = _setup_token(config, base)  # before the cast: its rows start from the fp32 weights
     modules = _setup_lora(config, base)
     for module in modules.values():
@@ -164,12 +171,15 @@ def _train(config: TrainConfig, accelerator: Accelerator, output: Path,
             if config.prior_model:
                 latents, noise, timesteps, frozen = model_prior_rows(
                     accelerator.unwrap_model(modules["unet"]), base.noise_scheduler, latents,
-                    noise, timesteps, examples.class_embedding.to(accelerator.device), noise_rng)
+                    noise, timesteps, _class_inputs(base, examples, idx, accelerator.device),
+                    noise_rng)
             context = text_context(examples, modules, idx, len(latents) - len(idx),
                                     accelerator.device, dropped)
+            context = context.with_time_ids(batch_time_ids(examples, idx, cidx, config.prior_model))
             loss, loss_instance, loss_prior = step_loss(
-                modules["unet"], base.noise_scheduler, latents, noise, timesteps, context,
-                len(idx), config.prior_loss_weight, frozen, config.snr_gamma)
+                modules["unet"], base.noise_scheduler, latents, noise, timesteps,
+                base.family.unet_inputs(context), len(idx), config.prior_loss_weight, frozen,
+                config.snr_gamma)
         if not torch.isfinite(loss):
             raise _numerical_fault(config, output, step + 1, f"the loss is {loss.item()}")
         accelerator.backward(loss)
@@ -188,8 +198,9 @@ def _train(config: TrainConfig, accelerator: Accelerator, output: Path,
                       "loss": loss, "loss_instance": loss_instance, "loss_prior": loss_prior}),
                   "lr": lr_scheduler.get_last_lr()[0],
                   "s_per_step": round(time.perf_counter() - tick, 4)}
-        if "text_encoder" in modules:
-            record["lr_text"] = lr_scheduler.get_last_lr()[1]
+        for group, (name, key) in enumerate(TEXT_LR_KEYS, start=1):  # as _setup_optimizer
+            if name in modules:
+                record[key] = lr_scheduler.get_last_lr()[group]
         if metrics:
             metrics.write(to_json(record) + "\n")
             metrics.flush()
@@ -226,11 +237,12 @@ def _train(config: TrainConfig, accelerator: Accelerator, output: Path,
 
 
 def step_loss(unet: torch.nn.Module, scheduler, latents: torch.Tensor, noise: torch.Tensor,
-              timesteps: torch.Tensor, context: torch.Tensor, n_instance: int,
+              timesteps: torch.Tensor, inputs: dict, n_instance: int,
               prior_weight: float, prior_target: torch.Tensor | None = None,
               snr_gamma: float = 0.0):
     """The DreamBooth loss of one batch (instance rows first): noise the
-    latents at ``timesteps``, predict, compare with the scheduler's target;
+    latents at ``timesteps``, predict with the UNet's conditioning ``inputs``
+    (the family's ``unet_inputs``), compare with the scheduler's target;
     ``prior_target`` (the frozen model's prediction) replaces it for the
     class rows when given; ``snr_gamma`` > 0 weighs the rows by min-SNR-gamma
     (by each row's timestep, the model-prior rows too)."""
@@ -241,8 +253,8 @@ def step_loss(unet: torch.nn.Module, scheduler, latents: torch.Tensor, noise: to
         target = with_prior_target(target.to(prior_target.device), n_instance, prior_target)
     weights = (min_snr_weights(timesteps, scheduler.alphas_cumprod, snr_gamma, prediction_type)
                if snr_gamma else None)
-    device = context.device
-    pred = unet(noisy.to(device), timesteps.to(device), context).sample
+    device = inputs["encoder_hidden_states"].device
+    pred = unet(noisy.to(device), timesteps.to(device), **inputs).sample
     return dreambooth_loss(pred, target.to(device), n_instance, prior_weight, weights)
 
 
@@ -338,19 +350,28 @@ def _setup_class_images(config: TrainConfig, base: BaseModel, resolution: int,
     return class_images(folder, config.num_class_images)
 
 
+def _class_inputs(base: BaseModel, examples: Examples, idx: list[int],
+                  device: torch.device) -> dict:
+    """--prior-preservation model: the UNet's inputs for the prior rows, the
+    frozen class prompt over the instance images' time ids."""
+    context = examples.class_embedding.to(device).expand(len(idx))
+    return base.family.unet_inputs(context.with_time_ids(examples.instance_time_ids[idx]))
+
+
 def _setup_lora(config: TrainConfig, base: BaseModel) -> dict[str, torch.nn.Module]:
     dora = config.adapter == "dora"
     add_unet_lora(base.unet, config.rank, config.lora_alpha, dora)
     freeze_all_but_lora(base.unet)
     modules = {"unet": base.unet}
-    if config.train_text_encoder:
-        add_text_lora(base.text_encoder, config.rank, config.lora_alpha, dora)
-        freeze_all_but_lora(base.text_encoder)
-        modules["text_encoder"] = base.text_encoder
     if config.gradient_checkpointing:
         base.unet.enable_gradient_checkpointing()
-        if config.train_text_encoder:
-            base.text_encoder.gradient_checkpointing_enable()
+    for name in base.family.encoders if config.train_text_encoder else ():
+        encoder = getattr(base, name)
+        add_text_lora(encoder, config.rank, config.lora_alpha, dora)
+        freeze_all_but_lora(encoder)
+        if config.gradient_checkpointing:
+            encoder.gradient_checkpointing_enable()
+        modules[name] = encoder
     for module in modules.values():
         module.train()
     return modules
@@ -358,8 +379,9 @@ def _setup_lora(config: TrainConfig, base: BaseModel) -> dict[str, torch.nn.Modu
 
 def _setup_optimizer(config: TrainConfig, modules: dict[str, torch.nn.Module]):
     groups = [{"params": lora_parameters(modules["unet"]), "lr": config.lr}]
-    if "text_encoder" in modules:
-        groups.append({"params": lora_parameters(modules["text_encoder"]), "lr": config.lr_text})
+    for name, _ in TEXT_LR_KEYS:
+        if name in modules:
+            groups.append({"params": lora_parameters(modules[name]), "lr": config.text_lr(name)})
     if "token" in modules:
         # no weight decay: it would pull the rows towards zero, not towards
         # where they started
@@ -391,7 +413,7 @@ def _use_token(accelerator: Accelerator, base: BaseModel, modules: dict[str, tor
     if "text_encoder" in modules:
         return  # it runs every step already
     token = accelerator.unwrap_model(modules["token"])
-    examples.encoder, examples.instance_embedding = base.text_encoder, None
+    examples.encoders, examples.instance_embedding = [base.text_encoder], None
     if examples.class_ids is not None and holds_tokens(examples.class_ids, token):
         examples.class_embedding = None
 
@@ -467,6 +489,8 @@ def _finish(config: TrainConfig, base: BaseModel, output: Path,
         "lorabooth.prior_preservation": config.prior_preservation,
         "lorabooth.steps": config.steps, "lorabooth.lr": config.lr,
         "lorabooth.lr_text": config.lr_text, "lorabooth.seed": config.seed,
+        "lorabooth.lr_text2": config.text_lr("text_encoder_2"),
+        FAMILY_KEY: SDXL if base.family.name == "sdxl" else SD,  # the formats' names
         "lorabooth.resolution": resolution,
         "lorabooth.train_text_encoder": config.train_text_encoder,
         "lorabooth.snr_gamma": config.snr_gamma, "lorabooth.noise_offset": config.noise_offset,
@@ -482,7 +506,8 @@ def _finish(config: TrainConfig, base: BaseModel, output: Path,
     # the loop checks every step; a resume at its last step trains none
     check_tensors(trainable_state(modules), f"--output {output}: the trained LoRA")
     save_lora(output, modules["unet"], modules.get("text_encoder"),
-              {k: to_json(v) for k, v in meta.items()}, save_layouts(config), embeddings)
+              {k: to_json(v) for k, v in meta.items()}, save_layouts(config), embeddings,
+              modules.get("text_encoder_2"), family=meta[FAMILY_KEY])
     if config.validation_prompt:
         _validate(config, base, output, config.steps)
-    write_text(output / "README.md", model_card(config, resolution))
+    write_text(output / "README.md", model_card(config, resolution, base.family.pipeline_name))

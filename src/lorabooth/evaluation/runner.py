@@ -141,7 +141,7 @@ def evaluate(run: str | Path, real: str, class_noun: str | None = None, kind: st
              out: str | Path | None = None, baselines: bool = False,
              judges: Judges | None = None, dino: str = DEFAULT_DINO,
              clip: str = DEFAULT_CLIP, model: str | None = None,
-             pres_images: int = 8) -> dict:
+             pres_images: int = 8, text2_scale: float | None = None) -> dict:
     """Score a run as in the paper's Table 1; returns what metrics.json holds."""
     check_options(kind, prompts_file, images_per_prompt, pres_images, steps, seed)
     identifier, class_noun, class_prompt = _defaults_from_run(run, identifier, class_noun)
@@ -152,7 +152,7 @@ def evaluate(run: str | Path, real: str, class_noun: str | None = None, kind: st
     seeds = [seed + i for i in range(images_per_prompt)]
     pipe, has_text = load_pipeline(run, model)
 
-    settings = {"lorabooth": Setting(unet_scale, text_scale, guidance)}
+    settings = {"lorabooth": Setting(unet_scale, text_scale, guidance, text2_scale)}
     if baselines:
         settings = {"base model (no LoRA)": Setting(0.0, 0.0, guidance), **settings}
     drawn: dict[str, dict[str, list[Image.Image]]] = {}
@@ -175,7 +175,8 @@ def evaluate(run: str | Path, real: str, class_noun: str | None = None, kind: st
         "run": str(run), "identifier": identifier, "class_noun": class_noun,
         "class_prompt": class_prompt, "prompts": kind if not prompts_file else prompts_file,
         "images_per_prompt": images_per_prompt, "seeds": seeds, "steps": steps,
-        "unet_scale": unet_scale, "text_scale": text_scale, "guidance": guidance,
+        "unet_scale": unet_scale, "text_scale": text_scale, "text2_scale": text2_scale,
+        "guidance": guidance,
         "judges": judges.names, "rows": rows,
     }
     write_json(out / "metrics.json", result)

@@ -38,6 +38,7 @@ from .sdxl import FAMILY_KEY, SDXL, SDXL_KOHYA_META, SDXL_UNET, family_of, sgm_u
 log = logging.getLogger(__name__)
 
 LAYOUTS = ("diffusers", "kohya", "peft")
+TEXT_PARTS = ("text_encoder", "text_encoder_2")  # diffusers' names of the text encoders
 
 # transformers 5 dropped the `text_model.` level from CLIPTextModel's module
 # names. Every SD client (ComfyUI, AUTOMATIC1111/Forge, InvokeAI, kohya's
@@ -345,9 +346,10 @@ def _modules(peft: dict[str, torch.Tensor]) -> set[str]:
     return {k.rsplit(".lora_", 1)[0] for k in peft if ".lora_A." in k}
 
 
-def load_into_pipeline(pipe: StableDiffusionPipeline, run: str | Path) -> bool:
-    """Load a run's LoRA with diffusers' own loader; True if it has a
-    text-encoder part. Then compare what the pipeline holds with what the
+def load_into_pipeline(pipe: StableDiffusionPipeline, run: str | Path) -> tuple[str, ...]:
+    """Load a run's LoRA with diffusers' own loader; returns the text encoders
+    that hold a part of it (`text_encoder`, SDXL's `text_encoder_2`; empty:
+    UNet only). Then compare what the pipeline holds with what the
     file holds: diffusers loads a partly matching file without a word (and
     may even create adapter layers the file has no weights for)."""
     path = find_lora(run)
@@ -362,7 +364,7 @@ def load_into_pipeline(pipe: StableDiffusionPipeline, run: str | Path) -> bool:
     except (ValueError, RuntimeError, KeyError) as e:
         raise UserError(f"{path}: does not fit this base model ({first_line(e, 200)})") from None
     held = set()
-    for part in ("unet", "text_encoder", "text_encoder_2"):
+    for part in ("unet", *TEXT_PARTS):
         if ADAPTER in (getattr(getattr(pipe, part, None), "peft_config", None) or {}):
             held |= _modules(module_lora(getattr(pipe, part), part, ADAPTER))
     wanted = _modules(peft)
@@ -374,4 +376,4 @@ def load_into_pipeline(pipe: StableDiffusionPipeline, run: str | Path) -> bool:
             log.warning("%s: %d of its modules %s, e.g. %s: the LoRA acts only in part",
                         path, len(keys), what, min(keys))
     write_rows(pipe.tokenizer, pipe.text_encoder, embeddings, str(path))  # --train-token's rows
-    return any(k.startswith("text_encoder") for k in held)
+    return tuple(part for part in TEXT_PARTS if any(k.startswith(part + ".") for k in held))

@@ -168,60 +168,58 @@ def merge(inputs: list[str], weights: list[float] | None, out: str | Path,
     return {"method": method, "rank": r, "relative_error": error, "path": str(out)}
 
 
-def _sdxl_pipeline(model: str | None, run: str | Path):
-    """An SDXL diffusers folder as a pipeline (fp32, offline)."""
-    from diffusers import StableDiffusionXLPipeline
+def _base_family(model: str) -> str | None:
+    """The family of a base model from its name or files, without loading
+    it (None: a hub id, not looked at here)."""
+    from ..models import BUILTIN_MODELS
+    from ..sdxl import file_family, folder_family
 
-    from .clients import is_sdxl_folder
-
-    if not model:
-        raise UserError(f"{run}: an SDXL LoRA that does not record its base model; pass --model "
-                        "(an SDXL diffusers folder)")
-    if not is_sdxl_folder(model):
-        raise UserError(f"--model {model}: {run} is an SDXL LoRA; it fuses only into an SDXL "
-                        "diffusers folder (model_index.json of a StableDiffusionXLPipeline)")
-    return StableDiffusionXLPipeline.from_pretrained(model, torch_dtype=torch.float32,
-                                                     local_files_only=True)
+    path = Path(model).expanduser()
+    if model in BUILTIN_MODELS:
+        family = "sdxl" if "sdxl" in model else "sd1"
+    elif path.is_dir():
+        family = folder_family(path)
+    elif path.is_file():
+        family = file_family(path)
+    else:
+        return None
+    return SDXL if family == "sdxl" else SD
 
 
 def _loaded_pipeline(run: str | Path, model: str | None):
-    """The base with the LoRA loaded, for either family; a LoRA of one family
-    and a base of the other are refused before anything is loaded."""
+    """The base with the LoRA loaded, for either family (drawing's own
+    loader); a LoRA of one family and a base of the other are refused
+    before anything is loaded."""
     from ..drawing import load_pipeline
     from ..lora import lora_metadata
-    from .clients import is_sdxl_folder
-    from .layouts import load_into_pipeline
 
     path = find_lora(run)
     tensors, header = read_lora(path)
+    family = family_of(tensors, header)
     base = model or lora_metadata(path).get("base_model")
-    if family_of(tensors, header) == SDXL:
-        pipe = _sdxl_pipeline(base, run)
-        pipe.set_progress_bar_config(disable=True)
-        load_into_pipeline(pipe, path)
-        return pipe
-    if base and is_sdxl_folder(base):
-        raise UserError(f"--model {base}: an SDXL model; {run} is a "
-                        f"{FAMILY_NAMES[SD]} LoRA, which fuses only into such a model")
-    return load_pipeline(run, model)[0]
+    if family == SDXL and not base:
+        raise UserError(f"{run}: an SDXL LoRA that does not record its base model; pass --model "
+                        "(an SDXL model)")
+    if base and _base_family(base) not in (None, family):
+        raise UserError(f"--model {base}: a {FAMILY_NAMES[_base_family(base)]} model; {run} is "
+                        f"a {FAMILY_NAMES[family]} LoRA, which fuses only into such a model")
+    return load_pipeline(run, model)
 
 
 def fuse(run: str | Path, out: str | Path, unet_scale: float = 1.0, text_scale: float = 1.0,
          model: str | None = None, single_file: bool = False) -> Path:
     """A full diffusers model folder with the LoRA baked into its weights, or
     with ``single_file`` one `.safetensors` in the original SD or SDXL layout."""
-    from ..lora import ADAPTER
+    from ..lora import set_scales
 
     out = Path(out)
     if single_file and out.is_dir():
         raise UserError(f"--out {out}: is a folder; --single-file writes one .safetensors file")
     if not single_file and out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: is a file; fuse writes a model folder there")
-    pipe = _loaded_pipeline(run, model)
-    components = [p for p in ("unet", "text_encoder", "text_encoder_2")
-                  if ADAPTER in (getattr(getattr(pipe, p, None), "peft_config", None) or {})]
-    pipe.set_adapters([ADAPTER], adapter_weights=[
-        {p: unet_scale if p == "unet" else text_scale for p in components}])
+    pipe, has_text = _loaded_pipeline(run, model)
+    set_scales(pipe, unet_scale, text_scale, has_text)
+    components = ["unet", *has_text]  # the text encoders holding LoRA
     pipe.fuse_lora(components=components, lora_scale=1.0)
     pipe.unload_lora_weights()  # the fused weights stay; the adapter layers go
     for name in components:

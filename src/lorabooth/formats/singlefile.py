@@ -154,21 +154,26 @@ def save_single_file(base, path: str | Path) -> Path:
     return Path(path)
 
 
-def load_single_file(path: Path, config: str | Path):
-    """Through diffusers' own single-file loader, configs from ``config`` (a
-    diffusers folder of the same architecture) so nothing is fetched. Pickled
-    `.ckpt` files pass torch's safe loader first."""
-    from diffusers import StableDiffusionPipeline
+def load_single_file(path: Path, config: str | Path, family: str = "sd1"):
+    """Through diffusers' own single-file loader (StableDiffusionPipeline's,
+    or StableDiffusionXLPipeline's for ``family`` "sdxl"), configs from
+    ``config`` (a diffusers folder of the same architecture) so nothing is
+    fetched. Pickled `.ckpt` files pass torch's safe loader first."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from ..lora import load_pickle_safely
 
     if path.suffix.lower() in (".ckpt", ".pt", ".pth"):
         load_pickle_safely(path)  # refuses anything but plain tensors before diffusers reads it
+    sdxl = family == "sdxl"
+    extra = ({"add_watermarker": False} if sdxl
+             else {"safety_checker": None, "requires_safety_checker": False})
     try:
-        return StableDiffusionPipeline.from_single_file(
+        return (StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline).from_single_file(
             str(path), config=str(config), local_files_only=True, torch_dtype=torch.float32,
-            safety_checker=None, requires_safety_checker=False)
+            **extra)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         first = first_line(e)
-        raise UserError(f"--model {path}: cannot be read as a Stable Diffusion single file "
+        what = "an SDXL" if sdxl else "a Stable Diffusion"
+        raise UserError(f"--model {path}: cannot be read as {what} single file "
                         f"({first})") from None

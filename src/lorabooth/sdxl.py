@@ -1,0 +1,171 @@
+"""Stable Diffusion XL's architecture, offline: the built-in `tiny-sdxl` and
+`sdxl-random`, SDXL's component configs for single files
+(``sdxl_config_dir``), and telling an SDXL folder or file from an SD 1.x one.
+
+The configs are those of stabilityai/stable-diffusion-xl-base-1.0 (no
+weights): a 2.6 B-parameter UNet with three levels (320/640/1280 channels,
+1/2/10 transformer layers), cross-attention over CLIP-L (768) and
+OpenCLIP-bigG (1280) side by side (2048), and the pooled bigG projection plus
+six time ids (6 x 256) as the added embedding (1280 + 1536 = 2816)."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+from .families import FAMILIES
+
+TIME_IDS = 6  # original size (2), crop top-left (2), target size (2)
+
+SDXL_UNET = {
+    "_class_name": "UNet2DConditionModel", "sample_size": 128,
+    "block_out_channels": [320, 640, 1280], "layers_per_block": 2,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "transformer_layers_per_block": [1, 2, 10], "attention_head_dim": [5, 10, 20],
+    "cross_attention_dim": 2048, "use_linear_projection": True,
+    "addition_embed_type": "text_time", "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256, "projection_class_embeddings_input_dim": 2816,
+}
+SDXL_VAE = {
+    "_class_name": "AutoencoderKL", "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "latent_channels": 4, "layers_per_block": 2, "sample_size": 1024,
+    "scaling_factor": 0.13025, "force_upcast": True,
+}
+_CLIP_IDS = {"vocab_size": 49408, "max_position_embeddings": 77, "bos_token_id": 49406,
+             "eos_token_id": 49407, "pad_token_id": 1}
+SDXL_TEXT = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+             "num_attention_heads": 12, "hidden_act": "quick_gelu", "projection_dim": 768,
+             **_CLIP_IDS}
+SDXL_TEXT_2 = {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32,
+               "num_attention_heads": 20, "hidden_act": "gelu", "projection_dim": 1280,
+               **_CLIP_IDS}
+
+
+def sdxl_tokenizer_2():
+    """OpenCLIP's tokenizer as SDXL ships it: CLIP's BPE, padded with "!"."""
+    from .parts import clip_tokenizer
+
+    tokenizer = clip_tokenizer()
+    tokenizer.pad_token = "!"
+    return tokenizer
+
+
+def sdxl_config_dir(folder: Path) -> Path:
+    """SDXL's component configs (no weights) written into ``folder``, so a
+    single SDXL file loads without the hub."""
+    from .fileio import to_json
+    from .parts import clip_tokenizer, sd_noise_scheduler
+
+    def write(sub: str, config: dict) -> None:
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+        (folder / sub / "config.json").write_text(to_json(config))
+
+    write("unet", SDXL_UNET)
+    write("vae", SDXL_VAE)
+    write("text_encoder", {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model",
+                           **SDXL_TEXT})
+    write("text_encoder_2", {"architectures": ["CLIPTextModelWithProjection"],
+                             "model_type": "clip_text_model", **SDXL_TEXT_2})
+    sd_noise_scheduler().save_pretrained(folder / "scheduler")
+    clip_tokenizer().save_pretrained(folder / "tokenizer")
+    sdxl_tokenizer_2().save_pretrained(folder / "tokenizer_2")
+    (folder / "model_index.json").write_text(to_json({
+        "_class_name": "StableDiffusionXLPipeline", "force_zeros_for_empty_prompt": True,
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "DDPMScheduler"]}))
+    return folder
+
+
+def build_tiny_sdxl(seed: int = 0):
+    """An SDXL-shaped model with small random weights, built in about a second:
+    two text encoders (the second with a projection), a UNet with SDXL's
+    added text-and-time embedding. Same classes and code paths as SDXL."""
+    from .parts import BaseModel, clip_tokenizer, sd_noise_scheduler
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        # different widths, so a swapped encoder or a wrong concatenation fails loudly
+        text_1, text_2, pooled, time_dim = 32, 48, 32, 8
+        unet = UNet2DConditionModel(
+            sample_size=32, in_channels=4, out_channels=4, layers_per_block=2,
+            block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2),
+            cross_attention_dim=text_1 + text_2, attention_head_dim=8, norm_num_groups=32,
+            use_linear_projection=True, addition_embed_type="text_time",
+            addition_time_embed_dim=time_dim,
+            projection_class_embeddings_input_dim=TIME_IDS * time_dim + pooled,
+        )
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
+            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+            sample_size=64, norm_num_groups=32, scaling_factor=0.13025, force_upcast=True,
+        )
+        common = dict(intermediate_size=37, num_hidden_layers=5, num_attention_heads=4,
+                      layer_norm_eps=1e-5, **{**_CLIP_IDS, "pad_token_id": 49407})
+        text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=text_1, **common))
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(
+            hidden_size=text_2, projection_dim=pooled, **common))
+    return BaseModel("tiny-sdxl", clip_tokenizer(), text_encoder, vae, unet, sd_noise_scheduler(),
+                     FAMILIES["sdxl"], clip_tokenizer(), text_encoder_2)
+
+
+def build_sdxl_random(seed: int = 0):
+    """SDXL's exact architecture with random weights (10 GB in fp32): the real
+    compute and memory, for benchmarks, offline. Never in tests."""
+    from .parts import BaseModel, clip_tokenizer, sd_noise_scheduler
+
+    with tempfile.TemporaryDirectory() as tmp, torch.random.fork_rng():
+        torch.manual_seed(seed)
+        folder = sdxl_config_dir(Path(tmp))
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))
+        text_encoder = CLIPTextModel(CLIPTextConfig(**SDXL_TEXT))
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_2))
+    return BaseModel("sdxl-random", clip_tokenizer(), text_encoder, vae, unet,
+                     sd_noise_scheduler(), FAMILIES["sdxl"], sdxl_tokenizer_2(), text_encoder_2)
+
+
+def folder_family(path: Path) -> str:
+    """"sdxl" for an SDXL diffusers folder (its model_index.json names an XL
+    pipeline, or it has a second text encoder), else "sd1"."""
+    try:
+        name = json.loads((path / "model_index.json").read_text()).get("_class_name", "")
+    except (OSError, ValueError, AttributeError):
+        name = ""
+    return "sdxl" if "XL" in str(name) or (path / "text_encoder_2").is_dir() else "sd1"
+
+
+# Keys only an SDXL single file has: its second text encoder (OpenCLIP-bigG
+# under the conditioner) and the UNet's added text-and-time embedding.
+SDXL_KEY_MARKS = ("conditioner.embedders.1.model.", "model.diffusion_model.label_emb.")
+
+
+def file_family(path: Path) -> str:
+    """"sdxl" when a single checkpoint file's keys are SDXL's, else "sd1";
+    only the key names are read (safetensors header; a pickle is loaded
+    with torch's safe loader)."""
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                keys = list(f.keys())
+        except Exception:  # not readable: the loader says why, with the file's name
+            return "sd1"
+    else:
+        from .lora import load_pickle_safely
+
+        data = load_pickle_safely(path)
+        keys = list(data.get("state_dict", data)) if isinstance(data, dict) else []
+    return "sdxl" if any(k.startswith(SDXL_KEY_MARKS) for k in keys) else "sd1"
