@@ -315,3 +315,19 @@ def test_the_pareto_plot_colours_by_clip_t_and_marks_the_front():
     assert 'fill="#fde725"><title>trial 0 (front)' in svg and "<rect" in svg  # highest, a square
     assert "<polygon" in svg and "trial &lt;2&gt; (recommended)" in svg
     assert pareto_svg([]) == "<p>No completed trials.</p>"
+
+
+def test_an_sdxl_search_keeps_the_trained_token_off(tmp_path):
+    from lorabooth.models import model_family, save_base
+    from lorabooth.tune import space_for_model
+
+    space = default_space([2, 3])
+    assert space_for_model(space, "tiny") is space
+    fixed = space_for_model(space, "tiny-sdxl")
+    assert fixed["train_token"] == (False,) and {k: v for k, v in fixed.items() if k != "train_token"} \
+        == {k: v for k, v in space.items() if k != "train_token"}
+    overrides, _ = suggest(optuna.create_study(directions=["maximize"] * 3).ask(), fixed)
+    assert overrides["train_token"] is False
+    assert model_family("owner/name") is None and model_family("sd15-random") == "sd1"
+    from lorabooth.models import load_base
+    assert model_family(str(save_base(load_base("tiny-sdxl"), tmp_path / "xl"))) == "sdxl"

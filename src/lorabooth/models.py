@@ -209,6 +209,22 @@ def load_base(model: str, model_config: str = "",
     return _load_folder(resolve_hub(model), model, unet_dtype)
 
 
+def model_family(model: str) -> str | None:
+    """"sdxl" or "sd1" for a built-in name, a diffusers folder or a single
+    file, read from names and key lists only (no weights); None for a hub id
+    (not looked up here)."""
+    from .sdxl import file_family, folder_family
+
+    path = Path(model).expanduser()
+    if model in BUILTIN_MODELS:
+        return "sdxl" if "sdxl" in model else "sd1"
+    if path.is_dir():
+        return folder_family(path)
+    if path.is_file():
+        return file_family(path)
+    return None
+
+
 def load_tokenizer(model: str) -> CLIPTokenizer:
     """Only the tokenizer of a base model (no weights loaded)."""
     if model in BUILTIN_MODELS:

@@ -236,6 +236,17 @@ def _objective(c: Any, judges: Any, space: dict[str, Any], twins: Any | None) ->
     return objective
 
 
+def space_for_model(space: dict[str, Any], model: str) -> dict[str, Any]:
+    """SDXL's two text encoders take no trained token yet (`train` refuses
+    it): for an SDXL model the search keeps it off."""
+    from .models import model_family
+
+    if model_family(model) == "sdxl" and space.get("train_token") != (False,):
+        log.info("--model %s is SDXL: the search keeps --train-token off", model)
+        return {**space, "train_token": (False,)}
+    return space
+
+
 def tune(c: Any) -> Path:
     """Run the study until it holds ``c.budget`` completed trials (with
     ``c.workers`` processes; pruned trials do not count), then write
@@ -247,7 +258,7 @@ def tune(c: Any) -> Path:
     out = Path(c.out)
     if not Path(c.photos).is_dir():
         raise UserError(f"{c.photos}: no such folder of photos")
-    space = load_space(c.space, c.steps)  # everything refused before any write
+    space = space_for_model(load_space(c.space, c.steps), c.model)  # refused before any write
     url = storage_url(c)
     storage = open_storage(url, c.heartbeat) if c.storage or (out / "study.db").exists() else None
     if storage is not None:

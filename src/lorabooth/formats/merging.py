@@ -169,21 +169,11 @@ def merge(inputs: list[str], weights: list[float] | None, out: str | Path,
 
 
 def _base_family(model: str) -> str | None:
-    """The family of a base model from its name or files, without loading
-    it (None: a hub id, not looked at here)."""
-    from ..models import BUILTIN_MODELS
-    from ..sdxl import file_family, folder_family
+    """The LoRA family (SD or SDXL) of a base model, without loading it."""
+    from ..models import model_family
 
-    path = Path(model).expanduser()
-    if model in BUILTIN_MODELS:
-        family = "sdxl" if "sdxl" in model else "sd1"
-    elif path.is_dir():
-        family = folder_family(path)
-    elif path.is_file():
-        family = file_family(path)
-    else:
-        return None
-    return SDXL if family == "sdxl" else SD
+    family = model_family(model)
+    return None if family is None else SDXL if family == "sdxl" else SD
 
 
 def _loaded_pipeline(run: str | Path, model: str | None):
