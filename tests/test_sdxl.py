@@ -421,3 +421,59 @@ clip = "{clip}"
     folders = sorted(p.name for p in (tmp_path / "sweep").glob("*/sweep/00-*/*") if p.is_dir())
     assert folders == ["u1_t1_tt0_g7.5_steps2", "u1_t1_tt1_g7.5_steps2"]
     assert list((tmp_path / "sweep").glob("*/eval/metrics.json"))
+
+
+# --- a trained SDXL run through every file command ---------------------------
+
+def test_a_trained_sdxl_run_converts_inspects_merges_and_fuses(sdxl_run, tmp_path, capsys):
+    """The files a real tiny-sdxl training wrote, not a hand-made LoRA: its
+    kohya file carries sd-scripts' names for all three parts and maps onto
+    both clients (inspect exits 0), the round trip back is exact, a merge
+    with itself is the same adapter, and fuse bakes it into a folder whose
+    UNet differs from the base exactly where the LoRA acts."""
+    from lorabooth.cli import main
+    from lorabooth.formats.sdxl import family_of
+
+    kohya = tmp_path / "k.safetensors"
+    assert main(["convert", str(sdxl_run / WEIGHT_NAME), str(kohya), "--to", "kohya"]) == 0
+    names = load_file(kohya)
+    assert family_of(names, None) == "sdxl"
+    for prefix in ("lora_unet_input_blocks_", "lora_te1_text_model_", "lora_te2_text_model_"):
+        assert any(k.startswith(prefix) for k in names), prefix
+    assert main(["inspect", str(kohya)]) == 0
+    assert "SDXL" in capsys.readouterr().out
+    back = tmp_path / "back.safetensors"
+    assert main(["convert", str(kohya), str(back), "--to", "diffusers"]) == 0
+    original = load_file(sdxl_run / WEIGHT_NAME)
+    assert {k: v for k, v in load_file(back).items() if k in original}.keys() == original.keys()
+    assert all(torch.equal(load_file(back)[k], v) for k, v in original.items())
+
+    merged = tmp_path / "m.safetensors"
+    assert main(["merge", str(sdxl_run), str(sdxl_run), "--out", str(merged)]) == 0
+    fused = tmp_path / "fused"
+    assert main(["fuse", str(sdxl_run), "--out", str(fused), "--model", "tiny-sdxl"]) == 0
+    base = load_base("tiny-sdxl")
+    from diffusers import UNet2DConditionModel
+    unet = UNet2DConditionModel.from_pretrained(fused / "unet")
+    changed = {k for k, v in unet.state_dict().items() if not torch.equal(v, base.unet.state_dict()[k])}
+    assert changed and all("attn" in k for k in changed)
+    assert main(["fuse", str(sdxl_run), "--out", str(tmp_path / "sd"), "--model", "tiny"]) == 2
+    assert "SDXL LoRA" in capsys.readouterr().err
+
+
+def test_tune_runs_a_trial_on_tiny_sdxl(session_photos, tiny_judges, tmp_path):
+    from lorabooth.cli import main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a {0} {1} on the beach\n")
+    dino, clip = tiny_judges
+    out = tmp_path / "tune"
+    assert main(["tune", str(session_photos), "--class-noun", "dog", "--model", "tiny-sdxl",
+                 "--out", str(out), "--steps", "2", "--budget", "1", "--resolution", "32",
+                 "--prompts", str(prompts), "--images-per-prompt", "2", "--pres-images", "2",
+                 "--sample-steps", "2", "--pruner", "none", "--dino", dino, "--clip", clip]) == 0
+    assert (out / "best" / WEIGHT_NAME).is_file()
+    import optuna
+    (trial,) = optuna.load_study(study_name="lorabooth-tune",
+                                 storage=f"sqlite:///{out / 'study.db'}").trials
+    assert trial.user_attrs["settings"]["train_token"] is False and "train_token" not in trial.params
