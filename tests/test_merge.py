@@ -173,7 +173,7 @@ def test_families_do_not_mix(trained_run, sdxl_lora, sdxl_base, tmp_path, capsys
             (["merge", str(trained_run), str(sdxl_lora), "--out", str(tmp_path / "m.safetensors")],
              "of different model families cannot be merged"),
             (["fuse", str(sdxl_lora), "--out", str(tmp_path / "f"), "--model", "tiny"],
-             "is an SDXL LoRA; it fuses only into an SDXL diffusers folder"),
+             "is an SDXL LoRA; it fuses only into an SDXL model"),
             (["fuse", str(trained_run), "--out", str(tmp_path / "g"), "--model", str(sdxl_base)],
              "an SDXL model")]:
         code = main(argv)

@@ -201,7 +201,9 @@ def test_class_images_are_drawn_by_one_trial_the_others_wait(tmp_path):
 def _trained_by(err: str) -> dict[int, list[str]]:
     """Trial number -> the workers whose log says they scored it."""
     runs: dict[int, list[str]] = {}
-    for worker, number in re.findall(r"^lorabooth worker (\d+): trial (\d+): fidelity", err, re.M):
+    # not anchored at a line's start: the other worker's progress bar (written
+    # with \r, no newline) may precede a log line on the shared stderr
+    for worker, number in re.findall(r"lorabooth worker (\d+): trial (\d+): fidelity", err):
         runs.setdefault(int(number), []).append(worker)
     return runs
 

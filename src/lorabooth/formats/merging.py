@@ -191,8 +191,11 @@ def _loaded_pipeline(run: str | Path, model: str | None):
         raise UserError(f"{run}: an SDXL LoRA that does not record its base model; pass --model "
                         "(an SDXL model)")
     if base and _base_family(base) not in (None, family):
-        raise UserError(f"--model {base}: a {FAMILY_NAMES[_base_family(base)]} model; {run} is "
-                        f"a {FAMILY_NAMES[family]} LoRA, which fuses only into such a model")
+        if family == SDXL:
+            raise UserError(f"--model {base}: {run} is an SDXL LoRA; it fuses only into an "
+                            "SDXL model")
+        raise UserError(f"--model {base}: an SDXL model; {run} is a {FAMILY_NAMES[SD]} LoRA, "
+                        "which fuses only into such a model")
     return load_pipeline(run, model)
 
 
