@@ -12,6 +12,7 @@ from pathlib import Path
 from .config import to_toml_dict
 from .drawing import prompt_slug
 from .fileio import write_text
+from .htmlpage import IMAGES_LOADED_SCRIPT
 from .lossplot import loss_svg
 
 METRICS = ("dino", "clip_i", "clip_t", "pres", "div")
@@ -95,14 +96,7 @@ pre {{ background: #f4f4f4; padding: 1em; }}
 {''.join(sections)}
 <h2>The sweep file</h2>
 <pre>{e(source)}</pre>
-<script>
-window.addEventListener("load", function () {{
-  var ok = Array.prototype.filter.call(document.images, function (i) {{
-    return i.complete && i.naturalWidth > 0; }}).length;
-  document.body.setAttribute("data-images-loaded", ok + "/" + document.images.length);
-}});
-</script>
-</body></html>
+{IMAGES_LOADED_SCRIPT}</body></html>
 """
 
 

@@ -18,6 +18,7 @@ from PIL import Image
 
 from .fileio import save_png, write_text
 from .grid import make_grid
+from .htmlpage import IMAGES_LOADED_SCRIPT
 from .markdown import code, text
 from .toyworld.frontier import marker, pres_axes
 from .tune_pruning import steps_saved
@@ -197,14 +198,7 @@ CLIP-T (prompt following) up, PRES (the bare class drifting towards the subject)
 <p>{e(" ".join(pruning))}</p>
 <h2>The tune's options</h2>
 <pre>{e(options)}</pre>
-<script>
-window.addEventListener("load", function () {{
-  var ok = Array.prototype.filter.call(document.images, function (i) {{
-    return i.complete && i.naturalWidth > 0; }}).length;
-  document.body.setAttribute("data-images-loaded", ok + "/" + document.images.length);
-}});
-</script>
-</body></html>
+{IMAGES_LOADED_SCRIPT}</body></html>
 """
 
 
