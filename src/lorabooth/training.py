@@ -459,8 +459,9 @@ def _open_metrics(output: Path, start: int, main: bool):
 
 @torch.no_grad()
 def _validate(config: TrainConfig, base: BaseModel, output: Path, step: int) -> list[Image]:
-    """Draws the validation prompt ``config.validation_images`` times (one
-    generator: the first image is the same whatever the count)."""
+    """Draws the validation prompt ``config.validation_images`` times from one
+    generator: the first image starts from the same noise whatever the count
+    (batched arithmetic may still move a pixel by one level)."""
     pipe = pipeline_from_parts(base)
     pipe.set_progress_bar_config(disable=True)
     was_training = base.unet.training
