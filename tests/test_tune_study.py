@@ -9,7 +9,7 @@ import itertools
 import pytest
 
 from lorabooth.toyworld import tune_study
-from lorabooth.toyworld.tune_study import ARMS, Plan, render, run_fixed, verdict
+from lorabooth.toyworld.tune_study import Plan, render, run_fixed, verdict
 
 
 def test_verdict_needs_every_repeat_on_one_side():
@@ -60,4 +60,3 @@ def test_the_report_states_the_verdict_and_the_tunes(tune_fid, word):
     assert f"| `tune` (its recommended trial) | 3.0 | 100 | {sum(tune_fid) / 2:.3f}" in text
     assert "| 1 | 8 | 2 | 0 | 100 | 300 of 2000 | lr 0.001, steps 200, prior_preservation model |" in text
     assert svg.startswith("<svg") and all(a in text for a in ("defaults", "seed's recipe"))
-    assert len(ARMS) == 3
