@@ -269,7 +269,7 @@ ROWS = {
     "output inside the instance dir": Row(TRAIN + ["--output", "{photos}/run"], 2, "--output"),
     # 3: prepare's output reflects the source and holds only what it wrote
     "prepare into a foreign non-empty folder": Row(
-        ["prepare", "{photos}", "{run}"], 2, "no prepare.json"),
+        ["prepare", "{photos}", "{run}"], 2, "that lorabooth prepare did not write"),
     "prepare rerun after deleting two photos": Row(
         PREPARE + ["--caption", "a photo of sks dog"], 0, "kept 3 of 3",
         prepared_then_two_deleted, stale_removed_user_file_kept),
@@ -277,7 +277,7 @@ ROWS = {
         PREPARE, 0, "kept 3 of 3", doctored_report,
         kept_exactly("photo_0.png", "photo_1.png", "photo_2.png")),
     "prepare into a folder inside the source": Row(
-        ["prepare", "{photos}", "{photos}/set"], 2, "must differ from SRC"),
+        ["prepare", "{photos}", "{photos}/set"], 2, "lies inside SRC"),
     # 6: one bad file is one line naming it
     "prepare with a decompression bomb": Row(
         PREPARE, 0, "rejected bomb.png: too large to open safely",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from dataclasses import fields
 
@@ -11,6 +12,7 @@ from .checks import finite_float, finite_floats
 from .commands import COMMANDS, run
 from .config import build_config, field_default, field_kind, option_name
 from .errors import UserError
+from .guard import write_failure
 from .logs import quiet_libraries
 
 
@@ -74,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # argparse: --help (0) or a bad option (2, already printed)
         return int(e.code or 0)
     quiet_libraries()
+    if hasattr(signal, "SIGXFSZ"):  # past `ulimit -f` a write fails (EFBIG) instead of killing us
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         cls = args.config_class
         overrides = {f.name: getattr(args, f.name) for f in fields(cls)}
@@ -85,3 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"lorabooth {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a full disk, a size limit, a read-only folder: one line too
+        failure = write_failure(e)
+        if failure is None:
+            raise
+        print(f"lorabooth {args.command}: error: {failure}", file=sys.stderr)
+        return 2

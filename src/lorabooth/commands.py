@@ -26,6 +26,8 @@ from .config import (
     option_name,
 )
 from .errors import UserError
+from .guard import check
+from .plans import PLANS
 from .tune_pruning import PRUNERS
 
 log = logging.getLogger("lorabooth")
@@ -153,6 +155,7 @@ class ConvertConfig:
                      positional=True)
     dst: str = _help("Output file (or folder).", "", positional=True)
     to: str = _help("Layout to write: kohya, diffusers or peft (required).", "")
+    overwrite: bool = _help("Replace DST when it exists (never one of the inputs).", False)
 
     def __post_init__(self) -> None:
         _require(self, "src", "dst", "to")
@@ -168,6 +171,7 @@ class MergeConfig:
     out: str = _help("Output .safetensors (diffusers layout; required).", "")
     rank: int | None = _help("Re-factorise to this rank by SVD (default: exact concatenation).",
                              None)
+    overwrite: bool = _help("Replace --out when it exists (never one of the inputs).", False)
 
     def __post_init__(self) -> None:
         check_finite(self)
@@ -183,6 +187,7 @@ class FuseConfig:
     model: str = _help("Base model (default: the run's own).", "")
     single_file: bool = _help("Write one .safetensors in the original SD (or SDXL) layout "
                               "instead of a folder.", False)
+    overwrite: bool = _help("With --single-file: replace --out when it exists.", False)
 
     def __post_init__(self) -> None:
         check_finite(self)
@@ -510,8 +515,12 @@ COMMANDS: dict[str, tuple[type, str, Callable[[Any], Any]]] = {
 
 
 def run(config: Any) -> Any:
-    """Carry out the command ``config`` is the options of."""
-    for cls, _, runner in COMMANDS.values():
+    """Carry out the command ``config`` is the options of, once the write
+    guard has passed what it declares it reads and writes (plans.PLANS)."""
+    for name, (cls, _, runner) in COMMANDS.items():
         if type(config) is cls:
+            if name not in PLANS:
+                raise TypeError(f"command {name!r} declares no plan in plans.PLANS")
+            check(PLANS[name](config))
             return runner(config)
     raise TypeError(f"not a lorabooth command config: {type(config).__name__}")

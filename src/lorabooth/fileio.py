@@ -15,6 +15,8 @@ from typing import Any, Iterator
 
 from PIL import Image
 
+from .guard import write_failure
+
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
@@ -24,7 +26,13 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = _new_temp(path)
     mode = tmp.stat().st_mode & 0o777  # 0666 less the umask, as any new file gets
     try:
-        yield tmp
+        try:
+            yield tmp
+        except Exception as e:  # a full disk or a size limit, however the writer says it
+            failure = write_failure(e, path)
+            if failure is None:
+                raise
+            raise failure from None
         # writers that replace the file (safetensors writes it 0600) lose that mode
         os.chmod(tmp, mode)
         with open(tmp, "rb+") as f:

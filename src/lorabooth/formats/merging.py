@@ -14,7 +14,7 @@ import torch
 
 from ..checks import check_tensors
 from ..errors import UserError
-from ..fileio import to_json
+from ..fileio import to_json, write_json
 from ..lora import find_lora, read_lora
 from ..pivotal import TRAINED_TOKENS
 from .layouts import check_ranks, is_dora, read_as_peft, read_embeddings, write_lora
@@ -229,5 +229,8 @@ def fuse(run: str | Path, out: str | Path, unet_scale: float = 1.0, text_scale: 
                                    pipe.scheduler), out)
     else:
         pipe.save_pretrained(out)
+        # fuse's own record: how the folder is recognised as fuse's (plans.py)
+        write_json(out / "lorabooth_fuse.json", {"lora": str(run), "unet_scale": unet_scale,
+                                                  "text_scale": text_scale, "model": model})
     log.info("fused model (UNet scale %g, text scale %g) written to %s", unet_scale, text_scale, out)
     return out

@@ -1,0 +1,266 @@
+"""The write guard: every command declares what it reads and what it will
+write (a ``Plan``, built in ``plans.py``), and ``check`` refuses the plan
+before anything is written. One mechanism for every command:
+
+- a path holding a NUL byte, or one that lies under an existing file;
+- an input that is not a regular file or a folder (a FIFO, a device);
+- an output that is an input, or lies inside the subject's photos (or holds them);
+- an existing output file, unless ``--overwrite`` (and never an input, even then);
+- an output folder that is neither new, nor empty, nor one this same
+  command wrote (each command's folder is recognised by what it always
+  writes: ``OWNERS``); the filesystem root, the home folder and system folders;
+- an output whose nearest existing folder cannot be written.
+
+Failures while writing (a full disk, a file-size limit, a read-only
+filesystem) are turned into one line by ``write_failure``; atomic writes
+(fileio) keep every earlier file whole.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import stat
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class Read:
+    """An input path. ``kind``: "photos" (no output may lie in or around it),
+    "run" (outputs may lie inside it, as RUN/generated does, but not replace
+    what it holds), "file" (any input file or folder)."""
+    option: str
+    path: str
+    kind: str = "file"
+
+
+@dataclass(frozen=True)
+class Write:
+    """An output path: a "file" or a "folder" that command ``owner`` writes,
+    or a "report": a file the command rewrites by design on every run (the
+    toy world's studies rewrite their page in docs/)."""
+    option: str
+    path: str
+    kind: str
+    owner: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    reads: tuple[Read, ...] = ()
+    writes: tuple[Write, ...] = ()
+    overwrite: bool = False
+
+
+def _has(folder: Path, *names: str) -> bool:
+    return any((folder / n).exists() for n in names)
+
+
+def _toml_keys(path: Path, *keys: str) -> bool:
+    try:
+        if not path.is_file() or path.stat().st_size > 1 << 20:
+            return False
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError):
+        return False
+    return all(k in data for k in keys)
+
+
+def _json_keys(path: Path, *keys: str) -> bool:
+    try:
+        if not path.is_file() or path.stat().st_size > 64 << 20:
+            return False
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return False
+    return isinstance(data, dict) and all(k in data for k in keys)
+
+
+def _run_folder(folder: Path) -> bool:
+    """A training run: its config.toml, or a sweep's stamp for a run not
+    started yet, or checkpoints of an interrupted one."""
+    return (_toml_keys(folder / "config.toml", "instance_prompt", "instance_dir")
+            or (folder / "checkpoints").is_dir())
+
+
+def _generated(folder: Path) -> bool:
+    """generate's output: one NN-slug folder of PNGs per prompt."""
+    entries = [p for p in folder.iterdir() if not p.name.startswith(".")]
+    return bool(entries) and all(
+        p.is_dir() and p.name[:2].isdigit() and p.name[2:3] == "-" for p in entries)
+
+
+# command -> how its own output folder is recognised (a folder it wrote
+# before may be written again; any other non-empty folder is the user's)
+OWNERS: dict[str, Callable[[Path], bool]] = {
+    "train": lambda f: _run_folder(f) or _has(f, "sweep_hash.txt"),
+    "demo": _run_folder,
+    "generate": _generated,
+    "evaluate": lambda f: _json_keys(f / "metrics.json", "rows", "judges")
+    or (f / "images").is_dir(),
+    "prepare": lambda f: (f / "prepare.json").is_file(),
+    "fuse": lambda f: _json_keys(f / "lorabooth_fuse.json", "lora"),
+    "sweep": lambda f: _has(f, "report.html", "grids") or any(
+        (p / "sweep_hash.txt").is_file() for p in f.iterdir() if p.is_dir()),
+    "tune": lambda f: _has(f, "tune.toml", "study.db"),
+    "pretrain": lambda f: _has(f, "judges.safetensors"),
+    "claims": lambda f: True,  # research outputs of the toy world, under runs/
+    "tune-study": lambda f: True,
+    "ui": lambda f: True,  # the workspace holds the user's photos too; the page writes subfolders
+}
+
+# What a killed lorabooth process leaves behind: a folder holding only these
+# (and empty folders) counts as empty.
+_LEFTOVERS = (".lock",)
+
+_SYSTEM = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/opt",
+           "/proc", "/root", "/run", "/sbin", "/srv", "/sys", "/tmp", "/usr", "/var",
+           "/usr/local", "/var/tmp", "/var/lib")
+
+
+def system_folder(path: str | Path) -> str | None:
+    """Why ``path`` may not be a lorabooth output folder or workspace (the
+    filesystem root, the home folder itself, a system folder), or None."""
+    p = Path(path).resolve()
+    if p == Path(p.anchor):
+        return "is the filesystem root"
+    if p == Path.home().resolve():
+        return "is the home folder itself; use a folder inside it"
+    if str(p) in _SYSTEM or (len(p.parts) == 2 and p.parts[1] in
+                             {Path(s).parts[1] for s in _SYSTEM}):
+        return "is a system folder"
+    return None
+
+
+def _holds_files(folder: Path) -> bool:
+    """Whether anything but empty folders and a dead process's lock lies below."""
+    for root, _, files in os.walk(folder):
+        if any(f not in _LEFTOVERS for f in files):
+            return True
+    return False
+
+
+def _bad(option: str, path: str, why: str) -> UserError:
+    return UserError(f"{option} {path}: {why}")
+
+
+def _existing_ancestor(path: Path) -> Path:
+    path = path.absolute()
+    while not os.path.lexists(path) and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _check_path(option: str, path: str) -> None:
+    if "\0" in path:
+        raise UserError(f"{option}: the path holds a NUL byte ({path!r})")
+    ancestor = _existing_ancestor(Path(path))
+    if ancestor != Path(path).absolute() and not ancestor.is_dir():
+        raise _bad(option, path, f"{ancestor} is a file, not a folder")
+
+
+def _check_read(r: Read) -> None:
+    _check_path(r.option, r.path)
+    try:
+        mode = os.stat(r.path).st_mode
+    except OSError:
+        return  # missing: the command's own check names what it needed
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise _bad(r.option, r.path, "not a regular file or folder (a pipe or a device "
+                                     "cannot be read safely)")
+
+
+def _same(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _inside(a: Path, b: Path) -> bool:
+    a, b = a.resolve(), b.resolve()
+    return a == b or b in a.parents
+
+
+def _check_against_reads(w: Write, reads: tuple[Read, ...]) -> None:
+    out = Path(w.path)
+    for r in reads:
+        src = Path(r.path)
+        if not src.exists() or r.kind == "file" and not src.is_dir() and not _same(out, src):
+            continue
+        if _same(out, src) or (src.is_dir() and _inside(src, out)):
+            raise _bad(w.option, w.path, f"is or holds the input {r.option} {r.path}; "
+                                         f"choose an output of its own")
+        if r.kind == "photos" and _inside(out, src):
+            raise _bad(w.option, w.path, f"lies inside {r.option} {r.path}; lorabooth never "
+                                         f"writes into the photos")
+        if r.kind == "run" and w.kind == "file" and out.exists() and _inside(out, src):
+            raise _bad(w.option, w.path, f"is a file of the input {r.option} {r.path}; "
+                                         f"choose another output")
+
+
+def _check_write(w: Write, plan: Plan) -> None:
+    _check_path(w.option, w.path)
+    out = Path(w.path)
+    _check_against_reads(w, plan.reads)
+    if w.kind in ("file", "report"):
+        if out.is_dir():
+            raise _bad(w.option, w.path, "is a folder; give a file name")
+        if w.kind == "file" and out.exists() and not plan.overwrite:
+            raise _bad(w.option, w.path, "exists; add --overwrite to replace it")
+    else:
+        if out.exists() and not out.is_dir():
+            raise _bad(w.option, w.path, "is a file, not a folder")
+        why = system_folder(out)
+        if why:
+            raise _bad(w.option, w.path, why)
+        if out.is_dir() and _holds_files(out) and not OWNERS[w.owner](out):
+            raise _bad(w.option, w.path, f"holds files that lorabooth {w.owner} did not write; "
+                                         f"choose a new or empty folder")
+    # atomic writes put a temp file beside the output: its folder must be writable
+    target = out if out.is_dir() else _existing_ancestor(out.parent)
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise _bad(w.option, w.path, f"{target} is not writable")
+
+
+def check(plan: Plan) -> None:
+    """Refuse ``plan`` (one UserError naming the option) before any write."""
+    for r in plan.reads:
+        if r.path:
+            _check_read(r)
+    for w in plan.writes:
+        if w.path:
+            if w.kind == "folder" and w.owner not in OWNERS:
+                raise TypeError(f"no owner rule for {w.owner!r}")
+            _check_write(w, plan)
+
+
+_WRITE_ERRORS = {errno.ENOSPC: "no space left on the device",
+                 errno.EDQUOT: "the disk quota is exceeded",
+                 errno.EFBIG: "the file is larger than the file-size limit allows",
+                 errno.EROFS: "the filesystem is read-only",
+                 errno.EACCES: "permission denied",
+                 errno.EPERM: "permission denied",
+                 errno.ENAMETOOLONG: "the file name is too long"}
+_WRITE_TEXTS = {"No space left": errno.ENOSPC, "File too large": errno.EFBIG,
+                "Disk quota": errno.EDQUOT, "Read-only file system": errno.EROFS}
+
+
+def write_failure(error: BaseException, path: str | Path | None = None) -> UserError | None:
+    """A UserError for a write that failed for want of space or permission
+    (however the library raising it spells it), or None for any other error."""
+    code = getattr(error, "errno", None)
+    if code not in _WRITE_ERRORS:
+        text = str(error)
+        code = next((c for t, c in _WRITE_TEXTS.items() if t in text), None)
+    if code not in _WRITE_ERRORS:
+        return None
+    where = path or getattr(error, "filename", None) or "an output file"
+    return UserError(f"cannot write {where}: {_WRITE_ERRORS[code]}; files written before "
+                     f"are kept whole")
