@@ -33,8 +33,8 @@ from .errors import UserError
 @dataclass(frozen=True)
 class Read:
     """An input path. ``kind``: "photos" (no output may lie in or around it),
-    "run" (outputs may lie inside it, as RUN/generated does, but not replace
-    what it holds), "file" (any input file or folder)."""
+    "run" (output folders may lie inside it, as RUN/generated does, output
+    files may not: a run's files go together), "file" (any input file or folder)."""
     option: str
     path: str
     kind: str = "file"
@@ -105,6 +105,9 @@ OWNERS: dict[str, Callable[[Path], bool]] = {
     "evaluate": lambda f: _json_keys(f / "metrics.json", "rows", "judges")
     or (f / "images").is_dir(),
     "prepare": lambda f: (f / "prepare.json").is_file(),
+    # the user's own class images are an input that train tops up; only
+    # their place (never in or around the photos) is checked
+    "class-images": lambda f: True,
     "fuse": lambda f: _json_keys(f / "lorabooth_fuse.json", "lora"),
     "sweep": lambda f: _has(f, "report.html", "grids") or any(
         (p / "sweep_hash.txt").is_file() for p in f.iterdir() if p.is_dir()),
@@ -200,14 +203,17 @@ def _check_against_reads(w: Write, reads: tuple[Read, ...]) -> None:
         if r.kind == "photos" and _inside(out, src):
             raise _bad(w.option, w.path, f"lies inside {r.option} {r.path}; lorabooth never "
                                          f"writes into the photos")
-        if r.kind == "run" and w.kind == "file" and out.exists() and _inside(out, src):
-            raise _bad(w.option, w.path, f"is a file of the input {r.option} {r.path}; "
-                                         f"choose another output")
+        if r.kind == "run" and w.kind != "folder" and _inside(out, src):
+            raise _bad(w.option, w.path, f"lies inside the input {r.option} {r.path} (a run's "
+                                         f"files go together); choose a path outside it")
 
 
 def _check_write(w: Write, plan: Plan) -> None:
     _check_path(w.option, w.path)
     out = Path(w.path)
+    why = system_folder(out) if w.kind == "folder" else None
+    if why:
+        raise _bad(w.option, w.path, why)
     _check_against_reads(w, plan.reads)
     if w.kind in ("file", "report"):
         if out.is_dir():
@@ -217,9 +223,6 @@ def _check_write(w: Write, plan: Plan) -> None:
     else:
         if out.exists() and not out.is_dir():
             raise _bad(w.option, w.path, "is a file, not a folder")
-        why = system_folder(out)
-        if why:
-            raise _bad(w.option, w.path, why)
         if out.is_dir() and _holds_files(out) and not OWNERS[w.owner](out):
             raise _bad(w.option, w.path, f"holds files that lorabooth {w.owner} did not write; "
                                          f"choose a new or empty folder")

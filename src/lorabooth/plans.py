@@ -26,7 +26,12 @@ def _train(c: Any) -> Plan:
     reads = [Read("--instance-dir", c.instance_dir, "photos"), *_model(c)]
     if c.model_config:
         reads.append(Read("--model-config", c.model_config))
-    return Plan(tuple(reads), (Write("--output", c.output, "folder", "train"),))
+    writes = [Write("--output", c.output, "folder", "train")]
+    if c.prior_images:  # class images are drawn into it when it holds too few
+        writes.append(Write("--class-dir", str(c.class_path), "folder", "class-images"))
+    elif c.class_dir:  # unused without --prior-preservation images
+        reads.append(Read("--class-dir", c.class_dir))
+    return Plan(tuple(reads), tuple(writes))
 
 
 def _generate(c: Any) -> Plan:
@@ -91,7 +96,7 @@ def _tune(c: Any) -> Plan:
 
 
 def _ui(c: Any) -> Plan:
-    return Plan((), (Write("--workspace", c.workspace, "folder", "ui"),))
+    return Plan(_model(c), (Write("--workspace", c.workspace, "folder", "ui"),))
 
 
 def _demo(c: Any) -> Plan:
@@ -116,7 +121,7 @@ PLANS: dict[str, Callable[[Any], Plan]] = {
     "train": _train,
     "generate": _generate,
     "prepare": _prepare,
-    "identifier": lambda c: Plan(),  # reads the tokenizer, writes nothing
+    "identifier": lambda c: Plan(_model(c)),  # reads the tokenizer, writes nothing
     "evaluate": _evaluate,
     "toyworld pretrain": _pretrain,
     "toyworld claims": _research("claims"),
