@@ -1,8 +1,14 @@
+import json
+
 import pytest
 import torch
 from PIL import Image
 
+from lorabooth.config import PrepareConfig
 from lorabooth.data import Shuffler, caption_dropout, load_image, readable_images
+from lorabooth.errors import UserError
+from lorabooth.prepare import prepare
+from test_hostile_files import smooth_photos
 
 
 def test_readable_images_skips_non_images(tmp_path):
@@ -11,6 +17,41 @@ def test_readable_images_skips_non_images(tmp_path):
     (tmp_path / "notes.txt").write_text("hi")
     (tmp_path / ".hidden.png").write_bytes(b"")
     assert [p.name for p in readable_images(tmp_path)] == ["a.png"]
+
+
+def test_a_folder_without_a_report_leaves_out_the_contact_sheet(tmp_path):
+    Image.new("RGB", (10, 10)).save(tmp_path / "a.png")
+    Image.new("RGB", (10, 10)).save(tmp_path / "contact_sheet.png")
+    assert [p.name for p in readable_images(tmp_path)] == ["a.png"]
+
+
+def test_a_prepare_output_is_the_kept_images_its_report_lists(tmp_path, caplog):
+    """What train, evaluate --real, tune, sweep and the UI read from a prepare
+    output: its kept images that still exist, never the contact sheet, a
+    rejected file's name, an image dropped in later, or a name that is not plain."""
+    src, out = smooth_photos(tmp_path / "src", 3), tmp_path / "out"
+    (src / "junk.png").write_bytes(b"not a png")
+    prepare(PrepareConfig(src=str(src), out=str(out), resolution=32))
+    assert [p.name for p in readable_images(out)] == ["photo_0.png", "photo_1.png", "photo_2.png"]
+    (out / "photo_1.png").unlink()
+    Image.new("RGB", (40, 40)).save(out / "added.png")
+    report = json.loads((out / "prepare.json").read_text())
+    report["files"] += [{"kept": True, "output": "../out/added.png"},
+                        {"kept": True, "output": str(out / "added.png")}]
+    (out / "prepare.json").write_text(json.dumps(report))
+    assert [p.name for p in readable_images(out)] == ["photo_0.png", "photo_2.png"]
+    assert "added.png" in caplog.text and "not listed in its prepare.json" in caplog.text
+
+
+@pytest.mark.parametrize("text,says", [
+    ("{not json", "not a readable report"), ('{"files": 3}', "not a readable report"),
+    ('{"running": true, "outputs": [], "files": []}', "did not finish")])
+def test_a_bad_or_unfinished_report_is_one_line_naming_it(tmp_path, text, says):
+    Image.new("RGB", (10, 10)).save(tmp_path / "a.png")
+    (tmp_path / "prepare.json").write_text(text)
+    with pytest.raises(UserError, match=says) as e:
+        readable_images(tmp_path)
+    assert str(tmp_path / "prepare.json") in str(e.value) and "\n" not in str(e.value)
 
 
 def test_load_image_applies_exif_rotation_and_crops(tmp_path):

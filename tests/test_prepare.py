@@ -99,6 +99,19 @@ def test_cli_exit_0_when_something_is_kept(tmp_path):
     assert main(["prepare", str(tmp_path / "src"), str(tmp_path / "out"), "--resolution", "64"]) == 0
 
 
+def test_prepare_runs_in_a_worker_thread(tmp_path):
+    """The UI runs prepare off the main thread, where no signal handler can be set."""
+    import threading
+
+    _messy(tmp_path / "src")
+    done = []
+    worker = threading.Thread(target=lambda: done.append(prepare(PrepareConfig(
+        src=str(tmp_path / "src"), out=str(tmp_path / "out"), resolution=64))))
+    worker.start()
+    worker.join()
+    assert done and not (tmp_path / "out" / ".lock").exists()
+
+
 @pytest.mark.parametrize("kwargs,option", [
     (dict(resolution=100), "--resolution"), (dict(crop="square"), "--crop"),
     (dict(dedupe_threshold=99), "--dedupe-threshold"), (dict(face_margin=-1), "--face-margin"),

@@ -23,6 +23,7 @@ from lorabooth.ui.jobs import STATE, Job, JobQueue, load_job
 from lorabooth.ui.server import parse_auth
 from lorabooth.ui.trainform import HIDDEN, config_from_form, form_fields
 from lorabooth.ui.workspace import Workspace, read_metrics
+from test_hostile_files import smooth_photos
 
 WAIT = 120  # hang guard for the queue; no test asserts on time
 # The stand-in for `python -m lorabooth`: its argv says what to do. Its own
@@ -94,6 +95,21 @@ def test_uploads_are_decoded_size_limited_and_named_inside(tmp_path, photos):
     with pytest.raises(UserError, match="outside the workspace"):
         ws.save_upload(photo, "a.png", tmp_path / "elsewhere")
     assert sorted(p.name for p in (ws.root / "photos").iterdir()) == ["evil_name.png"]
+
+
+def test_prepare_refused_while_another_writes_the_dataset(ws, tmp_path):
+    """The refusal reaches the page: the live writer's record in prepare.json
+    is no report of files judged."""
+    src = smooth_photos(ws.root / "shots", 2)
+    out = ws.root / "datasets" / "subject"
+    out.mkdir(parents=True)
+    (out / "prepare.json").write_text('{"running": true, "outputs": [], "files": []}')
+    (out / ".lock").write_text(f"{os.getppid()}\n")  # our parent: alive, not us
+    with pytest.raises(UserError, match="another lorabooth process"):
+        h.prepare_photos(ws, [], "shots", "subject", "center", 32, "dog")
+    (out / ".lock").unlink()
+    done = h.prepare_photos(ws, [], str(src.relative_to(ws.root)), "subject", "center", 32, "dog")
+    assert done.kept == 2 and done.sheet is not None
 
 
 def test_metrics_skip_the_line_being_written(tmp_path):

@@ -60,6 +60,7 @@ def instance_images(config: TrainConfig) -> list[Path]:
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         raise UserError(f"--instance-dir: {bad[0]}: {problems[bad[0]]}{more}; "
                         f"remove or replace it (`lorabooth prepare` sorts a folder out)")
+    log.info("--instance-dir %s: %d images", folder, len(files))
     return files
 
 

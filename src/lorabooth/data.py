@@ -8,19 +8,8 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageOps
 
-from .imagefiles import problem
+from .imagefiles import image_files, problem
 from .images import chw_uint8, signed_unit, upright_rgb
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
-
-
-def image_files(folder: Path) -> list[Path]:
-    """Files in ``folder`` that look like images by name (dotfiles skipped)."""
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir()
-                  if p.is_file() and not p.name.startswith(".")
-                  and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def readable_images(folder: Path) -> list[Path]:

@@ -1,14 +1,24 @@
-"""Opening the user's image files by content: one check shared by `prepare`
-(which rejects a bad file and goes on) and `train` (which refuses to start)."""
+"""The user's image files: which files of a photo folder are its photos
+(one answer for train, evaluate --real, tune, sweep and the UI), and opening
+them by content: one check shared by `prepare` (which rejects a bad file and
+goes on) and `train` (which refuses to start)."""
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from .errors import first_line
+from .errors import UserError, first_line
 from .images import FORMATS, upright_rgb
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+REPORT_NAME = "prepare.json"  # what `lorabooth prepare` wrote into its OUT, and why
+SHEET_NAME = "contact_sheet.png"  # prepare's overview of its crops: not a photo
 
 
 class Rejected(Exception):
@@ -60,3 +70,42 @@ def problem(path: Path) -> str:
     except Rejected as e:
         return str(e)
     return ""
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The photos of ``folder``, sorted. A `prepare` output (it holds
+    prepare.json): exactly the kept images its report lists that still exist
+    (the user may delete one to drop it). Any other folder: the files that
+    look like images by name, less dot-files and a contact sheet. Raises
+    UserError for a report that is unreadable or from an unfinished prepare."""
+    if not folder.is_dir():
+        return []
+    named = sorted(p for p in folder.iterdir()
+                   if p.is_file() and not p.name.startswith(".")
+                   and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not (folder / REPORT_NAME).is_file():
+        return [p for p in named if p.name != SHEET_NAME]
+    listed = prepared_images(folder / REPORT_NAME)
+    others = [p.name for p in named if p.name not in listed and p.name != SHEET_NAME]
+    if others:
+        log.warning("%s: %d image file(s) not listed in its %s left out (%s); rerun "
+                    "`lorabooth prepare` to take them in", folder, len(others), REPORT_NAME,
+                    ", ".join(others[:3]) + (", ..." if len(others) > 3 else ""))
+    return [p for p in named if p.name in listed]
+
+
+def prepared_images(report: Path) -> set[str]:
+    """The names of the images a finished `prepare` kept, from its report:
+    plain names only (a doctored report cannot point outside its folder)."""
+    try:
+        data = json.loads(report.read_text(encoding="utf-8"))
+        running = data.get("running")
+        names = {f["output"] for f in data["files"] if f.get("kept") and f.get("output")}
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"{report}: not a readable report of `lorabooth prepare` "
+                        f"({first_line(e, 80)}); rerun prepare, or remove the file") from None
+    if running:
+        raise UserError(f"{report}: the `lorabooth prepare` that wrote this folder did not "
+                        f"finish (interrupted, or still running); rerun it first")
+    return {n for n in names if isinstance(n, str) and Path(n).name == n
+            and not n.startswith(".") and Path(n).suffix.lower() in IMAGE_SUFFIXES}

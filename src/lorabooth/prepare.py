@@ -15,7 +15,7 @@ from .config import PrepareConfig
 from .errors import UserError
 from .fileio import inside, save_png, write_json, write_text
 from .grid import font
-from .imagefiles import Rejected, decode
+from .imagefiles import REPORT_NAME, SHEET_NAME, Rejected, decode
 from .images import (
     Box,
     center_box,
@@ -26,6 +26,7 @@ from .images import (
     resize_short_side,
     resize_square,
 )
+from .locks import locked, terminate_as_interrupt
 
 log = logging.getLogger(__name__)
 
@@ -110,22 +111,47 @@ def _check_folders(src: Path, out: Path) -> None:
 
 
 def previous_outputs(out: Path) -> set[str]:
-    """The names of the files an earlier `prepare` wrote into ``out``, from its
-    prepare.json. Refuses a non-empty folder without one: those files are not
-    ours to replace or remove."""
+    """The names of the files an earlier `prepare` wrote (or was about to
+    write) into ``out``, from its prepare.json: a finished report, or the
+    record of one that was stopped. Refuses a non-empty folder without one:
+    those files are not ours to replace or remove."""
     if not out.is_dir() or not any(not p.name.startswith(".") for p in out.iterdir()):
         return set()
     try:
-        files = json.loads((out / "prepare.json").read_text(encoding="utf-8"))["files"]
+        report = json.loads((out / REPORT_NAME).read_text(encoding="utf-8"))
+        files = report["files"]
         images = [f["output"] for f in files if f.get("output")]
         texts = [_caption_name(f["output"]) for f in files if f.get("output") and f.get("caption")]
+        recorded = [str(n) for n in report.get("outputs", [])]
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         raise UserError(f"OUT {out}: the folder holds files and no prepare.json of an earlier "
                         f"`lorabooth prepare`; choose a new or empty folder") from None
     # only plain names of the kinds prepare writes: a doctored prepare.json
     # cannot point outside OUT
-    return {n for n in images + texts if Path(n).name == n and not n.startswith(".")
+    return {n for n in images + texts + recorded if Path(n).name == n and not n.startswith(".")
             and n.endswith((".png", ".txt"))} | {SHEET_NAME}
+
+
+class Record:
+    """Every name this run may have written into OUT, kept in OUT/prepare.json
+    while it runs, rewritten (atomically) BEFORE each new file is written: a
+    run stopped at any moment (Ctrl-C, SIGTERM, SIGKILL, power loss) leaves a
+    record of every file it wrote, so the rerun can remove the ones it no
+    longer keeps. The finished report replaces it."""
+
+    def __init__(self, out: Path, names: set[str]):
+        self.path, self.names = out / REPORT_NAME, set(names)
+        self._save()
+
+    def add(self, *names: str) -> None:
+        if not set(names) <= self.names:
+            self.names |= set(names)
+            self._save()
+
+    def _save(self) -> None:
+        # "files" stays a list: readers of a finished report can parse this one
+        write_json(self.path, {"running": True, "outputs": sorted(self.names), "files": [],
+                               "kept": 0, "rejected": 0})
 
 
 def _caption_name(image_name: str) -> str:
@@ -135,38 +161,55 @@ def _caption_name(image_name: str) -> str:
 def prepare(config: PrepareConfig) -> list[Entry]:
     """Process every file in SRC; write the kept images, captions, report and
     contact sheet into OUT, and remove what an earlier run into OUT wrote and
-    this one does not. Raises UserError when nothing could be kept."""
+    this one does not. OUT is locked while it runs; SIGTERM stops it as
+    Ctrl-C does. Raises UserError when nothing could be kept."""
     src, out = Path(config.src), Path(config.out)
     _check_folders(src, out)
-    before = previous_outputs(out)
     caption = caption_for(config)
     files = sorted(p for p in src.iterdir() if p.is_file() and not p.name.startswith("."))
     if not files:
         raise UserError(f"SRC {src}: the folder is empty")
-    if not (out / "prepare.json").exists():
-        # claimed first: after an interruption, a rerun knows the folder is ours
-        write_json(out / "prepare.json", {"files": [], "kept": 0, "rejected": 0})
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"OUT {out}: cannot create the folder ({e.strerror})") from None
+    try:
+        with terminate_as_interrupt(), locked(out, "OUT"):
+            return _prepare_locked(config, files, caption)
+    except UserError:
+        if created and not any(out.iterdir()):
+            out.rmdir()
+        raise
+
+
+def _prepare_locked(config: PrepareConfig, files: list[Path], caption: str) -> list[Entry]:
+    src, out = Path(config.src), Path(config.out)
+    for junk in out.glob(".*.tmp"):  # temp files of a run killed mid-write
+        junk.unlink(missing_ok=True)
+    record = Record(out, previous_outputs(out))
     entries = [Entry(source=path.name) for path in files]
-    thumbs = _process(config, files, entries, caption)
+    thumbs = _process(config, files, entries, caption, record)
     kept = [e for e in entries if e.kept]
     written = {e.output for e in kept} | {_caption_name(e.output) for e in kept if e.caption}
     if kept:
+        record.add(SHEET_NAME)
         save_png(contact_sheet(thumbs, len(kept)), out / SHEET_NAME)
         written.add(SHEET_NAME)
-    for name in sorted(before - written):  # gone from SRC, or rejected now
+    for name in sorted(record.names - written):  # gone from SRC, or rejected now
         (out / name).unlink(missing_ok=True)
-    write_json(out / "prepare.json", {"config": asdict(config),
-                                      "files": [asdict(e) for e in entries],
-                                      "kept": len(kept), "rejected": len(entries) - len(kept)})
+    write_json(out / REPORT_NAME, {"config": asdict(config),
+                                   "files": [asdict(e) for e in entries],
+                                   "kept": len(kept), "rejected": len(entries) - len(kept)})
     if not kept:
         raise UserError(f"SRC {src}: none of {len(entries)} files could be used; "
-                        f"reasons in {out / 'prepare.json'}")
+                        f"reasons in {out / REPORT_NAME}")
     log.info("kept %d of %d files into %s", len(kept), len(entries), out)
     return entries
 
 
 def _process(config: PrepareConfig, files: list[Path], entries: list[Entry],
-             caption: str) -> list[Thumb]:
+             caption: str, record: Record) -> list[Thumb]:
     """Judge, crop and write each file in turn; returns the contact sheet's
     thumbnails (made as it goes: the originals are not held)."""
     out = Path(config.out)
@@ -204,6 +247,7 @@ def _process(config: PrepareConfig, files: list[Path], entries: list[Entry],
         final = (resize_short_side(cropped, config.resolution) if config.crop == "none"
                  else resize_square(cropped, config.resolution))
         entry.output = _output_name(path, taken)
+        record.add(entry.output, *([_caption_name(entry.output)] if caption else []))
         save_png(final, out / entry.output)
         if caption:
             entry.caption = caption
@@ -216,7 +260,6 @@ def _process(config: PrepareConfig, files: list[Path], entries: list[Entry],
     return thumbs
 
 
-SHEET_NAME = "contact_sheet.png"
 SHEET_MAX = 100  # cells: bounds the sheet (5 x 20 cells, 1 x 4.4 kpx) and the thumbnails held
 CELL = 192  # a cell's side in pixels
 

@@ -22,6 +22,7 @@ from .config import TrainConfig, field_default, option_name, prior_mode, to_toml
 from .errors import UserError
 from .fileio import inside, nested, write_text
 from .identifier import guess_identifier
+from .locks import acquire_lock, release_lock
 from .pivotal import diffusers_lines
 
 log = logging.getLogger(__name__)
@@ -68,45 +69,6 @@ def check_resume_config(output: Path, config: TrainConfig) -> None:
                         f"({'; '.join(diffs)}); use the same options or add --force")
     if diffs:
         log.warning("--force: resuming despite changed settings: %s", "; ".join(diffs))
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def acquire_lock(output: Path) -> Path:
-    """``OUTPUT/.lock`` holds the writer's pid; a second writer stops, a lock
-    left by a killed process is taken over."""
-    lock = output / ".lock"
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                pid = int(lock.read_text().split()[0])
-            except (OSError, ValueError, IndexError):
-                pid = -1
-            if pid > 0 and pid != os.getpid() and _pid_alive(pid):
-                raise UserError(f"--output {output}: another lorabooth process (pid {pid}) is "
-                                f"writing here; wait for it or choose another --output") from None
-            log.warning("taking over the stale lock of process %s in %s", pid, output)
-            lock.unlink(missing_ok=True)
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{os.getpid()}\n")
-        return lock
-    raise UserError(f"--output {output}: could not take the lock {lock}")
-
-
-def release_lock(lock: Path | None) -> None:
-    if lock is not None:
-        lock.unlink(missing_ok=True)
 
 
 def remove_leftovers(output: Path) -> None:

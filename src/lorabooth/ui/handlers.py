@@ -79,7 +79,7 @@ def prepare_photos(ws: Workspace, uploads: list[tuple[str, str]], folder: str, n
     try:
         prepare(config)
     except UserError:
-        if not (out / "prepare.json").is_file():  # refused before judging any file
+        if not _finished_report(out):  # refused before judging any file
             raise
     # prepare.json has every file's fate, also when none could be kept
     report = json.loads((out / "prepare.json").read_text(encoding="utf-8"))
@@ -87,6 +87,15 @@ def prepare_photos(ws: Workspace, uploads: list[tuple[str, str]], folder: str, n
     sheet = out / SHEET_NAME
     return Prepared(out, sheet if sheet.is_file() and report["kept"] else None, refused,
                     report["kept"])
+
+
+def _finished_report(out: Path) -> bool:
+    """Whether OUT holds a finished prepare's report (not the record of a run
+    that is still writing, or was stopped)."""
+    try:
+        return not json.loads((out / "prepare.json").read_text(encoding="utf-8")).get("running")
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 # --- 2. identifier -------------------------------------------------------
