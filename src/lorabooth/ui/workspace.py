@@ -8,7 +8,9 @@ widgets: `..`, absolute paths elsewhere and symlinks that leave are refused.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import re
 import shutil
 import tomllib
@@ -16,11 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
+from ..fileio import atomic_path, system_folder
 from ..imagefiles import Rejected, decode
 
 # Far above a phone photo (~10 MB); a larger "photo" is a mistake or an attack
 # that would only be read into memory to be refused.
 MAX_UPLOAD_BYTES = 25 << 20
+UPLOADS = ".ui-uploads"
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -31,6 +35,10 @@ class Workspace:
 
     @classmethod
     def open(cls, folder: str | Path, max_upload: int = MAX_UPLOAD_BYTES) -> "Workspace":
+        reason = system_folder(folder)
+        if reason:  # the page serves and writes what is in it: never the machine's own folders
+            raise UserError(f"--workspace {folder}: {reason}; give a folder of its own, e.g. "
+                            f"~/lorabooth-runs")
         root = Path(folder).expanduser()
         try:
             root.mkdir(parents=True, exist_ok=True)
@@ -60,6 +68,27 @@ class Workspace:
             raise UserError(f"{what} {text!r}: outside the workspace {self.root} "
                             f"(or a symlink out of it)")
         return real
+
+    @property
+    def uploads(self) -> Path:
+        """Gradio's upload and cache folder: the only one its file routes serve."""
+        return self.root / UPLOADS
+
+    def publish(self, path: str | Path) -> str:
+        """A copy of ``path`` (a file in the workspace the page shows or
+        offers for download) in ``uploads``, where the browser may fetch it.
+        The copy is named by the file's path, size and time, so a picture
+        shown every second is copied once per change."""
+        real = self.path(path, "file")
+        if not real.is_file():
+            raise UserError(f"{self.relative(real)}: not a file")
+        info = real.stat()
+        key = hashlib.sha256(f"{real}\0{info.st_size}\0{info.st_mtime_ns}".encode()).hexdigest()
+        target = self.uploads / "page" / key[:20] / real.name
+        if not target.is_file():
+            with atomic_path(target) as tmp:
+                shutil.copyfile(real, tmp)
+        return str(target)
 
     def relative(self, path: Path) -> str:
         """How the page names a path: relative to the workspace."""
@@ -95,9 +124,10 @@ def _is_job_only(path: Path) -> bool:
     if path.name != "ui-job.json":
         return False
     try:
-        return json.loads(path.read_text(encoding="utf-8")).get("kind") != "train"
-    except (OSError, ValueError):
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):  # any JSON may sit here, however deep
         return True
+    return not isinstance(data, dict) or data.get("kind") != "train"
 
 
 def read_run_config(run: Path) -> dict:
@@ -106,14 +136,15 @@ def read_run_config(run: Path) -> dict:
     for name in ("config.toml", "ui-train.toml"):
         try:
             return tomllib.loads((run / name).read_text(encoding="utf-8"))
-        except (OSError, tomllib.TOMLDecodeError):
+        except (OSError, ValueError, RecursionError):  # TOMLDecodeError is a ValueError
             continue
     return {}
 
 
 def read_metrics(run: Path) -> list[dict]:
-    """metrics.jsonl's records; a line being written (no newline yet) or
-    broken is skipped, so a live run reads cleanly."""
+    """metrics.jsonl's records; a line being written (no newline yet),
+    broken, or without an integer step and a finite loss is skipped, so a
+    live run reads cleanly and a hand-made file cannot break the page."""
     try:
         text = (run / "metrics.jsonl").read_text(encoding="utf-8")
     except OSError:
@@ -122,8 +153,16 @@ def read_metrics(run: Path) -> list[dict]:
     for line in text.split("\n")[:-1]:  # the last piece has no newline yet
         try:
             record = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int):
+        if isinstance(record, dict) and _number(record.get("step"), int) \
+                and _number(record.get("loss"), (int, float)):
             records.append(record)
     return records
+
+
+def _number(value: object, types: type | tuple[type, ...]) -> bool:
+    """A finite JSON number of ``types`` (a bool is not one)."""
+    if isinstance(value, bool) or not isinstance(value, types):
+        return False
+    return not isinstance(value, float) or math.isfinite(value)
