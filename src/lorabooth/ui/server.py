@@ -58,15 +58,15 @@ def serve(workspace: str, host: str = "127.0.0.1", port: int = 7860, auth: str =
     theme = gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["monospace"])
     # allowed_paths stays empty: a folder there is served whole, to anyone
     # who can name a file in it. What the page shows, ws.publish copies into
-    # ws.uploads first.
+    # ws.uploads first. No run history: it can send every call to a Hub bucket.
     # Our own uvicorn in the main thread rather than launch(): launch gives
     # its server thread 5 s to start and gives up on a busy machine.
     app = gr.mount_gradio_app(
         fastapi.FastAPI(openapi_url=None, docs_url=None, redoc_url=None), page, path="",
         server_name=host, server_port=port, footer_links=[], auth=credentials,
         allowed_paths=[], show_error=False, max_file_size=max_upload_mb << 20,
-        ssr_mode=False, enable_monitoring=False, pwa=False, mcp_server=False, theme=theme,
-        css=CSS)
+        ssr_mode=False, enable_monitoring=False, pwa=False, mcp_server=False, run_history=False,
+        theme=theme, css=CSS)
     where = f"workspace {ws.root}; serving on http://{host}:{port}"
 
     class Server(uvicorn.Server):
