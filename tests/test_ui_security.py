@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from lorabooth.cli import main
+from lorabooth.errors import UserError
 from lorabooth.fileio import system_folder
 from lorabooth.ui.jobs import STATE, Job, JobQueue, load_job
 from lorabooth.ui.workspace import Workspace
@@ -127,6 +128,23 @@ def test_a_symlink_to_the_root_is_refused_too(capsys, tmp_path, never_serve):
     assert sorted(os.listdir(tmp_path)) == ["ws"]
 
 
+def test_an_upload_folder_that_is_a_symlink_is_refused(capsys, tmp_path, never_serve):
+    """A workspace unpacked from elsewhere could bring `.ui-uploads -> /`:
+    Gradio would then serve every file on the machine."""
+    (tmp_path / "ws").mkdir()
+    (tmp_path / "ws" / ".ui-uploads").symlink_to("/")
+    assert main(["ui", "--workspace", str(tmp_path / "ws")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and ".ui-uploads is not a folder of its own" in err
+
+
+def test_no_path_the_page_is_given_leads_into_the_upload_folder(tmp_path):
+    ws = Workspace.open(tmp_path / "ws")
+    for bad in (".ui-uploads", ".ui-uploads/runs/a", str(ws.uploads / "x"), "./.ui-uploads/"):
+        with pytest.raises(UserError, match="the page's own upload folder"):
+            ws.path(bad)
+
+
 # --- malformed job files ------------------------------------------------
 def test_a_malformed_job_file_is_skipped_with_one_warning(tmp_path, caplog):
     ws = Workspace.open(tmp_path / "ws")
@@ -163,6 +181,18 @@ class Client:
             return response.status, response.read()
         finally:
             conn.close()
+
+    def upload(self, name: str, text: str) -> str:
+        """POST one file as the page's upload widget does; its server path."""
+        boundary = "lorabooth-boundary"
+        form = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; "
+                f"filename=\"{name}\"\r\nContent-Type: text/plain\r\n\r\n"
+                f"{text}\r\n--{boundary}--\r\n").encode()
+        status, body = self.request("POST", "/gradio_api/upload", form,
+                                    {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        assert status == 200, body
+        [path] = json.loads(body)
+        return path
 
     def call(self, endpoint: str, data: list) -> list:
         """One event through Gradio's HTTP API, as the page sends it."""
@@ -294,17 +324,22 @@ def test_what_the_page_shows_is_served_and_nothing_beside_it(served):
 
 def test_an_upload_lands_in_the_upload_folder_whatever_its_name(served):
     client, root = served["client"], served["root"]
-    boundary = "lorabooth-boundary"
-    form = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; "
-            f"filename=\"../../../secret.txt\"\r\nContent-Type: text/plain\r\n\r\n"
-            f"uploaded\r\n--{boundary}--\r\n").encode()
-    status, body = client.request("POST", "/gradio_api/upload", form,
-                                  {"Content-Type": f"multipart/form-data; boundary={boundary}"})
-    assert status == 200, body
-    [path] = json.loads(body)
+    path = client.upload("../../../secret.txt", "uploaded")
     assert Path(path).resolve().is_relative_to(root / ".ui-uploads")
     assert (root / "secret.txt").read_text() == "secret inside the workspace"
     assert client.request("GET", f"/gradio_api/file={path}") == (200, b"uploaded")
+
+
+def test_an_uploaded_job_file_is_not_a_job(served):
+    """A browser may upload anything: a "queued job" among the uploads would
+    run at the next start if the queue looked there."""
+    client, ws = served["client"], served["ws"]
+    job = json.dumps({"id": "evil", "kind": "train", "argv": ["train"], "folder": "x",
+                      "status": "queued"})
+    path = client.upload(STATE, job)
+    assert Path(path).name == STATE and Path(path).read_text() == job
+    assert "evil" not in [j.id for j in JobQueue(ws, launcher=["false"]).jobs()]
+    assert Path(path).parent not in ws.runs()
 
 
 def test_malformed_job_files_do_not_stop_the_page(served):

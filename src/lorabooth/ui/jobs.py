@@ -193,8 +193,9 @@ class JobQueue:
     def jobs(self, warn: bool = False) -> list[Job]:
         """Every job under the workspace, newest first; ``warn``: one warning
         line for each state file that cannot be read."""
+        # none among the uploads: a browser could upload a "queued job" there
         found = [load_job(p.parent, warn) for p in self.workspace.root.rglob(STATE)
-                 if not p.is_symlink()]
+                 if not p.is_symlink() and not self.workspace.holds_uploads(p)]
         return sorted([j for j in found if j], key=lambda j: j.created, reverse=True)
 
     def recover(self) -> list[Job]:

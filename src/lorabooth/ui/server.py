@@ -39,7 +39,7 @@ def serve(workspace: str, host: str = "127.0.0.1", port: int = 7860, auth: str =
     # every file under these two folders (uploads, and the copies of what
     # the page shows), so they are the page's own, whatever the environment says.
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
-    os.environ["GRADIO_TEMP_DIR"] = str(ws.uploads)
+    os.environ["GRADIO_TEMP_DIR"] = str(ws.make_uploads())
     os.environ["GRADIO_EXAMPLES_CACHE"] = str(ws.uploads / "examples")
     import fastapi
     import gradio as gr

@@ -67,6 +67,8 @@ class Workspace:
         if real != self.root and self.root not in real.parents:
             raise UserError(f"{what} {text!r}: outside the workspace {self.root} "
                             f"(or a symlink out of it)")
+        if self.holds_uploads(real):  # what lands there is served to any browser
+            raise UserError(f"{what} {text!r}: inside {UPLOADS}, the page's own upload folder")
         return real
 
     @property
@@ -74,12 +76,29 @@ class Workspace:
         """Gradio's upload and cache folder: the only one its file routes serve."""
         return self.root / UPLOADS
 
+    def holds_uploads(self, path: Path) -> bool:
+        """``path`` (under ``root`` as it is written) is ``uploads`` or in it."""
+        return path == self.uploads or self.uploads in path.parents
+
+    def make_uploads(self) -> Path:
+        """``uploads``, created; refused when it is a symlink or a file (a
+        link to / there would have Gradio serve every file on the machine)."""
+        if self.uploads.is_symlink() or (self.uploads.exists() and not self.uploads.is_dir()):
+            raise UserError(f"--workspace {self.root}: {UPLOADS} is not a folder of its own "
+                            f"(a symlink or a file); remove it, the page recreates it")
+        try:
+            self.uploads.mkdir(exist_ok=True)
+        except OSError as e:
+            raise UserError(f"--workspace {self.root}: cannot create {UPLOADS} ({e.strerror})") \
+                from None
+        return self.uploads
+
     def publish(self, path: str | Path) -> str:
         """A copy of ``path`` (a file in the workspace the page shows or
         offers for download) in ``uploads``, where the browser may fetch it.
         The copy is named by the file's path, size and time, so a picture
         shown every second is copied once per change."""
-        real = self.path(path, "file")
+        real = self.path(path, "file")  # never one in uploads: a copy is made of others only
         if not real.is_file():
             raise UserError(f"{self.relative(real)}: not a file")
         info = real.stat()
@@ -111,10 +130,11 @@ class Workspace:
 
     def runs(self) -> list[Path]:
         """Every run folder under the workspace (one holding config.toml, or a
-        ui-job.json of a training that has not written one yet), newest first."""
+        ui-job.json of a training that has not written one yet), newest first;
+        none among the uploads, which any browser may name."""
         found = {p.parent for pattern in ("config.toml", "ui-job.json")
                  for p in self.root.rglob(pattern)
-                 if not p.is_symlink() and not _is_job_only(p)}
+                 if not p.is_symlink() and not self.holds_uploads(p) and not _is_job_only(p)}
         found = {p for p in found if self.root in p.resolve().parents}
         return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
 
