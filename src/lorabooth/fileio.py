@@ -9,6 +9,7 @@ import json
 import math
 import os
 import secrets
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -101,7 +102,6 @@ def save_png(image: Image.Image, path: str | Path, pnginfo: Any = None) -> None:
         image.save(tmp, format="PNG", pnginfo=pnginfo)
 
 
-
 def inside(a: str | Path, b: str | Path) -> bool:
     """True when folder ``a`` is ``b`` or lies within it, symlinks resolved
     (neither need exist)."""
@@ -112,3 +112,50 @@ def inside(a: str | Path, b: str | Path) -> bool:
 def nested(a: str | Path, b: str | Path) -> bool:
     """True when folders ``a`` and ``b`` are the same or one holds the other."""
     return inside(a, b) or inside(b, a)
+
+
+# Folders whose whole tree belongs to the system: nothing of lorabooth's goes
+# anywhere inside them.
+SYSTEM_TREES = ("/etc", "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/boot",
+                "/dev", "/proc", "/sys")
+# Folders shared by everything: a subfolder is fine, the folder itself (or one
+# holding it) is not.
+SHARED_FOLDERS = ("/", "/var", "/var/tmp", "/var/lib", "/var/log", "/var/cache", "/var/spool",
+                  "/var/mail", "/opt", "/srv", "/run", "/tmp", "/home", "/mnt", "/media", "/root",
+                  "/snap", "/lost+found")
+
+
+def system_folder(path: str | Path) -> str | None:
+    """Why ``path`` must not become a folder lorabooth owns (a workspace, an
+    output folder it fills or serves), or None when it may. Refused: the
+    filesystem root, the home folder, the temp folder and the shared system
+    folders themselves or any folder holding one of them, and anything inside
+    the system's own trees (/etc, /usr, ...). ``path`` is judged both as
+    written and with symlinks resolved; it need not exist. Pure: reads only
+    the file system's links and $HOME."""
+    if "\x00" in str(path):
+        return "holds a NUL character"
+    given = Path(os.path.abspath(os.path.expanduser(path)))
+    home = os.path.expanduser("~")
+    homes = _both((home,)) if os.path.isabs(home) else []
+    for candidate in dict.fromkeys((given, Path(os.path.realpath(given)))):
+        if candidate == Path("/"):
+            return "is the filesystem root"
+        for tree in _both(SYSTEM_TREES):
+            if _under(candidate, tree):
+                return f"is {'' if candidate == tree else 'inside '}the system folder {tree}"
+        for folder in _both((*SHARED_FOLDERS, tempfile.gettempdir())) + homes:
+            if _under(folder, candidate):
+                what = "your home folder" if folder in homes else "the system folder"
+                return f"{'is' if folder == candidate else 'holds'} {what} {folder}"
+    return None
+
+
+def _both(folders: tuple[str, ...]) -> list[Path]:
+    """Each folder as written and with its symlinks resolved (/bin -> /usr/bin)."""
+    return list(dict.fromkeys(p for f in folders for p in (Path(f), Path(os.path.realpath(f)))))
+
+
+def _under(a: Path, b: Path) -> bool:
+    """``a`` is ``b`` or inside it, both taken as they are (no resolving)."""
+    return a == b or b in a.parents

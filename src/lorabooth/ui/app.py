@@ -78,7 +78,8 @@ def _photos_tab(ws: Workspace, train: dict[str, gr.components.Component]) -> Non
                          error=not done.kept)
         refused = (h.table(["file", "why it was left out"], done.rejected) if done.rejected
                    else "")
-        return note, str(done.sheet) if done.sheet else None, refused, ws.relative(done.dataset)
+        sheet_url = ws.publish(done.sheet) if done.sheet else None
+        return note, sheet_url, refused, ws.relative(done.dataset)
 
     go.click(guarded(run, 4), [files, folder, name, crop, resolution, noun],
              [status, sheet, rejected, train["instance_dir"]])
@@ -145,7 +146,7 @@ def _train_tab(ws: Workspace, queue: JobQueue, model: str,
         if not run:
             return "", "", [], ""
         p = h.progress(ws, run)
-        return p.summary_html(), p.curve_svg, [str(s) for s in p.samples], p.log
+        return p.summary_html(), p.curve_svg, [ws.publish(s) for s in p.samples], p.log
 
     start.click(guarded(begin, 2), [train[n] for n in names], [status, watched])
     stop.click(guarded(lambda r: (halt(r),), 1), [watched], [status])
@@ -193,7 +194,7 @@ def _draw_tab(ws: Workspace, queue: JobQueue) -> tuple[gr.Dropdown, gr.Dropdown]
         if not current:
             return gr.update(), gr.update(), gr.update()
         shown = h.drawn_grids(ws, current)
-        images = [str(g) if g else None for g, _ in shown] + [None]
+        images = [ws.publish(g) if g else None for g, _ in shown] + [None]
         line = " · ".join(s for _, s in shown)
         return f'<p class="lb-draw" data-grids="{sum(g is not None for g, _ in shown)}">' \
                f"{h.esc(line)}</p>", images[0], images[1]
@@ -201,7 +202,7 @@ def _draw_tab(ws: Workspace, queue: JobQueue) -> tuple[gr.Dropdown, gr.Dropdown]
     go.click(guarded(draw, 2), [run_a, run_b, prompt, unet, text, base_row, guidance, seed,
                                 count, steps], [status, folders])
     gr.Timer(REFRESH_S).tick(guarded(refresh, 3), [folders], [status, grid_a, grid_b])
-    fetch.click(guarded(lambda r, fmt: (h.message("ready"), str(h.lora_file(ws, r or "", fmt))),
+    fetch.click(guarded(lambda r, fmt: (h.message("ready"), ws.publish(h.lora_file(ws, r or "", fmt))),
                         2), [run_a, layout], [status, lora])
     return run_a, run_b
 

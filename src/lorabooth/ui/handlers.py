@@ -174,7 +174,7 @@ def progress(ws: Workspace, run: str) -> Progress:
     job = load_job(folder)
     status = job.status if job else ("done" if (folder / LORA_FILES["diffusers"]).is_file()
                                      else "unknown")
-    steps = int(config.get("steps", 0))
+    steps = config.get("steps") if isinstance(config.get("steps"), int) else 0
     step = records[-1]["step"] if records else 0
     recent = [r["s_per_step"] for r in records[-20:] if isinstance(r.get("s_per_step"), float)]
     speed = sum(recent) / len(recent) if recent else None

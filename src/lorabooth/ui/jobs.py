@@ -69,14 +69,59 @@ class Job:
         return "\n".join(line.rsplit("\r", 1)[-1] for line in text.split("\n")[-lines:])
 
 
-def load_job(folder: Path) -> Job | None:
+STATUSES = (*ACTIVE, "done", "failed", "stopped", "interrupted")
+MAX_STATE_BYTES = 1 << 20  # ours are a few hundred bytes
+_NUMBER = (int, float)
+# each field's JSON types (a bool is refused where a number is asked for)
+_TYPES: dict[str, tuple[type, ...]] = {
+    "id": (str,), "kind": (str,), "argv": (list,), "folder": (str,), "status": (str,),
+    "pid": (int, type(None)), "returncode": (int, type(None)), "created": _NUMBER,
+    "started": (*_NUMBER, type(None)), "ended": (*_NUMBER, type(None)), "expect": (str,)}
+
+
+def load_job(folder: Path, warn: bool = False) -> Job | None:
+    """The job whose state is in ``folder``, or None when there is none or it
+    cannot be read (any JSON at all may sit in a workspace: too deep, wrong
+    types); with ``warn`` such a file gets one warning line."""
+    path = folder / STATE
     try:
-        data = json.loads((folder / STATE).read_text(encoding="utf-8"))
-        job = Job(**data)
-    except (OSError, ValueError, TypeError):
+        with path.open("rb") as f:
+            text = f.read(MAX_STATE_BYTES + 1)
+        if len(text) > MAX_STATE_BYTES:
+            raise ValueError(f"over {MAX_STATE_BYTES} bytes")
+        job = Job(**_state_fields(json.loads(text)))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, RecursionError) as e:
+        if warn:
+            log.warning("%s: not a job state this version can read (%s); that job is skipped",
+                        path, str(e)[:200] or type(e).__name__)
         return None
     job.folder = str(folder)  # the workspace may have moved since
     return job
+
+
+def _state_fields(data: object) -> dict:
+    """``data`` when it holds a Job's fields with their types; ValueError
+    naming the first that does not."""
+    if not isinstance(data, dict):
+        raise ValueError(f"a JSON {type(data).__name__}, not an object")
+    for name in ("id", "kind", "argv", "folder"):
+        if name not in data:
+            raise ValueError(f"no {name!r}")
+    for name, value in data.items():
+        types = _TYPES.get(name)
+        if types is None:
+            raise ValueError(f"unknown key {name[:40]!r}")
+        if isinstance(value, bool) or not isinstance(value, types):
+            raise ValueError(f"{name!r} is a JSON {type(value).__name__}")
+    if not all(isinstance(a, str) for a in data["argv"]):
+        raise ValueError("'argv' holds a value that is not a string")
+    if data.get("pid") is not None and not 0 < data["pid"] < 2 ** 31:  # os.kill's range
+        raise ValueError(f"pid {data['pid']} is not a process id")
+    if data.get("status", "queued") not in STATUSES:
+        raise ValueError(f"unknown status {str(data['status'])[:40]!r}")
+    return data
 
 
 def process_alive(pid: int | None) -> bool:
@@ -145,17 +190,19 @@ class JobQueue:
                 _terminate(job.pid)
             return job
 
-    def jobs(self) -> list[Job]:
-        """Every job under the workspace, newest first."""
-        found = [load_job(p.parent) for p in self.workspace.root.rglob(STATE)
-                 if not p.is_symlink()]
+    def jobs(self, warn: bool = False) -> list[Job]:
+        """Every job under the workspace, newest first; ``warn``: one warning
+        line for each state file that cannot be read."""
+        # none among the uploads: a browser could upload a "queued job" there
+        found = [load_job(p.parent, warn) for p in self.workspace.root.rglob(STATE)
+                 if not p.is_symlink() and not self.workspace.holds_uploads(p)]
         return sorted([j for j in found if j], key=lambda j: j.created, reverse=True)
 
     def recover(self) -> list[Job]:
         """After a restart: queued jobs queue again, running ones whose process
         lives on are watched, the others are marked interrupted."""
         with self._lock:
-            for job in sorted(self.jobs(), key=lambda j: j.created):
+            for job in sorted(self.jobs(warn=True), key=lambda j: j.created):
                 if job.status == "queued":
                     self._queue.append(job)
                 elif job.status == "running" and process_alive(job.pid):

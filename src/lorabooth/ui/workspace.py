@@ -8,7 +8,9 @@ widgets: `..`, absolute paths elsewhere and symlinks that leave are refused.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import re
 import shutil
 import tomllib
@@ -16,11 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
+from ..fileio import atomic_path, system_folder
 from ..imagefiles import Rejected, decode
 
 # Far above a phone photo (~10 MB); a larger "photo" is a mistake or an attack
 # that would only be read into memory to be refused.
 MAX_UPLOAD_BYTES = 25 << 20
+UPLOADS = ".ui-uploads"
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -31,6 +35,10 @@ class Workspace:
 
     @classmethod
     def open(cls, folder: str | Path, max_upload: int = MAX_UPLOAD_BYTES) -> "Workspace":
+        reason = system_folder(folder)
+        if reason:  # the page serves and writes what is in it: never the machine's own folders
+            raise UserError(f"--workspace {folder}: {reason}; give a folder of its own, e.g. "
+                            f"~/lorabooth-runs")
         root = Path(folder).expanduser()
         try:
             root.mkdir(parents=True, exist_ok=True)
@@ -59,7 +67,47 @@ class Workspace:
         if real != self.root and self.root not in real.parents:
             raise UserError(f"{what} {text!r}: outside the workspace {self.root} "
                             f"(or a symlink out of it)")
+        if self.holds_uploads(real):  # what lands there is served to any browser
+            raise UserError(f"{what} {text!r}: inside {UPLOADS}, the page's own upload folder")
         return real
+
+    @property
+    def uploads(self) -> Path:
+        """Gradio's upload and cache folder: the only one its file routes serve."""
+        return self.root / UPLOADS
+
+    def holds_uploads(self, path: Path) -> bool:
+        """``path`` (under ``root`` as it is written) is ``uploads`` or in it."""
+        return path == self.uploads or self.uploads in path.parents
+
+    def make_uploads(self) -> Path:
+        """``uploads``, created; refused when it is a symlink or a file (a
+        link to / there would have Gradio serve every file on the machine)."""
+        if self.uploads.is_symlink() or (self.uploads.exists() and not self.uploads.is_dir()):
+            raise UserError(f"--workspace {self.root}: {UPLOADS} is not a folder of its own "
+                            f"(a symlink or a file); remove it, the page recreates it")
+        try:
+            self.uploads.mkdir(exist_ok=True)
+        except OSError as e:
+            raise UserError(f"--workspace {self.root}: cannot create {UPLOADS} ({e.strerror})") \
+                from None
+        return self.uploads
+
+    def publish(self, path: str | Path) -> str:
+        """A copy of ``path`` (a file in the workspace the page shows or
+        offers for download) in ``uploads``, where the browser may fetch it.
+        The copy is named by the file's path, size and time, so a picture
+        shown every second is copied once per change."""
+        real = self.path(path, "file")  # never one in uploads: a copy is made of others only
+        if not real.is_file():
+            raise UserError(f"{self.relative(real)}: not a file")
+        info = real.stat()
+        key = hashlib.sha256(f"{real}\0{info.st_size}\0{info.st_mtime_ns}".encode()).hexdigest()
+        target = self.uploads / "page" / key[:20] / real.name
+        if not target.is_file():
+            with atomic_path(target) as tmp:
+                shutil.copyfile(real, tmp)
+        return str(target)
 
     def relative(self, path: Path) -> str:
         """How the page names a path: relative to the workspace."""
@@ -82,10 +130,11 @@ class Workspace:
 
     def runs(self) -> list[Path]:
         """Every run folder under the workspace (one holding config.toml, or a
-        ui-job.json of a training that has not written one yet), newest first."""
+        ui-job.json of a training that has not written one yet), newest first;
+        none among the uploads, which any browser may name."""
         found = {p.parent for pattern in ("config.toml", "ui-job.json")
                  for p in self.root.rglob(pattern)
-                 if not p.is_symlink() and not _is_job_only(p)}
+                 if not p.is_symlink() and not self.holds_uploads(p) and not _is_job_only(p)}
         found = {p for p in found if self.root in p.resolve().parents}
         return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
 
@@ -95,9 +144,10 @@ def _is_job_only(path: Path) -> bool:
     if path.name != "ui-job.json":
         return False
     try:
-        return json.loads(path.read_text(encoding="utf-8")).get("kind") != "train"
-    except (OSError, ValueError):
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):  # any JSON may sit here, however deep
         return True
+    return not isinstance(data, dict) or data.get("kind") != "train"
 
 
 def read_run_config(run: Path) -> dict:
@@ -106,14 +156,15 @@ def read_run_config(run: Path) -> dict:
     for name in ("config.toml", "ui-train.toml"):
         try:
             return tomllib.loads((run / name).read_text(encoding="utf-8"))
-        except (OSError, tomllib.TOMLDecodeError):
+        except (OSError, ValueError, RecursionError):  # TOMLDecodeError is a ValueError
             continue
     return {}
 
 
 def read_metrics(run: Path) -> list[dict]:
-    """metrics.jsonl's records; a line being written (no newline yet) or
-    broken is skipped, so a live run reads cleanly."""
+    """metrics.jsonl's records; a line being written (no newline yet),
+    broken, or without an integer step and a finite loss is skipped, so a
+    live run reads cleanly and a hand-made file cannot break the page."""
     try:
         text = (run / "metrics.jsonl").read_text(encoding="utf-8")
     except OSError:
@@ -122,8 +173,16 @@ def read_metrics(run: Path) -> list[dict]:
     for line in text.split("\n")[:-1]:  # the last piece has no newline yet
         try:
             record = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int):
+        if isinstance(record, dict) and _number(record.get("step"), int) \
+                and _number(record.get("loss"), (int, float)):
             records.append(record)
     return records
+
+
+def _number(value: object, types: type | tuple[type, ...]) -> bool:
+    """A finite JSON number of ``types`` (a bool is not one)."""
+    if isinstance(value, bool) or not isinstance(value, types):
+        return False
+    return not isinstance(value, float) or math.isfinite(value)
