@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from lorabooth import commands
-from lorabooth.guard import Plan, Write, check, system_folder
+from lorabooth.guard import Plan, Write, check
 from lorabooth.plans import PLANS
 
 # options whose help names a folder or file but that are not paths lorabooth
@@ -74,15 +74,6 @@ def test_every_path_option_is_in_the_plan(name, tmp_path):
         for path in value if isinstance(value, list) else [value]:
             assert any(Path(path) == d or Path(path) in d.parents for d in declared), \
                 (name, option)
-
-
-def test_system_folders():
-    assert system_folder("/") == "is the filesystem root"
-    assert "home" in system_folder(Path.home())
-    for folder in ("/etc", "/usr", "/usr/local", "/var", "/tmp", "/proc"):
-        assert system_folder(folder) == "is a system folder", folder
-    assert system_folder(Path.home() / "runs") is None
-    assert system_folder("/tmp/x/runs") is None
 
 
 def test_an_empty_folder_and_a_dead_lock_count_as_empty(tmp_path):

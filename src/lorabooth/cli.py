@@ -12,7 +12,7 @@ from .checks import finite_float, finite_floats
 from .commands import COMMANDS, run
 from .config import build_config, field_default, field_kind, option_name
 from .errors import UserError
-from .guard import write_failure
+from .fileio import write_failure
 from .logs import quiet_libraries
 
 

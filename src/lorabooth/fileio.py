@@ -5,6 +5,7 @@ And strict JSON: every JSON lorabooth writes goes through ``to_json``."""
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -16,7 +17,7 @@ from typing import Any, Iterator
 
 from PIL import Image
 
-from .guard import write_failure
+from .errors import UserError
 
 
 @contextmanager
@@ -159,3 +160,28 @@ def _both(folders: tuple[str, ...]) -> list[Path]:
 def _under(a: Path, b: Path) -> bool:
     """``a`` is ``b`` or inside it, both taken as they are (no resolving)."""
     return a == b or b in a.parents
+
+
+_WRITE_ERRORS = {errno.ENOSPC: "no space left on the device",
+                 errno.EDQUOT: "the disk quota is exceeded",
+                 errno.EFBIG: "the file is larger than the file-size limit allows",
+                 errno.EROFS: "the filesystem is read-only",
+                 errno.EACCES: "permission denied",
+                 errno.EPERM: "permission denied",
+                 errno.ENAMETOOLONG: "the file name is too long"}
+_WRITE_TEXTS = {"No space left": errno.ENOSPC, "File too large": errno.EFBIG,
+                "Disk quota": errno.EDQUOT, "Read-only file system": errno.EROFS}
+
+
+def write_failure(error: BaseException, path: str | Path | None = None) -> UserError | None:
+    """A UserError for a write that failed for want of space or permission
+    (however the library raising it spells it), or None for any other error."""
+    code = getattr(error, "errno", None)
+    if code not in _WRITE_ERRORS:
+        text = str(error)
+        code = next((c for t, c in _WRITE_TEXTS.items() if t in text), None)
+    if code not in _WRITE_ERRORS:
+        return None
+    where = path or getattr(error, "filename", None) or "an output file"
+    return UserError(f"cannot write {where}: {_WRITE_ERRORS[code]}; files written before "
+                     f"are kept whole")

@@ -12,13 +12,12 @@ before anything is written. One mechanism for every command:
 - an output whose nearest existing folder cannot be written.
 
 Failures while writing (a full disk, a file-size limit, a read-only
-filesystem) are turned into one line by ``write_failure``; atomic writes
-(fileio) keep every earlier file whole.
+filesystem) are turned into one line by ``fileio.write_failure``; atomic
+writes keep every earlier file whole.
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import stat
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import UserError
+from .fileio import system_folder
 
 
 @dataclass(frozen=True)
@@ -121,25 +121,6 @@ OWNERS: dict[str, Callable[[Path], bool]] = {
 # What a killed lorabooth process leaves behind: a folder holding only these
 # (and empty folders) counts as empty.
 _LEFTOVERS = (".lock",)
-
-_SYSTEM = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/opt",
-           "/proc", "/root", "/run", "/sbin", "/srv", "/sys", "/tmp", "/usr", "/var",
-           "/usr/local", "/var/tmp", "/var/lib")
-
-
-def system_folder(path: str | Path) -> str | None:
-    """Why ``path`` may not be a lorabooth output folder or workspace (the
-    filesystem root, the home folder itself, a system folder), or None."""
-    p = Path(path).resolve()
-    if p == Path(p.anchor):
-        return "is the filesystem root"
-    if p == Path.home().resolve():
-        return "is the home folder itself; use a folder inside it"
-    if str(p) in _SYSTEM or (len(p.parts) == 2 and p.parts[1] in
-                             {Path(s).parts[1] for s in _SYSTEM}):
-        return "is a system folder"
-    return None
-
 
 def _holds_files(folder: Path) -> bool:
     """Whether anything but empty folders and a dead process's lock lies below."""
@@ -242,28 +223,3 @@ def check(plan: Plan) -> None:
             if w.kind == "folder" and w.owner not in OWNERS:
                 raise TypeError(f"no owner rule for {w.owner!r}")
             _check_write(w, plan)
-
-
-_WRITE_ERRORS = {errno.ENOSPC: "no space left on the device",
-                 errno.EDQUOT: "the disk quota is exceeded",
-                 errno.EFBIG: "the file is larger than the file-size limit allows",
-                 errno.EROFS: "the filesystem is read-only",
-                 errno.EACCES: "permission denied",
-                 errno.EPERM: "permission denied",
-                 errno.ENAMETOOLONG: "the file name is too long"}
-_WRITE_TEXTS = {"No space left": errno.ENOSPC, "File too large": errno.EFBIG,
-                "Disk quota": errno.EDQUOT, "Read-only file system": errno.EROFS}
-
-
-def write_failure(error: BaseException, path: str | Path | None = None) -> UserError | None:
-    """A UserError for a write that failed for want of space or permission
-    (however the library raising it spells it), or None for any other error."""
-    code = getattr(error, "errno", None)
-    if code not in _WRITE_ERRORS:
-        text = str(error)
-        code = next((c for t, c in _WRITE_TEXTS.items() if t in text), None)
-    if code not in _WRITE_ERRORS:
-        return None
-    where = path or getattr(error, "filename", None) or "an output file"
-    return UserError(f"cannot write {where}: {_WRITE_ERRORS[code]}; files written before "
-                     f"are kept whole")
