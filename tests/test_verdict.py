@@ -89,3 +89,24 @@ def test_a_series_that_falls_on_its_last_step_does_not_rise():
     flat = steps([[0.5, 0.6, 0.7], [0.6, 0.5, 0.7]])
     assert trend(flat) == "no difference shown"
     assert trend(steps([[0.1, 0.2], [0.5, 0.6]])) == "too few seeds"
+
+
+def test_the_committed_docs_print_what_the_rule_gives_on_the_committed_per_seed_data():
+    """docs/toyworld.md's lever table and claims, docs/calibration.md's
+    before/after and docs/tune.md's verdicts are what the reports' own code
+    and the one rule make of the per-seed numbers in the repository."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("remade", root / "scripts" / "verdicts_from_figures.py")
+    remade = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(remade)
+    toyworld = (root / "docs" / "toyworld.md").read_text()
+    rows = [line for line in remade.toyworld() if line.startswith("| ")]
+    assert len(rows) == 1 + 7 and all(row in toyworld for row in rows)
+    assert all(line.split(": ", 1)[1] in toyworld for line in remade.toyworld()[:5])
+    calibration = (root / "docs" / "calibration.md").read_text()
+    assert all(line.split(": ", 1)[1] in calibration for line in remade.calibration())
+    tune = (root / "docs" / "tune.md").read_text()
+    assert all(line.rstrip(".") in tune for line in remade.tune())
