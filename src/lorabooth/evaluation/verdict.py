@@ -54,7 +54,7 @@ class Comparison:
         interval = (f" [95% CI {self.low:+.3f}, {self.high:+.3f}]"
                     if self.n >= MIN_SEEDS else "")
         return (f"**{self.word}**: {self.difference + 0.0:+.3f}{interval}, "
-                f"d {_number(self.standardised)}; {self.n} seeds, "
+                f"d {_number(self.standardised)}; {self.n} seed{'s' * (self.n != 1)}, "
                 f"{'paired' if self.paired else 'unpaired'}")
 
 
