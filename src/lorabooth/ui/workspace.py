@@ -15,6 +15,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import fileio
 from ..errors import UserError
 from ..imagefiles import Rejected, decode
 
@@ -114,16 +115,4 @@ def read_run_config(run: Path) -> dict:
 def read_metrics(run: Path) -> list[dict]:
     """metrics.jsonl's records; a line being written (no newline yet) or
     broken is skipped, so a live run reads cleanly."""
-    try:
-        text = (run / "metrics.jsonl").read_text(encoding="utf-8")
-    except OSError:
-        return []
-    records = []
-    for line in text.split("\n")[:-1]:  # the last piece has no newline yet
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int):
-            records.append(record)
-    return records
+    return fileio.read_metrics(run / "metrics.jsonl")
