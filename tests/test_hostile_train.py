@@ -320,8 +320,8 @@ def test_hostile_train(name, module_photos, finished_run, tmp_path, monkeypatch,
     row = ROWS[name]
     caplog.set_level("INFO")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    ctx = Ctx(tmp_path, tmp_path / "photos", tmp_path / "run")
-    shutil.copytree(module_photos, ctx.photos)
+    # the photos the run was trained from (another path would be a changed --instance-dir)
+    ctx = Ctx(tmp_path, module_photos, tmp_path / "run")
     shutil.copytree(finished_run, ctx.run)
     if row.setup:
         row.setup(ctx)
