@@ -133,9 +133,9 @@ class TrainConfig:
     resume: bool = _help("Continue from the newest checkpoint in OUTPUT.", False)
     force: bool = _help("With --resume: continue even if the settings changed.", False)
     overwrite: bool = _help("Train afresh in an OUTPUT that holds a finished or interrupted run: "
-                            "its LoRA files, checkpoints, metrics, samples, config and model card "
-                            "are deleted when training starts (class images are kept). Without "
-                            "it such an OUTPUT is refused.", False)
+                            "its LoRA files, checkpoints, metrics, samples, tracker logs, config "
+                            "and model card are deleted when training starts (class images are "
+                            "kept). Without it such an OUTPUT is refused.", False)
     validation_prompt: str = _help("Prompt drawn into OUTPUT/samples during training.", "")
     validation_every: int = _help("Draw the validation prompt every N steps (0: only at the end).", 0)
     validation_images: int = _help("Images per validation (seeds SEED, SEED+1, ...): "
