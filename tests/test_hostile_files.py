@@ -244,8 +244,8 @@ ROWS = {
     "second writer refused, live run untouched": Row(
         TRAIN + ["--lr", "0.01", "--rank", "16", "--output", "{run}"], 2,
         "another lorabooth process", live_writer),
-    "model not found offline, existing run untouched": Row(
-        TRAIN + ["--model", "someone/absent", "--output", "{run}"], 2,
+    "model not found offline, existing run untouched even with --overwrite": Row(
+        TRAIN + ["--model", "someone/absent", "--overwrite", "--output", "{run}"], 2,
         "not in the local Hugging Face cache"),
     "model not found offline, no folder left behind": Row(
         TRAIN + ["--model", "someone/absent", "--output", "{tmp}/new/run"], 2,

@@ -23,6 +23,8 @@ from .fileio import atomic_path, fsync_dir, to_json
 log = logging.getLogger(__name__)
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
+FILES = ("lora.safetensors", "state.pt")  # what a manifest vouches for
+MAX_MANIFEST_BYTES = 1 << 20  # a few hundred bytes of checksums and settings
 
 
 def checkpoint_dir(output: Path, step: int) -> Path:
@@ -56,11 +58,12 @@ def _sha256(path: Path) -> str:
 
 
 def save_checkpoint(output: Path, step: int, modules: dict[str, torch.nn.Module],
-                    training_state: dict[str, Any]) -> Path:
+                    training_state: dict[str, Any], settings: dict[str, Any]) -> Path:
     """Write a checkpoint folder atomically. Its ``manifest.json`` (checksums
-    of the other files) is written last; a folder without a manifest that
-    verifies is never used. On a write error (disk full) the partial folder is
-    removed and the previous checkpoints stay as they were."""
+    of the other files, and the ``settings`` it was trained with: what a
+    --resume from it is checked against) is written last; a folder without a
+    manifest that verifies is never used. On a write error (disk full) the
+    partial folder is removed and the previous checkpoints stay as they were."""
     final = checkpoint_dir(output, step)
     tmp = final.with_name(f".tmp-{final.name}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -70,7 +73,8 @@ def save_checkpoint(output: Path, step: int, modules: dict[str, torch.nn.Module]
             save_file(trainable_state(modules), f)
         torch.save({"step": step, **training_state}, tmp / "state.pt")
         manifest = {f.name: _sha256(f) for f in sorted(tmp.iterdir())}
-        (tmp / "manifest.json").write_text(to_json({"step": step, "sha256": manifest}))
+        (tmp / "manifest.json").write_text(to_json({"step": step, "sha256": manifest,
+                                                    "config": settings}))
         for f in tmp.iterdir():
             with open(f, "rb+") as fh:
                 os.fsync(fh.fileno())
@@ -86,35 +90,74 @@ def save_checkpoint(output: Path, step: int, modules: dict[str, torch.nn.Module]
     return final
 
 
+def read_manifest(path: Path) -> dict[str, Any] | None:
+    """The checkpoint folder's manifest.json when it has the shape this module
+    writes (a step, a sha256 string for each of FILES, and optionally the
+    settings as a table); None for anything else: missing, not a regular
+    file, too large, not JSON, nested too deeply, or of other types."""
+    file = path / "manifest.json"
+    try:
+        if not file.is_file():  # a FIFO would block the read, /dev/zero never end
+            return None
+        with file.open("rb") as f:
+            data = f.read(MAX_MANIFEST_BYTES + 1)
+        manifest = json.loads(data) if len(data) <= MAX_MANIFEST_BYTES else None
+    except (OSError, ValueError, RecursionError):  # RecursionError: [[[[...]]]]
+        return None
+    if not isinstance(manifest, dict):
+        return None
+    sums, settings = manifest.get("sha256"), manifest.get("config", {})
+    if (type(manifest.get("step")) is not int or not isinstance(sums, dict)
+            or sorted(sums) != sorted(FILES) or not all(isinstance(v, str) for v in sums.values())
+            or not isinstance(settings, dict)):
+        return None
+    return manifest
+
+
 def verify(path: Path) -> bool:
     """True when the folder's files match its manifest."""
+    manifest = read_manifest(path)
     try:
-        manifest = json.loads((path / "manifest.json").read_text())["sha256"]
-        return bool(manifest) and all(_sha256(path / name) == digest
-                                      for name, digest in manifest.items())
-    except (OSError, ValueError, KeyError, TypeError):
+        return manifest is not None and all(
+            (path / name).is_file() and _sha256(path / name) == digest
+            for name, digest in manifest["sha256"].items())
+    except OSError:
         return False
+
+
+def checkpoint_settings(path: Path) -> dict[str, Any] | None:
+    """The settings the checkpoint was trained with; None for one written
+    before manifests held them (or one whose manifest is unreadable)."""
+    manifest = read_manifest(path)
+    return manifest.get("config") if manifest else None
 
 
 def checkpoints(output: Path) -> list[tuple[int, Path]]:
     root = output / "checkpoints"
     if not root.is_dir():
         return []
-    return sorted((int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)))
+    try:
+        names = [p.name for p in root.iterdir()]
+    except OSError as e:
+        raise UserError(f"--output {output}: cannot list {root} ({e.strerror})") from None
+    return sorted((int(m.group(1)), root / name) for name in names if (m := STEP_DIR.match(name)))
 
 
-def _verified(output: Path) -> Iterator[Path]:
-    """Checkpoints that verify, newest first (broken ones are named and skipped)."""
+def _verified(output: Path, skipped: list[str] | None = None) -> Iterator[Path]:
+    """Checkpoints that verify, newest first. Broken ones are skipped and
+    named: in ``skipped`` when given, else in a warning each."""
     for _, path in reversed(checkpoints(output)):
         if verify(path):
             yield path
+        elif skipped is not None:
+            skipped.append(f"checkpoint {path} does not verify against its manifest")
         else:
             log.warning("checkpoint %s does not verify against its manifest; skipping it", path)
 
 
-def latest_checkpoint(output: Path) -> Path | None:
+def latest_checkpoint(output: Path, skipped: list[str] | None = None) -> Path | None:
     """The newest checkpoint that verifies."""
-    return next(_verified(output), None)
+    return next(_verified(output, skipped), None)
 
 
 STATE_KEYS = ("step", "optimizer", "lr_scheduler", "noise_rng", "torch_rng", "instance_order",
@@ -139,15 +182,15 @@ def read_checkpoint(path: Path, modules: dict[str, torch.nn.Module]
     return tensors, state
 
 
-def latest_loadable(output: Path, modules: dict[str, torch.nn.Module]
+def latest_loadable(output: Path, modules: dict[str, torch.nn.Module], skipped: list[str]
                     ) -> tuple[Path, dict[str, torch.Tensor], dict[str, Any]] | None:
     """The newest checkpoint that verifies and reads. A file replaced along
     with its manifest passes the checksums but not the reading: it is skipped
-    like one that fails them, and the next older one is tried."""
-    for path in _verified(output):
+    like one that fails them, and the next older one is tried. Each skipped
+    one is named in ``skipped``."""
+    for path in _verified(output, skipped):
         try:
             return (path, *read_checkpoint(path, modules))
         except Exception as e:  # noqa: BLE001 - torch.load and safetensors raise many kinds on bad bytes
-            first = first_line(e, 120)
-            log.warning("checkpoint %s does not load (%s); skipping it", path, first)
+            skipped.append(f"checkpoint {path} does not load ({first_line(e, 120)})")
     return None

@@ -156,6 +156,10 @@ class TrainConfig:
     checkpoint_every: int = _help("Write a resumable checkpoint every N steps (0: never).", 0)
     resume: bool = _help("Continue from the newest checkpoint in OUTPUT.", False)
     force: bool = _help("With --resume: continue even if the settings changed.", False)
+    overwrite: bool = _help("Train afresh in an OUTPUT that holds a finished or interrupted run: "
+                            "its LoRA files, checkpoints, metrics, samples, tracker logs, config "
+                            "and model card are deleted when training starts (class images are "
+                            "kept). Without it such an OUTPUT is refused.", False)
     validation_prompt: str = _help("Prompt drawn into OUTPUT/samples during training.", "")
     validation_every: int = _help("Draw the validation prompt every N steps (0: only at the end).", 0)
     validation_images: int = _help("Images per validation (seeds SEED, SEED+1, ...): "
@@ -237,6 +241,9 @@ class TrainConfig:
             raise bad("class_prompt", "is required with --prior-preservation, e.g. 'a photo of a dog'")
         if not self.output:
             raise bad("output", "is required")
+        if self.overwrite and self.resume:
+            raise bad("overwrite", "cannot be combined with --resume (--resume continues the run "
+                      "in OUTPUT, --overwrite replaces it)")
         if self.train_token:
             from .identifier import guess_identifier
 
@@ -449,6 +456,8 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise UserError(f"{path}: not a text file (byte {e.start} is not UTF-8)") from None
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{path}: not valid TOML: {e}") from None
+    except RecursionError:  # tomllib recurses into [[[[...]]]]
+        raise UserError(f"{path}: not valid TOML: nested too deeply") from None
     except OSError as e:
         raise UserError(f"{path}: cannot read: {e.strerror}") from None
 

@@ -94,6 +94,29 @@ def to_json(data: Any, **kwargs: Any) -> str:
     return json.dumps(finite(data), allow_nan=False, **kwargs)
 
 
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl, in order: each a JSON object with an
+    integer ``step``, one a line. A torn last line (a writer killed mid-line,
+    or one still writing) and any line that is not such a record are
+    skipped; a missing file, or one that is not a regular file, has none."""
+    path = Path(path)
+    try:
+        if not path.is_file():  # a FIFO would block the read
+            return []
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return []
+    records = []
+    for line in text.split("\n")[:-1]:  # the piece after the last newline is torn
+        try:
+            record = json.loads(line)
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(record, dict) and type(record.get("step")) is int:
+            records.append(record)
+    return records
+
+
 def write_json(path: str | Path, data: Any) -> None:
     write_text(path, to_json(data, indent=2, sort_keys=True) + "\n")
 

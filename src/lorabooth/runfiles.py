@@ -8,21 +8,29 @@ import logging
 import os
 import shlex
 import shutil
-import tomllib
 from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, TextIO
 
 import tomli_w
 
 from . import __version__
 from . import markdown as md
-from .config import TrainConfig, field_default, option_name, prior_mode, to_toml_dict
+from .checkpoint import checkpoint_settings, checkpoints, latest_checkpoint
+from .config import (
+    TrainConfig,
+    field_default,
+    option_name,
+    prior_mode,
+    read_toml,
+    to_toml_dict,
+)
 from .errors import UserError
-from .fileio import inside, nested, write_text
+from .fileio import inside, nested, read_metrics, to_json, write_text
 from .identifier import guess_identifier
 from .locks import acquire_lock, release_lock
+from .lora import KOHYA_WEIGHT_NAME, WEIGHT_NAME
 from .pivotal import diffusers_lines
 
 log = logging.getLogger(__name__)
@@ -30,12 +38,23 @@ log = logging.getLogger(__name__)
 
 # Options that may change between a run and its --resume without changing
 # what the run computes.
-RESUME_NEUTRAL = {"resume", "force", "steps", "checkpoint_every", "validation_prompt",
-                  "validation_every", "validation_images", "output", "gradient_checkpointing",
-                  "report_to"}
+RESUME_NEUTRAL = {"resume", "force", "overwrite", "steps", "checkpoint_every",
+                  "validation_prompt", "validation_every", "validation_images", "output",
+                  "gradient_checkpointing", "report_to"}
 # Options that change which LoRA tensors exist or their shapes: a checkpoint
 # cannot be loaded across them, so --force does not override them.
 RESUME_SHAPE = {"rank", "train_text_encoder", "train_token", "adapter"}
+# What a run writes into OUTPUT, files then folders (the default class_images/
+# is an input the next run reuses, not a record of this one).
+RUN_FILES = (WEIGHT_NAME, KOHYA_WEIGHT_NAME, "config.toml", "metrics.jsonl", "README.md")
+RUN_FOLDERS = ("checkpoints", "samples", "logs")
+
+
+def run_settings(config: TrainConfig) -> dict[str, Any]:
+    """The settings config.toml and every checkpoint record. --overwrite is
+    left out: rerunning the file (`train --config RUN/config.toml`) must not
+    replace a run unasked."""
+    return {k: v for k, v in to_toml_dict(config).items() if k != "overwrite"}
 
 
 def config_differences(old: dict, new: dict) -> list[str]:
@@ -45,13 +64,33 @@ def config_differences(old: dict, new: dict) -> list[str]:
             if old.get(k) != new.get(k)]
 
 
-def check_resume_config(output: Path, config: TrainConfig) -> None:
+def _trained_with(output: Path, checkpoint: Path | None) -> dict | None:
+    """The settings a --resume is compared with: those the checkpoint it
+    starts from was trained with (its manifest), else (a checkpoint from
+    before manifests held them, or none at all) the run's config.toml; None
+    when neither exists. An unreadable config.toml is refused, not skipped:
+    skipping it would turn the check off."""
+    settings = checkpoint_settings(checkpoint) if checkpoint else None
+    if settings is not None:
+        return settings
     path = output / "config.toml"
-    if not (config.resume and path.is_file()):
-        return
+    if not path.exists():
+        return None
     try:
-        old = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError):
+        return read_toml(path)
+    except UserError as e:
+        raise UserError(f"--resume: {e}; it holds the settings the run was trained with, so "
+                        f"--resume cannot check its own against them: repair the file, or "
+                        f"remove it to resume unchecked") from None
+
+
+def check_resume_config(output: Path, config: TrainConfig, checkpoint: Path | None = None) -> None:
+    """Refuse a --resume with other settings than those ``checkpoint`` (by
+    default the newest that verifies) was trained with."""
+    if not config.resume:
+        return
+    old = _trained_with(output, checkpoint or latest_checkpoint(output, skipped=[]))
+    if old is None:
         return
     if "prior_preservation" in old:  # a bool in runs from before it had modes
         old["prior_preservation"] = prior_mode(old["prior_preservation"])
@@ -69,6 +108,78 @@ def check_resume_config(output: Path, config: TrainConfig) -> None:
                         f"({'; '.join(diffs)}); use the same options or add --force")
     if diffs:
         log.warning("--force: resuming despite changed settings: %s", "; ".join(diffs))
+
+
+def _earlier_run(output: Path) -> str | None:
+    """The finished or resumable run OUTPUT holds and what may be done with
+    it, in words; None when it holds neither."""
+    for name in (WEIGHT_NAME, KOHYA_WEIGHT_NAME):
+        if (output / name).exists():
+            return (f"a finished run ({name}); add --overwrite to train afresh in its place, "
+                    f"--resume with more --steps to continue it, or choose another --output")
+    steps = checkpoints(output)
+    if steps:
+        return (f"an interrupted run (checkpoints up to step {steps[-1][0]}, no LoRA file); "
+                f"add --resume to continue it or --overwrite to start afresh")
+    return None  # a run stopped before its first checkpoint is simply started again
+
+
+def _check_overwrite(output: Path, config: TrainConfig) -> None:
+    """--overwrite deletes RUN_FILES and RUN_FOLDERS: none may be or hold an input."""
+    inputs = {"--instance-dir": config.instance_dir, "--model": config.model,
+              "--model-config": config.model_config,
+              "--class-dir": str(config.class_path) if config.prior_images else ""}
+    for name in (*RUN_FILES, *RUN_FOLDERS):
+        for option, value in inputs.items():
+            if value and Path(value).exists() and nested(output / name, value):
+                raise UserError(f"--overwrite: would delete {output / name}, which is or holds "
+                                f"{option} {value}; move the input or choose another --output")
+
+
+def check_run_folder(output: Path, config: TrainConfig) -> None:
+    """Before anything in OUTPUT is written: its run names hold what the run
+    writes there, and an earlier run in it is continued (--resume) or
+    replaced (--overwrite), never replaced unasked."""
+    if config.overwrite:
+        _check_overwrite(output, config)
+        return
+    for names, is_kind, kind in ((RUN_FILES, Path.is_file, "a file"),
+                                 (RUN_FOLDERS, Path.is_dir, "a folder")):
+        for name in names:
+            if (output / name).exists() and not is_kind(output / name):
+                raise UserError(f"--output {output}: {name} there is not {kind}, which the run "
+                                f"writes under that name; move it, or add --overwrite")
+    if config.resume:
+        check_resume_config(output, config)
+        return
+    earlier = _earlier_run(output)
+    if earlier:
+        raise UserError(f"--output {output}: holds {earlier}")
+
+
+def _remove(path: Path) -> None:
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+    except OSError as e:
+        raise UserError(f"--overwrite: cannot remove {path} ({e.strerror})") from None
+
+
+def start_run(output: Path, config: TrainConfig, start: int) -> TextIO:
+    """The run's records once training is known to go ahead (main process):
+    with --overwrite the earlier run's files are removed first (a fresh run
+    mixes in none of its metrics, samples or checkpoints); then config.toml;
+    then metrics.jsonl cut back to the step resumed from, opened to append."""
+    if config.overwrite:
+        for name in (*RUN_FILES, *RUN_FOLDERS):
+            _remove(output / name)
+    path = output / "metrics.jsonl"
+    kept = [r for r in read_metrics(path) if r["step"] <= start] if start else []
+    write_text(output / "config.toml", tomli_w.dumps(run_settings(config)))
+    write_text(path, "".join(to_json(r) + "\n" for r in kept))
+    return path.open("a", encoding="utf-8")
 
 
 def remove_leftovers(output: Path) -> None:
@@ -131,7 +242,7 @@ def run_folder(config: TrainConfig, main: bool) -> Iterator[Path]:
         if main:
             lock = acquire_lock(output)
             remove_leftovers(output)
-            check_resume_config(output, config)
+            check_run_folder(output, config)
         yield output
     except BaseException:
         release_lock(lock)
@@ -140,10 +251,6 @@ def run_folder(config: TrainConfig, main: bool) -> Iterator[Path]:
         raise
     finally:
         release_lock(lock)
-
-
-def write_config(output: Path, config: TrainConfig) -> None:
-    write_text(output / "config.toml", tomli_w.dumps(to_toml_dict(config)))
 
 
 def model_card(config: TrainConfig, resolution: int,

@@ -11,6 +11,7 @@ import itertools
 import logging
 import math
 import re
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 SECTIONS = ("base", "train", "generate", "evaluate")
 GRID_KEYS = ("unet_scale", "text_scale", "text2_scale", "guidance")  # [generate.grid]
 # do not change what a run computes (report_to: a sweep's runs hashed before it existed stay done)
-NEUTRAL = {"output", "resume", "force", "report_to", "validation_images"}
+NEUTRAL = {"output", "resume", "force", "overwrite", "report_to", "validation_images"}
 MAX_RUNS = 1000  # a bigger grid is more likely a typo than a plan: it needs --yes
 
 
@@ -242,9 +243,12 @@ def run_sweep(path: str | Path, yes: bool = False) -> Path:
                  {"done": "finished before: skipped", "resume": "resuming", "new": "training"}[state],
                  eta)
         if state != "done":
+            shutil.rmtree(Path(config.output) / "sweep", ignore_errors=True)  # a replaced run's
             Path(config.output).mkdir(parents=True, exist_ok=True)
             (Path(config.output) / "sweep_hash.txt").write_text(config_hash(config) + "\n")
-            train(TrainConfig(**{**to_toml_dict(config), "resume": state == "resume"}))
+            # "new" in a folder holding a run: its settings changed, so it is replaced
+            train(TrainConfig(**{**to_toml_dict(config), "resume": state == "resume",
+                                 "overwrite": state == "new"}))
         run = Path(config.output)
         images = _draw_all(sweep, run)
         for p, prompt in enumerate(sweep.prompts):

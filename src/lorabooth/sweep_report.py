@@ -5,12 +5,11 @@ every user string escaped."""
 from __future__ import annotations
 
 import base64
-import json
 from pathlib import Path
 
 from .config import to_toml_dict
 from .drawing import prompt_slug
-from .fileio import write_text
+from .fileio import read_metrics, write_text
 from .htmlpage import IMAGES_LOADED_SCRIPT
 from .lossplot import loss_svg
 from .markdown import html_text
@@ -23,10 +22,7 @@ def _data_uri(path: Path) -> str:
 
 
 def _losses(run: Path) -> list[dict]:
-    path = run / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in read_metrics(run / "metrics.jsonl") if isinstance(r.get("loss"), float)]
 
 
 def loss_plot(results: list[dict]) -> str:

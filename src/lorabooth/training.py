@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from contextlib import contextmanager
@@ -30,7 +29,6 @@ from .batches import (
 )
 from .checkpoint import (
     latest_checkpoint,
-    latest_loadable,
     load_trainable_state,
     save_checkpoint,
     trainable_state,
@@ -42,7 +40,7 @@ from .data import (
     caption_dropout,
     image_files,
 )
-from .ema import ema_load, ema_shadow, ema_state, ema_update
+from .ema import ema_shadow, ema_state, ema_update
 from .errors import UserError
 from .fileio import save_png, to_json, write_text
 from .formats.layouts import KOHYA_DORA_REFUSAL, save_lora
@@ -72,9 +70,15 @@ from .ranks import (
     end_distributed,
     mean_over_ranks,
     rank_streams,
-    restore_streams,
 )
-from .runfiles import check_folders, model_card, run_folder, write_config
+from .resume import resume
+from .runfiles import (
+    check_folders,
+    model_card,
+    run_folder,
+    run_settings,
+    start_run,
+)
 from .tracking import accelerator_options, log_record, start_trackers
 
 log = logging.getLogger(__name__)
@@ -148,11 +152,10 @@ def _train(config: TrainConfig, accelerator: Accelerator, output: Path,
     ema = ema_shadow(trained, config.ema_decay)  # None: no EMA
     start = 0
     if config.resume:
-        start = _resume(output, trained, optimizer, lr_scheduler, noise_rng,
-                        instance_order, class_order, ema, accelerator.process_index)
-    if accelerator.is_main_process:
-        write_config(output, config)  # only now: a run that fails to start leaves none behind
-    metrics = _open_metrics(output, start, accelerator.is_main_process)
+        start = resume(config, output, trained, optimizer, lr_scheduler, noise_rng,
+                       instance_order, class_order, ema, accelerator.process_index)
+    # only now: a run that fails to start leaves the folder as it was
+    metrics = start_run(output, config, start) if accelerator.is_main_process else None
     start_trackers(accelerator, config, output, start)  # --report-to
 
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps,
@@ -219,7 +222,7 @@ def _train(config: TrainConfig, accelerator: Accelerator, output: Path,
             if accelerator.is_main_process:
                 path = save_checkpoint(output, done, _unwrapped(accelerator, modules), {
                     "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
-                    **own, "ranks": ranks, "ema": ema_state(ema)})
+                    **own, "ranks": ranks, "ema": ema_state(ema)}, run_settings(config))
                 log.debug("checkpoint %s", path)
         if (config.validation_prompt and config.validation_every and done < config.steps
                 and done % config.validation_every == 0 and accelerator.is_main_process):
@@ -422,41 +425,6 @@ def _use_token(accelerator: Accelerator, base: BaseModel, modules: dict[str, tor
 
 def _unwrapped(accelerator: Accelerator, modules: dict[str, torch.nn.Module]):
     return {name: accelerator.unwrap_model(m) for name, m in modules.items()}
-
-
-def _resume(output: Path, modules, optimizer, lr_scheduler, noise_rng: torch.Generator,
-            instance_order: Shuffler, class_order: Shuffler | None,
-            ema: dict[str, torch.Tensor] | None, rank: int = 0) -> int:
-    found = latest_loadable(output, modules)
-    if found is None:
-        if any((output / "checkpoints").glob("*")):  # a first run has none: nothing to say
-            log.warning("--resume: no checkpoint in %s loads; starting at step 0",
-                        output / "checkpoints")
-        return 0
-    path, tensors, state = found
-    load_trainable_state(modules, tensors)
-    if ema is not None:  # a checkpoint written without EMA (--force) starts it from its weights
-        ema_load(ema, state.get("ema") or tensors)
-    optimizer.load_state_dict(state["optimizer"])
-    lr_scheduler.load_state_dict(state["lr_scheduler"])
-    if not restore_streams(state, rank, noise_rng, instance_order, class_order):
-        log.warning("--resume: %s was written by fewer processes; process %d starts its "
-                    "random streams afresh", path, rank)
-    log.info("resuming from %s (step %d)", path, state["step"])
-    return int(state["step"])
-
-
-def _open_metrics(output: Path, start: int, main: bool):
-    """metrics.jsonl, keeping only the lines up to the step we resume from."""
-    if not main:
-        return None
-    path = output / "metrics.jsonl"
-    kept = []
-    if start and path.exists():
-        kept = [line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= start]
-    write_text(path, "".join(line + "\n" for line in kept))
-    return path.open("a", encoding="utf-8")
 
 
 @torch.no_grad()

@@ -18,8 +18,9 @@ from .workspace import Workspace
 BASIC = ("model", "instance_dir", "instance_prompt", "class_prompt", "prior_preservation",
          "steps", "rank", "lr", "train_text_encoder", "validation_prompt", "validation_every",
          "checkpoint_every", "output")
-# Fields the page owns: --resume is its Resume button, --force never silently.
-HIDDEN = ("resume", "force")
+# Fields the page owns: --resume is its Resume button, --force never silently,
+# --overwrite never (the page refuses an output that holds a run).
+HIDDEN = ("resume", "force", "overwrite")
 # Fields that name files or folders: confined to the workspace.
 PATHS = ("instance_dir", "class_dir", "output", "model_config")
 # Fields with a fixed set of values: a dropdown instead of free text.

@@ -17,6 +17,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import fileio
 from ..errors import UserError
 from ..fileio import atomic_path, system_folder
 from ..imagefiles import Rejected, decode
@@ -162,23 +163,11 @@ def read_run_config(run: Path) -> dict:
 
 
 def read_metrics(run: Path) -> list[dict]:
-    """metrics.jsonl's records; a line being written (no newline yet),
-    broken, or without an integer step and a finite loss is skipped, so a
-    live run reads cleanly and a hand-made file cannot break the page."""
-    try:
-        text = (run / "metrics.jsonl").read_text(encoding="utf-8")
-    except OSError:
-        return []
-    records = []
-    for line in text.split("\n")[:-1]:  # the last piece has no newline yet
-        try:
-            record = json.loads(line)
-        except (ValueError, RecursionError):
-            continue
-        if isinstance(record, dict) and _number(record.get("step"), int) \
-                and _number(record.get("loss"), (int, float)):
-            records.append(record)
-    return records
+    """metrics.jsonl's records (fileio.read_metrics: a torn or broken line is
+    skipped) that also hold a finite loss, so a live run reads cleanly and a
+    hand-made file cannot break the page's plot."""
+    return [r for r in fileio.read_metrics(run / "metrics.jsonl")
+            if _number(r.get("loss"), (int, float))]
 
 
 def _number(value: object, types: type | tuple[type, ...]) -> bool:
