@@ -328,7 +328,7 @@ def test_each_text_encoder_has_its_scale(sdxl_run, sdxl_unet_run):
     off = _pixels(pipe, parts, Setting(0.0, 0.0, 5.0, 0.0))
     plain = pipeline_from_parts(build_tiny_sdxl())  # the base model, no LoRA loaded
     plain.set_progress_bar_config(disable=True)
-    arrays = plain([PROMPT], negative_prompt=[""], guidance_scale=5.0, num_inference_steps=2,
+    arrays = plain([PROMPT], guidance_scale=5.0, num_inference_steps=2,
                    generator=[torch.Generator().manual_seed(0)], output_type="np").images
     base = np.asarray(plain.numpy_to_pil(arrays)[0], dtype=float)
     assert abs(off - base).max() <= 1  # every scale 0: the base model's image
@@ -337,6 +337,32 @@ def test_each_text_encoder_has_its_scale(sdxl_run, sdxl_unet_run):
     assert parts == ()
     assert (_pixels(pipe, parts, Setting(1.0, 1.0, 5.0, 0.0))
             == _pixels(pipe, parts, Setting(1.0, 0.0, 5.0, 1.0))).all()
+
+
+def test_generate_draws_what_plain_diffusers_draws(sdxl_run, tmp_path):
+    """No --negative-prompt: the unconditional branch is SDXL's default
+    (force_zeros_for_empty_prompt: zeros), not the encoded empty prompt, so
+    lorabooth's image is plain diffusers' with the same LoRA, seed and steps."""
+    import numpy as np
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionXLPipeline
+
+    from lorabooth.drawing import generate
+
+    ours = generate(sdxl_run, [PROMPT], guidances=[5.0], num_images=2, steps=3,
+                    output=tmp_path / "g")
+    base = build_tiny_sdxl()
+    plain = StableDiffusionXLPipeline(
+        vae=base.vae, text_encoder=base.text_encoder, text_encoder_2=base.text_encoder_2,
+        tokenizer=base.tokenizer, tokenizer_2=base.tokenizer_2, unet=base.unet,
+        scheduler=DPMSolverMultistepScheduler.from_config(base.noise_scheduler.config))
+    assert plain.config.force_zeros_for_empty_prompt
+    plain.set_progress_bar_config(disable=True)
+    plain.load_lora_weights(str(sdxl_run))
+    theirs = plain([PROMPT] * 2, guidance_scale=5.0, num_inference_steps=3, output_type="pil",
+                   generator=[torch.Generator().manual_seed(s) for s in (0, 1)]).images
+    for a, b in zip(ours, theirs):
+        diff = np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int))
+        assert diff.max() <= 1, diff.max()  # lorabooth fuses the LoRA: rounding, one level
 
 
 def test_generate_grid_over_text2_scales(sdxl_run, tmp_path):
