@@ -3,6 +3,7 @@ set separately; every combination drawn with the same seeds; a labelled grid."""
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import re
@@ -32,7 +33,7 @@ from .errors import UserError
 from .fileio import save_png, to_json
 from .formats.layouts import load_into_pipeline
 from .grid import make_grid
-from .lora import find_lora, fused, lora_metadata, set_scales
+from .lora import find_lora, fused, lora_fingerprint, lora_metadata, set_scales
 from .models import load_base, pipeline_from_parts
 from .precision import tune_allocator
 
@@ -145,6 +146,15 @@ def _call(pipe, prompt: str, setting: Setting, generators: list[torch.Generator]
                   generator=generators, width=size[0], height=size[1], output_type="np").images
     check_images(arrays, f"{prompt!r} at {setting.label}")  # as PNGs NaN would be black
     return pipe.numpy_to_pil(arrays)
+
+
+def cache_name(setting: Setting, steps: int, run: str | Path,
+               negative_prompt: str | None = None) -> str:
+    """The folder name of cached images: everything they depend on besides
+    the prompt and seed (the LoRA file's contents included)."""
+    negative = (f"_neg{hashlib.sha256(negative_prompt.encode()).hexdigest()[:8]}"
+                if negative_prompt else "")
+    return f"{setting.slug}_steps{steps}_lora{lora_fingerprint(run)}{negative}"
 
 
 def draw_cached(pipe, has_text: tuple[str, ...], prompt: str, setting: Setting, seeds: list[int],

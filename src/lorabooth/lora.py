@@ -3,6 +3,7 @@ into a pipeline and set the UNet / text-encoder scales separately."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from contextlib import contextmanager
 from pathlib import Path
@@ -100,6 +101,16 @@ def find_lora(run: str | Path) -> Path:
         if (run / name).is_file():
             return run / name
     raise UserError(f"{run}: no LoRA here (expected {WEIGHT_NAME}; did training finish?)")
+
+
+def lora_fingerprint(run: str | Path) -> str:
+    """The first 12 hex digits of the LoRA file's sha256: images cached under
+    a name holding it are drawn afresh when a run is retrained in place."""
+    digest = hashlib.sha256()
+    with find_lora(run).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:12]
 
 
 def lora_metadata(run: str | Path) -> dict[str, Any]:
