@@ -503,3 +503,42 @@ def test_tune_runs_a_trial_on_tiny_sdxl(session_photos, tiny_judges, tmp_path):
     (trial,) = optuna.load_study(study_name="lorabooth-tune",
                                  storage=f"sqlite:///{out / 'study.db'}").trials
     assert trial.user_attrs["settings"]["train_token"] is False and "train_token" not in trial.params
+
+
+def test_kohya_names_follow_the_models_own_blocks(tmp_path, capsys):
+    """An SDXL-family model with 1 layer per block numbers its SGM blocks
+    otherwise than SDXL 1.0: the kohya file of a run names its modules as
+    that model has them, so diffusers loads it to the same UNet as the
+    diffusers file, and `inspect --model` finds every key in the model."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from helpers import tiny_sdxl_outputs
+    from lorabooth.cli import main
+    from lorabooth.formats.layouts import save_lora
+    from lorabooth.lora import KOHYA_WEIGHT_NAME, add_unet_lora
+    from lorabooth.models import save_base
+
+    base = build_tiny_sdxl(layers_per_block=1)
+    folder = save_base(base, tmp_path / "model")
+    add_unet_lora(base.unet, 4, 8.0)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a "trained" up-projection: B away from its zero init
+        for name, p in base.unet.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    run = tmp_path / "run"
+    save_lora(run, base.unet, None, {}, ("diffusers", "kohya"), family="sdxl")
+
+    def unet_output(weight_name=None):
+        pipe = StableDiffusionXLPipeline.from_pretrained(folder)
+        if weight_name:
+            pipe.load_lora_weights(str(run), weight_name=weight_name)
+        return tiny_sdxl_outputs(pipe)[0]
+
+    ours = unet_output(WEIGHT_NAME)
+    assert not torch.allclose(ours, unet_output(), atol=1e-4)  # the LoRA acts
+    assert torch.allclose(unet_output(KOHYA_WEIGHT_NAME), ours, atol=1e-5)
+    capsys.readouterr()
+    assert main(["inspect", str(run / KOHYA_WEIGHT_NAME), "--model", str(folder)]) == 0
+    said = capsys.readouterr().out
+    assert said.count("every key maps to a weight") == 2, said  # ComfyUI and AUTOMATIC1111
