@@ -219,3 +219,30 @@ def test_a_run_from_before_the_option_resumes_as_lora(tmp_path, caplog):
     with pytest.raises(Exception, match="change of --adapter, even with --force"):
         check_resume_config(tmp_path, TrainConfig(**{**vars(config), "adapter": "dora",
                                                      "force": True}))
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_scale_0_is_the_base_model_not_the_trained_magnitudes(dora_run, fuse):
+    """peft multiplies only DoRA's low-rank term by the scale; its trained
+    magnitudes would still act at 0. lorabooth switches a component at 0 off,
+    so each part at 0 is the base model's, the other part the trained one."""
+    from contextlib import nullcontext
+
+    from lorabooth.drawing import load_pipeline
+    from lorabooth.lora import fused, set_scales
+
+    run, ours = dora_run
+    pipe, has_text = load_pipeline(run)
+    base_unet, base_text = tiny_outputs(pipeline_from_parts(build_tiny()))
+    for unet_scale, text_scale in ((0.0, 0.0), (0.0, 1.0), (1.0, 0.0), (1.0, 1.0)):
+        if fuse:
+            scaled = fused(pipe, unet_scale, text_scale, has_text)
+        else:
+            set_scales(pipe, unet_scale, text_scale, has_text)
+            scaled = nullcontext()
+        with scaled:
+            unet, text = tiny_outputs(pipe)
+        want_unet = base_unet if unet_scale == 0 else ours["outputs"][0]
+        want_text = base_text if text_scale == 0 else ours["outputs"][1]
+        assert torch.allclose(unet, want_unet, atol=1e-5), (unet_scale, text_scale)
+        assert torch.allclose(text, want_text, atol=1e-5), (unet_scale, text_scale)

@@ -125,3 +125,46 @@ def test_bad_evaluate_input(trained_run, tmp_path, tiny_judges):
         evaluate(trained_run, str(tmp_path / "none"), dino=tiny_judges[0], clip=tiny_judges[1])
     with pytest.raises(UserError, match="--images-per-prompt"):
         evaluate(trained_run, str(tmp_path), images_per_prompt=1)
+
+
+def test_a_run_retrained_in_place_is_drawn_afresh(trained_run, session_photos, prompts_file,
+                                                  tmp_path, monkeypatch):
+    """The image cache is keyed by the LoRA file's contents: new weights in
+    the same folder are scored on new images, not on the old run's."""
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    import lorabooth.drawing as drawing
+    from lorabooth.lora import WEIGHT_NAME, read_lora
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("checkpoints", "generated",
+                                                                    "eval", "sweep"))
+    judges = Judges(identity=_mean_colour, image=_mean_colour, text_image=_mean_colour,
+                    text=lambda prompts: torch.ones(len(prompts), 3),
+                    names={"dino": "colour", "clip": "colour"})
+    real, drawn = drawing.draw, []
+    monkeypatch.setattr(drawing, "draw", lambda *a, **k: drawn.append(a[2]) or real(*a, **k))
+
+    def score():
+        return evaluate(run, str(session_photos), prompts_file=prompts_file, images_per_prompt=2,
+                        steps=2, out=tmp_path / "e", judges=judges, pres_images=2)
+
+    first = score()["rows"]["lorabooth"]["dino"]["mean"]
+    n = len(drawn)
+    score()
+    assert len(drawn) == n  # the same LoRA: every image cached
+    tensors, header = read_lora(run / WEIGHT_NAME)  # "retrained": other weights, same folder
+    save_file({k: v * 3 for k, v in tensors.items()}, str(run / WEIGHT_NAME), metadata=header)
+    again = score()["rows"]["lorabooth"]["dino"]["mean"]
+    assert len(drawn) == 2 * n  # every prompt drawn again
+    assert again != first
+
+
+def _mean_colour(images):
+    import torch
+
+    return torch.stack([torch.tensor(im.convert("RGB").resize((1, 1)).getpixel((0, 0)),
+                                     dtype=torch.float) for im in images])

@@ -255,3 +255,39 @@ def test_resume_refuses_a_change_of_train_token(photos, tmp_path):
     train(_config(photos, out, steps=2, checkpoint_every=1, train_token=False))
     with pytest.raises(UserError, match="--train-token"):
         train(_config(photos, out, steps=3, checkpoint_every=1, resume=True, force=True))
+
+
+def _plain_draw(pipe, seeds, steps=4):
+    """What plain diffusers draws for PROMPT (no LoRA calls at all)."""
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    with torch.no_grad():
+        return pipe([PROMPT] * len(seeds), num_inference_steps=steps, guidance_scale=7.5,
+                    generator=generators, output_type="np").images
+
+
+def test_text_scale_moves_the_rows_from_the_base_to_the_learned(token_run):
+    """The rows belong to the adapter: UNet 0 / text 0 draws the untouched
+    base model, text 1 puts the learned rows in, text 0.5 half way."""
+    from lorabooth.drawing import Setting, _scheduler, draw, load_pipeline
+    from lorabooth.lora import set_scales
+    from lorabooth.models import load_base
+
+    pipe, has_text = load_pipeline(token_run)
+    base = load_base("tiny")
+    plain = pipeline_from_parts(base, _scheduler("dpm", base.noise_scheduler.config))
+    plain.set_progress_bar_config(disable=True)
+    zero = draw(pipe, has_text, PROMPT, Setting(0.0, 0.0, 7.5), [0, 1], 4)
+    got = [torch.tensor(list(im.getdata())) for im in zero]
+    want = [torch.tensor(list(pipe.numpy_to_pil(a)[0].getdata())) for a in _plain_draw(plain, [0, 1])]
+    assert all(torch.equal(g, w) for g, w in zip(got, want)), \
+        max(int((g - w).abs().max()) for g, w in zip(got, want))
+
+    ids = [_sks_id()]
+    weight = pipe.text_encoder.get_input_embeddings().weight
+    base_row = base.text_encoder.get_input_embeddings().weight[ids].detach()
+    learned = _rows(token_run)["sks"]
+    for scale, expected in ((1.0, learned), (0.0, base_row), (0.5, (base_row + learned) / 2)):
+        set_scales(pipe, 1.0, scale, has_text)
+        assert torch.allclose(weight[ids].detach(), expected, atol=1e-6), scale
+    set_scales(pipe, 1.0, 1.0, has_text)
+    assert torch.equal(weight[ids].detach(), learned)  # scale 1: exactly the trained rows

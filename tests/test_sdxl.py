@@ -328,7 +328,7 @@ def test_each_text_encoder_has_its_scale(sdxl_run, sdxl_unet_run):
     off = _pixels(pipe, parts, Setting(0.0, 0.0, 5.0, 0.0))
     plain = pipeline_from_parts(build_tiny_sdxl())  # the base model, no LoRA loaded
     plain.set_progress_bar_config(disable=True)
-    arrays = plain([PROMPT], negative_prompt=[""], guidance_scale=5.0, num_inference_steps=2,
+    arrays = plain([PROMPT], guidance_scale=5.0, num_inference_steps=2,
                    generator=[torch.Generator().manual_seed(0)], output_type="np").images
     base = np.asarray(plain.numpy_to_pil(arrays)[0], dtype=float)
     assert abs(off - base).max() <= 1  # every scale 0: the base model's image
@@ -337,6 +337,32 @@ def test_each_text_encoder_has_its_scale(sdxl_run, sdxl_unet_run):
     assert parts == ()
     assert (_pixels(pipe, parts, Setting(1.0, 1.0, 5.0, 0.0))
             == _pixels(pipe, parts, Setting(1.0, 0.0, 5.0, 1.0))).all()
+
+
+def test_generate_draws_what_plain_diffusers_draws(sdxl_run, tmp_path):
+    """No --negative-prompt: the unconditional branch is SDXL's default
+    (force_zeros_for_empty_prompt: zeros), not the encoded empty prompt, so
+    lorabooth's image is plain diffusers' with the same LoRA, seed and steps."""
+    import numpy as np
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionXLPipeline
+
+    from lorabooth.drawing import generate
+
+    ours = generate(sdxl_run, [PROMPT], guidances=[5.0], num_images=2, steps=3,
+                    output=tmp_path / "g")
+    base = build_tiny_sdxl()
+    plain = StableDiffusionXLPipeline(
+        vae=base.vae, text_encoder=base.text_encoder, text_encoder_2=base.text_encoder_2,
+        tokenizer=base.tokenizer, tokenizer_2=base.tokenizer_2, unet=base.unet,
+        scheduler=DPMSolverMultistepScheduler.from_config(base.noise_scheduler.config))
+    assert plain.config.force_zeros_for_empty_prompt
+    plain.set_progress_bar_config(disable=True)
+    plain.load_lora_weights(str(sdxl_run))
+    theirs = plain([PROMPT] * 2, guidance_scale=5.0, num_inference_steps=3, output_type="pil",
+                   generator=[torch.Generator().manual_seed(s) for s in (0, 1)]).images
+    for a, b in zip(ours, theirs):
+        diff = np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int))
+        assert diff.max() <= 1, diff.max()  # lorabooth fuses the LoRA: rounding, one level
 
 
 def test_generate_grid_over_text2_scales(sdxl_run, tmp_path):
@@ -477,3 +503,42 @@ def test_tune_runs_a_trial_on_tiny_sdxl(session_photos, tiny_judges, tmp_path):
     (trial,) = optuna.load_study(study_name="lorabooth-tune",
                                  storage=f"sqlite:///{out / 'study.db'}").trials
     assert trial.user_attrs["settings"]["train_token"] is False and "train_token" not in trial.params
+
+
+def test_kohya_names_follow_the_models_own_blocks(tmp_path, capsys):
+    """An SDXL-family model with 1 layer per block numbers its SGM blocks
+    otherwise than SDXL 1.0: the kohya file of a run names its modules as
+    that model has them, so diffusers loads it to the same UNet as the
+    diffusers file, and `inspect --model` finds every key in the model."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from helpers import tiny_sdxl_outputs
+    from lorabooth.cli import main
+    from lorabooth.formats.layouts import save_lora
+    from lorabooth.lora import KOHYA_WEIGHT_NAME, add_unet_lora
+    from lorabooth.models import save_base
+
+    base = build_tiny_sdxl(layers_per_block=1)
+    folder = save_base(base, tmp_path / "model")
+    add_unet_lora(base.unet, 4, 8.0)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a "trained" up-projection: B away from its zero init
+        for name, p in base.unet.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    run = tmp_path / "run"
+    save_lora(run, base.unet, None, {}, ("diffusers", "kohya"), family="sdxl")
+
+    def unet_output(weight_name=None):
+        pipe = StableDiffusionXLPipeline.from_pretrained(folder)
+        if weight_name:
+            pipe.load_lora_weights(str(run), weight_name=weight_name)
+        return tiny_sdxl_outputs(pipe)[0]
+
+    ours = unet_output(WEIGHT_NAME)
+    assert not torch.allclose(ours, unet_output(), atol=1e-4)  # the LoRA acts
+    assert torch.allclose(unet_output(KOHYA_WEIGHT_NAME), ours, atol=1e-5)
+    capsys.readouterr()
+    assert main(["inspect", str(run / KOHYA_WEIGHT_NAME), "--model", str(folder)]) == 0
+    said = capsys.readouterr().out
+    assert said.count("every key maps to a weight") == 2, said  # ComfyUI and AUTOMATIC1111

@@ -188,3 +188,45 @@ def test_prior_preservation_grid_takes_the_old_bools_and_the_modes(tmp_path, pho
     bad = text.replace('"model"]', '"modle"]')
     with pytest.raises(UserError, match="--prior-preservation: must be one of off, images, model"):
         expand(load_sweep(_write(tmp_path, photos, bad)))
+
+
+NEGATIVE_SWEEP = """
+[base]
+model = "tiny"
+instance_dir = "{photos}"
+instance_prompt = "a photo of sks dog"
+steps = 1
+save_format = "diffusers"
+output = "{out}"
+
+[train.grid]
+lr = [1e-4]
+
+[generate]
+prompts = ["a photo of sks dog"]
+seeds = [0]
+steps = 2
+negative_prompt = "NEGATIVE"
+"""
+
+
+def test_generate_negative_prompt_reaches_the_drawing_and_the_cache(tmp_path, photos, monkeypatch):
+    """[generate] negative_prompt is drawn with, and a changed one is drawn
+    afresh rather than read from the images cached under the old one."""
+    import lorabooth.drawing as ev
+
+    real, negatives = ev.draw, []
+
+    def spy(*args, **kwargs):
+        negatives.append(args[6] if len(args) > 6 else kwargs.get("negative_prompt"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ev, "draw", spy)
+    f = _write(tmp_path, photos, NEGATIVE_SWEEP.replace("NEGATIVE", "blurry"))
+    run_sweep(f)
+    assert negatives == ["blurry"]
+    f = _write(tmp_path, photos, NEGATIVE_SWEEP.replace("NEGATIVE", "cartoon"))
+    run_sweep(f)
+    assert negatives == ["blurry", "cartoon"]
+    run_sweep(f)  # the same again: cached
+    assert negatives == ["blurry", "cartoon"]

@@ -268,6 +268,33 @@ def test_caption_dropout_swaps_only_the_marked_instance_rows(photos, tmp_path):
 PROMPT = "a photo of sks dog"
 
 
+def test_validation_during_an_ema_run_draws_the_average(photos, tmp_path, monkeypatch):
+    """An intermediate sample (and tune's pruner, which scores it) sees the
+    weights the run would save, then training goes on from its own."""
+    import lorabooth.training as t
+    from lorabooth.checkpoint import trainable_state
+
+    shadows, drawn, raw = [], [], []
+    real_update, real_validate = t.ema_update, t._validate
+
+    def update_spy(shadow, modules, decay, step):
+        real_update(shadow, modules, decay, step)
+        shadows.append({k: v.clone() for k, v in shadow.items()})
+        raw.append({k: v.clone() for k, v in trainable_state(modules).items()})
+
+    def validate_spy(config, base, output, step):
+        drawn.append({k: v.clone() for k, v in trainable_state({"unet": base.unet}).items()})
+        return real_validate(config, base, output, step)
+
+    monkeypatch.setattr(t, "ema_update", update_spy)
+    monkeypatch.setattr(t, "_validate", validate_spy)
+    train(_config(photos, tmp_path / "ema-val", steps=2, lr=1e-2, ema_decay=0.5,
+                  validation_prompt=PROMPT, validation_every=1, validation_images=1))
+    at_step_1 = drawn[0]
+    assert at_step_1 and all(torch.equal(v, shadows[0][k]) for k, v in at_step_1.items())
+    assert any(not torch.equal(v, raw[0][k]) for k, v in at_step_1.items())
+
+
 def test_ema_run_saves_the_average_not_the_last_weights(photos, tmp_path, on_finish, monkeypatch):
     import lorabooth.training as t
     from lorabooth.checkpoint import trainable_state
@@ -282,9 +309,9 @@ def test_ema_run_saves_the_average_not_the_last_weights(photos, tmp_path, on_fin
         seen.append(clone(modules))
         return real_shadow(modules, decay)
 
-    def update_spy(shadow, modules, decay):
+    def update_spy(shadow, modules, decay, step):
         seen.append(clone(modules))
-        real_update(shadow, modules, decay)
+        real_update(shadow, modules, decay, step)
 
     real_shadow, real_update = t.ema_shadow, t.ema_update
     monkeypatch.setattr(t, "ema_shadow", shadow_spy)
@@ -294,8 +321,10 @@ def test_ema_run_saves_the_average_not_the_last_weights(photos, tmp_path, on_fin
         state=clone(modules), unet=module_lora(modules["unet"], "unet")))
     run = train(_config(photos, tmp_path / "ema", steps=2, lr=1e-2, ema_decay=0.5))
     w0, w1, w2 = seen
+    d0, d1 = 1 / 10, 2 / 11  # diffusers' warm-up: min(decay, (1 + step) / (10 + step))
     for k, got in finished["state"].items():
-        assert torch.allclose(got, 0.5 * (0.5 * w0[k] + 0.5 * w1[k]) + 0.5 * w2[k], atol=1e-7), k
+        expected = d1 * (d0 * w0[k] + (1 - d0) * w1[k]) + (1 - d1) * w2[k]
+        assert torch.allclose(got, expected, atol=1e-7), k
     moved = [k for k in w2 if not torch.allclose(w2[k], finished["state"][k])]
     assert moved  # the last step's weights are not what was saved
     saved, _, _, _ = read_as_peft(run / WEIGHT_NAME)

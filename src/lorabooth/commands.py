@@ -442,7 +442,7 @@ def _inspect(c: InspectConfig) -> Any:
             names, label = sdxl_folder_names(c.model), c.model
         else:
             base = load_base(c.model)
-            names, label = model_names(base.unet, base.text_encoder), c.model
+            names, label = model_names(base.unet, base.text_encoder, base.text_encoder_2), c.model
     summary = inspect_lora(c.file, names, label)
     print(render(summary))
     check_summary(summary)

@@ -3,6 +3,7 @@ set separately; every combination drawn with the same seeds; a labelled grid."""
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import re
@@ -32,7 +33,7 @@ from .errors import UserError
 from .fileio import save_png, to_json
 from .formats.layouts import load_into_pipeline
 from .grid import make_grid
-from .lora import find_lora, fused, lora_metadata, set_scales
+from .lora import find_lora, fused, lora_fingerprint, lora_metadata, set_scales
 from .models import load_base, pipeline_from_parts
 from .precision import tune_allocator
 from .tokenwindow import check_prompt, pipeline_tokenizers
@@ -126,14 +127,17 @@ def _pnginfo(prompt: str, negative: str, setting: Setting, seed: int, steps: int
 
 @torch.inference_mode()
 def draw(pipe: StableDiffusionPipeline, has_text: tuple[str, ...], prompt: str, setting: Setting,
-         seeds: list[int], steps: int, negative_prompt: str = "",
+         seeds: list[int], steps: int, negative_prompt: str | None = None,
          fuse: bool = True, size: tuple[int | None, int | None] = (None, None)
          ) -> list[Image.Image]:
     """One image per seed for one prompt at one setting, ``size`` (width,
     height) in pixels, None for the model's native size. The LoRA is fused
     into the weights at the setting's scales while drawing (as fast as the
     base model); ``fuse=False`` runs the adapters beside the weights.
-    ``has_text``: the text encoders holding LoRA (``load_pipeline``'s)."""
+    ``has_text``: the text encoders holding LoRA (``load_pipeline``'s).
+    No (or an empty) ``negative_prompt``: none is passed, so the
+    unconditional branch is the pipeline's default (SDXL's: zeros, not the
+    encoded empty prompt), as plain diffusers draws."""
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     scales = (setting.unet_scale, setting.text_scale, has_text, setting.text2_scale)
     if fuse:
@@ -144,29 +148,40 @@ def draw(pipe: StableDiffusionPipeline, has_text: tuple[str, ...], prompt: str, 
 
 
 def _call(pipe, prompt: str, setting: Setting, generators: list[torch.Generator], steps: int,
-          negative_prompt: str, size: tuple[int | None, int | None]) -> list[Image.Image]:
+          negative_prompt: str | None, size: tuple[int | None, int | None]) -> list[Image.Image]:
     n = len(generators)
-    arrays = pipe([prompt] * n, negative_prompt=[negative_prompt] * n,
+    arrays = pipe([prompt] * n, negative_prompt=[negative_prompt] * n if negative_prompt else None,
                   guidance_scale=setting.guidance, num_inference_steps=steps,
                   generator=generators, width=size[0], height=size[1], output_type="np").images
     check_images(arrays, f"{prompt!r} at {setting.label}")  # as PNGs NaN would be black
     return pipe.numpy_to_pil(arrays)
 
 
+def cache_name(setting: Setting, steps: int, run: str | Path,
+               negative_prompt: str | None = None) -> str:
+    """The folder name of cached images: everything they depend on besides
+    the prompt and seed (the LoRA file's contents included)."""
+    negative = (f"_neg{hashlib.sha256(negative_prompt.encode()).hexdigest()[:8]}"
+                if negative_prompt else "")
+    return f"{setting.slug}_steps{steps}_lora{lora_fingerprint(run)}{negative}"
+
+
 def draw_cached(pipe, has_text: tuple[str, ...], prompt: str, setting: Setting, seeds: list[int],
-                steps: int, folder: Path) -> list[Image.Image]:
-    """Images for ``seeds``, drawing only those not already in ``folder``."""
+                steps: int, folder: Path, negative_prompt: str | None = None) -> list[Image.Image]:
+    """Images for ``seeds``, drawing only those not already in ``folder``
+    (whose name must hold whatever else the images depend on)."""
     paths = [folder / f"seed{s}.png" for s in seeds]
     todo = [s for s, p in zip(seeds, paths) if not p.is_file()]
     if todo:
-        for s, image in zip(todo, draw(pipe, has_text, prompt, setting, todo, steps)):
+        for s, image in zip(todo, draw(pipe, has_text, prompt, setting, todo, steps,
+                                       negative_prompt)):
             save_png(image, folder / f"seed{s}.png")
     return [Image.open(p).convert("RGB") for p in paths]
 
 
 def generate(run: str | Path, prompts: list[str], unet_scales: list[float] = (1.0,),
              text_scales: list[float] = (1.0,), guidances: list[float] = (7.5,),
-             num_images: int = 4, seed: int = 0, steps: int = 25, negative_prompt: str = "",
+             num_images: int = 4, seed: int = 0, steps: int = 25, negative_prompt: str | None = None,
              scheduler: str = "dpm", output: str | Path | None = None,
              model: str | None = None, width: int | None = None,
              height: int | None = None, text2_scales: list[float] = ()) -> list[Image.Image]:
@@ -201,7 +216,8 @@ def generate(run: str | Path, prompts: list[str], unet_scales: list[float] = (1.
                           size=(width, height))
             for s, image in zip(seeds, images):
                 save_png(image, folder / f"{setting.slug}_s{s}.png",
-                         _pnginfo(prompt, negative_prompt, setting, s, steps, scheduler, str(run)))
+                         _pnginfo(prompt, negative_prompt or "", setting, s, steps, scheduler,
+                                  str(run)))
             rows.append(images)
             everything.extend(images)
         grid = make_grid(rows, [s.label for s in settings], [f"seed {s}" for s in seeds],

@@ -5,6 +5,9 @@ LoRA at the end. Keys are those of ``checkpoint.trainable_state``
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 
 
@@ -21,12 +24,43 @@ def ema_shadow(modules: dict[str, torch.nn.Module], decay: float) -> dict[str, t
     return {key: p.detach().float().clone() for key, p in _trainable(modules)}
 
 
+def ema_decay_at(decay: float, step: int) -> float:
+    """The decay of the update after optimizer step ``step`` (from 0), with
+    diffusers EMAModel's warm-up: without it the shadow of a short run keeps
+    decay**steps of the LoRA's zero init (0.99 over 100 steps: 37%)."""
+    return min(decay, (1 + step) / (10 + step))
+
+
 @torch.no_grad()
 def ema_update(shadow: dict[str, torch.Tensor], modules: dict[str, torch.nn.Module],
-               decay: float) -> None:
-    """shadow <- decay * shadow + (1 - decay) * weights, in place."""
+               decay: float, step: int) -> None:
+    """shadow <- d * shadow + (1 - d) * weights, in place, d the warmed-up
+    decay after optimizer step ``step`` (from 0)."""
+    d = ema_decay_at(decay, step)
     for key, p in _trainable(modules):
-        shadow[key].lerp_(p.detach().float(), 1 - decay)
+        shadow[key].lerp_(p.detach().float(), 1 - d)
+
+
+@contextmanager
+def ema_applied(shadow: dict[str, torch.Tensor] | None,
+                modules: dict[str, torch.nn.Module]) -> Iterator[None]:
+    """The modules hold the average while the block runs (what the run would
+    save now), then their own weights again; no shadow: nothing changes."""
+    if shadow is None:
+        yield
+        return
+    own = {key: p.detach().clone() for key, p in _trainable(modules)}
+    _copy_into(modules, shadow)
+    try:
+        yield
+    finally:
+        _copy_into(modules, own)
+
+
+@torch.no_grad()
+def _copy_into(modules: dict[str, torch.nn.Module], values: dict[str, torch.Tensor]) -> None:
+    for key, p in _trainable(modules):
+        p.copy_(values[key])
 
 
 def ema_load(shadow: dict[str, torch.Tensor], saved: dict[str, torch.Tensor]) -> None:

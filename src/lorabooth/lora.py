@@ -3,6 +3,7 @@ into a pipeline and set the UNet / text-encoder scales separately."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,9 +12,11 @@ from typing import Any, Iterator
 import torch
 from diffusers import StableDiffusionPipeline
 from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors import safe_open
 
 from .errors import UserError, first_line
+from .pivotal import scale_rows
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -100,6 +103,16 @@ def find_lora(run: str | Path) -> Path:
     raise UserError(f"{run}: no LoRA here (expected {WEIGHT_NAME}; did training finish?)")
 
 
+def lora_fingerprint(run: str | Path) -> str:
+    """The first 12 hex digits of the LoRA file's sha256: images cached under
+    a name holding it are drawn afresh when a run is retrained in place."""
+    digest = hashlib.sha256()
+    with find_lora(run).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:12]
+
+
 def lora_metadata(run: str | Path) -> dict[str, Any]:
     """Our header fields (values were stored as strings; JSON ones decoded)."""
     _, header = read_lora(find_lora(run))
@@ -120,13 +133,16 @@ def fused(pipe: StableDiffusionPipeline, unet_scale: float, text_scale: float,
     block runs, then taken out again: drawing at fixed scales then costs what
     the base model costs (no extra LoRA matmuls per layer). Unfusing
     subtracts what fusing added, so the weights come back to within float
-    rounding."""
+    rounding. A component at scale 0 is not fused: its adapter is off."""
     weights = set_scales(pipe, unet_scale, text_scale, text_parts, text2_scale)
-    pipe.fuse_lora(components=list(weights), lora_scale=1.0, adapter_names=[ADAPTER])
+    merged = [part for part, scale in weights.items() if scale]
+    if merged:
+        pipe.fuse_lora(components=merged, lora_scale=1.0, adapter_names=[ADAPTER])
     try:
         yield
     finally:
-        pipe.unfuse_lora(components=list(weights))
+        if merged:
+            pipe.unfuse_lora(components=merged)
 
 
 def set_scales(pipe: StableDiffusionPipeline, unet_scale: float, text_scale: float,
@@ -134,9 +150,25 @@ def set_scales(pipe: StableDiffusionPipeline, unet_scale: float, text_scale: flo
     """Scale the UNet and text-encoder adapters independently; returns the
     scale of each component. ``text_parts``: the text encoders holding LoRA
     (diffusers' names); ``text_scale`` applies to each, SDXL's second
-    (`text_encoder_2`) takes ``text2_scale`` when given."""
+    (`text_encoder_2`) takes ``text2_scale`` when given. --train-token's
+    rows follow ``text_scale``.
+
+    Scale 0 is the base model: a component at 0 has its adapter switched
+    off, not multiplied by 0 (a DoRA layer at scale 0 would still apply its
+    trained magnitudes), and the identifier's rows are the base model's."""
     per_encoder = {"text_encoder_2": text_scale if text2_scale is None else text2_scale}
     weights = {"unet": unet_scale, **{part: per_encoder.get(part, text_scale)
                                       for part in text_parts}}
     pipe.set_adapters([ADAPTER], adapter_weights=[weights])
+    for part, scale in weights.items():
+        switch_adapters(getattr(pipe, part), bool(scale))
+    scale_rows(pipe.text_encoder, text_scale)
     return weights
+
+
+def switch_adapters(module: torch.nn.Module, on: bool) -> None:
+    """Every peft adapter layer in ``module`` on, or off (the base layer's
+    output, whatever the adapter holds)."""
+    for layer in module.modules():
+        if isinstance(layer, BaseTunerLayer):
+            layer.enable_adapters(on)

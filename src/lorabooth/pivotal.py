@@ -16,6 +16,7 @@ embedding `bundle_emb.WORD.string_to_param.*` in the kohya layout."""
 from __future__ import annotations
 
 import json
+from weakref import WeakKeyDictionary
 
 import torch
 
@@ -95,19 +96,46 @@ def holds_tokens(ids: torch.Tensor, token: TokenVectors) -> bool:
     return bool(torch.isin(ids, torch.tensor(token.token_ids)).any())
 
 
+# Each loading pipeline's text encoder -> its token ids, the base model's rows
+# and the learned ones: the rows belong to the adapter, so a text scale
+# moves them between the two (``scale_rows``).
+_LOADED: WeakKeyDictionary = WeakKeyDictionary()
+
+
 def write_rows(tokenizer, text_encoder: torch.nn.Module,
                embeddings: dict[str, torch.Tensor], where: str) -> None:
     """Put saved rows into ``text_encoder``'s embedding matrix, each word's
-    tokens found with ``tokenizer``."""
+    tokens found with ``tokenizer``, remembering the base model's rows so
+    that ``scale_rows`` can take them out again."""
     weight = token_embedding(text_encoder).weight
+    ids, learned = [], []
     for word, vectors in embeddings.items():
-        ids = tokenizer(word, add_special_tokens=False).input_ids
-        if vectors.ndim != 2 or len(ids) != vectors.shape[0] or vectors.shape[1] != weight.shape[1]:
+        pieces = tokenizer(word, add_special_tokens=False).input_ids
+        if vectors.ndim != 2 or len(pieces) != vectors.shape[0] or vectors.shape[1] != weight.shape[1]:
             raise UserError(f"{where}: the trained embedding of {word!r} has shape "
-                            f"{tuple(vectors.shape)}; this base model needs ({len(ids)}, "
+                            f"{tuple(vectors.shape)}; this base model needs ({len(pieces)}, "
                             f"{weight.shape[1]})")
-        with torch.no_grad():
-            weight[ids] = vectors.to(weight.device, weight.dtype)
+        ids += pieces
+        learned.append(vectors.float())
+    if not ids:
+        return
+    if text_encoder in _LOADED:  # a second load starts from the base rows again
+        scale_rows(text_encoder, 0.0)
+    _LOADED[text_encoder] = (ids, weight[ids].detach().float().clone(), torch.cat(learned))
+    scale_rows(text_encoder, 1.0)
+
+
+def scale_rows(text_encoder: torch.nn.Module, scale: float) -> None:
+    """The loaded identifier rows at ``scale``: base + scale * (learned -
+    base), exactly the base model's rows at 0 and the learned ones at 1;
+    nothing without loaded rows."""
+    loaded = _LOADED.get(text_encoder)
+    if loaded is None:
+        return
+    ids, base, learned = loaded
+    weight = token_embedding(text_encoder).weight
+    with torch.no_grad():  # lerp is exact at both ends
+        weight[ids] = torch.lerp(base, learned, float(scale)).to(weight.device, weight.dtype)
 
 
 def split_embeddings(tensors: dict[str, torch.Tensor]

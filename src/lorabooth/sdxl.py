@@ -87,10 +87,11 @@ def sdxl_config_dir(folder: Path) -> Path:
     return folder
 
 
-def build_tiny_sdxl(seed: int = 0):
+def build_tiny_sdxl(seed: int = 0, layers_per_block: int = 2):
     """An SDXL-shaped model with small random weights, built in about a second:
     two text encoders (the second with a projection), a UNet with SDXL's
-    added text-and-time embedding. Same classes and code paths as SDXL."""
+    added text-and-time embedding. Same classes and code paths as SDXL;
+    ``layers_per_block`` other than SDXL's 2 numbers its blocks otherwise."""
     from .parts import BaseModel, clip_tokenizer, sd_noise_scheduler
 
     with torch.random.fork_rng():
@@ -98,7 +99,7 @@ def build_tiny_sdxl(seed: int = 0):
         # different widths, so a swapped encoder or a wrong concatenation fails loudly
         text_1, text_2, pooled, time_dim = 32, 48, 32, 8
         unet = UNet2DConditionModel(
-            sample_size=32, in_channels=4, out_channels=4, layers_per_block=2,
+            sample_size=32, in_channels=4, out_channels=4, layers_per_block=layers_per_block,
             block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2),
             cross_attention_dim=text_1 + text_2, attention_head_dim=8, norm_num_groups=32,

@@ -31,7 +31,7 @@ from .config import (
     to_toml_dict,
     unknown_key,
 )
-from .drawing import Setting, load_pipeline, prompt_slug, settings_grid
+from .drawing import Setting, cache_name, load_pipeline, prompt_slug, settings_grid
 from .errors import UserError
 from .fileio import save_png, to_json
 from .grid import make_grid
@@ -212,16 +212,18 @@ def _draw_all(sweep: Sweep, run: Path) -> dict[str, list[list[Image.Image]]]:
     from .drawing import draw_cached
 
     pipe = None
+    negative = sweep.generate.negative_prompt
     out: dict[str, list[list[Image.Image]]] = {}
     for p, prompt in enumerate(sweep.prompts):
         rows = []
         for setting in sweep.settings:
-            folder = run / "sweep" / prompt_slug(p, prompt) / f"{setting.slug}_steps{sweep.steps}"
+            folder = (run / "sweep" / prompt_slug(p, prompt)
+                      / cache_name(setting, sweep.steps, run, negative))
             if pipe is None and not all((folder / f"seed{s}.png").is_file() for s in sweep.seeds):
                 pipe = load_pipeline(run)
             model, has_text = pipe or (None, False)  # None: every image is cached
             rows.append(draw_cached(model, has_text, prompt, setting, sweep.seeds, sweep.steps,
-                                    folder))
+                                    folder, negative))
         out[prompt] = rows
     return out
 

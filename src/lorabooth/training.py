@@ -40,7 +40,7 @@ from .data import (
     caption_dropout,
     image_files,
 )
-from .ema import ema_shadow, ema_state, ema_update
+from .ema import ema_applied, ema_shadow, ema_state, ema_update
 from .errors import UserError
 from .fileio import save_png, to_json, write_text
 from .formats.layouts import KOHYA_DORA_REFUSAL, save_lora
@@ -195,7 +195,7 @@ def _train(config: TrainConfig, accelerator: Accelerator, output: Path,
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if ema is not None:
-            ema_update(ema, trained, config.ema_decay)
+            ema_update(ema, trained, config.ema_decay, step)
         if not all(torch.isfinite(p).all() for m in modules.values() for p in lora_parameters(m)):
             raise _numerical_fault(config, output, step + 1, "the LoRA weights hold NaN or inf")
 
@@ -226,7 +226,8 @@ def _train(config: TrainConfig, accelerator: Accelerator, output: Path,
                 log.debug("checkpoint %s", path)
         if (config.validation_prompt and config.validation_every and done < config.steps
                 and done % config.validation_every == 0 and accelerator.is_main_process):
-            images = _validate(config, base, output, done)
+            with ema_applied(ema, trained):  # what the run would save now
+                images = _validate(config, base, output, done)
             if on_validation is not None:
                 on_validation(done, images)
     bar.close()

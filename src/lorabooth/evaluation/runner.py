@@ -17,7 +17,7 @@ from PIL import Image
 from ..checks import check_kind, check_options
 from ..config import DEFAULT_CLIP, DEFAULT_DINO
 from ..data import readable_images
-from ..drawing import Setting, draw_cached, load_pipeline, prompt_slug
+from ..drawing import Setting, cache_name, draw_cached, load_pipeline, prompt_slug
 from ..errors import UserError
 from ..fileio import save_png, write_json, write_text
 from ..grid import make_grid
@@ -162,7 +162,7 @@ def evaluate(run: str | Path, real: str, class_noun: str | None = None, kind: st
         settings = {"base model (no LoRA)": Setting(0.0, 0.0, guidance), **settings}
     drawn: dict[str, dict[str, list[Image.Image]]] = {}
     for row, setting in settings.items():
-        cache = out / "images" / f"{setting.slug}_steps{steps}"
+        cache = out / "images" / cache_name(setting, steps, run)  # retrained: drawn afresh
         drawn[row] = {p.slug: draw_cached(pipe, has_text, p.full, setting, seeds, steps,
                                           cache / p.slug) for p in prompts}
         drawn[row]["_class"] = draw_cached(pipe, has_text, class_prompt, setting,

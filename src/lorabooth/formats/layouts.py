@@ -33,7 +33,16 @@ from ..lora import (
     read_lora,
 )
 from ..pivotal import embedding_keys, split_embeddings, write_rows
-from .sdxl import FAMILY_KEY, SDXL, SDXL_KOHYA_META, SDXL_UNET, family_of, sgm_unet_module
+from .sdxl import (
+    FAMILY_KEY,
+    SDXL,
+    SDXL_KOHYA_META,
+    UNET_BLOCKS_KEY,
+    blocks_from_header,
+    family_of,
+    sgm_unet_module,
+    unet_blocks,
+)
 
 log = logging.getLogger(__name__)
 
@@ -136,21 +145,24 @@ def peft_to_diffusers(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return {**unet, **text}
 
 
-def _sgm_key(key: str) -> str:
+def _sgm_key(key: str, blocks) -> str:
     """`unet.<diffusers module>.lora_A.weight` -> the module's SGM name."""
     module, _, tail = key.removeprefix("unet.").partition(".lora_")
-    return f"unet.{sgm_unet_module(module)}.lora_{tail}"
+    return f"unet.{sgm_unet_module(module, blocks)}.lora_{tail}"
 
 
 def peft_to_kohya(tensors: dict[str, torch.Tensor], alpha: float,
-                  family: str | None = None) -> dict[str, torch.Tensor]:
+                  family: str | None = None, blocks=None) -> dict[str, torch.Tensor]:
     """Peft -> kohya through diffusers' converter. SDXL's UNet modules take
     their SGM names (`lora_unet_input_blocks_4_1_…`), as kohya's sd-scripts
-    write them; diffusers' converter would keep the diffusers names."""
+    write them, numbered by ``blocks`` (the model's UNet config; default
+    SDXL 1.0's); diffusers' converter would keep the diffusers names."""
     tensors = {canonical_key(k): v for k, v in tensors.items()}
     sdxl = (family or family_of(tensors)) == SDXL
     if sdxl:
-        tensors = {(_sgm_key(k) if k.startswith("unet.") else k): v for k, v in tensors.items()}
+        blocks = blocks or blocks_from_header(None)
+        tensors = {(_sgm_key(k, blocks) if k.startswith("unet.") else k): v
+                   for k, v in tensors.items()}
     kohya = convert_state_dict_to_kohya(tensors)
     out = {}
     for key, value in kohya.items():
@@ -162,16 +174,18 @@ def peft_to_kohya(tensors: dict[str, torch.Tensor], alpha: float,
     return out
 
 
-def kohya_to_peft(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], float]:
+def kohya_to_peft(tensors: dict[str, torch.Tensor], header: dict[str, str] | None = None
+                  ) -> tuple[dict[str, torch.Tensor], float]:
     """Through diffusers' own kohya reader (what load_lora_weights does)."""
     tensors = {canonical_key(k): v for k, v in tensors.items()}
     renamed = {("lora_te1_" + k[len("lora_te_"):] if k.startswith("lora_te_") else k): v
                for k, v in tensors.items()}
     # SGM block names (SDXL's kohya files) are renumbered by diffusers from the
-    # layers per level, 2 in every SD and SDXL UNet
+    # layers per level: the file's recorded UNet blocks, else SDXL 1.0's
     reader = StableDiffusionXLPipeline if family_of(tensors) == SDXL else StableDiffusionPipeline
     try:
-        legacy, alphas = reader.lora_state_dict(dict(renamed), unet_config=SDXL_UNET)
+        legacy, alphas = reader.lora_state_dict(dict(renamed),
+                                                unet_config=blocks_from_header(header))
     except (ValueError, KeyError) as e:
         raise UserError(f"kohya file: cannot be read ({first_line(e, 120)})") from None
     values = {float(v) for v in (alphas or {}).values()}
@@ -252,7 +266,7 @@ def read_as_peft(path: str | Path) -> tuple[dict[str, torch.Tensor], int, float,
         if is_dora(tensors):  # diffusers' kohya reader drops dora_scale with a warning
             raise UserError(f"{path}: a kohya DoRA file (dora_scale): lorabooth reads DoRA only "
                             "in the diffusers or peft layout")
-        peft, alpha = kohya_to_peft(tensors)
+        peft, alpha = kohya_to_peft(tensors, header)
     else:
         alpha = alpha_from_header(header, float(rank))
         peft = ({peft_magnitude_key(canonical_key(k)): v for k, v in tensors.items()}
@@ -274,7 +288,7 @@ def write_lora(dst: Path, peft: dict[str, torch.Tensor], rank: int, alpha: float
     if to == "kohya":
         if is_dora(peft):
             raise UserError(f"{dst}: not written: {KOHYA_DORA_REFUSAL}")
-        out = peft_to_kohya(peft, alpha, family)
+        out = peft_to_kohya(peft, alpha, family, blocks_from_header(header))
         meta = {"format": "pt", **kohya_metadata({**header, **ours}),
                 **(SDXL_KOHYA_META if family == SDXL else {})}
     else:
@@ -335,6 +349,8 @@ def save_lora(folder: str | Path, unet: torch.nn.Module, text_encoder: torch.nn.
             peft.update(module_lora(module, part))
     if family:
         metadata = {**metadata, FAMILY_KEY: family}
+    if family == SDXL:  # kohya's SGM names follow the model's own blocks
+        metadata = {**metadata, UNET_BLOCKS_KEY: unet_blocks(unet.config)}
     config = unet.peft_config["default"]
     paths = [write_lora(folder / (KOHYA_WEIGHT_NAME if to == "kohya" else WEIGHT_NAME), peft,
                         config.r, float(config.lora_alpha), metadata, to, embeddings)

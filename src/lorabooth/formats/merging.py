@@ -211,9 +211,10 @@ def fuse(run: str | Path, out: str | Path, unet_scale: float = 1.0, text_scale: 
     if not single_file and out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: is a file; fuse writes a model folder there")
     pipe, has_text = _loaded_pipeline(run, model)
-    set_scales(pipe, unet_scale, text_scale, has_text)
-    components = ["unet", *has_text]  # the text encoders holding LoRA
-    pipe.fuse_lora(components=components, lora_scale=1.0)
+    weights = set_scales(pipe, unet_scale, text_scale, has_text)  # the rows too
+    components = list(weights)  # the UNet and the text encoders holding LoRA
+    if merged := [part for part in components if weights[part]]:  # scale 0: the base weights
+        pipe.fuse_lora(components=merged, lora_scale=1.0)
     pipe.unload_lora_weights()  # the fused weights stay; the adapter layers go
     for name in components:
         check_tensors(getattr(pipe, name).state_dict(), f"--out {out}: the fused {name}")

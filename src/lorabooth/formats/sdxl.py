@@ -46,12 +46,15 @@ SDXL_TEXT_CONFIGS = (
      "num_attention_heads": 12, "hidden_act": "quick_gelu", "projection_dim": 768},
     {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32,
      "num_attention_heads": 20, "hidden_act": "gelu", "projection_dim": 1280})
-# The block numbering every SDXL-shaped UNet shares (2 layers per level), for
-# naming LoRA modules without the model at hand.
-SDXL_UNET = SimpleNamespace(**{k: SDXL_UNET_CONFIG[k] for k in (
-    "block_out_channels", "layers_per_block", "down_block_types", "up_block_types",
-    "addition_embed_type")})
-_SDXL_PAIRS = ldm_pairs(SDXL_UNET)
+# What SGM block numbering depends on: the levels, the layers per level and
+# which levels hold attention (a transformer's depth only numbers inside a block).
+BLOCK_KEYS = ("block_out_channels", "layers_per_block", "down_block_types", "up_block_types",
+              "addition_embed_type")
+# A LoRA file's record of its UNet's blocks (SDXL), so its SGM names can be
+# written and read without the model at hand.
+UNET_BLOCKS_KEY = "lorabooth.unet_blocks"
+# SDXL 1.0's numbering: for files that record none.
+SDXL_UNET = SimpleNamespace(**{k: SDXL_UNET_CONFIG[k] for k in BLOCK_KEYS})
 CROSS_ATTENTION_WIDTH = 2048  # CLIP-L 768 + OpenCLIP-G 1280, concatenated
 
 TE1_LDM = "conditioner.embedders.0.transformer."
@@ -85,10 +88,30 @@ def family_of(tensors: dict[str, torch.Tensor], header: dict[str, str] | None = 
     return SD
 
 
-def sgm_unet_module(module: str) -> str:
+def unet_blocks(config) -> str:
+    """The header value recording a UNet config's block layout (JSON)."""
+    get = config.get if isinstance(config, dict) else lambda k: getattr(config, k, None)
+    return json.dumps({k: (list(v) if isinstance(v, tuple) else v)
+                       for k in BLOCK_KEYS if (v := get(k)) is not None}, sort_keys=True)
+
+
+def blocks_from_header(header: dict[str, str] | None) -> SimpleNamespace:
+    """A file's recorded UNet block layout, or SDXL 1.0's when it has none
+    (or an unreadable one)."""
+    try:
+        blocks = json.loads((header or {}).get(UNET_BLOCKS_KEY, ""))
+        return SimpleNamespace(**{**vars(SDXL_UNET), **{k: blocks[k] for k in BLOCK_KEYS[:4]},
+                                  "addition_embed_type": blocks.get("addition_embed_type")})
+    except (ValueError, KeyError, TypeError):
+        return SDXL_UNET
+
+
+def sgm_unet_module(module: str, blocks=SDXL_UNET) -> str:
     """A diffusers UNet module name (`down_blocks.1.attentions.0.…`) -> its
-    SGM name (`input_blocks.4.1.…`), the one kohya's SDXL files use."""
-    return unet_ldm_key(module + ".weight", _SDXL_PAIRS).removesuffix(".weight")
+    SGM name (`input_blocks.4.1.…` in SDXL 1.0), the one kohya's SDXL files
+    use, numbered by ``blocks`` (a UNet config: its layers per level and
+    block types)."""
+    return unet_ldm_key(module + ".weight", ldm_pairs(blocks)).removesuffix(".weight")
 
 
 def openclip_name(key: str) -> str:
