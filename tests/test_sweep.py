@@ -230,3 +230,11 @@ def test_generate_negative_prompt_reaches_the_drawing_and_the_cache(tmp_path, ph
     assert negatives == ["blurry", "cartoon"]
     run_sweep(f)  # the same again: cached
     assert negatives == ["blurry", "cartoon"]
+
+
+def test_a_prompt_whose_identifier_falls_past_the_window_is_refused(tmp_path, photos):
+    """[generate] prompts go through the same token-window check as generate's."""
+    long = "a photo of " + "very " * 90 + "sks dog"
+    text = NEGATIVE_SWEEP.replace('prompts = ["a photo of sks dog"]', f'prompts = ["{long}"]')
+    with pytest.raises(UserError, match=r"\[generate\] prompts: the identifier 'sks' falls past"):
+        run_sweep(_write(tmp_path, photos, text.replace("NEGATIVE", "blurry")))

@@ -209,7 +209,7 @@ def run_state(config: TrainConfig) -> str:
 
 def _draw_all(sweep: Sweep, run: Path) -> dict[str, list[list[Image.Image]]]:
     """Every prompt x setting x seed for one run, drawing only what is missing."""
-    from .drawing import draw_cached
+    from .drawing import check_windows, draw_cached
 
     pipe = None
     negative = sweep.generate.negative_prompt
@@ -221,6 +221,7 @@ def _draw_all(sweep: Sweep, run: Path) -> dict[str, list[list[Image.Image]]]:
                       / cache_name(setting, sweep.steps, run, negative))
             if pipe is None and not all((folder / f"seed{s}.png").is_file() for s in sweep.seeds):
                 pipe = load_pipeline(run)
+                check_windows(pipe[0], run, sweep.prompts, "[generate] prompts")
             model, has_text = pipe or (None, False)  # None: every image is cached
             rows.append(draw_cached(model, has_text, prompt, setting, sweep.seeds, sweep.steps,
                                     folder, negative))
