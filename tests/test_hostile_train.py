@@ -245,7 +245,7 @@ ROWS = {
         "not in the local Hugging Face cache"),
     "--overwrite would delete the photos in OUTPUT/samples": Row(
         TRAIN + ["--overwrite", "--instance-dir", "{run}/samples", "--output", "{run}"], 2,
-        "--overwrite: would delete", photos_in_samples),
+        "is or holds the input --instance-dir", photos_in_samples),
     "--overwrite replaces the run as a fresh one": Row(
         TRAIN + ["--overwrite", "--seed", "7", "--checkpoint-every", "1", "--output", "{tmp}/r"],
         0, "LoRA:", copy_run(leftovers_of_the_old_run), replaced_as_fresh),

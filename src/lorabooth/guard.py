@@ -83,9 +83,11 @@ def _json_keys(path: Path, *keys: str) -> bool:
 
 
 def _run_folder(folder: Path) -> bool:
-    """A training run: its config.toml, or a sweep's stamp for a run not
-    started yet, or checkpoints of an interrupted one."""
+    """A training run: its config.toml, its LoRA file (train then refuses a
+    finished run without --resume or --overwrite, and names a config.toml
+    that no longer reads), or checkpoints of an interrupted one."""
     return (_toml_keys(folder / "config.toml", "instance_prompt", "instance_dir")
+            or _has(folder, "pytorch_lora_weights.safetensors", "lora_kohya.safetensors")
             or (folder / "checkpoints").is_dir())
 
 
