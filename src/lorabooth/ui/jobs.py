@@ -14,7 +14,6 @@ own session outlives the page and the server."""
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import os
 import secrets
@@ -27,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
-from ..fileio import to_json, write_text
+from ..fileio import check_regular_file, load_json, to_json, write_text
 from .workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -60,20 +59,28 @@ class Job:
 
     def log_tail(self, lines: int = 15) -> str:
         try:
+            check_regular_file(self.path / LOG)  # a FIFO in its place would block the page
             with (self.path / LOG).open("rb") as f:
                 f.seek(max(0, f.seek(0, os.SEEK_END) - 16384))
                 text = f.read().decode("utf-8", "replace")
-        except OSError:
+        except (OSError, UserError):
             return ""
         # tqdm redraws its bar with \r: keep only the last state of each line
         return "\n".join(line.rsplit("\r", 1)[-1] for line in text.split("\n")[-lines:])
 
 
 def load_job(folder: Path) -> Job | None:
+    """The job whose state ``folder`` holds; None when it holds none, or one
+    that cannot be read (said in one line: the page starts all the same)."""
+    if not (folder / STATE).exists():
+        return None
     try:
-        data = json.loads((folder / STATE).read_text(encoding="utf-8"))
-        job = Job(**data)
-    except (OSError, ValueError, TypeError):
+        job = Job(**load_json(folder / STATE))
+    except UserError as e:
+        log.warning("%s (ignored)", e)
+        return None
+    except TypeError:  # not an object, or not a job's fields
+        log.warning("%s: not a job's state (ignored)", folder / STATE)
         return None
     job.folder = str(folder)  # the workspace may have moved since
     return job

@@ -8,14 +8,13 @@ widgets: `..`, absolute paths elsewhere and symlinks that leave are refused.
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
+from ..fileio import MAX_JSON_BYTES, load_json, load_toml, parse_json, read_bytes_file
 from ..imagefiles import Rejected, decode
 
 # Far above a phone photo (~10 MB); a larger "photo" is a mistake or an attack
@@ -95,9 +94,10 @@ def _is_job_only(path: Path) -> bool:
     if path.name != "ui-job.json":
         return False
     try:
-        return json.loads(path.read_text(encoding="utf-8")).get("kind") != "train"
-    except (OSError, ValueError):
+        data = load_json(path)
+    except UserError:
         return True
+    return not isinstance(data, dict) or data.get("kind") != "train"
 
 
 def read_run_config(run: Path) -> dict:
@@ -105,8 +105,8 @@ def read_run_config(run: Path) -> dict:
     page queued it with, or {}."""
     for name in ("config.toml", "ui-train.toml"):
         try:
-            return tomllib.loads((run / name).read_text(encoding="utf-8"))
-        except (OSError, tomllib.TOMLDecodeError):
+            return load_toml(run / name)
+        except UserError:
             continue
     return {}
 
@@ -115,14 +115,14 @@ def read_metrics(run: Path) -> list[dict]:
     """metrics.jsonl's records; a line being written (no newline yet) or
     broken is skipped, so a live run reads cleanly."""
     try:
-        text = (run / "metrics.jsonl").read_text(encoding="utf-8")
-    except OSError:
+        text = read_bytes_file(run / "metrics.jsonl", "", MAX_JSON_BYTES).decode("utf-8", "replace")
+    except UserError:
         return []
     records = []
     for line in text.split("\n")[:-1]:  # the last piece has no newline yet
         try:
-            record = json.loads(line)
-        except ValueError:
+            record = parse_json(line, "metrics.jsonl")
+        except UserError:
             continue
         if isinstance(record, dict) and isinstance(record.get("step"), int):
             records.append(record)
