@@ -5,7 +5,6 @@ under a temp name, fsynced, then renamed)."""
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import re
@@ -18,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import UserError, first_line
-from .fileio import atomic_path, fsync_dir, to_json
+from .fileio import atomic_path, check_regular_file, fsync_dir, load_json, to_json
 
 log = logging.getLogger(__name__)
 
@@ -87,12 +86,20 @@ def save_checkpoint(output: Path, step: int, modules: dict[str, torch.nn.Module]
 
 
 def verify(path: Path) -> bool:
-    """True when the folder's files match its manifest."""
+    """True when the folder's files match its manifest (every file named
+    there a plain regular file of the folder: a FIFO would block the hash)."""
     try:
-        manifest = json.loads((path / "manifest.json").read_text())["sha256"]
+        manifest = load_json(path / "manifest.json", "checkpoint manifest")["sha256"]
+        for name in manifest:
+            if Path(name).name != name:
+                return False
+            check_regular_file(path / name)
         return bool(manifest) and all(_sha256(path / name) == digest
                                       for name, digest in manifest.items())
-    except (OSError, ValueError, KeyError, TypeError):
+    except UserError as e:
+        log.warning("%s", e)
+        return False
+    except (OSError, KeyError, TypeError, AttributeError):
         return False
 
 
