@@ -3,7 +3,6 @@ into a pipeline and set the UNet / text-encoder scales separately."""
 
 from __future__ import annotations
 
-import json
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -14,6 +13,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from safetensors import safe_open
 
 from .errors import UserError, first_line
+from .fileio import check_regular_file, parse_json
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -75,7 +75,10 @@ def load_pickle_safely(path: Path) -> dict:
 
 def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     path = Path(path)
-    if path.suffix.lower() in PICKLE_SUFFIXES and path.is_file():
+    if not path.exists():
+        raise UserError(f"{path}: no such LoRA file")
+    check_regular_file(path, "LoRA file")  # before safetensors opens it: a FIFO would block
+    if path.suffix.lower() in PICKLE_SUFFIXES:
         data = load_pickle_safely(path)
         if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
             raise UserError(f"{path}: not a LoRA state dict (expected names -> tensors)")
@@ -92,7 +95,7 @@ def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
 def find_lora(run: str | Path) -> Path:
     """A LoRA file, or the one in a run folder (diffusers layout first, then kohya)."""
     run = Path(run)
-    if run.is_file():
+    if run.exists() and not run.is_dir():  # a file (read_lora refuses a FIFO or device)
         return run
     for name in (WEIGHT_NAME, KOHYA_WEIGHT_NAME):
         if (run / name).is_file():
@@ -107,8 +110,8 @@ def lora_metadata(run: str | Path) -> dict[str, Any]:
     for k, v in header.items():
         if k.startswith("lorabooth."):
             try:
-                out[k.removeprefix("lorabooth.")] = json.loads(v)
-            except json.JSONDecodeError:
+                out[k.removeprefix("lorabooth.")] = parse_json(v, k)
+            except UserError:
                 out[k.removeprefix("lorabooth.")] = v
     return out
 

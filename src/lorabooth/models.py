@@ -22,6 +22,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from .errors import UserError
 from .families import FAMILIES
+from .lora import KOHYA_WEIGHT_NAME, WEIGHT_NAME
 from .lowmem import load_unet
 from .parts import (  # noqa: F401  (re-exported: the rest of the package imports them from here)
     CLIP_VOCAB_SIZE,
@@ -194,6 +195,7 @@ def load_base(model: str, model_config: str = "",
         # package does not ship a 3.6 MB copy of it
         return _load_folder(toy_model_dir(), "toy", unet_dtype, tokenizer=clip_tokenizer())
     path = Path(model).expanduser()
+    refuse_adapter(path, model)
     if path.is_file():
         from .formats.singlefile import SINGLE_FILE_SUFFIXES
 
@@ -207,6 +209,28 @@ def load_base(model: str, model_config: str = "",
         raise UserError(f"--model {model}: no such folder, and not a hub id (owner/name); "
                         f"built-in models: {', '.join(BUILTIN_MODELS)}")
     return _load_folder(resolve_hub(model), model, unet_dtype)
+
+
+# What a lorabooth run folder (or one of its checkpoints) holds, and a base model never does
+RUN_MARKS = (WEIGHT_NAME, KOHYA_WEIGHT_NAME, "lora.safetensors", "checkpoints")
+
+
+def refuse_adapter(path: Path, model: str) -> None:
+    """A LoRA file or a run folder given where a base model belongs is one
+    line saying so (not a loader's error about missing configs or keys)."""
+    if path.is_dir() and not (path / "unet").is_dir():
+        held = [name for name in RUN_MARKS if (path / name).exists()]
+        if held:
+            raise UserError(f"--model {model}: is a LoRA run folder (it holds {held[0]}), not a "
+                            f"base model; pass the base model the LoRA was trained on")
+    elif path.exists() and not path.is_dir():
+        from .formats.singlefile import SINGLE_FILE_SUFFIXES
+        from .sdxl import single_file_keys
+
+        keys = single_file_keys(path) if path.suffix.lower() in SINGLE_FILE_SUFFIXES else []
+        if any("lora" in k.lower() for k in keys):
+            raise UserError(f"--model {model}: is a LoRA file, not a base model; give it as the "
+                            f"run and --model the base model it was trained on")
 
 
 def model_family(model: str) -> str | None:

@@ -15,11 +15,10 @@ embedding `bundle_emb.WORD.string_to_param.*` in the kohya layout."""
 
 from __future__ import annotations
 
-import json
-
 import torch
 
 from .errors import UserError
+from .fileio import parse_json
 
 EMB_PREFIX = "lorabooth_emb."
 BUNDLE_PREFIX, BUNDLE_SUFFIX = "bundle_emb.", ".string_to_param.*"
@@ -137,9 +136,9 @@ def is_embedding_key(key: str) -> bool:
 
 def trained_tokens(header: dict[str, str]) -> dict[str, list[int]]:
     try:
-        value = json.loads(header.get(TRAINED_TOKENS, "{}"))
+        value = parse_json(header.get(TRAINED_TOKENS, "{}"), TRAINED_TOKENS)
         return value if isinstance(value, dict) else {}
-    except ValueError:
+    except UserError:
         return {}
 
 

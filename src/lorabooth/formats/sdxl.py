@@ -13,13 +13,14 @@ tested against diffusers' readers."""
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
+from ..errors import UserError
+from ..fileio import parse_json
 from .singlefile import ldm_pairs, text_ldm_name, unet_ldm_key, unet_to_ldm, vae_to_ldm
 
 SD, SDXL = "sd", "sdxl"  # LoRA families: one text encoder (SD 1.x/2.x) or SDXL's two
@@ -71,8 +72,8 @@ def family_of(tensors: dict[str, torch.Tensor], header: dict[str, str] | None = 
     recorded = (header or {}).get(FAMILY_KEY)
     if recorded:
         try:
-            recorded = json.loads(recorded)
-        except json.JSONDecodeError:
+            recorded = parse_json(recorded, FAMILY_KEY)
+        except UserError:
             pass
         if recorded in FAMILY_NAMES:
             return recorded
