@@ -236,12 +236,13 @@ def refuse_adapter(path: Path, model: str) -> None:
 def model_family(model: str) -> str | None:
     """"sdxl" or "sd1" for a built-in name, a diffusers folder or a single
     file, read from names and key lists only (no weights); None for a hub id
-    (not looked up here)."""
+    (not looked up here). A LoRA file or run folder is refused (one line)."""
     from .sdxl import file_family, folder_family
 
     path = Path(model).expanduser()
     if model in BUILTIN_MODELS:
         return "sdxl" if "sdxl" in model else "sd1"
+    refuse_adapter(path, model)
     if path.is_dir():
         return folder_family(path)
     if path.is_file():

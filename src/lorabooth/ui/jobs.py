@@ -80,6 +80,10 @@ def load_job(folder: Path) -> Job | None:
         log.warning("%s (ignored)", e)
         return None
     except TypeError:  # not an object, or not a job's fields
+        job = None
+    if job is None or not (isinstance(job.argv, list) and isinstance(job.kind, str)
+                           and isinstance(job.status, str)
+                           and isinstance(job.created, (int, float))):
         log.warning("%s: not a job's state (ignored)", folder / STATE)
         return None
     job.folder = str(folder)  # the workspace may have moved since
