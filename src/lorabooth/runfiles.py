@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shlex
 import shutil
-import tomllib
 from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
@@ -20,7 +20,7 @@ from . import __version__
 from . import markdown as md
 from .config import TrainConfig, field_default, option_name, prior_mode, to_toml_dict
 from .errors import UserError
-from .fileio import inside, nested, write_text
+from .fileio import MAX_JSON_BYTES, inside, load_toml, nested, parse_json, read_text_file, write_text
 from .identifier import guess_identifier
 from .pivotal import diffusers_lines
 
@@ -48,10 +48,7 @@ def check_resume_config(output: Path, config: TrainConfig) -> None:
     path = output / "config.toml"
     if not (config.resume and path.is_file()):
         return
-    try:
-        old = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError):
-        return
+    old = load_toml(path, "--resume")
     if "prior_preservation" in old:  # a bool in runs from before it had modes
         old["prior_preservation"] = prior_mode(old["prior_preservation"])
     # a run written before an option existed ran with its default
@@ -89,8 +86,8 @@ def acquire_lock(output: Path) -> Path:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             try:
-                pid = int(lock.read_text().split()[0])
-            except (OSError, ValueError, IndexError):
+                pid = int(read_text_file(lock, "", 4096).split()[0])
+            except (UserError, ValueError, IndexError):
                 pid = -1
             if pid > 0 and pid != os.getpid() and _pid_alive(pid):
                 raise UserError(f"--output {output}: another lorabooth process (pid {pid}) is "
@@ -245,3 +242,26 @@ Files: `pytorch_lora_weights.safetensors` (diffusers layout, metadata in its
 header), `config.toml` (the exact settings; `lorabooth train --config` reruns
 it), `metrics.jsonl` (loss per step), `samples/` (validation images).
 """
+
+
+def open_metrics(output: Path, start: int, main: bool):
+    """metrics.jsonl, keeping only the lines up to the step we resume from."""
+    if not main:
+        return None
+    path = output / "metrics.jsonl"
+    kept = []
+    if start and path.exists():
+        kept = [line for line in read_text_file(path, "--resume", MAX_JSON_BYTES).splitlines()
+                if _step_of(line) <= start]
+    write_text(path, "".join(line + "\n" for line in kept))
+    return path.open("a", encoding="utf-8")
+
+
+def _step_of(line: str) -> float:
+    """A metrics line's step; a torn or foreign line sorts after every step."""
+    try:
+        record = parse_json(line, "metrics.jsonl")
+    except UserError:
+        return math.inf
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if isinstance(step, int) else math.inf

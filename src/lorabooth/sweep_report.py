@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 from pathlib import Path
 
 from .config import to_toml_dict
 from .drawing import prompt_slug
-from .fileio import write_text
+from .errors import UserError
+from .fileio import MAX_JSON_BYTES, parse_json, read_text_file, write_text
 from .htmlpage import IMAGES_LOADED_SCRIPT
 from .lossplot import loss_svg
 
@@ -26,7 +26,13 @@ def _losses(run: Path) -> list[dict]:
     path = run / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in read_text_file(path, "", MAX_JSON_BYTES).splitlines():
+        try:
+            records.append(parse_json(line, str(path)))
+        except UserError:  # a torn last line of a killed run
+            continue
+    return [r for r in records if isinstance(r, dict)]
 
 
 def loss_plot(results: list[dict]) -> str:
@@ -72,7 +78,7 @@ def render(sweep, results: list[dict]) -> str:
                         f'src="{_data_uri(r["run"] / "sweep" / slug / "grid.png")}">'
                         f"<figcaption>{e(r['name'])}</figcaption></figure>")
         sections.append(f"<section><h3>{e(prompt)}</h3>{''.join(imgs)}</section>")
-    source = Path(sweep.source).read_text(encoding="utf-8")
+    source = read_text_file(sweep.source, "sweep file")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'">

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from contextlib import contextmanager
@@ -73,7 +72,7 @@ from .ranks import (
     rank_streams,
     restore_streams,
 )
-from .runfiles import check_folders, model_card, run_folder, write_config
+from .runfiles import check_folders, model_card, open_metrics, run_folder, write_config
 from .tracking import accelerator_options, log_record, start_trackers
 
 log = logging.getLogger(__name__)
@@ -150,7 +149,7 @@ def _train(config: TrainConfig, accelerator: Accelerator, output: Path,
                         instance_order, class_order, ema, accelerator.process_index)
     if accelerator.is_main_process:
         write_config(output, config)  # only now: a run that fails to start leaves none behind
-    metrics = _open_metrics(output, start, accelerator.is_main_process)
+    metrics = open_metrics(output, start, accelerator.is_main_process)
     start_trackers(accelerator, config, output, start)  # --report-to
 
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps,
@@ -442,19 +441,6 @@ def _resume(output: Path, modules, optimizer, lr_scheduler, noise_rng: torch.Gen
                     "random streams afresh", path, rank)
     log.info("resuming from %s (step %d)", path, state["step"])
     return int(state["step"])
-
-
-def _open_metrics(output: Path, start: int, main: bool):
-    """metrics.jsonl, keeping only the lines up to the step we resume from."""
-    if not main:
-        return None
-    path = output / "metrics.jsonl"
-    kept = []
-    if start and path.exists():
-        kept = [line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= start]
-    write_text(path, "".join(line + "\n" for line in kept))
-    return path.open("a", encoding="utf-8")
 
 
 @torch.no_grad()
