@@ -9,10 +9,12 @@ on a FIFO meets the child's timeout, a safety net only: the assertions are on
 the exit status and the one line said. The photos and the finished run are
 byte-identical afterwards (sha256 of every file)."""
 
+import hashlib
 import json
 import os
 import resource
 import shutil
+import stat
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -22,7 +24,7 @@ from typing import Callable
 import pytest
 
 from lorabooth.cli import build_parser, main
-from test_hostile_files import PREPARE, TRAIN, Ctx, smooth_photos, tree
+from test_hostile_files import PREPARE, TRAIN, Ctx, smooth_photos
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 MEMORY_LIMIT = 3 << 30  # bytes of address space: torch and a tiny model fit in 2 GiB
@@ -57,6 +59,18 @@ def finished(tmp_path_factory, photos) -> Path:
     argv = [a.format(photos=photos) for a in TRAIN]
     assert main(argv + ["--checkpoint-every", "1", "--output", str(out)]) == 0
     return out
+
+
+def tree(folder: Path) -> dict[str, str]:
+    """Every path below ``folder`` -> sha256 of its bytes ('dir' for folders,
+    'fifo' for the FIFOs rows plant: reading one here would block)."""
+    def digest(p: Path) -> str:
+        if p.is_dir():
+            return "dir"
+        if stat.S_ISFIFO(p.stat().st_mode):
+            return "fifo"
+        return hashlib.sha256(p.read_bytes()).hexdigest()
+    return {str(p.relative_to(folder)): digest(p) for p in sorted(folder.rglob("*"))}
 
 
 # --- setups --------------------------------------------------------------------------------
@@ -294,3 +308,23 @@ def test_every_command_answers_help(capsys):
         assert stop.value.code == 0, argv
         assert main([*argv, "--help"]) == 0, argv
         assert "usage:" in capsys.readouterr().out
+
+
+def test_a_fifo_swapped_in_after_the_check_is_refused_not_waited_on(tmp_path):
+    """The race the stat cannot close: the path becomes a FIFO between the
+    check and the open. O_NONBLOCK opens it at once and fstat refuses it
+    (in a child: a regression would wait for a writer forever)."""
+    os.mkfifo(tmp_path / "p.txt")
+    code = ("import sys\n"
+            "import lorabooth.fileio as F\n"
+            "from lorabooth.errors import UserError\n"
+            "F.check_regular_file = lambda *a, **k: None  # the check passed; then the swap\n"
+            "try:\n"
+            "    F.read_text_file(sys.argv[1], '--prompts')\n"
+            "except UserError as e:\n"
+            "    print(e)\n")
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "p.txt")], env=env,
+                          capture_output=True, text=True, timeout=SAFETY_NET_S)
+    assert done.stdout.strip() == f"--prompts {tmp_path / 'p.txt'}: is a FIFO (named pipe), " \
+                                  f"not a regular file", done.stderr
