@@ -139,15 +139,15 @@ class Row:
 ROWS = {
     # 12: a device, a FIFO, a huge file: refused before a byte is read
     "evaluate --prompts /dev/zero": Row(EVAL + ["--prompts", "/dev/zero"],
-                                        "--prompts /dev/zero: is a device, not a regular file"),
+                                        "--prompts /dev/zero: not a regular file (a device)"),
     "evaluate --prompts a FIFO": Row(EVAL + ["--prompts", "{tmp}/fifo.txt"],
-                                     "fifo.txt: is a FIFO", fifo("fifo.txt")),
+                                     "fifo.txt: not a regular file (a FIFO", fifo("fifo.txt")),
     "evaluate --prompts a 50 MB file": Row(EVAL + ["--prompts", "{tmp}/big.txt"],
                                            "too large (at most 1048576)", big_prompts),
-    "evaluate --prompts a folder": Row(EVAL + ["--prompts", "{tmp}"], "is a folder"),
+    "evaluate --prompts a folder": Row(EVAL + ["--prompts", "{tmp}"], "not a regular file (a folder)"),
     "tune --prompts /dev/zero": Row(TUNE + ["--prompts", "/dev/zero"], "--prompts /dev/zero"),
     "sweep [evaluate] prompts_file a FIFO": Row(
-        ["sweep", "{tmp}/sweep.toml"], "fifo.txt: is a FIFO",
+        ["sweep", "{tmp}/sweep.toml"], "fifo.txt: not a regular file (a FIFO",
         lambda ctx: (fifo("fifo.txt")(ctx), write("sweep.toml", (
             f'[base]\nmodel = "tiny"\ninstance_dir = "{ctx.photos}"\n'
             f'instance_prompt = "a photo of sks dog"\nsteps = 1\nresolution = 32\n'
@@ -155,21 +155,21 @@ ROWS = {
             f'[evaluate]\nreal = "{ctx.photos}"\nclass_noun = "dog"\n'
             f'prompts_file = "{ctx.tmp}/fifo.txt"\n'))(ctx)), absent("sweep")),
     "train --config /dev/zero": Row(TRAIN + ["--config", "/dev/zero", "--output", "{tmp}/out"],
-                                    "--config /dev/zero: is a device", then=absent("out")),
+                                    "--config /dev/zero: not a regular file (a device)", then=absent("out")),
     "train --config a FIFO": Row(TRAIN + ["--config", "{tmp}/c.toml", "--output", "{tmp}/out"],
-                                 "c.toml: is a FIFO", fifo("c.toml"), absent("out")),
+                                 "c.toml: not a regular file (a FIFO", fifo("c.toml"), absent("out")),
     "tune --space a FIFO": Row(TUNE + ["--space", "{tmp}/s.toml"], "--space", fifo("s.toml"),
                                absent("tune")),
-    "inspect a FIFO": Row(["inspect", "{tmp}/l.safetensors"], "l.safetensors: is a FIFO",
+    "inspect a FIFO": Row(["inspect", "{tmp}/l.safetensors"], "l.safetensors: not a regular file (a FIFO",
                           fifo("l.safetensors")),
     "convert from a FIFO": Row(["convert", "{tmp}/l.safetensors", "{tmp}/k.safetensors", "--to",
-                                "kohya"], "l.safetensors: is a FIFO", fifo("l.safetensors"),
+                                "kohya"], "l.safetensors: not a regular file (a FIFO", fifo("l.safetensors"),
                                absent("k.safetensors")),
     "generate with a FIFO as the LoRA": Row(
         ["generate", "{tmp}/l.safetensors", "--prompt", "x", "--output", "{tmp}/gen"],
-        "l.safetensors: is a FIFO", fifo("l.safetensors"), absent("gen")),
+        "l.safetensors: not a regular file (a FIFO", fifo("l.safetensors"), absent("gen")),
     "train --captions with a FIFO caption": Row(
-        TRAIN + ["--captions", "--output", "{tmp}/out"], "photo_1.txt: is a FIFO",
+        TRAIN + ["--captions", "--output", "{tmp}/out"], "photo_1.txt: not a regular file (a FIFO",
         lambda ctx: os.mkfifo(ctx.photos / "photo_1.txt"), absent("out")),
     # 14: nesting past the parsers' recursion (and past what lorabooth walks)
     "train --config nested TOML": Row(
@@ -326,5 +326,5 @@ def test_a_fifo_swapped_in_after_the_check_is_refused_not_waited_on(tmp_path):
     env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "p.txt")], env=env,
                           capture_output=True, text=True, timeout=SAFETY_NET_S)
-    assert done.stdout.strip() == f"--prompts {tmp_path / 'p.txt'}: is a FIFO (named pipe), " \
-                                  f"not a regular file", done.stderr
+    assert done.stdout.strip() == f"--prompts {tmp_path / 'p.txt'}: not a regular file " \
+                                  f"(a FIFO)", done.stderr

@@ -131,7 +131,7 @@ def _kind(mode: int) -> str:
     if stat.S_ISDIR(mode):
         return "a folder"
     if stat.S_ISFIFO(mode):
-        return "a FIFO (named pipe)"
+        return "a FIFO"
     if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
         return "a device"
     if stat.S_ISSOCK(mode):
@@ -141,7 +141,7 @@ def _kind(mode: int) -> str:
 
 def _refuse_irregular(path: Path, what: str, mode: int) -> None:
     if not stat.S_ISREG(mode):
-        raise UserError(f"{_label(path, what)}: is {_kind(mode)}, not a regular file")
+        raise UserError(f"{_label(path, what)}: not a regular file ({_kind(mode)})")
 
 
 def check_regular_file(path: str | Path, what: str = "") -> None:
@@ -194,7 +194,8 @@ def read_text_file(path: str | Path, what: str = "", cap: int = MAX_TEXT_BYTES) 
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise UserError(f"{_label(Path(path), what)}: not UTF-8 text (byte {e.start})") from None
+        raise UserError(f"{_label(Path(path), what)}: not UTF-8 text (byte {e.start}); "
+                        f"save it as UTF-8") from None
 
 
 def parse_json(text: str | bytes, where: str) -> Any:
