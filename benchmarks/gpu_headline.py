@@ -37,7 +37,15 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import BENCH_DIR, PHOTOS, SD15_SCHEDULER, machine, model_dir, run_child, warm_page_cache
+from common import (
+    BENCH_DIR,
+    PHOTOS,
+    machine,
+    model_dir,
+    model_view,
+    run_child,
+    warm_page_cache,
+)
 
 HERE = Path(__file__).resolve().parent
 PROMPT, CLASS_PROMPT = "a photo of sks ball", "a photo of a ball"
@@ -73,35 +81,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--reference {args.reference}: no such file")
     args.out = args.out or HERE / "data" / ("gpu_headline-tiny" if args.tiny else "gpu_headline")
     return args
-
-
-def model_view(base: Path, resolution: int, where: Path) -> Path:
-    """A copy of the model folder (weights hard-linked) whose UNet's
-    sample_size draws at ``resolution`` by default and whose scheduler is
-    DPM-Solver++ with SD 1.5's betas: what the reference draws class images
-    with, so both sides draw the same images' worth of work."""
-    from diffusers import DPMSolverMultistepScheduler
-
-    view = where / f"{base.name}-{resolution}px-dpm"
-    if view.exists():
-        shutil.rmtree(view)
-    for f in base.rglob("*"):
-        if f.is_file():
-            target = view / f.relative_to(base)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(f, target)
-            except OSError:  # another file system
-                shutil.copy2(f, target)
-    vae = json.loads((base / "vae" / "config.json").read_text())
-    unet_config = view / "unet" / "config.json"
-    unet = json.loads(unet_config.read_text())
-    unet["sample_size"] = resolution // 2 ** (len(vae["block_out_channels"]) - 1)
-    unet_config.unlink()  # a hard link: writing in place would change the base folder
-    unet_config.write_text(json.dumps(unet, indent=2))
-    (view / "scheduler" / "scheduler_config.json").unlink()
-    DPMSolverMultistepScheduler.from_config(SD15_SCHEDULER).save_config(view / "scheduler")
-    return view
 
 
 def lorabooth_cmd(args, model: Path, out: Path, prior: bool) -> list[str]:

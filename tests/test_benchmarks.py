@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
+import common  # noqa: E402
 import gpu_headline  # noqa: E402
 
 ARMS = ["lorabooth-plain", "lorabooth-prior"]
@@ -73,7 +74,7 @@ def test_model_view_draws_at_the_resolution_with_dpm_and_leaves_the_base_alone(t
         (base / sub / name).write_text(json.dumps(config))
     (base / "unet" / "weights.bin").write_bytes(b"w" * 10)
     before = {p: p.read_bytes() for p in base.rglob("*") if p.is_file()}
-    view = gpu_headline.model_view(base, 128, tmp_path)
+    view = common.model_view(base, 128, tmp_path)
     assert json.loads((view / "unet" / "config.json").read_text())["sample_size"] == 16
     scheduler = json.loads((view / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler["_class_name"] == "DPMSolverMultistepScheduler"
