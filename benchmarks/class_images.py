@@ -7,13 +7,14 @@ draw the same work: from the same model copy (common.model_view: its UNet's
 sample_size makes the reference draw at RESOLUTION, which it otherwise
 ignores for class images, and its scheduler is DPM-Solver++, which the
 reference takes from the folder), 50 sampler steps (the reference's fixed
-pipeline default; lorabooth `--class-draw-steps 50`), guidance 7.5, batch 4,
+pipeline default; lorabooth `--class-draw-steps 50`), guidance 7.5, the same
+batch (`--batch`, 4 by default: the reference's default --sample_batch_size),
 in the same precision (lorabooth `--mixed-precision`, the reference
 `--prior_generation_precision`). The rate is the time from the progress
 bar's first appearance to its last update over the images drawn (loading
 excluded); the time for 100 class images is that rate projected.
 
-    python benchmarks/class_images.py [--resolution 128] [--count 4]
+    python benchmarks/class_images.py [--resolution 128] [--count 4] [--batch 4]
         [--precision fp32 bf16] [--reference SCRIPT --reference-python PY] [--json OUT]
 """
 
@@ -36,7 +37,7 @@ from common import (
 )
 
 CLASS_PROMPT = "a photo of a ball"
-DRAW_STEPS, BATCH = 50, 4
+DRAW_STEPS = 50
 
 
 def _rate(child, done_at: int, images: int) -> dict:
@@ -49,13 +50,13 @@ def _rate(child, done_at: int, images: int) -> dict:
             "ticks": child.ticks}
 
 
-def ours(model: Path, resolution: int, count: int, precision: str) -> dict:
+def ours(model: Path, resolution: int, count: int, batch: int, precision: str) -> dict:
     out = Path(tempfile.mkdtemp(prefix="bench-class-ours-"))
     child = run_child(
         [sys.executable, "-m", "lorabooth", "train", "--model", str(model),
          "--instance-dir", str(PHOTOS), "--instance-prompt", "a photo of sks ball",
          "--class-prompt", CLASS_PROMPT, "--prior-preservation", "--num-class-images", str(count),
-         "--class-draw-steps", str(DRAW_STEPS), "--class-draw-batch", str(BATCH),
+         "--class-draw-steps", str(DRAW_STEPS), "--class-draw-batch", str(batch),
          "--mixed-precision", {"fp32": "no"}.get(precision, precision),
          "--resolution", str(resolution), "--steps", "1", "--output", str(out / "run")],
         bar=r"class images:\s+\d+%\|[^|]*\|\s*(\d+)/\d+", stop_when=lambda t: count in t)
@@ -63,15 +64,15 @@ def ours(model: Path, resolution: int, count: int, precision: str) -> dict:
 
 
 def reference(script: Path, python: str, model: Path, resolution: int, count: int,
-              precision: str) -> dict:
+              batch: int, precision: str) -> dict:
     out = Path(tempfile.mkdtemp(prefix="bench-class-ref-"))
-    batches = -(-count // BATCH)
+    batches = -(-count // batch)
     child = run_child(
         [python, str(script), "--pretrained_model_name_or_path", str(model),
          "--instance_data_dir", str(PHOTOS), "--instance_prompt", "a photo of sks ball",
          "--with_prior_preservation", "--class_prompt", CLASS_PROMPT,
          "--class_data_dir", str(out / "class"), "--num_class_images", str(count),
-         "--sample_batch_size", str(BATCH), "--prior_generation_precision", precision,
+         "--sample_batch_size", str(batch), "--prior_generation_precision", precision,
          "--resolution", str(resolution), "--max_train_steps", "1",
          "--output_dir", str(out / "run"), "--seed", "0"],
         bar=r"Generating class images:\s+\d+%\|[^|]*\|\s*(\d+)/\d+", cwd=out,
@@ -81,7 +82,8 @@ def reference(script: Path, python: str, model: Path, resolution: int, count: in
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--count", type=int, default=BATCH, help="class images each side draws")
+    parser.add_argument("--count", type=int, default=4, help="class images each side draws")
+    parser.add_argument("--batch", type=int, default=4, help="class images per batch, both sides")
     parser.add_argument("--resolution", type=int, default=128)
     parser.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"])
     parser.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR)
@@ -94,16 +96,18 @@ def main() -> None:
     model = model_view(base, args.resolution, base.parent)
     warm_page_cache(model)
     meta = {"machine": machine(), "resolution": args.resolution, "sampler": "DPM-Solver++",
-            "draw_steps": DRAW_STEPS, "batch": BATCH, "command": " ".join(sys.argv)}
+            "draw_steps": DRAW_STEPS, "batch": args.batch, "command": " ".join(sys.argv)}
     print(json.dumps(meta), flush=True)
     rows = {}
     for precision in args.precision:
         if args.reference:
             rows[f"reference {precision}"] = reference(args.reference, args.reference_python,
-                                                       model, args.resolution, args.count, precision)
+                                                       model, args.resolution, args.count, args.batch,
+                                                       precision)
             print(json.dumps({"run": f"reference {precision}", **rows[f"reference {precision}"]}),
                   flush=True)
-        rows[f"lorabooth {precision}"] = ours(model, args.resolution, args.count, precision)
+        rows[f"lorabooth {precision}"] = ours(model, args.resolution, args.count, args.batch,
+                                                       precision)
         print(json.dumps({"run": f"lorabooth {precision}", **rows[f"lorabooth {precision}"]}),
               flush=True)
     if args.json:
