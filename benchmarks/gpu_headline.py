@@ -18,10 +18,13 @@ preservation both draw their class images in that precision (the reference's
 size) and whose scheduler is DPM-Solver++ (the reference draws with the
 folder's scheduler, 50 steps); lorabooth gets `--class-draw-steps 50`.
 
-Each run is a child process under `peak_memory.py`; step time is read from
-its progress bar by this script's clock (steady: from the first update after
-step 1 to the last), total time is launch to exit, peak GPU memory is torch's
-peak reserved by the caching allocator. Writes OUT/headline.md and one
+Run it from the repository root with lorabooth importable (installed, or
+PYTHONPATH=src); the reference runs under --reference-python. Each run is a
+child process under `peak_memory.py` (which also records that child's torch
+build); step time is read from its progress bar by this script's clock
+(steady: from the first update after step 1 to the last), total time is
+launch to exit, peak GPU memory is torch's peak reserved by the caching
+allocator. Writes OUT/headline.md and one
 OUT/<arm>.json per run. Without --reference the reference arms are skipped,
 and the table says so.
 """
@@ -141,6 +144,7 @@ def run_arm(args, trainer: str, prior: bool, model: Path) -> dict:
            "to_first_step_s": child.to_first_step_s(), "total_s": child.wall_s,
            "peak_gpu_reserved_gb": peak.get("peak_gpu_reserved_gb"),
            "peak_gpu_allocated_gb": peak.get("peak_gpu_allocated_gb"), "gpu": peak.get("gpu"),
+           "torch": peak.get("torch"),
            "peak_rss_gb": child.peak_rss_gb, "progress_ticks": child.ticks}
     shutil.rmtree(work, ignore_errors=True)
     return row

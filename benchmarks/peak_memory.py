@@ -23,6 +23,8 @@ from pathlib import Path
 def _write(path: str) -> None:
     data = {"peak_rss_gb_self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}
     torch = sys.modules.get("torch")  # a run that never imported torch used no GPU
+    if torch is not None:
+        data["torch"] = torch.__version__  # this environment's build, not the caller's
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         data["peak_gpu_allocated_gb"] = torch.cuda.max_memory_allocated() / 1e9
         data["peak_gpu_reserved_gb"] = torch.cuda.max_memory_reserved() / 1e9

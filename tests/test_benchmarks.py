@@ -62,6 +62,7 @@ def test_tiny_mode_writes_raw_json_per_arm(tiny_run):
         assert data["num_class_images"] == (2 if data["prior_preservation"] else 0)
         assert max(int(n) for n in data["progress_ticks"]) == 2  # the bar reached the last step
         assert "torch" in data["machine"] and "--tiny" in data["command"]
+        assert data["torch"].split("+")[0][0].isdigit()  # the child's own torch build
 
 
 def test_model_view_draws_at_the_resolution_with_dpm_and_leaves_the_base_alone(tmp_path):
