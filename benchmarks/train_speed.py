@@ -17,6 +17,7 @@ the bar appears) and its peak RSS comes from the kernel.
         [--reference train_dreambooth_lora.py --reference-python VENV/bin/python]
         [--build-factor build_factor.json]   # ratios net of the torch build too
         [--json OUT.json]                     # every run's figures and bar stamps
+    python benchmarks/train_speed.py --report OUT.json [--build-factor B.json]   # table only
         [--reference-peak-rss-gb 5.96]   # a recorded figure, when the reference cannot run
         [--model sdxl-random --resolution 512]   # another built-in, saved as a folder once
 
@@ -102,7 +103,13 @@ def main() -> None:
     parser.add_argument("--build-factor", type=Path,
                         help="build_factor.py's JSON: ratios also net of the torch build")
     parser.add_argument("--json", type=Path, help="write every run's figures here")
+    parser.add_argument("--report", type=Path, help="run nothing: print the table of a saved "
+                        "--json (with --build-factor, net of that measurement)")
     args = parser.parse_args()
+    if args.report:
+        factors = json.loads(args.build_factor.read_text())["summary"] if args.build_factor else {}
+        _table(json.loads(args.report.read_text())["runs"], args.reference_peak_rss_gb, factors)
+        return
 
     model = model_dir(args.model_dir or BENCH_DIR / args.model, args.model)
     warm_page_cache(model)
@@ -142,7 +149,8 @@ def _table(rows: dict, recorded_peak_gb: float | None, factors: dict) -> None:
         ratio = ref["steady_s_per_step"] / r["steady_s_per_step"] if ref else None
         speed = f"{ratio:.2f}x" if ratio else "-"
         factor = factors.get(setting.removesuffix("-gc"), {}).get("factor_b_over_a")
-        net = f"{ratio / factor:.2f}x (build {factor:.2f}x)" if ratio and factor else "-"
+        net = (f"{ratio / factor:.2f}x (build {factor:.2f}x)"
+               if ratio and factor and r is not ref else "-")
         ref_gb = ref["peak_rss_gb"] if ref else recorded_peak_gb
         mem = f"{r['peak_rss_gb'] / ref_gb:.2f}x" if ref_gb else "-"
         print(f"| {name} | {r['steady_s_per_step']:.2f} | {speed} | {net} "
