@@ -56,6 +56,7 @@ HEADLINE = {"model": "sd15-random", "resolution": 512, "steps": 300, "num_class_
             "precision": "bf16"}
 TINY = {"model": "tiny", "resolution": 32, "steps": 2, "num_class_images": 2, "precision": "no"}
 DRAW_STEPS, DRAW_BATCH = 50, 4  # the reference's pipeline default steps; its --sample_batch_size
+PRECISION_NAMES = {"no": "fp32", "bf16": "bf16 mixed precision", "fp16": "fp16 mixed precision"}
 BARS = {"lorabooth": r"train:\s+\d+%\|[^|]*\|\s*(\d+)/\d+",
         "reference": r"Steps:\s+\d+%\|[^|]*\|\s*(\d+)/\d+"}
 
@@ -160,7 +161,7 @@ def _gb(value) -> str:
 
 def table(rows: dict[str, dict], meta: dict, skipped: str | None) -> str:
     lines = [f"# Headline: {meta['model']}, {meta['resolution']} px, {meta['steps']} steps, "
-             f"batch 1, precision {meta['precision']}", "",
+             f"batch 1, {PRECISION_NAMES[meta['precision']]}", "",
              f"Machine: {meta['machine']}. Command: `{meta['command']}`.", "",
              "| arm | prior preservation | s/step | how | to first step | total | "
              "peak GPU (reserved) | peak RSS |", "|---|---|---|---|---|---|---|---|"]
@@ -176,7 +177,6 @@ def table(rows: dict[str, dict], meta: dict, skipped: str | None) -> str:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    os.environ.pop("TQDM_DISABLE", None)  # the step times are read from the bars
     base = model_dir(args.bench_dir / args.model, args.model)
     model = model_view(base, args.resolution, args.bench_dir)
     warm_page_cache(model)

@@ -24,8 +24,9 @@ ARMS = ["lorabooth-plain", "lorabooth-prior"]
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
-    """One --tiny run in a subprocess, as a person would start it (the
-    test session's TQDM_DISABLE left in: the script needs its bars anyway)."""
+    """One --tiny run in a subprocess, as a person would start it. The test
+    session's TQDM_DISABLE=1 is left in on purpose: the step times are read
+    from the trainers' bars, which must not be silenced by it."""
     tmp = tmp_path_factory.mktemp("headline")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"),
                                                         os.environ.get("PYTHONPATH", "")])}
