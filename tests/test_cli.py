@@ -83,8 +83,11 @@ def test_real_process_no_traceback_and_no_network(photos, tmp_path, no_network_e
     p = _run(env, "train", "--model", "someone/not-downloaded", "--instance-dir", str(photos),
              "--instance-prompt", "a photo of sks dog", "--output", str(tmp_path / "r"))
     assert p.returncode == 2, p.stderr
+    # one error line; before it at most lorabooth's own progress lines (the photos it read)
     lines = [line for line in p.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "someone/not-downloaded" in lines[0] and "Traceback" not in p.stderr
+    errors = [line for line in lines if ": error: " in line]
+    assert len(errors) == 1 and "someone/not-downloaded" in errors[0], p.stderr
+    assert all(line.startswith("lorabooth") for line in lines) and "Traceback" not in p.stderr
     assert attempts.read_text() == ""  # the blocker ran (it creates the file); nothing connected
 
 
