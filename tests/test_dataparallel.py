@@ -90,6 +90,7 @@ def _same_files(a: Path, b: Path) -> None:
         assert torch.equal(x[k], y[k]), k
 
 
+@pytest.mark.slow
 def test_two_processes_train_one_global_batch(photos, tmp_path):
     args = ["--instance-dir", str(photos), "--steps", "3", "--batch-size", "1"]
     two = tmp_path / "two"
@@ -127,6 +128,7 @@ def test_two_processes_train_one_global_batch(photos, tmp_path):
     assert any(not torch.allclose(x[k], y[k], atol=1e-7) for k in x)
 
 
+@pytest.mark.slow
 def test_class_images_are_drawn_once_split_across_ranks(photos, tmp_path):
     run, classes = tmp_path / "run", tmp_path / "classes"
     log = _launch(["--instance-dir", str(photos), "--steps", "3", "--batch-size", "1",
@@ -176,6 +178,7 @@ def _rank_pid(launcher: subprocess.Popen, rank: int) -> int | None:
     return None
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds ranks through /proc")
 def test_a_killed_rank_resumes_to_the_uninterrupted_file(photos, tmp_path):
     args = ["--instance-dir", str(photos), "--steps", "24", "--batch-size", "1",

@@ -232,6 +232,7 @@ def _check_each_trial_ran_once(study, out, err):
     assert (out / "report.md").is_file()
 
 
+@pytest.mark.slow
 def test_two_workers_share_one_sqlite_study(photos, tiny_judges, prompts, tmp_path,
                                             no_network_env):
     """Every trial is trained by one worker only, and the shared class images
@@ -294,6 +295,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_workers_share_one_postgresql_study(photos, tiny_judges, prompts, tmp_path,
                                                 no_network_env, postgres_url):
     env, _ = no_network_env  # the server is on a Unix socket: no network connection is made
