@@ -245,7 +245,12 @@ def test_stop_terminates_a_running_job_and_unqueues_a_waiting_one(ws):
 def test_a_restarted_server_finds_every_job(ws):
     """Queued jobs run again, a live one is watched to its end before the
     next starts, a dead one is marked interrupted (and can be resumed)."""
-    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.5)", "lorabooth"])
+    # a "lorabooth" process that, once the test closes its stdin, writes its
+    # output and ends: a queue that looked for the output before its end says
+    # "interrupted", one that watched it to its end says "done"
+    live = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read(); "
+                             "open(sys.argv[2], 'w').close()", "lorabooth", str(ws.root / "live" / "out")],
+                            stdin=subprocess.PIPE)
     for name, status, pid in (("dead", "running", 2 ** 22 + 1), ("live", "running", live.pid),
                               ("waiting", "queued", None)):
         Job(id=name, kind="train", argv=["write", str(ws.root / name / "out")],
@@ -253,12 +258,15 @@ def test_a_restarted_server_finds_every_job(ws):
     queue = fake_queue(ws)
     assert {j.id for j in queue.recover()} == {"live", "waiting"}
     assert load_job(ws.root / "dead").status == "interrupted"
-    assert queue.wait_idle(WAIT)
+    assert load_job(ws.root / "waiting").status == "queued"  # behind the live one
+    released = time.time()
+    live.stdin.close()
     live.wait()
-    assert load_job(ws.root / "live").status == "interrupted"  # ended without its output
+    assert queue.wait_idle(WAIT)
+    assert load_job(ws.root / "live").status == "done"
     waiting = load_job(ws.root / "waiting")
     assert waiting.status == "done" and (ws.root / "waiting" / "out").is_file()
-    assert waiting.started >= load_job(ws.root / "live").ended  # one at a time across restarts
+    assert waiting.started >= released  # one at a time across restarts
 
 
 def test_a_broken_state_file_is_ignored(ws):
