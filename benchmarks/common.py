@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -55,6 +56,35 @@ def model_dir(path: Path = DEFAULT_MODEL_DIR, name: str = "sd15-random") -> Path
     if name == "sd15-random":
         (path / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD15_SCHEDULER, indent=2))
     return path
+
+
+def model_view(base: Path, resolution: int, where: Path) -> Path:
+    """A copy of the model folder (weights hard-linked) whose UNet's
+    sample_size draws at ``resolution`` by default and whose scheduler is
+    DPM-Solver++ with SD 1.5's betas: what the reference draws class images
+    with, so both sides draw the same images' worth of work."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    view = where / f"{base.name}-{resolution}px-dpm"
+    if view.exists():
+        shutil.rmtree(view)
+    for f in base.rglob("*"):
+        if f.is_file():
+            target = view / f.relative_to(base)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(f, target)
+            except OSError:  # another file system
+                shutil.copy2(f, target)
+    vae = json.loads((base / "vae" / "config.json").read_text())
+    unet_config = view / "unet" / "config.json"
+    unet = json.loads(unet_config.read_text())
+    unet["sample_size"] = resolution // 2 ** (len(vae["block_out_channels"]) - 1)
+    unet_config.unlink()  # a hard link: writing in place would change the base folder
+    unet_config.write_text(json.dumps(unet, indent=2))
+    (view / "scheduler" / "scheduler_config.json").unlink()
+    DPMSolverMultistepScheduler.from_config(SD15_SCHEDULER).save_config(view / "scheduler")
+    return view
 
 
 def warm_page_cache(path: Path) -> None:

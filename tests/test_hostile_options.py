@@ -421,7 +421,7 @@ ROWS = [
     Row("train --config /dev/zero", TRAIN + ["--config", "/dev/zero"], 2,
         "/dev/zero: not a regular file"),
     Row("train --config a folder", TRAIN + ["--config", "{photos}"], 2, "not a regular file"),
-    Row("train --config binary", TRAIN + ["--config", "{tmp}/c.toml"], 2, "not a text file",
+    Row("train --config binary", TRAIN + ["--config", "{tmp}/c.toml"], 2, "not UTF-8 text",
         lambda ctx: (ctx.tmp / "c.toml").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe" * 8)),
     Row("train --config huge", TRAIN + ["--config", "{tmp}/c.toml"], 2, "too large",
         lambda ctx: (ctx.tmp / "c.toml").write_text("# x\n" * 300_000)),

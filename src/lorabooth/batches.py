@@ -5,7 +5,6 @@ latents, prompt embeddings and SDXL's time ids computed once before the loop
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ from .config import TrainConfig
 from .data import image_files, latent_distributions
 from .errors import UserError
 from .families import FAMILIES, Conditioning, Family, encode_prompts, time_ids, tokenize_all
+from .fileio import load_json, read_text_file
 from .identifier import guess_identifier
 from .imagefiles import problem
 from .models import BaseModel
@@ -101,12 +101,16 @@ def setup_examples(config: TrainConfig, base: BaseModel, resolution: int,
 
 def prepared_boxes(folder: Path) -> dict[str, tuple[tuple[int, int], tuple]]:
     """Image name -> (original photo size, crop box) from the folder's
-    prepare.json (written by `lorabooth prepare`); {} without one."""
+    prepare.json (written by `lorabooth prepare`); {} without one, or with
+    one of another shape. One that cannot be read or parsed is one line."""
+    if not (folder / "prepare.json").exists():
+        return {}
+    files = load_json(folder / "prepare.json")
     try:
-        files = json.loads((folder / "prepare.json").read_text(encoding="utf-8"))["files"]
+        files = files["files"]
         return {f["output"]: (tuple(f["size"]), tuple(f["crop_box"])) for f in files
                 if f.get("output") and f.get("size") and f.get("crop_box")}
-    except (OSError, ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, AttributeError):
         return {}
 
 
@@ -139,7 +143,7 @@ def instance_captions(config: TrainConfig, paths: list[Path]) -> list[str]:
     out = []
     for path in paths:
         txt = path.with_suffix(".txt")
-        caption = read_caption(txt) if txt.is_file() else ""
+        caption = read_caption(txt) if txt.exists() else ""
         caption = caption or config.instance_prompt
         words = caption.lower().split()
         if identifier and not any(w in words for w in identifier):
@@ -175,13 +179,7 @@ def check_prompt_windows(config: TrainConfig, tokenizers: list, paths: list[Path
 
 
 def read_caption(txt: Path) -> str:
-    try:
-        return txt.read_text(encoding="utf-8").strip()
-    except UnicodeDecodeError as e:
-        raise UserError(f"--captions: {txt}: not UTF-8 text (byte {e.start}); "
-                        f"save it as UTF-8") from None
-    except OSError as e:
-        raise UserError(f"--captions: {txt}: cannot read ({e.strerror})") from None
+    return read_text_file(txt, "--captions").strip()
 
 
 def sample_latents(examples: Examples, idx: list[int], cidx: list[int],

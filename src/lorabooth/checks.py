@@ -144,3 +144,7 @@ def check_options(kind: str = "live", prompts_file: str | None = None, images_pe
     check_seeds([seed, seed + max(images_per_prompt, pres_images) - 1], "--seed")
     if not prompts_file:
         check_kind(kind)
+    else:
+        from .templates import read_prompts_file  # reads the file: every prompt must fill
+
+        read_prompts_file(prompts_file)

@@ -32,7 +32,7 @@ def _add_options(parser: argparse.ArgumentParser, cls: type) -> None:
         if f.metadata.get("positional"):
             parser.add_argument(f.name, nargs="+" if many else None, help=f.metadata["help"])
             continue
-        help_text = f.metadata["help"]
+        help_text = f.metadata["help"].replace("%", "%%")  # argparse %-formats help
         if "default" not in help_text:
             help_text += f" (default: {field_default(f)!r})"
         name = {"dest": f.name, "default": None, "help": help_text}

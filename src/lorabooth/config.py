@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import stat
-import tomllib
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -31,6 +29,7 @@ from .checks import (
     is_whole,
 )
 from .errors import UserError
+from .fileio import load_toml
 from .tracking import check_report_to
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
@@ -432,41 +431,11 @@ def build_section(cls: type, values: dict[str, Any], where: str):
         raise e if str(e).startswith(where) else UserError(f"{where}: {e}") from None
 
 
-# Far above any real config or sweep file; a larger "config" is a mistake
-# (a model, a log) that would only be read into memory to fail.
-MAX_TOML_BYTES = 1 << 20
-
-
-def read_toml(path: str | Path) -> dict[str, Any]:
-    """A small regular UTF-8 TOML file; anything else (a device such as
-    /dev/zero, a folder, a huge or binary file) is one line."""
-    path = Path(path)
-    try:
-        info = path.stat()  # before opening: opening a FIFO would wait for a writer
-        if not stat.S_ISREG(info.st_mode):
-            raise UserError(f"{path}: not a regular file")
-        if info.st_size > MAX_TOML_BYTES:
-            raise UserError(f"{path}: {info.st_size} bytes is too large for a TOML file "
-                            f"(at most {MAX_TOML_BYTES})")
-        with path.open("rb") as f:
-            return tomllib.loads(f.read(MAX_TOML_BYTES + 1).decode("utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"--config: no such file: {path}") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not a text file (byte {e.start} is not UTF-8)") from None
-    except tomllib.TOMLDecodeError as e:
-        raise UserError(f"{path}: not valid TOML: {e}") from None
-    except RecursionError:  # tomllib recurses into [[[[...]]]]
-        raise UserError(f"{path}: not valid TOML: nested too deeply") from None
-    except OSError as e:
-        raise UserError(f"{path}: cannot read: {e.strerror}") from None
-
-
 def build_config(cls: type, file: str | Path | None, overrides: dict[str, Any]):
     """Defaults < TOML file < command-line overrides (``None`` means unset)."""
     values: dict[str, Any] = {}
     if file:
-        values.update(check_keys(cls, read_toml(file), str(file)))
+        values.update(check_keys(cls, load_toml(file, "--config"), str(file)))
     values.update({k: v for k, v in overrides.items() if v is not None})
     return cls(**values)
 

@@ -1,7 +1,9 @@
 """Atomic writes: a temp name in the same folder, fsync, then rename, so a
 kill at any moment leaves either the old file or the new one, never half.
 And the one folder relation checked before writing anywhere: nesting.
-And strict JSON: every JSON lorabooth writes goes through ``to_json``."""
+And strict JSON: every JSON lorabooth writes goes through ``to_json``.
+And the one way lorabooth reads a file the user handed it (``read_bytes_file``
+and the helpers over it): regular files only, never more than a cap."""
 
 from __future__ import annotations
 
@@ -10,14 +12,16 @@ import json
 import math
 import os
 import secrets
+import stat
 import tempfile
+import tomllib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
 from PIL import Image
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 
 @contextmanager
@@ -208,3 +212,132 @@ def write_failure(error: BaseException, path: str | Path | None = None) -> UserE
     where = path or getattr(error, "filename", None) or "an output file"
     return UserError(f"cannot write {where}: {_WRITE_ERRORS[code]}; files written before "
                      f"are kept whole")
+# --- reading what the user handed us -------------------------------------------------------
+
+# Far above any real file of each kind; a larger one is a mistake (a model, a
+# log, /dev/zero) that would only be read into memory to fail.
+MAX_TEXT_BYTES = 1 << 20  # a prompts file, a caption, a TOML config
+MAX_JSON_BYTES = 64 << 20  # prepare.json of a large photo folder, manifests, job state
+# Deeper than any file lorabooth reads or writes; deeper data would reach the
+# interpreter's recursion limit in whatever walks it next.
+MAX_DEPTH = 32
+
+
+def _label(path: Path, what: str) -> str:
+    return f"{what} {path}" if what and what != str(path) else str(path)
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a plain file"
+
+
+def _refuse_irregular(path: Path, what: str, mode: int) -> None:
+    if not stat.S_ISREG(mode):
+        raise UserError(f"{_label(path, what)}: not a regular file ({_kind(mode)})")
+
+
+def check_regular_file(path: str | Path, what: str = "") -> None:
+    """Refuse (one line naming ``what`` and ``path``) anything but an existing
+    regular file, without opening it: opening a FIFO waits for a writer, and a
+    device such as /dev/zero never ends. Symlinks are followed."""
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise UserError(f"{_label(path, what)}: no such file") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"{_label(path, what)}: cannot read ({_reason(e)})") from None
+    _refuse_irregular(path, what, mode)
+
+
+def _reason(e: BaseException) -> str:
+    return getattr(e, "strerror", None) or str(e) or type(e).__name__
+
+
+def read_bytes_file(path: str | Path, what: str = "", cap: int = MAX_TEXT_BYTES) -> bytes:
+    """At most ``cap`` bytes of a regular file; a larger file, or anything not
+    a regular file, is one line naming ``what`` (the option) and ``path``."""
+    path = Path(path)
+    check_regular_file(path, what)
+    try:
+        # O_NONBLOCK: were the file swapped for a FIFO since the stat, opening it
+        # still returns at once (and fstat below refuses it)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise UserError(f"{_label(path, what)}: cannot read ({_reason(e)})") from None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)
+        _refuse_irregular(path, what, info.st_mode)
+        if info.st_size > cap:
+            raise UserError(f"{_label(path, what)}: {info.st_size} bytes is too large "
+                            f"(at most {cap})")
+        try:
+            data = f.read(cap + 1)
+        except OSError as e:
+            raise UserError(f"{_label(path, what)}: cannot read ({_reason(e)})") from None
+    if len(data) > cap:  # grew since the fstat
+        raise UserError(f"{_label(path, what)}: more than {cap} bytes is too large")
+    return data
+
+
+def read_text_file(path: str | Path, what: str = "", cap: int = MAX_TEXT_BYTES) -> str:
+    """``read_bytes_file`` decoded as UTF-8 (a leading BOM dropped)."""
+    data = read_bytes_file(path, what, cap)
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{_label(Path(path), what)}: not UTF-8 text (byte {e.start}); "
+                        f"save it as UTF-8") from None
+
+
+def parse_json(text: str | bytes, where: str) -> Any:
+    """``json.loads`` whose every failure, nesting too deep for the parser
+    included, is one line naming ``where``."""
+    try:
+        data = json.loads(text)
+    except RecursionError:
+        raise UserError(f"{where}: JSON nested too deeply (at most {MAX_DEPTH} levels)") from None
+    except (ValueError, TypeError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise UserError(f"{where}: not valid JSON ({first_line(e)})") from None
+    _check_depth(data, where, "JSON")
+    return data
+
+
+def load_json(path: str | Path, what: str = "", cap: int = MAX_JSON_BYTES) -> Any:
+    """A JSON file read through ``read_text_file``."""
+    return parse_json(read_text_file(path, what, cap), _label(Path(path), what))
+
+
+def load_toml(path: str | Path, what: str = "", cap: int = MAX_TEXT_BYTES) -> dict[str, Any]:
+    """A TOML file read through ``read_text_file``; bad or too deeply nested
+    TOML is one line naming the file."""
+    text = read_text_file(path, what, cap)
+    where = _label(Path(path), what)
+    try:
+        data = tomllib.loads(text)
+    except RecursionError:
+        raise UserError(f"{where}: TOML nested too deeply (at most {MAX_DEPTH} levels)") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{where}: not valid TOML: {first_line(e)}") from None
+    _check_depth(data, where, "TOML")
+    return data
+
+
+def _check_depth(data: Any, where: str, kind: str) -> None:
+    """Refuse lists and tables nested deeper than ``MAX_DEPTH`` (walked
+    without recursion, so the check itself cannot overflow)."""
+    level = [data]
+    for _ in range(MAX_DEPTH + 1):
+        level = [v for item in level if isinstance(item, (dict, list))
+                 for v in (item.values() if isinstance(item, dict) else item)]
+        if not level:
+            return
+    raise UserError(f"{where}: {kind} nested too deeply (at most {MAX_DEPTH} levels)")

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import UserError
+from .fileio import read_text_file
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +38,8 @@ def acquire_lock(folder: Path, label: str = "--output") -> Path:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             try:
-                pid = int(lock.read_text().split()[0])
-            except (OSError, ValueError, IndexError):
+                pid = int(read_text_file(lock, "", 4096).split()[0])  # never a FIFO's wait
+            except (UserError, ValueError, IndexError):
                 pid = -1
             if pid > 0 and pid != os.getpid() and _pid_alive(pid):
                 raise UserError(f"{label} {folder}: another lorabooth process (pid {pid}) is "

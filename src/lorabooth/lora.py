@@ -4,7 +4,6 @@ into a pipeline and set the UNet / text-encoder scales separately."""
 from __future__ import annotations
 
 import hashlib
-import json
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -16,6 +15,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors import safe_open
 
 from .errors import UserError, first_line
+from .fileio import check_regular_file, parse_json
 from .pivotal import scale_rows
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -78,7 +78,10 @@ def load_pickle_safely(path: Path) -> dict:
 
 def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     path = Path(path)
-    if path.suffix.lower() in PICKLE_SUFFIXES and path.is_file():
+    if not path.exists():
+        raise UserError(f"{path}: no such LoRA file")
+    check_regular_file(path, "LoRA file")  # before safetensors opens it: a FIFO would block
+    if path.suffix.lower() in PICKLE_SUFFIXES:
         data = load_pickle_safely(path)
         if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
             raise UserError(f"{path}: not a LoRA state dict (expected names -> tensors)")
@@ -95,7 +98,7 @@ def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
 def find_lora(run: str | Path) -> Path:
     """A LoRA file, or the one in a run folder (diffusers layout first, then kohya)."""
     run = Path(run)
-    if run.is_file():
+    if run.exists() and not run.is_dir():  # a file (read_lora refuses a FIFO or device)
         return run
     for name in (WEIGHT_NAME, KOHYA_WEIGHT_NAME):
         if (run / name).is_file():
@@ -120,8 +123,8 @@ def lora_metadata(run: str | Path) -> dict[str, Any]:
     for k, v in header.items():
         if k.startswith("lorabooth."):
             try:
-                out[k.removeprefix("lorabooth.")] = json.loads(v)
-            except json.JSONDecodeError:
+                out[k.removeprefix("lorabooth.")] = parse_json(v, k)
+            except UserError:
                 out[k.removeprefix("lorabooth.")] = v
     return out
 

@@ -14,7 +14,6 @@ SDXL's ``UNet2DConditionModel`` alike).
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from accelerate.utils import set_module_tensor_to_device
 from safetensors import SafetensorError, safe_open
 
 from .errors import UserError
+from .fileio import load_json
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +40,8 @@ def weight_files(folder: Path) -> dict[Path, set[str] | None] | None:
     if not (folder / INDEX).is_file():
         return None
     try:
-        weight_map = json.loads((folder / INDEX).read_text())["weight_map"]
-    except (ValueError, KeyError, TypeError) as e:
+        weight_map = load_json(folder / INDEX, "--model")["weight_map"]
+    except (KeyError, TypeError) as e:
         raise UserError(f"--model: {folder / INDEX} is not a safetensors index ({e})") from None
     files: dict[Path, set[str]] = {}
     for key, name in weight_map.items():

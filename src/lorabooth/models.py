@@ -22,6 +22,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from .errors import UserError
 from .families import FAMILIES
+from .lora import KOHYA_WEIGHT_NAME, WEIGHT_NAME
 from .lowmem import load_unet
 from .parts import (  # noqa: F401  (re-exported: the rest of the package imports them from here)
     CLIP_VOCAB_SIZE,
@@ -194,6 +195,7 @@ def load_base(model: str, model_config: str = "",
         # package does not ship a 3.6 MB copy of it
         return _load_folder(toy_model_dir(), "toy", unet_dtype, tokenizer=clip_tokenizer())
     path = Path(model).expanduser()
+    refuse_adapter(path, model)
     if path.is_file():
         from .formats.singlefile import SINGLE_FILE_SUFFIXES
 
@@ -209,15 +211,38 @@ def load_base(model: str, model_config: str = "",
     return _load_folder(resolve_hub(model), model, unet_dtype)
 
 
+# What a lorabooth run folder (or one of its checkpoints) holds, and a base model never does
+RUN_MARKS = (WEIGHT_NAME, KOHYA_WEIGHT_NAME, "lora.safetensors", "checkpoints")
+
+
+def refuse_adapter(path: Path, model: str) -> None:
+    """A LoRA file or a run folder given where a base model belongs is one
+    line saying so (not a loader's error about missing configs or keys)."""
+    if path.is_dir() and not (path / "unet").is_dir():
+        held = [name for name in RUN_MARKS if (path / name).exists()]
+        if held:
+            raise UserError(f"--model {model}: is a LoRA run folder (it holds {held[0]}), not a "
+                            f"base model; pass the base model the LoRA was trained on")
+    elif path.exists() and not path.is_dir():
+        from .formats.singlefile import SINGLE_FILE_SUFFIXES
+        from .sdxl import single_file_keys
+
+        keys = single_file_keys(path) if path.suffix.lower() in SINGLE_FILE_SUFFIXES else []
+        if any("lora" in k.lower() for k in keys):
+            raise UserError(f"--model {model}: is a LoRA file, not a base model; give it as the "
+                            f"run and --model the base model it was trained on")
+
+
 def model_family(model: str) -> str | None:
     """"sdxl" or "sd1" for a built-in name, a diffusers folder or a single
     file, read from names and key lists only (no weights); None for a hub id
-    (not looked up here)."""
+    (not looked up here). A LoRA file or run folder is refused (one line)."""
     from .sdxl import file_family, folder_family
 
     path = Path(model).expanduser()
     if model in BUILTIN_MODELS:
         return "sdxl" if "sdxl" in model else "sd1"
+    refuse_adapter(path, model)
     if path.is_dir():
         return folder_family(path)
     if path.is_file():

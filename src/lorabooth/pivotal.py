@@ -15,12 +15,12 @@ embedding `bundle_emb.WORD.string_to_param.*` in the kohya layout."""
 
 from __future__ import annotations
 
-import json
 from weakref import WeakKeyDictionary
 
 import torch
 
 from .errors import UserError
+from .fileio import parse_json
 
 EMB_PREFIX = "lorabooth_emb."
 BUNDLE_PREFIX, BUNDLE_SUFFIX = "bundle_emb.", ".string_to_param.*"
@@ -160,9 +160,9 @@ def embedding_keys(embeddings: dict[str, torch.Tensor], layout: str) -> dict[str
 
 def trained_tokens(header: dict[str, str]) -> dict[str, list[int]]:
     try:
-        value = json.loads(header.get(TRAINED_TOKENS, "{}"))
+        value = parse_json(header.get(TRAINED_TOKENS, "{}"), TRAINED_TOKENS)
         return value if isinstance(value, dict) else {}
-    except ValueError:
+    except UserError:
         return {}
 
 

@@ -4,7 +4,6 @@ captioned training set, with a report accounting for every file."""
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -13,7 +12,7 @@ from PIL import Image, ImageDraw
 
 from .config import PrepareConfig
 from .errors import UserError
-from .fileio import inside, save_png, write_json, write_text
+from .fileio import inside, load_json, save_png, write_json, write_text
 from .grid import font
 from .imagefiles import REPORT_NAME, SHEET_NAME, Rejected, decode
 from .images import (
@@ -27,6 +26,7 @@ from .images import (
     resize_square,
 )
 from .locks import locked, terminate_as_interrupt
+from .templates import fill_template
 
 log = logging.getLogger(__name__)
 
@@ -84,11 +84,8 @@ def crop_box_for(im: Image.Image, mode: str, margin: float, entry: Entry) -> Box
 def caption_for(config: PrepareConfig) -> str:
     if not config.caption:
         return ""
-    try:
-        return config.caption.format(**{"identifier": config.identifier, "class": config.class_noun})
-    except (KeyError, IndexError, ValueError) as e:
-        raise UserError(f"--caption: bad template {config.caption!r}; use {{identifier}} and "
-                        f"{{class}} ({e})") from None
+    return fill_template(config.caption, {"identifier": config.identifier,
+                                          "class": config.class_noun}, "--caption")
 
 
 def _output_name(source: Path, taken: set[str]) -> str:
@@ -117,14 +114,17 @@ def previous_outputs(out: Path) -> set[str]:
     those files are not ours to replace or remove."""
     if not out.is_dir() or not any(not p.name.startswith(".") for p in out.iterdir()):
         return set()
+    if not (out / "prepare.json").exists():
+        raise UserError(f"OUT {out}: the folder holds files and no prepare.json of an earlier "
+                        f"`lorabooth prepare`; choose a new or empty folder")
+    report = load_json(out / "prepare.json")
     try:
-        report = json.loads((out / REPORT_NAME).read_text(encoding="utf-8"))
         files = report["files"]
         images = [f["output"] for f in files if f.get("output")]
         texts = [_caption_name(f["output"]) for f in files if f.get("output") and f.get("caption")]
         recorded = [str(n) for n in report.get("outputs", [])]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        raise UserError(f"OUT {out}: the folder holds files and no prepare.json of an earlier "
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise UserError(f"{out / REPORT_NAME}: not the report of an earlier "
                         f"`lorabooth prepare`; choose a new or empty folder") from None
     # only plain names of the kinds prepare writes: a doctored prepare.json
     # cannot point outside OUT

@@ -23,11 +23,17 @@ from .config import (
     field_default,
     option_name,
     prior_mode,
-    read_toml,
     to_toml_dict,
 )
 from .errors import UserError
-from .fileio import inside, nested, read_metrics, to_json, write_text
+from .fileio import (
+    inside,
+    load_toml,
+    nested,
+    read_metrics,
+    to_json,
+    write_text,
+)
 from .identifier import guess_identifier
 from .locks import acquire_lock, release_lock
 from .lora import KOHYA_WEIGHT_NAME, WEIGHT_NAME
@@ -77,7 +83,7 @@ def _trained_with(output: Path, checkpoint: Path | None) -> dict | None:
     if not path.exists():
         return None
     try:
-        return read_toml(path)
+        return load_toml(path)
     except UserError as e:
         raise UserError(f"--resume: {e}; it holds the settings the run was trained with, so "
                         f"--resume cannot check its own against them: repair the file, or "

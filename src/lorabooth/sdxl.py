@@ -10,7 +10,6 @@ six time ids (6 x 256) as the added embedding (1280 + 1536 = 2816)."""
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
@@ -18,7 +17,9 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+from .errors import UserError
 from .families import FAMILIES
+from .fileio import check_regular_file, load_json
 
 TIME_IDS = 6  # original size (2), crop top-left (2), target size (2)
 
@@ -141,8 +142,8 @@ def folder_family(path: Path) -> str:
     """"sdxl" for an SDXL diffusers folder (its model_index.json names an XL
     pipeline, or it has a second text encoder), else "sd1"."""
     try:
-        name = json.loads((path / "model_index.json").read_text()).get("_class_name", "")
-    except (OSError, ValueError, AttributeError):
+        name = load_json(path / "model_index.json").get("_class_name", "")
+    except (UserError, AttributeError):
         name = ""
     return "sdxl" if "XL" in str(name) or (path / "text_encoder_2").is_dir() else "sd1"
 
@@ -153,20 +154,24 @@ SDXL_KEY_MARKS = ("conditioner.embedders.1.model.", "model.diffusion_model.label
 
 
 def file_family(path: Path) -> str:
-    """"sdxl" when a single checkpoint file's keys are SDXL's, else "sd1";
-    only the key names are read (safetensors header; a pickle is loaded
-    with torch's safe loader)."""
+    """"sdxl" when a single checkpoint file's keys are SDXL's, else "sd1"."""
+    return "sdxl" if any(k.startswith(SDXL_KEY_MARKS) for k in single_file_keys(path)) else "sd1"
+
+
+def single_file_keys(path: Path) -> list[str]:
+    """A single checkpoint file's key names, no weights read (safetensors
+    header; a pickle is loaded with torch's safe loader); [] when the file
+    cannot be read (the loader then says why, with the file's name)."""
+    check_regular_file(path, "--model")  # a FIFO would block safetensors
     if path.suffix.lower() == ".safetensors":
         from safetensors import safe_open
 
         try:
             with safe_open(str(path), framework="pt") as f:
-                keys = list(f.keys())
-        except Exception:  # not readable: the loader says why, with the file's name
-            return "sd1"
-    else:
-        from .lora import load_pickle_safely
+                return [str(k) for k in f.keys()]
+        except Exception:  # noqa: BLE001 - safetensors raises many kinds on bad bytes
+            return []
+    from .lora import load_pickle_safely
 
-        data = load_pickle_safely(path)
-        keys = list(data.get("state_dict", data)) if isinstance(data, dict) else []
-    return "sdxl" if any(k.startswith(SDXL_KEY_MARKS) for k in keys) else "sd1"
+    data = load_pickle_safely(path)
+    return [str(k) for k in data.get("state_dict", data)] if isinstance(data, dict) else []

@@ -27,13 +27,12 @@ from .config import (
     build_section,
     check_keys,
     config_keys,
-    read_toml,
     to_toml_dict,
     unknown_key,
 )
 from .drawing import Setting, cache_name, load_pipeline, prompt_slug, settings_grid
 from .errors import UserError
-from .fileio import save_png, to_json
+from .fileio import load_toml, save_png, to_json
 from .grid import make_grid
 
 log = logging.getLogger(__name__)
@@ -135,7 +134,7 @@ def load_sweep(path: str | Path) -> Sweep:
     its class in the config tree, every train value by TrainConfig's own
     checks (in ``expand``), the evaluate options by evaluate's."""
     where = str(path)
-    data = read_toml(path)
+    data = load_toml(path, "sweep file")
     for key in data:
         if key not in SECTIONS:
             raise unknown_key(key, SECTIONS, where)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .config import to_toml_dict
 from .drawing import prompt_slug
-from .fileio import read_metrics, write_text
+from .fileio import read_metrics, read_text_file, write_text
 from .htmlpage import IMAGES_LOADED_SCRIPT
 from .lossplot import loss_svg
 from .markdown import html_text
@@ -68,7 +68,7 @@ def render(sweep, results: list[dict]) -> str:
                         f'src="{_data_uri(r["run"] / "sweep" / slug / "grid.png")}">'
                         f"<figcaption>{e(r['name'])}</figcaption></figure>")
         sections.append(f"<section><h3>{e(prompt)}</h3>{''.join(imgs)}</section>")
-    source = Path(sweep.source).read_text(encoding="utf-8")
+    source = read_text_file(sweep.source, "sweep file")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'">

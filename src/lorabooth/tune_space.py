@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Union
 
-from .config import TrainConfig, _check_scalar, read_toml, unknown_key
+from .config import TrainConfig, _check_scalar, unknown_key
 from .errors import UserError
+from .fileio import load_toml
 
 PRIOR_CHOICES = ("off", "images", "model")
 RANKS = (2, 4, 8)
@@ -80,12 +80,7 @@ def load_space(file: str, steps: list[int]) -> dict[str, Domain]:
     if not file:
         return space
     where = f"--space {file}"
-    if not Path(file).is_file():
-        raise UserError(f"{where}: no such file")
-    try:
-        entries = read_toml(file)
-    except UserError as e:
-        raise UserError(f"--space {e}") from None
+    entries = load_toml(file, "--space")
     for key, value in entries.items():
         if key not in space:
             raise unknown_key(key, space, where)

@@ -23,6 +23,7 @@ from ..fileio import save_png, write_json, write_text
 from ..grid import make_grid
 from ..imagefiles import Rejected, decode
 from ..lora import lora_metadata
+from ..templates import fill_template, prompt_templates, read_prompts_file
 from ..tokenwindow import check_prompt, pipeline_tokenizers
 from .embedders import Judges, default_judges
 from .metrics import (
@@ -50,21 +51,16 @@ def load_prompts(kind: str, prompts_file: str | None, identifier: str,
                  class_noun: str) -> list[EvalPrompt]:
     """The paper's prompts (``{0}`` identifier, ``{1}`` class noun) or the user's."""
     if prompts_file:
-        try:
-            text = Path(prompts_file).read_text(encoding="utf-8")
-        except OSError as e:
-            raise UserError(f"--prompts {prompts_file}: cannot read ({e.strerror})") from None
+        templates = read_prompts_file(prompts_file)
     else:
         check_kind(kind)
-        text = (resources.files("lorabooth") / "assets" / "dreambench" /
-                f"prompts_{kind}.txt").read_text(encoding="utf-8")
-    templates = [line.strip() for line in text.splitlines() if line.strip()]
-    if not templates:
-        raise UserError(f"--prompts {prompts_file}: no prompts in the file")
+        templates = prompt_templates((resources.files("lorabooth") / "assets" / "dreambench" /
+                                      f"prompts_{kind}.txt").read_text(encoding="utf-8"), kind)
     out = []
     for i, t in enumerate(templates):
-        full = t.format(identifier, class_noun) if "{" in t else t
-        clean = re.sub(r"\s+", " ", t.format("", class_noun) if "{" in t else t).strip()
+        where = f"--prompts {prompts_file}: prompt {i + 1}"
+        full = fill_template(t, {"0": identifier, "1": class_noun}, where)
+        clean = re.sub(r"\s+", " ", fill_template(t, {"0": "", "1": class_noun}, where)).strip()
         out.append(EvalPrompt(full, clean, prompt_slug(i, clean)))
     return out
 

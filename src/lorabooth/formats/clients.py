@@ -105,7 +105,12 @@ def sdxl_names() -> ModelNames:
 
 def is_sdxl_folder(model: str) -> bool:
     index = Path(model).expanduser() / "model_index.json"
-    return index.is_file() and "XL" in json.loads(index.read_text()).get("_class_name", "")
+    if not index.is_file():
+        return False
+    from ..fileio import load_json
+
+    data = load_json(index, "--model")
+    return isinstance(data, dict) and "XL" in str(data.get("_class_name", ""))
 
 
 def sdxl_folder_names(folder: str | Path) -> ModelNames:

@@ -5,7 +5,6 @@ own converters; round trips are exact."""
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from pathlib import Path
@@ -22,7 +21,7 @@ from peft import LoraConfig, get_peft_model_state_dict
 from safetensors.torch import save_file
 
 from ..errors import UserError, first_line
-from ..fileio import atomic_path, to_json
+from ..fileio import atomic_path, parse_json, to_json
 from ..lora import (
     ADAPTER,
     KOHYA_WEIGHT_NAME,
@@ -233,8 +232,8 @@ def kohya_metadata(header: dict[str, str]) -> dict[str, str]:
     def get(key: str, default: str = "") -> str:
         value = header.get(f"lorabooth.{key}", default)
         try:
-            return str(json.loads(value))
-        except (json.JSONDecodeError, TypeError):
+            return str(parse_json(value, key))
+        except UserError:
             return str(value)
 
     return {
@@ -318,10 +317,10 @@ def convert_file(src: str | Path, dst: str | Path, to: str) -> Path:
 def alpha_from_header(header: dict[str, str], default: float | None) -> float | None:
     """The alpha diffusers' adapter metadata records, or ``default``."""
     try:
-        meta = json.loads(header.get("lora_adapter_metadata", "{}"))
+        meta = parse_json(header.get("lora_adapter_metadata", "{}"), "lora_adapter_metadata")
         value = meta.get("unet.lora_alpha", meta.get("text_encoder.lora_alpha"))
         return float(value) if value is not None else default
-    except (ValueError, TypeError, AttributeError):
+    except (UserError, ValueError, TypeError, AttributeError):
         return default
 
 

@@ -20,6 +20,8 @@ from types import SimpleNamespace
 
 import torch
 
+from ..errors import UserError
+from ..fileio import parse_json
 from .singlefile import ldm_pairs, text_ldm_name, unet_ldm_key, unet_to_ldm, vae_to_ldm
 
 SD, SDXL = "sd", "sdxl"  # LoRA families: one text encoder (SD 1.x/2.x) or SDXL's two
@@ -74,8 +76,8 @@ def family_of(tensors: dict[str, torch.Tensor], header: dict[str, str] | None = 
     recorded = (header or {}).get(FAMILY_KEY)
     if recorded:
         try:
-            recorded = json.loads(recorded)
-        except json.JSONDecodeError:
+            recorded = parse_json(recorded, FAMILY_KEY)
+        except UserError:
             pass
         if recorded in FAMILY_NAMES:
             return recorded
@@ -99,10 +101,10 @@ def blocks_from_header(header: dict[str, str] | None) -> SimpleNamespace:
     """A file's recorded UNet block layout, or SDXL 1.0's when it has none
     (or an unreadable one)."""
     try:
-        blocks = json.loads((header or {}).get(UNET_BLOCKS_KEY, ""))
+        blocks = parse_json((header or {}).get(UNET_BLOCKS_KEY, ""), UNET_BLOCKS_KEY)
         return SimpleNamespace(**{**vars(SDXL_UNET), **{k: blocks[k] for k in BLOCK_KEYS[:4]},
                                   "addition_embed_type": blocks.get("addition_embed_type")})
-    except (ValueError, KeyError, TypeError):
+    except (UserError, ValueError, KeyError, TypeError):
         return SDXL_UNET
 
 

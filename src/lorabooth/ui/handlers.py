@@ -5,7 +5,6 @@ the CLI; every string that lands in HTML goes through ``html.escape``."""
 from __future__ import annotations
 
 import html
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ import tomli_w
 
 from ..config import PrepareConfig, to_toml_dict
 from ..errors import UserError
+from ..fileio import MAX_JSON_BYTES, load_json, load_toml, read_bytes_file
 from ..imagefiles import Rejected
 from ..lossplot import loss_svg
 from .jobs import Job, JobQueue, load_job
@@ -82,7 +82,7 @@ def prepare_photos(ws: Workspace, uploads: list[tuple[str, str]], folder: str, n
         if not _finished_report(out):  # refused before judging any file
             raise
     # prepare.json has every file's fate, also when none could be kept
-    report = json.loads((out / "prepare.json").read_text(encoding="utf-8"))
+    report = load_json(out / "prepare.json")
     refused += [(f["source"], f["reason"]) for f in report["files"] if not f["kept"]]
     sheet = out / SHEET_NAME
     return Prepared(out, sheet if sheet.is_file() and report["kept"] else None, refused,
@@ -93,8 +93,8 @@ def _finished_report(out: Path) -> bool:
     """Whether OUT holds a finished prepare's report (not the record of a run
     that is still writing, or was stopped)."""
     try:
-        return not json.loads((out / "prepare.json").read_text(encoding="utf-8")).get("running")
-    except (OSError, ValueError, AttributeError):
+        return not load_json(out / "prepare.json").get("running")
+    except (UserError, AttributeError):
         return False
 
 
@@ -268,10 +268,8 @@ def start_measure(ws: Workspace, queue: JobQueue, kind: str, run: str, photos: s
         argv = ["evaluate", str(folder), "--real", str(real), "--out", str(out)]
     elif kind == "sweep":
         file = ws.path(sweep_file, "sweep file")
-        from ..config import read_toml
-
         # the sweep writes where its [base] output says (relative: to the workspace)
-        base = read_toml(file).get("base", {})
+        base = load_toml(file, "sweep file").get("base", {})
         out = ws.path(base.get("output", "runs/sweep") if isinstance(base, dict) else "",
                       "the sweep's [base] output")
         argv = ["sweep", str(file)]
@@ -296,8 +294,14 @@ def measure_report(ws: Workspace, folder: str) -> tuple[str, str]:
     status = f"{ws.relative(path)}: {job.status if job else 'unknown'}"
     for name in ("report.md", "report.html"):
         if (path / name).is_file():
-            return status, (path / name).read_text(encoding="utf-8", errors="replace")
+            return status, _report_text(path / name)
     return status, job.log_tail(30) if job else ""
+
+
+def _report_text(path: Path) -> str:
+    """A report or card lorabooth wrote, as text (bad bytes replaced); a file
+    swapped for something else is one line."""
+    return read_bytes_file(path, "", MAX_JSON_BYTES).decode("utf-8", errors="replace")
 
 
 # --- 6. runs -------------------------------------------------------------
@@ -326,8 +330,8 @@ def run_details(ws: Workspace, run: str) -> tuple[str, str]:
     folder = ws.path(run, "run")
     config = read_run_config(folder)
     settings = table(["option", "value"], [[k, v] for k, v in sorted(config.items())])
-    try:
-        card = (folder / "README.md").read_text(encoding="utf-8", errors="replace")
-    except OSError:
+    if (folder / "README.md").exists():
+        card = _report_text(folder / "README.md")
+    else:
         card = "(no model card yet: it is written when training ends)"
     return settings, card

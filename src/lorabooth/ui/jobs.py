@@ -14,7 +14,6 @@ own session outlives the page and the server."""
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import os
 import secrets
@@ -27,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
-from ..fileio import to_json, write_text
+from ..fileio import check_regular_file, parse_json, read_bytes_file, to_json, write_text
 from .workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -60,10 +59,11 @@ class Job:
 
     def log_tail(self, lines: int = 15) -> str:
         try:
+            check_regular_file(self.path / LOG)  # a FIFO in its place would block the page
             with (self.path / LOG).open("rb") as f:
                 f.seek(max(0, f.seek(0, os.SEEK_END) - 16384))
                 text = f.read().decode("utf-8", "replace")
-        except OSError:
+        except (OSError, UserError):
             return ""
         # tqdm redraws its bar with \r: keep only the last state of each line
         return "\n".join(line.rsplit("\r", 1)[-1] for line in text.split("\n")[-lines:])
@@ -84,15 +84,12 @@ def load_job(folder: Path, warn: bool = False) -> Job | None:
     cannot be read (any JSON at all may sit in a workspace: too deep, wrong
     types); with ``warn`` such a file gets one warning line."""
     path = folder / STATE
-    try:
-        with path.open("rb") as f:
-            text = f.read(MAX_STATE_BYTES + 1)
-        if len(text) > MAX_STATE_BYTES:
-            raise ValueError(f"over {MAX_STATE_BYTES} bytes")
-        job = Job(**_state_fields(json.loads(text)))
-    except FileNotFoundError:
+    if not os.path.lexists(path):
         return None
-    except (OSError, ValueError, RecursionError) as e:
+    try:  # a regular file only (a FIFO would block), capped, nesting bounded
+        job = Job(**_state_fields(parse_json(read_bytes_file(path, "", MAX_STATE_BYTES),
+                                             str(path))))
+    except (UserError, ValueError) as e:
         if warn:
             log.warning("%s: not a job state this version can read (%s); that job is skipped",
                         path, str(e)[:200] or type(e).__name__)

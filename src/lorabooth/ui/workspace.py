@@ -9,17 +9,20 @@ widgets: `..`, absolute paths elsewhere and symlinks that leave are refused.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import re
 import shutil
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 from .. import fileio
 from ..errors import UserError
-from ..fileio import atomic_path, system_folder
+from ..fileio import (
+    atomic_path,
+    load_json,
+    load_toml,
+    system_folder,
+)
 from ..imagefiles import Rejected, decode
 
 # Far above a phone photo (~10 MB); a larger "photo" is a mistake or an attack
@@ -145,8 +148,8 @@ def _is_job_only(path: Path) -> bool:
     if path.name != "ui-job.json":
         return False
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):  # any JSON may sit here, however deep
+        data = load_json(path)
+    except UserError:
         return True
     return not isinstance(data, dict) or data.get("kind") != "train"
 
@@ -156,8 +159,8 @@ def read_run_config(run: Path) -> dict:
     page queued it with, or {}."""
     for name in ("config.toml", "ui-train.toml"):
         try:
-            return tomllib.loads((run / name).read_text(encoding="utf-8"))
-        except (OSError, ValueError, RecursionError):  # TOMLDecodeError is a ValueError
+            return load_toml(run / name)
+        except UserError:
             continue
     return {}
 

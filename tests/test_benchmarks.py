@@ -1,0 +1,108 @@
+"""benchmarks/gpu_headline.py: its --tiny mode runs on the CPU and writes the
+table and one JSON per run; the pieces that make it like for like (the model
+copy the class images are drawn from, the step-time reading) do what they say.
+No figure is compared with a time limit: only that each is there and positive."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import common  # noqa: E402
+import gpu_headline  # noqa: E402
+
+ARMS = ["lorabooth-plain", "lorabooth-prior"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """One --tiny run in a subprocess, as a person would start it. The test
+    session's TQDM_DISABLE=1 is left in on purpose: the step times are read
+    from the trainers' bars, which must not be silenced by it."""
+    tmp = tmp_path_factory.mktemp("headline")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, str(BENCH / "gpu_headline.py"), "--tiny",
+                           "--bench-dir", str(tmp / "models"), "--out", str(tmp / "out")],
+                          env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return tmp / "out"
+
+
+def test_tiny_mode_writes_a_table_row_per_arm(tiny_run):
+    text = (tiny_run / "headline.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| lorabooth-")]
+    assert [row.split("|")[1].strip() for row in rows] == ARMS
+    for row in rows:
+        cells = [c.strip() for c in row.split("|")[1:-1]]
+        s_per_step, first, total, rss = (float(cells[2]), float(cells[4].split()[0]),
+                                         float(cells[5].split()[0]), float(cells[7].split()[0]))
+        assert min(s_per_step, first, total, rss) > 0, row
+        assert cells[6] == "-"  # no GPU: no GPU peak, said as such
+    assert "Reference arms skipped: no --reference given" in text
+    assert "| reference-" not in text
+
+
+def test_tiny_mode_writes_raw_json_per_arm(tiny_run):
+    assert sorted(p.name for p in tiny_run.glob("*.json")) == [f"{a}.json" for a in ARMS]
+    for arm in ARMS:
+        data = json.loads((tiny_run / f"{arm}.json").read_text())
+        assert data["arm"] == arm and data["trainer"] == "lorabooth"
+        assert (data["model"], data["resolution"], data["steps"]) == ("tiny", 32, 2)
+        for key in ("s_per_step", "to_first_step_s", "total_s", "peak_rss_gb"):
+            assert isinstance(data[key], float) and math.isfinite(data[key]) and data[key] > 0, key
+        assert data["prior_preservation"] == (arm == "lorabooth-prior")
+        assert data["num_class_images"] == (2 if data["prior_preservation"] else 0)
+        assert max(int(n) for n in data["progress_ticks"]) == 2  # the bar reached the last step
+        assert "torch" in data["machine"] and "--tiny" in data["command"]
+        assert data["torch"].split("+")[0][0].isdigit()  # the child's own torch build
+
+
+def test_model_view_draws_at_the_resolution_with_dpm_and_leaves_the_base_alone(tmp_path):
+    base = tmp_path / "base"
+    for sub, name, config in (("unet", "config.json", {"sample_size": 64}),
+                              ("vae", "config.json", {"block_out_channels": [1, 2, 3, 4]}),
+                              ("scheduler", "scheduler_config.json",
+                               {"_class_name": "PNDMScheduler"})):
+        (base / sub).mkdir(parents=True)
+        (base / sub / name).write_text(json.dumps(config))
+    (base / "unet" / "weights.bin").write_bytes(b"w" * 10)
+    before = {p: p.read_bytes() for p in base.rglob("*") if p.is_file()}
+    view = common.model_view(base, 128, tmp_path)
+    assert json.loads((view / "unet" / "config.json").read_text())["sample_size"] == 16
+    scheduler = json.loads((view / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["_class_name"] == "DPMSolverMultistepScheduler"
+    assert scheduler["beta_schedule"] == "scaled_linear" and scheduler["beta_end"] == 0.012
+    assert (view / "unet" / "weights.bin").read_bytes() == b"w" * 10
+    assert {p: p.read_bytes() for p in base.rglob("*") if p.is_file()} == before
+
+
+def test_step_time_from_the_bar():
+    # steady: the first update after step 1 to the last, skipped updates allowed
+    assert gpu_headline.steady_s_per_step({0: 5.0, 1: 7.0, 4: 10.0, 10: 16.0}, 10) == (
+        pytest.approx(1.0), "steady (after step 1)")
+    # a bar too quick to print between: the mean over every step
+    s, how = gpu_headline.steady_s_per_step({0: 5.0, 4: 13.0}, 4)
+    assert s == pytest.approx(2.0) and "first included" in how
+    assert math.isnan(gpu_headline.steady_s_per_step({}, 4)[0])
+
+
+def test_reference_command_is_like_for_like():
+    args = gpu_headline.parse_args(["--precision", "bf16", "--reference", __file__])
+    cmd = gpu_headline.reference_cmd(args, Path("M"), Path("W"), prior=True)
+    assert cmd[cmd.index("--mixed_precision") + 1] == "bf16"
+    assert cmd[cmd.index("--prior_generation_precision") + 1] == "bf16"
+    assert "--pre_compute_text_embeddings" in cmd
+    assert (args.resolution, args.steps) == (512, 300)
+    ours = gpu_headline.lorabooth_cmd(args, Path("M"), Path("W"), prior=True)
+    assert ours[ours.index("--mixed-precision") + 1] == "bf16"
+    assert ours[ours.index("--class-draw-steps") + 1] == str(gpu_headline.DRAW_STEPS)
+    assert ours[ours.index("--class-draw-batch") + 1] == cmd[cmd.index("--sample_batch_size") + 1]
