@@ -70,6 +70,14 @@ def photos(tmp_path: Path) -> Path:
     return make_photos(tmp_path / "photos")
 
 
+@pytest.fixture
+def prompts(tmp_path) -> str:
+    """A `tune --prompts` file of one template."""
+    f = tmp_path / "prompts.txt"
+    f.write_text("a {0} {1} on the beach\n")
+    return str(f)
+
+
 @pytest.fixture(scope="session")
 def session_photos(tmp_path_factory) -> Path:
     return make_photos(tmp_path_factory.mktemp("subject") / "photos")

@@ -11,6 +11,16 @@ from PIL import Image, ImageDraw
 PINNED_FIRST_LOSSES = [1.10967, 1.09367, 1.06258]
 
 
+def tune_argv(photos, out, judges, prompts, *extra, steps="1", sample_steps="1") -> list[str]:
+    """`tune` as the tune tests run it: the tiny model at 32 px, one class
+    image, two images per prompt and the tiny ``judges`` (dino, clip)."""
+    dino, clip = judges
+    return ["tune", str(photos), "--class-noun", "dog", "--out", str(out), "--steps", steps,
+            "--resolution", "32", "--num-class-images", "1", "--prompts", prompts,
+            "--images-per-prompt", "2", "--pres-images", "2", "--sample-steps", sample_steps,
+            "--dino", dino, "--clip", clip, *extra]
+
+
 def make_photos(folder: Path, n: int = 3, size: tuple[int, int] = (80, 72)) -> Path:
     """Small distinct pictures standing in for a user's subject photos."""
     folder.mkdir(parents=True, exist_ok=True)

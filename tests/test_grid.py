@@ -1,9 +1,10 @@
+import argparse
+
 import pytest
 from PIL import Image
 
-from lorabooth.checks import parse_floats
+from lorabooth.checks import finite_floats
 from lorabooth.drawing import Setting, prompt_slug, settings_grid
-from lorabooth.errors import UserError
 from lorabooth.grid import PAD, Layout, make_grid
 
 
@@ -45,10 +46,13 @@ def test_settings_grid_is_the_full_product_in_order():
     assert grid[1].label == "unet 0 | text 1 | cfg 7.5"
 
 
-def test_parse_floats():
-    assert parse_floats("0,0.5, 1", "--unet-scale") == [0.0, 0.5, 1.0]
-    with pytest.raises(UserError, match="--guidance"):
-        parse_floats("7.5,high", "--guidance")
+def test_comma_lists_of_scales_parse_as_the_cli_parses_them():
+    assert finite_floats("0,0.5, 1") == [0.0, 0.5, 1.0]
+    assert finite_floats("7.5,") == [7.5]
+    for text, fragment in (("7.5,high", "separated by commas"), (",", "at least one number"),
+                           ("1,nan", "finite"), ("inf", "finite")):
+        with pytest.raises(argparse.ArgumentTypeError, match=fragment):
+            finite_floats(text)
 
 
 def test_prompt_slug():

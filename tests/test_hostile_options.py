@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import save_file
 
 from helpers import make_photos
+from hostile import assert_outcome, assert_untouched, snapshot
 from lorabooth.cli import main
 from lorabooth.lora import WEIGHT_NAME, read_lora
 
@@ -71,12 +72,6 @@ def train_argv(photos, output, *extra: str) -> list[str]:
     return ["train", "--model", "tiny", "--instance-dir", str(photos), "--instance-prompt", PROMPT,
             "--steps", "2", "--resolution", "32", "--checkpoint-every", "1",
             "--save-format", "diffusers", "--output", str(output), *extra]
-
-
-def tree(folder: Path) -> dict[str, str]:
-    """File list and sha256 of every file below ``folder``."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -473,7 +468,7 @@ ROWS = [
 @pytest.mark.parametrize("row", ROWS, ids=[r.id for r in ROWS])
 def test_hostile_input(row: Row, world, tmp_path, capsys, caplog, monkeypatch):
     ctx = SimpleNamespace(**vars(world), tmp=tmp_path, monkeypatch=monkeypatch)
-    photos_before, run_before = tree(world.photos), tree(world.run)
+    before = snapshot(world.photos, world.run)
     if row.setup:
         row.setup(ctx)
     argv = [a.format(**vars(ctx)) for a in row.argv]
@@ -484,15 +479,8 @@ def test_hostile_input(row: Row, world, tmp_path, capsys, caplog, monkeypatch):
         except Exception:  # what the table exists to rule out
             pytest.fail(f"Traceback (most recent call last):\n{traceback.format_exc()}")
     err = capsys.readouterr().err
-    said = err + caplog.text
-    assert code == row.code, said[-2000:]
-    assert row.fragment in said, said[-2000:]
-    assert "Traceback" not in said
-    if code == 2:
-        errors = [line for line in err.splitlines() if ": error: " in line]
-        assert len(errors) == 1, err
+    assert_outcome(code, err + caplog.text, row.code, row.fragment, errors_in=err)
     assert attempts == []
-    assert tree(world.photos) == photos_before
-    assert tree(world.run) == run_before
+    assert_untouched(before)
     if row.after:
         row.after(ctx)

@@ -18,8 +18,9 @@ from typing import Callable
 import pytest
 from PIL import Image
 
+from hostile import assert_outcome, tree
 from lorabooth.cli import main
-from test_hostile_files import PREPARE, TRAIN, smooth_photos, tree
+from test_hostile_files import PREPARE, TRAIN, smooth_photos
 
 CAPTION = ["--caption", "a photo of sks dog"]
 
@@ -255,10 +256,8 @@ def test_hostile_prepare(name, tmp_path, monkeypatch, capsys, caplog):
         caplog.clear()
         code, err = run_row(row, ctx)
         ctx.said = err + capsys.readouterr().err + caplog.text
-        assert code == row.code, ctx.said[-2000:]
-        assert row.says in ctx.said, ctx.said[-2000:]
-        assert "Traceback" not in ctx.said
-        if code != 0:
+        assert_outcome(code, ctx.said, row.code, row.says)
+        if code != 0:  # an interrupted prepare too ends on one line
             ends = [line for line in ctx.said.splitlines()
                     if ": error: " in line or line.endswith(": interrupted")]
             assert len(ends) == 1, ends

@@ -9,12 +9,10 @@ on a FIFO meets the child's timeout, a safety net only: the assertions are on
 the exit status and the one line said. The photos and the finished run are
 byte-identical afterwards (sha256 of every file)."""
 
-import hashlib
 import json
 import os
 import resource
 import shutil
-import stat
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -23,6 +21,7 @@ from typing import Callable
 
 import pytest
 
+from hostile import assert_outcome, assert_untouched, snapshot, tree
 from lorabooth.cli import build_parser, main
 from test_hostile_files import PREPARE, TRAIN, Ctx, smooth_photos
 
@@ -59,18 +58,6 @@ def finished(tmp_path_factory, photos) -> Path:
     argv = [a.format(photos=photos) for a in TRAIN]
     assert main(argv + ["--checkpoint-every", "1", "--output", str(out)]) == 0
     return out
-
-
-def tree(folder: Path) -> dict[str, str]:
-    """Every path below ``folder`` -> sha256 of its bytes ('dir' for folders,
-    'fifo' for the FIFOs rows plant: reading one here would block)."""
-    def digest(p: Path) -> str:
-        if p.is_dir():
-            return "dir"
-        if stat.S_ISFIFO(p.stat().st_mode):
-            return "fifo"
-        return hashlib.sha256(p.read_bytes()).hexdigest()
-    return {str(p.relative_to(folder)): digest(p) for p in sorted(folder.rglob("*"))}
 
 
 # --- setups --------------------------------------------------------------------------------
@@ -229,17 +216,11 @@ def test_hostile_read(name, photos, finished, tmp_path, monkeypatch, request):
     shutil.copytree(finished, ctx.run)
     if row.setup:
         row.setup(ctx)
-    photos_before, run_before = tree(ctx.photos), tree(ctx.run)
+    before = snapshot(ctx.photos, ctx.run)
     done = _child([ctx.fmt(a) for a in row.argv], tmp_path)
-    said = done.stderr
-    assert done.returncode == row.code, said[-2000:]
-    assert row.says in said, said[-2000:]
-    assert "Traceback" not in said and "MemoryError" not in said
-    if row.code == 2:
-        errors = [line for line in said.splitlines() if ": error: " in line]
-        assert len(errors) == 1, errors
-    assert tree(ctx.photos) == photos_before
-    assert tree(ctx.run) == run_before
+    assert_outcome(done.returncode, done.stderr, row.code, row.says)
+    assert "MemoryError" not in done.stderr
+    assert_untouched(before)
     if row.then:
         row.then(ctx)
 

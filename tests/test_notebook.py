@@ -9,6 +9,7 @@ from base64 import b64decode
 from pathlib import Path
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "examples" / "lorabooth.ipynb"
@@ -78,6 +79,7 @@ def _outputs(cell, kind: str) -> list[str]:
     return [o.data[kind] for o in cell.outputs if kind in o.get("data", {})]
 
 
+@pytest.mark.slow
 def test_the_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     work = tmp_path / "work"
     work.mkdir()

@@ -158,6 +158,7 @@ def test_sweep_end_to_end_then_nothing_to_do(tmp_path, photos, monkeypatch, capl
     assert run_state(runs[1][1]) == "new"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed")
 def test_report_renders_in_a_real_browser(tmp_path, photos):
     text = SWEEP.replace("lr = [1e-4, 5e-4]", "lr = [5e-4]").replace(

@@ -12,7 +12,7 @@ import pytest
 from optuna.trial import FixedTrial, TrialState
 from safetensors.torch import load_file
 
-from helpers import chromium_dom
+from helpers import chromium_dom, tune_argv
 from lorabooth.cli import main
 from lorabooth.commands import TuneConfig
 from lorabooth.errors import UserError
@@ -20,20 +20,8 @@ from lorabooth.tune import RANKS, STUDY, suggest
 from lorabooth.tune_report import recommend
 from lorabooth.tune_space import default_space
 
-
-def _argv(photos, out, judges, prompts, *extra):
-    dino, clip = judges
-    return ["tune", str(photos), "--class-noun", "dog", "--out", str(out), "--steps", "2,3",
-            "--resolution", "32", "--num-class-images", "1", "--prompts", prompts,
-            "--images-per-prompt", "2", "--pres-images", "2", "--sample-steps", "2",
-            "--dino", dino, "--clip", clip, "--heartbeat", "1", *extra]
-
-
-@pytest.fixture
-def prompts(tmp_path):
-    f = tmp_path / "prompts.txt"
-    f.write_text("a {0} {1} on the beach\n")
-    return str(f)
+TWO_LENGTHS = dict(steps="2,3", sample_steps="2")  # the choices of default_space([2, 3])
+BEAT = ("--heartbeat", "1")  # a trial whose process died is stale after 2 s, not 2 min
 
 
 def _study(out):
@@ -80,7 +68,8 @@ def test_recommend_takes_the_highest_fidelity_among_tame_pareto_trials():
 def test_tune_writes_the_study_continues_and_retries_an_interrupted_trial(
         photos, tiny_judges, prompts, tmp_path):
     out = tmp_path / "tune"
-    assert main(_argv(photos, out, tiny_judges, prompts, "--budget", "2")) == 0
+    assert main(tune_argv(photos, out, tiny_judges, prompts, "--budget", "2", *BEAT,
+                          **TWO_LENGTHS)) == 0
     study = _study(out)
     done = [t for t in study.trials if t.state == TrialState.COMPLETE]
     assert len(done) == 2
@@ -108,7 +97,8 @@ def test_tune_writes_the_study_continues_and_retries_an_interrupted_trial(
     # failed and its settings tried again
     stale = study.ask()
     suggest(stale, default_space([2, 3]))
-    assert main(_argv(photos, out, tiny_judges, prompts, "--budget", "4")) == 0
+    assert main(tune_argv(photos, out, tiny_judges, prompts, "--budget", "4", *BEAT,
+                          **TWO_LENGTHS)) == 0
     study = _study(out)
     assert study.trials[stale.number].state == TrialState.FAIL
     retry = study.trials[-1]
@@ -194,9 +184,8 @@ def test_a_killed_tune_process_leaves_a_running_trial_that_is_retried(
 
     env, _ = no_network_env
     out = tmp_path / "tune"
-    fast = ("--steps", "1", "--sample-steps", "1")
     proc = subprocess.Popen([sys.executable, "-m", "lorabooth",
-                             *_argv(photos, out, tiny_judges, prompts, "--budget", "5", *fast)],
+                             *tune_argv(photos, out, tiny_judges, prompts, "--budget", "5", *BEAT)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         while proc.poll() is None and not (out / "trials" / "0001").is_dir():
@@ -211,7 +200,7 @@ def test_a_killed_tune_process_leaves_a_running_trial_that_is_retried(
     assert states == ["COMPLETE", "RUNNING"]
     first = out / "trials" / "0000" / "pytorch_lora_weights.safetensors"
     made = first.stat().st_mtime_ns
-    assert main(_argv(photos, out, tiny_judges, prompts, "--budget", "2", *fast)) == 0
+    assert main(tune_argv(photos, out, tiny_judges, prompts, "--budget", "2", *BEAT)) == 0
     study = _study(out)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.FAIL,
                                                TrialState.COMPLETE]
@@ -279,9 +268,8 @@ def test_a_pruned_trial_stops_training_and_the_report_counts_what_it_saved(
 
     monkeypatch.setattr(lorabooth.tune_pruning, "make_pruner", lambda name, percentile: OddTwins())
     out = tmp_path / "tune <b>&"
-    argv = _argv(photos, out, tiny_judges, prompts, "--budget", "2", "--prune-every", "2")
-    argv[argv.index("--steps") + 1] = "4"
-    assert main(argv) == 0
+    assert main(tune_argv(photos, out, tiny_judges, prompts, "--budget", "2", "--prune-every", "2",
+                          *BEAT, steps="4", sample_steps="2")) == 0
     study = _study(out)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.PRUNED,
                                                TrialState.COMPLETE]

@@ -18,6 +18,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from helpers import tune_argv
 from lorabooth.cli import main
 from lorabooth.errors import UserError
 from lorabooth.tune import (
@@ -30,21 +31,6 @@ from lorabooth.tune import (
 )
 from lorabooth.tune_space import Range, check_study_fits, default_space, load_space, suggest
 from lorabooth.tune_workers import class_images_once, visible_gpus, worker_env
-
-
-def _argv(photos, out, judges, prompts, *extra):
-    dino, clip = judges
-    return ["tune", str(photos), "--class-noun", "dog", "--out", str(out), "--steps", "1",
-            "--resolution", "32", "--num-class-images", "1", "--prompts", prompts,
-            "--images-per-prompt", "2", "--pres-images", "2", "--sample-steps", "1",
-            "--dino", dino, "--clip", clip, *extra]
-
-
-@pytest.fixture
-def prompts(tmp_path):
-    f = tmp_path / "prompts.txt"
-    f.write_text("a {0} {1} on the beach\n")
-    return str(f)
 
 
 def test_workers_get_a_gpu_each_round_robin_and_a_share_of_the_cores():
@@ -211,7 +197,7 @@ def _trained_by(err: str) -> dict[int, list[str]]:
 def _two_workers(photos, out, judges, prompts, env, space, *extra):
     """`tune --workers 2 --budget 2` in a subprocess; its stderr."""
     proc = subprocess.run([sys.executable, "-m", "lorabooth",
-                           *_argv(photos, out, judges, prompts, "--workers", "2", "--budget", "2",
+                           *tune_argv(photos, out, judges, prompts, "--workers", "2", "--budget", "2",
                                   "--space", str(space), *extra)],
                           env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -232,6 +218,7 @@ def _check_each_trial_ran_once(study, out, err):
     assert (out / "report.md").is_file()
 
 
+@pytest.mark.slow
 def test_two_workers_share_one_sqlite_study(photos, tiny_judges, prompts, tmp_path,
                                             no_network_env):
     """Every trial is trained by one worker only, and the shared class images
@@ -294,6 +281,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_workers_share_one_postgresql_study(photos, tiny_judges, prompts, tmp_path,
                                                 no_network_env, postgres_url):
     env, _ = no_network_env  # the server is on a Unix socket: no network connection is made

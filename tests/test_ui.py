@@ -19,7 +19,7 @@ from lorabooth.config import TrainConfig, build_config
 from lorabooth.errors import UserError
 from lorabooth.imagefiles import Rejected
 from lorabooth.ui import handlers as h
-from lorabooth.ui.jobs import STATE, Job, JobQueue, load_job
+from lorabooth.ui.jobs import ACTIVE, STATE, Job, JobQueue, load_job
 from lorabooth.ui.server import parse_auth
 from lorabooth.ui.trainform import HIDDEN, config_from_form, form_fields
 from lorabooth.ui.workspace import Workspace, read_metrics
@@ -48,6 +48,19 @@ def ws(tmp_path) -> Workspace:
 
 def fake_queue(ws: Workspace) -> JobQueue:
     return JobQueue(ws, launcher=[sys.executable, "-c", FAKE, "lorabooth"])
+
+
+def until(check, what: str) -> None:
+    """Poll ``check()`` until it holds (WAIT only guards against a hang)."""
+    end = time.monotonic() + WAIT
+    while not check():
+        assert time.monotonic() < end, f"still waiting for {what}"
+        time.sleep(0.05)
+
+
+def wait_idle(queue: JobQueue) -> None:
+    """Until every job in the queue's workspace has ended, as its state file says."""
+    until(lambda: all(j.status not in ACTIVE for j in queue.jobs()), "the queue to go idle")
 
 
 # --- the workspace -------------------------------------------------------
@@ -189,12 +202,13 @@ def test_start_training_queues_the_cli_on_the_written_config(ws):
     run = ws.root / "runs" / "a"
     assert job.argv == ["train", "--config", str(run / h.TRAIN_SPEC)]
     assert build_config(TrainConfig, run / h.TRAIN_SPEC, {}) == config_from_form(ws, values)
-    assert queue.wait_idle(WAIT)
+    wait_idle(queue)
     assert load_job(run).status == "done"  # the stand-in exits 0
     with pytest.raises(UserError, match="resume it"):
         h.resume_training(ws, queue, "runs/b")
     again = h.resume_training(ws, queue, "runs/a")
-    assert again.argv[-1] == "--resume" and queue.wait_idle(WAIT)
+    assert again.argv[-1] == "--resume"
+    wait_idle(queue)
 
 
 def test_progress_reads_the_run_folder(ws):
@@ -218,7 +232,7 @@ def test_jobs_run_one_at_a_time_in_order_and_record_their_end(ws):
     first = queue.submit("train", ["sleep", "0.5"], ws.root / "a")
     second = queue.submit("generate", ["write", str(marker)], ws.root / "b", expect="made")
     failed = queue.submit("generate", ["fail"], ws.root / "c")
-    assert queue.wait_idle(WAIT)
+    wait_idle(queue)
     a, b, c = (load_job(ws.root / x) for x in "abc")
     assert (a.status, b.status, c.status) == ("done", "done", "failed") and c.returncode == 3
     assert a.ended <= b.started and b.ended <= c.started  # never two at once
@@ -230,14 +244,12 @@ def test_stop_terminates_a_running_job_and_unqueues_a_waiting_one(ws):
     queue = fake_queue(ws)
     queue.submit("train", ["sleep", "600"], ws.root / "a")
     queue.submit("generate", ["sleep", "600"], ws.root / "b")
-    end = time.monotonic() + WAIT
-    while load_job(ws.root / "a").status != "running" and time.monotonic() < end:
-        time.sleep(0.05)
+    until(lambda: load_job(ws.root / "a").status == "running", "job a to start")
     with pytest.raises(UserError, match="already running"):
         queue.submit("train", ["sleep", "1"], ws.root / "a")
     assert queue.stop(ws.root / "b").status == "stopped"  # still queued
     queue.stop(ws.root / "a")
-    assert queue.wait_idle(WAIT)
+    wait_idle(queue)
     assert load_job(ws.root / "a").status == "stopped"
     assert load_job(ws.root / "b").started is None
 
@@ -245,7 +257,12 @@ def test_stop_terminates_a_running_job_and_unqueues_a_waiting_one(ws):
 def test_a_restarted_server_finds_every_job(ws):
     """Queued jobs run again, a live one is watched to its end before the
     next starts, a dead one is marked interrupted (and can be resumed)."""
-    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.5)", "lorabooth"])
+    # a "lorabooth" process that, once the test closes its stdin, writes its
+    # output and ends: a queue that looked for the output before its end says
+    # "interrupted", one that watched it to its end says "done"
+    live = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read(); "
+                             "open(sys.argv[2], 'w').close()", "lorabooth", str(ws.root / "live" / "out")],
+                            stdin=subprocess.PIPE)
     for name, status, pid in (("dead", "running", 2 ** 22 + 1), ("live", "running", live.pid),
                               ("waiting", "queued", None)):
         Job(id=name, kind="train", argv=["write", str(ws.root / name / "out")],
@@ -253,12 +270,15 @@ def test_a_restarted_server_finds_every_job(ws):
     queue = fake_queue(ws)
     assert {j.id for j in queue.recover()} == {"live", "waiting"}
     assert load_job(ws.root / "dead").status == "interrupted"
-    assert queue.wait_idle(WAIT)
+    assert load_job(ws.root / "waiting").status == "queued"  # behind the live one
+    released = time.time()
+    live.stdin.close()
     live.wait()
-    assert load_job(ws.root / "live").status == "interrupted"  # ended without its output
+    wait_idle(queue)
+    assert load_job(ws.root / "live").status == "done"
     waiting = load_job(ws.root / "waiting")
     assert waiting.status == "done" and (ws.root / "waiting" / "out").is_file()
-    assert waiting.started >= load_job(ws.root / "live").ended  # one at a time across restarts
+    assert waiting.started >= released  # one at a time across restarts
 
 
 def test_a_broken_state_file_is_ignored(ws):
@@ -286,7 +306,7 @@ def test_measure_jobs_are_the_cli_commands_on_workspace_paths(ws):
         h.start_measure(ws, queue, "sweep", "", "", "", "s.toml", 1)
     with pytest.raises(UserError, match="outside the workspace"):
         h.start_measure(ws, queue, "evaluate", "runs/a", "/etc", "", "", 1)
-    assert queue.wait_idle(WAIT)
+    wait_idle(queue)
 
 
 def test_the_lora_comes_in_either_layout(ws, trained_run):

@@ -125,6 +125,7 @@ def servers(tmp_path):
             _stop(proc)
 
 
+@pytest.mark.slow
 def test_the_whole_flow_in_a_real_browser(servers, tmp_path):
     workspace, (url, shared_url) = servers
     sync = playwright.sync_playwright

@@ -116,17 +116,6 @@ def check_images(arrays: np.ndarray, what: str) -> None:
                         f"are broken); nothing was written")
 
 
-def parse_floats(text: str, option: str) -> list[float]:
-    """``"0,0.5,1"`` -> ``[0.0, 0.5, 1.0]``; the error names the option."""
-    try:
-        values = [float(v) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"{option}: expected numbers separated by commas (got {text!r})") from None
-    if not values:
-        raise UserError(f"{option}: expected at least one number (got {text!r})")
-    return [finite(v, option) for v in values]
-
-
 def check_size(value: int | None, option: str) -> None:
     """None (the model's native size) or a positive multiple of 8, as the
     VAE's 8x downsampling of SD needs, up to MAX_SIDE."""

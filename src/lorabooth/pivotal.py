@@ -158,11 +158,6 @@ def embedding_keys(embeddings: dict[str, torch.Tensor], layout: str) -> dict[str
     return {f"{EMB_PREFIX}{w}": v for w, v in embeddings.items()}
 
 
-def is_embedding_key(key: str) -> bool:
-    return key.startswith(EMB_PREFIX) or (key.startswith(BUNDLE_PREFIX)
-                                          and key.endswith(BUNDLE_SUFFIX))
-
-
 def trained_tokens(header: dict[str, str]) -> dict[str, list[int]]:
     try:
         value = parse_json(header.get(TRAINED_TOKENS, "{}"), TRAINED_TOKENS)

@@ -211,17 +211,6 @@ class JobQueue:
             self._lock.notify_all()
             return [*self._adopted, *self._queue]
 
-    def wait_idle(self, timeout: float) -> bool:
-        """Until nothing is queued or running (tests and shutdown)."""
-        end = time.monotonic() + timeout
-        with self._lock:
-            while self._queue or self._current or self._adopted:
-                left = end - time.monotonic()
-                if left <= 0:
-                    return False
-                self._lock.wait(min(left, 0.2))
-        return True
-
     # --- the worker ------------------------------------------------------
     def _ensure_worker(self) -> None:
         if self._worker is None or not self._worker.is_alive():
