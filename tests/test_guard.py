@@ -40,6 +40,8 @@ def _config(cls: type, tmp: Path):
         if f.name in _path_options(cls):
             values[f.name] = [str(tmp / "a"), str(tmp / "b")] if "list" in str(f.type) \
                 else str(tmp / f.name)
+    if "prompts" in values:  # read (and checked) when the config is built
+        (tmp / "prompts").write_text("a photo of {0} {1}\n")
     for key, value in {"prompt": ["p"], "instance_prompt": "a photo of sks dog",
                        "class_noun": "dog", "real": str(tmp / "real"), "to": "kohya",
                        "class_prompt": "a photo of a dog"}.items():
