@@ -273,10 +273,10 @@ ROWS = {
     "resume: config.toml not TOML, checkpoint without settings": Row(
         RESUME, 2, "config.toml: not valid TOML", copy_run(old_manifest, config_bytes(b"seed = ["))),
     "resume: config.toml nested too deeply": Row(
-        RESUME, 2, "config.toml: not valid TOML: nested too deeply",
+        RESUME, 2, "config.toml: TOML nested too deeply",
         copy_run(old_manifest, config_bytes(b"a = " + b"[" * 100000 + b"]" * 100000))),
     "resume: config.toml binary": Row(
-        RESUME, 2, "config.toml: not a text file",
+        RESUME, 2, "config.toml: not UTF-8 text",
         copy_run(old_manifest, config_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe" * 8))),
     "resume: config.toml not TOML, no checkpoint": Row(
         RESUME, 2, "config.toml: not valid TOML", copy_run(no_checkpoints, config_bytes(b"=\n"))),

@@ -227,7 +227,8 @@ def _label(path: Path, what: str) -> str:
     return f"{what} {path}" if what and what != str(path) else str(path)
 
 
-def _kind(mode: int) -> str:
+def file_kind(mode: int) -> str:
+    """What a path that is not a regular file is, in words."""
     if stat.S_ISDIR(mode):
         return "a folder"
     if stat.S_ISFIFO(mode):
@@ -241,7 +242,7 @@ def _kind(mode: int) -> str:
 
 def _refuse_irregular(path: Path, what: str, mode: int) -> None:
     if not stat.S_ISREG(mode):
-        raise UserError(f"{_label(path, what)}: not a regular file ({_kind(mode)})")
+        raise UserError(f"{_label(path, what)}: not a regular file ({file_kind(mode)})")
 
 
 def check_regular_file(path: str | Path, what: str = "") -> None:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import UserError
-from .fileio import system_folder
+from .fileio import file_kind, system_folder
 
 
 @dataclass(frozen=True)
@@ -158,8 +158,8 @@ def _check_read(r: Read) -> None:
     except OSError:
         return  # missing: the command's own check names what it needed
     if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-        raise _bad(r.option, r.path, "not a regular file or folder (a pipe or a device "
-                                     "cannot be read safely)")
+        raise _bad(r.option, r.path, f"not a regular file ({file_kind(mode)}: opening it "
+                                     f"could wait forever or never end)")
 
 
 def _same(a: Path, b: Path) -> bool:

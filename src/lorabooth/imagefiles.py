@@ -5,13 +5,13 @@ goes on) and `train` (which refuses to start)."""
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
 from .errors import UserError, first_line
+from .fileio import load_json
 from .images import FORMATS, upright_rgb
 
 log = logging.getLogger(__name__)
@@ -97,11 +97,11 @@ def image_files(folder: Path) -> list[Path]:
 def prepared_images(report: Path) -> set[str]:
     """The names of the images a finished `prepare` kept, from its report:
     plain names only (a doctored report cannot point outside its folder)."""
+    data = load_json(report)  # a regular file, capped, nesting bounded: else one line
     try:
-        data = json.loads(report.read_text(encoding="utf-8"))
         running = data.get("running")
         names = {f["output"] for f in data["files"] if f.get("kept") and f.get("output")}
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
+    except (KeyError, TypeError, AttributeError) as e:
         raise UserError(f"{report}: not a readable report of `lorabooth prepare` "
                         f"({first_line(e, 80)}); rerun prepare, or remove the file") from None
     if running:
