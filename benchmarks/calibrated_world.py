@@ -1,0 +1,130 @@
+"""The calibrated toy world: fit the identifier salience, then measure on
+subjects the fit never saw, then the levers. Every run's raw scores are kept
+under OUT (cached: an interrupted phase redoes nothing) and gathered per seed
+into the JSON files under docs/ that the markdown is rendered from.
+
+    PYTHONPATH=src python benchmarks/calibrated_world.py fit OUT [--grid 1,2,4,8] [--seeds 0,1]
+    PYTHONPATH=src python benchmarks/calibrated_world.py subjects OUT [--seeds 0,1,2]
+    PYTHONPATH=src python benchmarks/calibrated_world.py levers OUT [--seeds 0,1,2]
+    PYTHONPATH=src python benchmarks/calibrated_world.py report
+
+`subjects` and `levers` run at the salience `fit` chose
+(docs/calibration/fit.json). `report` writes docs/toyworld/calibrated.md
+from docs/calibration/fit.json and docs/toyworld/{subjects,levers}.json."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+from lorabooth.fileio import write_json, write_text
+from lorabooth.toyworld.calibrate import FIT_METHODS, fit
+from lorabooth.toyworld.calibrated_report import fit_table, lever_table, subject_tables
+from lorabooth.toyworld.subject_study import LEVERS, METHODS, Cell, Harness
+from lorabooth.toyworld.subjects import CALIBRATION, EVALUATION
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+FIT_JSON = DOCS / "calibration" / "fit.json"
+FIT_RECORDS = DOCS / "calibration" / "fit_records.json"
+SUBJECTS_JSON = DOCS / "toyworld" / "subjects.json"
+LEVERS_JSON = DOCS / "toyworld" / "levers.json"
+LEVER_SUBJECTS = EVALUATION[:2]
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",")]
+
+
+def _save(path: Path, records: list[dict], t0: float, **extra) -> None:
+    write_json(path, {**extra, "wall_seconds_this_invocation": round(time.perf_counter() - t0),
+                      "run_seconds_total": round(sum(r.get("seconds", 0) for r in records)),
+                      "records": records})
+
+
+def phase_fit(h: Harness, grid: list[float], seeds: list[int]) -> None:
+    t0, records = time.perf_counter(), []
+    for seed in seeds:
+        for salience in grid:
+            for subject in CALIBRATION:
+                for method in FIT_METHODS:
+                    records.append(h.run(Cell(subject, method, METHODS[method], salience, seed)))
+                    _save(FIT_RECORDS, records, t0, grid=grid, seeds=seeds)
+    write_json(FIT_JSON, {**fit(records), "grid_values": grid, "seeds": seeds,
+                          "subjects": [s.name for s in CALIBRATION]})
+
+
+def _chosen() -> float:
+    return json.loads(FIT_JSON.read_text())["chosen_salience"]
+
+
+def phase_subjects(h: Harness, seeds: list[int]) -> None:
+    t0, s = time.perf_counter(), _chosen()
+    base = [h.base_record(subject, s) for subject in EVALUATION]
+    records = []
+    for seed in seeds:
+        for subject in EVALUATION:
+            for method, train in METHODS.items():
+                records.append(h.run(Cell(subject, method, train, s, seed)))
+                _save(SUBJECTS_JSON, records, t0, salience=s, base=base)
+
+
+def phase_levers(h: Harness, seeds: list[int]) -> None:
+    t0, s, records = time.perf_counter(), _chosen(), []
+    for seed in seeds:
+        for subject in LEVER_SUBJECTS:
+            for method, train in LEVERS.items():
+                records.append(h.run(Cell(subject, method, train, s, seed)))
+                _save(LEVERS_JSON, records, t0, salience=s)
+
+
+def report() -> None:
+    parts = ["# The calibrated toy world: measured\n",
+             "Made by `PYTHONPATH=src python benchmarks/calibrated_world.py report` from the raw "
+             "per-seed records in docs/calibration/ and docs/toyworld/; see "
+             "[calibration.md](../calibration.md) for what the figures mean.\n"]
+    if FIT_JSON.is_file():
+        parts += ["## The fit (calibration subjects only)\n", fit_table(json.loads(FIT_JSON.read_text()))]
+    if SUBJECTS_JSON.is_file():
+        data = json.loads(SUBJECTS_JSON.read_text())
+        parts += [f"## Subjects the fit never saw (salience {data['salience']:g})\n",
+                  "mean [min–max] over seeds.\n",
+                  subject_tables(data["records"], list(METHODS), data["base"])]
+        recs = data["records"]
+        if LEVERS_JSON.is_file():
+            recs = recs + json.loads(LEVERS_JSON.read_text())["records"]
+        chosen = {r["subject"] for r in recs if r["method"] in LEVERS}
+        levers = [r for r in recs if r["subject"] in chosen]
+        parts += ["## Levers on the calibrated class-image recipe\n",
+                  f"Subjects {', '.join(sorted(chosen)) or '–'}; effect = lever minus "
+                  "class-image prior, mean over seeds and subjects, 95% percentile bootstrap "
+                  "over runs; bold where the interval excludes 0.\n",
+                  lever_table(levers, "class-image-prior",
+                              ["no-prior", "image-free-prior", "pivotal", *LEVERS])]
+    write_text(DOCS / "toyworld" / "calibrated.md", "\n".join(parts))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("phase", choices=("fit", "subjects", "levers", "report"))
+    ap.add_argument("out", nargs="?")
+    ap.add_argument("--grid", default="1,2,4,8")
+    ap.add_argument("--seeds", default="")
+    ap.add_argument("--steps", type=int, default=0, help="training steps, over the recipe's 400")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.phase == "report":
+        return report()
+    h = Harness(Path(args.out), train_over={"steps": args.steps} if args.steps else {})
+    if args.phase == "fit":
+        phase_fit(h, _floats(args.grid), [int(x) for x in (args.seeds or "0,1").split(",")])
+    elif args.phase == "subjects":
+        phase_subjects(h, [int(x) for x in (args.seeds or "0,1,2").split(",")])
+    else:
+        phase_levers(h, [int(x) for x in (args.seeds or "0,1,2").split(",")])
+
+
+if __name__ == "__main__":
+    main()
