@@ -3,7 +3,8 @@ subjects the fit never saw, then the levers. Every run's raw scores are kept
 under OUT (cached: an interrupted phase redoes nothing) and gathered per seed
 into the JSON files under docs/ that the markdown is rendered from.
 
-    PYTHONPATH=src python benchmarks/calibrated_world.py fit OUT [--grid 1,2,4,8] [--seeds 0,1]
+    PYTHONPATH=src python benchmarks/calibrated_world.py fit OUT [--grid 1,2,4] [--seeds 0]
+    PYTHONPATH=src python benchmarks/calibrated_world.py refit   # fit.json from the runs so far
     PYTHONPATH=src python benchmarks/calibrated_world.py subjects OUT [--seeds 0,1,2]
     PYTHONPATH=src python benchmarks/calibrated_world.py levers OUT [--seeds 0,1,2]
     PYTHONPATH=src python benchmarks/calibrated_world.py report
@@ -47,13 +48,21 @@ def _save(path: Path, records: list[dict], t0: float, **extra) -> None:
 def phase_fit(h: Harness, grid: list[float], seeds: list[int]) -> None:
     t0, records = time.perf_counter(), []
     for seed in seeds:
-        for salience in grid:
-            for subject in CALIBRATION:
+        for subject in CALIBRATION:  # one subject's whole grid first
+            for salience in grid:
                 for method in FIT_METHODS:
                     records.append(h.run(Cell(subject, method, METHODS[method], salience, seed)))
                     _save(FIT_RECORDS, records, t0, grid=grid, seeds=seeds)
-    write_json(FIT_JSON, {**fit(records), "grid_values": grid, "seeds": seeds,
-                          "subjects": [s.name for s in CALIBRATION]})
+    refit()
+
+
+def refit() -> None:
+    """fit.json from the records gathered so far (all of them, once `fit` ends)."""
+    data = json.loads(FIT_RECORDS.read_text())
+    records = data["records"]
+    write_json(FIT_JSON, {**fit(records), "grid_values": data["grid"], "seeds": data["seeds"],
+                          "subjects": sorted({r["subject"] for r in records}),
+                          "runs": len(records)})
 
 
 def _chosen() -> float:
@@ -108,18 +117,20 @@ def report() -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("phase", choices=("fit", "subjects", "levers", "report"))
+    ap.add_argument("phase", choices=("fit", "refit", "subjects", "levers", "report"))
     ap.add_argument("out", nargs="?")
-    ap.add_argument("--grid", default="1,2,4,8")
+    ap.add_argument("--grid", default="1,2,4")
     ap.add_argument("--seeds", default="")
-    ap.add_argument("--steps", type=int, default=0, help="training steps, over the recipe's 400")
+    ap.add_argument("--steps", type=int, default=0, help="training steps (default: the harness, 200)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.phase == "report":
         return report()
+    if args.phase == "refit":
+        return refit()
     h = Harness(Path(args.out), train_over={"steps": args.steps} if args.steps else {})
     if args.phase == "fit":
-        phase_fit(h, _floats(args.grid), [int(x) for x in (args.seeds or "0,1").split(",")])
+        phase_fit(h, _floats(args.grid), [int(x) for x in (args.seeds or "0").split(",")])
     elif args.phase == "subjects":
         phase_subjects(h, [int(x) for x in (args.seeds or "0,1,2").split(",")])
     else:

@@ -90,9 +90,9 @@ def _records(salience, dino_ratio, pres_ratio, t1_dino, t1_clip):
             common = {"subject": subject, "salience": salience, "seed": seed,
                       "real_instance": 1.0, "real_identity": 1.0}
             rows.append({**common, "method": "no-prior", "instance": t1_dino / dino_ratio,
-                         "pres_instance": 0.5, "identity": 0.5})
+                         "pres": 0.5, "identity": 0.5})
             rows.append({**common, "method": "class-image-prior", "instance": t1_dino,
-                         "pres_instance": 0.5 * pres_ratio, "identity": t1_clip})
+                         "pres": 0.5 * pres_ratio, "identity": t1_clip})
     return rows
 
 

@@ -4,7 +4,10 @@ on the calibration subjects only (`subjects.CALIBRATION`), and nothing else.
 Toy figures map to the paper's as: DINO -> the instance judge (it tells
 this object from its attribute twin, as DINO tells one dog from another);
 CLIP-I -> the judges' identity embedding (attributes: class, colour,
-pattern, as CLIP's image embedding is the more semantic). A fidelity figure
+pattern, as CLIP's image embedding is the more semantic). PRES is taken on
+the judges' identity embedding: the instance judge scores every unmarked
+class picture near 0 (docs/toyworld/instance_judge.json), so a ratio of two
+instance-PRES figures would divide noise by noise. A fidelity figure
 relative to real photos is generated-vs-photos over the photos' own
 leave-one-out similarity, as Table 1's method rows over its 'real images'
 row. Targets, from /work/shared/dreambench/README.md:
@@ -46,7 +49,7 @@ def figures(records: list[dict], subject: str, salience: float) -> dict[str, flo
     prior, none = "class-image-prior", "no-prior"
     return {
         "T3 DINO with/without prior": m(prior, "instance") / m(none, "instance"),
-        "T3 PRES with/without prior": m(prior, "pres_instance") / m(none, "pres_instance"),
+        "T3 PRES with/without prior": m(prior, "pres") / m(none, "pres"),
         "T1 DINO generated/real": m(prior, "instance") / m(prior, "real_instance"),
         "T1 CLIP-I generated/real": m(prior, "identity") / m(prior, "real_identity"),
     }

@@ -24,9 +24,10 @@ from .subjects import Subject
 
 log = logging.getLogger(__name__)
 NEW_CONTEXTS = ("snow", "room")  # never in the subject's photos (grass, beach)
-# The toy-scaled training every method starts from (docs/toyworld.md).
-BASE_TRAIN = {"steps": 400, "batch_size": 4, "lr": 1e-3, "lr_text": 1e-4, "rank": 4}
-CLASS_IMAGES = {"prior_preservation": "images", "num_class_images": 32, "prior_loss_weight": 1.0}
+# The toy-scaled training of docs/toyworld.md at half its 400 steps, and 16
+# class images (claims: 16 and 64 alike): what 2 shared cores allow.
+BASE_TRAIN = {"steps": 200, "batch_size": 4, "lr": 1e-3, "lr_text": 1e-4, "rank": 4}
+CLASS_IMAGES = {"prior_preservation": "images", "num_class_images": 16, "prior_loss_weight": 1.0}
 METHODS = {  # TrainConfig fields over BASE_TRAIN
     "no-prior": {},
     "class-image-prior": CLASS_IMAGES,
@@ -59,15 +60,23 @@ class Cell:
 @dataclass
 class Harness:
     out: Path
-    images: int = 8  # per prompt
-    sample_steps: int = 20
+    images: int = 4  # per prompt
+    sample_steps: int = 12  # DPM-Solver
     train_over: dict = field(default_factory=dict)  # over BASE_TRAIN, e.g. fewer steps
 
     def __post_init__(self):
         from ..models import toy_model_dir
 
         self.judge = ToyJudge.load(toy_model_dir() / "judges.safetensors")
-        self.instance = InstanceJudge.load(toy_model_dir() / "instance.safetensors", self.judge)
+        self._instance: InstanceJudge | None = None
+
+    @property
+    def instance(self) -> InstanceJudge:
+        from ..models import toy_model_dir
+
+        if self._instance is None:
+            self._instance = InstanceJudge.load(toy_model_dir() / "instance.safetensors", self.judge)
+        return self._instance
 
     def model(self, salience: float) -> Path:
         return calibrated_model(self.out / "models" / f"salience-{salience:g}", salience)
@@ -99,8 +108,13 @@ class Harness:
         if done.is_file():
             return json.loads(done.read_text())
         t0 = time.perf_counter()
-        train(config)
-        train_s = time.perf_counter() - t0
+        trained = folder / "train_seconds.json"
+        if trained.is_file():  # trained by an earlier invocation, not yet scored
+            train_s = json.loads(trained.read_text())["seconds"]
+        else:
+            train(config)
+            train_s = time.perf_counter() - t0
+            write_json(trained, {"seconds": round(train_s, 1)})
         pipe, has_text = load_pipeline(folder)
         record = {"subject": cell.subject.name, "method": cell.method, "salience": cell.salience,
                   "seed": cell.seed, "train_seconds": round(train_s, 1),
