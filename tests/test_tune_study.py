@@ -8,15 +8,24 @@ import itertools
 
 import pytest
 
+from lorabooth.evaluation.verdict import compare
 from lorabooth.toyworld import tune_study
-from lorabooth.toyworld.tune_study import Plan, render, run_fixed, verdict
+from lorabooth.toyworld.tune_study import Plan, render, run_fixed, verdict_lines
 
 
-def test_verdict_needs_every_repeat_on_one_side():
-    assert verdict([0.8, 0.9], [0.5, 0.7]) == "better, beyond the spread"
-    assert verdict([0.5, 0.7], [0.8, 0.9]) == "worse, beyond the spread"
-    assert verdict([0.6, 0.9], [0.5, 0.7]) == "no difference beyond the spread"
-    assert verdict([0.1, 0.2], [0.3, 0.4], higher_is_better=False) == "better, beyond the spread"
+def test_verdict_lines_are_the_one_rule_paired_by_repeat():
+    """Each figure's text is `verdict.compare` on the repeats (tune - fixed),
+    with better or worse by the figure's direction (lower PRES is better)."""
+    col = {"tune": {"fidelity": {0: 0.9, 1: 0.8, 2: 0.85}, "pres": {0: 0.2, 1: 0.3, 2: 0.25}},
+           "defaults": {"fidelity": {0: 0.7, 1: 0.6, 2: 0.75}, "pres": {0: 0.6, 1: 0.7, 2: 0.8}},
+           "seed-recipe": {"fidelity": {0: 0.95, 1: 0.5, 2: 0.9}, "pres": {0: 0.1, 1: 0.2, 2: 0.1}}}
+    defaults, recipe = verdict_lines(col)
+    fid = compare(col["tune"]["fidelity"], col["defaults"]["fidelity"])
+    assert f"fidelity {fid.text()} (better)" in defaults and fid.word == "higher"
+    pres = compare(col["tune"]["pres"], col["defaults"]["pres"])
+    assert f"PRES {pres.text()} (better)" in defaults and pres.word == "lower"
+    assert "PRES **higher**" in recipe and recipe.endswith("(worse).")
+    assert "fidelity **no difference shown**" in recipe and "CLIP-T" not in recipe
 
 
 def test_a_fixed_setting_runs_seed_after_seed_until_it_used_the_tunes_cpu_time(
@@ -50,13 +59,18 @@ def _repeat(fid: dict[str, float]) -> dict:
     return arm
 
 
-@pytest.mark.parametrize("tune_fid, word", [((0.9, 0.95), "better"), ((0.4, 0.7), "no difference")])
+@pytest.mark.parametrize("tune_fid, word", [((0.9, 0.95, 0.92), "higher"),
+                                             ((0.4, 0.7, 0.65), "no difference shown"),
+                                             ((0.9, 0.95), "too few seeds")])
 def test_the_report_states_the_verdict_and_the_tunes(tune_fid, word):
     results = {r: _repeat({"tune": f, "defaults": 0.6 + r / 100, "seed-recipe": 0.2})
                for r, f in enumerate(tune_fid)}
     text, svg = render(results, Plan(tune_study.Path("x"), budget=8))
-    assert f"- vs `train`'s defaults: fidelity {word}" in text
-    assert "- vs the seed's recipe: fidelity better, beyond the spread" in text
-    assert f"| `tune` (its recommended trial) | 3.0 | 100 | {sum(tune_fid) / 2:.3f}" in text
+    found = compare(list(tune_fid), [0.6 + r / 100 for r in range(len(tune_fid))])
+    assert found.word == word
+    assert f"- vs `train`'s defaults: fidelity {found.text()}" in text
+    assert f"- vs the seed's recipe: fidelity **{'too few seeds' if len(tune_fid) < 3 else 'higher'}" in text
+    mean = sum(tune_fid) / len(tune_fid)
+    assert f"| `tune` (its recommended trial) | 3.0 | 100 | {mean:.3f}" in text
     assert "| 1 | 8 | 2 | 0 | 100 | 300 of 2000 | lr 0.001, steps 200, prior_preservation model |" in text
     assert svg.startswith("<svg") and all(a in text for a in ("defaults", "seed's recipe"))

@@ -19,6 +19,7 @@ from .families import FAMILIES, Conditioning, Family, encode_prompts, time_ids, 
 from .identifier import guess_identifier
 from .imagefiles import problem
 from .models import BaseModel
+from .tokenwindow import check_prompt
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +146,32 @@ def instance_captions(config: TrainConfig, paths: list[Path]) -> list[str]:
             log.warning("%s: caption %r lacks the identifier %s", txt, caption, " ".join(identifier))
         out.append(caption)
     return out
+
+
+def check_prompt_windows(config: TrainConfig, tokenizers: list, paths: list[Path],
+                         captions: list[str]) -> None:
+    """Before any work: the instance and validation prompts must keep the
+    identifier inside the text encoder's window (else it is never trained, or
+    never drawn); a truncated class prompt or caption is named in a warning,
+    and --train-token is refused when no training prompt keeps it."""
+    words = guess_identifier(config.instance_prompt, config.class_prompt)
+    check_prompt(tokenizers, config.instance_prompt, words, "--instance-prompt")
+    if config.uses_prior:
+        check_prompt(tokenizers, config.class_prompt, [], "--class-prompt")
+    if config.validation_prompt:
+        check_prompt(tokenizers, config.validation_prompt, words, "--validation-prompt")
+    kept = not config.captions
+    for path, caption in zip(paths, captions):
+        txt = path.with_suffix(".txt")
+        if not config.captions or caption == config.instance_prompt or not txt.is_file():
+            kept = True  # the instance prompt, checked above
+            continue
+        f = check_prompt(tokenizers, caption, words, f"--captions: {txt}", refuse_cut=False)
+        kept = kept or not f.cut
+    if config.train_token and words and not kept:
+        raise UserError(f"--train-token: every caption ({paths[0].with_suffix('.txt')}, ...) "
+                        f"holds the identifier only past the text encoder's window: its "
+                        f"embedding would never be trained")
 
 
 def read_caption(txt: Path) -> str:

@@ -24,6 +24,26 @@ MAX_SEED = 2**32 - 1
 MAX_IMAGES = 1000
 # Sampler steps: schedulers have 1000 training timesteps to spread them over.
 MAX_STEPS = 1000
+# Optimizer steps of one training run (`train --steps`, `tune --steps`, and
+# the checkpoint and validation intervals): DreamBooth LoRA needs hundreds to
+# a few thousand; 100,000 is days on one GPU, far more is a typo.
+MAX_TRAIN_STEPS = 100_000
+# Class images for prior preservation: the paper draws 200-1000; each one is a
+# full sampling run before the first step.
+MAX_CLASS_IMAGES = 10_000
+# Images per step (training batch, class images drawn per batch).
+MAX_BATCH = 256
+# LoRA rank: SDXL's widest projection has 5120 features; past 1024 a LoRA is
+# as large as the layers it adapts.
+MAX_RANK = 1024
+# Pixels on a side (train/prepare --resolution, generate --width/--height):
+# 4096 is 16 times SDXL's native area; the latents of 8,000,000 alone would
+# need terabytes.
+MAX_SIDE = 4096
+# Toy-world pictures rendered for pretraining (64 px, uint8): 12 GB of them.
+MAX_RENDERED = 1_000_000
+# Short side a photo may be asked to have (prepare --min-size): JPEG's limit.
+MAX_PHOTO_SIDE = 65_535
 
 
 def finite(value: float, option: str) -> float:
@@ -63,9 +83,17 @@ def check_seeds(seeds: Iterable[int], option: str) -> None:
             raise UserError(f"{option}: seeds must be between 0 and {MAX_SEED} (got {seed})")
 
 
-def check_count(value: int, option: str, high: int) -> int:
-    if not 1 <= value <= high:
-        raise UserError(f"{option}: must be between 1 and {high} (got {value})")
+def is_whole(value: object) -> bool:
+    """An int, not a bool (True is an int) nor a float such as 1e23."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_count(value: int, option: str, high: int, low: int = 1) -> int:
+    if not is_whole(value):
+        raise UserError(f"{option}: must be a whole number between {low} and {high} "
+                        f"(got {value!r})")
+    if not low <= value <= high:
+        raise UserError(f"{option}: must be between {low} and {high} (got {value})")
     return value
 
 
@@ -101,9 +129,10 @@ def parse_floats(text: str, option: str) -> list[float]:
 
 def check_size(value: int | None, option: str) -> None:
     """None (the model's native size) or a positive multiple of 8, as the
-    VAE's 8x downsampling of SD needs."""
-    if value is not None and (value < 8 or value % 8):
-        raise UserError(f"{option}: must be a positive multiple of 8 pixels (got {value})")
+    VAE's 8x downsampling of SD needs, up to MAX_SIDE."""
+    if value is not None and (not is_whole(value) or not 8 <= value <= MAX_SIDE or value % 8):
+        raise UserError(f"{option}: must be a positive multiple of 8 pixels, at most {MAX_SIDE} "
+                        f"(got {value!r})")
 
 
 KINDS = ("live", "object")  # the paper's prompt sets

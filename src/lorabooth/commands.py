@@ -15,14 +15,27 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .checks import MAX_IMAGES, MAX_SEED, MAX_STEPS, check_count, check_options, check_seeds, check_size
+from .checks import (
+    MAX_BATCH,
+    MAX_IMAGES,
+    MAX_RANK,
+    MAX_RENDERED,
+    MAX_SEED,
+    MAX_SIDE,
+    MAX_STEPS,
+    MAX_TRAIN_STEPS,
+    check_count,
+    check_options,
+    check_seeds,
+    check_size,
+)
 from .config import (
     DEFAULT_CLIP,
     DEFAULT_DINO,
     PrepareConfig,
     TrainConfig,
     _help,
-    check_finite,
+    check_numbers,
     option_name,
 )
 from .errors import UserError
@@ -32,7 +45,6 @@ from .tune_pruning import PRUNERS
 
 log = logging.getLogger("lorabooth")
 MAX_TRIALS = 10000  # `tune --budget`
-MAX_TRAIN_STEPS = 100000  # `tune --steps`
 MAX_WORKERS = 256  # `tune --workers`: processes on one machine
 MAX_HEARTBEAT = 3600  # `tune --heartbeat` seconds: a dead worker's trial waits twice this
 
@@ -76,7 +88,7 @@ class GenerateConfig:
     output: str = _help("Folder (default: RUN/generated).", "")
 
     def __post_init__(self) -> None:
-        check_finite(self)
+        check_numbers(self)
         _require(self, "run")
         if not self.prompt:
             raise UserError("--prompt: give at least one prompt")
@@ -117,7 +129,7 @@ class EvaluateConfig:
                             "(ceiling).", False)
 
     def __post_init__(self) -> None:
-        check_finite(self)
+        check_numbers(self)
         _require(self, "run", "real")
         check_options(self.kind, self.prompts or None, self.images_per_prompt, self.pres_images,
                       self.steps, self.seed)
@@ -132,6 +144,7 @@ class IdentifierConfig:
     check: str = _help("Show how this prompt tokenises and warn about its identifier.", "")
 
     def __post_init__(self) -> None:
+        check_numbers(self)
         if self.n < 1:
             raise _bad(self, "n", "must be at least 1")
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
@@ -174,8 +187,10 @@ class MergeConfig:
     overwrite: bool = _help("Replace --out when it exists (never one of the inputs).", False)
 
     def __post_init__(self) -> None:
-        check_finite(self)
+        check_numbers(self)
         _require(self, "out")
+        if self.rank is not None:
+            check_count(self.rank, "--rank", MAX_RANK)
 
 
 @dataclass(frozen=True)
@@ -190,7 +205,7 @@ class FuseConfig:
     overwrite: bool = _help("With --single-file: replace --out when it exists.", False)
 
     def __post_init__(self) -> None:
-        check_finite(self)
+        check_numbers(self)
         _require(self, "run", "out")
 
 
@@ -210,8 +225,10 @@ class DemoConfig:
     steps: int = _help("Training steps.", 400)
 
     def __post_init__(self) -> None:
+        check_numbers(self)
         if self.steps < 1:
             raise _bad(self, "steps", "must be at least 1")
+        check_count(self.steps, "--steps", MAX_TRAIN_STEPS)
 
 
 @dataclass(frozen=True)
@@ -229,7 +246,13 @@ class PretrainConfig:
                       "(continued pretraining) instead of from scratch.", "")
 
     def __post_init__(self) -> None:
+        check_numbers(self)
         _require(self, "out")
+        check_seeds([self.seed], "--seed")
+        check_count(self.images, "--images", MAX_RENDERED)
+        for key in ("vae_steps", "unet_steps", "judge_steps"):
+            check_count(getattr(self, key), option_name(key), MAX_TRAIN_STEPS)
+        check_count(self.batch, "--batch", MAX_BATCH)
 
 
 @dataclass(frozen=True)
@@ -251,6 +274,7 @@ class TuneStudyConfig:
     budget: int = _help("Completed trials per tune.", 8)
 
     def __post_init__(self) -> None:
+        check_numbers(self)
         check_count(self.budget, "--budget", MAX_TRIALS)
         if not self.repeats or any(r != int(r) or not 0 <= r <= 1000 for r in self.repeats):
             raise _bad(self, "repeats", "whole numbers between 0 and 1000")
@@ -301,7 +325,7 @@ class TuneConfig:
                              "of the instance prompt, scored by the judges).", 50)
 
     def __post_init__(self) -> None:
-        check_finite(self)
+        check_numbers(self)
         _require(self, "photos", "class_noun")
         _one_of(self, "pruner", PRUNERS)
         if not 0 < self.prune_percentile < 100:
@@ -318,6 +342,9 @@ class TuneConfig:
         object.__setattr__(self, "steps", [int(s) for s in self.steps])
         check_count(self.num_class_images, "--num-class-images", MAX_IMAGES)
         check_count(self.sample_steps, "--sample-steps", MAX_STEPS)
+        if not 0 <= self.resolution <= MAX_SIDE or self.resolution % 8:
+            raise _bad(self, "resolution", f"must be a positive multiple of 8, at most {MAX_SIDE} "
+                                           "(0: the model's own)")
         check_options(self.kind, self.prompts or None, self.images_per_prompt, self.pres_images,
                       1, self.seed)
         _one_of(self, "judges", ("", "toy"))
@@ -340,6 +367,7 @@ class UiConfig:
     def __post_init__(self) -> None:
         from .ui.server import parse_auth
 
+        check_numbers(self)
         _require(self, "workspace", "host", "model")
         if not 0 < self.port < 65536:
             raise _bad(self, "port", "must be between 1 and 65535")

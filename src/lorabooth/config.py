@@ -16,7 +16,20 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
-from .checks import MAX_SEED, MAX_STEPS, check_count, check_seeds, finite
+from .checks import (
+    MAX_BATCH,
+    MAX_CLASS_IMAGES,
+    MAX_PHOTO_SIDE,
+    MAX_RANK,
+    MAX_SEED,
+    MAX_SIDE,
+    MAX_STEPS,
+    MAX_TRAIN_STEPS,
+    check_count,
+    check_seeds,
+    finite,
+    is_whole,
+)
 from .errors import UserError
 from .tracking import check_report_to
 
@@ -70,16 +83,20 @@ def prior_mode(value: Any) -> Any:
     return value
 
 
-def check_finite(config: Any) -> None:
+def check_numbers(config: Any) -> None:
     """NaN and inf compare false with everything, so they slip past every
-    range check; refuse them first, for every float field (lists too)."""
+    range check; refuse them first, for every float field (lists too). An
+    int field given a float (1e23 from the Python API) or a bool is refused
+    too: a count must be a whole number before its range is checked."""
     for f in fields(config):
         kind, many, _ = field_kind(type(config), f.name)
+        value = getattr(config, f.name)
         if kind is float:
-            value = getattr(config, f.name)
             for v in (value if many else [value]):
                 if v is not None:
                     finite(v, option_name(f.name))
+        elif kind is int and not many and value is not None and not is_whole(value):
+            raise UserError(f"{option_name(f.name)}: must be a whole number (got {value!r})")
 
 
 ADAPTERS = ("lora", "dora")
@@ -94,6 +111,13 @@ def check_adapter(adapter: str, save_format: str) -> None:
     if adapter == "dora" and save_format == "kohya":
         raise UserError("--adapter dora: cannot be saved with --save-format kohya (kohya's "
                         "dora_scale is applied differently by each client); use diffusers or both")
+
+
+# TrainConfig's counts and their ceilings (checks.py says why each)
+TRAIN_CEILINGS = {"steps": MAX_TRAIN_STEPS, "batch_size": MAX_BATCH, "rank": MAX_RANK,
+                  "num_class_images": MAX_CLASS_IMAGES, "class_draw_steps": MAX_STEPS,
+                  "class_draw_batch": MAX_BATCH,
+                  "validation_images": 64}  # each validation draws them all
 
 
 @dataclass(frozen=True)
@@ -170,7 +194,7 @@ class TrainConfig:
         def bad(key: str, why: str) -> UserError:
             return UserError(f"{option_name(key)}: {why} (got {getattr(self, key)!r})")
 
-        check_finite(self)
+        check_numbers(self)
         object.__setattr__(self, "prior_preservation", prior_mode(self.prior_preservation))
         if self.prior_preservation not in PRIOR_MODES:
             raise bad("prior_preservation", f"must be one of {', '.join(PRIOR_MODES)}")
@@ -180,15 +204,14 @@ class TrainConfig:
         for key in ("lr", "lr_text", "prior_loss_weight", "lr_token"):
             if not getattr(self, key) > 0:
                 raise bad(key, "must be a positive number")
-        for key in ("steps", "batch_size", "rank", "num_class_images", "class_draw_steps",
-                    "class_draw_batch", "validation_images"):
+        for key, high in TRAIN_CEILINGS.items():
             if getattr(self, key) < 1:
                 raise bad(key, "must be at least 1")
+            if getattr(self, key) > high:
+                raise bad(key, f"at most {high}")
         for key in ("checkpoint_every", "validation_every"):
-            if getattr(self, key) < 0:
-                raise bad(key, "must be 0 or more")
-        if self.validation_images > 64:
-            raise bad("validation_images", "at most 64 (each validation draws them all)")
+            if not 0 <= getattr(self, key) <= MAX_TRAIN_STEPS:
+                raise bad(key, f"must be between 0 and {MAX_TRAIN_STEPS}")
         if not 0 <= self.seed <= MAX_SEED:
             raise bad("seed", f"must be between 0 and {MAX_SEED}")
         if self.alpha < 0:
@@ -197,8 +220,9 @@ class TrainConfig:
             raise bad("lr_text2", "must be 0 (= --lr-text) or positive")
         if self.max_grad_norm < 0:
             raise bad("max_grad_norm", "must be 0 (off) or positive")
-        if self.resolution < 0 or self.resolution % 8:
-            raise bad("resolution", "must be a positive multiple of 8 (0: the model's own)")
+        if not 0 <= self.resolution <= MAX_SIDE or self.resolution % 8:
+            raise bad("resolution", f"must be a positive multiple of 8, at most {MAX_SIDE} "
+                                    "(0: the model's own)")
         if self.save_format not in ("diffusers", "kohya", "both"):
             raise bad("save_format", "must be one of diffusers, kohya, both")
         if self.mixed_precision not in MIXED_PRECISIONS:
@@ -275,13 +299,13 @@ class PrepareConfig:
         def bad(key: str, why: str) -> UserError:
             return UserError(f"{option_name(key)}: {why} (got {getattr(self, key)!r})")
 
-        check_finite(self)
-        if self.resolution < 8 or self.resolution % 8:
-            raise bad("resolution", "must be a positive multiple of 8")
+        check_numbers(self)
+        if not 8 <= self.resolution <= MAX_SIDE or self.resolution % 8:
+            raise bad("resolution", f"must be a positive multiple of 8, at most {MAX_SIDE}")
         if self.crop not in CROPS:
             raise bad("crop", f"must be one of {', '.join(CROPS)}")
-        if self.min_size < 0:
-            raise bad("min_size", "must be 0 or more")
+        if not 0 <= self.min_size <= MAX_PHOTO_SIDE:
+            raise bad("min_size", f"must be between 0 and {MAX_PHOTO_SIDE}")
         if self.face_margin < 0:
             raise bad("face_margin", "must be 0 or more")
         if not -1 <= self.dedupe_threshold <= 64:
@@ -313,7 +337,7 @@ class SweepGenerate:
     guidance: list[float] = _help("[generate.grid] guidance scales.", default_factory=lambda: [7.5])
 
     def __post_init__(self) -> None:
-        check_finite(self)
+        check_numbers(self)
         for key in ("prompts", "seeds", "unet_scale", "text_scale", "guidance"):
             if not getattr(self, key):
                 raise UserError(f"`{key}` must be a non-empty list (got [])")

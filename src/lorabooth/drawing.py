@@ -35,6 +35,7 @@ from .grid import make_grid
 from .lora import find_lora, fused, lora_metadata, set_scales
 from .models import load_base, pipeline_from_parts
 from .precision import tune_allocator
+from .tokenwindow import check_prompt, pipeline_tokenizers
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,14 @@ def load_pipeline(run: str | Path, model: str | None = None,
     pipe = pipeline_from_parts(base, _scheduler(scheduler, base.noise_scheduler.config))
     pipe.set_progress_bar_config(disable=True)
     return pipe, load_into_pipeline(pipe, run)
+
+
+def check_windows(pipe, run: str | Path, prompts: list[str], what: str) -> None:
+    """Refuse a prompt whose identifier (the run's) falls past the text
+    encoder's window; warn about one that is truncated."""
+    words = str(lora_metadata(run).get("identifier", "")).split()
+    for prompt in prompts:
+        check_prompt(pipeline_tokenizers(pipe), prompt, words, what)
 
 
 def _pnginfo(prompt: str, negative: str, setting: Setting, seed: int, steps: int,
@@ -178,6 +187,9 @@ def generate(run: str | Path, prompts: list[str], unet_scales: list[float] = (1.
         raise UserError(f"--output {out}: is a file, not a folder")
     tune_allocator()
     pipe, has_text = load_pipeline(run, model, scheduler)
+    check_windows(pipe, run, prompts, "--prompt")
+    if negative_prompt:
+        check_prompt(pipeline_tokenizers(pipe), negative_prompt, [], "--negative-prompt")
     settings = settings_grid(list(unet_scales), list(text_scales), list(guidances),
                              list(text2_scales))
     everything: list[Image.Image] = []

@@ -1,12 +1,19 @@
 """The one exception type users see as a one-line message (exit status 2)."""
 
+from .visible import visible
+
 
 class UserError(Exception):
     """Bad input from the user: an option, a file, a model name.
 
     The CLI prints ``str(error)`` on one line and exits with status 2; no
     traceback, because the fix is on the user's side and the message says it.
+    The message quotes prompts, paths and file contents: their control
+    characters (a line break too) are shown escaped, so it stays one line.
     """
+
+    def __str__(self) -> str:
+        return visible(super().__str__())
 
 
 def first_line(error: BaseException, limit: int = 160) -> str:

@@ -5,7 +5,7 @@ the same curve; the dashes let both show through. Pure string building."""
 
 from __future__ import annotations
 
-import html
+from .markdown import html_text
 
 SMOOTHING = 0.9  # EMA weight of the past: about the last 10 steps count
 # Tableau 10, distinct for the usual colour-vision deficiencies
@@ -73,7 +73,7 @@ def loss_svg(runs: list[tuple[str, list[int], list[float]]]) -> str:
     parts = _axes((min(all_steps), max(all_steps)), (lo, hi))
     for i, (name, steps, losses) in enumerate(runs):
         colour, dash = style(i)
-        xs, title = [sx(s) for s in steps], f"<title>{html.escape(name)}</title>"
+        xs, title = [sx(s) for s in steps], f"<title>{html_text(name)}</title>"
         parts.append(f'<path class="raw" d="{_path(xs, [sy(v) for v in losses])}" '
                      f'stroke="{colour}" stroke-opacity="0.3" stroke-width="1" fill="none">'
                      f"{title}</path>")
@@ -83,7 +83,7 @@ def loss_svg(runs: list[tuple[str, list[int], list[float]]]) -> str:
         y = TOP + 8 + 16 * i
         parts.append(f'<path d="M{WIDTH - RIGHT + 12},{y} l24,0" stroke="{colour}" '
                      f'stroke-width="2" stroke-dasharray="{dash}"/>'
-                     f'<text x="{WIDTH - RIGHT + 42}" y="{y + 4}">{html.escape(name)}</text>')
+                     f'<text x="{WIDTH - RIGHT + 42}" y="{y + 4}">{html_text(name)}</text>')
     height = max(HEIGHT, TOP + 16 * len(runs) + 8)  # a long legend grows the picture
     return (f'<svg class="loss-curves" role="img" aria-label="loss curves" width="{WIDTH}" '
             f'height="{height}" font-family="sans-serif" font-size="11">'

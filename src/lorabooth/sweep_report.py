@@ -5,7 +5,6 @@ every user string escaped."""
 from __future__ import annotations
 
 import base64
-import html
 import json
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from .drawing import prompt_slug
 from .fileio import write_text
 from .htmlpage import IMAGES_LOADED_SCRIPT
 from .lossplot import loss_svg
+from .markdown import html_text
 
 METRICS = ("dino", "clip_i", "clip_t", "pres", "div")
 
@@ -47,7 +47,7 @@ def _cell(metrics: dict | None, key: str) -> str:
 
 
 def render(sweep, results: list[dict]) -> str:
-    e = html.escape
+    e = html_text
     varying = list(sweep.train_grid)
     head = "".join(f"<th>{e(k)}</th>" for k in varying)
     head += "<th>final loss</th>" + "".join(f"<th>{m.upper().replace('_', '-')}</th>"

@@ -21,6 +21,7 @@ from . import __version__
 from .batches import (
     Examples,
     batch_time_ids,
+    check_prompt_windows,
     instance_captions,
     instance_images,
     sample_latents,
@@ -114,6 +115,7 @@ def _train(config: TrainConfig, accelerator: Accelerator, output: Path,
                         f"has {len(base.family.encoders)} text encoders (SDXL), not supported yet")
     for warning in identifier_warnings(base.tokenizer, config.instance_prompt, config.class_prompt):
         log.warning("--instance-prompt: %s", warning)
+    check_prompt_windows(config, base.tokenizers, instance_paths, captions)
     resolution = config.resolution or base.native_resolution
     for module in (base.vae, base.unet, *base.text_encoders):
         module.requires_grad_(False)

@@ -6,7 +6,6 @@ and the recommended trial's LoRA in best/."""
 from __future__ import annotations
 
 import base64
-import html
 import io
 import logging
 import shutil
@@ -19,7 +18,7 @@ from PIL import Image
 from .fileio import save_png, write_text
 from .grid import make_grid
 from .htmlpage import IMAGES_LOADED_SCRIPT
-from .markdown import code, text
+from .markdown import code, html_text, text
 from .toyworld.frontier import marker, pres_axes
 from .tune_pruning import steps_saved
 
@@ -140,7 +139,7 @@ def _png_uri(image: Image.Image) -> str:
 
 
 def _html_table(head: list[str], rows: list[list[str]], marks: dict[str, str]) -> str:
-    e = html.escape
+    e = html_text
     th = "".join(f"<th>{e(h)}</th>" for h in head)
     trs = "".join(f'<tr class="{marks.get(r[0], "")}">' + "".join(f"<td>{e(c)}</td>" for c in r)
                   + "</tr>" for r in rows)
@@ -161,7 +160,7 @@ def _pruning_lines(study: Any) -> list[str]:
 
 def render_html(out: Path, trials: list[Any], front: list[Any], best: Any | None,
                 svg: str, grid: Image.Image | None, pruning: list[str], options: str) -> str:
-    e = html.escape
+    e = html_text
     head, rows = table(sorted(trials, key=lambda t: t.number))
     marks = {str(t.number): "front" for t in front}
     if best is not None:

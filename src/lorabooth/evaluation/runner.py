@@ -23,6 +23,7 @@ from ..fileio import save_png, write_json, write_text
 from ..grid import make_grid
 from ..imagefiles import Rejected, decode
 from ..lora import lora_metadata
+from ..tokenwindow import check_prompt, pipeline_tokenizers
 from .embedders import Judges, default_judges
 from .metrics import (
     cosine_matrix,
@@ -151,6 +152,10 @@ def evaluate(run: str | Path, real: str, class_noun: str | None = None, kind: st
     out = Path(out) if out else Path(run) / "eval"
     seeds = [seed + i for i in range(images_per_prompt)]
     pipe, has_text = load_pipeline(run, model)
+    for p in prompts:  # the run's class prompt too: PRES draws it
+        check_prompt(pipeline_tokenizers(pipe), p.full, identifier.split(),
+                     f"--prompts {prompts_file}" if prompts_file else f"--kind {kind}")
+    check_prompt(pipeline_tokenizers(pipe), class_prompt, [], "the run's class prompt")
 
     settings = {"lorabooth": Setting(unet_scale, text_scale, guidance, text2_scale)}
     if baselines:

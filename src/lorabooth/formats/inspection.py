@@ -12,6 +12,7 @@ import torch
 from ..errors import UserError
 from ..lora import read_lora
 from ..pivotal import split_embeddings
+from ..visible import visible
 from .clients import CLIENTS, ModelNames, sd15_names, sdxl_names, unloaded_by_client
 from .layouts import alpha_from_header, check_ranks, detect_layout, old_text_keys
 from .sdxl import SDXL, family_of
@@ -140,7 +141,9 @@ def render(s: Summary) -> str:
         lines += [f"  not loaded: {k}" for k in missing[:SHOWN_KEYS]]
         if len(missing) > SHOWN_KEYS:
             lines.append(f"  … and {len(missing) - SHOWN_KEYS} more")
-    return "\n".join(lines)
+    # the path, keys and metadata come from a downloaded file: show its control
+    # characters (a line break inside a value too) instead of sending them
+    return "\n".join(visible(line) for line in lines)
 
 
 def check_summary(s: Summary) -> None:

@@ -1,7 +1,7 @@
 """`lorabooth toyworld claims`: the seed's and the paper's claims measured on
 the toy world, over several seeds, with spreads; written to a markdown
-report with image grids. A claim "holds" only where the difference between
-the compared settings exceeds the spread (max - min) of both over seeds."""
+report with image grids. Each claim compares two settings by the one
+verdict rule (evaluation/verdict.py, docs/verdict.md)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,10 @@
 """docs/toyworld.md from claims.json: every figure as mean [min-max] over
-seeds, and each claim judged by `holds` (the gap must exceed the spread)."""
+seeds, and each claim judged by the one verdict rule (evaluation/verdict.py:
+a bootstrap interval over seeds of the difference, docs/verdict.md)."""
 
 from __future__ import annotations
+
+from ..evaluation.verdict import compare, steps, trend
 
 FIGURES = [("fidelity", "identity sim. ↑"), ("subject_rate", "subject rate ↑"),
            ("context_acc", "context acc. ↑"), ("pres", "PRES ↓"), ("div", "DIV ↑"),
@@ -15,35 +18,21 @@ def spread(values: list[float]) -> tuple[float, float, float]:
     return sum(values) / len(values), min(values), max(values)
 
 
-def holds(higher: list[float], lower: list[float]) -> bool:
-    """The claim 'higher > lower' holds when the gap between the means exceeds
-    both settings' spreads over seeds (max - min)."""
-    mh, lo_h, hi_h = spread(higher)
-    ml, lo_l, hi_l = spread(lower)
-    return mh - ml > max(hi_h - lo_h, hi_l - lo_l)
-
-
-def within(values: list[float], reference: list[float], better: str) -> bool:
-    """The mean of ``values`` is at least as good as the worst seed of
-    ``reference`` ('high': not below its min; 'low': not above its max)."""
-    mean = spread(values)[0]
-    return mean >= min(reference) if better == "high" else mean <= max(reference)
-
-
 def frontier_verdict(lever: dict[str, list[float]], base: dict[str, list[float]]) -> str:
-    """Does a lever move the (identity, PRES) frontier beyond the seed spread?"""
-    gains = [holds(lever["fidelity"], base["fidelity"]), holds(base["pres"], lever["pres"])]
-    losses = [holds(base["fidelity"], lever["fidelity"]), holds(lever["pres"], base["pres"])]
-    names = ("identity", "PRES")
-    won = [n for n, g in zip(names, gains) if g]
-    lost = [n for n, g in zip(names, losses) if g]
+    """Does a lever move the (identity, PRES) frontier? Identity and PRES
+    each against the baseline by the one verdict rule (evaluation/verdict.py)."""
+    identity, pres = compare(lever["fidelity"], base["fidelity"]), compare(lever["pres"], base["pres"])
+    if "too few seeds" in (identity.word, pres.word):
+        return "**too few seeds**"
+    won = [n for n, c, w in (("identity", identity, "higher"), ("PRES", pres, "lower")) if c.word == w]
+    lost = [n for n, c, w in (("identity", identity, "lower"), ("PRES", pres, "higher")) if c.word == w]
     if won and not lost:
         return f"**moves the frontier** (better {' and '.join(won)}, nothing worse)"
     if won and lost:
         return f"**a trade** (better {' and '.join(won)}, worse {' and '.join(lost)})"
     if lost:
         return f"**worse** ({' and '.join(lost)})"
-    return "**no change beyond the seed spread**"
+    return "**no difference shown**"
 
 
 def _values(results: dict, row: str, key: str) -> list[float]:
@@ -57,17 +46,15 @@ def _fmt(values: list[float]) -> str:
     return f"{mean:.3f} [{lo + 0.0:.2f}–{hi + 0.0:.2f}]"
 
 
-def _verdict(ok: bool | None) -> str:
-    if ok is None:
+def claim(results: dict, row_a: str, row_b: str, key: str, claimed: str) -> str:
+    """Row A against row B on ``key`` by the one verdict rule, with the
+    word the claim expects ("higher" or "lower") beside the measured one."""
+    a, b = _values(results, row_a, key), _values(results, row_b, key)
+    if not a or not b:
         return "**not measured** in this run"
-    return "**holds**" if ok else "**does not hold** (gap within the spread over seeds)"
-
-
-def _claim(results, higher_row, lower_row, key) -> tuple[bool | None, str]:
-    hi, lo = _values(results, higher_row, key), _values(results, lower_row, key)
-    if not hi or not lo:
-        return None, "–"
-    return holds(hi, lo), f"{key}: {_fmt(hi)} vs {_fmt(lo)}"
+    found = compare(a, b)
+    agree = "as claimed" if found.word == claimed else f"claimed: {claimed}"
+    return f"{found.text()} ({agree}; {key}: {_fmt(a)} vs {_fmt(b)})"
 
 
 def _seconds(results: dict, row: str) -> str:
@@ -88,26 +75,33 @@ def table(results: dict, variants) -> list[str]:
 
 
 def both_at_once(results: dict, variants) -> list[str]:
-    """Settings with prior preservation whose identity similarity reaches the
-    no-prior run's spread while PRES stays within the UNet + prior run's."""
+    """Settings with prior preservation whose identity similarity is not
+    shown lower than the no-prior run's, and whose PRES is not shown higher
+    than the UNet + prior run's, by the one verdict rule (3 seeds at least)."""
     fid, pres = _values(results, "unet", "fidelity"), _values(results, BASELINE, "pres")
     if not fid or not pres:
         return []
+
+    def passes(row: str, key: str, reference: list[float], bad: str) -> bool:
+        return compare(_values(results, row, key), reference).word not in (bad, "too few seeds")
+
     return [v.name for v in variants if v.prior and results.get(v.name)
-            and within(_values(results, v.name, "fidelity"), fid, "high")
-            and within(_values(results, v.name, "pres"), pres, "low")]
+            and passes(v.name, "fidelity", fid, "lower") and passes(v.name, "pres", pres, "higher")]
 
 
 def lever_rows(results: dict, levers) -> list[str]:
     base = {k: _values(results, BASELINE, k) for k in ("fidelity", "pres")}
     if not all(base.values()):
         return []
-    lines = ["| lever (on UNet LoRA + prior) | identity sim. | PRES | verdict |", "|---|---|---|---|"]
+    lines = ["| lever (on UNet LoRA + prior) | identity sim. | identity, lever - baseline | PRES "
+             "| PRES, lever - baseline | verdict |", "|---|---|---|---|---|---|"]
     for v in levers:
         if results.get(v.name):
             mine = {k: _values(results, v.name, k) for k in ("fidelity", "pres")}
-            lines.append(f"| {v.title} | {_fmt(mine['fidelity'])} | {_fmt(mine['pres'])} | "
-                         f"{frontier_verdict(mine, base)} |")
+            lines.append(f"| {v.title} | {_fmt(mine['fidelity'])} "
+                         f"| {compare(mine['fidelity'], base['fidelity']).text()} "
+                         f"| {_fmt(mine['pres'])} | {compare(mine['pres'], base['pres']).text()} "
+                         f"| {frontier_verdict(mine, base)} |")
     return lines
 
 
@@ -128,17 +122,19 @@ def _scale_rows(results: dict) -> list[str]:
     return lines
 
 
-def _monotone(results: dict, key: str, rising: bool) -> tuple[bool | None, str]:
+def monotone(results: dict, key: str, rising: bool) -> str:
+    """``key`` over the UNet scales (text scale 1): each step by the one
+    verdict rule, and the series' word from its steps (`verdict.trend`)."""
     sweeps = results.get("scales", [])
     if not sweeps:
-        return None, "–"
+        return "**not measured** in this run"
     names = [n for n in _settings(sweeps) if n.endswith("text=1")]
-    means = [sum(s[n][key] for s in sweeps) / len(sweeps) for n in names]
-    spreads = [max(s[n][key] for s in sweeps) - min(s[n][key] for s in sweeps) for n in names]
-    noise = max(spreads, default=0.0)
-    steps = [b - a if rising else a - b for a, b in zip(means, means[1:])]
-    ok = bool(steps) and all(d >= -noise for d in steps) and sum(steps) > noise
-    return ok, " → ".join(f"{m:.2f}" for m in means)
+    series = [[s[n][key] for s in sweeps] for n in names]
+    each = steps(series)
+    scale = [n.split(",")[0].removeprefix("unet=") for n in names]
+    means = " → ".join(f"{sum(v) / len(v):.2f}" for v in series)
+    shown = "; ".join(f"{a} → {b}: {c.text()}" for a, b, c in zip(scale, scale[1:], each))
+    return f"**{trend(each, rising)}** ({means}; each step, UNet scale {shown})"
 
 
 def _mean(values: list[float]) -> float:
@@ -188,8 +184,10 @@ def render_claims(results: dict, record: dict, study, settings, levers, toy_trai
         f"rank {toy_train['rank']}; {study.images} images per prompt, DPM-Solver 20 steps, "
         f"guidance 5; {results.get('work_seconds', '?')} s of drawing, training and scoring on this "
         "machine). "
-        "Every figure is *mean [min–max] over seeds*. A claim holds only where the gap between "
-        "the two means exceeds the larger of the two ranges. The toy world is a stand-in for "
+        "Every figure is *mean [min–max] over seeds*. Each claim compares two settings by "
+        "[the one verdict rule](verdict.md): the mean difference, its 95% bootstrap interval "
+        "over seeds (paired by seed) and a standardised effect d; *higher* or *lower* only "
+        "where the interval excludes 0. The toy world is a stand-in for "
         "real models: it shows what the method does and which settings move what, at 32 px on "
         "a CPU; the numbers are not Stable Diffusion's.",
         "",
@@ -253,48 +251,44 @@ def render_claims(results: dict, record: dict, study, settings, levers, toy_trai
 
 
 def _claims(results: dict, variants, levers) -> list[str]:
-    c1, t1 = _claim(results, "unet", "base", "fidelity")
     ctx_gap = [a - b for a, b in zip(_values(results, "base", "context_acc"),
                                      _values(results, "unet", "context_acc"))]
-    c2a, t2a = _claim(results, "unet", BASELINE, "pres")
-    c2b, t2b = _claim(results, BASELINE, "unet", "div")
-    c2c, t2c = _claim(results, "unet", BASELINE, "fidelity")
-    c3, t3 = _claim(results, "unet", "common-word", "red_other_classes")
-    c4a, t4a = _monotone(results, "fidelity", rising=True)
-    c4b, t4b = _monotone(results, "context_acc", rising=False)
-    c5a, t5a = _claim(results, "unet+te", "unet", "fidelity")
-    c5b, t5b = _claim(results, "unet", "unet+te", "context_acc")
     both = both_at_once(results, variants + levers)
     titles = {v.name: v.title for v in variants + levers}
     return [
         "",
         "## The claims",
         "",
-        f"1. **Fidelity**: the LoRA raises identity similarity over the base model: "
-        f"{_verdict(c1)} ({t1}). Context accuracy drops by "
+        "Each claim below is *setting A minus setting B*, judged by the one verdict rule.",
+        "",
+        "1. **Fidelity**: the LoRA raises identity similarity over the base model (LoRA - base): "
+        f"{claim(results, 'unet', 'base', 'fidelity', 'higher')}. Context accuracy drops by "
         f"{(sum(ctx_gap) / len(ctx_gap)) if ctx_gap else float('nan'):.3f} on average "
         "(base minus LoRA).",
-        f"2. **Prior preservation**: without it the bare class drifts towards the subject "
-        f"(PRES higher without): {_verdict(c2a)} ({t2a}); and loses variety (DIV higher with): "
-        f"{_verdict(c2b)} ({t2b}). Does it cost fidelity (weight 1, 64 class images, UNet-only "
-        f"LoRA; identity higher without)? {_verdict(c2c)} ({t2c}).",
-        f"3. **Identifier**: a rare token ('sks') leaves the word 'red' its meaning more than "
-        f"using 'red' itself as the identifier: {_verdict(c3)} ({t3}).",
-        f"4. **Scales**: raising the UNet scale (text scale 1) raises identity similarity "
-        f"monotonically within noise: {_verdict(c4a)} ({t4a}); and lowers context accuracy: "
-        f"{_verdict(c4b)} ({t4b}).",
-        f"5. **Text-encoder LoRA** (own lr, 10x lower): fidelity higher than UNet only: "
-        f"{_verdict(c5a)} ({t5a}); context accuracy lower: {_verdict(c5b)} ({t5b}).",
+        "2. **Prior preservation**: without it the bare class drifts towards the subject "
+        f"(PRES, without - with): {claim(results, 'unet', BASELINE, 'pres', 'higher')}; and "
+        f"loses variety (DIV, with - without): {claim(results, BASELINE, 'unet', 'div', 'higher')}. "
+        "Does it cost fidelity (weight 1, 64 class images, UNet-only LoRA; identity, without - "
+        f"with)? {claim(results, 'unet', BASELINE, 'fidelity', 'higher')}.",
+        "3. **Identifier**: a rare token ('sks') leaves the word 'red' its meaning more than "
+        "using 'red' itself as the identifier ('red' still red, 'sks' - 'red'): "
+        f"{claim(results, 'unet', 'common-word', 'red_other_classes', 'higher')}.",
+        "4. **Scales**: raising the UNet scale (text scale 1) raises identity similarity "
+        f"step by step: {monotone(results, 'fidelity', rising=True)}; and lowers context "
+        f"accuracy: {monotone(results, 'context_acc', rising=False)}.",
+        "5. **Text-encoder LoRA** (own lr, 10x lower): fidelity higher than UNet only (UNet + "
+        f"text - UNet): {claim(results, 'unet+te', 'unet', 'fidelity', 'higher')}; context "
+        f"accuracy lower: {claim(results, 'unet+te', 'unet', 'context_acc', 'lower')}.",
         "6. **Likeness without wrecking the class**: settings with prior preservation whose "
-        "identity similarity reaches the no-prior run's spread (mean >= its worst seed) while "
-        "PRES stays within the prior run's (mean <= its worst seed): "
+        "identity similarity is not shown lower than the no-prior run's while their PRES is not "
+        "shown higher than the prior run's: "
         + ("; ".join(titles[n] for n in both) if both else "**none**") + ".",
         f"7. **Image-free prior**: time, {_timing(results)}.",
         "",
         "### The levers, each on the same baseline (UNet LoRA + prior preservation)",
         "",
-        "A lever *moves the frontier* when identity rises or PRES falls by more than the spread "
-        "over seeds and neither gets worse by more than it.",
+        "A lever *moves the frontier* when identity reads *higher* or PRES *lower* than the "
+        "baseline's and neither reads the other way (lever minus baseline, paired by seed).",
         "",
         *lever_rows(results, levers),
     ]

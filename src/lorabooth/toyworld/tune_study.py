@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import TrainConfig
+from ..evaluation.verdict import compare
 from ..fileio import write_json, write_text
 from .claims import NEW_CONTEXTS, SUBJECT, subject_photos
 
@@ -195,21 +196,29 @@ def _stat(values: list[float]) -> str:
     return f"{mean:.3f} [{min(values):.2f}–{max(values):.2f}]" if len(values) > 1 else f"{mean:.3f}"
 
 
-def verdict(a: list[float], b: list[float], higher_is_better: bool = True) -> str:
-    """'beyond the spread' only when every repeat of one arm beats every
-    repeat of the other."""
-    lo_a, hi_a, lo_b, hi_b = min(a), max(a), min(b), max(b)
-    if not higher_is_better:
-        lo_a, hi_a, lo_b, hi_b = -hi_a, -lo_a, -hi_b, -lo_b
-    if lo_a > hi_b:
-        return "better, beyond the spread"
-    if hi_a < lo_b:
-        return "worse, beyond the spread"
-    return "no difference beyond the spread"
-
-
 TITLES = {"tune": "`tune` (its recommended trial)", "defaults": "`train`'s defaults",
           "seed-recipe": "the seed's recipe"}
+
+
+FIGURES = (("fidelity", "fidelity", "higher"), ("pres", "PRES", "lower"),
+           ("clip_t", "CLIP-T", "higher"))  # (key, name, the better direction)
+
+
+def verdict_lines(col: dict[str, dict[str, dict[int, float]]]) -> list[str]:
+    """`tune`'s pick against each fixed setting, figure by figure, by the one
+    verdict rule (paired by repeat); ``col[arm][figure][repeat]``. A figure
+    missing from ``col['tune']`` is left out."""
+    lines = []
+    for arm in FIXED:
+        parts = []
+        for key, name, good in FIGURES:
+            if key in col["tune"]:
+                found = compare(col["tune"][key], col[arm][key])
+                better = {good: " (better)", "no difference shown": "",
+                          "too few seeds": ""}.get(found.word, " (worse)")
+                parts.append(f"{name} {found.text()}{better}")
+        lines.append(f"- vs {TITLES[arm]}: " + "; ".join(parts) + ".")
+    return lines
 
 
 def render(results: dict[int, dict], plan: Plan) -> str:
@@ -217,8 +226,8 @@ def render(results: dict[int, dict], plan: Plan) -> str:
     from .frontier import frontier_svg
 
     repeats = sorted(results)
-    col = {arm: {k: [results[r][arm]["held_out"][k] for r in repeats]
-                 for k in ("fidelity", "clip_t", "pres")} for arm in ARMS}
+    col = {arm: {k: {r: results[r][arm]["held_out"][k] for r in repeats}
+                 for k, _, _ in FIGURES} for arm in ARMS}
     picked = {arm: [results[r][arm]["pick"]["scores"]["fidelity"] for r in repeats] for arm in ARMS}
     lines = [
         "# Does `tune` beat fixed settings? (toy world)", "",
@@ -237,14 +246,13 @@ def render(results: dict[int, dict], plan: Plan) -> str:
                                     + results[r][arm].get("pruned", 0)) for r in repeats]
         cpu = [results[r][arm]["cpu_s"] for r in repeats]
         lines.append(f"| {TITLES[arm]} | {sum(runs) / len(runs):.1f} | {sum(cpu) / len(cpu):.0f} "
-                     f"| {_stat(col[arm]['fidelity'])} | {_stat(col[arm]['clip_t'])} "
-                     f"| {_stat(col[arm]['pres'])} | {_stat(picked[arm])} |")
-    lines += ["", "Against each fixed setting, `tune`'s pick is:", ""]
-    for arm in FIXED:
-        lines.append(f"- vs {TITLES[arm]}: fidelity "
-                     f"{verdict(col['tune']['fidelity'], col[arm]['fidelity'])}; PRES "
-                     f"{verdict(col['tune']['pres'], col[arm]['pres'], higher_is_better=False)}"
-                     f"; CLIP-T {verdict(col['tune']['clip_t'], col[arm]['clip_t'])}.")
+                     f"| {_stat(list(col[arm]['fidelity'].values()))} "
+                     f"| {_stat(list(col[arm]['clip_t'].values()))} "
+                     f"| {_stat(list(col[arm]['pres'].values()))} | {_stat(picked[arm])} |")
+    lines += ["", "Against each fixed setting, `tune`'s pick minus the fixed setting's, paired by "
+              "repeat, by [the one verdict rule](verdict.md) (mean difference, 95% bootstrap "
+              "interval over repeats, standardised effect d; lower PRES is better):", "",
+              *verdict_lines(col)]
     lines += ["", "![fidelity against PRES, each arm's pick per repeat](tune/figure.svg)", "",
               "## The tunes", "",
               "| repeat | completed | pruned | failed | CPU s | steps not trained (pruner) "
