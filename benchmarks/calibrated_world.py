@@ -107,9 +107,10 @@ def report() -> None:
         chosen = {r["subject"] for r in recs if r["method"] in LEVERS}
         levers = [r for r in recs if r["subject"] in chosen]
         parts += ["## Levers on the calibrated class-image recipe\n",
-                  f"Subjects {', '.join(sorted(chosen)) or '–'}; effect = lever minus "
-                  "class-image prior, mean over seeds and subjects, 95% percentile bootstrap "
-                  "over runs; bold where the interval excludes 0.\n",
+                  f"Subjects {', '.join(sorted(chosen)) or '–'}. Each lever against the "
+                  "class-image prior by [the one verdict rule](../verdict.md) "
+                  "(`evaluation.verdict.compare`): runs paired by subject and seed, the mean "
+                  "difference, its 95% bootstrap interval, d, and the word.\n",
                   lever_table(levers, "class-image-prior",
                               ["no-prior", "image-free-prior", "pivotal", *LEVERS])]
     write_text(DOCS / "toyworld" / "calibrated.md", "\n".join(parts))

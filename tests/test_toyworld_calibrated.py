@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lorabooth.toyworld.calibrate import TARGETS, fit
-from lorabooth.toyworld.calibrated_report import bootstrap_diff, lever_table
+from lorabooth.toyworld.calibrated_report import lever_table
 from lorabooth.toyworld.subjects import CALIBRATION, EVALUATION
 from lorabooth.toyworld.world import MARKS, random_spec, render
 
@@ -71,7 +71,7 @@ def test_salience_moves_only_rare_words_and_scales_their_distinctness():
     te, tok = base.text_encoder.float().eval(), base.tokenizer
     table = te.get_input_embeddings().weight
     before = table.detach().clone()
-    sks, ball = tok("sks", add_special_tokens=False).input_ids[0], tok("ball", add_special_tokens=False).input_ids[0]
+    sks, ball = (tok(w, add_special_tokens=False).input_ids[0] for w in ("sks", "ball"))
     assert apply_salience(te, tok, 1.0) > 50
     assert torch.equal(table, before)
     d1 = prompt_distance(tok, te, "a photo of sks ball")
@@ -105,14 +105,14 @@ def test_fit_picks_the_grid_point_nearest_the_published_ratios():
     assert result["grid"]["2"]["loss"] < 1e-9 < result["grid"]["4"]["loss"]
 
 
-def test_bootstrap_interval_covers_the_difference_and_excludes_zero_only_when_separated():
-    d, lo, hi = bootstrap_diff([0.9, 0.92, 0.88], [0.2, 0.25, 0.22])
-    assert lo <= d <= hi and lo > 0
-    d, lo, hi = bootstrap_diff([0.5, 0.1, 0.9], [0.4, 0.8, 0.2])
-    assert lo < 0 < hi
-    rows = [{"method": "base", "identity": v, "instance": v, "pres": 0.2, "context_acc": 1}
-            for v in (0.1, 0.12, 0.11)]
-    rows += [{"method": "lever", "identity": v, "instance": v, "pres": 0.2, "context_acc": 1}
-             for v in (0.6, 0.62, 0.61)]
-    table = lever_table(rows, "base", ["lever"])
-    assert "**+0.500" in table
+def test_lever_table_pairs_runs_by_subject_and_seed_and_uses_the_verdict_rule():
+    def rows(method, values, subject="a"):
+        return [{"method": method, "subject": subject, "seed": i, "identity": v, "instance": v,
+                 "pres": 0.2, "context_acc": 1.0} for i, v in enumerate(values)]
+    records = rows("base", [0.1, 0.12, 0.11]) + rows("lever", [0.6, 0.62, 0.61])
+    records += rows("base", [0.5, 0.5, 0.5], subject="b")  # no lever runs on b: left out
+    table = lever_table(records, "base", ["lever", "absent"])
+    line = next(x for x in table.splitlines() if x.startswith("| lever | 3 |"))
+    assert "**higher**: +0.500" in line and "3 seeds, paired" in line
+    assert "**no difference shown**: +0.000" in line  # pres, context
+    assert "absent" not in table

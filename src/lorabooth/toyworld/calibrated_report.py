@@ -1,13 +1,13 @@
 """Markdown tables from the calibrated studies' raw per-seed records
 (docs/calibration/*.json, docs/toyworld/*.json): the fit's grid, the
-per-subject rows, and the lever table with effect sizes and 95% bootstrap
-intervals over seeds."""
+per-subject rows, and the lever table (effects, 95% bootstrap intervals
+and words by `evaluation.verdict`)."""
 
 from __future__ import annotations
 
-import random
 from statistics import mean
 
+from ..evaluation.verdict import compare
 from .calibrate import TARGETS
 
 FIGURES = (("identity", "identity sim. ↑"), ("instance", "instance sim. ↑"),
@@ -53,30 +53,20 @@ def subject_tables(records: list[dict], methods: list[str], base: list[dict]) ->
     return "\n".join(out)
 
 
-def bootstrap_diff(a: list[float], b: list[float], n: int = 2000, seed: int = 0) -> tuple:
-    """mean(a) - mean(b) and its 95% percentile bootstrap interval, seeds
-    resampled with replacement within each arm."""
-    rng = random.Random(seed)
-    diffs = sorted(mean(rng.choices(a, k=len(a))) - mean(rng.choices(b, k=len(b)))
-                   for _ in range(n))
-    return mean(a) - mean(b), diffs[int(0.025 * n)], diffs[int(0.975 * n) - 1]
-
-
 def lever_table(records: list[dict], baseline: str, levers: list[str],
                 keys=("identity", "instance", "pres", "context_acc")) -> str:
-    """Each lever against the baseline, paired by subject: effect = lever
-    minus baseline, per figure, with the interval."""
-    head = ["lever", "seeds"] + [f"Δ {k} [95% CI]" for k in keys]
+    """Each lever against the baseline by the project's one rule
+    (`evaluation.verdict.compare`): runs paired by (subject, seed), effect =
+    lever minus baseline, 95% bootstrap interval, and its word."""
+    head = ["lever", "runs"] + [f"{k}: lever − baseline" for k in keys]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    base = [r for r in records if r["method"] == baseline]
     for lever in levers:
-        rows = [r for r in records if r["method"] == lever]
-        if not rows:
+        rows = {(r["subject"], r["seed"]): r for r in records if r["method"] == lever}
+        base = {(r["subject"], r["seed"]): r for r in records
+                if r["method"] == baseline and (r["subject"], r["seed"]) in rows}
+        if not rows or not base:
             continue
-        cells = []
-        for k in keys:
-            d, lo, hi = bootstrap_diff([r[k] for r in rows], [r[k] for r in base])
-            mark = "**" if lo > 0 or hi < 0 else ""
-            cells.append(f"{mark}{d:+.3f} [{lo:+.2f}, {hi:+.2f}]{mark}")
+        cells = [compare({k: v[key] for k, v in rows.items()},
+                         {k: v[key] for k, v in base.items()}).text() for key in keys]
         lines.append(f"| {lever} | {len(rows)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
