@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,6 +106,8 @@ class Harness:
         config = self.config(cell)
         folder = Path(config.output)
         done = folder / "score.json"
+        while not done.is_file() and not self._claim(cell):
+            time.sleep(10)  # another phase's process runs it: wait for its scores
         if done.is_file():
             return json.loads(done.read_text())
         t0 = time.perf_counter()
@@ -123,6 +126,24 @@ class Harness:
         write_json(done, record)
         log.info("%s: %s", cell.name, {k: v for k, v in record.items() if isinstance(v, float)})
         return record
+
+    def _claim(self, cell: Cell) -> bool:
+        """Whether this process may run ``cell``: phases may run side by side
+        and share cells; the first to claim one runs it. A claim whose
+        process is gone (crashed, killed) is taken over."""
+        claim = self.out / "claims" / cell.name.replace("/", "__")
+        claim.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            owner = int(claim.read_text() or 0)
+            if owner == os.getpid() or not _alive(owner):
+                claim.write_text(str(os.getpid()))
+                return True
+            return False
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        return True
 
     def base_record(self, subject: Subject, salience: float) -> dict:
         """The base model on the same prompts: the no-prior seed-0 run's
@@ -170,3 +191,10 @@ class Harness:
             "class_right": sum(p["cls"] == subject.cls for p in self.judge.predict(bare)) / len(bare),
         }
 
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return False
+    return pid > 0
