@@ -4,7 +4,7 @@ under OUT (cached: an interrupted phase redoes nothing) and gathered per seed
 into the JSON files under docs/ that the markdown is rendered from.
 
     PYTHONPATH=src python benchmarks/calibrated_world.py fit OUT [--grid 1,2,4] [--seeds 0]
-    PYTHONPATH=src python benchmarks/calibrated_world.py refit   # fit.json from the runs so far
+    PYTHONPATH=src python benchmarks/calibrated_world.py refit OUT   # fit.json from the runs so far
     PYTHONPATH=src python benchmarks/calibrated_world.py subjects OUT [--seeds 0,1,2]
     PYTHONPATH=src python benchmarks/calibrated_world.py levers OUT [--seeds 0,1,2]
     PYTHONPATH=src python benchmarks/calibrated_world.py report
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import time
 from pathlib import Path
 
 from lorabooth.fileio import write_json, write_text
@@ -39,28 +38,38 @@ def _floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",")]
 
 
-def _save(path: Path, records: list[dict], t0: float, **extra) -> None:
-    write_json(path, {**extra, "wall_seconds_this_invocation": round(time.perf_counter() - t0),
-                      "run_seconds_total": round(sum(r.get("seconds", 0) for r in records)),
+def gather(out: Path, subjects, methods, saliences=None) -> list[dict]:
+    """Every scored run under OUT of these subjects and methods (and
+    saliences): what every process of a phase has finished, read from disk,
+    so phases split over processes (e.g. one seed each) write one file."""
+    names = {s.name for s in subjects}
+    records = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("s*/*/*/score.json"))]
+    return sorted((r for r in records if r["subject"] in names and r["method"] in methods
+                   and (saliences is None or r["salience"] in saliences)),
+                  key=lambda r: (r["salience"], r["subject"], r["method"], r["seed"]))
+
+
+def _save(path: Path, records: list[dict], **extra) -> None:
+    write_json(path, {**extra, "run_seconds_total": round(sum(r.get("seconds", 0) for r in records)),
                       "records": records})
 
 
 def phase_fit(h: Harness, grid: list[float], seeds: list[int]) -> None:
-    t0, records = time.perf_counter(), []
     for seed in seeds:
         for subject in CALIBRATION:  # one subject's whole grid first
             for salience in grid:
                 for method in FIT_METHODS:
-                    records.append(h.run(Cell(subject, method, METHODS[method], salience, seed)))
-                    _save(FIT_RECORDS, records, t0, grid=grid, seeds=seeds)
-    refit()
+                    h.run(Cell(subject, method, METHODS[method], salience, seed))
+                    refit(h.out)
 
 
-def refit() -> None:
-    """fit.json from the records gathered so far (all of them, once `fit` ends)."""
-    data = json.loads(FIT_RECORDS.read_text())
-    records = data["records"]
-    write_json(FIT_JSON, {**fit(records), "grid_values": data["grid"], "seeds": data["seeds"],
+def refit(out: Path) -> None:
+    """fit_records.json and fit.json from every calibration run under OUT."""
+    records = gather(out, CALIBRATION, FIT_METHODS)
+    grid = sorted({r["salience"] for r in records})
+    seeds = sorted({r["seed"] for r in records})
+    _save(FIT_RECORDS, records, grid=grid, seeds=seeds)
+    write_json(FIT_JSON, {**fit(records), "grid_values": grid, "seeds": seeds,
                           "subjects": sorted({r["subject"] for r in records}),
                           "runs": len(records)})
 
@@ -70,24 +79,24 @@ def _chosen() -> float:
 
 
 def phase_subjects(h: Harness, seeds: list[int]) -> None:
-    t0, s = time.perf_counter(), _chosen()
+    s = _chosen()
     base = [h.base_record(subject, s) for subject in EVALUATION]
-    records = []
     for seed in seeds:
         for subject in EVALUATION:
             for method, train in METHODS.items():
-                records.append(h.run(Cell(subject, method, train, s, seed)))
-                _save(SUBJECTS_JSON, records, t0, salience=s, base=base)
+                h.run(Cell(subject, method, train, s, seed))
+                _save(SUBJECTS_JSON, gather(h.out, EVALUATION, METHODS, {s}), salience=s,
+                      base=base)
 
 
 def phase_levers(h: Harness, seeds: list[int]) -> None:
-    t0, s, records = time.perf_counter(), _chosen(), []
+    s = _chosen()
     for seed in seeds:
         for subject in LEVER_SUBJECTS:  # the baseline too (shared with `subjects`)
             for method, train in {"class-image-prior": METHODS["class-image-prior"],
                                   **LEVERS}.items():
-                records.append(h.run(Cell(subject, method, train, s, seed)))
-                _save(LEVERS_JSON, records, t0, salience=s)
+                h.run(Cell(subject, method, train, s, seed))
+                _save(LEVERS_JSON, gather(h.out, LEVER_SUBJECTS, LEVERS, {s}), salience=s)
 
 
 def report() -> None:
@@ -129,7 +138,7 @@ def main() -> None:
     if args.phase == "report":
         return report()
     if args.phase == "refit":
-        return refit()
+        return refit(Path(args.out))
     h = Harness(Path(args.out), train_over={"steps": args.steps} if args.steps else {})
     if args.phase == "fit":
         phase_fit(h, _floats(args.grid), [int(x) for x in (args.seeds or "0").split(",")])
