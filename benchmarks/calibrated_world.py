@@ -80,13 +80,15 @@ def _chosen() -> float:
 
 def phase_subjects(h: Harness, seeds: list[int]) -> None:
     s = _chosen()
-    base = [h.base_record(subject, s) for subject in EVALUATION]
     for seed in seeds:
         for subject in EVALUATION:
             for method, train in METHODS.items():
                 h.run(Cell(subject, method, train, s, seed))
+                if seed == 0 and method == "no-prior":  # the base model reads that run
+                    h.base_record(subject, s)
+                bases = [json.loads(p.read_text()) for p in sorted((h.out / "base").glob("*.json"))]
                 _save(SUBJECTS_JSON, gather(h.out, EVALUATION, METHODS, {s}), salience=s,
-                      base=base)
+                      base=[b for b in bases if b["salience"] == s])
 
 
 def phase_levers(h: Harness, seeds: list[int]) -> None:

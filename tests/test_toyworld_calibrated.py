@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lorabooth.toyworld.calibrate import TARGETS, fit
-from lorabooth.toyworld.calibrated_report import lever_table
+from lorabooth.toyworld.calibrated_report import fit_table, lever_table
 from lorabooth.toyworld.subjects import CALIBRATION, EVALUATION
 from lorabooth.toyworld.world import MARKS, random_spec, render
 
@@ -116,3 +116,22 @@ def test_lever_table_pairs_runs_by_subject_and_seed_and_uses_the_verdict_rule():
     assert "**higher**: +0.500" in line and "3 seeds, paired" in line
     assert "**no difference shown**: +0.000" in line  # pres, context
     assert "absent" not in table
+
+
+def test_fit_table_columns_hold_their_own_figures():
+    import json
+
+    from lorabooth.fileio import to_json
+
+    t = list(TARGETS.values())
+    records = _records(2.0, *t) + _records(4.0, 0.5, 0.9, 0.2, 0.7)
+    result = json.loads(to_json(fit(records), sort_keys=True))  # as write_json stores it
+    table = fit_table(result)
+    head, _, _, row4 = table.splitlines()[:4]
+    columns = [c.strip() for c in head.split("|")[3:-1]]
+    values = [c.strip() for c in row4.split("|")[3:-1]]
+    expected = {"T3 DINO with/without prior": 0.5, "T3 PRES with/without prior": 0.9,
+                "T1 DINO generated/real": 0.2, "T1 CLIP-I generated/real": 0.7}
+    for column, value in zip(columns, values):
+        name = column.split(" (target")[0]
+        assert value == f"{expected[name]:.3f} / {expected[name]:.3f}", (column, value)

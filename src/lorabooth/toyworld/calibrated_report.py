@@ -23,7 +23,7 @@ def _cell(vals: list[float]) -> str:
 
 def fit_table(fit: dict) -> str:
     subjects = sorted(next(iter(fit["grid"].values()))["figures"])
-    head = ["salience", "loss"] + [f"{k} (target {v:.3f})" for k, v in fit["targets"].items()]
+    head = ["salience", "loss"] + [f"{k} (target {fit['targets'][k]:.3f})" for k in TARGETS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s, row in fit["grid"].items():
         cells = [("**" + s + "**") if float(s) == fit["chosen_salience"] else s, f"{row['loss']:.3f}"]
