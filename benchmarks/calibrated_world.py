@@ -31,7 +31,10 @@ FIT_JSON = DOCS / "calibration" / "fit.json"
 FIT_RECORDS = DOCS / "calibration" / "fit_records.json"
 SUBJECTS_JSON = DOCS / "toyworld" / "subjects.json"
 LEVERS_JSON = DOCS / "toyworld" / "levers.json"
-LEVER_SUBJECTS = EVALUATION[:1]  # 2 shared cores: one subject, three seeds
+# 2 shared cores: one subject, three seeds. The mug, not the ball: at 200 steps no
+# method learned the purple striped ball's colour and pattern (identity <= 0.03 on
+# every seed); its three seed-0 lever runs are kept in levers.json all the same.
+LEVER_SUBJECTS = (EVALUATION[1],)
 
 
 def _floats(text: str) -> list[float]:
@@ -98,7 +101,7 @@ def phase_levers(h: Harness, seeds: list[int]) -> None:
             for method, train in {"class-image-prior": METHODS["class-image-prior"],
                                   **LEVERS}.items():
                 h.run(Cell(subject, method, train, s, seed))
-                _save(LEVERS_JSON, gather(h.out, LEVER_SUBJECTS, LEVERS, {s}), salience=s)
+                _save(LEVERS_JSON, gather(h.out, EVALUATION, LEVERS, {s}), salience=s)
 
 
 def report() -> None:
@@ -116,15 +119,14 @@ def report() -> None:
         recs = data["records"]
         if LEVERS_JSON.is_file():
             recs = recs + json.loads(LEVERS_JSON.read_text())["records"]
-        chosen = {r["subject"] for r in recs if r["method"] in LEVERS}
-        levers = [r for r in recs if r["subject"] in chosen]
         parts += ["## Levers on the calibrated class-image recipe\n",
-                  f"Subjects {', '.join(sorted(chosen)) or '–'}. Each lever against the "
-                  "class-image prior by [the one verdict rule](../verdict.md) "
-                  "(`evaluation.verdict.compare`): runs paired by subject and seed, the mean "
-                  "difference, its 95% bootstrap interval, d, and the word.\n",
-                  lever_table(levers, "class-image-prior",
-                              ["no-prior", "image-free-prior", "pivotal", *LEVERS])]
+                  "Each lever against the class-image prior by [the one verdict rule]"
+                  "(../verdict.md) (`evaluation.verdict.compare`): runs paired by seed, the "
+                  "mean difference, its 95% bootstrap interval, d, and the word.\n"]
+        for subject in sorted({r["subject"] for r in recs if r["method"] in LEVERS}):
+            parts += [f"#### {subject}\n", lever_table(
+                [r for r in recs if r["subject"] == subject], "class-image-prior",
+                ["no-prior", "image-free-prior", "pivotal", *LEVERS])]
     write_text(DOCS / "toyworld" / "calibrated.md", "\n".join(parts))
 
 
