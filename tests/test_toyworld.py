@@ -122,8 +122,9 @@ def test_pretrain_command_runs_end_to_end(tmp_path):
     from lorabooth.toyworld.pretrain import pretrain
 
     out = pretrain(tmp_path / "toy", seed=1, images=256, vae_steps=2, unet_steps=2, batch=8,
-                   judge_steps=2)
+                   judge_steps=2, instance_steps=2, instance_renders=8)
     assert load_base(str(out)).native_resolution == 32
+    assert (out / "instance.safetensors").is_file()
     record = json.loads((out / "toyworld.json").read_text())
     assert record["seed"] == 1 and record["unet_steps"] == 2 and (out / "judges.safetensors").is_file()
 
@@ -165,7 +166,8 @@ def test_pretrain_reuses_the_vae_and_judges_and_continues_the_denoiser(tmp_path)
     shipped = json.loads((toy_model_dir() / "toyworld.json").read_text())
     assert record["vae_psnr_db_held_out"] == shipped["vae_psnr_db_held_out"]
     assert record["reused_from"]["vae_and_judges"] == str(toy_model_dir())
-    assert (out / "judges.safetensors").read_bytes() == (toy_model_dir() / "judges.safetensors").read_bytes()
+    for judge in ("judges.safetensors", "instance.safetensors"):
+        assert (out / judge).read_bytes() == (toy_model_dir() / judge).read_bytes()
     assert record["rare_words"] > 50 and record["denoiser_init"] == str(toy_model_dir())
     # two small steps from the shipped weights, not a fresh random init
     new, old = load_base(str(out)).unet.state_dict(), load_base("toy").unet.state_dict()

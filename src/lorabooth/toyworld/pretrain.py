@@ -199,7 +199,8 @@ def _initial_denoiser(folder: Path) -> tuple[CLIPTextModel, UNet2DConditionModel
 
 def pretrain(out: str | Path, seed: int = 0, images: int = 40000, vae_steps: int = 3000,
              unet_steps: int = 3000, batch: int = 64, judge_steps: int = 1500,
-             reuse: str | Path | None = None, init: str | Path | None = None) -> Path:
+             reuse: str | Path | None = None, init: str | Path | None = None,
+             instance_steps: int = 1500, instance_renders: int = 6000) -> Path:
     """Everything, seeded: world renders -> VAE -> UNet + text encoder -> judges.
     ``reuse``: take the VAE and the judges from that earlier toy model (they
     do not depend on captions) and train only the UNet and text encoder.
@@ -207,7 +208,8 @@ def pretrain(out: str | Path, seed: int = 0, images: int = 40000, vae_steps: int
     (continued pretraining, e.g. on changed captions) instead of from scratch."""
     import shutil
 
-    from .judges import train_judges
+    from .instance import train_instance_judge
+    from .judges import ToyJudge, train_judges
 
     out = Path(out)
     torch.manual_seed(seed)
@@ -245,6 +247,13 @@ def pretrain(out: str | Path, seed: int = 0, images: int = 40000, vae_steps: int
     else:
         record.update(train_judges(out / "judges.safetensors", seed=seed, steps=judge_steps,
                                    blur=reconstruct))
+    if reuse and (Path(reuse) / "instance.safetensors").is_file():
+        shutil.copy(Path(reuse) / "instance.safetensors", out / "instance.safetensors")
+    else:  # the instance judge reads the judges' frozen backbone (toyworld/instance.py)
+        record.update(train_instance_judge(out / "instance.safetensors",
+                                           ToyJudge.load(out / "judges.safetensors"),
+                                           seed=seed, steps=instance_steps,
+                                           renders=instance_renders, blur=reconstruct))
     # fp16 on disk halves the package; loading casts back to fp32
     base = BaseModel("toy", clip_tokenizer(), text_encoder.half(), vae.half(), unet.half(),
                      sd_noise_scheduler())

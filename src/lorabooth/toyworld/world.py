@@ -37,6 +37,7 @@ class Spec:
     y: float = 0.6
     size: float = 0.42  # as a fraction of the picture
     flip: bool = False
+    mark: int = 0  # the instance detail: 0 none, else MARKS[mark - 1]
 
     @property
     def combo(self) -> tuple[str, str, str]:
@@ -105,6 +106,36 @@ def _shape_mask(spec: Spec) -> Image.Image:
     return mask
 
 
+# The instance detail: a dark mark on the object's body, at one of these
+# places (offsets as fractions of the body's width and height). Pretraining
+# renders never carry one, so every marked subject is an instance the base
+# model has not seen, whichever its (class, colour, pattern); a twin differs
+# from the subject in the mark alone.
+MARKS = ((-0.22, -0.2), (0.22, -0.2), (-0.22, 0.2), (0.22, 0.2))
+MARK_SIZE = 0.36  # diameter, as a fraction of the object's size
+
+
+def _body(spec: Spec) -> tuple[float, float, float, float]:
+    """Centre, width and height of the object's main body, in drawing px."""
+    n = SIZE * SCALE
+    s = spec.size * n
+    w, h = {"ball": (s, s), "car": (s * 1.5, s * 0.45), "mug": (s * 0.8, s),
+            "kite": (s * 0.9, s * 1.3)}[spec.cls]
+    return spec.x * n, spec.y * n, w, h
+
+
+def _draw_mark(im: Image.Image, spec: Spec) -> None:
+    if not spec.mark:
+        return
+    dx, dy = MARKS[spec.mark - 1]
+    cx, cy, w, h = _body(spec)
+    if spec.cls == "car":  # a flat body: the mark sits left or right, mid-height
+        dy = 0.0
+    r = MARK_SIZE * spec.size * SIZE * SCALE / 2
+    mx, my = cx + dx * w, cy + dy * h
+    ImageDraw.Draw(im).rectangle((mx - r, my - r, mx + r, my + r), fill=(20, 20, 20))
+
+
 def _pattern_mask(pattern: str) -> Image.Image:
     n = SIZE * SCALE
     mask = Image.new("L", (n, n), 0)
@@ -133,6 +164,7 @@ def render(spec: Spec, seed: int = 0) -> Image.Image:
     if spec.pattern != "plain":
         both = Image.fromarray(np.minimum(np.asarray(shape), np.asarray(_pattern_mask(spec.pattern))))
         im.paste(Image.new("RGB", im.size, (250, 250, 245)), (0, 0), both)
+    _draw_mark(im, spec)
     edge = shape.filter(ImageFilter.FIND_EDGES).point(lambda v: 255 if v > 60 else 0)
     im.paste(Image.new("RGB", im.size, (30, 30, 30)), (0, 0), edge)
     if spec.cls == "car":  # wheels
@@ -171,12 +203,14 @@ def caption(spec: Spec, rng: random.Random | None = None, drop: float = 0.0) -> 
 
 
 def subject_views(combo: tuple[str, str, str] = HELD_OUT[0], contexts=("grass", "beach"),
-                  n: int = 4, seed: int = 0) -> list[Spec]:
-    """The "photos a user brings": one instance (fixed size) in a few views."""
+                  n: int = 4, seed: int = 0, mark: int = 0) -> list[Spec]:
+    """The "photos a user brings": one instance (fixed size, and ``mark``, its
+    instance detail) in a few views."""
     rng = random.Random(seed)
     cls, colour, pattern = combo
     return [Spec(cls, colour, pattern, contexts[i % len(contexts)], x=rng.uniform(0.42, 0.58),
-                 y=rng.uniform(0.55, 0.65), size=0.46, flip=i % 2 == 1) for i in range(n)]
+                 y=rng.uniform(0.55, 0.65), size=0.46, flip=i % 2 == 1, mark=mark)
+            for i in range(n)]
 
 
 
