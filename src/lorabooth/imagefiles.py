@@ -97,11 +97,11 @@ def image_files(folder: Path) -> list[Path]:
 def prepared_images(report: Path) -> set[str]:
     """The names of the images a finished `prepare` kept, from its report:
     plain names only (a doctored report cannot point outside its folder)."""
-    data = load_json(report)  # a regular file, capped, nesting bounded: else one line
     try:
+        data = load_json(report)  # a regular file, capped, nesting bounded
         running = data.get("running")
         names = {f["output"] for f in data["files"] if f.get("kept") and f.get("output")}
-    except (KeyError, TypeError, AttributeError) as e:
+    except (UserError, KeyError, TypeError, AttributeError) as e:
         raise UserError(f"{report}: not a readable report of `lorabooth prepare` "
                         f"({first_line(e, 80)}); rerun prepare, or remove the file") from None
     if running:
