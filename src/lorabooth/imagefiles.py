@@ -102,8 +102,10 @@ def prepared_images(report: Path) -> set[str]:
         running = data.get("running")
         names = {f["output"] for f in data["files"] if f.get("kept") and f.get("output")}
     except (UserError, KeyError, TypeError, AttributeError) as e:
+        why = str(e).removeprefix(f"{report}: ")  # load_json names the file itself
         raise UserError(f"{report}: not a readable report of `lorabooth prepare` "
-                        f"({first_line(e, 80)}); rerun prepare, or remove the file") from None
+                        f"({first_line(ValueError(why), 80)}); rerun prepare, or remove the "
+                        f"file") from None
     if running:
         raise UserError(f"{report}: the `lorabooth prepare` that wrote this folder did not "
                         f"finish (interrupted, or still running); rerun it first")
