@@ -124,15 +124,22 @@ def test_prepare_crop_boxes_become_the_time_ids(tmp_path):
 
     photos = make_photos(tmp_path / "prepared", n=2, size=(64, 64))
     (photos / "prepare.json").write_text(json.dumps({"files": [
-        {"source": "IMG_1.jpg", "output": "photo_0.png", "size": [4000, 3000],
+        {"source": "IMG_1.jpg", "kept": True, "output": "photo_0.png", "size": [4000, 3000],
          "crop_box": [1500, 500, 2500, 1500]},
         {"source": "IMG_2.jpg", "kept": False, "output": "", "size": [10, 10]}]}))
     config = _config(photos, tmp_path / "r")
     paths = readable_images(photos)
     examples = t.setup_examples(config, build_tiny_sdxl(), 64, paths,
                                  t.instance_captions(config, paths), [])
-    assert examples.instance_time_ids.tolist() == [[3000, 4000, 32, 96, 64, 64],  # prepare's box
-                                                   [64, 64, 0, 0, 64, 64]]  # not in prepare.json
+    # photo_1.png is not in prepare.json, so not in the training set (imagefiles.image_files)
+    assert [p.name for p in paths] == ["photo_0.png"]
+    assert examples.instance_time_ids.tolist() == [[3000, 4000, 32, 96, 64, 64]]  # prepare's box
+    plain = make_photos(tmp_path / "plain", n=1, size=(64, 64))  # no prepare.json: the whole image
+    config = _config(plain, tmp_path / "r2")
+    paths = readable_images(plain)
+    examples = t.setup_examples(config, build_tiny_sdxl(), 64, paths,
+                                 t.instance_captions(config, paths), [])
+    assert examples.instance_time_ids.tolist() == [[64, 64, 0, 0, 64, 64]]
 
 
 def test_both_text_encoders_train_each_at_its_rate(sdxl_run):
@@ -405,7 +412,8 @@ def test_evaluate_scores_an_sdxl_run_at_a_text2_scale(sdxl_run, session_photos, 
     assert result["text2_scale"] == 0.5 and result["identifier"] == "sks"
     for metric in ("dino", "clip_i", "clip_t", "pres", "div"):
         assert -1 <= result["rows"]["lorabooth"][metric]["mean"] <= 1, metric
-    assert (out / "images" / "u1_t1_tt0.5_g7.5_steps2").is_dir()
+    # the cache is named by the settings and the LoRA file's sha256
+    assert [p.is_dir() for p in (out / "images").glob("u1_t1_tt0.5_g7.5_steps2_lora*")] == [True]
 
 
 def test_sweep_trains_draws_and_scores_tiny_sdxl(tmp_path, photos, tiny_judges):
@@ -445,7 +453,9 @@ clip = "{clip}"
 """)
     assert run_sweep(f).is_file()
     folders = sorted(p.name for p in (tmp_path / "sweep").glob("*/sweep/00-*/*") if p.is_dir())
-    assert folders == ["u1_t1_tt0_g7.5_steps2", "u1_t1_tt1_g7.5_steps2"]
+    # named by the settings, then the LoRA file's sha256
+    assert [f.rsplit("_lora", 1)[0] for f in folders] == ["u1_t1_tt0_g7.5_steps2",
+                                                          "u1_t1_tt1_g7.5_steps2"]
     assert list((tmp_path / "sweep").glob("*/eval/metrics.json"))
 
 
