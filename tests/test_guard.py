@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from lorabooth import commands
-from lorabooth.guard import Plan, Write, check
+from lorabooth.guard import OWNERS, PAGE_RECORDS, Plan, Write, check
 from lorabooth.plans import PLANS
 
 # options whose help names a folder or file but that are not paths lorabooth
@@ -86,3 +86,14 @@ def test_an_empty_folder_and_a_dead_lock_count_as_empty(tmp_path):
     (out / "a" / "notes.txt").write_text("mine")
     with pytest.raises(Exception, match="did not write"):
         check(Plan((), (Write("--output", str(out), "folder", "generate"),)))
+
+
+@pytest.mark.parametrize("owner", sorted(OWNERS))
+def test_the_pages_job_record_leaves_an_output_folder_empty(owner, tmp_path):
+    """The page writes its job's state and log into the output folder before
+    it starts the command; every command must still take that folder."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in PAGE_RECORDS:
+        (out / name).write_text("{}")
+    check(Plan((), (Write("--output", str(out), "folder", owner),)))

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from dataclasses import fields
+from pathlib import Path
 
 import pytest
 
@@ -209,6 +210,26 @@ def test_start_training_queues_the_cli_on_the_written_config(ws):
     again = h.resume_training(ws, queue, "runs/a")
     assert again.argv[-1] == "--resume"
     wait_idle(queue)
+
+
+def test_the_queued_command_trains_in_the_folder_the_page_prepared(ws, capsys):
+    """The page writes its config (and the job's state and log) into the run
+    folder before the job starts; train must take that folder as its own."""
+    smooth_photos(ws.root / "photos", 3)
+    queue = fake_queue(ws)
+    values = {"model": "tiny", "instance_dir": "photos", "instance_prompt": "a photo of sks dog",
+              "steps": 2, "output": "runs/a", "resolution": 32}
+    job = h.start_training(ws, queue, values)
+    wait_idle(queue)
+    run = ws.root / "runs" / "a"
+    assert (run / "ui-job.json").is_file()
+    assert main(job.argv) == 0, capsys.readouterr().err
+    assert (run / "pytorch_lora_weights.safetensors").is_file()
+    # drawing: the page's job record is in RUN/generated/ui-TIME before generate starts
+    [draw] = h.start_drawing(ws, queue, ["runs/a"], "a photo of sks dog", "0,1", "1", 7.5, 0, 1, 2)
+    wait_idle(queue)
+    assert main(draw.argv + ["--width", "32", "--height", "32"]) == 0, capsys.readouterr().err
+    assert list(Path(draw.folder).glob(draw.expect))
 
 
 def test_progress_reads_the_run_folder(ws):

@@ -106,6 +106,17 @@ def _fill(page, elem_id: str, value: str) -> None:
     box.press("Tab")  # gradio takes a textbox's value on change/blur
 
 
+def _wait_started(page) -> None:
+    """Until the training runs (or has already ended); a job that failed
+    ends the test at once with its log, rather than at the hang guard."""
+    page.locator("#train-progress [data-status]").and_(page.locator(
+        ":is([data-status='running'], [data-status='done'], [data-status='failed'],"
+        " [data-status='interrupted'])")).wait_for(timeout=TRAIN_S * 1000)
+    status = page.locator("#train-progress [data-status]").get_attribute("data-status")
+    assert status in ("running", "done"), (
+        f"the training {status}: {_value(page, 'train-log')}")
+
+
 def _value(page, elem_id: str) -> str:
     return page.locator(f"#{elem_id} input, #{elem_id} textarea").first.input_value()
 
@@ -186,7 +197,7 @@ def test_the_whole_flow_in_a_real_browser(servers, tmp_path):
             _fill(page, "train-validation_prompt", prompt)
             _fill(page, "train-checkpoint_every", "4")
             page.click("#train-start")
-            page.locator('#train-progress [data-status="running"]').wait_for(timeout=TRAIN_S * 1000)
+            _wait_started(page)
             page.wait_for_function(
                 "() => Number(document.querySelector('#train-progress [data-step]')"
                 "?.dataset.step) >= 3", timeout=TRAIN_S * 1000)
@@ -205,7 +216,12 @@ def test_the_whole_flow_in_a_real_browser(servers, tmp_path):
             _fill(page, "draw-count", "2")
             _fill(page, "draw-steps", "10")
             page.click("#draw-go")
-            page.locator('.lb-draw[data-grids="1"]').wait_for(timeout=DRAW_S * 1000)
+            page.wait_for_function(  # drawn, or failed: then the test ends at once
+                "() => { const p = document.querySelector('.lb-draw');"
+                " return p && (p.dataset.grids === '1' || /failed|interrupted/.test(p.textContent)); }",
+                timeout=DRAW_S * 1000)
+            assert page.locator('.lb-draw[data-grids="1"]').count() == 1, \
+                page.inner_text(".lb-draw")
             page.locator("#draw-grid-a img").wait_for(timeout=60000)
             grids = list((workspace / "runs" / "ball" / "generated").glob("ui-*/*/grid.png"))
             assert len(grids) == 1

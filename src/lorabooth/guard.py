@@ -82,11 +82,16 @@ def _json_keys(path: Path, *keys: str) -> bool:
     return isinstance(data, dict) and all(k in data for k in keys)
 
 
+# A run's settings: config.toml, written when training starts, and the one
+# the web page writes into the run folder before it queues the training.
+RUN_CONFIGS = ("config.toml", "ui-train.toml")
+
+
 def _run_folder(folder: Path) -> bool:
-    """A training run: its config.toml, its LoRA file (train then refuses a
-    finished run without --resume or --overwrite, and names a config.toml
-    that no longer reads), or checkpoints of an interrupted one."""
-    return (_toml_keys(folder / "config.toml", "instance_prompt", "instance_dir")
+    """A training run: its config (train then refuses a finished run without
+    --resume or --overwrite, and names a config.toml that no longer reads),
+    its LoRA file, or checkpoints of an interrupted one."""
+    return (any(_toml_keys(folder / n, "instance_prompt", "instance_dir") for n in RUN_CONFIGS)
             or _has(folder, "pytorch_lora_weights.safetensors", "lora_kohya.safetensors")
             or (folder / "checkpoints").is_dir())
 
@@ -120,9 +125,12 @@ OWNERS: dict[str, Callable[[Path], bool]] = {
     "ui": lambda f: True,  # the workspace holds the user's photos too; the page writes subfolders
 }
 
-# What a killed lorabooth process leaves behind: a folder holding only these
-# (and empty folders) counts as empty.
-_LEFTOVERS = (".lock",)
+# The web page's record of a job it queued (ui/jobs.py): its state and log,
+# written into the job's output folder before the command starts.
+PAGE_RECORDS = ("ui-job.json", "ui-job.log")
+# A folder holding only these (and empty folders) counts as empty: what a
+# killed lorabooth process leaves behind, and the page's record of the job.
+_LEFTOVERS = (".lock", *PAGE_RECORDS)
 
 def _holds_files(folder: Path) -> bool:
     """Whether anything but empty folders and a dead process's lock lies below."""

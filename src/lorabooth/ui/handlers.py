@@ -14,13 +14,14 @@ import tomli_w
 from ..config import PrepareConfig, to_toml_dict
 from ..errors import UserError
 from ..fileio import MAX_JSON_BYTES, load_json, load_toml, read_bytes_file
+from ..guard import RUN_CONFIGS
 from ..imagefiles import Rejected
 from ..lossplot import loss_svg
 from .jobs import Job, JobQueue, load_job
 from .trainform import config_from_form
 from .workspace import Workspace, read_metrics, read_run_config
 
-TRAIN_SPEC = "ui-train.toml"  # the config the page queued a training with
+TRAIN_SPEC = RUN_CONFIGS[1]  # the config the page queued a training with
 LORA_FILES = {"diffusers": "pytorch_lora_weights.safetensors", "kohya": "lora_kohya.safetensors"}
 
 

@@ -27,12 +27,12 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..fileio import check_regular_file, parse_json, read_bytes_file, to_json, write_text
+from ..guard import PAGE_RECORDS
 from .workspace import Workspace
 
 log = logging.getLogger(__name__)
 
-STATE = "ui-job.json"
-LOG = "ui-job.log"
+STATE, LOG = PAGE_RECORDS
 ACTIVE = ("queued", "running")
 
 

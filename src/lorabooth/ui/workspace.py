@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .. import fileio
 from ..errors import UserError
+from ..guard import RUN_CONFIGS
 from ..fileio import (
     atomic_path,
     load_json,
@@ -157,7 +158,7 @@ def _is_job_only(path: Path) -> bool:
 def read_run_config(run: Path) -> dict:
     """The run's config.toml (written when training starts), or the one the
     page queued it with, or {}."""
-    for name in ("config.toml", "ui-train.toml"):
+    for name in RUN_CONFIGS:
         try:
             return load_toml(run / name)
         except UserError:
