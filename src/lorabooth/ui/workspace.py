@@ -17,13 +17,13 @@ from pathlib import Path
 
 from .. import fileio
 from ..errors import UserError
-from ..guard import RUN_CONFIGS
 from ..fileio import (
     atomic_path,
     load_json,
     load_toml,
     system_folder,
 )
+from ..guard import RUN_CONFIGS
 from ..imagefiles import Rejected, decode
 
 # Far above a phone photo (~10 MB); a larger "photo" is a mistake or an attack
