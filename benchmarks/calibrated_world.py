@@ -7,6 +7,7 @@ into the JSON files under docs/ that the markdown is rendered from.
     PYTHONPATH=src python benchmarks/calibrated_world.py refit OUT   # fit.json from the runs so far
     PYTHONPATH=src python benchmarks/calibrated_world.py subjects OUT [--seeds 0,1,2]
     PYTHONPATH=src python benchmarks/calibrated_world.py levers OUT [--seeds 0,1,2]
+    PYTHONPATH=src python benchmarks/calibrated_world.py distances
     PYTHONPATH=src python benchmarks/calibrated_world.py report
 
 `subjects` and `levers` run at the salience `fit` chose
@@ -31,10 +32,13 @@ FIT_JSON = DOCS / "calibration" / "fit.json"
 FIT_RECORDS = DOCS / "calibration" / "fit_records.json"
 SUBJECTS_JSON = DOCS / "toyworld" / "subjects.json"
 LEVERS_JSON = DOCS / "toyworld" / "levers.json"
-# 2 shared cores: one subject, three seeds. The mug, not the ball: at 200 steps no
-# method learned the purple striped ball's colour and pattern (identity <= 0.03 on
-# every seed); its three seed-0 lever runs are kept in levers.json all the same.
-LEVER_SUBJECTS = (EVALUATION[1],)
+DISTANCE_JSON = DOCS / "calibration" / "salience_distance.json"
+DISTANCE_GRID = (0, 1, 2, 3, 4, 6, 8)
+# Levers need a baseline that learns: the mug and the yellow kite, whose
+# class-image runs beat the base model's identity on every seed. Not the
+# ball: at 200 steps no method learned its colour and pattern (identity <= 0.03
+# on every seed); its earlier lever runs are kept in levers.json all the same.
+LEVER_SUBJECTS = (EVALUATION[1], EVALUATION[3])
 
 
 def _floats(text: str) -> list[float]:
@@ -94,17 +98,36 @@ def phase_subjects(h: Harness, seeds: list[int]) -> None:
                       base=[b for b in bases if b["salience"] == s])
 
 
-def phase_levers(h: Harness, seeds: list[int]) -> None:
+def phase_levers(h: Harness, seeds: list[int], subjects=LEVER_SUBJECTS) -> None:
     s = _chosen()
-    for seed in seeds:
-        for subject in LEVER_SUBJECTS:  # the baseline too (shared with `subjects`)
+    for subject in subjects:
+        for seed in seeds:  # the baseline too (shared with `subjects`)
             for method, train in {"class-image-prior": METHODS["class-image-prior"],
                                   **LEVERS}.items():
                 h.run(Cell(subject, method, train, s, seed))
                 _save(LEVERS_JSON, gather(h.out, EVALUATION, LEVERS, {s}), salience=s)
 
 
-def report() -> None:
+def distances() -> None:
+    """How far 'a photo of sks ball' reaches from 'a photo of a ball' (mean
+    L2 over the 77 positions of the last hidden states) at each salience."""
+    from lorabooth.models import load_base
+    from lorabooth.toyworld.calibration import CLASS_PROMPT, prompt_distance
+    from lorabooth.toyworld.salience import apply_salience
+
+    grid = {}
+    for s in DISTANCE_GRID:
+        base = load_base("toy")
+        apply_salience(base.text_encoder, base.tokenizer, s)
+        encoder = base.text_encoder.float().eval()
+        grid[f"{s:g}"] = round(prompt_distance(base.tokenizer, encoder, "a photo of sks ball"), 4)
+    write_json(DISTANCE_JSON, {"prompt": "a photo of sks ball", "reference": CLASS_PROMPT,
+                               "distance": grid})
+
+
+def render() -> str:
+    """docs/toyworld/calibrated.md from the committed JSON alone (a test
+    checks the committed page equals this)."""
     parts = ["# The calibrated toy world: measured\n",
              "Made by `PYTHONPATH=src python benchmarks/calibrated_world.py report` from the raw "
              "per-seed records in docs/calibration/ and docs/toyworld/; see "
@@ -127,20 +150,27 @@ def report() -> None:
             parts += [f"#### {subject}\n", lever_table(
                 [r for r in recs if r["subject"] == subject], "class-image-prior",
                 ["no-prior", "image-free-prior", "pivotal", *LEVERS])]
-    write_text(DOCS / "toyworld" / "calibrated.md", "\n".join(parts))
+    return "\n".join(parts)
+
+
+def report() -> None:
+    write_text(DOCS / "toyworld" / "calibrated.md", render())
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("phase", choices=("fit", "refit", "subjects", "levers", "report"))
+    ap.add_argument("phase", choices=("fit", "refit", "subjects", "levers", "distances", "report"))
     ap.add_argument("out", nargs="?")
     ap.add_argument("--grid", default="1,2,4")
     ap.add_argument("--seeds", default="")
+    ap.add_argument("--subjects", default="", help="levers: comma names (default: LEVER_SUBJECTS)")
     ap.add_argument("--steps", type=int, default=0, help="training steps (default: the harness, 200)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.phase == "report":
         return report()
+    if args.phase == "distances":
+        return distances()
     if args.phase == "refit":
         return refit(Path(args.out))
     h = Harness(Path(args.out), train_over={"steps": args.steps} if args.steps else {})
@@ -149,7 +179,8 @@ def main() -> None:
     elif args.phase == "subjects":
         phase_subjects(h, [int(x) for x in (args.seeds or "0,1,2").split(",")])
     else:
-        phase_levers(h, [int(x) for x in (args.seeds or "0,1,2").split(",")])
+        chosen = [t for t in LEVER_SUBJECTS if not args.subjects or t.name in args.subjects.split(",")]
+        phase_levers(h, [int(x) for x in (args.seeds or "0,1,2").split(",")], chosen)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from lorabooth.evaluation.verdict import compare
 from lorabooth.toyworld.claims import LEVERS, VARIANTS
-from lorabooth.toyworld.claims_report import BASELINE, both_at_once, claim, lever_rows
+from lorabooth.toyworld.claims_report import BASELINE, both_at_once, claim, lever_rows, spread_text
 from lorabooth.toyworld.tune_study import ARMS, TITLES, verdict_lines
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -51,6 +51,19 @@ def toyworld() -> list[str]:
         "", *lever_rows(results, LEVERS)]
 
 
+def settings_table() -> list[str]:
+    """docs/toyworld.md's settings table: identity and PRES, mean [min–max]
+    over the three seeds, from the frontier picture's points."""
+    results = points(DOCS / "toyworld" / "frontier.svg")
+    titles = {"base model": "base model (LoRA scale 0)",
+              **{v.name: v.title for v in VARIANTS + LEVERS}}
+    lines = ["| setting | seeds | identity sim. ↑ | PRES ↓ |", "|---|---|---|---|"]
+    for name, runs in results.items():
+        lines.append(f"| {titles[name]} | {len(runs)} | {spread_text([r['fidelity'] for r in runs])} | "
+                     f"{spread_text([r['pres'] for r in runs])} |")
+    return lines
+
+
 def calibration() -> list[str]:
     """docs/calibration.md's before and after, paired by training seed: before
     from docs/toyworld/claims.json (the run before the calibration, seeds 0, 1,
@@ -70,6 +83,7 @@ def tune() -> list[str]:
 
 
 if __name__ == "__main__":
-    sys.stdout.write("\n".join(["## docs/toyworld.md", *toyworld(), "", "## docs/calibration.md",
+    sys.stdout.write("\n".join(["## docs/toyworld.md", *settings_table(), "",
+                                *toyworld(), "", "## docs/calibration.md",
                                 *calibration(), "", "## docs/tune.md", *tune()])
                      + "\n")

@@ -115,6 +115,9 @@ def test_dreambooth_raises_identity_similarity_over_the_base(tmp_path):
     assert lora["subject_rate"] > base["subject_rate"] + 0.5  # measured: 0 -> 1
     one_seed = compare([lora["fidelity"]], [base["fidelity"]]).text()  # one seed: too few
     assert one_seed in (tmp_path / "toyworld.md").read_text().split("1. **Fidelity**")[1][:300]
+    # the page's per-seed data lies beside it, every figure of every run
+    beside = json.loads((tmp_path / "toyworld" / "claims_per_seed.json").read_text())
+    assert beside["unet"] == results["unet"] and beside["base"] == results["base"]
 
 
 def test_pretrain_command_runs_end_to_end(tmp_path):

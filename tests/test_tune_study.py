@@ -5,10 +5,12 @@ itself is `lorabooth toyworld tune-study`, recorded in docs/tune.md)."""
 from __future__ import annotations
 
 import itertools
+import json
 
 import pytest
 
 from lorabooth.evaluation.verdict import compare
+from lorabooth.fileio import write_json
 from lorabooth.toyworld import tune_study
 from lorabooth.toyworld.tune_study import Plan, render, run_fixed, verdict_lines
 
@@ -74,3 +76,17 @@ def test_the_report_states_the_verdict_and_the_tunes(tune_fid, word):
     assert f"| `tune` (its recommended trial) | 3.0 | 100 | {mean:.3f}" in text
     assert "| 1 | 8 | 2 | 0 | 100 | 300 of 2000 | lr 0.001, steps 200, prior_preservation model |" in text
     assert svg.startswith("<svg") and all(a in text for a in ("defaults", "seed's recipe"))
+
+
+def test_the_study_writes_each_repeats_raw_data_beside_its_page(tmp_path):
+    """Every figure of docs/tune.md is rendered from repeats.json, which the
+    study writes beside the page: rendering that file again gives the page."""
+    out = tmp_path / "study"
+    out.mkdir()
+    for r, f in enumerate((0.9, 0.95, 0.92)):
+        write_json(out / f"repeat-{r}.json",  # as run_repeat writes it
+                   _repeat({"tune": f, "defaults": 0.6, "seed-recipe": 0.2}))
+    page = tune_study.tune_study(out, tmp_path / "docs" / "tune.md", [], 8, tune_config=None)
+    data = json.loads((page.parent / "tune" / "repeats.json").read_text())
+    again, _ = render({int(k): v for k, v in data.items()}, Plan(out, budget=8))
+    assert again == page.read_text()

@@ -8,7 +8,7 @@ from __future__ import annotations
 from statistics import mean
 
 from ..evaluation.verdict import compare
-from .calibrate import TARGETS
+from .calibrate import PUBLISHED, TARGETS
 
 FIGURES = (("identity", "identity sim. ↑"), ("instance", "instance sim. ↑"),
            ("pres", "PRES ↓"), ("pres_instance", "PRES (instance) ↓"), ("div", "DIV ↑"),
@@ -69,4 +69,62 @@ def lever_table(records: list[dict], baseline: str, levers: list[str],
         cells = [compare({k: v[key] for k, v in rows.items()},
                          {k: v[key] for k, v in base.items()}).text() for key in keys]
         lines.append(f"| {lever} | {len(rows)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def twin_table(instance_judge: dict) -> str:
+    """The attribute-twin check (docs/toyworld/instance_judge.json): each
+    judge's similarity to the subject's photos of its own held-out views,
+    its twin's, unmarked ones and the class in other combinations."""
+    judges = instance_judge["twin_check"]
+    cols = ("own_held_out_views", "twin_views", "unmarked_views", "class_images")
+    lines = ["| subject | judge | own held-out views | twin | unmarked | class |",
+             "|---|---|---|---|---|---|"]
+    for subject in next(iter(judges.values())):
+        for i, (judge, rows) in enumerate(judges.items()):
+            name = subject if i == 0 else ""
+            lines.append(f"| {name} | {judge} | "
+                         + " | ".join(f"{rows[subject][c]:.3f}" for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def distance_table(distances: dict) -> str:
+    """How far 'a photo of sks ball' reaches from 'a photo of a ball' at each
+    salience (docs/calibration/salience_distance.json)."""
+    grid = distances["distance"]
+    return ("| salience s | " + " | ".join(grid) + " |\n|---|" + "---|" * len(grid) + "\n"
+            "| distance | " + " | ".join(f"{v:.3f}" for v in grid.values()) + " |\n")
+
+
+def kept_table(records: list[dict], base: list[dict]) -> str:
+    """Instance similarity kept by the class-image prior as a share of the
+    no-prior run's, per held-out subject (means over seeds)."""
+    lines = ["| subject | seeds | base | no prior | class-image prior | kept | "
+             "PRES no prior → class images |", "|---|---|---|---|---|---|---|"]
+    for subject in sorted({r["subject"] for r in records}):
+        def of(method, key):
+            return [r[key] for r in records if r["subject"] == subject and r["method"] == method]
+        none, prior = of("no-prior", "instance"), of("class-image-prior", "instance")
+        if not none or not prior:
+            continue
+        b = next((x["instance"] for x in base if x["subject"] == subject), float("nan"))
+        lines.append(f"| {subject} | {len(none)} / {len(prior)} | {b:.3f} | {mean(none):.3f} | "
+                     f"{mean(prior):.3f} | {mean(prior) / mean(none):.0%} | "
+                     f"{mean(of('no-prior', 'pres')):.3f} → "
+                     f"{mean(of('class-image-prior', 'pres')):.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def targets_table() -> str:
+    """The published figures the fit aims at (calibrate.PUBLISHED) and the
+    toy figure each is compared with."""
+    toy = {"T3 DINO with/without prior": "instance sim., class-image prior / no prior",
+           "T3 PRES with/without prior": "PRES (identity embedding), class-image prior / no prior",
+           "T1 DINO generated/real": "instance sim. (class-image prior) / the photos' own "
+                                     "leave-one-out instance sim.",
+           "T1 CLIP-I generated/real": "identity sim. (class-image prior) / the photos' own "
+                                       "leave-one-out identity sim."}
+    lines = ["| published figure | value | toy figure |", "|---|---|---|"]
+    lines += [f"| {what} | {a:.3f} / {b:.3f} = {a / b:.3f} | {toy[k]} |"
+              for k, (a, b, what) in PUBLISHED.items()]
     return "\n".join(lines) + "\n"

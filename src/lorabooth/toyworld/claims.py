@@ -332,6 +332,7 @@ def claims(out: str | Path, report: str | Path | None = None, quick: bool = Fals
         write_text(report, render_claims(results, record, study, VARIANTS, LEVERS, TOY_TRAIN))
         pictures = report.parent / "toyworld"
         pictures.mkdir(parents=True, exist_ok=True)
+        write_json(pictures / "claims_per_seed.json", results)  # the page's raw data, beside it
         write_text(pictures / "frontier.svg", frontier_svg(frontier_points(results, study)))
         for name in ("grid_base_vs_lora.png", "grid_scales_guidance.png"):
             if (study.out / name).is_file():

@@ -39,7 +39,7 @@ def _values(results: dict, row: str, key: str) -> list[float]:
     return [r[key] for r in results.get(row, [])]
 
 
-def _fmt(values: list[float]) -> str:
+def spread_text(values: list[float]) -> str:
     if not values:
         return "–"
     mean, lo, hi = spread([v + 0.0 for v in values])  # + 0.0: no "-0.00"
@@ -54,7 +54,7 @@ def claim(results: dict, row_a: str, row_b: str, key: str, claimed: str) -> str:
         return "**not measured** in this run"
     found = compare(a, b)
     agree = "as claimed" if found.word == claimed else f"claimed: {claimed}"
-    return f"{found.text()} ({agree}; {key}: {_fmt(a)} vs {_fmt(b)})"
+    return f"{found.text()} ({agree}; {key}: {spread_text(a)} vs {spread_text(b)})"
 
 
 def _seconds(results: dict, row: str) -> str:
@@ -68,7 +68,7 @@ def table(results: dict, variants) -> list[str]:
     rows = [("base", "base model (LoRA scale 0)")] + [(v.name, v.title) for v in variants]
     for row, title in rows:
         if results.get(row):
-            lines.append(f"| {title} | " + " | ".join(_fmt(_values(results, row, k))
+            lines.append(f"| {title} | " + " | ".join(spread_text(_values(results, row, k))
                                                        for k, _ in FIGURES)
                          + f" | {_seconds(results, row)} |")
     return lines
@@ -98,9 +98,9 @@ def lever_rows(results: dict, levers) -> list[str]:
     for v in levers:
         if results.get(v.name):
             mine = {k: _values(results, v.name, k) for k in ("fidelity", "pres")}
-            lines.append(f"| {v.title} | {_fmt(mine['fidelity'])} "
+            lines.append(f"| {v.title} | {spread_text(mine['fidelity'])} "
                          f"| {compare(mine['fidelity'], base['fidelity']).text()} "
-                         f"| {_fmt(mine['pres'])} | {compare(mine['pres'], base['pres']).text()} "
+                         f"| {spread_text(mine['pres'])} | {compare(mine['pres'], base['pres']).text()} "
                          f"| {frontier_verdict(mine, base)} |")
     return lines
 
@@ -117,7 +117,7 @@ def _scale_rows(results: dict) -> list[str]:
     lines = ["| setting | " + " | ".join(t for _, t in FIGURES[:3]) + " |",
              "|---|" + "---|" * 3]
     for name in _settings(sweeps):
-        cells = [_fmt([s[name][k] for s in sweeps]) for k, _ in FIGURES[:3]]
+        cells = [spread_text([s[name][k] for s in sweeps]) for k, _ in FIGURES[:3]]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 

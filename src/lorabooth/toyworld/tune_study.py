@@ -284,4 +284,5 @@ def tune_study(out: str | Path, report: str | Path, repeats: list[int], budget: 
     report = Path(report)
     write_text(report, text)
     write_text(report.parent / "tune" / "figure.svg", svg)
+    write_json(report.parent / "tune" / "repeats.json", results)  # the page's raw data, beside it
     return report
