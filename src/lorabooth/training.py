@@ -85,7 +85,6 @@ log = logging.getLogger(__name__)
 OnValidation = Callable[[int, list[Image]], None]  # (step, the validation's images)
 
 
-
 def train(config: TrainConfig, on_validation: OnValidation | None = None) -> Path:
     """Train a DreamBooth LoRA as ``config`` says; returns the run folder.
 
@@ -121,7 +120,7 @@ class _Run:
     noise_rng: torch.Generator  # every draw of the loop, in the order a resume replays
     instance_order: Shuffler
     class_order: Shuffler | None  # None: no class images
-    ema: dict | None  # None: no EMA
+    ema: dict[str, torch.Tensor] | None  # the fp32 average; None: no EMA
     start: int  # the step resumed from; 0 for a fresh run
     metrics: TextIO | None  # metrics.jsonl, main process only
 
