@@ -29,6 +29,7 @@ def main() -> None:
     from lorabooth.config import TrainConfig
     from lorabooth.models import load_base
     from lorabooth.precision import cast_frozen, tune_allocator, weight_dtype
+    from lorabooth.trainsetup import setup_lora, setup_optimizer
 
     t = importlib.import_module("lorabooth.training")
     tune_allocator()
@@ -44,9 +45,9 @@ def main() -> None:
         paths = sorted(photos.glob("*.png"))
         examples = t._setup_examples(config, base, 256, paths, t.instance_captions(config, paths), [])
         base.vae = base.text_encoder = None
-        modules = t._setup_lora(config, base)
+        modules = setup_lora(config, base)
         cast_frozen(base.unet, dtype)
-        optimizer, _ = t._setup_optimizer(config, modules)
+        optimizer, _ = setup_optimizer(config, modules)
         gen = torch.Generator().manual_seed(0)
 
         def step() -> None:

@@ -117,7 +117,7 @@ def test_the_rows_train_and_nothing_else_in_the_matrix_changes(photos, tmp_path,
 def test_class_embeddings_stay_cached_unless_they_hold_the_token():
     from lorabooth.batches import Examples
     from lorabooth.pivotal import setup_token
-    from lorabooth.training import _use_token
+    from lorabooth.trainsetup import use_token
 
     tiny = build_tiny()
     ids = tiny.tokenizer([PROMPT, CLASS, "a photo of sks"], padding="max_length",
@@ -133,7 +133,7 @@ def test_class_embeddings_stay_cached_unless_they_hold_the_token():
                             Conditioning(torch.zeros(1, 77, 32)), cache, ids[:1, None],
                             class_ids[:, None], 1.0)
         base = build_tiny()
-        _use_token(Unwrap(), base, {"unet": None, "token": token}, examples)
+        use_token(Unwrap(), base, {"unet": None, "token": token}, examples)
         assert examples.instance_embedding is None and examples.encoders == [base.text_encoder]
         assert (examples.class_embedding is cache) is cached
 

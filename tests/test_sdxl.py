@@ -165,14 +165,14 @@ def test_both_text_encoders_train_each_at_its_rate(sdxl_run):
 
 
 def test_lr_text2_is_encoder_2s_param_group():
-    import lorabooth.training as t
     from lorabooth.lora import lora_parameters
+    from lorabooth.trainsetup import setup_lora, setup_optimizer
 
     for lr_text2, want in ((3e-3, 3e-3), (0.0, 1e-4)):  # 0: the same as --lr-text
         config = TrainConfig(model="tiny-sdxl", instance_dir="x", instance_prompt=PROMPT,
                              train_text_encoder=True, lr_text=1e-4, lr_text2=lr_text2)
-        modules = t._setup_lora(config, build_tiny_sdxl())
-        optimizer, _ = t._setup_optimizer(config, modules)
+        modules = setup_lora(config, build_tiny_sdxl())
+        optimizer, _ = setup_optimizer(config, modules)
         groups = optimizer.param_groups
         assert [g["lr"] for g in groups] == [config.lr, 1e-4, want]
         assert [id(p) for p in groups[2]["params"]] == [

@@ -22,6 +22,7 @@ from lorabooth.data import load_image, tokenize
 from lorabooth.lora import add_unet_lora, freeze_all_but_lora, lora_parameters
 from lorabooth.models import build_tiny
 from lorabooth.precision import cast_frozen, frozen_dtype, tune_allocator
+from lorabooth.trainsetup import setup_optimizer
 
 RES = 64
 
@@ -81,7 +82,7 @@ def test_fast_step_equals_the_plain_step(photos, tmp_path, weight):
 
     for a, b in zip(ours, theirs):  # the same gradients: now compare the optimisers alone
         b.grad = a.grad.clone()
-    optimizer, _ = t._setup_optimizer(config, {"unet": base.unet})  # foreach AdamW
+    optimizer, _ = setup_optimizer(config, {"unet": base.unet})  # foreach AdamW
     optimizer.step()
     torch.optim.AdamW(theirs, lr=config.lr, weight_decay=1e-2, foreach=False).step()
     for a, b in zip(ours, theirs):

@@ -1,17 +1,19 @@
-"""DreamBooth LoRA training. Read ``train`` top to bottom for the method; the
-``_setup_*`` helpers, checkpointing and validation are kept out of the loop."""
+"""DreamBooth LoRA training. Read ``_train``'s loop top to bottom for the
+method: one line or one call per idea. Setup (``_setup_run``, with the builders
+in ``trainsetup``), the batch, the loss, logging, checkpointing and validation
+are functions of their own, kept out of the loop."""
 
 from __future__ import annotations
 
 import logging
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, TextIO
 
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from PIL.Image import Image
 from tqdm.auto import tqdm
@@ -35,18 +37,14 @@ from .checkpoint import (
 )
 from .checks import check_tensors
 from .config import TrainConfig
-from .data import (
-    Shuffler,
-    caption_dropout,
-    image_files,
-)
+from .data import Shuffler, caption_dropout
 from .ema import ema_applied, ema_shadow, ema_state, ema_update
 from .errors import UserError
 from .fileio import save_png, to_json, write_text
 from .formats.layouts import KOHYA_DORA_REFUSAL, save_lora
 from .formats.sdxl import FAMILY_KEY, SD, SDXL
 from .identifier import guess_identifier, identifier_warnings
-from .lora import add_text_lora, add_unet_lora, freeze_all_but_lora, lora_parameters
+from .lora import lora_parameters
 from .models import BaseModel, load_base, pipeline_from_parts
 from .objective import (
     diffusion_target,
@@ -55,16 +53,9 @@ from .objective import (
     offset_noise,
     with_prior_target,
 )
-from .pivotal import TRAINED_TOKENS, attach, holds_tokens, setup_token
+from .pivotal import TRAINED_TOKENS
 from .precision import cast_frozen, frozen_dtype, tune_allocator, weight_dtype
-from .prior import (
-    class_image_seed,
-    class_images,
-    draw_class_images,
-    missing_indices,
-    model_prior_rows,
-    remove_stale_temps,
-)
+from .prior import model_prior_rows
 from .ranks import (
     all_rank_streams,
     end_distributed,
@@ -79,12 +70,19 @@ from .runfiles import (
     run_settings,
     start_run,
 )
-from .tracking import accelerator_options, log_record, start_trackers
+from .tracking import log_record, start_trackers
+from .trainsetup import (
+    TEXT_LR_KEYS,
+    setup_accelerator,
+    setup_class_images,
+    setup_lora,
+    setup_optimizer,
+    setup_trained_token,
+    use_token,
+)
 
 log = logging.getLogger(__name__)
 OnValidation = Callable[[int, list[Image]], None]  # (step, the validation's images)
-# the text encoders' optimizer groups in order (after the UNet's), and their metrics keys
-TEXT_LR_KEYS = (("text_encoder", "lr_text"), ("text_encoder_2", "lr_text2"))
 
 
 def train(config: TrainConfig, on_validation: OnValidation | None = None) -> Path:
@@ -97,7 +95,7 @@ def train(config: TrainConfig, on_validation: OnValidation | None = None) -> Pat
     captions = instance_captions(config, instance_paths)
     check_folders(config)
     tune_allocator()
-    accelerator = _setup_accelerator(config)
+    accelerator = setup_accelerator(config)
     set_seed(config.seed)  # python, numpy, torch: the LoRA init draws from torch's global RNG
     with run_folder(config, accelerator.is_main_process) as output, _memory_advice(config):
         if on_validation is not None and accelerator.num_processes > 1:
@@ -106,9 +104,80 @@ def train(config: TrainConfig, on_validation: OnValidation | None = None) -> Pat
     return output
 
 
+@dataclass
+class _Run:
+    """What the loop works on, built once by ``_setup_run``."""
+    config: TrainConfig
+    accelerator: Accelerator
+    output: Path
+    base: BaseModel
+    resolution: int
+    examples: Examples
+    modules: dict[str, torch.nn.Module]  # as accelerate prepared them (DDP-wrapped when several)
+    trained: dict[str, torch.nn.Module]  # unwrapped, keyed as checkpoints and files save them
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
+    noise_rng: torch.Generator  # every draw of the loop, in the order a resume replays
+    instance_order: Shuffler
+    class_order: Shuffler | None  # None: no class images
+    ema: dict[str, torch.Tensor] | None  # the fp32 average; None: no EMA
+    start: int  # the step resumed from; 0 for a fresh run
+    metrics: TextIO | None  # metrics.jsonl, main process only
+
+
+@dataclass
+class _Batch:
+    idx: list[int]  # the subject's examples
+    cidx: list[int]  # the class examples; [] without class images
+    latents: torch.Tensor  # (instance + class rows, C, h, w)
+    noise: torch.Tensor  # as latents
+    timesteps: torch.Tensor  # (rows,)
+    dropped: torch.Tensor  # (instance rows,) True: that caption is dropped this step
+
+
 def _train(config: TrainConfig, accelerator: Accelerator, output: Path,
            instance_paths: list[Path], captions: list[str],
            on_validation: OnValidation | None) -> None:
+    run = _setup_run(config, accelerator, output, instance_paths, captions)
+    bar = tqdm(range(run.start, config.steps), initial=run.start, total=config.steps,
+               desc="train", mininterval=1.0, disable=not accelerator.is_main_process)
+    for step in bar:
+        tick = time.perf_counter()
+        # one batch: the subject's examples first, then as many class examples
+        batch = _next_batch(run)
+        # the DreamBooth loss (with the frozen model's targets under --prior-preservation model)
+        loss, loss_instance, loss_prior = _batch_loss(run, batch)
+        if not torch.isfinite(loss):  # stop before a NaN reaches the weights
+            raise _numerical_fault(config, output, step + 1, f"the loss is {loss.item()}")
+        # backward, clip, step
+        _optimizer_step(run, loss)
+        if run.ema is not None:  # the average the file will hold
+            ema_update(run.ema, run.trained, config.ema_decay, step)
+        if not all(torch.isfinite(p).all() for p in _lora_parameters(run.modules)):
+            raise _numerical_fault(config, output, step + 1, "the LoRA weights hold NaN or inf")
+        # metrics.jsonl, --report-to trackers and the progress bar
+        _log_step(run, bar, step, {"loss": loss, "loss_instance": loss_instance,
+                                   "loss_prior": loss_prior}, tick)
+        # every --checkpoint-every steps: the weights, optimizer and every random stream
+        _maybe_checkpoint(run, step + 1)
+        # every --validation-every steps: sample the validation prompt (tune's pruner sees it)
+        _maybe_validate(run, step + 1, on_validation)
+    bar.close()
+    if run.metrics:
+        run.metrics.close()
+
+    accelerator.wait_for_everyone()
+    if run.ema is not None:  # the file (and the last sample) hold the average, not the last step
+        load_trainable_state(run.trained, run.ema)
+    if accelerator.is_main_process:
+        _finish(config, run.base, output, _unwrapped(accelerator, run.modules), run.resolution)
+    end_distributed(accelerator, run.modules)
+
+
+def _setup_run(config: TrainConfig, accelerator: Accelerator, output: Path,
+               instance_paths: list[Path], captions: list[str]) -> _Run:
+    """The model, its LoRA, the optimizer, the cached examples and the random
+    streams, resumed from the last checkpoint under --resume."""
     # Under mixed precision the frozen weights are stored in the compute dtype
     # (the UNet's 860 M are not re-cast every step); the VAE that caches
     # latents stays fp32.
@@ -127,29 +196,29 @@ def _train(config: TrainConfig, accelerator: Accelerator, output: Path,
     cast_frozen(base.unet, dtype)  # the sources that load fp32
 
     with accelerator.autocast():
-        class_paths = _setup_class_images(config, base, resolution, accelerator)
+        class_paths = setup_class_images(config, base, resolution, accelerator)
     examples = setup_examples(config, base, resolution, instance_paths, captions, class_paths)
     if not config.validation_prompt:
         base.vae = None  # latents are cached; nothing else needs the VAE
         if not (config.train_text_encoder or config.train_token):
             for name in base.family.encoders:  # nor the text encoders: prompt embeddings are cached
                 setattr(base, name, None)
-    token = _setup_token(config, base)  # before the cast: its rows start from the fp32 weights
-    modules = _setup_lora(config, base)
+    token = setup_trained_token(config, base)  # before the cast: its rows start from the fp32 weights
+    modules = setup_lora(config, base)
     for module in modules.values():
         cast_frozen(module, dtype)  # the text encoder's frozen part too; LoRA stays fp32
     modules.update(token)
-    optimizer, lr_scheduler = _setup_optimizer(config, modules)
+    optimizer, lr_scheduler = setup_optimizer(config, modules)
     modules = {name: accelerator.prepare(m) for name, m in modules.items()}
     optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
-    _use_token(accelerator, base, modules, examples)
+    use_token(accelerator, base, modules, examples)
 
     seed = config.seed + accelerator.process_index
     noise_rng = torch.Generator().manual_seed(seed)
     instance_order = Shuffler(len(examples.instance_mean), seed)
     class_order = Shuffler(len(class_paths), seed + 1) if class_paths else None
-    trained = _unwrapped(accelerator, modules)  # keyed as checkpoints and files save them
-    ema = ema_shadow(trained, config.ema_decay)  # None: no EMA
+    trained = _unwrapped(accelerator, modules)
+    ema = ema_shadow(trained, config.ema_decay)
     start = 0
     if config.resume:
         start = resume(config, output, trained, optimizer, lr_scheduler, noise_rng,
@@ -157,89 +226,108 @@ def _train(config: TrainConfig, accelerator: Accelerator, output: Path,
     # only now: a run that fails to start leaves the folder as it was
     metrics = start_run(output, config, start) if accelerator.is_main_process else None
     start_trackers(accelerator, config, output, start)  # --report-to
+    return _Run(config, accelerator, output, base, resolution, examples, modules, trained,
+                optimizer, lr_scheduler, noise_rng, instance_order, class_order, ema, start,
+                metrics)
 
-    bar = tqdm(range(start, config.steps), initial=start, total=config.steps,
-               desc="train", mininterval=1.0, disable=not accelerator.is_main_process)
-    for step in bar:
-        tick = time.perf_counter()
-        # One batch: the subject's examples first, then as many class examples.
-        idx = instance_order.take(config.batch_size)
-        cidx = class_order.take(config.batch_size) if class_order else []
-        latents = sample_latents(examples, idx, cidx, noise_rng)
-        noise = torch.randn(latents.shape, generator=noise_rng)
-        timesteps = torch.randint(0, base.noise_scheduler.config.num_train_timesteps,
-                                  (latents.shape[0],), generator=noise_rng)
-        noise = offset_noise(noise, config.noise_offset, noise_rng)
-        dropped = caption_dropout(len(idx), config.caption_dropout, noise_rng)
-        with accelerator.autocast():
-            frozen = None  # --prior-preservation model: rows whose target is the base model's
-            if config.prior_model:
-                latents, noise, timesteps, frozen = model_prior_rows(
-                    accelerator.unwrap_model(modules["unet"]), base.noise_scheduler, latents,
-                    noise, timesteps, _class_inputs(base, examples, idx, accelerator.device),
-                    noise_rng)
-            context = text_context(examples, modules, idx, len(latents) - len(idx),
-                                    accelerator.device, dropped)
-            context = context.with_time_ids(batch_time_ids(examples, idx, cidx, config.prior_model))
-            loss, loss_instance, loss_prior = step_loss(
-                modules["unet"], base.noise_scheduler, latents, noise, timesteps,
-                base.family.unet_inputs(context), len(idx), config.prior_loss_weight, frozen,
-                config.snr_gamma)
-        if not torch.isfinite(loss):
-            raise _numerical_fault(config, output, step + 1, f"the loss is {loss.item()}")
-        accelerator.backward(loss)
-        if config.max_grad_norm:
-            accelerator.clip_grad_norm_(
-                [p for m in modules.values() for p in lora_parameters(m)], config.max_grad_norm)
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema_update(ema, trained, config.ema_decay, step)
-        if not all(torch.isfinite(p).all() for m in modules.values() for p in lora_parameters(m)):
-            raise _numerical_fault(config, output, step + 1, "the LoRA weights hold NaN or inf")
 
-        record = {"step": step + 1, **mean_over_ranks(accelerator, {
-                      "loss": loss, "loss_instance": loss_instance, "loss_prior": loss_prior}),
-                  "lr": lr_scheduler.get_last_lr()[0],
-                  "s_per_step": round(time.perf_counter() - tick, 4)}
-        for group, (name, key) in enumerate(TEXT_LR_KEYS, start=1):  # as _setup_optimizer
-            if name in modules:
-                record[key] = lr_scheduler.get_last_lr()[group]
-        if metrics:
-            metrics.write(to_json(record) + "\n")
-            metrics.flush()
-        log_record(accelerator, record)
-        bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v)
-                         for k, v in record.items() if k != "step" and v is not None},
-                        refresh=False)
+def _next_batch(run: _Run) -> _Batch:
+    """The step's examples and every random draw it makes, from
+    ``run.noise_rng`` in a fixed order (a resumed run replays it)."""
+    config, rng = run.config, run.noise_rng
+    idx = run.instance_order.take(config.batch_size)
+    cidx = run.class_order.take(config.batch_size) if run.class_order else []
+    latents = sample_latents(run.examples, idx, cidx, rng)
+    noise = torch.randn(latents.shape, generator=rng)
+    timesteps = torch.randint(0, run.base.noise_scheduler.config.num_train_timesteps,
+                              (latents.shape[0],), generator=rng)
+    noise = offset_noise(noise, config.noise_offset, rng)
+    dropped = caption_dropout(len(idx), config.caption_dropout, rng)
+    return _Batch(idx, cidx, latents, noise, timesteps, dropped)
 
-        done = step + 1
-        if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
-            accelerator.wait_for_everyone()
-            own = rank_streams(noise_rng, instance_order, class_order)
-            ranks = all_rank_streams(accelerator, own)  # each process resumes its own streams
-            if accelerator.is_main_process:
-                path = save_checkpoint(output, done, _unwrapped(accelerator, modules), {
-                    "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
-                    **own, "ranks": ranks, "ema": ema_state(ema)}, run_settings(config))
-                log.debug("checkpoint %s", path)
-        if (config.validation_prompt and config.validation_every and done < config.steps
-                and done % config.validation_every == 0 and accelerator.is_main_process):
-            with ema_applied(ema, trained):  # what the run would save now
-                images = _validate(config, base, output, done)
-            if on_validation is not None:
-                on_validation(done, images)
-    bar.close()
-    if metrics:
-        metrics.close()
 
+def _batch_loss(run: _Run, batch: _Batch):
+    """(loss, instance part, prior part) of one batch: the rows' conditioning,
+    then ``step_loss``; --prior-preservation model first appends rows whose
+    target is the frozen model's prediction (drawing from ``run.noise_rng``)."""
+    config, accelerator, base, examples = run.config, run.accelerator, run.base, run.examples
+    idx, latents, noise, timesteps = batch.idx, batch.latents, batch.noise, batch.timesteps
+    with accelerator.autocast():
+        frozen = None  # --prior-preservation model: rows whose target is the base model's
+        if config.prior_model:
+            latents, noise, timesteps, frozen = model_prior_rows(
+                accelerator.unwrap_model(run.modules["unet"]), base.noise_scheduler, latents,
+                noise, timesteps, _class_inputs(base, examples, idx, accelerator.device),
+                run.noise_rng)
+        context = text_context(examples, run.modules, idx, len(latents) - len(idx),
+                               accelerator.device, batch.dropped)
+        context = context.with_time_ids(batch_time_ids(examples, idx, batch.cidx,
+                                                       config.prior_model))
+        return step_loss(run.modules["unet"], base.noise_scheduler, latents, noise, timesteps,
+                         base.family.unet_inputs(context), len(idx), config.prior_loss_weight,
+                         frozen, config.snr_gamma)
+
+
+def _optimizer_step(run: _Run, loss: torch.Tensor) -> None:
+    run.accelerator.backward(loss)
+    if run.config.max_grad_norm:
+        run.accelerator.clip_grad_norm_(_lora_parameters(run.modules), run.config.max_grad_norm)
+    run.optimizer.step()
+    run.lr_scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+
+
+def _lora_parameters(modules: dict[str, torch.nn.Module]) -> list[torch.nn.Parameter]:
+    return [p for m in modules.values() for p in lora_parameters(m)]
+
+
+def _log_step(run: _Run, bar: tqdm, step: int, losses: dict[str, torch.Tensor | None],
+              tick: float) -> None:
+    """One metrics.jsonl line (the losses averaged over the processes), the
+    same record to the --report-to trackers, and the progress bar's postfix."""
+    lrs = run.lr_scheduler.get_last_lr()
+    record = {"step": step + 1, **mean_over_ranks(run.accelerator, losses), "lr": lrs[0],
+              "s_per_step": round(time.perf_counter() - tick, 4)}
+    for group, (name, key) in enumerate(TEXT_LR_KEYS, start=1):  # as setup_optimizer
+        if name in run.modules:
+            record[key] = lrs[group]
+    if run.metrics:
+        run.metrics.write(to_json(record) + "\n")
+        run.metrics.flush()
+    log_record(run.accelerator, record)
+    bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v)
+                     for k, v in record.items() if k != "step" and v is not None}, refresh=False)
+
+
+def _maybe_checkpoint(run: _Run, done: int) -> None:
+    """Every --checkpoint-every steps but the last: the weights, optimizer,
+    scheduler, EMA and every process's random streams (``resume`` reads them)."""
+    config, accelerator = run.config, run.accelerator
+    if not (config.checkpoint_every and done % config.checkpoint_every == 0
+            and done < config.steps):
+        return
     accelerator.wait_for_everyone()
-    if ema is not None:  # the file (and the last sample) hold the average, not the last step
-        load_trainable_state(trained, ema)
+    own = rank_streams(run.noise_rng, run.instance_order, run.class_order)
+    ranks = all_rank_streams(accelerator, own)  # each process resumes its own streams
     if accelerator.is_main_process:
-        _finish(config, base, output, _unwrapped(accelerator, modules), resolution)
-    end_distributed(accelerator, modules)
+        path = save_checkpoint(run.output, done, _unwrapped(accelerator, run.modules), {
+            "optimizer": run.optimizer.state_dict(),
+            "lr_scheduler": run.lr_scheduler.state_dict(),
+            **own, "ranks": ranks, "ema": ema_state(run.ema)}, run_settings(config))
+        log.debug("checkpoint %s", path)
+
+
+def _maybe_validate(run: _Run, done: int, on_validation: OnValidation | None) -> None:
+    """Every --validation-every steps but the last (``_finish`` draws that one),
+    main process only: the EMA weights' samples, seen by ``on_validation``."""
+    config = run.config
+    if not (config.validation_prompt and config.validation_every and done < config.steps
+            and done % config.validation_every == 0 and run.accelerator.is_main_process):
+        return
+    with ema_applied(run.ema, run.trained):  # what the run would save now
+        images = _validate(config, run.base, run.output, done)
+    if on_validation is not None:
+        on_validation(done, images)
 
 
 def step_loss(unet: torch.nn.Module, scheduler, latents: torch.Tensor, noise: torch.Tensor,
@@ -308,120 +396,12 @@ def is_cpu_oom(error: RuntimeError) -> bool:
     return any(text in str(error) for text in CPU_OOM)
 
 
-def _setup_accelerator(config: TrainConfig) -> Accelerator:
-    precision = config.mixed_precision
-    on_cpu = not torch.cuda.is_available()
-    if on_cpu and precision == "fp16":
-        log.warning("--mixed-precision fp16 needs a GPU; training in fp32 on the CPU")
-        precision = "no"
-    if on_cpu and precision == "bf16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        log.warning("--mixed-precision bf16: this CPU has no bf16 support; training in fp32")
-        precision = "no"
-    # accelerate keeps one process-wide state; a second run in the same Python
-    # process (a notebook, the tests) with another precision must reset it.
-    # The distributed part (PartialState) is kept.
-    AcceleratorState._reset_state()
-    # cpu=: without it a CPU-only process started by `accelerate launch` or
-    # torchrun ignores WORLD_SIZE and trains alone (accelerate only picks gloo
-    # for cpu=True), every "rank" writing the same folder.
-    return Accelerator(mixed_precision=precision, cpu=on_cpu,
-                       **accelerator_options(config.report_to, config.output))
-
-
-def _setup_class_images(config: TrainConfig, base: BaseModel, resolution: int,
-                        accelerator: Accelerator) -> list[Path]:
-    if config.prior_model and config.class_dir:
-        log.warning("--class-dir: not used with --prior-preservation model (no class images)")
-    if not config.prior_images:
-        return []
-    folder = config.class_path
-    if folder.exists() and not folder.is_dir():
-        raise UserError(f"--class-dir {folder}: is a file, not a folder")
-    if accelerator.is_main_process and folder.is_dir():
-        remove_stale_temps(folder)  # leftovers of a fill killed mid-write
-    plan = missing_indices(folder, config.num_class_images)
-    have = len(image_files(folder))  # by name: missing_indices has already verified them
-    if have > config.num_class_images and accelerator.is_main_process:
-        log.info("--class-dir %s holds %d images; using %d of them (--num-class-images) and "
-                 "keeping the rest", folder, have, config.num_class_images)
-    accelerator.wait_for_everyone()  # every process plans before anyone draws
-    if plan:
-        pipe = pipeline_from_parts(base)
-        pipe.set_progress_bar_config(disable=True)
-        draw_class_images(pipe, folder, config.class_prompt,
-                          plan[accelerator.process_index::accelerator.num_processes], resolution,
-                          seed=class_image_seed(config.seed), steps=config.class_draw_steps,
-                          batch=config.class_draw_batch, progress=accelerator.is_main_process)
-    accelerator.wait_for_everyone()
-    return class_images(folder, config.num_class_images)
-
-
 def _class_inputs(base: BaseModel, examples: Examples, idx: list[int],
                   device: torch.device) -> dict:
     """--prior-preservation model: the UNet's inputs for the prior rows, the
     frozen class prompt over the instance images' time ids."""
     context = examples.class_embedding.to(device).expand(len(idx))
     return base.family.unet_inputs(context.with_time_ids(examples.instance_time_ids[idx]))
-
-
-def _setup_lora(config: TrainConfig, base: BaseModel) -> dict[str, torch.nn.Module]:
-    dora = config.adapter == "dora"
-    add_unet_lora(base.unet, config.rank, config.lora_alpha, dora)
-    freeze_all_but_lora(base.unet)
-    modules = {"unet": base.unet}
-    if config.gradient_checkpointing:
-        base.unet.enable_gradient_checkpointing()
-    for name in base.family.encoders if config.train_text_encoder else ():
-        encoder = getattr(base, name)
-        add_text_lora(encoder, config.rank, config.lora_alpha, dora)
-        freeze_all_but_lora(encoder)
-        if config.gradient_checkpointing:
-            encoder.gradient_checkpointing_enable()
-        modules[name] = encoder
-    for module in modules.values():
-        module.train()
-    return modules
-
-
-def _setup_optimizer(config: TrainConfig, modules: dict[str, torch.nn.Module]):
-    groups = [{"params": lora_parameters(modules["unet"]), "lr": config.lr}]
-    for name, _ in TEXT_LR_KEYS:
-        if name in modules:
-            groups.append({"params": lora_parameters(modules[name]), "lr": config.text_lr(name)})
-    if "token" in modules:
-        # no weight decay: it would pull the rows towards zero, not towards
-        # where they started
-        groups.append({"params": [modules["token"].vectors], "lr": config.lr_token,
-                       "weight_decay": 0.0})
-    # foreach: one fused kernel per group instead of a loop over 256 small tensors
-    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8,
-                                  foreach=True)
-    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)  # constant
-    return optimizer, lr_scheduler
-
-
-def _setup_token(config: TrainConfig, base: BaseModel) -> dict[str, torch.nn.Module]:
-    """--train-token: the identifier's embedding rows as a module of their own."""
-    if not config.train_token:
-        return {}
-    words = guess_identifier(config.instance_prompt, config.class_prompt)
-    return {"token": setup_token(base.tokenizer, base.text_encoder, words)}
-
-
-def _use_token(accelerator: Accelerator, base: BaseModel, modules: dict[str, torch.nn.Module],
-               examples: Examples) -> None:
-    """The text encoder looks the identifier up in the trained rows from now
-    on; cached embeddings that hold it are dropped (the encoder runs on those
-    prompts every step; the class prompt's stay cached when it lacks it)."""
-    if "token" not in modules:
-        return
-    attach(base.text_encoder, modules["token"])
-    if "text_encoder" in modules:
-        return  # it runs every step already
-    token = accelerator.unwrap_model(modules["token"])
-    examples.encoders, examples.instance_embedding = [base.text_encoder], None
-    if examples.class_ids is not None and holds_tokens(examples.class_ids, token):
-        examples.class_embedding = None
 
 
 def _unwrapped(accelerator: Accelerator, modules: dict[str, torch.nn.Module]):
