@@ -1,77 +1,28 @@
-"""The typed config tree: one frozen dataclass per command, validated on
-construction, loaded from TOML and overridden from the command line.
-
-Every field has a default and help text (peft's habit); ``__post_init__``
-checks values and the error names the option as the user typed it.
-"""
+"""`train`'s config: TrainConfig, its choices and its checks."""
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-from collections.abc import Iterable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any
 
-from .checks import (
+from ..checks import (
     MAX_BATCH,
     MAX_CLASS_IMAGES,
-    MAX_PHOTO_SIDE,
     MAX_RANK,
     MAX_SEED,
     MAX_SIDE,
     MAX_STEPS,
     MAX_TRAIN_STEPS,
-    check_count,
-    check_seeds,
-    finite,
-    is_whole,
 )
-from .errors import UserError
-from .fileio import load_toml
-from .tracking import check_report_to
+from ..errors import UserError
+from ..tracking import check_report_to
+from .fields import _help, check_numbers, option_name
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 # off; images: drawn class images (DreamBooth's prior preservation); model:
 # no images, the frozen base model's own prediction under the class prompt
 PRIOR_MODES = ("off", "images", "model")
-# the judges `evaluate` (and a sweep's [evaluate]) use unless told otherwise
-DEFAULT_DINO = "facebook/dino-vits16"
-DEFAULT_CLIP = "openai/clip-vit-base-patch32"
-
-
-def _help(text: str, default: Any = None, *, positional: bool = False, **kw: Any) -> Any:
-    """A field with its help text; ``positional`` fields are command-line
-    arguments without a dash (a list-typed one takes one or more)."""
-    meta = {"help": text, "positional": positional}
-    if "flag_value" in kw:  # a str option that may also be given bare (or as true/false)
-        meta["flag_value"] = kw["flag_value"]
-    if "default_factory" in kw:
-        return field(metadata=meta, default_factory=kw["default_factory"])
-    return field(default=default, metadata=meta)
-
-
-def field_kind(cls: type, key: str) -> tuple[type, bool, bool]:
-    """(element type, is a list, may be None) of a field: the types the tree
-    uses are str, int, float, bool, list[str], list[float] and ``X | None``."""
-    hint = get_type_hints(cls)[key]
-    args = [a for a in get_args(hint) if a is not type(None)]
-    optional = type(None) in get_args(hint)
-    if optional:
-        hint = args[0]
-    if get_origin(hint) is list:
-        return get_args(hint)[0], True, optional
-    return hint, False, optional
-
-
-def field_default(f: dataclasses.Field) -> Any:
-    return f.default_factory() if f.default is dataclasses.MISSING else f.default
-
-
-def option_name(key: str) -> str:
-    """``prior_loss_weight`` -> ``--prior-loss-weight``."""
-    return "--" + key.replace("_", "-")
 
 
 def prior_mode(value: Any) -> Any:
@@ -81,21 +32,6 @@ def prior_mode(value: Any) -> Any:
         return "images" if value else "off"
     return value
 
-
-def check_numbers(config: Any) -> None:
-    """NaN and inf compare false with everything, so they slip past every
-    range check; refuse them first, for every float field (lists too). An
-    int field given a float (1e23 from the Python API) or a bool is refused
-    too: a count must be a whole number before its range is checked."""
-    for f in fields(config):
-        kind, many, _ = field_kind(type(config), f.name)
-        value = getattr(config, f.name)
-        if kind is float:
-            for v in (value if many else [value]):
-                if v is not None:
-                    finite(v, option_name(f.name))
-        elif kind is int and not many and value is not None and not is_whole(value):
-            raise UserError(f"{option_name(f.name)}: must be a whole number (got {value!r})")
 
 
 ADAPTERS = ("lora", "dora")
@@ -244,7 +180,7 @@ class TrainConfig:
             raise bad("overwrite", "cannot be combined with --resume (--resume continues the run "
                       "in OUTPUT, --overwrite replaces it)")
         if self.train_token:
-            from .identifier import guess_identifier
+            from ..identifier import guess_identifier
 
             if not guess_identifier(self.instance_prompt, self.class_prompt):
                 raise bad("instance_prompt", "has no identifier word for --train-token to train")
@@ -282,164 +218,3 @@ class TrainConfig:
         return Path(self.class_dir) if self.class_dir else Path(self.output) / "class_images"
 
 
-CROPS = ("center", "face", "none")
-
-
-@dataclass(frozen=True)
-class PrepareConfig:
-    src: str = _help("Folder of the user's photos (never modified).", "", positional=True)
-    out: str = _help("Folder for the training set.", "", positional=True)
-    resolution: int = _help("Side of the square output images in pixels.", 512)
-    crop: str = _help("center, face (largest face, OpenCV Haar cascade) or none.", "center")
-    min_size: int = _help("Reject images whose short side is below this (0: half the resolution).", 0)
-    face_margin: float = _help("Space around the face on each side, in face sizes "
-                               "(0.75: a head-and-shoulders portrait).", 0.75)
-    caption: str = _help("Caption template written beside each image, e.g. "
-                         "'a photo of {identifier} {class}'.", "")
-    identifier: str = _help("The identifier for {identifier} in --caption.", "sks")
-    class_noun: str = _help("The class noun for {class} in --caption.", "")
-    dedupe_threshold: int = _help("Near-duplicate when the 64-bit perceptual hashes differ in at "
-                                  "most this many bits (-1: only exact duplicates).", 5)
-
-    def __post_init__(self) -> None:
-        def bad(key: str, why: str) -> UserError:
-            return UserError(f"{option_name(key)}: {why} (got {getattr(self, key)!r})")
-
-        check_numbers(self)
-        if not 8 <= self.resolution <= MAX_SIDE or self.resolution % 8:
-            raise bad("resolution", f"must be a positive multiple of 8, at most {MAX_SIDE}")
-        if self.crop not in CROPS:
-            raise bad("crop", f"must be one of {', '.join(CROPS)}")
-        if not 0 <= self.min_size <= MAX_PHOTO_SIDE:
-            raise bad("min_size", f"must be between 0 and {MAX_PHOTO_SIDE}")
-        if self.face_margin < 0:
-            raise bad("face_margin", "must be 0 or more")
-        if not -1 <= self.dedupe_threshold <= 64:
-            raise bad("dedupe_threshold", "must be between -1 and 64")
-        if "{class}" in self.caption and not self.class_noun:
-            raise bad("class_noun", "is required when --caption uses {class}")
-        if "{identifier}" in self.caption and not self.identifier:
-            raise bad("identifier", "is required when --caption uses {identifier}")
-
-    @property
-    def min_size_px(self) -> int:
-        return self.min_size or self.resolution // 2
-
-
-@dataclass(frozen=True)
-class SweepGenerate:
-    """A sweep file's [generate] table with its [generate.grid] lists: what
-    every run draws."""
-    prompts: list[str] = _help("Prompts drawn by every run (required).", default_factory=list)
-    seeds: list[int] = _help("Seeds; every prompt and setting is drawn once per seed.",
-                             default_factory=lambda: [0])
-    steps: int = _help("Sampler steps.", 25)
-    negative_prompt: str = _help("Negative prompt.", "")
-    unet_scale: list[float] = _help("[generate.grid] UNet LoRA scales.", default_factory=lambda: [1.0])
-    text_scale: list[float] = _help("[generate.grid] text-encoder LoRA scales.",
-                                    default_factory=lambda: [1.0])
-    text2_scale: list[float] = _help("[generate.grid] SDXL: the second text encoder's LoRA "
-                                     "scales (default: the text scale).", default_factory=list)
-    guidance: list[float] = _help("[generate.grid] guidance scales.", default_factory=lambda: [7.5])
-
-    def __post_init__(self) -> None:
-        check_numbers(self)
-        for key in ("prompts", "seeds", "unet_scale", "text_scale", "guidance"):
-            if not getattr(self, key):
-                raise UserError(f"`{key}` must be a non-empty list (got [])")
-        check_seeds(self.seeds, "`seeds`")
-        check_count(self.steps, "`steps`", MAX_STEPS)
-
-
-@dataclass(frozen=True)
-class SweepEvaluate:
-    """A sweep file's [evaluate] table: `lorabooth evaluate` on every run."""
-    real: str = _help("Folder of the subject's photos (required).", "")
-    class_noun: str = _help("Class noun (default: from the run).", "")
-    kind: str = _help("The paper's prompt set: live or object.", "live")
-    prompts_file: str = _help("Own prompts file instead of the paper's.", "")
-    images_per_prompt: int = _help("Images per prompt.", 4)
-    pres_images: int = _help("Class-prompt images for PRES.", 8)
-    steps: int = _help("Sampler steps.", 25)
-    baselines: bool = _help("Add the base model and the real photos as rows.", False)
-    dino: str = _help("DINO model (folder or hub id).", DEFAULT_DINO)
-    clip: str = _help("CLIP model (folder or hub id).", DEFAULT_CLIP)
-    judges: str = _help("\"toy\": the toy world's judges instead of DINO and CLIP.", "")
-
-    def __post_init__(self) -> None:
-        if not Path(self.real).is_dir():
-            raise UserError(f"`real` must be the folder of the subject's photos (got {self.real!r})")
-        if self.judges not in ("", "toy"):
-            raise UserError(f"`judges` can only be \"toy\" (got {self.judges!r}); "
-                            "leave it out for DINO and CLIP")
-
-
-def config_keys(cls: type) -> list[str]:
-    return [f.name for f in fields(cls)]
-
-
-def _check_scalar(expected: type, key: str, value: Any, where: str) -> Any:
-    if expected is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if expected is bool and not isinstance(value, bool):
-        raise UserError(f"{where}: `{key}` must be true or false (got {value!r})")
-    if expected is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise UserError(f"{where}: `{key}` must be an integer (got {value!r})")
-    if expected is float and not isinstance(value, float):
-        raise UserError(f"{where}: `{key}` must be a number (got {value!r})")
-    if expected is str and not isinstance(value, str):
-        raise UserError(f"{where}: `{key}` must be a string (got {value!r})")
-    return value
-
-
-def _check_type(cls: type, key: str, value: Any, where: str) -> Any:
-    kind, many, _ = field_kind(cls, key)
-    if "flag_value" in cls.__dataclass_fields__[key].metadata:  # a str that may be a bool
-        if not isinstance(value, (bool, str)):
-            raise UserError(f"{where}: `{key}` must be a string or true/false (got {value!r})")
-        return value  # the config checks the string and normalises the bool
-    if not many:
-        return _check_scalar(kind, key, value, where)
-    if not isinstance(value, list):
-        raise UserError(f"{where}: `{key}` must be a list (got {value!r})")
-    return [_check_scalar(kind, key, v, where) for v in value]
-
-
-def unknown_key(key: str, known: Iterable[str], where: str) -> UserError:
-    """`unknown key `lerning_rate`; did you mean `learning_rate`?`"""
-    close = difflib.get_close_matches(key, list(known), n=1)
-    hint = f"; did you mean `{close[0]}`?" if close else ""
-    return UserError(f"{where}: unknown key `{key}`{hint}")
-
-
-def check_keys(cls: type, values: dict[str, Any], where: str) -> dict[str, Any]:
-    """Reject unknown keys (suggesting the closest) and wrong types."""
-    known = config_keys(cls)
-    checked = {}
-    for key, value in values.items():
-        if key not in known:
-            raise unknown_key(key, known, where)
-        checked[key] = _check_type(cls, key, value, where)
-    return checked
-
-
-def build_section(cls: type, values: dict[str, Any], where: str):
-    """A config from one table of a file: every error names the table."""
-    try:
-        return cls(**check_keys(cls, values, where))
-    except UserError as e:
-        raise e if str(e).startswith(where) else UserError(f"{where}: {e}") from None
-
-
-def build_config(cls: type, file: str | Path | None, overrides: dict[str, Any]):
-    """Defaults < TOML file < command-line overrides (``None`` means unset)."""
-    values: dict[str, Any] = {}
-    if file:
-        values.update(check_keys(cls, load_toml(file, "--config"), str(file)))
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return cls(**values)
-
-
-def to_toml_dict(config: Any) -> dict[str, Any]:
-    """The config as TOML can hold it (TOML has no null: unset fields are left out)."""
-    return {k: v for k, v in dataclasses.asdict(config).items() if v is not None}
