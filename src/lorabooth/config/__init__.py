@@ -21,6 +21,7 @@ from .fields import (
     build_section,
     check_keys,
     check_numbers,
+    choices,
     config_keys,
     field_default,
     field_kind,
@@ -30,8 +31,15 @@ from .fields import (
     to_toml_dict,
     unknown_key,
 )
-from .formats import ConvertConfig, FuseConfig, InspectConfig, MergeConfig
-from .generate import DEFAULT_CLIP, DEFAULT_DINO, EvaluateConfig, GenerateConfig
+from .formats import LAYOUTS, ConvertConfig, FuseConfig, InspectConfig, MergeConfig
+from .generate import (
+    DEFAULT_CLIP,
+    DEFAULT_DINO,
+    JUDGES,
+    SCHEDULERS,
+    EvaluateConfig,
+    GenerateConfig,
+)
 from .prepare import CROPS, IdentifierConfig, PrepareConfig
 from .search import (
     MAX_HEARTBEAT,
@@ -47,6 +55,7 @@ from .train import (
     ADAPTERS,
     MIXED_PRECISIONS,
     PRIOR_MODES,
+    SAVE_FORMATS,
     TRAIN_CEILINGS,
     TrainConfig,
     check_adapter,
@@ -55,13 +64,14 @@ from .train import (
 from .ui import UiConfig
 
 __all__ = [
-    "ADAPTERS", "CROPS", "DEFAULT_CLIP", "DEFAULT_DINO", "MAX_HEARTBEAT", "MAX_TRIALS",
+    "ADAPTERS", "CROPS", "DEFAULT_CLIP", "DEFAULT_DINO", "JUDGES", "LAYOUTS", "SAVE_FORMATS",
+    "SCHEDULERS", "MAX_HEARTBEAT", "MAX_TRIALS",
     "MAX_WORKERS", "MIXED_PRECISIONS", "PRIOR_MODES", "TRAIN_CEILINGS",
     "ClaimsConfig", "ConvertConfig", "DemoConfig", "EvaluateConfig", "FuseConfig",
     "GenerateConfig", "IdentifierConfig", "InspectConfig", "MergeConfig", "PrepareConfig",
     "PretrainConfig", "SweepConfig", "SweepEvaluate", "SweepGenerate", "TrainConfig",
     "TuneConfig", "TuneStudyConfig", "UiConfig",
     "_check_scalar", "_help", "bad", "build_config", "build_section", "check_adapter",
-    "check_keys", "check_numbers", "config_keys", "field_default", "field_kind", "one_of",
+    "check_keys", "check_numbers", "choices", "config_keys", "field_default", "field_kind", "one_of",
     "option_name", "prior_mode", "require", "to_toml_dict", "unknown_key",
 ]

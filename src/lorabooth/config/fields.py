@@ -20,15 +20,26 @@ from ..errors import UserError
 from ..fileio import load_toml
 
 
-def _help(text: str, default: Any = None, *, positional: bool = False, **kw: Any) -> Any:
+def _help(text: str, default: Any = None, *, positional: bool = False,
+          choices: tuple[str, ...] = (), **kw: Any) -> Any:
     """A field with its help text; ``positional`` fields are command-line
-    arguments without a dash (a list-typed one takes one or more)."""
+    arguments without a dash (a list-typed one takes one or more).
+    ``choices`` is the field's whole set of values, declared here once: the
+    config checks it (``check_numbers``), the CLI shows it, the web page
+    makes it a dropdown and ``tune`` draws from it."""
     meta = {"help": text, "positional": positional}
+    if choices:
+        meta["choices"] = tuple(choices)
     if "flag_value" in kw:  # a str option that may also be given bare (or as true/false)
         meta["flag_value"] = kw["flag_value"]
     if "default_factory" in kw:
         return field(metadata=meta, default_factory=kw["default_factory"])
     return field(default=default, metadata=meta)
+
+
+def choices(cls: type, key: str) -> tuple[str, ...]:
+    """The values a field may take (empty: any of its type)."""
+    return cls.__dataclass_fields__[key].metadata.get("choices", ())
 
 
 def field_kind(cls: type, key: str) -> tuple[type, bool, bool]:
@@ -56,7 +67,8 @@ def check_numbers(config: Any) -> None:
     """NaN and inf compare false with everything, so they slip past every
     range check; refuse them first, for every float field (lists too). An
     int field given a float (1e23 from the Python API) or a bool is refused
-    too: a count must be a whole number before its range is checked."""
+    too: a count must be a whole number before its range is checked. A
+    field with choices must hold one of them."""
     for f in fields(config):
         kind, many, _ = field_kind(type(config), f.name)
         value = getattr(config, f.name)
@@ -66,6 +78,8 @@ def check_numbers(config: Any) -> None:
                     finite(v, option_name(f.name))
         elif kind is int and not many and value is not None and not is_whole(value):
             raise UserError(f"{option_name(f.name)}: must be a whole number (got {value!r})")
+        if "choices" in f.metadata:
+            one_of(config, f.name, f.metadata["choices"])
 
 
 def config_keys(cls: type) -> list[str]:

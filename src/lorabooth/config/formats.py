@@ -6,7 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..checks import MAX_RANK, check_count
-from .fields import _help, check_numbers, one_of, require
+from .fields import _help, check_numbers, require
+
+LAYOUTS = ("kohya", "diffusers", "peft")  # `convert --to`
 
 
 @dataclass(frozen=True)
@@ -25,12 +27,13 @@ class ConvertConfig:
     src: str = _help("A LoRA .safetensors file (diffusers, kohya or peft layout).", "",
                      positional=True)
     dst: str = _help("Output file (or folder).", "", positional=True)
-    to: str = _help("Layout to write: kohya, diffusers or peft (required).", "")
+    to: str = _help("Layout to write: kohya, diffusers or peft (required).", "",
+                    choices=LAYOUTS)
     overwrite: bool = _help("Replace DST when it exists (never one of the inputs).", False)
 
     def __post_init__(self) -> None:
         require(self, "src", "dst", "to")
-        one_of(self, "to", ("kohya", "diffusers", "peft"))
+        check_numbers(self)
 
 
 @dataclass(frozen=True)

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..checks import MAX_IMAGES, MAX_STEPS, check_count, check_options, check_seeds, check_size
+from ..checks import KINDS, MAX_IMAGES, MAX_STEPS, check_count, check_options, check_seeds, check_size
 from ..errors import UserError
 from .fields import _help, bad, check_numbers, require
 
 # the judges `evaluate` (and a sweep's [evaluate]) use unless told otherwise
 DEFAULT_DINO = "facebook/dino-vits16"
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
+# `generate --scheduler`: the samplers drawing.SCHEDULERS builds
+SCHEDULERS = ("dpm", "ddim", "euler", "pndm")
+# the toy world's own judges instead of DINO and CLIP ("": DINO and CLIP)
+JUDGES = ("", "toy")
 
 
 @dataclass(frozen=True)
@@ -29,7 +33,7 @@ class GenerateConfig:
     steps: int = _help("Sampler steps.", 25)
     num_images: int = _help("Images (seeds) per setting.", 4)
     seed: int = _help("First seed; image i uses seed+i.", 0)
-    scheduler: str = _help("dpm, ddim, euler or pndm.", "dpm")
+    scheduler: str = _help("dpm, ddim, euler or pndm.", "dpm", choices=SCHEDULERS)
     width: int | None = _help("Image width in pixels, a multiple of 8 (default: the model's "
                               "native size).", None)
     height: int | None = _help("Image height in pixels, a multiple of 8 (default: the model's "
@@ -57,7 +61,8 @@ class EvaluateConfig:
     run: str = _help("Run folder.", "", positional=True)
     real: str = _help("Folder of the subject's photos (required).", "")
     class_noun: str = _help("Class noun (default: from the run).", "")
-    kind: str = _help("The paper's prompt set: live (subjects) or object.", "live")
+    kind: str = _help("The paper's prompt set: live (subjects) or object.", "live",
+                      choices=KINDS)
     prompts: str = _help("Own prompts file, one per line ({0}: identifier, {1}: class noun).", "")
     identifier: str = _help("Identifier (default: from the run's metadata).", "")
     images_per_prompt: int = _help("Images per prompt (the paper uses 4).", 4)

@@ -15,7 +15,8 @@ class PrepareConfig:
     src: str = _help("Folder of the user's photos (never modified).", "", positional=True)
     out: str = _help("Folder for the training set.", "", positional=True)
     resolution: int = _help("Side of the square output images in pixels.", 512)
-    crop: str = _help("center, face (largest face, OpenCV Haar cascade) or none.", "center")
+    crop: str = _help("center, face (largest face, OpenCV Haar cascade) or none.", "center",
+                      choices=CROPS)
     min_size: int = _help("Reject images whose short side is below this (0: half the resolution).", 0)
     face_margin: float = _help("Space around the face on each side, in face sizes "
                                "(0.75: a head-and-shoulders portrait).", 0.75)
@@ -30,8 +31,6 @@ class PrepareConfig:
         check_numbers(self)
         if not 8 <= self.resolution <= MAX_SIDE or self.resolution % 8:
             raise bad(self, "resolution", f"must be a positive multiple of 8, at most {MAX_SIDE}")
-        if self.crop not in CROPS:
-            raise bad(self, "crop", f"must be one of {', '.join(CROPS)}")
         if not 0 <= self.min_size <= MAX_PHOTO_SIDE:
             raise bad(self, "min_size", f"must be between 0 and {MAX_PHOTO_SIDE}")
         if self.face_margin < 0:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..checks import (
+    KINDS,
     MAX_IMAGES,
     MAX_SIDE,
     MAX_STEPS,
@@ -17,8 +18,8 @@ from ..checks import (
 )
 from ..errors import UserError
 from ..tune_pruning import PRUNERS
-from .fields import _help, bad, check_numbers, one_of, require
-from .generate import DEFAULT_CLIP, DEFAULT_DINO
+from .fields import _help, bad, check_numbers, require
+from .generate import DEFAULT_CLIP, DEFAULT_DINO, JUDGES
 
 MAX_TRIALS = 10000  # `tune --budget`
 MAX_WORKERS = 256  # `tune --workers`: processes on one machine
@@ -111,17 +112,19 @@ class TuneConfig:
     resolution: int = _help("Training resolution (0: the model's own).", 0)
     num_class_images: int = _help("Class images for --prior-preservation images (drawn once, "
                                   "shared by the trials).", 50)
-    kind: str = _help("The paper's prompt set to score on: live or object.", "live")
+    kind: str = _help("The paper's prompt set to score on: live or object.", "live",
+                      choices=KINDS)
     prompts: str = _help("Own prompts file instead ({0}: identifier, {1}: class noun).", "")
     images_per_prompt: int = _help("Images per prompt.", 4)
     pres_images: int = _help("Class-prompt images for PRES.", 8)
     sample_steps: int = _help("Sampler steps for every image drawn.", 25)
-    judges: str = _help("\"toy\": the toy world's judges instead of DINO and CLIP.", "")
+    judges: str = _help("\"toy\": the toy world's judges instead of DINO and CLIP.", "",
+                        choices=JUDGES)
     dino: str = _help("DINO model (folder or hub id).", DEFAULT_DINO)
     clip: str = _help("CLIP model (folder or hub id).", DEFAULT_CLIP)
     pruner: str = _help("percentile: stop a trial whose validation fidelity is in the bottom "
                         "--prune-percentile of the finished trials at the same step (after 4 "
-                        "trials); none.", "percentile")
+                        "trials); none.", "percentile", choices=PRUNERS)
     prune_percentile: float = _help("The pruner's percentile: 25 pruned 55-68% of the planned "
                                     "steps on the toy world, 10 fewer (docs/tune.md).", 25.0)
     prune_every: int = _help("Steps between a trial's validations under the pruner (4 images "
@@ -130,7 +133,6 @@ class TuneConfig:
     def __post_init__(self) -> None:
         check_numbers(self)
         require(self, "photos", "class_noun")
-        one_of(self, "pruner", PRUNERS)
         if not 0 < self.prune_percentile < 100:
             raise bad(self, "prune_percentile", "between 0 and 100")
         check_count(self.prune_every, "--prune-every", MAX_TRAIN_STEPS)
@@ -150,6 +152,5 @@ class TuneConfig:
                                            "(0: the model's own)")
         check_options(self.kind, self.prompts or None, self.images_per_prompt, self.pres_images,
                       1, self.seed)
-        one_of(self, "judges", ("", "toy"))
 
 

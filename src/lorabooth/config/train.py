@@ -20,6 +20,7 @@ from ..tracking import check_report_to
 from .fields import _help, check_numbers, option_name
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
+SAVE_FORMATS = ("diffusers", "kohya", "both")
 # off; images: drawn class images (DreamBooth's prior preservation); model:
 # no images, the frozen base model's own prediction under the class prompt
 PRIOR_MODES = ("off", "images", "model")
@@ -41,8 +42,6 @@ def check_adapter(adapter: str, save_format: str) -> None:
     """DoRA files have no kohya export: the clients that read kohya files
     (ComfyUI, AUTOMATIC1111) apply kohya's `dora_scale` with their own axis
     conventions, unverified against peft's weight."""
-    if adapter not in ADAPTERS:
-        raise UserError(f"--adapter: must be one of {', '.join(ADAPTERS)} (got {adapter!r})")
     if adapter == "dora" and save_format == "kohya":
         raise UserError("--adapter dora: cannot be saved with --save-format kohya (kohya's "
                         "dora_scale is applied differently by each client); use diffusers or both")
@@ -71,7 +70,8 @@ class TrainConfig:
         "off; images: add the denoising loss on class images drawn by the base model; model: "
         "no class images, match the frozen base model's own prediction for the class prompt "
         "(one extra forward per step; --class-dir and --num-class-images are ignored). "
-        "A bare --prior-preservation (true in TOML) means images.", "off", flag_value="images")
+        "A bare --prior-preservation (true in TOML) means images.", "off", flag_value="images",
+        choices=PRIOR_MODES)
     num_class_images: int = _help("How many class images to use (drawn if missing).", 100)
     prior_loss_weight: float = _help("Weight lambda of the prior-preservation loss.", 1.0)
     resolution: int = _help("Training resolution in pixels (0: the model's own).", 0)
@@ -84,7 +84,8 @@ class TrainConfig:
     train_text_encoder: bool = _help("Also train LoRA on the text encoder's attention.", False)
     rank: int = _help("LoRA rank.", 4)
     alpha: float = _help("LoRA alpha (0: equal to the rank).", 0.0)
-    mixed_precision: str = _help("no, fp16 or bf16 (LoRA weights stay fp32).", "no")
+    mixed_precision: str = _help("no, fp16 or bf16 (LoRA weights stay fp32).", "no",
+                                 choices=MIXED_PRECISIONS)
     gradient_checkpointing: bool = _help(
         "Recompute activations in the backward pass: less memory, slower steps.", False)
     seed: int = _help("Random seed for weights, noise, timesteps and data order.", 0)
@@ -103,7 +104,7 @@ class TrainConfig:
                            False)
     output: str = _help("Run folder.", "runs/run")
     save_format: str = _help("diffusers, kohya (for AUTOMATIC1111/ComfyUI/InvokeAI) or both.",
-                             "both")
+                             "both", choices=SAVE_FORMATS)
     max_grad_norm: float = _help("Clip the gradient norm to this (0: no clipping).", 1.0)
     class_draw_steps: int = _help("Sampler steps used to draw class images.", 25)
     class_draw_batch: int = _help("Class images drawn per batch.", 4)
@@ -125,7 +126,8 @@ class TrainConfig:
     # learns beside them.
     lr_token: float = _help("Learning rate of the trained token embedding (--train-token).", 1e-3)
     adapter: str = _help("lora, or dora (weight-decomposed LoRA: a trained magnitude per "
-                         "output channel; diffusers file only, no kohya export).", "lora")
+                         "output channel; diffusers file only, no kohya export).", "lora",
+                         choices=ADAPTERS)
     report_to: str = _help("Also log the per-step metrics to tensorboard or wandb (their package "
                            "must be installed), under OUTPUT/logs (empty: metrics.jsonl only).", "")
 
@@ -133,10 +135,8 @@ class TrainConfig:
         def bad(key: str, why: str) -> UserError:
             return UserError(f"{option_name(key)}: {why} (got {getattr(self, key)!r})")
 
-        check_numbers(self)
         object.__setattr__(self, "prior_preservation", prior_mode(self.prior_preservation))
-        if self.prior_preservation not in PRIOR_MODES:
-            raise bad("prior_preservation", f"must be one of {', '.join(PRIOR_MODES)}")
+        check_numbers(self)  # and every field's choices
         self._check_levers(bad)
         check_adapter(self.adapter, self.save_format)
         check_report_to(self.report_to)
@@ -162,10 +162,6 @@ class TrainConfig:
         if not 0 <= self.resolution <= MAX_SIDE or self.resolution % 8:
             raise bad("resolution", f"must be a positive multiple of 8, at most {MAX_SIDE} "
                                     "(0: the model's own)")
-        if self.save_format not in ("diffusers", "kohya", "both"):
-            raise bad("save_format", "must be one of diffusers, kohya, both")
-        if self.mixed_precision not in MIXED_PRECISIONS:
-            raise bad("mixed_precision", f"must be one of {', '.join(MIXED_PRECISIONS)}")
         if not self.model:
             raise bad("model", "is required")
         if not self.instance_dir:
