@@ -130,3 +130,23 @@ def test_levers_default_off_and_round_trip_toml_and_command_line(tmp_path):
     assert (c.snr_gamma, c.noise_offset, c.caption_dropout, c.ema_decay) == (5, 0.05, 0.1, 0.9)
     f.write_text(tomli_w.dumps(to_toml_dict(c)))  # what a run's config.toml holds
     assert build_config(TrainConfig, f, {}) == c
+
+
+def test_a_fields_choices_are_checked_when_the_config_is_built():
+    """--scheduler was refused only after the model had loaded; its choices
+    on the field now refuse it at once, as for every field with choices."""
+    from lorabooth.config import GenerateConfig
+
+    with pytest.raises(UserError, match=r"^--scheduler: must be one of dpm, ddim, euler, pndm "
+                                        r"\(got 'x'\)"):
+        GenerateConfig(run="r", prompt=["p"], scheduler="x")
+
+
+def test_the_pages_dropdowns_are_the_fields_choices():
+    from lorabooth.config import PRIOR_MODES, SAVE_FORMATS
+    from lorabooth.ui.trainform import form_fields
+
+    menus = {f.name: f.choices for f in form_fields() if f.choices}
+    assert menus["prior_preservation"] == PRIOR_MODES
+    assert menus["save_format"] == SAVE_FORMATS
+    assert set(menus) == {"prior_preservation", "mixed_precision", "save_format", "adapter"}

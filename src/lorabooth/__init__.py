@@ -25,12 +25,12 @@ os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
 os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
 
 # name -> module that defines it
-_API = {"TrainConfig": "config", "PrepareConfig": "config", "UserError": "errors",
-        "train": "training", "generate": "drawing", "evaluate": "evaluation.runner",
-        "prepare": "prepare", "run": "commands",
-        **dict.fromkeys(("GenerateConfig", "EvaluateConfig", "IdentifierConfig", "InspectConfig",
-                         "ConvertConfig", "MergeConfig", "FuseConfig", "SweepConfig", "DemoConfig",
-                         "PretrainConfig", "ClaimsConfig", "TuneConfig", "UiConfig"), "commands")}
+_API = {"UserError": "errors", "train": "training", "generate": "drawing",
+        "evaluate": "evaluation.runner", "prepare": "prepare", "run": "commands",
+        **dict.fromkeys(("TrainConfig", "PrepareConfig", "GenerateConfig", "EvaluateConfig",
+                         "IdentifierConfig", "InspectConfig", "ConvertConfig", "MergeConfig",
+                         "FuseConfig", "SweepConfig", "DemoConfig", "PretrainConfig",
+                         "ClaimsConfig", "TuneConfig", "TuneStudyConfig", "UiConfig"), "config")}
 
 __all__ = [*_API, "__version__"]
 

@@ -36,9 +36,12 @@ def _add_options(parser: argparse.ArgumentParser, cls: type) -> None:
         if "default" not in help_text:
             help_text += f" (default: {field_default(f)!r})"
         name = {"dest": f.name, "default": None, "help": help_text}
+        # a field's choices show as {a,b,c}; the config checks them (one message, exit 2)
+        metavar = "{%s}" % ",".join(c or '""' for c in f.metadata["choices"]) \
+            if "choices" in f.metadata else f.name.upper()
         if "flag_value" in f.metadata:  # --opt (the flag value), --opt VALUE, --no-opt ("off")
             parser.add_argument(option_name(f.name), nargs="?", const=f.metadata["flag_value"],
-                                metavar=f.name.upper(), **name)
+                                metavar=metavar, **name)
             parser.add_argument("--no-" + option_name(f.name)[2:], dest=f.name,
                                 action="store_const", const="off", help=argparse.SUPPRESS)
         elif kind is bool:
@@ -47,7 +50,7 @@ def _add_options(parser: argparse.ArgumentParser, cls: type) -> None:
             parser.add_argument(option_name(f.name), action="append", metavar=f.name.upper(), **name)
         else:
             parse = finite_floats if many else finite_float if kind is float else kind
-            parser.add_argument(option_name(f.name), type=parse, metavar=f.name.upper(), **name)
+            parser.add_argument(option_name(f.name), type=parse, metavar=metavar, **name)
     parser.add_argument("--config", metavar="FILE.toml",
                         help="TOML file of these options (keys: option names with _); "
                              "command-line options override it")

@@ -11,11 +11,11 @@ import math
 from dataclasses import dataclass
 from typing import Any, Union
 
-from .config import TrainConfig, _check_scalar, unknown_key
+from .config import TrainConfig, _check_scalar, choices, unknown_key
 from .errors import UserError
 from .fileio import load_toml
 
-PRIOR_CHOICES = ("off", "images", "model")
+PRIOR_CHOICES = choices(TrainConfig, "prior_preservation")
 RANKS = (2, 4, 8)
 SCALE_NAMES = ("unet_scale", "text_scale", "guidance")  # inference settings, not train options
 

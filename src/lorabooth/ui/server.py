@@ -9,26 +9,10 @@ import logging
 import os
 from typing import Any
 
-from ..errors import UserError
+from ..config.ui import parse_auth
 from .workspace import Workspace
 
 log = logging.getLogger(__name__)
-LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
-
-
-def parse_auth(auth: str, host: str) -> tuple[str, str] | None:
-    """``user:password`` as Gradio's auth pair; required for any host but
-    this machine, since the page starts processes and writes files."""
-    if not auth:
-        if host not in LOCAL_HOSTS:
-            raise UserError(f"--host {host}: serving beyond this machine needs --auth "
-                            f"user:password (anyone who reaches the port could train, draw and "
-                            f"write files in the workspace)")
-        return None
-    user, sep, password = auth.partition(":")
-    if not (sep and user and password):
-        raise UserError("--auth: expected user:password, both non-empty")
-    return user, password
 
 
 def serve(workspace: str, host: str = "127.0.0.1", port: int = 7860, auth: str = "",

@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass, fields
 from typing import Any
 
-from ..config import TrainConfig, check_keys, field_default, field_kind
+from ..config import TrainConfig, check_keys, choices, field_default, field_kind
 from ..errors import UserError
 from ..models import BUILTIN_MODELS
 from .workspace import Workspace
@@ -23,11 +23,6 @@ BASIC = ("model", "instance_dir", "instance_prompt", "class_prompt", "prior_pres
 HIDDEN = ("resume", "force", "overwrite")
 # Fields that name files or folders: confined to the workspace.
 PATHS = ("instance_dir", "class_dir", "output", "model_config")
-# Fields with a fixed set of values: a dropdown instead of free text.
-CHOICES = {"prior_preservation": ("off", "images", "model"),
-           "mixed_precision": ("no", "fp16", "bf16"),
-           "save_format": ("both", "diffusers", "kohya"),
-           "adapter": ("lora", "dora")}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -56,7 +51,7 @@ def form_fields(defaults: dict[str, Any] | None = None) -> list[FormField]:
         kind, many, _ = field_kind(TrainConfig, f.name)
         assert not many, f"TrainConfig.{f.name}: the form has no list widget"
         out.append(FormField(f.name, kind, defaults.get(f.name, field_default(f)),
-                             f.metadata["help"], f.name not in BASIC, CHOICES.get(f.name, ())))
+                             f.metadata["help"], f.name not in BASIC, choices(TrainConfig, f.name)))
     return out
 
 

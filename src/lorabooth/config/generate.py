@@ -1,0 +1,92 @@
+"""The configs of the commands that draw and measure: `generate` and
+`evaluate`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..checks import KINDS, MAX_IMAGES, MAX_STEPS, check_count, check_options, check_seeds, check_size
+from ..errors import UserError
+from .fields import _help, bad, check_numbers, require
+
+# the judges `evaluate` (and a sweep's [evaluate]) use unless told otherwise
+DEFAULT_DINO = "facebook/dino-vits16"
+DEFAULT_CLIP = "openai/clip-vit-base-patch32"
+# `generate --scheduler`: the samplers drawing.SCHEDULERS builds
+SCHEDULERS = ("dpm", "ddim", "euler", "pndm")
+# the toy world's own judges instead of DINO and CLIP ("": DINO and CLIP)
+JUDGES = ("", "toy")
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    run: str = _help("Run folder (or a LoRA .safetensors file).", "", positional=True)
+    prompt: list[str] = _help("Prompt to draw (repeatable).", default_factory=list)
+    negative_prompt: str = _help("Negative prompt.", "")
+    unet_scale: list[float] = _help("UNet LoRA scale(s), comma list.", default_factory=lambda: [1.0])
+    text_scale: list[float] = _help("Text-encoder LoRA scale(s), comma list (SDXL: both "
+                                    "encoders unless --text2-scale is given).",
+                                    default_factory=lambda: [1.0])
+    text2_scale: list[float] = _help("SDXL: the second text encoder's LoRA scale(s), comma list "
+                                     "(default: --text-scale).", default_factory=list)
+    guidance: list[float] = _help("Guidance scale(s), comma list.", default_factory=lambda: [7.5])
+    steps: int = _help("Sampler steps.", 25)
+    num_images: int = _help("Images (seeds) per setting.", 4)
+    seed: int = _help("First seed; image i uses seed+i.", 0)
+    scheduler: str = _help("dpm, ddim, euler or pndm.", "dpm", choices=SCHEDULERS)
+    width: int | None = _help("Image width in pixels, a multiple of 8 (default: the model's "
+                              "native size).", None)
+    height: int | None = _help("Image height in pixels, a multiple of 8 (default: the model's "
+                               "native size).", None)
+    model: str = _help("Base model (default: the run's own).", "")
+    output: str = _help("Folder (default: RUN/generated).", "")
+
+    def __post_init__(self) -> None:
+        check_numbers(self)
+        require(self, "run")
+        if not self.prompt:
+            raise UserError("--prompt: give at least one prompt")
+        for key in ("unet_scale", "text_scale", "guidance"):
+            if not getattr(self, key):
+                raise bad(self, key, "expected at least one number")
+        check_count(self.num_images, "--num-images", MAX_IMAGES)
+        check_count(self.steps, "--steps", MAX_STEPS)
+        check_size(self.width, "--width")
+        check_size(self.height, "--height")
+        check_seeds([self.seed, self.seed + self.num_images - 1], "--seed")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    run: str = _help("Run folder.", "", positional=True)
+    real: str = _help("Folder of the subject's photos (required).", "")
+    class_noun: str = _help("Class noun (default: from the run).", "")
+    kind: str = _help("The paper's prompt set: live (subjects) or object.", "live",
+                      choices=KINDS)
+    prompts: str = _help("Own prompts file, one per line ({0}: identifier, {1}: class noun).", "")
+    identifier: str = _help("Identifier (default: from the run's metadata).", "")
+    images_per_prompt: int = _help("Images per prompt (the paper uses 4).", 4)
+    pres_images: int = _help("Class-prompt images for PRES.", 8)
+    seed: int = _help("First seed; image i uses seed+i.", 0)
+    unet_scale: float = _help("UNet LoRA scale.", 1.0)
+    text_scale: float = _help("Text-encoder LoRA scale (SDXL: both encoders unless "
+                              "--text2-scale is given).", 1.0)
+    text2_scale: float | None = _help("SDXL: the second text encoder's LoRA scale (default: "
+                                      "--text-scale).", None)
+    guidance: float = _help("Guidance scale.", 7.5)
+    steps: int = _help("Sampler steps.", 25)
+    dino: str = _help("DINO model (folder or hub id).", DEFAULT_DINO)
+    clip: str = _help("CLIP model (folder or hub id; e.g. openai/clip-vit-large-patch14).",
+                      DEFAULT_CLIP)
+    model: str = _help("Base model (default: the run's own).", "")
+    out: str = _help("Folder (default: RUN/eval).", "")
+    baselines: bool = _help("Add the base model (floor) and the real photos leave-one-out "
+                            "(ceiling).", False)
+
+    def __post_init__(self) -> None:
+        check_numbers(self)
+        require(self, "run", "real")
+        check_options(self.kind, self.prompts or None, self.images_per_prompt, self.pres_images,
+                      self.steps, self.seed)
+
+

@@ -1,0 +1,216 @@
+"""`train`'s config: TrainConfig, its choices and its checks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..checks import (
+    MAX_BATCH,
+    MAX_CLASS_IMAGES,
+    MAX_RANK,
+    MAX_SEED,
+    MAX_SIDE,
+    MAX_STEPS,
+    MAX_TRAIN_STEPS,
+)
+from ..errors import UserError
+from ..tracking import check_report_to
+from .fields import _help, check_numbers, option_name
+
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+SAVE_FORMATS = ("diffusers", "kohya", "both")
+# off; images: drawn class images (DreamBooth's prior preservation); model:
+# no images, the frozen base model's own prediction under the class prompt
+PRIOR_MODES = ("off", "images", "model")
+
+
+def prior_mode(value: Any) -> Any:
+    """``prior_preservation`` was a bool before it had modes: true (a bare
+    flag) is "images", false is "off"; a str is left for the range check."""
+    if isinstance(value, bool):
+        return "images" if value else "off"
+    return value
+
+
+
+ADAPTERS = ("lora", "dora")
+
+
+def check_adapter(adapter: str, save_format: str) -> None:
+    """DoRA files have no kohya export: the clients that read kohya files
+    (ComfyUI, AUTOMATIC1111) apply kohya's `dora_scale` with their own axis
+    conventions, unverified against peft's weight."""
+    if adapter == "dora" and save_format == "kohya":
+        raise UserError("--adapter dora: cannot be saved with --save-format kohya (kohya's "
+                        "dora_scale is applied differently by each client); use diffusers or both")
+
+
+# TrainConfig's counts and their ceilings (checks.py says why each)
+TRAIN_CEILINGS = {"steps": MAX_TRAIN_STEPS, "batch_size": MAX_BATCH, "rank": MAX_RANK,
+                  "num_class_images": MAX_CLASS_IMAGES, "class_draw_steps": MAX_STEPS,
+                  "class_draw_batch": MAX_BATCH,
+                  "validation_images": 64}  # each validation draws them all
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: str = _help("A diffusers folder (SD 1.x or SDXL), a Hugging Face hub id, a single "
+                       "checkpoint file, or a built-in: tiny, tiny-sdxl, toy, sd15-random, "
+                       "sdxl-random.", "tiny")
+    model_config: str = _help("For a single-file --model: a diffusers folder with that "
+                              "architecture's configs (default: SD 1.5's or SDXL's, told "
+                              "from the file's keys).", "")
+    instance_dir: str = _help("Folder with 3-20 photos of the subject.", "")
+    instance_prompt: str = _help("Prompt naming the subject, e.g. 'a photo of sks dog'.", "")
+    class_prompt: str = _help("Bare class prompt for prior preservation, e.g. 'a photo of a dog'.", "")
+    class_dir: str = _help("Folder of class images (default: OUTPUT/class_images).", "")
+    prior_preservation: str = _help(
+        "off; images: add the denoising loss on class images drawn by the base model; model: "
+        "no class images, match the frozen base model's own prediction for the class prompt "
+        "(one extra forward per step; --class-dir and --num-class-images are ignored). "
+        "A bare --prior-preservation (true in TOML) means images.", "off", flag_value="images",
+        choices=PRIOR_MODES)
+    num_class_images: int = _help("How many class images to use (drawn if missing).", 100)
+    prior_loss_weight: float = _help("Weight lambda of the prior-preservation loss.", 1.0)
+    resolution: int = _help("Training resolution in pixels (0: the model's own).", 0)
+    steps: int = _help("Optimizer steps.", 300)
+    batch_size: int = _help("Instance images per step (as many class images are added).", 1)
+    lr: float = _help("Learning rate of the UNet LoRA.", 5e-4)
+    lr_text: float = _help("Learning rate of the text-encoder LoRA.", 1e-4)
+    lr_text2: float = _help("SDXL: learning rate of the second text encoder's LoRA (0: the "
+                            "same as --lr-text).", 0.0)
+    train_text_encoder: bool = _help("Also train LoRA on the text encoder's attention.", False)
+    rank: int = _help("LoRA rank.", 4)
+    alpha: float = _help("LoRA alpha (0: equal to the rank).", 0.0)
+    mixed_precision: str = _help("no, fp16 or bf16 (LoRA weights stay fp32).", "no",
+                                 choices=MIXED_PRECISIONS)
+    gradient_checkpointing: bool = _help(
+        "Recompute activations in the backward pass: less memory, slower steps.", False)
+    seed: int = _help("Random seed for weights, noise, timesteps and data order.", 0)
+    checkpoint_every: int = _help("Write a resumable checkpoint every N steps (0: never).", 0)
+    resume: bool = _help("Continue from the newest checkpoint in OUTPUT.", False)
+    force: bool = _help("With --resume: continue even if the settings changed.", False)
+    overwrite: bool = _help("Train afresh in an OUTPUT that holds a finished or interrupted run: "
+                            "its LoRA files, checkpoints, metrics, samples, tracker logs, config "
+                            "and model card are deleted when training starts (class images are "
+                            "kept). Without it such an OUTPUT is refused.", False)
+    validation_prompt: str = _help("Prompt drawn into OUTPUT/samples during training.", "")
+    validation_every: int = _help("Draw the validation prompt every N steps (0: only at the end).", 0)
+    validation_images: int = _help("Images per validation (seeds SEED, SEED+1, ...): "
+                                   "samples/step-N.png, then step-N-1.png, ...", 1)
+    captions: bool = _help("Use IMAGE.txt beside each instance image as its prompt when present.",
+                           False)
+    output: str = _help("Run folder.", "runs/run")
+    save_format: str = _help("diffusers, kohya (for AUTOMATIC1111/ComfyUI/InvokeAI) or both.",
+                             "both", choices=SAVE_FORMATS)
+    max_grad_norm: float = _help("Clip the gradient norm to this (0: no clipping).", 1.0)
+    class_draw_steps: int = _help("Sampler steps used to draw class images.", 25)
+    class_draw_batch: int = _help("Class images drawn per batch.", 4)
+    snr_gamma: float = _help("Min-SNR-gamma loss weighting: weigh each sample by "
+                             "min(SNR, gamma)/SNR (typical 5; 0: off).", 0.0)
+    noise_offset: float = _help("Add this x N(0,1) per sample and channel to the noise, so "
+                                "brightness can shift (typical 0.05; 0: off).", 0.0)
+    caption_dropout: float = _help("Probability of training an instance image on the empty "
+                                   "prompt instead of its own (0: never).", 0.0)
+    ema_decay: float = _help("Keep an exponential moving average of the LoRA weights with this "
+                             "decay and save it (typical 0.99; 0: off).", 0.0)
+    train_token: bool = _help(
+        "Pivotal tuning: also learn the input embedding of the identifier's token(s) "
+        "(textual inversion beside the LoRA); saved in the LoRA file.", False)
+    # Adam moves each element by about lr per step whatever the gradient's
+    # scale; CLIP's embedding elements are ~0.01-0.02, so 1e-3 lets the rows
+    # move a lot over a few hundred steps, half of what diffusers'
+    # textual-inversion example takes (5e-4 x 4 accumulation) since the LoRA
+    # learns beside them.
+    lr_token: float = _help("Learning rate of the trained token embedding (--train-token).", 1e-3)
+    adapter: str = _help("lora, or dora (weight-decomposed LoRA: a trained magnitude per "
+                         "output channel; diffusers file only, no kohya export).", "lora",
+                         choices=ADAPTERS)
+    report_to: str = _help("Also log the per-step metrics to tensorboard or wandb (their package "
+                           "must be installed), under OUTPUT/logs (empty: metrics.jsonl only).", "")
+
+    def __post_init__(self) -> None:
+        def bad(key: str, why: str) -> UserError:
+            return UserError(f"{option_name(key)}: {why} (got {getattr(self, key)!r})")
+
+        object.__setattr__(self, "prior_preservation", prior_mode(self.prior_preservation))
+        check_numbers(self)  # and every field's choices
+        self._check_levers(bad)
+        check_adapter(self.adapter, self.save_format)
+        check_report_to(self.report_to)
+        for key in ("lr", "lr_text", "prior_loss_weight", "lr_token"):
+            if not getattr(self, key) > 0:
+                raise bad(key, "must be a positive number")
+        for key, high in TRAIN_CEILINGS.items():
+            if getattr(self, key) < 1:
+                raise bad(key, "must be at least 1")
+            if getattr(self, key) > high:
+                raise bad(key, f"at most {high}")
+        for key in ("checkpoint_every", "validation_every"):
+            if not 0 <= getattr(self, key) <= MAX_TRAIN_STEPS:
+                raise bad(key, f"must be between 0 and {MAX_TRAIN_STEPS}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise bad("seed", f"must be between 0 and {MAX_SEED}")
+        if self.alpha < 0:
+            raise bad("alpha", "must be 0 (= rank) or positive")
+        if self.lr_text2 < 0:
+            raise bad("lr_text2", "must be 0 (= --lr-text) or positive")
+        if self.max_grad_norm < 0:
+            raise bad("max_grad_norm", "must be 0 (off) or positive")
+        if not 0 <= self.resolution <= MAX_SIDE or self.resolution % 8:
+            raise bad("resolution", f"must be a positive multiple of 8, at most {MAX_SIDE} "
+                                    "(0: the model's own)")
+        if not self.model:
+            raise bad("model", "is required")
+        if not self.instance_dir:
+            raise bad("instance_dir", "is required: a folder with photos of the subject")
+        if not self.instance_prompt.strip():
+            raise bad("instance_prompt", "is required, e.g. 'a photo of sks dog'")
+        if self.uses_prior and not self.class_prompt.strip():
+            raise bad("class_prompt", "is required with --prior-preservation, e.g. 'a photo of a dog'")
+        if not self.output:
+            raise bad("output", "is required")
+        if self.overwrite and self.resume:
+            raise bad("overwrite", "cannot be combined with --resume (--resume continues the run "
+                      "in OUTPUT, --overwrite replaces it)")
+        if self.train_token:
+            from ..identifier import guess_identifier
+
+            if not guess_identifier(self.instance_prompt, self.class_prompt):
+                raise bad("instance_prompt", "has no identifier word for --train-token to train")
+
+    def _check_levers(self, bad) -> None:
+        for key in ("snr_gamma", "noise_offset"):
+            if getattr(self, key) < 0:
+                raise bad(key, "must be 0 (off) or positive")
+        for key in ("caption_dropout", "ema_decay"):
+            if not 0 <= getattr(self, key) < 1:
+                raise bad(key, "must be at least 0 (off) and below 1")
+
+    def text_lr(self, encoder: str) -> float:
+        """The learning rate of a text encoder's LoRA, by diffusers' name."""
+        return (self.lr_text2 or self.lr_text) if encoder == "text_encoder_2" else self.lr_text
+
+    @property
+    def lora_alpha(self) -> float:
+        return self.alpha or float(self.rank)
+
+    @property
+    def uses_prior(self) -> bool:
+        return self.prior_preservation != "off"
+
+    @property
+    def prior_images(self) -> bool:
+        return self.prior_preservation == "images"
+
+    @property
+    def prior_model(self) -> bool:
+        return self.prior_preservation == "model"
+
+    @property
+    def class_path(self) -> Path:
+        return Path(self.class_dir) if self.class_dir else Path(self.output) / "class_images"
+
+
