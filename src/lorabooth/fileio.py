@@ -80,22 +80,22 @@ def write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
-def finite(data: Any) -> Any:
+def nan_to_none(data: Any) -> Any:
     """``data`` with every NaN and infinity, however deep, turned into None:
     an undefined figure (CLIP-T of real photos) is JSON's null, which strict
     readers accept; the NaN token Python writes by default they reject."""
     if isinstance(data, float):
         return data if math.isfinite(data) else None
     if isinstance(data, dict):
-        return {k: finite(v) for k, v in data.items()}
+        return {k: nan_to_none(v) for k, v in data.items()}
     if isinstance(data, (list, tuple)):
-        return [finite(v) for v in data]
+        return [nan_to_none(v) for v in data]
     return data
 
 
 def to_json(data: Any, **kwargs: Any) -> str:
-    """``json.dumps`` of ``finite(data)`` that refuses to write a NaN token."""
-    return json.dumps(finite(data), allow_nan=False, **kwargs)
+    """``json.dumps`` of ``nan_to_none(data)`` that refuses to write a NaN token."""
+    return json.dumps(nan_to_none(data), allow_nan=False, **kwargs)
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
