@@ -28,8 +28,7 @@ def demo_photos() -> Path:
 
 
 def demo(output: str | Path = "runs/demo", steps: int = 400) -> Path:
-    from .models import toy_model_dir
-    from .toyworld.judges import ToyJudge
+    from .toyworld.judges import toy_judge
 
     start = time.perf_counter()
     config = TrainConfig(
@@ -44,7 +43,7 @@ def demo(output: str | Path = "runs/demo", steps: int = 400) -> Path:
     run = train(config)
     images = generate(run, PROMPTS, unet_scales=SCALES, text_scales=[1.0], guidances=[5.0],
                       num_images=IMAGES, steps=20)
-    judge = ToyJudge.load(toy_model_dir() / "judges.safetensors")
+    judge = toy_judge()
     from .data import readable_images
     from .evaluation.metrics import cosine_matrix
     from .imagefiles import decode

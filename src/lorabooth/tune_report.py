@@ -19,7 +19,7 @@ from .fileio import save_png, write_text
 from .grid import make_grid
 from .htmlpage import IMAGES_LOADED_SCRIPT
 from .markdown import code, html_text, text
-from .toyworld.frontier import marker, pres_axes
+from .scatter import marker, pres_axes
 from .tune_pruning import steps_saved
 
 log = logging.getLogger(__name__)
