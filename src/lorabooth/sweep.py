@@ -272,15 +272,11 @@ def run_sweep(path: str | Path, yes: bool = False) -> Path:
 
 
 def _evaluate(sweep: Sweep, run: Path) -> dict:
+    from .evaluation.judges import load_judges
     from .evaluation.runner import evaluate
 
     e = sweep.evaluate
-    judges = None
-    if e.judges == "toy":  # the toy world's own judges instead of DINO/CLIP
-        from .models import toy_model_dir
-        from .toyworld.judges import ToyJudge
-
-        judges = ToyJudge.load(toy_model_dir() / "judges.safetensors").judges()
+    judges = load_judges(e.judges, e.dino, e.clip) if e.judges else None
     return evaluate(run, e.real, class_noun=e.class_noun or None, kind=e.kind,
                     prompts_file=e.prompts_file or None, images_per_prompt=e.images_per_prompt,
                     steps=e.steps, baselines=e.baselines, dino=e.dino, clip=e.clip,
