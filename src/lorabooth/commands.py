@@ -39,6 +39,7 @@ from .config import (
     option_name,
 )
 from .errors import UserError
+from .evaluation.judges import register as register_judges
 from .guard import check
 from .plans import PLANS
 from .tune_pruning import PRUNERS
@@ -507,6 +508,15 @@ def _claims(c: ClaimsConfig) -> Any:
     from .toyworld.claims import claims
 
     return claims(c.out, report=c.report, quick=c.quick)
+
+
+def _toy_judges() -> Any:
+    from .toyworld.judges import toy_judges
+
+    return toy_judges()
+
+
+register_judges("toy", _toy_judges)  # --judges toy, in `tune` and a sweep's [evaluate]
 
 
 def _tune_study(c: TuneStudyConfig) -> Any:
