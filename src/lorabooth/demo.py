@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .config import TrainConfig
 from .drawing import generate
+from .formats import WEIGHT_NAME
 from .training import train
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ def demo(output: str | Path = "runs/demo", steps: int = 400) -> Path:
                            for p in preds) / len(preds),
                  100 * sum(p["context"] == c for p, c in zip(preds, contexts)) / len(preds))
     log.info("done in %.0f s", time.perf_counter() - start)
-    log.info("LoRA:       %s", run / "pytorch_lora_weights.safetensors")
+    log.info("LoRA:       %s", run / WEIGHT_NAME)
     for p in sorted((run / "generated").glob("*/grid.png")):
         log.info("grid:       %s", p)
     log.info("model card: %s", run / "README.md")

@@ -16,12 +16,11 @@ from safetensors import safe_open
 
 from .errors import UserError, first_line
 from .fileio import check_regular_file, parse_json
+from .formats import KOHYA_WEIGHT_NAME, WEIGHT_NAME  # noqa: F401  (re-exported)
 from .pivotal import scale_rows
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
-WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-KOHYA_WEIGHT_NAME = "lora_kohya.safetensors"
 ADAPTER = "lorabooth"
 
 

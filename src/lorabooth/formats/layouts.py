@@ -22,16 +22,9 @@ from safetensors.torch import save_file
 
 from ..errors import UserError, first_line
 from ..fileio import atomic_path, parse_json, to_json
-from ..lora import (
-    ADAPTER,
-    KOHYA_WEIGHT_NAME,
-    TEXT_TARGETS,
-    UNET_TARGETS,
-    WEIGHT_NAME,
-    find_lora,
-    read_lora,
-)
+from ..lora import ADAPTER, TEXT_TARGETS, UNET_TARGETS, find_lora, read_lora
 from ..pivotal import embedding_keys, split_embeddings, write_rows
+from . import KOHYA_WEIGHT_NAME, WEIGHT_NAME
 from .sdxl import (
     FAMILY_KEY,
     SDXL,
