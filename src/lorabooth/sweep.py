@@ -33,6 +33,7 @@ from .config import (
 from .drawing import Setting, cache_name, load_pipeline, prompt_slug, settings_grid
 from .errors import UserError
 from .fileio import load_toml, save_png, to_json
+from .formats import LORA_FILES
 from .grid import make_grid
 
 log = logging.getLogger(__name__)
@@ -198,8 +199,7 @@ def run_state(config: TrainConfig) -> str:
     out = Path(config.output)
     stamp = out / "sweep_hash.txt"
     same = stamp.is_file() and stamp.read_text().strip() == config_hash(config)
-    if same and any((out / n).is_file() for n in ("pytorch_lora_weights.safetensors",
-                                                  "lora_kohya.safetensors")):
+    if same and any((out / n).is_file() for n in LORA_FILES.values()):
         return "done"
     if same and (out / "checkpoints").is_dir():
         return "resume"
