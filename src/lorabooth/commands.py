@@ -40,6 +40,7 @@ from .config import (
 )
 from .errors import UserError
 from .evaluation.judges import register as register_judges
+from .formats import WEIGHT_NAME
 from .guard import check
 from .plans import PLANS
 from .tune_pruning import PRUNERS
@@ -381,7 +382,7 @@ def _train(c: TrainConfig) -> Any:
     from .training import train
 
     output = train(c)
-    log.info("LoRA: %s", output / "pytorch_lora_weights.safetensors")
+    log.info("LoRA: %s", output / WEIGHT_NAME)
     return output
 
 
