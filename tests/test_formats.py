@@ -253,3 +253,24 @@ def test_sdxl_kohya_file_acts_like_the_diffusers_file_in_diffusers(sdxl_lora, tm
     for part, (a, b, b0) in enumerate(zip(*outputs, base)):
         assert not torch.allclose(a, b0, atol=1e-4), part
         assert torch.allclose(a, b, atol=1e-5), (part, (a - b).abs().max())
+
+
+def test_python_api_loads_a_unet_only_lora_without_library_chatter(session_photos, tmp_path):
+    """The README's API example on a UNet-only LoRA: diffusers' "No LoRA keys
+    associated to CLIPTextModel found" warning is noise (lorabooth checks a
+    partial load itself), silenced for the Python API as for the CLI. In a
+    fresh process: diffusers' handler keeps the stderr it first saw."""
+    import subprocess
+    import sys
+
+    from lorabooth import TrainConfig, train
+
+    run = train(TrainConfig(model="tiny", instance_dir=str(session_photos),
+                            instance_prompt="a photo of sks dog", steps=1, seed=0,
+                            output=str(tmp_path / "run")))
+    code = ("from lorabooth import generate\n"
+            f"generate({str(run)!r}, ['a photo of sks dog'], num_images=1, steps=1, "
+            f"output={str(tmp_path / 'drawn')!r})")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "No LoRA keys" not in r.stderr, r.stderr
