@@ -342,3 +342,22 @@ def _check_depth(data: Any, where: str, kind: str) -> None:
         if not level:
             return
     raise UserError(f"{where}: {kind} nested too deeply (at most {MAX_DEPTH} levels)")
+
+
+def load_pickle_safely(path: Path) -> dict:
+    """A pickle can run code when loaded. Only torch's safe loader
+    (weights_only: tensors and plain containers) is used; anything needing
+    more is refused, with the reason."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError) as e:
+        first = first_line(e, 100)
+        raise UserError(
+            f"{path}: refused: this pickle file needs more than tensors to load ({first}); "
+            "pickles can run arbitrary code, so lorabooth only loads plain tensors from them. "
+            "Convert it to .safetensors with a tool you trust, or get a .safetensors release"
+        ) from None

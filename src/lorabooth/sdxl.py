@@ -19,7 +19,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from .errors import UserError
 from .families import FAMILIES
-from .fileio import check_regular_file, load_json
+from .fileio import check_regular_file, load_json, load_pickle_safely
 
 TIME_IDS = 6  # original size (2), crop top-left (2), target size (2)
 
@@ -171,7 +171,5 @@ def single_file_keys(path: Path) -> list[str]:
                 return [str(k) for k in f.keys()]
         except Exception:  # noqa: BLE001 - safetensors raises many kinds on bad bytes
             return []
-    from .lora import load_pickle_safely
-
     data = load_pickle_safely(path)
     return [str(k) for k in data.get("state_dict", data)] if isinstance(data, dict) else []

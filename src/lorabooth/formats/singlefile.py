@@ -161,7 +161,7 @@ def load_single_file(path: Path, config: str | Path, family: str = "sd1"):
     fetched. Pickled `.ckpt` files pass torch's safe loader first."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    from ..lora import load_pickle_safely
+    from ..fileio import load_pickle_safely
 
     if path.suffix.lower() in (".ckpt", ".pt", ".pth"):
         load_pickle_safely(path)  # refuses anything but plain tensors before diffusers reads it
