@@ -143,12 +143,14 @@ def to_single_file(base) -> dict[str, torch.Tensor]:
     return {**unet_to_ldm(base.unet), **vae_to_ldm(base.vae), **te}
 
 
-def save_single_file(base, path: str | Path) -> Path:
+def save_single_file(base, path: str | Path, convert=None) -> Path:
+    """``base`` as one checkpoint file, by ``convert`` (default: SD 1.x's
+    `to_single_file`; formats.sdxl passes SDXL's)."""
     from safetensors.torch import save_file
 
     from ..fileio import atomic_path
 
-    tensors = {k: v.detach().contiguous() for k, v in to_single_file(base).items()}
+    tensors = {k: v.detach().contiguous() for k, v in (convert or to_single_file)(base).items()}
     with atomic_path(path) as tmp:
         save_file(tensors, tmp)
     return Path(path)
