@@ -65,56 +65,21 @@ def chromium_dom(page: Path, profile: Path) -> str:
                           capture_output=True, text=True, timeout=600).stdout
 
 
-# SDXL-shaped test model. The lead will point this at
-# `lorabooth.models.build_tiny_sdxl` (branch sdxl-core) after merging; until
-# then it is built here from the shapes of diffusers' own tiny-SDXL tests.
-# The two text encoders differ in width (32 vs 48) on purpose: diffusers'
-# single-file reader tells CLIP-L from OpenCLIP-G's slot by width.
-TINY_SDXL_TEXT_WIDTHS = (32, 48)
-
-
 def tiny_sdxl_pipeline(seed: int = 0):
-    """A StableDiffusionXLPipeline with small random weights, built offline."""
-    import torch
-    from diffusers import (
-        AutoencoderKL,
-        EulerDiscreteScheduler,
-        StableDiffusionXLPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    """The package's built-in tiny SDXL (`lorabooth.sdxl.build_tiny_sdxl`:
+    small random weights, offline; its two text encoders differ in width on
+    purpose, as diffusers' single-file reader tells CLIP-L from OpenCLIP-G's
+    slot by width) as a StableDiffusionXLPipeline."""
+    from diffusers import EulerDiscreteScheduler
 
-    from lorabooth.models import CLIP_VOCAB_SIZE, clip_tokenizer
+    from lorabooth.sdxl import build_tiny_sdxl
 
-    def clip_config(width: int, act: str) -> CLIPTextConfig:
-        return CLIPTextConfig(hidden_size=width, intermediate_size=37, num_hidden_layers=3,
-                              num_attention_heads=4, vocab_size=CLIP_VOCAB_SIZE,
-                              max_position_embeddings=77, layer_norm_eps=1e-5, hidden_act=act,
-                              projection_dim=32, bos_token_id=49406, eos_token_id=49407,
-                              pad_token_id=49407)
-
-    te1, te2 = TINY_SDXL_TEXT_WIDTHS
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
-            sample_size=32, in_channels=4, out_channels=4, layers_per_block=2,
-            block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
-            use_linear_projection=True, transformer_layers_per_block=(1, 2),
-            addition_embed_type="text_time", addition_time_embed_dim=8,
-            projection_class_embeddings_input_dim=6 * 8 + 32,  # 6 size/crop ids + pooled text
-            cross_attention_dim=te1 + te2, norm_num_groups=32)
-        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
-                            block_out_channels=(32, 64), norm_num_groups=32, sample_size=64,
-                            down_block_types=("DownEncoderBlock2D",) * 2,
-                            up_block_types=("UpDecoderBlock2D",) * 2)
-        text_encoder = CLIPTextModel(clip_config(te1, "quick_gelu"))
-        text_encoder_2 = CLIPTextModelWithProjection(clip_config(te2, "gelu"))
+    base = build_tiny_sdxl(seed)
+    parts = {name: getattr(base, name) for name in
+             ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet")}
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012,
                                        beta_schedule="scaled_linear", steps_offset=1)
-    return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder,
-                                     text_encoder_2=text_encoder_2, tokenizer=clip_tokenizer(),
-                                     tokenizer_2=clip_tokenizer(), unet=unet, scheduler=scheduler)
+    return base.family.pipeline(parts, scheduler)
 
 
 def sdxl_lora_layers(pipe, rank: int = 4, alpha: float = 8.0, seed: int = 0) -> dict:
@@ -167,9 +132,9 @@ def tiny_sdxl_outputs(pipe):
     import torch
 
     g = torch.Generator().manual_seed(0)
-    width = sum(TINY_SDXL_TEXT_WIDTHS)
+    width, pooled = pipe.unet.config.cross_attention_dim, pipe.text_encoder_2.config.projection_dim
     x, ctx = torch.randn(1, 4, 32, 32, generator=g), torch.randn(1, 77, width, generator=g)
-    extra = {"text_embeds": torch.randn(1, 32, generator=g),
+    extra = {"text_embeds": torch.randn(1, pooled, generator=g),
              "time_ids": torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]])}
     ids = pipe.tokenizer(["a photo of sks dog"], padding="max_length", return_tensors="pt").input_ids
     with torch.no_grad():

@@ -168,3 +168,15 @@ def _mean_colour(images):
 
     return torch.stack([torch.tensor(im.convert("RGB").resize((1, 1)).getpixel((0, 0)),
                                      dtype=torch.float) for im in images])
+
+
+def test_judges_by_name():
+    """`--judges toy` resolves through the one registry the dispatch fills;
+    an unknown name is one clear line."""
+    import lorabooth.commands  # noqa: F401  registers the toy world's judges
+    from lorabooth.evaluation.judges import load_judges, names
+
+    assert "toy" in names()
+    assert load_judges("toy", "", "").names["dino"] == "toy identity judge"
+    with pytest.raises(UserError, match="judges 'nope': none by that name"):
+        load_judges("nope", "", "")

@@ -195,10 +195,11 @@ def test_sdxl_kohya_names_are_sd_scripts_names(sdxl_lora, tmp_path):
 
     kohya, header = read_lora(convert_file(sdxl_lora, tmp_path / "k.safetensors", "kohya"))
     modules = {k.split(".")[0] for k in kohya}
-    # tiny UNet: 12 transformer blocks x 2 attentions x 4 projections; 3 layers x 4 per encoder
-    assert len(modules) == 96 + 12 + 12 and len(kohya) == 3 * len(modules)
-    assert sum(m.startswith("lora_te1_text_model_encoder_layers_") for m in modules) == 12
-    assert sum(m.startswith("lora_te2_text_model_encoder_layers_") for m in modules) == 12
+    # tiny UNet: 12 transformer blocks x 2 attentions x 4 projections; 5 layers x 4 per
+    # encoder (lorabooth.sdxl.build_tiny_sdxl)
+    assert len(modules) == 96 + 20 + 20 and len(kohya) == 3 * len(modules)
+    assert sum(m.startswith("lora_te1_text_model_encoder_layers_") for m in modules) == 20
+    assert sum(m.startswith("lora_te2_text_model_encoder_layers_") for m in modules) == 20
     unet = {m for m in modules if m.startswith("lora_unet_")}
     assert all(m.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_",
                              "lora_unet_output_blocks_")) for m in unet)
@@ -252,3 +253,24 @@ def test_sdxl_kohya_file_acts_like_the_diffusers_file_in_diffusers(sdxl_lora, tm
     for part, (a, b, b0) in enumerate(zip(*outputs, base)):
         assert not torch.allclose(a, b0, atol=1e-4), part
         assert torch.allclose(a, b, atol=1e-5), (part, (a - b).abs().max())
+
+
+def test_python_api_loads_a_unet_only_lora_without_library_chatter(session_photos, tmp_path):
+    """The README's API example on a UNet-only LoRA: diffusers' "No LoRA keys
+    associated to CLIPTextModel found" warning is noise (lorabooth checks a
+    partial load itself), silenced for the Python API as for the CLI. In a
+    fresh process: diffusers' handler keeps the stderr it first saw."""
+    import subprocess
+    import sys
+
+    from lorabooth import TrainConfig, train
+
+    run = train(TrainConfig(model="tiny", instance_dir=str(session_photos),
+                            instance_prompt="a photo of sks dog", steps=1, seed=0,
+                            output=str(tmp_path / "run")))
+    code = ("from lorabooth import generate\n"
+            f"generate({str(run)!r}, ['a photo of sks dog'], num_images=1, steps=1, "
+            f"output={str(tmp_path / 'drawn')!r})")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "No LoRA keys" not in r.stderr, r.stderr

@@ -100,15 +100,15 @@ def test_sdxl_files_in_both_layouts(sdxl_lora, tmp_path, capsys):
     for path, layout in ((kohya, "kohya"), (ours, "diffusers"), (sdxl_lora, "peft")):
         code, out, err = _inspect(capsys, path)
         assert f"layout: {layout}" in out and "base architecture (guessed): SDXL" in out
-        assert "modules: 96 UNet, 24 text encoder" in out
+        assert "modules: 96 UNet, 40 text encoder" in out
         assert "text encoders with LoRA: text_encoder, text_encoder_2" in out
-        assert "text_encoder_2: 12 modules, rank 4, alpha 8" in out
+        assert "text_encoder_2: 20 modules, rank 4, alpha 8" in out
         blocks = "input_blocks" if layout == "kohya" else "down_blocks"
         assert f"unet {blocks}: 32 modules, rank 4, alpha 8" in out
         if path == sdxl_lora:
             # diffusers' own file: ComfyUI has no rule for its peft-spelled UNet
-            # keys (192) nor for encoder-1 keys without `text_model` (24)
-            assert code == 2 and "216 keys in ComfyUI" in err[0]
+            # keys (192) nor for encoder-1 keys without `text_model` (40)
+            assert code == 2 and "232 keys in ComfyUI" in err[0]
         else:
             assert code == 0 and not err, err
             assert "ComfyUI (SDXL 1.0): every key maps to a weight" in out
@@ -126,5 +126,5 @@ def test_sdxl_file_with_sd1_encoder_names_is_caught(sdxl_lora, tmp_path, capsys)
     save_file({k.replace("lora_te1_", "lora_te_"): v for k, v in tensors.items()},
               tmp_path / "bad.safetensors", metadata=header)
     code, out, err = _inspect(capsys, tmp_path / "bad.safetensors")
-    assert code == 2 and len(err) == 1 and "36 keys in AUTOMATIC1111" in err[0]
+    assert code == 2 and len(err) == 1 and "60 keys in AUTOMATIC1111" in err[0]
     assert "ComfyUI (SDXL 1.0): every key maps" in out  # ComfyUI takes lora_te_ for clip_l

@@ -6,13 +6,13 @@ import math
 import pytest
 
 from helpers import strict_loads
-from lorabooth.fileio import finite, to_json, write_json
+from lorabooth.fileio import nan_to_none, to_json, write_json
 
 
 def test_non_finite_floats_become_null_at_any_depth(tmp_path):
     data = {"mean": math.nan, "rows": [{"std": math.inf}, (1.5, -math.inf)], "n": 0, "s": "nan"}
-    assert finite(data) == {"mean": None, "rows": [{"std": None}, [1.5, None]], "n": 0, "s": "nan"}
-    assert strict_loads(to_json(data)) == finite(data)
+    assert nan_to_none(data) == {"mean": None, "rows": [{"std": None}, [1.5, None]], "n": 0, "s": "nan"}
+    assert strict_loads(to_json(data)) == nan_to_none(data)
     write_json(tmp_path / "x.json", data)
     assert strict_loads((tmp_path / "x.json").read_text())["mean"] is None
 

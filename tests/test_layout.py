@@ -107,3 +107,35 @@ def test_api_names_resolve():
 
     assert callable(lorabooth.train) and callable(lorabooth.generate)
     assert callable(lorabooth.evaluate) and lorabooth.TrainConfig.__name__ == "TrainConfig"
+
+
+# The product's layers (training, generation, evaluation, search, formats,
+# models) never reach the research code; only the command dispatch and the
+# demo import lorabooth.toyworld.
+PRODUCT = ("lorabooth.training", "lorabooth.drawing", "lorabooth.evaluation", "lorabooth.sweep",
+           "lorabooth.sweep_report", "lorabooth.tune", "lorabooth.formats", "lorabooth.models")
+TOYWORLD_IMPORTERS = {"lorabooth.commands", "lorabooth.demo"}
+
+
+def _is_toyworld(module: str) -> bool:
+    return module == "lorabooth.toyworld" or module.startswith("lorabooth.toyworld.")
+
+
+def _reach(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for m in graph[todo.pop()] - seen:
+            seen.add(m)
+            todo.append(m)
+    return seen
+
+
+def test_only_dispatch_and_demo_import_toyworld():
+    graph = import_graph()
+    importers = {m for m, deps in graph.items()
+                 if not _is_toyworld(m) and any(_is_toyworld(d) for d in deps)}
+    assert importers <= TOYWORLD_IMPORTERS, importers - TOYWORLD_IMPORTERS
+    product = [m for m in graph if m.startswith(PRODUCT)]
+    assert "lorabooth.tune_report" in product and "lorabooth.formats.clients" in product
+    reaching = {m for m in product if any(_is_toyworld(d) for d in _reach(graph, m))}
+    assert not reaching, sorted(reaching)

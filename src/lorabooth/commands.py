@@ -35,6 +35,8 @@ from .config import (  # noqa: F401  (re-exported: the configs' older home)
     TuneStudyConfig,
     UiConfig,
 )
+from .evaluation.judges import register as register_judges
+from .formats import WEIGHT_NAME
 from .guard import check
 from .plans import PLANS
 
@@ -45,7 +47,7 @@ def _train(c: TrainConfig) -> Any:
     from .training import train
 
     output = train(c)
-    log.info("LoRA: %s", output / "pytorch_lora_weights.safetensors")
+    log.info("LoRA: %s", output / WEIGHT_NAME)
     return output
 
 
@@ -172,6 +174,15 @@ def _claims(c: ClaimsConfig) -> Any:
     from .toyworld.claims import claims
 
     return claims(c.out, report=c.report, quick=c.quick)
+
+
+def _toy_judges() -> Any:
+    from .toyworld.judges import toy_judges
+
+    return toy_judges()
+
+
+register_judges("toy", _toy_judges)  # --judges toy, in `tune` and a sweep's [evaluate]
 
 
 def _tune_study(c: TuneStudyConfig) -> Any:

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageOps
 
+from .families import tokenize  # noqa: F401  (re-exported: tests and the toy world use it)
 from .imagefiles import image_files, problem
 from .images import chw_uint8, signed_unit, upright_rgb
 
@@ -42,11 +43,6 @@ def latent_distributions(vae, paths: list[Path], resolution: int,
         means.append(dist.mean.float().cpu())
         stds.append(dist.std.float().cpu())
     return torch.cat(means), torch.cat(stds)
-
-
-def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
-    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                     truncation=True, return_tensors="pt").input_ids
 
 
 def caption_dropout(n: int, probability: float, rng: torch.Generator) -> torch.Tensor:

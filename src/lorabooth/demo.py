@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .config import TrainConfig
 from .drawing import generate
+from .formats import WEIGHT_NAME
 from .training import train
 
 log = logging.getLogger(__name__)
@@ -28,8 +29,7 @@ def demo_photos() -> Path:
 
 
 def demo(output: str | Path = "runs/demo", steps: int = 400) -> Path:
-    from .models import toy_model_dir
-    from .toyworld.judges import ToyJudge
+    from .toyworld.judges import toy_judge
 
     start = time.perf_counter()
     config = TrainConfig(
@@ -44,7 +44,7 @@ def demo(output: str | Path = "runs/demo", steps: int = 400) -> Path:
     run = train(config)
     images = generate(run, PROMPTS, unet_scales=SCALES, text_scales=[1.0], guidances=[5.0],
                       num_images=IMAGES, steps=20)
-    judge = ToyJudge.load(toy_model_dir() / "judges.safetensors")
+    judge = toy_judge()
     from .data import readable_images
     from .evaluation.metrics import cosine_matrix
     from .imagefiles import decode
@@ -65,7 +65,7 @@ def demo(output: str | Path = "runs/demo", steps: int = 400) -> Path:
                            for p in preds) / len(preds),
                  100 * sum(p["context"] == c for p, c in zip(preds, contexts)) / len(preds))
     log.info("done in %.0f s", time.perf_counter() - start)
-    log.info("LoRA:       %s", run / "pytorch_lora_weights.safetensors")
+    log.info("LoRA:       %s", run / WEIGHT_NAME)
     for p in sorted((run / "generated").glob("*/grid.png")):
         log.info("grid:       %s", p)
     log.info("model card: %s", run / "README.md")

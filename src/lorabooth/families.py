@@ -184,8 +184,11 @@ def encode_prompts(family: Family, tokenizers: list, encoders: list[torch.nn.Mod
         return family.encode(encoders, ids.to(encoders[0].device)).cpu_float()
 
 
+def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
+    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt").input_ids
+
+
 def tokenize_all(tokenizers: list, prompts: list[str]) -> torch.Tensor:
     """(P, number of tokenizers, 77) token ids, one tokenizer per text encoder."""
-    from .data import tokenize
-
     return torch.stack([tokenize(t, prompts) for t in tokenizers], dim=1)

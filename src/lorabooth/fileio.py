@@ -80,22 +80,22 @@ def write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
-def finite(data: Any) -> Any:
+def nan_to_none(data: Any) -> Any:
     """``data`` with every NaN and infinity, however deep, turned into None:
     an undefined figure (CLIP-T of real photos) is JSON's null, which strict
     readers accept; the NaN token Python writes by default they reject."""
     if isinstance(data, float):
         return data if math.isfinite(data) else None
     if isinstance(data, dict):
-        return {k: finite(v) for k, v in data.items()}
+        return {k: nan_to_none(v) for k, v in data.items()}
     if isinstance(data, (list, tuple)):
-        return [finite(v) for v in data]
+        return [nan_to_none(v) for v in data]
     return data
 
 
 def to_json(data: Any, **kwargs: Any) -> str:
-    """``json.dumps`` of ``finite(data)`` that refuses to write a NaN token."""
-    return json.dumps(finite(data), allow_nan=False, **kwargs)
+    """``json.dumps`` of ``nan_to_none(data)`` that refuses to write a NaN token."""
+    return json.dumps(nan_to_none(data), allow_nan=False, **kwargs)
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -342,3 +342,22 @@ def _check_depth(data: Any, where: str, kind: str) -> None:
         if not level:
             return
     raise UserError(f"{where}: {kind} nested too deeply (at most {MAX_DEPTH} levels)")
+
+
+def load_pickle_safely(path: Path) -> dict:
+    """A pickle can run code when loaded. Only torch's safe loader
+    (weights_only: tensors and plain containers) is used; anything needing
+    more is refused, with the reason."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError) as e:
+        first = first_line(e, 100)
+        raise UserError(
+            f"{path}: refused: this pickle file needs more than tensors to load ({first}); "
+            "pickles can run arbitrary code, so lorabooth only loads plain tensors from them. "
+            "Convert it to .safetensors with a tool you trust, or get a .safetensors release"
+        ) from None

@@ -28,6 +28,7 @@ from typing import Callable
 
 from .errors import UserError
 from .fileio import file_kind, system_folder
+from .formats import LORA_FILES
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,7 @@ def _run_folder(folder: Path) -> bool:
     --resume or --overwrite, and names a config.toml that no longer reads),
     its LoRA file, or checkpoints of an interrupted one."""
     return (any(_toml_keys(folder / n, "instance_prompt", "instance_dir") for n in RUN_CONFIGS)
-            or _has(folder, "pytorch_lora_weights.safetensors", "lora_kohya.safetensors")
+            or _has(folder, *LORA_FILES.values())
             or (folder / "checkpoints").is_dir())
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from contextlib import contextmanager
+from typing import Iterator
 
 from .visible import visible_lines
 
@@ -33,3 +35,19 @@ def quiet_libraries() -> None:
             handler.addFilter(VisibleText())
     for name in ("accelerate", "diffusers", "transformers", "peft", "httpx", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+@contextmanager
+def diffusers_warnings_off() -> Iterator[None]:
+    """diffusers' warnings off for a moment, whoever called (CLI, Python API,
+    a worker): around loading a LoRA, where its "No LoRA keys associated to
+    CLIPTextModel" on a UNet-only file is noise and a partial load is checked
+    and reported by lorabooth itself (formats.layouts.load_into_pipeline)."""
+    from diffusers.utils import logging as diffusers_logging
+
+    before = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(before)

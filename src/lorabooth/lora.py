@@ -14,14 +14,13 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors import safe_open
 
-from .errors import UserError, first_line
-from .fileio import check_regular_file, parse_json
+from .errors import UserError
+from .fileio import check_regular_file, load_pickle_safely, parse_json
+from .formats import KOHYA_WEIGHT_NAME, WEIGHT_NAME  # noqa: F401  (re-exported)
 from .pivotal import scale_rows
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
-WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-KOHYA_WEIGHT_NAME = "lora_kohya.safetensors"
 ADAPTER = "lorabooth"
 
 
@@ -57,23 +56,6 @@ def freeze_all_but_lora(module: torch.nn.Module) -> None:
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-
-
-def load_pickle_safely(path: Path) -> dict:
-    """A pickle can run code when loaded. Only torch's safe loader
-    (weights_only: tensors and plain containers) is used; anything needing
-    more is refused, with the reason."""
-    import pickle
-
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError) as e:
-        first = first_line(e, 100)
-        raise UserError(
-            f"{path}: refused: this pickle file needs more than tensors to load ({first}); "
-            "pickles can run arbitrary code, so lorabooth only loads plain tensors from them. "
-            "Convert it to .safetensors with a tool you trust, or get a .safetensors release"
-        ) from None
 
 
 def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

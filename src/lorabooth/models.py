@@ -22,7 +22,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from .errors import UserError
 from .families import FAMILIES
-from .lora import KOHYA_WEIGHT_NAME, WEIGHT_NAME
+from .formats import KOHYA_WEIGHT_NAME, WEIGHT_NAME
 from .lowmem import load_unet
 from .parts import (  # noqa: F401  (re-exported: the rest of the package imports them from here)
     CLIP_VOCAB_SIZE,

@@ -21,6 +21,7 @@ import torch
 
 from .errors import UserError
 from .fileio import parse_json
+from .formats import KOHYA_WEIGHT_NAME, WEIGHT_NAME
 
 EMB_PREFIX = "lorabooth_emb."
 BUNDLE_PREFIX, BUNDLE_SUFFIX = "bundle_emb.", ".string_to_param.*"
@@ -173,12 +174,12 @@ def diffusers_lines(folder: str, words: list[str], kohya: bool) -> str:
     one is refused by it, so that file goes in as a state dict without it
     (its alphas are in its keys)."""
     if kohya:
-        return (f"state = load_file({folder + '/lora_kohya.safetensors'!r})\n"
+        return (f"state = load_file({folder + '/' + KOHYA_WEIGHT_NAME!r})\n"
                 f"vectors = {{w: state.pop(f'{BUNDLE_PREFIX}{{w}}{BUNDLE_SUFFIX}') "
                 f"for w in {words!r}}}\n"
                 f"pipe.load_lora_weights(state)\n" + _row_lines())
     return (f"pipe.load_lora_weights({folder!r})\n"
-            f"state = load_file({folder + '/pytorch_lora_weights.safetensors'!r})\n"
+            f"state = load_file({folder + '/' + WEIGHT_NAME!r})\n"
             f"vectors = {{w: state[f'{EMB_PREFIX}{{w}}'] for w in {words!r}}}\n" + _row_lines())
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
+from .formats import KOHYA_WEIGHT_NAME, WEIGHT_NAME
 from .guard import Plan, Read, Write, check
 
 
@@ -56,8 +57,6 @@ def _inspect(c: Any) -> Plan:
 
 
 def _convert(c: Any) -> Plan:
-    from .lora import KOHYA_WEIGHT_NAME, WEIGHT_NAME
-
     dst = Path(c.dst)
     if dst.is_dir():  # a folder takes the layout's own file name
         dst = dst / (KOHYA_WEIGHT_NAME if c.to == "kohya" else WEIGHT_NAME)

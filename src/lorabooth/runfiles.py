@@ -34,9 +34,9 @@ from .fileio import (
     to_json,
     write_text,
 )
+from .formats import KOHYA_WEIGHT_NAME, WEIGHT_NAME
 from .identifier import guess_identifier
 from .locks import acquire_lock, release_lock
-from .lora import KOHYA_WEIGHT_NAME, WEIGHT_NAME
 from .pivotal import diffusers_lines
 
 log = logging.getLogger(__name__)
@@ -316,7 +316,7 @@ LoRA adapters for {md.code(config.model)}, trained by lorabooth {__version__}.
 or in diffusers:
 {md.fenced(python, "python")}
 
-Files: `pytorch_lora_weights.safetensors` (diffusers layout, metadata in its
+Files: `{WEIGHT_NAME}` (diffusers layout, metadata in its
 header), `config.toml` (the exact settings; `lorabooth train --config` reruns
 it), `metrics.jsonl` (loss per step), `samples/` (validation images).
 """

@@ -19,20 +19,12 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from .errors import UserError
 from .families import FAMILIES
-from .fileio import check_regular_file, load_json
+from .fileio import check_regular_file, load_json, load_pickle_safely
+from .formats.sdxl import SDXL_TEXT_CONFIGS, SDXL_UNET_CONFIG  # the one copy of SDXL 1.0's configs
 
 TIME_IDS = 6  # original size (2), crop top-left (2), target size (2)
 
-SDXL_UNET = {
-    "_class_name": "UNet2DConditionModel", "sample_size": 128,
-    "block_out_channels": [320, 640, 1280], "layers_per_block": 2,
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    "transformer_layers_per_block": [1, 2, 10], "attention_head_dim": [5, 10, 20],
-    "cross_attention_dim": 2048, "use_linear_projection": True,
-    "addition_embed_type": "text_time", "addition_embed_type_num_heads": 64,
-    "addition_time_embed_dim": 256, "projection_class_embeddings_input_dim": 2816,
-}
+SDXL_UNET = {"_class_name": "UNet2DConditionModel", **SDXL_UNET_CONFIG}
 SDXL_VAE = {
     "_class_name": "AutoencoderKL", "block_out_channels": [128, 256, 512, 512],
     "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
@@ -41,12 +33,7 @@ SDXL_VAE = {
 }
 _CLIP_IDS = {"vocab_size": 49408, "max_position_embeddings": 77, "bos_token_id": 49406,
              "eos_token_id": 49407, "pad_token_id": 1}
-SDXL_TEXT = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
-             "num_attention_heads": 12, "hidden_act": "quick_gelu", "projection_dim": 768,
-             **_CLIP_IDS}
-SDXL_TEXT_2 = {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32,
-               "num_attention_heads": 20, "hidden_act": "gelu", "projection_dim": 1280,
-               **_CLIP_IDS}
+SDXL_TEXT, SDXL_TEXT_2 = ({**config, **_CLIP_IDS} for config in SDXL_TEXT_CONFIGS)
 
 
 def sdxl_tokenizer_2():
@@ -171,7 +158,5 @@ def single_file_keys(path: Path) -> list[str]:
                 return [str(k) for k in f.keys()]
         except Exception:  # noqa: BLE001 - safetensors raises many kinds on bad bytes
             return []
-    from .lora import load_pickle_safely
-
     data = load_pickle_safely(path)
     return [str(k) for k in data.get("state_dict", data)] if isinstance(data, dict) else []

@@ -33,6 +33,7 @@ from .config import (
 from .drawing import Setting, cache_name, load_pipeline, prompt_slug, settings_grid
 from .errors import UserError
 from .fileio import load_toml, save_png, to_json
+from .formats import LORA_FILES
 from .grid import make_grid
 
 log = logging.getLogger(__name__)
@@ -198,8 +199,7 @@ def run_state(config: TrainConfig) -> str:
     out = Path(config.output)
     stamp = out / "sweep_hash.txt"
     same = stamp.is_file() and stamp.read_text().strip() == config_hash(config)
-    if same and any((out / n).is_file() for n in ("pytorch_lora_weights.safetensors",
-                                                  "lora_kohya.safetensors")):
+    if same and any((out / n).is_file() for n in LORA_FILES.values()):
         return "done"
     if same and (out / "checkpoints").is_dir():
         return "resume"
@@ -272,15 +272,11 @@ def run_sweep(path: str | Path, yes: bool = False) -> Path:
 
 
 def _evaluate(sweep: Sweep, run: Path) -> dict:
+    from .evaluation.judges import load_judges
     from .evaluation.runner import evaluate
 
     e = sweep.evaluate
-    judges = None
-    if e.judges == "toy":  # the toy world's own judges instead of DINO/CLIP
-        from .models import toy_model_dir
-        from .toyworld.judges import ToyJudge
-
-        judges = ToyJudge.load(toy_model_dir() / "judges.safetensors").judges()
+    judges = load_judges(e.judges, e.dino, e.clip) if e.judges else None
     return evaluate(run, e.real, class_noun=e.class_noun or None, kind=e.kind,
                     prompts_file=e.prompts_file or None, images_per_prompt=e.images_per_prompt,
                     steps=e.steps, baselines=e.baselines, dino=e.dino, clip=e.clip,

@@ -147,15 +147,10 @@ def adopt_silent_trials(storage: Any, grace: int) -> int:
 
 
 def _judges(c: Any) -> Any:
-    """Built once for every trial: the toy world's judges, or DINO and CLIP."""
-    if c.judges == "toy":
-        from .models import toy_model_dir
-        from .toyworld.judges import ToyJudge
+    """Built once for every trial: the judges named by --judges, or DINO and CLIP."""
+    from .evaluation.judges import load_judges
 
-        return ToyJudge.load(toy_model_dir() / "judges.safetensors").judges()
-    from .evaluation.embedders import default_judges
-
-    return default_judges(c.dino, c.clip)
+    return load_judges(c.judges, c.dino, c.clip)
 
 
 def trial_config(c: Any, overrides: dict[str, Any], run: Path, pruning: bool = False

@@ -16,10 +16,11 @@ from typing import Any
 from PIL import Image
 
 from .fileio import save_png, write_text
+from .formats import WEIGHT_NAME
 from .grid import make_grid
 from .htmlpage import IMAGES_LOADED_SCRIPT
 from .markdown import code, html_text, text
-from .toyworld.frontier import marker, pres_axes
+from .scatter import marker, pres_axes
 from .tune_pruning import steps_saved
 
 log = logging.getLogger(__name__)
@@ -205,7 +206,7 @@ def _copy_best(out: Path, best: Any) -> Path:
     run, dest = out / best.user_attrs["run"], out / "best"
     shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir(parents=True)
-    for name in ("pytorch_lora_weights.safetensors", "config.toml"):
+    for name in (WEIGHT_NAME, "config.toml"):
         shutil.copy2(run / name, dest / name)
     return dest
 

@@ -22,16 +22,10 @@ from safetensors.torch import save_file
 
 from ..errors import UserError, first_line
 from ..fileio import atomic_path, parse_json, to_json
-from ..lora import (
-    ADAPTER,
-    KOHYA_WEIGHT_NAME,
-    TEXT_TARGETS,
-    UNET_TARGETS,
-    WEIGHT_NAME,
-    find_lora,
-    read_lora,
-)
+from ..logs import diffusers_warnings_off
+from ..lora import ADAPTER, TEXT_TARGETS, UNET_TARGETS, find_lora, read_lora
 from ..pivotal import embedding_keys, split_embeddings, write_rows
+from . import KOHYA_WEIGHT_NAME, WEIGHT_NAME
 from .sdxl import (
     FAMILY_KEY,
     SDXL,
@@ -375,7 +369,8 @@ def load_into_pipeline(pipe: StableDiffusionPipeline, run: str | Path) -> tuple[
     kohya = embeddings and detect_layout(tensors, str(path)) == "kohya"
     source = tensors if kohya else str(path.parent)
     try:
-        pipe.load_lora_weights(source, weight_name=path.name, adapter_name=ADAPTER)
+        with diffusers_warnings_off():  # its partial-load chatter; checked below instead
+            pipe.load_lora_weights(source, weight_name=path.name, adapter_name=ADAPTER)
     except (ValueError, RuntimeError, KeyError) as e:
         raise UserError(f"{path}: does not fit this base model ({first_line(e, 200)})") from None
     held = set()

@@ -22,7 +22,14 @@ import torch
 
 from ..errors import UserError
 from ..fileio import parse_json
-from .singlefile import ldm_pairs, text_ldm_name, unet_ldm_key, unet_to_ldm, vae_to_ldm
+from .singlefile import (
+    ldm_pairs,
+    save_single_file,
+    text_ldm_name,
+    unet_ldm_key,
+    unet_to_ldm,
+    vae_to_ldm,
+)
 
 SD, SDXL = "sd", "sdxl"  # LoRA families: one text encoder (SD 1.x/2.x) or SDXL's two
 FAMILY_NAMES = {SD: "Stable Diffusion 1.x/2.x", SDXL: "SDXL"}
@@ -33,7 +40,8 @@ SDXL_KOHYA_META = {"ss_base_model_version": "sdxl_base_v1-0",
                    "modelspec.architecture": "stable-diffusion-xl-v1-base/lora"}
 
 # SDXL 1.0's UNet, text encoders (CLIP ViT-L, OpenCLIP ViT-bigG) as diffusers
-# configures them: the weight names the clients' rules are checked against.
+# configures them: the weight names the clients' rules are checked against, and
+# (lorabooth.sdxl) the configs `sdxl-random` and a single SDXL file load with.
 SDXL_UNET_CONFIG = {
     "sample_size": 128, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
     "block_out_channels": [320, 640, 1280],
@@ -41,8 +49,8 @@ SDXL_UNET_CONFIG = {
     "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
     "transformer_layers_per_block": [1, 2, 10], "attention_head_dim": [5, 10, 20],
     "cross_attention_dim": 2048, "use_linear_projection": True,
-    "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
-    "projection_class_embeddings_input_dim": 2816}
+    "addition_embed_type": "text_time", "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256, "projection_class_embeddings_input_dim": 2816}
 SDXL_TEXT_CONFIGS = (
     {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
      "num_attention_heads": 12, "hidden_act": "quick_gelu", "projection_dim": 768},
@@ -167,14 +175,7 @@ def to_sdxl_single_file(pipe) -> dict[str, torch.Tensor]:
 
 
 def save_sdxl_single_file(pipe, path: str | Path) -> Path:
-    from safetensors.torch import save_file
-
-    from ..fileio import atomic_path
-
-    tensors = {k: v.detach().contiguous() for k, v in to_sdxl_single_file(pipe).items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, tmp)
-    return Path(path)
+    return save_single_file(pipe, path, to_sdxl_single_file)
 
 
 def sdxl_meta_models():

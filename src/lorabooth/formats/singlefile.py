@@ -143,12 +143,14 @@ def to_single_file(base) -> dict[str, torch.Tensor]:
     return {**unet_to_ldm(base.unet), **vae_to_ldm(base.vae), **te}
 
 
-def save_single_file(base, path: str | Path) -> Path:
+def save_single_file(base, path: str | Path, convert=None) -> Path:
+    """``base`` as one checkpoint file, by ``convert`` (default: SD 1.x's
+    `to_single_file`; formats.sdxl passes SDXL's)."""
     from safetensors.torch import save_file
 
     from ..fileio import atomic_path
 
-    tensors = {k: v.detach().contiguous() for k, v in to_single_file(base).items()}
+    tensors = {k: v.detach().contiguous() for k, v in (convert or to_single_file)(base).items()}
     with atomic_path(path) as tmp:
         save_file(tensors, tmp)
     return Path(path)
@@ -161,7 +163,7 @@ def load_single_file(path: Path, config: str | Path, family: str = "sd1"):
     fetched. Pickled `.ckpt` files pass torch's safe loader first."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    from ..lora import load_pickle_safely
+    from ..fileio import load_pickle_safely
 
     if path.suffix.lower() in (".ckpt", ".pt", ".pth"):
         load_pickle_safely(path)  # refuses anything but plain tensors before diffusers reads it

@@ -19,7 +19,7 @@ from ..evaluation.metrics import cosine_matrix, mean_pairwise_within
 from ..fileio import save_png, write_json
 from ..grid import make_grid
 from ..training import train
-from .judges import ToyJudge
+from .judges import ToyJudge, toy_judge
 from .world import HELD_OUT, render, subject_views
 
 log = logging.getLogger(__name__)
@@ -184,7 +184,7 @@ def run_study(study: Study) -> dict:
     """Every variant x seed, each run's scores cached beside it (score.json),
     so an interrupted or extended study redoes nothing."""
     t0 = time.perf_counter()
-    judge = ToyJudge.load(_judges_path())
+    judge = toy_judge()
     photos = subject_photos(study.out / "subject")
     subject = judge.identity([render(s, 1000 + i) for i, s in enumerate(subject_views(SUBJECT))])
     results: dict = {"base": [], **{v.name: [] for v in study.variants}, "scales": [],
@@ -303,12 +303,6 @@ def _calibration() -> dict:
 
     base = load_base("toy")
     return identifier_distances(base.tokenizer, base.text_encoder)
-
-
-def _judges_path() -> Path:
-    from ..models import toy_model_dir
-
-    return toy_model_dir() / "judges.safetensors"
 
 
 def claims(out: str | Path, report: str | Path | None = None, quick: bool = False) -> dict:

@@ -94,6 +94,8 @@ def train_judges(path: str | Path, seed: int = 0, steps: int = 1500, batch: int 
 
 
 class ToyJudge:
+    """The toy world's judge net; `toy_judge()` loads the toy model's own."""
+
     def __init__(self, net: JudgeNet):
         self.net = net.eval()
 
@@ -147,3 +149,15 @@ def judge_accuracy(judge: ToyJudge, n: int = 512, seed: int = 123) -> dict[str, 
     preds = judge.predict([render(s, rng.randrange(1 << 30)) for s in specs])
     return {k: round(sum(p[k] == getattr(s, k) for p, s in zip(preds, specs)) / n, 4)
             for k in HEADS}
+
+
+def toy_judge() -> ToyJudge:
+    """The judge trained with the toy model (`toyworld pretrain`)."""
+    from ..models import toy_model_dir
+
+    return ToyJudge.load(toy_model_dir() / "judges.safetensors")
+
+
+def toy_judges() -> Judges:
+    """The toy judge as `evaluate`'s judges: what `--judges toy` loads."""
+    return toy_judge().judges()

@@ -19,7 +19,7 @@ from ..evaluation.metrics import cosine_matrix, mean_pairwise_within
 from ..fileio import save_png, write_json
 from ..training import train
 from .instance import InstanceJudge
-from .judges import ToyJudge
+from .judges import toy_judge
 from .salience import calibrated_model
 from .subjects import Subject
 
@@ -66,9 +66,7 @@ class Harness:
     train_over: dict = field(default_factory=dict)  # over BASE_TRAIN, e.g. fewer steps
 
     def __post_init__(self):
-        from ..models import toy_model_dir
-
-        self.judge = ToyJudge.load(toy_model_dir() / "judges.safetensors")
+        self.judge = toy_judge()
         self._instance: InstanceJudge | None = None
 
     @property

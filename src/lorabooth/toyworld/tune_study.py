@@ -177,10 +177,9 @@ def held_out(plan: Plan, arm: str, repeat: int, pick: dict, judges: Any) -> dict
 
 def run_repeat(plan: Plan, repeat: int, tune_config: type) -> dict:
     """Everything for one repeat; cached on disk, so a killed repeat resumes."""
-    from ..models import toy_model_dir
-    from .judges import ToyJudge
+    from .judges import toy_judges
 
-    judges = ToyJudge.load(toy_model_dir() / "judges.safetensors").judges()
+    judges = toy_judges()
     result = {"tune": run_tune(plan, repeat, judges, tune_config)}
     for arm in FIXED:
         result[arm] = run_fixed(plan, arm, repeat, result["tune"]["cpu_s"], judges)

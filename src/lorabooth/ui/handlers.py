@@ -14,6 +14,7 @@ import tomli_w
 from ..config import PrepareConfig, to_toml_dict
 from ..errors import UserError
 from ..fileio import MAX_JSON_BYTES, load_json, load_toml, read_bytes_file
+from ..formats import LORA_FILES
 from ..guard import RUN_CONFIGS
 from ..imagefiles import Rejected
 from ..lossplot import loss_svg
@@ -22,7 +23,6 @@ from .trainform import config_from_form
 from .workspace import Workspace, read_metrics, read_run_config
 
 TRAIN_SPEC = RUN_CONFIGS[1]  # the config the page queued a training with
-LORA_FILES = {"diffusers": "pytorch_lora_weights.safetensors", "kohya": "lora_kohya.safetensors"}
 
 
 def esc(value: object) -> str:
