@@ -21,7 +21,7 @@ import json
 import logging
 from pathlib import Path
 
-from lorabooth.fileio import write_json, write_text
+from lorabooth.core.fileio import write_json, write_text
 from lorabooth.toyworld.calibrate import FIT_METHODS, fit
 from lorabooth.toyworld.calibrated_report import fit_table, lever_table, subject_tables
 from lorabooth.toyworld.subject_study import LEVERS, METHODS, Cell, Harness
@@ -111,7 +111,7 @@ def phase_levers(h: Harness, seeds: list[int], subjects=LEVER_SUBJECTS) -> None:
 def distances() -> None:
     """How far 'a photo of sks ball' reaches from 'a photo of a ball' (mean
     L2 over the 77 positions of the last hidden states) at each salience."""
-    from lorabooth.models import load_base
+    from lorabooth.models.loading import load_base
     from lorabooth.toyworld.calibration import CLASS_PROMPT, prompt_distance
     from lorabooth.toyworld.salience import apply_salience
 

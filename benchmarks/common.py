@@ -46,8 +46,8 @@ def model_dir(path: Path = DEFAULT_MODEL_DIR, name: str = "sd15-random") -> Path
         print(f"building {name} in {path} (once)", file=sys.stderr)
         tmp = path.with_name(path.name + ".partial")
         built = subprocess.run([sys.executable, "-c", (
-            "import sys; from lorabooth.errors import UserError; "
-            "from lorabooth.models import load_base, save_base\n"
+            "import sys; from lorabooth.core.errors import UserError; "
+            "from lorabooth.models.loading import load_base, save_base\n"
             "try: save_base(load_base(sys.argv[1]), sys.argv[2])\n"
             "except UserError as e: sys.exit(str(e))"), name, str(tmp)])
         if built.returncode:

@@ -12,7 +12,7 @@ import argparse
 import json
 
 from common import machine
-from lorabooth.models import load_base
+from lorabooth.models.loading import load_base
 from lorabooth.toyworld.calibration import identifier_distances
 
 

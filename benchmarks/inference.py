@@ -26,8 +26,8 @@ from common import DEFAULT_MODEL_DIR, machine, model_dir, warm_page_cache
 
 def _lora_run(base, folder: Path) -> Path:
     """A run folder holding a rank-4 UNet LoRA for this base model."""
+    from lorabooth.adapters.lora import add_unet_lora, lora_parameters
     from lorabooth.formats.layouts import save_lora
-    from lorabooth.lora import add_unet_lora, lora_parameters
 
     add_unet_lora(base.unet, 4, 4)
     with torch.no_grad():
@@ -46,11 +46,11 @@ def main() -> None:
     parser.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR)
     args = parser.parse_args()
 
-    from lorabooth.drawing import _scheduler
+    from lorabooth.adapters.lora import fused, set_scales
     from lorabooth.formats.layouts import load_into_pipeline
-    from lorabooth.lora import fused, set_scales
-    from lorabooth.models import load_base, pipeline_from_parts
-    from lorabooth.precision import tune_allocator
+    from lorabooth.generation import _scheduler
+    from lorabooth.models.loading import load_base, pipeline_from_parts
+    from lorabooth.models.precision import tune_allocator
 
     tune_allocator()
     model = model_dir(args.model_dir)

@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from lorabooth.models import load_base, toy_model_dir
+from lorabooth.models.loading import load_base, toy_model_dir
 from lorabooth.toyworld.instance import InstanceJudge, train_instance_judge
 from lorabooth.toyworld.judges import ToyJudge
 from lorabooth.toyworld.twin import twin_check

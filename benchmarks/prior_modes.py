@@ -18,7 +18,7 @@ import time
 from common import machine
 from lorabooth.config import TrainConfig
 from lorabooth.demo import demo_photos
-from lorabooth.training import train
+from lorabooth.training.loop import train
 
 
 def timed(config: TrainConfig) -> dict:

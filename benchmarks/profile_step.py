@@ -27,11 +27,11 @@ def main() -> None:
     args = parser.parse_args()
 
     from lorabooth.config import TrainConfig
-    from lorabooth.models import load_base
-    from lorabooth.precision import cast_frozen, tune_allocator, weight_dtype
-    from lorabooth.trainsetup import setup_lora, setup_optimizer
+    from lorabooth.models.loading import load_base
+    from lorabooth.models.precision import cast_frozen, tune_allocator, weight_dtype
+    from lorabooth.training.setup import setup_lora, setup_optimizer
 
-    t = importlib.import_module("lorabooth.training")
+    t = importlib.import_module("lorabooth.training.loop")
     tune_allocator()
     print(f"# {machine()}\n")
     for precision in args.precision:

@@ -120,7 +120,7 @@ def tiny_judges(tmp_path_factory) -> tuple[str, str]:
     )
     from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
 
-    from lorabooth.models import clip_tokenizer
+    from lorabooth.models.loading import clip_tokenizer
 
     root = tmp_path_factory.mktemp("judges")
     torch.manual_seed(0)
@@ -147,7 +147,7 @@ def on_finish(monkeypatch):
     """Look inside a training run just before it saves its LoRA:
     ``on_finish(look)`` makes every following run call ``look(config, base,
     modules)`` and then its real ``_finish``."""
-    import lorabooth.training as t
+    import lorabooth.training.loop as t
 
     real = t._finish
 

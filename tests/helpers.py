@@ -66,13 +66,13 @@ def chromium_dom(page: Path, profile: Path) -> str:
 
 
 def tiny_sdxl_pipeline(seed: int = 0):
-    """The package's built-in tiny SDXL (`lorabooth.sdxl.build_tiny_sdxl`:
+    """The package's built-in tiny SDXL (`lorabooth.models.sdxl.build_tiny_sdxl`:
     small random weights, offline; its two text encoders differ in width on
     purpose, as diffusers' single-file reader tells CLIP-L from OpenCLIP-G's
     slot by width) as a StableDiffusionXLPipeline."""
     from diffusers import EulerDiscreteScheduler
 
-    from lorabooth.sdxl import build_tiny_sdxl
+    from lorabooth.models.sdxl import build_tiny_sdxl
 
     base = build_tiny_sdxl(seed)
     parts = {name: getattr(base, name) for name in
@@ -88,7 +88,7 @@ def sdxl_lora_layers(pipe, rank: int = 4, alpha: float = 8.0, seed: int = 0) -> 
     import torch
     from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 
-    from lorabooth.lora import TEXT_TARGETS, UNET_TARGETS
+    from lorabooth.adapters.lora import TEXT_TARGETS, UNET_TARGETS
 
     g = torch.Generator().manual_seed(seed)
     layers = {}
@@ -112,7 +112,7 @@ def make_sdxl_lora(folder: Path, rank: int = 4, alpha: float = 8.0, seed: int = 
     from diffusers import StableDiffusionXLPipeline
     from peft import LoraConfig
 
-    from lorabooth.lora import TEXT_TARGETS, UNET_TARGETS, WEIGHT_NAME
+    from lorabooth.adapters.lora import TEXT_TARGETS, UNET_TARGETS, WEIGHT_NAME
 
     layers = sdxl_lora_layers(tiny_sdxl_pipeline(), rank, alpha, seed)
     meta = {part: LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets)).to_dict()

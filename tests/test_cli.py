@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lorabooth.cli import main
+from lorabooth.commands.cli import main
 
 
 def _run(env, *args):
@@ -102,7 +102,7 @@ def test_console_entry_point_help():
 def no_unet_model(tmp_path_factory):
     import shutil
 
-    from lorabooth.models import build_tiny, save_base
+    from lorabooth.models.loading import build_tiny, save_base
 
     folder = save_base(build_tiny(), tmp_path_factory.mktemp("m") / "model")
     shutil.rmtree(folder / "unet")
@@ -123,7 +123,7 @@ def _bad_input(kind, tmp_path, photos, no_unet_model, trained_run):
     bad_lora.mkdir(exist_ok=True)
     from safetensors.torch import save_file
 
-    from lorabooth.lora import WEIGHT_NAME, read_lora
+    from lorabooth.adapters.lora import WEIGHT_NAME, read_lora
     tensors, header = read_lora(trained_run / WEIGHT_NAME)
     save_file({k: (v[:, :2] if k.endswith("down.weight") else v).contiguous()
                for k, v in tensors.items()},
@@ -205,7 +205,7 @@ def test_fewer_class_images_than_present_keeps_them_and_says_so(photos, tmp_path
 ])
 def test_prior_preservation_bare_flag_value_or_no(args, mode):
     """The bare flag keeps its old meaning (class images); a value picks the mode."""
-    from lorabooth.cli import build_parser
+    from lorabooth.commands.cli import build_parser
 
     parsed = build_parser().parse_args(["train", *args])
     assert parsed.prior_preservation == mode
@@ -214,7 +214,7 @@ def test_prior_preservation_bare_flag_value_or_no(args, mode):
 def test_prior_preservation_command_line_beats_the_file(tmp_path):
     from dataclasses import fields
 
-    from lorabooth.cli import build_parser
+    from lorabooth.commands.cli import build_parser
     from lorabooth.config import TrainConfig, build_config
 
     cfg = tmp_path / "c.toml"

@@ -6,6 +6,7 @@ import re
 
 import pytest
 
+from lorabooth.adapters.lora import KOHYA_WEIGHT_NAME, WEIGHT_NAME, read_lora
 from lorabooth.formats.clients import (
     a1111_module,
     a1111_unloaded,
@@ -16,7 +17,6 @@ from lorabooth.formats.clients import (
     unloaded_by_client,
 )
 from lorabooth.formats.layouts import old_text_keys
-from lorabooth.lora import KOHYA_WEIGHT_NAME, WEIGHT_NAME, read_lora
 
 
 @pytest.fixture(scope="module")

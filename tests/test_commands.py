@@ -7,7 +7,6 @@ import dataclasses
 import pytest
 import tomli_w
 
-from lorabooth.cli import build_parser
 from lorabooth.commands import (
     COMMANDS,
     EvaluateConfig,
@@ -16,8 +15,9 @@ from lorabooth.commands import (
     MergeConfig,
     run,
 )
+from lorabooth.commands.cli import build_parser
 from lorabooth.config import SweepEvaluate, SweepGenerate, build_config, option_name, to_toml_dict
-from lorabooth.errors import UserError
+from lorabooth.core.errors import UserError
 
 # values for the fields a config cannot be built without
 REQUIRED = {"run": "runs/x", "file": "f.toml", "src": "in", "dst": "out", "to": "kohya",

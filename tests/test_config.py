@@ -4,7 +4,7 @@ import pytest
 import tomli_w
 
 from lorabooth.config import TrainConfig, build_config, check_keys
-from lorabooth.errors import UserError
+from lorabooth.core.errors import UserError
 
 GOOD = dict(instance_dir="photos", instance_prompt="a photo of sks dog")
 
@@ -116,7 +116,7 @@ def test_model_prior_needs_a_class_prompt():
 
 
 def test_levers_default_off_and_round_trip_toml_and_command_line(tmp_path):
-    from lorabooth.cli import build_parser
+    from lorabooth.commands.cli import build_parser
     from lorabooth.config import to_toml_dict
 
     c = TrainConfig(**GOOD)

@@ -5,9 +5,9 @@ import torch
 from PIL import Image
 
 from lorabooth.config import PrepareConfig
-from lorabooth.data import Shuffler, caption_dropout, load_image, readable_images
-from lorabooth.errors import UserError
-from lorabooth.prepare import prepare
+from lorabooth.core.errors import UserError
+from lorabooth.photos.prepare import prepare
+from lorabooth.training.data import Shuffler, caption_dropout, load_image, readable_images
 from test_hostile_files import smooth_photos
 
 
@@ -84,7 +84,7 @@ def test_transparent_png_trains_on_the_pixels_prepare_and_evaluate_see(tmp_path)
     """Alpha over white everywhere: a photo with a transparent background is
     not black to training and white to prepare and evaluate."""
     from lorabooth.evaluation.runner import real_images_of
-    from lorabooth.imagefiles import decode
+    from lorabooth.photos.imagefiles import decode
 
     folder = tmp_path / "real"
     folder.mkdir()

@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 
 from helpers import PINNED_FIRST_LOSSES
 from lorabooth import TrainConfig, train
-from lorabooth.lora import WEIGHT_NAME
+from lorabooth.adapters.lora import WEIGHT_NAME
 
 TIMEOUT = 600  # only so a hung collective cannot hang CI; no test asserts on time
 BASE = ["--model", "tiny", "--instance-prompt", "a photo of sks dog", "--resolution", "64",
@@ -168,8 +168,8 @@ KILL_RANK_1 = """
 import os, signal, sys, time
 from pathlib import Path
 
-from lorabooth import training
-from lorabooth.cli import main
+from lorabooth.training import loop as training
+from lorabooth.commands.cli import main
 
 real = training.all_rank_streams
 
@@ -222,8 +222,8 @@ def test_a_killed_rank_resumes_to_the_uninterrupted_file(photos, tmp_path):
 
 
 def test_each_rank_gets_its_own_streams_back():
-    from lorabooth.data import Shuffler
-    from lorabooth.ranks import rank_streams, restore_streams
+    from lorabooth.training.data import Shuffler
+    from lorabooth.training.processes import rank_streams, restore_streams
 
     def streams(seed):
         rng, order = torch.Generator().manual_seed(seed), Shuffler(5, seed)

@@ -13,10 +13,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from safetensors.torch import save_file
 
 from helpers import tiny_outputs
-from lorabooth.cli import main
-from lorabooth.config import TrainConfig, build_config, to_toml_dict
-from lorabooth.formats.layouts import convert_file, read_as_peft
-from lorabooth.lora import (
+from lorabooth.adapters.lora import (
     KOHYA_WEIGHT_NAME,
     WEIGHT_NAME,
     add_unet_lora,
@@ -25,8 +22,11 @@ from lorabooth.lora import (
     lora_parameters,
     read_lora,
 )
-from lorabooth.models import build_tiny, pipeline_from_parts
-from lorabooth.runfiles import check_resume_config
+from lorabooth.commands.cli import main
+from lorabooth.config import TrainConfig, build_config, to_toml_dict
+from lorabooth.formats.layouts import convert_file, read_as_peft
+from lorabooth.models.loading import build_tiny, pipeline_from_parts
+from lorabooth.training.runfiles import check_resume_config
 
 PROMPT = "a photo of sks dog"
 
@@ -61,7 +61,7 @@ def dora_run(tmp_path_factory, session_photos):
     """A DoRA run on UNet and text encoder, alpha != rank, from a TOML file
     plus a command-line option; ``ours`` holds the trained model's outputs
     and the names of its trained parameters."""
-    import lorabooth.training as t
+    import lorabooth.training.loop as t
 
     tmp = tmp_path_factory.mktemp("dora")
     (tmp / "c.toml").write_text(f'adapter = "dora"\ninstance_dir = "{session_photos}"\n'
@@ -135,7 +135,7 @@ def test_plain_diffusers_loads_the_dora_file_exactly(dora_run):
 
 
 def test_lorabooth_readers_take_the_dora_file(dora_run, tmp_path, capsys):
-    from lorabooth.drawing import generate, load_pipeline
+    from lorabooth.generation import generate, load_pipeline
 
     run, ours = dora_run
     pipe, has_text = load_pipeline(run)
@@ -228,8 +228,8 @@ def test_scale_0_is_the_base_model_not_the_trained_magnitudes(dora_run, fuse):
     so each part at 0 is the base model's, the other part the trained one."""
     from contextlib import nullcontext
 
-    from lorabooth.drawing import load_pipeline
-    from lorabooth.lora import fused, set_scales
+    from lorabooth.adapters.lora import fused, set_scales
+    from lorabooth.generation import load_pipeline
 
     run, ours = dora_run
     pipe, has_text = load_pipeline(run)

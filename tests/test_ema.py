@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from lorabooth.checkpoint import load_trainable_state, trainable_state
-from lorabooth.ema import ema_load, ema_shadow, ema_state, ema_update
+from lorabooth.training.checkpoint import load_trainable_state, trainable_state
+from lorabooth.training.ema import ema_load, ema_shadow, ema_state, ema_update
 
 
 def _weights(modules):  # trainable_state's tensors share the parameters' storage
@@ -60,7 +60,7 @@ def test_shadow_saves_loads_and_goes_into_the_modules():
 
 
 def test_warm_up_decay_is_diffusers_convention():
-    from lorabooth.ema import ema_decay_at
+    from lorabooth.training.ema import ema_decay_at
 
     # diffusers' EMAModel: min(decay, (1 + step) / (10 + step)), step counted from 0
     assert ema_decay_at(0.999, 0) == pytest.approx(0.1)
@@ -89,7 +89,7 @@ def test_a_short_run_keeps_little_of_the_zero_init():
 
 
 def test_ema_applied_swaps_the_average_in_and_back():
-    from lorabooth.ema import ema_applied
+    from lorabooth.training.ema import ema_applied
 
     modules = _modules()
     shadow = {k: v + 5 for k, v in _weights(modules).items()}

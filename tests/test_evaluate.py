@@ -4,8 +4,8 @@ import pytest
 
 from helpers import strict_loads
 from lorabooth import evaluate
-from lorabooth.cli import main
-from lorabooth.errors import UserError
+from lorabooth.commands.cli import main
+from lorabooth.core.errors import UserError
 from lorabooth.evaluation.embedders import Judges
 from lorabooth.evaluation.report import COLUMNS
 
@@ -47,11 +47,11 @@ def test_full_table_with_baselines(trained_run, session_photos, tiny_judges, pro
         "00-a-dog-in-the-jungle.png", "01-a-dog-on-the-beach.png"]
 
     # a second evaluation (here with CLIP as the identity judge too) draws nothing
-    import lorabooth.drawing
+    import lorabooth.generation
     from lorabooth.evaluation.embedders import clip_embedders
 
     calls = []
-    monkeypatch.setattr(lorabooth.drawing, "draw", lambda *a, **k: calls.append(a) or [])
+    monkeypatch.setattr(lorabooth.generation, "draw", lambda *a, **k: calls.append(a) or [])
     clip_image, clip_text = clip_embedders(clip)
     other = Judges(identity=clip_image, image=clip_image, text_image=clip_image, text=clip_text,
                    names={"dino": clip, "clip": clip})
@@ -136,8 +136,8 @@ def test_a_run_retrained_in_place_is_drawn_afresh(trained_run, session_photos, p
     import torch
     from safetensors.torch import save_file
 
-    import lorabooth.drawing as drawing
-    from lorabooth.lora import WEIGHT_NAME, read_lora
+    import lorabooth.generation as drawing
+    from lorabooth.adapters.lora import WEIGHT_NAME, read_lora
 
     run = tmp_path / "run"
     shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("checkpoints", "generated",

@@ -8,11 +8,11 @@ import torch
 from safetensors.torch import save_file
 
 from helpers import tiny_outputs
-from lorabooth.cli import main
-from lorabooth.errors import UserError
+from lorabooth.adapters.lora import KOHYA_WEIGHT_NAME, WEIGHT_NAME, read_lora
+from lorabooth.commands.cli import main
+from lorabooth.core.errors import UserError
 from lorabooth.formats.layouts import convert_file, detect_layout, read_as_peft
-from lorabooth.lora import KOHYA_WEIGHT_NAME, WEIGHT_NAME, read_lora
-from lorabooth.models import build_tiny, pipeline_from_parts
+from lorabooth.models.loading import build_tiny, pipeline_from_parts
 
 
 def _equal(a, b):
@@ -56,7 +56,7 @@ def test_kohya_file_acts_like_the_diffusers_file_in_diffusers(trained_run):
 
 def test_save_format_options(photos, tmp_path):
     from lorabooth import TrainConfig, train
-    from lorabooth.drawing import generate
+    from lorabooth.generation import generate
 
     run = train(TrainConfig(instance_dir=str(photos), instance_prompt="a photo of sks dog",
                             steps=1, save_format="kohya", output=str(tmp_path / "k")))
@@ -103,8 +103,8 @@ def _trained_text_output(trained_run):
     (no diffusers loader): what every loader must reproduce."""
     from peft import set_peft_model_state_dict
 
+    from lorabooth.adapters.lora import add_text_lora
     from lorabooth.formats.layouts import read_as_peft
-    from lorabooth.lora import add_text_lora
 
     tiny = build_tiny()
     add_text_lora(tiny.text_encoder, rank=4, alpha=8)
@@ -196,7 +196,7 @@ def test_sdxl_kohya_names_are_sd_scripts_names(sdxl_lora, tmp_path):
     kohya, header = read_lora(convert_file(sdxl_lora, tmp_path / "k.safetensors", "kohya"))
     modules = {k.split(".")[0] for k in kohya}
     # tiny UNet: 12 transformer blocks x 2 attentions x 4 projections; 5 layers x 4 per
-    # encoder (lorabooth.sdxl.build_tiny_sdxl)
+    # encoder (lorabooth.models.sdxl.build_tiny_sdxl)
     assert len(modules) == 96 + 20 + 20 and len(kohya) == 3 * len(modules)
     assert sum(m.startswith("lora_te1_text_model_encoder_layers_") for m in modules) == 20
     assert sum(m.startswith("lora_te2_text_model_encoder_layers_") for m in modules) == 20

@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 
 from lorabooth import generate
-from lorabooth.errors import UserError
+from lorabooth.core.errors import UserError
 
 
 def test_every_combination_with_the_same_seeds(trained_run, tmp_path):
@@ -54,7 +54,7 @@ def test_fused_drawing_equals_the_adapters_and_restores_the_weights(trained_run)
     the adapters beside the weights, and the weights come back afterwards."""
     import numpy as np
 
-    from lorabooth.drawing import Setting, draw, load_pipeline
+    from lorabooth.generation import Setting, draw, load_pipeline
 
     pipe, has_text = load_pipeline(trained_run)
     assert has_text
@@ -92,7 +92,7 @@ def test_width_and_height(trained_run, tmp_path):
     ("--width", "100"), ("--height", "0"), ("--width", "-8"), ("--height", "4"), ("--width", "wide"),
 ])
 def test_bad_size_is_one_line_exit_2(trained_run, tmp_path, capsys, option, value):
-    from lorabooth.cli import main
+    from lorabooth.commands.cli import main
 
     code = main(["generate", str(trained_run), "--prompt", "x", option, value,
                  "--output", str(tmp_path / "out")])

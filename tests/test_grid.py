@@ -3,9 +3,9 @@ import argparse
 import pytest
 from PIL import Image
 
-from lorabooth.checks import finite_floats
-from lorabooth.drawing import Setting, prompt_slug, settings_grid
-from lorabooth.grid import PAD, Layout, make_grid
+from lorabooth.core.checks import finite_floats
+from lorabooth.generation import Setting, prompt_slug, settings_grid
+from lorabooth.reports.grid import PAD, Layout, make_grid
 
 
 def test_layout_arithmetic():

@@ -1,5 +1,5 @@
 """Hostile and careless input (issue 14, items 1, 2, 3, 6, 9): a table of
-commands, each run in-process through `lorabooth.cli.main`. Every row checks
+commands, each run in-process through `lorabooth.commands.cli.main`. Every row checks
 its exit status, a fragment of what it says, that no traceback was printed,
 and that the photo folder and a finished run folder are byte-identical
 afterwards (sha256 of every file, and the list of every path, dot-files too).
@@ -24,8 +24,8 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from hostile import assert_outcome, assert_untouched, snapshot
-from lorabooth.cli import main
-from lorabooth.fileio import atomic_path, save_png, write_text
+from lorabooth.commands.cli import main
+from lorabooth.core.fileio import atomic_path, save_png, write_text
 
 TRAIN = ["train", "--instance-dir", "{photos}", "--instance-prompt", "a photo of sks dog",
          "--steps", "2", "--resolution", "32"]
@@ -155,7 +155,7 @@ def doctored_report(ctx: Ctx) -> None:
 def sigint_at_step(n: int) -> Callable[[Ctx], None]:
     """A real SIGINT to this process in the middle of step ``n`` (Ctrl-C)."""
     def setup(ctx: Ctx) -> None:
-        import lorabooth.training as T
+        import lorabooth.training.loop as T
         real, calls = T.dreambooth_loss, {"n": 0}
 
         def interrupted(*args, **kwargs):

@@ -18,8 +18,8 @@ import pytest
 from PIL import Image
 
 from hostile import assert_outcome, assert_untouched, snapshot, tree
-from lorabooth.cli import main
-from lorabooth.lora import KOHYA_WEIGHT_NAME, WEIGHT_NAME
+from lorabooth.adapters.lora import KOHYA_WEIGHT_NAME, WEIGHT_NAME
+from lorabooth.commands.cli import main
 from test_hostile_options import PROMPT, Row, no_network, train_argv, world  # noqa: F401
 
 GEN = ["generate", "{run}", "--prompt", PROMPT, "--num-images", "1", "--steps", "1"]
@@ -163,7 +163,7 @@ def test_a_file_size_limit_is_one_line(world, tmp_path):  # noqa: F811
     The limit (64 KB) is far below the merged LoRA's size."""
     out = tmp_path / "m.safetensors"
     script = ("import resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536)); "
-              "from lorabooth.cli import main; sys.exit(main(sys.argv[1:]))")
+              "from lorabooth.commands.cli import main; sys.exit(main(sys.argv[1:]))")
     done = subprocess.run([sys.executable, "-c", script, "merge", str(world.run), str(world.run),
                            "--out", str(out)], capture_output=True, text=True,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})

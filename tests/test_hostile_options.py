@@ -2,7 +2,7 @@
 (issue 14, items 4, 5, 7, 8, and `identifier --n` and the sweep size cap of
 item 9).
 
-Each row is a command run in-process through ``lorabooth.cli.main``, the
+Each row is a command run in-process through ``lorabooth.commands.cli.main``, the
 exit status it must end with, a fragment of what it must say (on stderr or
 in the log), and optional setup and after-checks. Every row also asserts: no
 traceback, no network connection attempted, and the user's photo folder and
@@ -32,8 +32,8 @@ from safetensors.torch import save_file
 
 from helpers import make_photos
 from hostile import assert_outcome, assert_untouched, snapshot
-from lorabooth.cli import main
-from lorabooth.lora import WEIGHT_NAME, read_lora
+from lorabooth.adapters.lora import WEIGHT_NAME, read_lora
+from lorabooth.commands.cli import main
 
 PROMPT = "a photo of sks dog"
 
@@ -195,13 +195,13 @@ def kept_weights(ctx) -> None:
 
 
 def cpu_oom(ctx) -> None:
-    import lorabooth.training
+    import lorabooth.training.loop
 
     def oom(*a, **k):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] . DefaultCPUAllocator: can't "
                            "allocate memory: you tried to allocate 1099511627776 bytes.")
 
-    ctx.monkeypatch.setattr(lorabooth.training, "text_context", oom)
+    ctx.monkeypatch.setattr(lorabooth.training.loop, "text_context", oom)
 
 
 def resumed_from_step_1(ctx) -> None:
@@ -229,7 +229,7 @@ def sweep_escape_setup(ctx) -> None:
 
 
 def levers_recorded(run: Path) -> None:
-    from lorabooth.lora import lora_metadata
+    from lorabooth.adapters.lora import lora_metadata
 
     config = (run / "config.toml").read_text()
     for line in ("snr_gamma = 5.0", "noise_offset = 0.05", "caption_dropout = 0.5",

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from hostile import assert_outcome, tree
-from lorabooth.cli import main
+from lorabooth.commands.cli import main
 from test_hostile_files import PREPARE, TRAIN, smooth_photos
 
 CAPTION = ["--caption", "a photo of sks dog"]
@@ -31,8 +31,8 @@ CAPTION = ["--caption", "a photo of sks dog"]
 BOOT = """
 import os, signal, sys, time
 from pathlib import Path
-import lorabooth.prepare as P
-from lorabooth.cli import main
+import lorabooth.photos.prepare as P
+from lorabooth.commands.cli import main
 mode, a, b, argv = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
 real, calls = P.save_png, [0]
 def hooked(*args, **kwargs):

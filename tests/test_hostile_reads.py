@@ -22,7 +22,7 @@ from typing import Callable
 import pytest
 
 from hostile import assert_outcome, assert_untouched, snapshot, tree
-from lorabooth.cli import build_parser, main
+from lorabooth.commands.cli import build_parser, main
 from test_hostile_files import PREPARE, TRAIN, Ctx, smooth_photos
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -38,7 +38,7 @@ FORMAT_TRICKS = ["{class:>99999999999}", "{0:>99999999999}", "{0.__class__}", "{
 def _child(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
     code = ("import resource, sys\n"
             f"resource.setrlimit(resource.RLIMIT_AS, ({MEMORY_LIMIT}, {MEMORY_LIMIT}))\n"
-            "from lorabooth.cli import main\n"
+            "from lorabooth.commands.cli import main\n"
             "sys.exit(main(sys.argv[1:]))\n")
     env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "HF_HUB_OFFLINE": "1"}
@@ -297,8 +297,8 @@ def test_a_fifo_swapped_in_after_the_check_is_refused_not_waited_on(tmp_path):
     (in a child: a regression would wait for a writer forever)."""
     os.mkfifo(tmp_path / "p.txt")
     code = ("import sys\n"
-            "import lorabooth.fileio as F\n"
-            "from lorabooth.errors import UserError\n"
+            "import lorabooth.core.fileio as F\n"
+            "from lorabooth.core.errors import UserError\n"
             "F.check_regular_file = lambda *a, **k: None  # the check passed; then the swap\n"
             "try:\n"
             "    F.read_text_file(sys.argv[1], '--prompts')\n"

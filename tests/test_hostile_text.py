@@ -12,9 +12,9 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from hostile import assert_outcome, assert_untouched, snapshot, tree
-from lorabooth import training
-from lorabooth.cli import main
-from lorabooth.lora import WEIGHT_NAME, read_lora
+from lorabooth.adapters.lora import WEIGHT_NAME, read_lora
+from lorabooth.commands.cli import main
+from lorabooth.training import loop as training
 from test_hostile_files import TRAIN, Ctx, Row, absent, finished_run, module_photos
 
 __all__ = ["finished_run", "module_photos"]  # fixtures used through pytest
@@ -50,7 +50,7 @@ def identifier_cut_in_every_caption(ctx: Ctx) -> None:
 
 def never_load(ctx: Ctx) -> None:
     """The size must be refused before any model is loaded or image allocated."""
-    import lorabooth.drawing as D
+    import lorabooth.generation as D
 
     def refuse(*args, **kwargs):
         raise AssertionError("load_pipeline reached")

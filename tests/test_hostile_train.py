@@ -1,6 +1,6 @@
 """The train run folder and --resume (issue 24, items 1 and 5): a table of
 `lorabooth train` commands into a folder holding a run, each run in-process
-through `lorabooth.cli.main`. Every row checks its exit status, a fragment of
+through `lorabooth.commands.cli.main`. Every row checks its exit status, a fragment of
 what it says and that no traceback was printed; a refused row (exit 2) says
 one error line and leaves every file below the test's folder (the photos, the
 finished run, the doctored copy) byte-identical; a row that trains leaves the
@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 import test_hostile_files
 from hostile import assert_outcome, assert_untouched, snapshot, tree
-from lorabooth.cli import main
+from lorabooth.commands.cli import main
 from test_hostile_files import TRAIN
 
 # the same fixtures (a module's own copy): the photos, and a finished run with a step-1 checkpoint
@@ -302,7 +302,7 @@ def test_checkpoint_manifests(name, finished_run, tmp_path, caplog):
     """Each malformed manifest makes its checkpoint one that does not verify
     (skipped and named), never an exception; the intact one holds the
     settings it was trained with."""
-    from lorabooth.checkpoint import checkpoint_settings, latest_checkpoint, read_manifest, verify
+    from lorabooth.training.checkpoint import checkpoint_settings, latest_checkpoint, read_manifest, verify
 
     run = tmp_path / "r"
     shutil.copytree(finished_run / "checkpoints", run / "checkpoints")

@@ -1,14 +1,14 @@
 import pytest
 
-from lorabooth.cli import main
-from lorabooth.identifier import (
+from lorabooth.commands.cli import main
+from lorabooth.models.loading import clip_tokenizer
+from lorabooth.photos.identifier import (
     candidates,
     check_prompt,
     guess_identifier,
     identifier_warnings,
     rare_identifiers,
 )
-from lorabooth.models import clip_tokenizer
 
 
 @pytest.fixture(scope="module")

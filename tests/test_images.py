@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lorabooth.images import (
+from lorabooth.photos.images import (
     center_box,
     crop_with_reflection,
     dhash,
@@ -88,7 +88,7 @@ def test_exif_orientation_marked_corner_ends_top_left(tmp_path, orientation):
     exif[0x0112] = orientation
     path = tmp_path / f"o{orientation}.jpg"
     stored.save(path, exif=exif, quality=95)
-    from lorabooth.imagefiles import decode
+    from lorabooth.photos.imagefiles import decode
 
     im, fmt = decode(path)
     assert fmt == "JPEG" and im.size == (60, 40)

@@ -3,9 +3,9 @@
 import torch
 from safetensors.torch import save_file
 
-from lorabooth.cli import main
+from lorabooth.adapters.lora import KOHYA_WEIGHT_NAME, WEIGHT_NAME, read_lora
+from lorabooth.commands.cli import main
 from lorabooth.formats.inspection import guess_architecture
-from lorabooth.lora import KOHYA_WEIGHT_NAME, WEIGHT_NAME, read_lora
 
 
 def _inspect(capsys, *argv):

@@ -6,7 +6,7 @@ import math
 import pytest
 
 from helpers import strict_loads
-from lorabooth.fileio import nan_to_none, to_json, write_json
+from lorabooth.core.fileio import nan_to_none, to_json, write_json
 
 
 def test_non_finite_floats_become_null_at_any_depth(tmp_path):

@@ -92,7 +92,7 @@ def test_importing_the_package_loads_no_torch():
 def test_cli_answers_help_and_bad_options_without_torch():
     r = _fresh_python(
         "import sys, contextlib, io\n"
-        "from lorabooth.cli import main\n"
+        "from lorabooth.commands.cli import main\n"
         "with contextlib.redirect_stdout(io.StringIO()):\n"
         "    assert main(['--help']) == 0 and main(['train', '--help']) == 0\n"
         "assert main(['train', '--instance-dir', 'x', '--instance-prompt', 'a', '--lr', 'nan']) == 2\n"
@@ -109,25 +109,57 @@ def test_api_names_resolve():
     assert callable(lorabooth.evaluate) and lorabooth.TrainConfig.__name__ == "TrainConfig"
 
 
-# The product's layers (training, generation, evaluation, search, formats,
-# models) never reach the research code; only the command dispatch and the
-# demo import lorabooth.toyworld.
-PRODUCT = ("lorabooth.training", "lorabooth.drawing", "lorabooth.evaluation", "lorabooth.sweep",
-           "lorabooth.sweep_report", "lorabooth.tune", "lorabooth.formats", "lorabooth.models")
+# The layers, bottom up (ARCHITECTURE.md): a module imports only from its own
+# layer or the ones below. The research code (toyworld) may import any
+# product layer; of the product only the dispatch and the demo import it.
+LAYERS = (
+    ("core",),
+    ("config",),
+    ("formats", "reports"),
+    ("models", "photos"),
+    ("adapters",),
+    ("training", "generation", "evaluation"),
+    ("search",),
+    ("commands", "demo", "ui"),
+)
+RESEARCH = "toyworld"
 TOYWORLD_IMPORTERS = {"lorabooth.commands", "lorabooth.demo"}
 
 
+def layer_of(module: str) -> int | None:
+    """The layer of ``lorabooth.X...`` by its first part X (None: the
+    package's own __init__/__main__, or the research code)."""
+    parts = module.split(".")
+    top = parts[1] if len(parts) > 1 else ""
+    for i, names in enumerate(LAYERS):
+        if top in names:
+            return i
+    return None
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    return sorted((m, d) for m, deps in graph.items() for d in deps
+                  if layer_of(m) is not None and layer_of(d) is not None
+                  and layer_of(d) > layer_of(m))
+
+
+def test_every_module_has_a_layer():
+    top = {m.split(".")[1] for m in import_graph() if m.count(".") >= 1}
+    unplaced = {t for t in top if t not in ("__main__", RESEARCH) and layer_of(f"lorabooth.{t}") is None}
+    assert not unplaced, f"add these to LAYERS: {sorted(unplaced)}"
+
+
+def test_no_import_points_up_a_layer():
+    assert upward_imports(import_graph()) == []
+
+
+def test_an_upward_import_is_caught():
+    graph = {"lorabooth.core.fileio": {"lorabooth.training.loop"}, "lorabooth.training.loop": set()}
+    assert upward_imports(graph) == [("lorabooth.core.fileio", "lorabooth.training.loop")]
+
+
 def _is_toyworld(module: str) -> bool:
-    return module == "lorabooth.toyworld" or module.startswith("lorabooth.toyworld.")
-
-
-def _reach(graph: dict[str, set[str]], start: str) -> set[str]:
-    seen, todo = set(), [start]
-    while todo:
-        for m in graph[todo.pop()] - seen:
-            seen.add(m)
-            todo.append(m)
-    return seen
+    return module == f"lorabooth.{RESEARCH}" or module.startswith(f"lorabooth.{RESEARCH}.")
 
 
 def test_only_dispatch_and_demo_import_toyworld():
@@ -135,7 +167,3 @@ def test_only_dispatch_and_demo_import_toyworld():
     importers = {m for m, deps in graph.items()
                  if not _is_toyworld(m) and any(_is_toyworld(d) for d in deps)}
     assert importers <= TOYWORLD_IMPORTERS, importers - TOYWORLD_IMPORTERS
-    product = [m for m in graph if m.startswith(PRODUCT)]
-    assert "lorabooth.tune_report" in product and "lorabooth.formats.clients" in product
-    reaching = {m for m in product if any(_is_toyworld(d) for d in _reach(graph, m))}
-    assert not reaching, sorted(reaching)

@@ -5,10 +5,10 @@ import pytest
 import torch
 from PIL import Image
 
-from lorabooth.errors import UserError
+from lorabooth.adapters.lora import WEIGHT_NAME
+from lorabooth.core.errors import UserError
 from lorabooth.formats.layouts import load_into_pipeline
-from lorabooth.lora import WEIGHT_NAME
-from lorabooth.models import build_tiny, pipeline_from_parts
+from lorabooth.models.loading import build_tiny, pipeline_from_parts
 
 
 def _unet_out(pipe, seed=0):
@@ -60,7 +60,7 @@ def test_alpha_is_carried_in_the_file(trained_run):
 
 
 def test_scale_zero_is_the_base_model_pixel_for_pixel(trained_run):
-    from lorabooth.drawing import Setting, draw, load_pipeline
+    from lorabooth.generation import Setting, draw, load_pipeline
 
     plain = pipeline_from_parts(build_tiny())
     plain.set_progress_bar_config(disable=True)
@@ -76,8 +76,8 @@ def test_scale_zero_is_the_base_model_pixel_for_pixel(trained_run):
 
 
 def test_unet_and_text_scales_act_separately(trained_run):
-    from lorabooth.drawing import load_pipeline
-    from lorabooth.lora import set_scales
+    from lorabooth.adapters.lora import set_scales
+    from lorabooth.generation import load_pipeline
 
     pipe, has_text = load_pipeline(trained_run)
     base = pipeline_from_parts(build_tiny())

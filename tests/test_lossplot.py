@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from lorabooth.lossplot import ema, loss_svg, style
+from lorabooth.reports.lossplot import ema, loss_svg, style
 
 
 def test_ema_by_hand():

@@ -11,11 +11,11 @@ import torch
 from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 
-import lorabooth.lowmem as lowmem
+import lorabooth.models.lowmem as lowmem
 from lorabooth import TrainConfig, train
-from lorabooth.errors import UserError
-from lorabooth.lowmem import load_unet
-from lorabooth.models import build_tiny, load_base, save_base
+from lorabooth.core.errors import UserError
+from lorabooth.models.loading import build_tiny, load_base, save_base
+from lorabooth.models.lowmem import load_unet
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,11 @@ from safetensors.torch import save_file
 
 from helpers import tiny_outputs
 from lorabooth import TrainConfig, train
-from lorabooth.cli import main
-from lorabooth.errors import UserError
+from lorabooth.adapters.lora import read_lora
+from lorabooth.commands.cli import main
+from lorabooth.core.errors import UserError
 from lorabooth.formats.merging import delta, fuse, load_as_peft, merge, modules_of
-from lorabooth.lora import read_lora
-from lorabooth.models import build_tiny, load_base, pipeline_from_parts
+from lorabooth.models.loading import build_tiny, load_base, pipeline_from_parts
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +61,8 @@ def test_merged_file_loads_in_diffusers(trained_run, second_run, tmp_path):
 
 
 def test_fused_model_equals_base_plus_lora_at_those_scales(trained_run, tmp_path):
-    from lorabooth.drawing import load_pipeline
-    from lorabooth.lora import set_scales
+    from lorabooth.adapters.lora import set_scales
+    from lorabooth.generation import load_pipeline
 
     out = fuse(trained_run, tmp_path / "fused", unet_scale=0.5, text_scale=0.8)
     fused = pipeline_from_parts(load_base(str(out)))
@@ -116,7 +116,7 @@ def test_merge_bad_input(trained_run, tmp_path):
 
 
 def test_fuse_to_a_single_file(trained_run, tmp_path):
-    from lorabooth.models import save_base
+    from lorabooth.models.loading import save_base
 
     folder = fuse(trained_run, tmp_path / "fused", unet_scale=1.0, text_scale=1.0)
     single = fuse(trained_run, tmp_path / "fused.safetensors", single_file=True)

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from lorabooth.errors import UserError
-from lorabooth.models import build_tiny, clip_tokenizer, load_base, save_base
+from lorabooth.core.errors import UserError
+from lorabooth.models.loading import build_tiny, clip_tokenizer, load_base, save_base
 
 
 def test_real_clip_tokenizer_offline():
@@ -113,7 +113,7 @@ def test_pickled_single_file_that_would_run_code_is_refused(tmp_path):
 def test_sd15_configs_are_built_offline(tmp_path):
     import json
 
-    from lorabooth.models import sd15_config_dir
+    from lorabooth.models.loading import sd15_config_dir
 
     folder = sd15_config_dir(tmp_path / "sd15")
     unet = json.loads((folder / "unet" / "config.json").read_text())
@@ -122,7 +122,7 @@ def test_sd15_configs_are_built_offline(tmp_path):
 
 
 def test_sd15_random_has_the_real_architecture():
-    from lorabooth.models import build_sd15_random
+    from lorabooth.models.loading import build_sd15_random
 
     base = build_sd15_random()
     assert sum(p.numel() for p in base.unet.parameters()) == pytest.approx(859.5e6, rel=1e-3)

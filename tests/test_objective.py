@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lorabooth.objective import (
+from lorabooth.training.objective import (
     diffusion_target,
     dreambooth_loss,
     min_snr_weights,
@@ -96,7 +96,7 @@ def test_min_snr_weights_for_known_snrs():
 
 
 def test_min_snr_weights_on_the_sd_schedule_fall_only_at_low_noise():
-    from lorabooth.models import build_tiny
+    from lorabooth.models.loading import build_tiny
 
     ac = build_tiny().noise_scheduler.alphas_cumprod
     w = min_snr_weights(torch.arange(1000), ac, 5.0, "epsilon")

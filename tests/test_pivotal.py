@@ -10,11 +10,8 @@ from safetensors.torch import load_file
 
 from helpers import tiny_outputs
 from lorabooth import TrainConfig, train
-from lorabooth.errors import UserError
-from lorabooth.families import Conditioning
-from lorabooth.lora import KOHYA_WEIGHT_NAME, WEIGHT_NAME, lora_metadata, read_lora
-from lorabooth.models import build_tiny, pipeline_from_parts
-from lorabooth.pivotal import (
+from lorabooth.adapters.lora import KOHYA_WEIGHT_NAME, WEIGHT_NAME, lora_metadata, read_lora
+from lorabooth.adapters.pivotal import (
     BUNDLE_PREFIX,
     EMB_PREFIX,
     TokenVectors,
@@ -23,6 +20,9 @@ from lorabooth.pivotal import (
     split_embeddings,
     substitute_rows,
 )
+from lorabooth.core.errors import UserError
+from lorabooth.models.families import Conditioning
+from lorabooth.models.loading import build_tiny, pipeline_from_parts
 
 PROMPT, CLASS = "a photo of sks dog", "a photo of a dog"
 
@@ -115,9 +115,9 @@ def test_the_rows_train_and_nothing_else_in_the_matrix_changes(photos, tmp_path,
 
 
 def test_class_embeddings_stay_cached_unless_they_hold_the_token():
-    from lorabooth.batches import Examples
-    from lorabooth.pivotal import setup_token
-    from lorabooth.trainsetup import use_token
+    from lorabooth.adapters.pivotal import setup_token
+    from lorabooth.training.batches import Examples
+    from lorabooth.training.setup import use_token
 
     tiny = build_tiny()
     ids = tiny.tokenizer([PROMPT, CLASS, "a photo of sks"], padding="max_length",
@@ -268,9 +268,9 @@ def _plain_draw(pipe, seeds, steps=4):
 def test_text_scale_moves_the_rows_from_the_base_to_the_learned(token_run):
     """The rows belong to the adapter: UNet 0 / text 0 draws the untouched
     base model, text 1 puts the learned rows in, text 0.5 half way."""
-    from lorabooth.drawing import Setting, _scheduler, draw, load_pipeline
-    from lorabooth.lora import set_scales
-    from lorabooth.models import load_base
+    from lorabooth.adapters.lora import set_scales
+    from lorabooth.generation import Setting, _scheduler, draw, load_pipeline
+    from lorabooth.models.loading import load_base
 
     pipe, has_text = load_pipeline(token_run)
     base = load_base("tiny")

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lorabooth.cli import main
+from lorabooth.commands.cli import main
 from lorabooth.config import PrepareConfig
-from lorabooth.errors import UserError
-from lorabooth.prepare import prepare
+from lorabooth.core.errors import UserError
+from lorabooth.photos.prepare import prepare
 
 DREAMBENCH = Path(__file__).resolve().parents[2] / "shared" / "dreambench" / "images"
 
@@ -153,7 +153,7 @@ def test_face_crop_falls_back_to_center_with_a_warning(tmp_path):
 
 
 def test_face_box_leaving_the_image_is_padded(tmp_path, monkeypatch):
-    import lorabooth.prepare as p
+    import lorabooth.photos.prepare as p
 
     monkeypatch.setattr(p, "find_faces", lambda im: [(0, 0, 100, 100)])  # a face in the corner
     src = tmp_path / "src"
@@ -215,7 +215,7 @@ def test_contact_sheet_is_capped_and_originals_are_not_held(tmp_path, monkeypatc
     import gc
     import weakref
 
-    import lorabooth.prepare as P
+    import lorabooth.photos.prepare as P
 
     src = tmp_path / "src"
     src.mkdir()

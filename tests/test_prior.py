@@ -2,10 +2,10 @@ import pytest
 import torch
 from PIL import Image
 
-from lorabooth.families import encode_prompts
-from lorabooth.lora import add_unet_lora, lora_parameters
-from lorabooth.models import build_tiny, pipeline_from_parts
-from lorabooth.prior import (
+from lorabooth.adapters.lora import add_unet_lora, lora_parameters
+from lorabooth.models.families import encode_prompts
+from lorabooth.models.loading import build_tiny, pipeline_from_parts
+from lorabooth.training.prior import (
     adapters_disabled,
     class_image_name,
     draw_class_images,
@@ -56,7 +56,7 @@ def test_image_i_comes_from_seed_plus_i_whatever_the_batching(tmp_path):
 
 
 def test_stale_temp_files_are_removed_and_not_counted(tmp_path):
-    from lorabooth.prior import remove_stale_temps
+    from lorabooth.training.prior import remove_stale_temps
 
     Image.new("RGB", (8, 8)).save(tmp_path / class_image_name(0))
     (tmp_path / ".class_00001.png.abc.tmp").write_bytes(b"half written")

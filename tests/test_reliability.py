@@ -12,11 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import lorabooth.training as T
+import lorabooth.training.loop as T
 from lorabooth import TrainConfig, train
-from lorabooth.checkpoint import latest_checkpoint, verify
-from lorabooth.errors import UserError
-from lorabooth.lora import WEIGHT_NAME
+from lorabooth.adapters.lora import WEIGHT_NAME
+from lorabooth.core.errors import UserError
+from lorabooth.training.checkpoint import latest_checkpoint, verify
 
 
 def _config(photos, out, **kw):
@@ -30,8 +30,8 @@ def _config(photos, out, **kw):
 # Each kill point: which function to patch in the child, and on which call to
 # die (after writing half of what it was asked to write, where it writes).
 KILLS = {
-    "drawing class images": ("lorabooth.prior", "save_png", 3, "png"),
-    "mid-training": ("lorabooth.training", "dreambooth_loss", 5, None),
+    "drawing class images": ("lorabooth.training.prior", "save_png", 3, "png"),
+    "mid-training": ("lorabooth.training.loop", "dreambooth_loss", 5, None),
     "writing a checkpoint": ("torch", "save", 2, "bytes"),  # the 2nd checkpoint (step 4)
     "writing the final weights": ("lorabooth.formats.layouts", "save_file", 1, "bytes"),
 }
@@ -40,7 +40,7 @@ CHILD = textwrap.dedent("""
     import importlib, os, signal, sys
     from pathlib import Path
     module_name, attr, when, kind = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-    import lorabooth.training  # noqa: F401  (so every module below is loaded)
+    import lorabooth.training.loop  # noqa: F401  (so every module below is loaded)
     module = importlib.import_module(module_name)
     real = getattr(module, attr)
     calls = {"n": 0}
@@ -55,7 +55,7 @@ CHILD = textwrap.dedent("""
         return real(*args, **kwargs)
 
     setattr(module, attr, dying)
-    from lorabooth.cli import main
+    from lorabooth.commands.cli import main
     sys.exit(main(sys.argv[5:]))
 """)
 
@@ -189,7 +189,7 @@ def test_out_of_memory_is_one_line_of_advice(photos, tmp_path, monkeypatch):
 
 
 def test_disk_full_while_checkpointing_keeps_the_previous_one(photos, tmp_path, monkeypatch):
-    import lorabooth.checkpoint as ck
+    import lorabooth.training.checkpoint as ck
     real = ck.torch.save
     calls = {"n": 0}
 
@@ -238,7 +238,7 @@ def test_resume_reads_a_run_saved_when_prior_preservation_was_a_bool(tmp_path):
     import tomli_w
 
     from lorabooth.config import to_toml_dict
-    from lorabooth.runfiles import check_resume_config
+    from lorabooth.training.runfiles import check_resume_config
 
     config = _config(tmp_path / "photos", tmp_path, resume=True)  # prior_preservation=True
     old = {**to_toml_dict(config), "prior_preservation": True}  # as runs before the modes wrote it

@@ -11,18 +11,18 @@ import pytest
 import tomli_w
 import torch
 
-from lorabooth.checkpoint import checkpoint_settings, save_checkpoint, verify
 from lorabooth.config import TrainConfig
-from lorabooth.errors import UserError
-from lorabooth.fileio import read_metrics
-from lorabooth.runfiles import (
+from lorabooth.core.errors import UserError
+from lorabooth.core.fileio import read_metrics
+from lorabooth.search.sweep import NEUTRAL, config_hash
+from lorabooth.training.checkpoint import checkpoint_settings, save_checkpoint, verify
+from lorabooth.training.runfiles import (
     RESUME_NEUTRAL,
     check_resume_config,
     check_run_folder,
     run_settings,
     start_run,
 )
-from lorabooth.sweep import NEUTRAL, config_hash
 
 
 def _config(tmp_path: Path, **kw) -> TrainConfig:

@@ -10,10 +10,10 @@ from safetensors.torch import load_file
 
 from helpers import make_photos
 from lorabooth import TrainConfig, train
-from lorabooth.families import FAMILIES, time_ids
-from lorabooth.lora import WEIGHT_NAME, lora_metadata
-from lorabooth.models import load_base
-from lorabooth.sdxl import build_tiny_sdxl
+from lorabooth.adapters.lora import WEIGHT_NAME, lora_metadata
+from lorabooth.models.families import FAMILIES, time_ids
+from lorabooth.models.loading import load_base
+from lorabooth.models.sdxl import build_tiny_sdxl
 
 PROMPT, CLASS = "a photo of sks dog", "a photo of a dog"
 
@@ -66,8 +66,8 @@ def test_tiny_sdxl_is_sdxl_shaped():
         6 * base.unet.config.addition_time_embed_dim + base.text_encoder_2.config.projection_dim)
     assert len(base.tokenizer_2) == len(base.tokenizer) == 49408  # CLIP's real vocabulary
     # the family's conditioning is what StableDiffusionXLPipeline computes for the prompt
-    from lorabooth.families import encode_prompts
-    from lorabooth.models import pipeline_from_parts
+    from lorabooth.models.families import encode_prompts
+    from lorabooth.models.loading import pipeline_from_parts
 
     ours = encode_prompts(base.family, base.tokenizers, base.text_encoders, [PROMPT])
     theirs, _, pooled, _ = pipeline_from_parts(base).encode_prompt(
@@ -94,7 +94,7 @@ def test_sdxl_random_is_sdxls_architecture():
 # --- training ----------------------------------------------------------------
 
 def test_unet_only_run_saves_a_unet_lora_and_feeds_the_time_ids(photos, tmp_path, monkeypatch):
-    import lorabooth.training as t
+    import lorabooth.training.loop as t
 
     seen = []
     real = t.step_loss
@@ -119,8 +119,8 @@ def test_unet_only_run_saves_a_unet_lora_and_feeds_the_time_ids(photos, tmp_path
 
 
 def test_prepare_crop_boxes_become_the_time_ids(tmp_path):
-    import lorabooth.training as t
-    from lorabooth.data import readable_images
+    import lorabooth.training.loop as t
+    from lorabooth.training.data import readable_images
 
     photos = make_photos(tmp_path / "prepared", n=2, size=(64, 64))
     (photos / "prepare.json").write_text(json.dumps({"files": [
@@ -165,8 +165,8 @@ def test_both_text_encoders_train_each_at_its_rate(sdxl_run):
 
 
 def test_lr_text2_is_encoder_2s_param_group():
-    from lorabooth.lora import lora_parameters
-    from lorabooth.trainsetup import setup_lora, setup_optimizer
+    from lorabooth.adapters.lora import lora_parameters
+    from lorabooth.training.setup import setup_lora, setup_optimizer
 
     for lr_text2, want in ((3e-3, 3e-3), (0.0, 1e-4)):  # 0: the same as --lr-text
         config = TrainConfig(model="tiny-sdxl", instance_dir="x", instance_prompt=PROMPT,
@@ -196,7 +196,7 @@ def test_prior_from_the_model_and_resume(photos, tmp_path, caplog):
 
 
 def test_train_token_is_refused_for_two_encoders(photos, tmp_path):
-    from lorabooth.errors import UserError
+    from lorabooth.core.errors import UserError
 
     with pytest.raises(UserError, match="--train-token"):
         train(_config(photos, tmp_path / "r", train_token=True))
@@ -204,7 +204,7 @@ def test_train_token_is_refused_for_two_encoders(photos, tmp_path):
 
 
 def test_sdxl_folder_is_told_apart_and_loads(tmp_path):
-    from lorabooth.models import save_base
+    from lorabooth.models.loading import save_base
 
     folder = save_base(build_tiny_sdxl(), tmp_path / "xl")
     base = load_base(str(folder))
@@ -250,9 +250,9 @@ def _original_layout(base) -> dict:
 def test_single_sdxl_file_is_detected_and_loads_offline(tmp_path, monkeypatch, no_network):
     from safetensors.torch import save_file
 
-    import lorabooth.sdxl
-    from lorabooth.models import save_base
-    from lorabooth.sdxl import file_family
+    import lorabooth.models.sdxl
+    from lorabooth.models.loading import save_base
+    from lorabooth.models.sdxl import file_family
 
     ref = build_tiny_sdxl()
     path = tmp_path / "xl.safetensors"
@@ -260,7 +260,7 @@ def test_single_sdxl_file_is_detected_and_loads_offline(tmp_path, monkeypatch, n
     assert file_family(path) == "sdxl"
     sd15 = tmp_path / "sd15.safetensors"
     from lorabooth.formats.singlefile import save_single_file
-    from lorabooth.models import build_tiny
+    from lorabooth.models.loading import build_tiny
 
     save_single_file(build_tiny(), sd15)
     assert file_family(sd15) == "sd1"
@@ -268,7 +268,7 @@ def test_single_sdxl_file_is_detected_and_loads_offline(tmp_path, monkeypatch, n
     # no --model-config: told SDXL by its keys, configs written offline (here
     # tiny-sdxl's, standing in for sdxl_config_dir's real SDXL ones)
     written = []
-    monkeypatch.setattr(lorabooth.sdxl, "sdxl_config_dir",
+    monkeypatch.setattr(lorabooth.models.sdxl, "sdxl_config_dir",
                         lambda folder: written.append(folder) or save_base(build_tiny_sdxl(), folder))
     for model_config in ("", str(save_base(ref, tmp_path / "config"))):
         base = load_base(str(path), model_config)
@@ -285,7 +285,7 @@ def test_single_sdxl_file_is_detected_and_loads_offline(tmp_path, monkeypatch, n
 def test_sdxl_config_dir_is_sdxl_base_10(tmp_path):
     from diffusers import UNet2DConditionModel
 
-    from lorabooth.sdxl import folder_family, sdxl_config_dir
+    from lorabooth.models.sdxl import folder_family, sdxl_config_dir
 
     folder = sdxl_config_dir(tmp_path / "c")
     assert folder_family(folder) == "sdxl"
@@ -310,7 +310,7 @@ def sdxl_unet_run(tmp_path_factory, session_photos):
 def _pixels(pipe, parts, setting):
     import numpy as np
 
-    from lorabooth.drawing import draw
+    from lorabooth.generation import draw
 
     return np.asarray(draw(pipe, parts, PROMPT, setting, [0], 2)[0], dtype=float)
 
@@ -318,8 +318,8 @@ def _pixels(pipe, parts, setting):
 def test_each_text_encoder_has_its_scale(sdxl_run, sdxl_unet_run):
     import numpy as np
 
-    from lorabooth.drawing import Setting, load_pipeline
-    from lorabooth.models import pipeline_from_parts
+    from lorabooth.generation import Setting, load_pipeline
+    from lorabooth.models.loading import pipeline_from_parts
 
     pipe, parts = load_pipeline(sdxl_run)
     assert type(pipe).__name__ == "StableDiffusionXLPipeline"
@@ -353,7 +353,7 @@ def test_generate_draws_what_plain_diffusers_draws(sdxl_run, tmp_path):
     import numpy as np
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionXLPipeline
 
-    from lorabooth.drawing import generate
+    from lorabooth.generation import generate
 
     ours = generate(sdxl_run, [PROMPT], guidances=[5.0], num_images=2, steps=3,
                     output=tmp_path / "g")
@@ -384,7 +384,7 @@ def test_generate_grid_over_text2_scales(sdxl_run, tmp_path):
 
 
 def test_the_sdxl_vae_decodes_in_fp32_under_autocast():
-    from lorabooth.models import pipeline_from_parts
+    from lorabooth.models.loading import pipeline_from_parts
 
     base = build_tiny_sdxl()
     z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -417,7 +417,7 @@ def test_evaluate_scores_an_sdxl_run_at_a_text2_scale(sdxl_run, session_photos, 
 
 
 def test_sweep_trains_draws_and_scores_tiny_sdxl(tmp_path, photos, tiny_judges):
-    from lorabooth.sweep import run_sweep
+    from lorabooth.search.sweep import run_sweep
 
     dino, clip = tiny_judges
     prompts = tmp_path / "prompts.txt"
@@ -467,7 +467,7 @@ def test_a_trained_sdxl_run_converts_inspects_merges_and_fuses(sdxl_run, tmp_pat
     both clients (inspect exits 0), the round trip back is exact, a merge
     with itself is the same adapter, and fuse bakes it into a folder whose
     UNet differs from the base exactly where the LoRA acts."""
-    from lorabooth.cli import main
+    from lorabooth.commands.cli import main
     from lorabooth.formats.sdxl import family_of
 
     kohya = tmp_path / "k.safetensors"
@@ -498,7 +498,7 @@ def test_a_trained_sdxl_run_converts_inspects_merges_and_fuses(sdxl_run, tmp_pat
 
 
 def test_tune_runs_a_trial_on_tiny_sdxl(session_photos, tiny_judges, tmp_path):
-    from lorabooth.cli import main
+    from lorabooth.commands.cli import main
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a {0} {1} on the beach\n")
@@ -523,10 +523,10 @@ def test_kohya_names_follow_the_models_own_blocks(tmp_path, capsys):
     from diffusers import StableDiffusionXLPipeline
 
     from helpers import tiny_sdxl_outputs
-    from lorabooth.cli import main
+    from lorabooth.adapters.lora import KOHYA_WEIGHT_NAME, add_unet_lora
+    from lorabooth.commands.cli import main
     from lorabooth.formats.layouts import save_lora
-    from lorabooth.lora import KOHYA_WEIGHT_NAME, add_unet_lora
-    from lorabooth.models import save_base
+    from lorabooth.models.loading import save_base
 
     base = build_tiny_sdxl(layers_per_block=1)
     folder = save_base(base, tmp_path / "model")

@@ -15,14 +15,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import lorabooth.training as t
+import lorabooth.training.loop as t
 from helpers import PINNED_FIRST_LOSSES
 from lorabooth import TrainConfig, train
-from lorabooth.data import load_image, tokenize
-from lorabooth.lora import add_unet_lora, freeze_all_but_lora, lora_parameters
-from lorabooth.models import build_tiny
-from lorabooth.precision import cast_frozen, frozen_dtype, tune_allocator
-from lorabooth.trainsetup import setup_optimizer
+from lorabooth.adapters.lora import add_unet_lora, freeze_all_but_lora, lora_parameters
+from lorabooth.models.loading import build_tiny
+from lorabooth.models.precision import cast_frozen, frozen_dtype, tune_allocator
+from lorabooth.training.data import load_image, tokenize
+from lorabooth.training.setup import setup_optimizer
 
 RES = 64
 
@@ -144,7 +144,7 @@ def test_gradient_checkpointing_trains_the_same(photos, tmp_path, on_finish):
 def test_folder_unet_loads_straight_into_the_training_dtype():
     """Under bf16 the UNet is converted while loading (no fp32 copy in memory);
     the VAE and text encoder, which cache latents and embeddings, stay fp32."""
-    from lorabooth.models import load_base
+    from lorabooth.models.loading import load_base
 
     base = load_base("toy", unet_dtype=torch.bfloat16)
     assert frozen_dtype(base.unet) == torch.bfloat16

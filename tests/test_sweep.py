@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from helpers import CHROMIUM_FLAGS, chromium_dom
-from lorabooth.cli import main
+from lorabooth.commands.cli import main
 from lorabooth.config import TrainConfig
-from lorabooth.errors import UserError
-from lorabooth.sweep import (
+from lorabooth.core.errors import UserError
+from lorabooth.search.sweep import (
     check_size,
     config_hash,
     expand,
@@ -131,11 +131,11 @@ def test_sweep_end_to_end_then_nothing_to_do(tmp_path, photos, monkeypatch, capl
 
     # a second invocation trains nothing, loads no model, draws nothing and
     # leaves every LoRA and image it made the first time as it was
-    import lorabooth.drawing as ev
-    import lorabooth.sweep as sw
-    import lorabooth.training
+    import lorabooth.generation as ev
+    import lorabooth.search.sweep as sw
+    import lorabooth.training.loop
     trained, loaded, drawn = [], [], []
-    monkeypatch.setattr(lorabooth.training, "train",
+    monkeypatch.setattr(lorabooth.training.loop, "train",
                         lambda c: trained.append(c))
     monkeypatch.setattr(sw, "load_pipeline", lambda *a, **k: loaded.append(a))
     monkeypatch.setattr(ev, "draw", lambda *a, **k: drawn.append(a) or [])
@@ -214,7 +214,7 @@ negative_prompt = "NEGATIVE"
 def test_generate_negative_prompt_reaches_the_drawing_and_the_cache(tmp_path, photos, monkeypatch):
     """[generate] negative_prompt is drawn with, and a changed one is drawn
     afresh rather than read from the images cached under the old one."""
-    import lorabooth.drawing as ev
+    import lorabooth.generation as ev
 
     real, negatives = ev.draw, []
 

@@ -8,9 +8,9 @@ import logging
 import pytest
 
 from lorabooth.config import TrainConfig
-from lorabooth.errors import UserError
-from lorabooth.models import clip_tokenizer
-from lorabooth.tokenwindow import check_prompt, fit
+from lorabooth.core.errors import UserError
+from lorabooth.models.loading import clip_tokenizer
+from lorabooth.models.tokenwindow import check_prompt, fit
 
 
 @pytest.fixture(scope="module")

@@ -62,7 +62,7 @@ def test_schedule_and_claim_rule():
 
 @pytest.fixture(scope="module")
 def toy():
-    from lorabooth.models import load_base, toy_model_dir
+    from lorabooth.models.loading import load_base, toy_model_dir
 
     if not (toy_model_dir() / "unet").is_dir():
         pytest.fail("the toy model is not shipped in src/lorabooth/assets/toy")
@@ -70,7 +70,7 @@ def toy():
 
 
 def test_shipped_model_loads_offline_and_records_its_making(no_network):
-    from lorabooth.models import load_base, toy_model_dir
+    from lorabooth.models.loading import load_base, toy_model_dir
 
     assert load_base("toy").native_resolution == 32 and no_network == []
     record = json.loads((toy_model_dir() / "toyworld.json").read_text())
@@ -86,7 +86,7 @@ def test_judges_read_fresh_renders(toy):
 
 
 def test_base_model_follows_class_and_context(toy):
-    from lorabooth.models import pipeline_from_parts
+    from lorabooth.models.loading import pipeline_from_parts
 
     base, judge = toy
     pipe = pipeline_from_parts(base)
@@ -121,7 +121,7 @@ def test_dreambooth_raises_identity_similarity_over_the_base(tmp_path):
 
 
 def test_pretrain_command_runs_end_to_end(tmp_path):
-    from lorabooth.models import load_base
+    from lorabooth.models.loading import load_base
     from lorabooth.toyworld.pretrain import pretrain
 
     out = pretrain(tmp_path / "toy", seed=1, images=256, vae_steps=2, unet_steps=2, batch=8,
@@ -135,7 +135,7 @@ def test_pretrain_command_runs_end_to_end(tmp_path):
 def test_rare_words_carry_a_weak_meaning_no_judge_scores():
     import random
 
-    from lorabooth.models import clip_tokenizer
+    from lorabooth.models.loading import clip_tokenizer
     from lorabooth.toyworld.pretrain import rare_words
     from lorabooth.toyworld.world import RARE_RATE, Spec, caption, rare_meaning, spec_meaning, with_rare_word
 
@@ -160,7 +160,7 @@ def test_rare_words_carry_a_weak_meaning_no_judge_scores():
 
 
 def test_pretrain_reuses_the_vae_and_judges_and_continues_the_denoiser(tmp_path):
-    from lorabooth.models import load_base, toy_model_dir
+    from lorabooth.models.loading import load_base, toy_model_dir
     from lorabooth.toyworld.pretrain import pretrain
 
     out = pretrain(tmp_path / "toy", seed=1, images=64, unet_steps=2, batch=8, reuse=toy_model_dir(),
@@ -278,9 +278,9 @@ def test_claims_and_the_scale_series_are_the_one_verdict_rule():
 
 
 def test_token_recovery_loss_names_each_word_and_ignores_padding():
-    from lorabooth.data import tokenize
-    from lorabooth.models import clip_tokenizer
+    from lorabooth.models.loading import clip_tokenizer
     from lorabooth.toyworld.pretrain import caption_vocabulary, rare_words, token_recovery_loss
+    from lorabooth.training.data import tokenize
 
     tok = clip_tokenizer()
     specs = [random_spec(random.Random(i)) for i in range(300)]

@@ -42,7 +42,7 @@ def test_subjects_fitted_on_are_not_measured_on_and_twins_differ():
 
 @pytest.fixture(scope="module")
 def judges():
-    from lorabooth.models import toy_model_dir
+    from lorabooth.models.loading import toy_model_dir
     from lorabooth.toyworld.instance import InstanceJudge
     from lorabooth.toyworld.judges import ToyJudge
 
@@ -63,7 +63,7 @@ def test_instance_judge_tells_each_subject_from_its_attribute_twin(judges):
 
 
 def test_salience_moves_only_rare_words_and_scales_their_distinctness():
-    from lorabooth.models import load_base
+    from lorabooth.models.loading import load_base
     from lorabooth.toyworld.calibration import prompt_distance
     from lorabooth.toyworld.salience import apply_salience
 
@@ -121,7 +121,7 @@ def test_lever_table_pairs_runs_by_subject_and_seed_and_uses_the_verdict_rule():
 def test_fit_table_columns_hold_their_own_figures():
     import json
 
-    from lorabooth.fileio import to_json
+    from lorabooth.core.fileio import to_json
 
     t = list(TARGETS.values())
     records = _records(2.0, *t) + _records(4.0, 0.5, 0.9, 0.2, 0.7)

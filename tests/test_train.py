@@ -7,8 +7,8 @@ from safetensors.torch import load_file
 
 from helpers import PINNED_FIRST_LOSSES, make_photos
 from lorabooth import TrainConfig, train
-from lorabooth.errors import UserError
-from lorabooth.lora import WEIGHT_NAME, lora_metadata
+from lorabooth.adapters.lora import WEIGHT_NAME, lora_metadata
+from lorabooth.core.errors import UserError
 
 
 def _config(photos, out, **kw):
@@ -38,7 +38,7 @@ def test_prior_term_is_logged_separately(trained_run):
 
 
 def test_only_lora_weights_change(photos, tmp_path, on_finish):
-    from lorabooth.models import build_tiny
+    from lorabooth.models.loading import build_tiny
 
     run = train(_config(photos, tmp_path / "r", steps=2, lr=1e-2, train_text_encoder=True))
     saved = load_file(run / WEIGHT_NAME)
@@ -125,8 +125,8 @@ def test_v_prediction_model_trains_on_the_velocity(photos, tmp_path, monkeypatch
     get_velocity), which differs from the MSE against the noise."""
     import torch.nn.functional as F
 
-    import lorabooth.training as t
-    from lorabooth.models import build_tiny
+    import lorabooth.training.loop as t
+    from lorabooth.models.loading import build_tiny
 
     def v_tiny(name, model_config="", unet_dtype=None):
         base = build_tiny()
@@ -170,9 +170,9 @@ def test_bf16_autocast_keeps_lora_fp32_and_validates_on_schedule(photos, tmp_pat
 
 
 def test_captions_flow_into_the_batches(photos, tmp_path, caplog):
-    import lorabooth.training as t
-    from lorabooth.data import readable_images, tokenize
-    from lorabooth.models import build_tiny
+    import lorabooth.training.loop as t
+    from lorabooth.models.loading import build_tiny
+    from lorabooth.training.data import readable_images, tokenize
     (photos / "photo_0.txt").write_text("a photo of sks dog on a red sofa\n")
     (photos / "photo_1.txt").write_text("a photo of a dog\n")  # forgot the identifier
     config = _config(photos, tmp_path / "r", captions=True, class_prompt="a photo of a dog")
@@ -229,10 +229,10 @@ def test_prior_from_the_model_resumes_to_the_same_numbers(photos, tmp_path, capl
 
 
 def test_caption_dropout_swaps_only_the_marked_instance_rows(photos, tmp_path):
-    import lorabooth.training as t
-    from lorabooth.data import tokenize
-    from lorabooth.families import encode_prompts
-    from lorabooth.models import build_tiny
+    import lorabooth.training.loop as t
+    from lorabooth.models.families import encode_prompts
+    from lorabooth.models.loading import build_tiny
+    from lorabooth.training.data import tokenize
 
     base = build_tiny()
     paths = sorted(photos.glob("*.png"))
@@ -271,8 +271,8 @@ PROMPT = "a photo of sks dog"
 def test_validation_during_an_ema_run_draws_the_average(photos, tmp_path, monkeypatch):
     """An intermediate sample (and tune's pruner, which scores it) sees the
     weights the run would save, then training goes on from its own."""
-    import lorabooth.training as t
-    from lorabooth.checkpoint import trainable_state
+    import lorabooth.training.loop as t
+    from lorabooth.training.checkpoint import trainable_state
 
     shadows, drawn, raw = [], [], []
     real_update, real_validate = t.ema_update, t._validate
@@ -296,9 +296,9 @@ def test_validation_during_an_ema_run_draws_the_average(photos, tmp_path, monkey
 
 
 def test_ema_run_saves_the_average_not_the_last_weights(photos, tmp_path, on_finish, monkeypatch):
-    import lorabooth.training as t
-    from lorabooth.checkpoint import trainable_state
+    import lorabooth.training.loop as t
     from lorabooth.formats.layouts import module_lora, read_as_peft
+    from lorabooth.training.checkpoint import trainable_state
 
     seen = []  # the raw LoRA weights: at the start, then after each step
 
@@ -337,9 +337,9 @@ def test_all_four_levers_resume_exactly_and_load_in_diffusers(photos, tmp_path, 
     with prior preservation and a trained text encoder: each reaches the loop,
     a run killed after step 3 and resumed from its step-2 checkpoint ends with
     the uninterrupted run's file, and plain diffusers loads that file."""
-    import lorabooth.training as t
+    import lorabooth.training.loop as t
     from helpers import tiny_outputs
-    from lorabooth.models import build_tiny, pipeline_from_parts
+    from lorabooth.models.loading import build_tiny, pipeline_from_parts
 
     calls = {"offset": [], "dropped": [], "gamma": []}
 
@@ -389,7 +389,7 @@ def test_the_levers_combine_and_the_run_draws(tmp_path):
     """The levers came from separate branches: all of them at once (image-free
     prior, text-encoder LoRA, trained token, DoRA, EMA, min-SNR, noise offset,
     caption dropout) train, resume from a checkpoint to the same file, and draw."""
-    from lorabooth.drawing import generate
+    from lorabooth.generation import generate
 
     photos = make_photos(tmp_path / "photos")
     levers = dict(prior_preservation="model", train_text_encoder=True, train_token=True,

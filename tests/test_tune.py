@@ -13,12 +13,12 @@ from optuna.trial import FixedTrial, TrialState
 from safetensors.torch import load_file
 
 from helpers import chromium_dom, tune_argv
-from lorabooth.cli import main
 from lorabooth.commands import TuneConfig
-from lorabooth.errors import UserError
-from lorabooth.tune import RANKS, STUDY, suggest
-from lorabooth.tune_report import recommend
-from lorabooth.tune_space import default_space
+from lorabooth.commands.cli import main
+from lorabooth.core.errors import UserError
+from lorabooth.search.tune import RANKS, STUDY, suggest
+from lorabooth.search.tune_report import recommend
+from lorabooth.search.tune_space import default_space
 
 TWO_LENGTHS = dict(steps="2,3", sample_steps="2")  # the choices of default_space([2, 3])
 BEAT = ("--heartbeat", "1")  # a trial whose process died is stale after 2 s, not 2 min
@@ -134,8 +134,8 @@ def test_a_trial_stopped_by_ctrl_c_is_retried_once(photos, tmp_path, monkeypatch
     """Optuna marks a trial interrupted by Ctrl-C FAIL, not RUNNING: tune
     notes it and the next tune retries its settings (scores faked here)."""
     import lorabooth.evaluation.runner
-    import lorabooth.training
-    from lorabooth.tune import tune
+    import lorabooth.training.loop
+    from lorabooth.search.tune import tune
 
     trained = []
 
@@ -150,14 +150,14 @@ def test_a_trial_stopped_by_ctrl_c_is_retried_once(photos, tmp_path, monkeypatch
         return {"rows": {"lorabooth": {"dino": stat, "clip_t": stat, "pres": stat}}}
 
     monkeypatch.setattr(lorabooth.evaluation.runner, "evaluate", fake_evaluate)
-    monkeypatch.setattr(lorabooth.training, "train", interrupted)
+    monkeypatch.setattr(lorabooth.training.loop, "train", interrupted)
     config = TuneConfig(photos=str(photos), class_noun="dog", out=str(tmp_path / "t"), budget=1,
                         judges="toy")
-    monkeypatch.setattr("lorabooth.tune._judges", lambda c: None)
-    monkeypatch.setattr("lorabooth.tune.write_outputs", lambda study, out: out)
+    monkeypatch.setattr("lorabooth.search.tune._judges", lambda c: None)
+    monkeypatch.setattr("lorabooth.search.tune.write_outputs", lambda study, out: out)
     with pytest.raises(KeyboardInterrupt):
         tune(config)
-    monkeypatch.setattr(lorabooth.training, "train", fake_train)
+    monkeypatch.setattr(lorabooth.training.loop, "train", fake_train)
     tune(config)
     study = _study(tmp_path / "t")
     assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE]
@@ -211,14 +211,14 @@ def test_a_killed_tune_process_leaves_a_running_trial_that_is_retried(
 
 def test_trials_without_scores_stop_the_study_in_one_line(photos, tmp_path, monkeypatch):
     import lorabooth.evaluation.runner
-    import lorabooth.training
-    from lorabooth.tune import tune
+    import lorabooth.training.loop
+    from lorabooth.search.tune import tune
 
     nan = {"mean": float("nan"), "std": 0.0, "n": 1}
-    monkeypatch.setattr(lorabooth.training, "train", lambda config, **kwargs: None)
+    monkeypatch.setattr(lorabooth.training.loop, "train", lambda config, **kwargs: None)
     monkeypatch.setattr(lorabooth.evaluation.runner, "evaluate", lambda *a, **k: {
         "rows": {"lorabooth": {"dino": nan, "clip_t": nan, "pres": nan}}})
-    monkeypatch.setattr("lorabooth.tune._judges", lambda c: None)
+    monkeypatch.setattr("lorabooth.search.tune._judges", lambda c: None)
     config = TuneConfig(photos=str(photos), class_noun="dog", out=str(tmp_path / "t"), budget=2)
     with pytest.raises(UserError, match=r"--budget 2: stopped after 2 trials that gave no scores"):
         tune(config)
@@ -228,7 +228,7 @@ def test_trials_without_scores_stop_the_study_in_one_line(photos, tmp_path, monk
 def test_the_percentile_pruner_stops_a_trial_clearly_behind_at_the_same_step():
     """Real Optuna pruner on the twin study: after four finished trials, a
     validation score in their bottom quarter at the same step prunes."""
-    from lorabooth.tune_pruning import STARTUP_TRIALS, Pruning, validation_study
+    from lorabooth.search.tune_pruning import STARTUP_TRIALS, Pruning, validation_study
 
     storage = optuna.storages.InMemoryStorage()
     twins = validation_study(storage, "percentile")
@@ -260,13 +260,13 @@ def test_a_pruned_trial_stops_training_and_the_report_counts_what_it_saved(
     """The whole path with a pruner that prunes every odd twin at its first
     validation: the trial's training stops there, it is PRUNED in the study,
     does not count towards --budget, and both reports say what it saved."""
-    import lorabooth.tune_pruning
+    import lorabooth.search.tune_pruning
 
     class OddTwins(optuna.pruners.BasePruner):
         def prune(self, study, trial):
             return trial.number % 2 == 1
 
-    monkeypatch.setattr(lorabooth.tune_pruning, "make_pruner", lambda name, percentile: OddTwins())
+    monkeypatch.setattr(lorabooth.search.tune_pruning, "make_pruner", lambda name, percentile: OddTwins())
     out = tmp_path / "tune <b>&"
     assert main(tune_argv(photos, out, tiny_judges, prompts, "--budget", "2", "--prune-every", "2",
                           *BEAT, steps="4", sample_steps="2")) == 0
@@ -295,7 +295,7 @@ def test_a_pruned_trial_stops_training_and_the_report_counts_what_it_saved(
 
 
 def test_the_pareto_plot_colours_by_clip_t_and_marks_the_front():
-    from lorabooth.tune_report import pareto_svg
+    from lorabooth.search.tune_report import pareto_svg
 
     svg = pareto_svg([("trial 0", 0.2, 0.8, 0.30, "front"), ("trial 1", 0.5, 0.6, 0.20, "other"),
                       ("trial <2>", 0.1, 0.7, 0.25, "recommended")])
@@ -306,8 +306,8 @@ def test_the_pareto_plot_colours_by_clip_t_and_marks_the_front():
 
 
 def test_an_sdxl_search_keeps_the_trained_token_off(tmp_path):
-    from lorabooth.models import model_family, save_base
-    from lorabooth.tune import space_for_model
+    from lorabooth.models.loading import model_family, save_base
+    from lorabooth.search.tune import space_for_model
 
     space = default_space([2, 3])
     assert space_for_model(space, "tiny") is space
@@ -317,5 +317,5 @@ def test_an_sdxl_search_keeps_the_trained_token_off(tmp_path):
     overrides, _ = suggest(optuna.create_study(directions=["maximize"] * 3).ask(), fixed)
     assert overrides["train_token"] is False
     assert model_family("owner/name") is None and model_family("sd15-random") == "sd1"
-    from lorabooth.models import load_base
+    from lorabooth.models.loading import load_base
     assert model_family(str(save_base(load_base("tiny-sdxl"), tmp_path / "xl"))) == "sdxl"

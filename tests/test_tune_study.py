@@ -9,8 +9,8 @@ import json
 
 import pytest
 
+from lorabooth.core.fileio import write_json
 from lorabooth.evaluation.verdict import compare
-from lorabooth.fileio import write_json
 from lorabooth.toyworld import tune_study
 from lorabooth.toyworld.tune_study import Plan, render, run_fixed, verdict_lines
 
@@ -38,7 +38,7 @@ def test_a_fixed_setting_runs_seed_after_seed_until_it_used_the_tunes_cpu_time(
     clock = itertools.count(0, 10)  # each run reads the clock twice: 10 s apart
     monkeypatch.setattr(tune_study.time, "process_time", lambda: next(clock))
     trained = []
-    monkeypatch.setattr("lorabooth.training.train", lambda config: trained.append(config))
+    monkeypatch.setattr("lorabooth.training.loop.train", lambda config: trained.append(config))
     scores = iter([{"fidelity": 0.5, "clip_t": 0.2, "pres": 0.3},
                    {"fidelity": 0.9, "clip_t": 0.2, "pres": 0.9},  # drifts: not picked
                    {"fidelity": 0.7, "clip_t": 0.3, "pres": 0.2}])

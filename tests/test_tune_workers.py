@@ -19,9 +19,9 @@ import pytest
 from optuna.trial import TrialState
 
 from helpers import tune_argv
-from lorabooth.cli import main
-from lorabooth.errors import UserError
-from lorabooth.tune import (
+from lorabooth.commands.cli import main
+from lorabooth.core.errors import UserError
+from lorabooth.search.tune import (
     SQLITE_TIMEOUT,
     STUDY,
     adopt_silent_trials,
@@ -29,8 +29,8 @@ from lorabooth.tune import (
     open_storage,
     sampler_seed,
 )
-from lorabooth.tune_space import Range, check_study_fits, default_space, load_space, suggest
-from lorabooth.tune_workers import class_images_once, visible_gpus, worker_env
+from lorabooth.search.tune_space import Range, check_study_fits, default_space, load_space, suggest
+from lorabooth.search.tune_workers import class_images_once, visible_gpus, worker_env
 
 
 def test_workers_get_a_gpu_each_round_robin_and_a_share_of_the_cores():

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from lorabooth.cli import main
+from lorabooth.commands.cli import main
 from lorabooth.config import TrainConfig, build_config
-from lorabooth.errors import UserError
-from lorabooth.imagefiles import Rejected
+from lorabooth.core.errors import UserError
+from lorabooth.photos.imagefiles import Rejected
 from lorabooth.ui import handlers as h
 from lorabooth.ui.jobs import ACTIVE, STATE, Job, JobQueue, load_job
 from lorabooth.ui.server import parse_auth

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from lorabooth.cli import main
-from lorabooth.errors import UserError
-from lorabooth.fileio import system_folder
+from lorabooth.commands.cli import main
+from lorabooth.core.errors import UserError
+from lorabooth.core.fileio import system_folder
 from lorabooth.ui.jobs import STATE, Job, JobQueue, load_job
 from lorabooth.ui.workspace import Workspace
 

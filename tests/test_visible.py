@@ -4,12 +4,12 @@ run's model card."""
 
 import logging
 
-from lorabooth import markdown as md
 from lorabooth.config import TrainConfig
-from lorabooth.errors import UserError
-from lorabooth.logs import VisibleText
-from lorabooth.runfiles import model_card
-from lorabooth.visible import visible, visible_lines
+from lorabooth.core.errors import UserError
+from lorabooth.core.logs import VisibleText
+from lorabooth.core.visible import visible, visible_lines
+from lorabooth.reports import markdown as md
+from lorabooth.training.runfiles import model_card
 
 HOSTILE = "sks \x1b[31mRED\x07\r\x00\x9b\u202egnp.exe\u2066"
 RAW = ("\x1b", "\x07", "\r", "\x00", "\x9b", "\u202e", "\u2066")

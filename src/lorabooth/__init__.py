@@ -25,8 +25,8 @@ os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
 os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
 
 # name -> module that defines it
-_API = {"UserError": "errors", "train": "training", "generate": "drawing",
-        "evaluate": "evaluation.runner", "prepare": "prepare", "run": "commands",
+_API = {"UserError": "core.errors", "train": "training.loop", "generate": "generation",
+        "evaluate": "evaluation.runner", "prepare": "photos.prepare", "run": "commands",
         **dict.fromkeys(("TrainConfig", "PrepareConfig", "GenerateConfig", "EvaluateConfig",
                          "IdentifierConfig", "InspectConfig", "ConvertConfig", "MergeConfig",
                          "FuseConfig", "SweepConfig", "DemoConfig", "PretrainConfig",
@@ -39,7 +39,7 @@ def __getattr__(name: str) -> Any:
     if name not in _API:
         raise AttributeError(f"module 'lorabooth' has no attribute {name!r}")
     module = _API[name]
-    if module in ("training", "drawing", "evaluation.runner"):
+    if module in ("training.loop", "generation", "evaluation.runner"):
         module = _import_quietly(module)
     value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value  # later lookups skip this function

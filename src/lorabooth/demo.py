@@ -11,9 +11,9 @@ from importlib import resources
 from pathlib import Path
 
 from .config import TrainConfig
-from .drawing import generate
 from .formats import WEIGHT_NAME
-from .training import train
+from .generation import generate
+from .training.loop import train
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +45,9 @@ def demo(output: str | Path = "runs/demo", steps: int = 400) -> Path:
     images = generate(run, PROMPTS, unet_scales=SCALES, text_scales=[1.0], guidances=[5.0],
                       num_images=IMAGES, steps=20)
     judge = toy_judge()
-    from .data import readable_images
     from .evaluation.metrics import cosine_matrix
-    from .imagefiles import decode
+    from .photos.imagefiles import decode
+    from .training.data import readable_images
 
     subject = judge.identity([decode(p)[0] for p in readable_images(demo_photos())])
     log.info("fidelity by the toy judges (%d images per row; the subject is purple, striped):",

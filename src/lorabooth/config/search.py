@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..checks import (
+from ..core.checks import (
     KINDS,
     MAX_IMAGES,
     MAX_SIDE,
@@ -16,8 +16,8 @@ from ..checks import (
     check_options,
     check_seeds,
 )
-from ..errors import UserError
-from ..tune_pruning import PRUNERS
+from ..core.errors import UserError
+from ..search.tune_pruning import PRUNERS
 from .fields import _help, bad, check_numbers, require
 from .generate import DEFAULT_CLIP, DEFAULT_DINO, JUDGES
 

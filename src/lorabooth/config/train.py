@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..checks import (
+from ..core.checks import (
     MAX_BATCH,
     MAX_CLASS_IMAGES,
     MAX_RANK,
@@ -15,8 +15,8 @@ from ..checks import (
     MAX_STEPS,
     MAX_TRAIN_STEPS,
 )
-from ..errors import UserError
-from ..tracking import check_report_to
+from ..core.errors import UserError
+from ..training.tracking import check_report_to
 from .fields import _help, check_numbers, option_name
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
@@ -176,7 +176,7 @@ class TrainConfig:
             raise bad("overwrite", "cannot be combined with --resume (--resume continues the run "
                       "in OUTPUT, --overwrite replaces it)")
         if self.train_token:
-            from ..identifier import guess_identifier
+            from ..photos.identifier import guess_identifier
 
             if not guess_identifier(self.instance_prompt, self.class_prompt):
                 raise bad("instance_prompt", "has no identifier word for --train-token to train")

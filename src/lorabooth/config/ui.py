@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import UserError
+from ..core.errors import UserError
 from .fields import _help, bad, check_numbers, require
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from PIL import Image
 
-from ..errors import UserError
+from ..core.errors import UserError
 
 ImageEmbedder = Callable[[list[Image.Image]], torch.Tensor]
 TextEmbedder = Callable[[list[str]], torch.Tensor]
@@ -35,7 +35,7 @@ def resolve(name: str, option: str) -> Path:
     path = Path(name).expanduser()
     if path.is_dir():
         return path
-    from ..models import resolve_hub
+    from ..models.loading import resolve_hub
 
     if path.exists() or name.count("/") != 1:
         raise UserError(f"{option} {name}: no such model folder, and not a hub id")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from .. import markdown as md
+from ..reports import markdown as md
 
 COLUMNS = [("dino", "DINO ↑"), ("clip_i", "CLIP-I ↑"), ("clip_t", "CLIP-T ↑"),
            ("pres", "PRES ↓"), ("div", "DIV ↑")]

@@ -14,17 +14,17 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..checks import check_kind, check_options
+from ..adapters.lora import lora_metadata
 from ..config import DEFAULT_CLIP, DEFAULT_DINO
-from ..data import readable_images
-from ..drawing import Setting, cache_name, draw_cached, load_pipeline, prompt_slug
-from ..errors import UserError
-from ..fileio import save_png, write_json, write_text
-from ..grid import make_grid
-from ..imagefiles import Rejected, decode
-from ..lora import lora_metadata
-from ..templates import fill_template, prompt_templates, read_prompts_file
-from ..tokenwindow import check_prompt, pipeline_tokenizers
+from ..core.checks import check_kind, check_options
+from ..core.errors import UserError
+from ..core.fileio import save_png, write_json, write_text
+from ..generation import Setting, cache_name, draw_cached, load_pipeline, prompt_slug
+from ..models.tokenwindow import check_prompt, pipeline_tokenizers
+from ..photos.imagefiles import Rejected, decode
+from ..photos.templates import fill_template, prompt_templates, read_prompts_file
+from ..reports.grid import make_grid
+from ..training.data import readable_images
 from .embedders import Judges, default_judges
 from .metrics import (
     cosine_matrix,

@@ -84,7 +84,7 @@ def sd15_names() -> ModelNames:
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from ..models import sd15_config_dir
+    from ..models.loading import sd15_config_dir
 
     with tempfile.TemporaryDirectory() as tmp, init_empty_weights():
         folder = sd15_config_dir(Path(tmp))
@@ -107,7 +107,7 @@ def is_sdxl_folder(model: str) -> bool:
     index = Path(model).expanduser() / "model_index.json"
     if not index.is_file():
         return False
-    from ..fileio import load_json
+    from ..core.fileio import load_json
 
     data = load_json(index, "--model")
     return isinstance(data, dict) and "XL" in str(data.get("_class_name", ""))

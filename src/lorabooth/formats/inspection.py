@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
-from ..lora import read_lora
-from ..pivotal import split_embeddings
-from ..visible import visible
+from ..adapters.lora import read_lora
+from ..adapters.pivotal import split_embeddings
+from ..core.errors import UserError
+from ..core.visible import visible
 from .clients import CLIENTS, ModelNames, sd15_names, sdxl_names, unloaded_by_client
 from .layouts import alpha_from_header, check_ranks, detect_layout, old_text_keys
 from .sdxl import SDXL, family_of

@@ -20,11 +20,11 @@ from diffusers.utils import (
 from peft import LoraConfig, get_peft_model_state_dict
 from safetensors.torch import save_file
 
-from ..errors import UserError, first_line
-from ..fileio import atomic_path, parse_json, to_json
-from ..logs import diffusers_warnings_off
-from ..lora import ADAPTER, TEXT_TARGETS, UNET_TARGETS, find_lora, read_lora
-from ..pivotal import embedding_keys, split_embeddings, write_rows
+from ..adapters.lora import ADAPTER, TEXT_TARGETS, UNET_TARGETS, find_lora, read_lora
+from ..adapters.pivotal import embedding_keys, split_embeddings, write_rows
+from ..core.errors import UserError, first_line
+from ..core.fileio import atomic_path, parse_json, to_json
+from ..core.logs import diffusers_warnings_off
 from . import KOHYA_WEIGHT_NAME, WEIGHT_NAME
 from .sdxl import (
     FAMILY_KEY,

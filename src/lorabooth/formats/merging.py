@@ -12,11 +12,11 @@ from pathlib import Path
 
 import torch
 
-from ..checks import check_tensors
-from ..errors import UserError
-from ..fileio import to_json, write_json
-from ..lora import find_lora, read_lora
-from ..pivotal import TRAINED_TOKENS
+from ..adapters.lora import find_lora, read_lora
+from ..adapters.pivotal import TRAINED_TOKENS
+from ..core.checks import check_tensors
+from ..core.errors import UserError
+from ..core.fileio import to_json, write_json
 from .layouts import check_ranks, is_dora, read_as_peft, read_embeddings, write_lora
 from .sdxl import FAMILY_KEY, FAMILY_NAMES, SD, SDXL, family_of
 
@@ -170,7 +170,7 @@ def merge(inputs: list[str], weights: list[float] | None, out: str | Path,
 
 def _base_family(model: str) -> str | None:
     """The LoRA family (SD or SDXL) of a base model, without loading it."""
-    from ..models import model_family
+    from ..models.loading import model_family
 
     family = model_family(model)
     return None if family is None else SDXL if family == "sdxl" else SD
@@ -180,8 +180,8 @@ def _loaded_pipeline(run: str | Path, model: str | None):
     """The base with the LoRA loaded, for either family (drawing's own
     loader); a LoRA of one family and a base of the other are refused
     before anything is loaded."""
-    from ..drawing import load_pipeline
-    from ..lora import lora_metadata
+    from ..adapters.lora import lora_metadata
+    from ..generation import load_pipeline
 
     path = find_lora(run)
     tensors, header = read_lora(path)
@@ -203,7 +203,7 @@ def fuse(run: str | Path, out: str | Path, unet_scale: float = 1.0, text_scale: 
          model: str | None = None, single_file: bool = False) -> Path:
     """A full diffusers model folder with the LoRA baked into its weights, or
     with ``single_file`` one `.safetensors` in the original SD or SDXL layout."""
-    from ..lora import set_scales
+    from ..adapters.lora import set_scales
 
     out = Path(out)
     if single_file and out.is_dir():
@@ -223,7 +223,7 @@ def fuse(run: str | Path, out: str | Path, unet_scale: float = 1.0, text_scale: 
 
         save_sdxl_single_file(pipe, out)
     elif single_file:
-        from ..models import BaseModel
+        from ..models.loading import BaseModel
         from .singlefile import save_single_file
 
         save_single_file(BaseModel("fused", pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError, first_line
+from ..core.errors import UserError, first_line
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 RESNET = [("in_layers.0", "norm1"), ("in_layers.2", "conv1"), ("emb_layers.1", "time_emb_proj"),
@@ -148,7 +148,7 @@ def save_single_file(base, path: str | Path, convert=None) -> Path:
     `to_single_file`; formats.sdxl passes SDXL's)."""
     from safetensors.torch import save_file
 
-    from ..fileio import atomic_path
+    from ..core.fileio import atomic_path
 
     tensors = {k: v.detach().contiguous() for k, v in (convert or to_single_file)(base).items()}
     with atomic_path(path) as tmp:
@@ -163,7 +163,7 @@ def load_single_file(path: Path, config: str | Path, family: str = "sd1"):
     fetched. Pickled `.ckpt` files pass torch's safe loader first."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    from ..fileio import load_pickle_safely
+    from ..core.fileio import load_pickle_safely
 
     if path.suffix.lower() in (".ckpt", ".pt", ".pth"):
         load_pickle_safely(path)  # refuses anything but plain tensors before diffusers reads it

@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import TrainConfig
-from ..drawing import Setting, draw, load_pipeline
+from ..core.fileio import save_png, write_json
 from ..evaluation.metrics import cosine_matrix, mean_pairwise_within
-from ..fileio import save_png, write_json
-from ..grid import make_grid
-from ..training import train
+from ..generation import Setting, draw, load_pipeline
+from ..reports.grid import make_grid
+from ..training.loop import train
 from .judges import ToyJudge, toy_judge
 from .world import HELD_OUT, render, subject_views
 
@@ -106,8 +106,8 @@ def train_config(study: Study, variant: Variant, seed: int, photos: Path) -> Tra
 def draw_class_images_timed(study: Study, seed: int, photos: Path) -> float:
     """Seconds to draw the seed's class images, as training would draw them
     (it finds them present afterwards): the cost the image-free prior saves."""
-    from ..models import load_base, pipeline_from_parts
-    from ..prior import class_image_seed, draw_class_images, missing_indices
+    from ..models.loading import load_base, pipeline_from_parts
+    from ..training.prior import class_image_seed, draw_class_images, missing_indices
 
     config = train_config(study, VARIANTS[1], seed, photos)
     todo = missing_indices(config.class_path, config.num_class_images)
@@ -298,7 +298,7 @@ def _grid_scales(study: Study, pipe, has_text) -> None:
 
 
 def _calibration() -> dict:
-    from ..models import load_base
+    from ..models.loading import load_base
     from .calibration import identifier_distances
 
     base = load_base("toy")
@@ -310,8 +310,8 @@ def claims(out: str | Path, report: str | Path | None = None, quick: bool = Fals
     ``quick``: one seed, the fidelity claim only, a few minutes."""
     import shutil
 
-    from ..fileio import write_text
-    from ..models import toy_model_dir
+    from ..core.fileio import write_text
+    from ..models.loading import toy_model_dir
     from .claims_report import render_claims
     from .frontier import frontier_svg
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import html
 
-from ..lossplot import style
-from ..scatter import MARKERS, marker, pres_axes
+from ..reports.lossplot import style
+from ..reports.scatter import MARKERS, marker, pres_axes
 
 WIDTH, HEIGHT = 760, 420
 LEFT, RIGHT, TOP, BOTTOM = 56, 270, 14, 44

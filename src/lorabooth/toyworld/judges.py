@@ -17,7 +17,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from ..evaluation.embedders import Judges
-from ..images import chw_uint8, signed_unit
+from ..photos.images import chw_uint8, signed_unit
 from .schedule import schedule
 from .world import CLASSES, COLOURS, CONTEXTS, PATTERNS, Spec, random_spec, render
 
@@ -153,7 +153,7 @@ def judge_accuracy(judge: ToyJudge, n: int = 512, seed: int = 123) -> dict[str, 
 
 def toy_judge() -> ToyJudge:
     """The judge trained with the toy model (`toyworld pretrain`)."""
-    from ..models import toy_model_dir
+    from ..models.loading import toy_model_dir
 
     return ToyJudge.load(toy_model_dir() / "judges.safetensors")
 

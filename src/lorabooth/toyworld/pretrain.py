@@ -17,11 +17,11 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from .. import __version__
-from ..data import tokenize
-from ..errors import UserError
-from ..fileio import to_json, write_json
-from ..images import chw_uint8, signed_unit
-from ..models import BaseModel, clip_tokenizer, save_base, sd_noise_scheduler
+from ..core.errors import UserError
+from ..core.fileio import to_json, write_json
+from ..models.loading import BaseModel, clip_tokenizer, save_base, sd_noise_scheduler
+from ..photos.images import chw_uint8, signed_unit
+from ..training.data import tokenize
 from .schedule import schedule
 from .world import caption, random_spec, render, with_rare_word
 
@@ -134,7 +134,7 @@ def token_recovery_loss(states: torch.Tensor, ids: torch.Tensor, embeddings: tor
 def rare_words(tokenizer) -> tuple[str, ...]:
     """The identifier candidates `lorabooth identifier` offers, and 'sks', the
     one every DreamBooth tutorial uses."""
-    from ..identifier import candidates
+    from ..photos.identifier import candidates
 
     return tuple(sorted({c.token for c in candidates(tokenizer)} | {"sks"}))
 

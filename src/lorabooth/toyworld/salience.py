@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from ..fileio import write_json
-from ..models import load_base, save_base
+from ..core.fileio import write_json
+from ..models.loading import load_base, save_base
 from .pretrain import rare_words
 
 log = logging.getLogger(__name__)

@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import TrainConfig
-from ..drawing import Setting, draw, load_pipeline
+from ..core.fileio import save_png, write_json
 from ..evaluation.metrics import cosine_matrix, mean_pairwise_within
-from ..fileio import save_png, write_json
-from ..training import train
+from ..generation import Setting, draw, load_pipeline
+from ..training.loop import train
 from .instance import InstanceJudge
 from .judges import toy_judge
 from .salience import calibrated_model
@@ -71,7 +71,7 @@ class Harness:
 
     @property
     def instance(self) -> InstanceJudge:
-        from ..models import toy_model_dir
+        from ..models.loading import toy_model_dir
 
         if self._instance is None:
             self._instance = InstanceJudge.load(toy_model_dir() / "instance.safetensors", self.judge)

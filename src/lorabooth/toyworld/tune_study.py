@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from ..config import TrainConfig
+from ..core.fileio import write_json, write_text
 from ..evaluation.verdict import compare
-from ..fileio import write_json, write_text
 from .claims import NEW_CONTEXTS, SUBJECT, subject_photos
 
 log = logging.getLogger(__name__)
@@ -88,9 +88,9 @@ def run_tune(plan: Plan, repeat: int, judges: Any, tune_config: type) -> dict:
     """One tune (seed ``repeat``): its CPU seconds, trial counts and pick;
     ``tune_config``: the command line's TuneConfig (passed in: the commands
     import this module, not the other way round)."""
-    from ..tune import tune
-    from ..tune_pruning import steps_saved
-    from ..tune_report import completed, recommend
+    from ..search.tune import tune
+    from ..search.tune_pruning import steps_saved
+    from ..search.tune_report import completed, recommend
 
     out = plan.out / f"tune-{repeat}"
     config = tune_config(photos=str(plan.out / "photos"), class_noun=CLASS_NOUN, model="toy",
@@ -125,8 +125,8 @@ def run_tune(plan: Plan, repeat: int, judges: Any, tune_config: type) -> dict:
 def run_fixed(plan: Plan, arm: str, repeat: int, cpu_budget: float, judges: Any) -> dict:
     """Runs of a fixed setting, one training seed after another, until they
     have used ``cpu_budget`` CPU seconds; the pick by `tune`'s rule."""
-    from ..training import train
-    from ..tune_report import recommend
+    from ..search.tune_report import recommend
+    from ..training.loop import train
 
     runs = []
     while sum(r["cpu_s"] for r in runs) < cpu_budget and len(runs) < MAX_FIXED_RUNS:

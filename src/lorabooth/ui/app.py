@@ -11,8 +11,8 @@ from typing import Any, Callable
 import gradio as gr
 
 from ..config import CROPS
-from ..errors import UserError
-from ..imagefiles import Rejected
+from ..core.errors import UserError
+from ..photos.imagefiles import Rejected
 from . import handlers as h
 from .jobs import JobQueue
 from .trainform import FormField, form_fields

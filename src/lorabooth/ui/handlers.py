@@ -12,12 +12,12 @@ from pathlib import Path
 import tomli_w
 
 from ..config import PrepareConfig, to_toml_dict
-from ..errors import UserError
-from ..fileio import MAX_JSON_BYTES, load_json, load_toml, read_bytes_file
+from ..core.errors import UserError
+from ..core.fileio import MAX_JSON_BYTES, load_json, load_toml, read_bytes_file
+from ..core.guard import RUN_CONFIGS
 from ..formats import LORA_FILES
-from ..guard import RUN_CONFIGS
-from ..imagefiles import Rejected
-from ..lossplot import loss_svg
+from ..photos.imagefiles import Rejected
+from ..reports.lossplot import loss_svg
 from .jobs import Job, JobQueue, load_job
 from .trainform import config_from_form
 from .workspace import Workspace, read_metrics, read_run_config
@@ -75,7 +75,7 @@ def prepare_photos(ws: Workspace, uploads: list[tuple[str, str]], folder: str, n
     config = PrepareConfig(src=str(src), out=str(out), resolution=int(resolution), crop=crop,
                            caption=caption, identifier=identifier.strip() or "sks",
                            class_noun=class_noun.strip())
-    from ..prepare import SHEET_NAME, prepare
+    from ..photos.prepare import SHEET_NAME, prepare
 
     try:
         prepare(config)
@@ -103,8 +103,8 @@ def _finished_report(out: Path) -> bool:
 def suggest_identifiers(model: str, n: int, class_noun: str) -> tuple[str, str, str]:
     """(HTML table of rare tokens, instance prompt, class prompt) for the
     rarest candidate."""
-    from ..identifier import check_prompt, rare_identifiers
-    from ..models import load_tokenizer
+    from ..models.loading import load_tokenizer
+    from ..photos.identifier import check_prompt, rare_identifiers
 
     tokenizer = load_tokenizer(model)
     rows = rare_identifiers(tokenizer, n=max(1, int(n)))
@@ -128,7 +128,7 @@ def start_training(ws: Workspace, queue: JobQueue, values: dict) -> Job:
         raise UserError(f"output {ws.relative(run)}: already holds a run; choose another folder, "
                         f"or Resume that one")
     run.mkdir(parents=True, exist_ok=True)
-    from ..fileio import write_text
+    from ..core.fileio import write_text
 
     write_text(run / TRAIN_SPEC, tomli_w.dumps(to_toml_dict(config)))
     return queue.submit("train", ["train", "--config", str(run / TRAIN_SPEC)], run,

@@ -10,8 +10,8 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from ..config import TrainConfig, check_keys, choices, field_default, field_kind
-from ..errors import UserError
-from ..models import BUILTIN_MODELS
+from ..core.errors import UserError
+from ..models.loading import BUILTIN_MODELS
 from .workspace import Workspace
 
 # The options most runs set; the rest are folded under "Advanced".

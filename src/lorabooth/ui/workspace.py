@@ -15,16 +15,16 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import fileio
-from ..errors import UserError
-from ..fileio import (
+from ..core import fileio
+from ..core.errors import UserError
+from ..core.fileio import (
     atomic_path,
     load_json,
     load_toml,
     system_folder,
 )
-from ..guard import RUN_CONFIGS
-from ..imagefiles import Rejected, decode
+from ..core.guard import RUN_CONFIGS
+from ..photos.imagefiles import Rejected, decode
 
 # Far above a phone photo (~10 MB); a larger "photo" is a mistake or an attack
 # that would only be read into memory to be refused.

@@ -1,0 +1,1 @@
+"""The trained adapters: LoRA (and DoRA) attached with peft, pivotal tuning's token rows."""

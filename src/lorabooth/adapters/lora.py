@@ -1,0 +1,159 @@
+"""LoRA adapters: attach with peft, read files, load
+into a pipeline and set the UNet / text-encoder scales separately."""
+
+from __future__ import annotations
+
+import hashlib
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from diffusers import StableDiffusionPipeline
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors import safe_open
+
+from ..core.errors import UserError
+from ..core.fileio import check_regular_file, load_pickle_safely, parse_json
+from ..formats import KOHYA_WEIGHT_NAME, WEIGHT_NAME  # noqa: F401  (re-exported)
+from .pivotal import scale_rows
+
+UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+ADAPTER = "lorabooth"
+
+
+def lora_config(rank: int, alpha: float, targets: tuple[str, ...],
+                dora: bool = False) -> LoraConfig:
+    # Gaussian init of A, zeros for B (peft's default for B): the adapter starts
+    # as an exact no-op, so step 0 draws the base model's images. DoRA's
+    # magnitude starts at the weight's row norms, so it starts as a no-op too.
+    return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                      target_modules=list(targets), use_dora=dora)
+
+
+def add_unet_lora(unet: torch.nn.Module, rank: int, alpha: float, dora: bool = False) -> None:
+    unet.add_adapter(lora_config(rank, alpha, UNET_TARGETS, dora))
+
+
+def add_text_lora(text_encoder: torch.nn.Module, rank: int, alpha: float,
+                  dora: bool = False) -> None:
+    # peft's injector directly: transformers' own add_adapter needs a newer
+    # peft than is released for some transformers versions.
+    inject_adapter_in_model(lora_config(rank, alpha, TEXT_TARGETS, dora), text_encoder)
+
+
+# "lora_" in a parameter name: peft's lora_A, lora_B and DoRA's
+# lora_magnitude_vector, the trained parameters.
+def lora_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for n, p in module.named_parameters() if "lora_" in n]
+
+
+def freeze_all_but_lora(module: torch.nn.Module) -> None:
+    for name, p in module.named_parameters():
+        p.requires_grad_("lora_" in name)
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such LoRA file")
+    check_regular_file(path, "LoRA file")  # before safetensors opens it: a FIFO would block
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        data = load_pickle_safely(path)
+        if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+            raise UserError(f"{path}: not a LoRA state dict (expected names -> tensors)")
+        return data, {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such LoRA file") from None
+    except Exception as e:
+        raise UserError(f"{path}: not a readable safetensors LoRA file ({e})") from None
+
+
+def find_lora(run: str | Path) -> Path:
+    """A LoRA file, or the one in a run folder (diffusers layout first, then kohya)."""
+    run = Path(run)
+    if run.exists() and not run.is_dir():  # a file (read_lora refuses a FIFO or device)
+        return run
+    for name in (WEIGHT_NAME, KOHYA_WEIGHT_NAME):
+        if (run / name).is_file():
+            return run / name
+    raise UserError(f"{run}: no LoRA here (expected {WEIGHT_NAME}; did training finish?)")
+
+
+def lora_fingerprint(run: str | Path) -> str:
+    """The first 12 hex digits of the LoRA file's sha256: images cached under
+    a name holding it are drawn afresh when a run is retrained in place."""
+    digest = hashlib.sha256()
+    with find_lora(run).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:12]
+
+
+def lora_metadata(run: str | Path) -> dict[str, Any]:
+    """Our header fields (values were stored as strings; JSON ones decoded)."""
+    _, header = read_lora(find_lora(run))
+    out: dict[str, Any] = {}
+    for k, v in header.items():
+        if k.startswith("lorabooth."):
+            try:
+                out[k.removeprefix("lorabooth.")] = parse_json(v, k)
+            except UserError:
+                out[k.removeprefix("lorabooth.")] = v
+    return out
+
+
+@contextmanager
+def fused(pipe: StableDiffusionPipeline, unet_scale: float, text_scale: float,
+          text_parts: tuple[str, ...], text2_scale: float | None = None) -> Iterator[None]:
+    """The adapters merged into the base weights at these scales while the
+    block runs, then taken out again: drawing at fixed scales then costs what
+    the base model costs (no extra LoRA matmuls per layer). Unfusing
+    subtracts what fusing added, so the weights come back to within float
+    rounding. A component at scale 0 is not fused: its adapter is off."""
+    weights = set_scales(pipe, unet_scale, text_scale, text_parts, text2_scale)
+    merged = [part for part, scale in weights.items() if scale]
+    if merged:
+        pipe.fuse_lora(components=merged, lora_scale=1.0, adapter_names=[ADAPTER])
+    try:
+        yield
+    finally:
+        if merged:
+            pipe.unfuse_lora(components=merged)
+
+
+def set_scales(pipe: StableDiffusionPipeline, unet_scale: float, text_scale: float,
+               text_parts: tuple[str, ...], text2_scale: float | None = None) -> dict[str, float]:
+    """Scale the UNet and text-encoder adapters independently; returns the
+    scale of each component. ``text_parts``: the text encoders holding LoRA
+    (diffusers' names); ``text_scale`` applies to each, SDXL's second
+    (`text_encoder_2`) takes ``text2_scale`` when given. --train-token's
+    rows follow ``text_scale``.
+
+    Scale 0 is the base model: a component at 0 has its adapter switched
+    off, not multiplied by 0 (a DoRA layer at scale 0 would still apply its
+    trained magnitudes), and the identifier's rows are the base model's."""
+    per_encoder = {"text_encoder_2": text_scale if text2_scale is None else text2_scale}
+    weights = {"unet": unet_scale, **{part: per_encoder.get(part, text_scale)
+                                      for part in text_parts}}
+    pipe.set_adapters([ADAPTER], adapter_weights=[weights])
+    for part, scale in weights.items():
+        switch_adapters(getattr(pipe, part), bool(scale))
+    scale_rows(pipe.text_encoder, text_scale)
+    return weights
+
+
+def switch_adapters(module: torch.nn.Module, on: bool) -> None:
+    """Every peft adapter layer in ``module`` on, or off (the base layer's
+    output, whatever the adapter holds)."""
+    for layer in module.modules():
+        if isinstance(layer, BaseTunerLayer):
+            layer.enable_adapters(on)

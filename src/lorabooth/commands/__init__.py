@@ -1,0 +1,230 @@
+"""Every command's runner and the table of commands (`COMMANDS`) the CLI
+builds its parser from. The configs themselves are the config tree
+(`lorabooth.config`), re-exported here for the older import path:
+
+    from lorabooth import GenerateConfig, run
+    run(GenerateConfig(run="runs/dog", prompt=["a photo of sks dog on the beach"]))
+
+`run(config)` is the one call the CLI makes after parsing. It imports the
+heavy modules (torch, diffusers) only then, so a bad option is answered
+without them."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+from ..config import (  # noqa: F401  (re-exported: the configs' older home)
+    MAX_HEARTBEAT,
+    MAX_TRIALS,
+    MAX_WORKERS,
+    ClaimsConfig,
+    ConvertConfig,
+    DemoConfig,
+    EvaluateConfig,
+    FuseConfig,
+    GenerateConfig,
+    IdentifierConfig,
+    InspectConfig,
+    MergeConfig,
+    PrepareConfig,
+    PretrainConfig,
+    SweepConfig,
+    TrainConfig,
+    TuneConfig,
+    TuneStudyConfig,
+    UiConfig,
+)
+from ..core.guard import check
+from ..evaluation.judges import register as register_judges
+from ..formats import WEIGHT_NAME
+from .plans import PLANS
+
+log = logging.getLogger("lorabooth")
+
+
+def _train(c: TrainConfig) -> Any:
+    from ..training.loop import train
+
+    output = train(c)
+    log.info("LoRA: %s", output / WEIGHT_NAME)
+    return output
+
+
+def _generate(c: GenerateConfig) -> Any:
+    from ..generation import generate
+
+    images = generate(c.run, c.prompt, unet_scales=c.unet_scale, text_scales=c.text_scale,
+                      guidances=c.guidance, num_images=c.num_images, seed=c.seed, steps=c.steps,
+                      negative_prompt=c.negative_prompt, scheduler=c.scheduler,
+                      output=c.output or None, model=c.model or None, width=c.width,
+                      height=c.height, text2_scales=c.text2_scale)
+    log.info("drew %d images", len(images))
+    return images
+
+
+def _prepare(c: PrepareConfig) -> Any:
+    from ..photos.prepare import prepare
+
+    return prepare(c)
+
+
+def _identifier(c: IdentifierConfig) -> Any:
+    from ..models.loading import load_tokenizer
+    from ..photos.identifier import check_prompt, rare_identifiers, render_table
+
+    tokenizer = load_tokenizer(c.model)
+    if c.check:
+        report, warnings = check_prompt(c.check, tokenizer)
+        print(report)
+        for w in warnings:
+            log.warning("%s", w)
+        return report
+    candidates = rare_identifiers(tokenizer, n=c.n, seed=c.seed)
+    print(render_table(candidates))
+    return candidates
+
+
+def _evaluate(c: EvaluateConfig) -> Any:
+    from ..evaluation.runner import evaluate
+
+    return evaluate(c.run, c.real, class_noun=c.class_noun or None, kind=c.kind,
+                    prompts_file=c.prompts or None, identifier=c.identifier or None,
+                    images_per_prompt=c.images_per_prompt, seed=c.seed, unet_scale=c.unet_scale,
+                    text_scale=c.text_scale, text2_scale=c.text2_scale, guidance=c.guidance,
+                    steps=c.steps,
+                    out=c.out or None, baselines=c.baselines, dino=c.dino, clip=c.clip,
+                    model=c.model or None, pres_images=c.pres_images)
+
+
+def _inspect(c: InspectConfig) -> Any:
+    from ..formats.inspection import check_summary, inspect_lora, render
+
+    names, label = None, ""
+    if c.model:
+        from ..formats.clients import is_sdxl_folder, model_names, sdxl_folder_names
+        from ..models.loading import load_base
+
+        if is_sdxl_folder(c.model):
+            names, label = sdxl_folder_names(c.model), c.model
+        else:
+            base = load_base(c.model)
+            names, label = model_names(base.unet, base.text_encoder, base.text_encoder_2), c.model
+    summary = inspect_lora(c.file, names, label)
+    print(render(summary))
+    check_summary(summary)
+    return summary
+
+
+def _convert(c: ConvertConfig) -> Any:
+    from ..formats.layouts import convert_file
+
+    out = convert_file(c.src, c.dst, c.to)
+    log.info("wrote %s", out)
+    return out
+
+
+def _merge(c: MergeConfig) -> Any:
+    from ..formats.merging import merge
+
+    return merge(c.loras, c.weights or None, c.out, rank=c.rank)
+
+
+def _fuse(c: FuseConfig) -> Any:
+    from ..formats.merging import fuse
+
+    return fuse(c.run, c.out, unet_scale=c.unet_scale, text_scale=c.text_scale,
+                model=c.model or None, single_file=c.single_file)
+
+
+def _sweep(c: SweepConfig) -> Any:
+    from ..search.sweep import run_sweep
+
+    return run_sweep(c.file, yes=c.yes)
+
+
+def _tune(c: TuneConfig) -> Any:
+    from ..search.tune import tune
+
+    return tune(c)
+
+
+def _ui(c: UiConfig) -> Any:
+    from ..ui.server import serve
+
+    return serve(c.workspace, host=c.host, port=c.port, auth=c.auth, model=c.model,
+                 max_upload_mb=c.max_upload_mb)
+
+
+def _demo(c: DemoConfig) -> Any:
+    from ..demo import demo
+
+    return demo(c.output, steps=c.steps)
+
+
+def _pretrain(c: PretrainConfig) -> Any:
+    from ..toyworld.pretrain import pretrain
+
+    return pretrain(c.out, seed=c.seed, images=c.images, vae_steps=c.vae_steps,
+                    unet_steps=c.unet_steps, batch=c.batch, judge_steps=c.judge_steps,
+                    reuse=c.reuse or None, init=c.init or None)
+
+
+def _claims(c: ClaimsConfig) -> Any:
+    from ..toyworld.claims import claims
+
+    return claims(c.out, report=c.report, quick=c.quick)
+
+
+def _toy_judges() -> Any:
+    from ..toyworld.judges import toy_judges
+
+    return toy_judges()
+
+
+register_judges("toy", _toy_judges)  # --judges toy, in `tune` and a sweep's [evaluate]
+
+
+def _tune_study(c: TuneStudyConfig) -> Any:
+    from ..toyworld.tune_study import tune_study
+
+    return tune_study(c.out, c.report, c.repeats, c.budget, TuneConfig)
+
+
+# command -> (config class, what it does, the function that runs it); "a b"
+# is subcommand b of a
+COMMANDS: dict[str, tuple[type, str, Callable[[Any], Any]]] = {
+    "train": (TrainConfig, "train a DreamBooth LoRA on photos of one subject", _train),
+    "generate": (GenerateConfig, "draw with a trained LoRA at chosen scales", _generate),
+    "prepare": (PrepareConfig, "turn a folder of photos into a clean training set", _prepare),
+    "identifier": (IdentifierConfig, "pick a rare-token identifier, or check one", _identifier),
+    "evaluate": (EvaluateConfig, "DINO, CLIP-I, CLIP-T, PRES, DIV as in the paper", _evaluate),
+    "toyworld pretrain": (PretrainConfig, "train the toy model and judges from scratch",
+                          _pretrain),
+    "toyworld claims": (ClaimsConfig, "measure DreamBooth's claims on the toy world", _claims),
+    "toyworld tune-study": (TuneStudyConfig, "measure whether `tune` beats fixed settings on "
+                                             "the toy world, at the same CPU time", _tune_study),
+    "convert": (ConvertConfig, "LoRA file between diffusers, kohya and peft layouts", _convert),
+    "inspect": (InspectConfig, "what a LoRA file holds, and whether ComfyUI and AUTOMATIC1111 "
+                               "load every key of it", _inspect),
+    "merge": (MergeConfig, "combine LoRAs trained on the same base", _merge),
+    "fuse": (FuseConfig, "bake a LoRA into a full diffusers model folder", _fuse),
+    "sweep": (SweepConfig, "a grid of training runs x inference settings, one report", _sweep),
+    "tune": (TuneConfig, "search training settings and scales with Optuna: fidelity, "
+                         "CLIP-T, PRES", _tune),
+    "demo": (DemoConfig, "train and draw on the built-in model with example photos", _demo),
+    "ui": (UiConfig, "the whole workflow in a local web page: photos, identifier, train, draw, "
+                     "measure, runs", _ui),
+}
+
+
+def run(config: Any) -> Any:
+    """Carry out the command ``config`` is the options of, once the write
+    guard has passed what it declares it reads and writes (plans.PLANS)."""
+    for name, (cls, _, runner) in COMMANDS.items():
+        if type(config) is cls:
+            if name not in PLANS:
+                raise TypeError(f"command {name!r} declares no plan in plans.PLANS")
+            check(PLANS[name](config))
+            return runner(config)
+    raise TypeError(f"not a lorabooth command config: {type(config).__name__}")

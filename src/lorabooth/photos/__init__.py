@@ -1,0 +1,1 @@
+"""The subject: photo folders, prepare, captions and the identifier that names it."""

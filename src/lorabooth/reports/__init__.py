@@ -1,0 +1,1 @@
+"""Pieces of the files lorabooth writes for people: grids, loss plots, HTML and markdown."""

@@ -1,0 +1,1 @@
+"""The training run: data, prior, objective, the loop, checkpoints, EMA, the run folder."""

@@ -1,0 +1,233 @@
+"""What the training loop reads: the subject's images and prompts checked,
+latents, prompt embeddings and SDXL's time ids computed once before the loop
+(``Examples``), and each step's batch of them (``sample_latents``,
+``text_context``, ``batch_time_ids``)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..config import TrainConfig
+from ..core.errors import UserError
+from ..core.fileio import load_json, read_text_file
+from ..models.families import FAMILIES, Conditioning, Family, encode_prompts, time_ids, tokenize_all
+from ..models.loading import BaseModel
+from ..models.tokenwindow import check_prompt
+from ..photos.identifier import guess_identifier
+from ..photos.imagefiles import problem
+from .data import image_files, latent_distributions
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Examples:
+    """Everything the loop reads per step, computed once before it."""
+
+    instance_mean: torch.Tensor  # (N, 4, h, w) VAE posterior means
+    instance_std: torch.Tensor
+    class_mean: torch.Tensor | None  # (M, 4, h, w), None without prior preservation
+    class_std: torch.Tensor | None
+    instance_embedding: Conditioning | None  # (N, 77, D), one per image; text encoders frozen
+    class_embedding: Conditioning | None  # (1, 77, D), frozen; the target's in --prior-preservation model
+    instance_ids: torch.Tensor  # (N, E, 77) token ids, E text encoders; used when they train
+    class_ids: torch.Tensor | None
+    scaling_factor: float  # the VAE's latent scale, kept so the VAE itself can be freed
+    empty_embedding: Conditioning | None = None  # (1, 77, D) of "", for --caption-dropout
+    empty_ids: torch.Tensor | None = None  # (1, E, 77)
+    # --train-token with the text encoder frozen: it runs on the instance rows
+    # every step (their identifier's embedding trains); None: cached above
+    encoders: list[torch.nn.Module] | None = None
+    family: Family = FAMILIES["sd1"]
+    # SDXL's micro-conditioning per image (N, 6) and (M, 6); SD 1.x ignores them
+    instance_time_ids: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 6))
+    class_time_ids: torch.Tensor | None = None
+
+
+def instance_images(config: TrainConfig) -> list[Path]:
+    folder = Path(config.instance_dir)
+    if not folder.is_dir():
+        raise UserError(f"--instance-dir {folder}: no such folder")
+    files = image_files(folder)
+    problems = {path: problem(path) for path in files}
+    if all(problems.values()):
+        raise UserError(f"--instance-dir {folder}: no readable images (jpg, png, webp, bmp, tiff, gif)")
+    bad = [path for path in files if problems[path]]
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise UserError(f"--instance-dir: {bad[0]}: {problems[bad[0]]}{more}; "
+                        f"remove or replace it (`lorabooth prepare` sorts a folder out)")
+    log.info("--instance-dir %s: %d images", folder, len(files))
+    return files
+
+
+def setup_examples(config: TrainConfig, base: BaseModel, resolution: int,
+                    instance_paths: list[Path], captions: list[str],
+                    class_paths: list[Path]) -> Examples:
+    instance = latent_distributions(base.vae, instance_paths, resolution)
+    klass = latent_distributions(base.vae, class_paths, resolution) if class_paths else (None, None)
+    with_class = config.uses_prior
+    prompts = sorted(set(captions)) + ([config.class_prompt] if with_class else [])
+    row = [prompts.index(c) for c in captions]  # image i -> its prompt's row
+    ids = tokenize_all(base.tokenizers, prompts)
+
+    def encode(some: list[str]) -> Conditioning:
+        return encode_prompts(base.family, base.tokenizers, base.text_encoders, some)
+
+    frozen = None
+    if not config.train_text_encoder:
+        frozen = encode(prompts)
+    elif config.prior_model:  # the target's class prompt: the text encoders without LoRA (not yet added)
+        frozen = encode(prompts[-1:])
+    dropout = config.caption_dropout > 0
+    boxes = prepared_boxes(Path(config.instance_dir))
+    return Examples(
+        instance_mean=instance[0], instance_std=instance[1], class_mean=klass[0], class_std=klass[1],
+        instance_embedding=None if frozen is None or config.train_text_encoder else frozen.rows(row),
+        class_embedding=None if frozen is None or not with_class else frozen.rows(slice(-1, None)),
+        instance_ids=ids[row], class_ids=ids[-1:] if with_class else None,
+        scaling_factor=float(base.vae.config.scaling_factor),
+        empty_embedding=encode([""]) if dropout and not config.train_text_encoder else None,
+        empty_ids=tokenize_all(base.tokenizers, [""]) if dropout else None,
+        family=base.family,
+        instance_time_ids=image_time_ids(instance_paths, resolution, boxes),
+        class_time_ids=image_time_ids(class_paths, resolution, {}) if class_paths else None,
+    )
+
+
+def prepared_boxes(folder: Path) -> dict[str, tuple[tuple[int, int], tuple]]:
+    """Image name -> (original photo size, crop box) from the folder's
+    prepare.json (written by `lorabooth prepare`); {} without one, or with
+    one of another shape. One that cannot be read or parsed is one line."""
+    if not (folder / "prepare.json").exists():
+        return {}
+    files = load_json(folder / "prepare.json")
+    try:
+        files = files["files"]
+        return {f["output"]: (tuple(f["size"]), tuple(f["crop_box"])) for f in files
+                if f.get("output") and f.get("size") and f.get("crop_box")}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def image_time_ids(paths: list[Path], resolution: int,
+                   boxes: dict[str, tuple[tuple[int, int], tuple]]) -> torch.Tensor:
+    """(N, 6) SDXL time ids: the photo `prepare` cropped and its real crop box
+    when known, else the image itself, centre-cropped as the loader does."""
+    from PIL import Image
+
+    from ..photos.images import upright_rgb
+
+    rows = []
+    for path in paths:
+        if path.name in boxes:
+            size, box = boxes[path.name]
+        else:
+            with Image.open(path) as im:
+                size = upright_rgb(im).size  # as the loader sees it, EXIF rotation applied
+            box = (0, 0, *size)
+        rows.append(time_ids(size, box, resolution))
+    return torch.tensor(rows, dtype=torch.float32).reshape(len(paths), 6)
+
+
+def instance_captions(config: TrainConfig, paths: list[Path]) -> list[str]:
+    """Each image's prompt: IMAGE.txt beside it with --captions, else the
+    instance prompt. A caption missing the identifier is named in a warning."""
+    if not config.captions:
+        return [config.instance_prompt] * len(paths)
+    identifier = guess_identifier(config.instance_prompt, config.class_prompt)
+    out = []
+    for path in paths:
+        txt = path.with_suffix(".txt")
+        caption = read_caption(txt) if txt.exists() else ""
+        caption = caption or config.instance_prompt
+        words = caption.lower().split()
+        if identifier and not any(w in words for w in identifier):
+            log.warning("%s: caption %r lacks the identifier %s", txt, caption, " ".join(identifier))
+        out.append(caption)
+    return out
+
+
+def check_prompt_windows(config: TrainConfig, tokenizers: list, paths: list[Path],
+                         captions: list[str]) -> None:
+    """Before any work: the instance and validation prompts must keep the
+    identifier inside the text encoder's window (else it is never trained, or
+    never drawn); a truncated class prompt or caption is named in a warning,
+    and --train-token is refused when no training prompt keeps it."""
+    words = guess_identifier(config.instance_prompt, config.class_prompt)
+    check_prompt(tokenizers, config.instance_prompt, words, "--instance-prompt")
+    if config.uses_prior:
+        check_prompt(tokenizers, config.class_prompt, [], "--class-prompt")
+    if config.validation_prompt:
+        check_prompt(tokenizers, config.validation_prompt, words, "--validation-prompt")
+    kept = not config.captions
+    for path, caption in zip(paths, captions):
+        txt = path.with_suffix(".txt")
+        if not config.captions or caption == config.instance_prompt or not txt.is_file():
+            kept = True  # the instance prompt, checked above
+            continue
+        f = check_prompt(tokenizers, caption, words, f"--captions: {txt}", refuse_cut=False)
+        kept = kept or not f.cut
+    if config.train_token and words and not kept:
+        raise UserError(f"--train-token: every caption ({paths[0].with_suffix('.txt')}, ...) "
+                        f"holds the identifier only past the text encoder's window: its "
+                        f"embedding would never be trained")
+
+
+def read_caption(txt: Path) -> str:
+    return read_text_file(txt, "--captions").strip()
+
+
+def sample_latents(examples: Examples, idx: list[int], cidx: list[int],
+                    rng: torch.Generator) -> torch.Tensor:
+    mean, std = examples.instance_mean[idx], examples.instance_std[idx]
+    if cidx:
+        mean = torch.cat([mean, examples.class_mean[cidx]])
+        std = torch.cat([std, examples.class_std[cidx]])
+    latents = mean + std * torch.randn(mean.shape, generator=rng)
+    return latents * examples.scaling_factor
+
+
+def text_context(examples: Examples, modules: dict[str, torch.nn.Module], idx: list[int],
+                  n_class: int, device: torch.device,
+                  dropped: torch.Tensor | None = None) -> Conditioning:
+    """The text conditioning of the batch (hidden states (B, 77, D), SDXL's
+    pooled embeddings), instance rows first; the instance rows marked in
+    ``dropped`` (len(idx),) get the empty prompt's."""
+    family = examples.family
+    trained = [modules[name] for name in family.encoders if name in modules]
+    ids = examples.instance_ids[idx]
+    if dropped is not None and dropped.any():
+        ids = torch.where(dropped[:, None, None], examples.empty_ids, ids)
+    if trained:  # the text encoders train: every row through them
+        if n_class:
+            ids = torch.cat([ids, examples.class_ids.expand(n_class, -1, -1)])
+        return family.encode(trained, ids.to(device))
+    if examples.encoders is not None:  # --train-token: the identifier's rows change every step
+        parts = [family.encode(examples.encoders, ids.to(device))]
+    else:
+        parts = [examples.instance_embedding.rows(idx).to(device)]
+        if dropped is not None and dropped.any():
+            parts[0] = parts[0].where(dropped, examples.empty_embedding)
+    if n_class:
+        klass = (examples.class_embedding if examples.class_embedding is not None
+                 else family.encode(examples.encoders, examples.class_ids.to(device)))
+        parts.append(klass.to(device).expand(n_class))
+    return Conditioning.cat(parts)
+
+
+def batch_time_ids(examples: Examples, idx: list[int], cidx: list[int],
+                   model_prior: bool = False) -> torch.Tensor:
+    """(B, 6) time ids of the batch's rows: instance rows, then class images'
+    (``cidx``) or, for --prior-preservation model, the instance rows again
+    (its prior rows re-noise the instance latents)."""
+    parts = [examples.instance_time_ids[idx]]
+    if cidx:
+        parts.append(examples.class_time_ids[cidx])
+    if model_prior:
+        parts.append(parts[0])
+    return torch.cat(parts)

@@ -1,0 +1,465 @@
+"""DreamBooth LoRA training. Read ``_train``'s loop top to bottom for the
+method: one line or one call per idea. Setup (``_setup_run``, with the builders
+in ``trainsetup``), the batch, the loss, logging, checkpointing and validation
+are functions of their own, kept out of the loop."""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, TextIO
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from PIL.Image import Image
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..adapters.lora import lora_parameters
+from ..adapters.pivotal import TRAINED_TOKENS
+from ..config import TrainConfig
+from ..core.checks import check_tensors
+from ..core.errors import UserError
+from ..core.fileio import save_png, to_json, write_text
+from ..formats.layouts import KOHYA_DORA_REFUSAL, save_lora
+from ..formats.sdxl import FAMILY_KEY, SD, SDXL
+from ..models.loading import BaseModel, load_base, pipeline_from_parts
+from ..models.precision import cast_frozen, frozen_dtype, tune_allocator, weight_dtype
+from ..photos.identifier import guess_identifier, identifier_warnings
+from .batches import (
+    Examples,
+    batch_time_ids,
+    check_prompt_windows,
+    instance_captions,
+    instance_images,
+    sample_latents,
+    setup_examples,
+    text_context,
+)
+from .checkpoint import (
+    latest_checkpoint,
+    load_trainable_state,
+    save_checkpoint,
+    trainable_state,
+)
+from .data import Shuffler, caption_dropout
+from .ema import ema_applied, ema_shadow, ema_state, ema_update
+from .objective import (
+    diffusion_target,
+    dreambooth_loss,
+    min_snr_weights,
+    offset_noise,
+    with_prior_target,
+)
+from .prior import model_prior_rows
+from .processes import (
+    all_rank_streams,
+    end_distributed,
+    mean_over_ranks,
+    rank_streams,
+)
+from .resume import resume
+from .runfiles import (
+    check_folders,
+    model_card,
+    run_folder,
+    run_settings,
+    start_run,
+)
+from .setup import (
+    TEXT_LR_KEYS,
+    setup_accelerator,
+    setup_class_images,
+    setup_lora,
+    setup_optimizer,
+    setup_trained_token,
+    use_token,
+)
+from .tracking import log_record, start_trackers
+
+log = logging.getLogger(__name__)
+OnValidation = Callable[[int, list[Image]], None]  # (step, the validation's images)
+
+
+def train(config: TrainConfig, on_validation: OnValidation | None = None) -> Path:
+    """Train a DreamBooth LoRA as ``config`` says; returns the run folder.
+
+    ``on_validation(step, images)`` sees each validation's images (single
+    process only): `tune`'s pruner scores them and may raise to stop the run."""
+    # bad input fails before any work, and before anything is written
+    instance_paths = instance_images(config)
+    captions = instance_captions(config, instance_paths)
+    check_folders(config)
+    tune_allocator()
+    accelerator = setup_accelerator(config)
+    set_seed(config.seed)  # python, numpy, torch: the LoRA init draws from torch's global RNG
+    with run_folder(config, accelerator.is_main_process) as output, _memory_advice(config):
+        if on_validation is not None and accelerator.num_processes > 1:
+            raise UserError("a validation callback (tune's pruner) runs in one process only")
+        _train(config, accelerator, output, instance_paths, captions, on_validation)
+    return output
+
+
+@dataclass
+class _Run:
+    """What the loop works on, built once by ``_setup_run``."""
+    config: TrainConfig
+    accelerator: Accelerator
+    output: Path
+    base: BaseModel
+    resolution: int
+    examples: Examples
+    modules: dict[str, torch.nn.Module]  # as accelerate prepared them (DDP-wrapped when several)
+    trained: dict[str, torch.nn.Module]  # unwrapped, keyed as checkpoints and files save them
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
+    noise_rng: torch.Generator  # every draw of the loop, in the order a resume replays
+    instance_order: Shuffler
+    class_order: Shuffler | None  # None: no class images
+    ema: dict[str, torch.Tensor] | None  # the fp32 average; None: no EMA
+    start: int  # the step resumed from; 0 for a fresh run
+    metrics: TextIO | None  # metrics.jsonl, main process only
+
+
+@dataclass
+class _Batch:
+    idx: list[int]  # the subject's examples
+    cidx: list[int]  # the class examples; [] without class images
+    latents: torch.Tensor  # (instance + class rows, C, h, w)
+    noise: torch.Tensor  # as latents
+    timesteps: torch.Tensor  # (rows,)
+    dropped: torch.Tensor  # (instance rows,) True: that caption is dropped this step
+
+
+def _train(config: TrainConfig, accelerator: Accelerator, output: Path,
+           instance_paths: list[Path], captions: list[str],
+           on_validation: OnValidation | None) -> None:
+    run = _setup_run(config, accelerator, output, instance_paths, captions)
+    bar = tqdm(range(run.start, config.steps), initial=run.start, total=config.steps,
+               desc="train", mininterval=1.0, disable=not accelerator.is_main_process)
+    for step in bar:
+        tick = time.perf_counter()
+        # one batch: the subject's examples first, then as many class examples
+        batch = _next_batch(run)
+        # the DreamBooth loss (with the frozen model's targets under --prior-preservation model)
+        loss, loss_instance, loss_prior = _batch_loss(run, batch)
+        if not torch.isfinite(loss):  # stop before a NaN reaches the weights
+            raise _numerical_fault(config, output, step + 1, f"the loss is {loss.item()}")
+        # backward, clip, step
+        _optimizer_step(run, loss)
+        if run.ema is not None:  # the average the file will hold
+            ema_update(run.ema, run.trained, config.ema_decay, step)
+        if not all(torch.isfinite(p).all() for p in _lora_parameters(run.modules)):
+            raise _numerical_fault(config, output, step + 1, "the LoRA weights hold NaN or inf")
+        # metrics.jsonl, --report-to trackers and the progress bar
+        _log_step(run, bar, step, {"loss": loss, "loss_instance": loss_instance,
+                                   "loss_prior": loss_prior}, tick)
+        # every --checkpoint-every steps: the weights, optimizer and every random stream
+        _maybe_checkpoint(run, step + 1)
+        # every --validation-every steps: sample the validation prompt (tune's pruner sees it)
+        _maybe_validate(run, step + 1, on_validation)
+    bar.close()
+    if run.metrics:
+        run.metrics.close()
+
+    accelerator.wait_for_everyone()
+    if run.ema is not None:  # the file (and the last sample) hold the average, not the last step
+        load_trainable_state(run.trained, run.ema)
+    if accelerator.is_main_process:
+        _finish(config, run.base, output, _unwrapped(accelerator, run.modules), run.resolution)
+    end_distributed(accelerator, run.modules)
+
+
+def _setup_run(config: TrainConfig, accelerator: Accelerator, output: Path,
+               instance_paths: list[Path], captions: list[str]) -> _Run:
+    """The model, its LoRA, the optimizer, the cached examples and the random
+    streams, resumed from the last checkpoint under --resume."""
+    # Under mixed precision the frozen weights are stored in the compute dtype
+    # (the UNet's 860 M are not re-cast every step); the VAE that caches
+    # latents stays fp32.
+    dtype = weight_dtype(accelerator.mixed_precision)
+    base = load_base(config.model, config.model_config, unet_dtype=dtype)
+    if config.train_token and len(base.family.encoders) > 1:
+        raise UserError(f"--train-token: trains one text encoder's token rows; {config.model} "
+                        f"has {len(base.family.encoders)} text encoders (SDXL), not supported yet")
+    for warning in identifier_warnings(base.tokenizer, config.instance_prompt, config.class_prompt):
+        log.warning("--instance-prompt: %s", warning)
+    check_prompt_windows(config, base.tokenizers, instance_paths, captions)
+    resolution = config.resolution or base.native_resolution
+    for module in (base.vae, base.unet, *base.text_encoders):
+        module.requires_grad_(False)
+        module.to(accelerator.device)
+    cast_frozen(base.unet, dtype)  # the sources that load fp32
+
+    with accelerator.autocast():
+        class_paths = setup_class_images(config, base, resolution, accelerator)
+    examples = setup_examples(config, base, resolution, instance_paths, captions, class_paths)
+    if not config.validation_prompt:
+        base.vae = None  # latents are cached; nothing else needs the VAE
+        if not (config.train_text_encoder or config.train_token):
+            for name in base.family.encoders:  # nor the text encoders: prompt embeddings are cached
+                setattr(base, name, None)
+    token = setup_trained_token(config, base)  # before the cast: its rows start from the fp32 weights
+    modules = setup_lora(config, base)
+    for module in modules.values():
+        cast_frozen(module, dtype)  # the text encoder's frozen part too; LoRA stays fp32
+    modules.update(token)
+    optimizer, lr_scheduler = setup_optimizer(config, modules)
+    modules = {name: accelerator.prepare(m) for name, m in modules.items()}
+    optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
+    use_token(accelerator, base, modules, examples)
+
+    seed = config.seed + accelerator.process_index
+    noise_rng = torch.Generator().manual_seed(seed)
+    instance_order = Shuffler(len(examples.instance_mean), seed)
+    class_order = Shuffler(len(class_paths), seed + 1) if class_paths else None
+    trained = _unwrapped(accelerator, modules)
+    ema = ema_shadow(trained, config.ema_decay)
+    start = 0
+    if config.resume:
+        start = resume(config, output, trained, optimizer, lr_scheduler, noise_rng,
+                       instance_order, class_order, ema, accelerator.process_index)
+    # only now: a run that fails to start leaves the folder as it was
+    metrics = start_run(output, config, start) if accelerator.is_main_process else None
+    start_trackers(accelerator, config, output, start)  # --report-to
+    return _Run(config, accelerator, output, base, resolution, examples, modules, trained,
+                optimizer, lr_scheduler, noise_rng, instance_order, class_order, ema, start,
+                metrics)
+
+
+def _next_batch(run: _Run) -> _Batch:
+    """The step's examples and every random draw it makes, from
+    ``run.noise_rng`` in a fixed order (a resumed run replays it)."""
+    config, rng = run.config, run.noise_rng
+    idx = run.instance_order.take(config.batch_size)
+    cidx = run.class_order.take(config.batch_size) if run.class_order else []
+    latents = sample_latents(run.examples, idx, cidx, rng)
+    noise = torch.randn(latents.shape, generator=rng)
+    timesteps = torch.randint(0, run.base.noise_scheduler.config.num_train_timesteps,
+                              (latents.shape[0],), generator=rng)
+    noise = offset_noise(noise, config.noise_offset, rng)
+    dropped = caption_dropout(len(idx), config.caption_dropout, rng)
+    return _Batch(idx, cidx, latents, noise, timesteps, dropped)
+
+
+def _batch_loss(run: _Run, batch: _Batch):
+    """(loss, instance part, prior part) of one batch: the rows' conditioning,
+    then ``step_loss``; --prior-preservation model first appends rows whose
+    target is the frozen model's prediction (drawing from ``run.noise_rng``)."""
+    config, accelerator, base, examples = run.config, run.accelerator, run.base, run.examples
+    idx, latents, noise, timesteps = batch.idx, batch.latents, batch.noise, batch.timesteps
+    with accelerator.autocast():
+        frozen = None  # --prior-preservation model: rows whose target is the base model's
+        if config.prior_model:
+            latents, noise, timesteps, frozen = model_prior_rows(
+                accelerator.unwrap_model(run.modules["unet"]), base.noise_scheduler, latents,
+                noise, timesteps, _class_inputs(base, examples, idx, accelerator.device),
+                run.noise_rng)
+        context = text_context(examples, run.modules, idx, len(latents) - len(idx),
+                               accelerator.device, batch.dropped)
+        context = context.with_time_ids(batch_time_ids(examples, idx, batch.cidx,
+                                                       config.prior_model))
+        return step_loss(run.modules["unet"], base.noise_scheduler, latents, noise, timesteps,
+                         base.family.unet_inputs(context), len(idx), config.prior_loss_weight,
+                         frozen, config.snr_gamma)
+
+
+def _optimizer_step(run: _Run, loss: torch.Tensor) -> None:
+    run.accelerator.backward(loss)
+    if run.config.max_grad_norm:
+        run.accelerator.clip_grad_norm_(_lora_parameters(run.modules), run.config.max_grad_norm)
+    run.optimizer.step()
+    run.lr_scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+
+
+def _lora_parameters(modules: dict[str, torch.nn.Module]) -> list[torch.nn.Parameter]:
+    return [p for m in modules.values() for p in lora_parameters(m)]
+
+
+def _log_step(run: _Run, bar: tqdm, step: int, losses: dict[str, torch.Tensor | None],
+              tick: float) -> None:
+    """One metrics.jsonl line (the losses averaged over the processes), the
+    same record to the --report-to trackers, and the progress bar's postfix."""
+    lrs = run.lr_scheduler.get_last_lr()
+    record = {"step": step + 1, **mean_over_ranks(run.accelerator, losses), "lr": lrs[0],
+              "s_per_step": round(time.perf_counter() - tick, 4)}
+    for group, (name, key) in enumerate(TEXT_LR_KEYS, start=1):  # as setup_optimizer
+        if name in run.modules:
+            record[key] = lrs[group]
+    if run.metrics:
+        run.metrics.write(to_json(record) + "\n")
+        run.metrics.flush()
+    log_record(run.accelerator, record)
+    bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v)
+                     for k, v in record.items() if k != "step" and v is not None}, refresh=False)
+
+
+def _maybe_checkpoint(run: _Run, done: int) -> None:
+    """Every --checkpoint-every steps but the last: the weights, optimizer,
+    scheduler, EMA and every process's random streams (``resume`` reads them)."""
+    config, accelerator = run.config, run.accelerator
+    if not (config.checkpoint_every and done % config.checkpoint_every == 0
+            and done < config.steps):
+        return
+    accelerator.wait_for_everyone()
+    own = rank_streams(run.noise_rng, run.instance_order, run.class_order)
+    ranks = all_rank_streams(accelerator, own)  # each process resumes its own streams
+    if accelerator.is_main_process:
+        path = save_checkpoint(run.output, done, _unwrapped(accelerator, run.modules), {
+            "optimizer": run.optimizer.state_dict(),
+            "lr_scheduler": run.lr_scheduler.state_dict(),
+            **own, "ranks": ranks, "ema": ema_state(run.ema)}, run_settings(config))
+        log.debug("checkpoint %s", path)
+
+
+def _maybe_validate(run: _Run, done: int, on_validation: OnValidation | None) -> None:
+    """Every --validation-every steps but the last (``_finish`` draws that one),
+    main process only: the EMA weights' samples, seen by ``on_validation``."""
+    config = run.config
+    if not (config.validation_prompt and config.validation_every and done < config.steps
+            and done % config.validation_every == 0 and run.accelerator.is_main_process):
+        return
+    with ema_applied(run.ema, run.trained):  # what the run would save now
+        images = _validate(config, run.base, run.output, done)
+    if on_validation is not None:
+        on_validation(done, images)
+
+
+def step_loss(unet: torch.nn.Module, scheduler, latents: torch.Tensor, noise: torch.Tensor,
+              timesteps: torch.Tensor, inputs: dict, n_instance: int,
+              prior_weight: float, prior_target: torch.Tensor | None = None,
+              snr_gamma: float = 0.0):
+    """The DreamBooth loss of one batch (instance rows first): noise the
+    latents at ``timesteps``, predict with the UNet's conditioning ``inputs``
+    (the family's ``unet_inputs``), compare with the scheduler's target;
+    ``prior_target`` (the frozen model's prediction) replaces it for the
+    class rows when given; ``snr_gamma`` > 0 weighs the rows by min-SNR-gamma
+    (by each row's timestep, the model-prior rows too)."""
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    prediction_type = scheduler.config.prediction_type
+    target = diffusion_target(noise, latents, timesteps, scheduler.alphas_cumprod, prediction_type)
+    if prior_target is not None:
+        target = with_prior_target(target.to(prior_target.device), n_instance, prior_target)
+    weights = (min_snr_weights(timesteps, scheduler.alphas_cumprod, snr_gamma, prediction_type)
+               if snr_gamma else None)
+    device = inputs["encoder_hidden_states"].device
+    pred = unet(noisy.to(device), timesteps.to(device), **inputs).sample
+    return dreambooth_loss(pred, target.to(device), n_instance, prior_weight, weights)
+
+
+def save_layouts(config: TrainConfig) -> tuple[str, ...]:
+    """The file layouts --save-format asks for; a DoRA run has no kohya file
+    (config refuses --save-format kohya; `both` writes the diffusers one)."""
+    layouts = {"both": ("diffusers", "kohya")}.get(config.save_format, (config.save_format,))
+    if config.adapter == "dora" and "kohya" in layouts:
+        log.warning("--adapter dora: writing the diffusers file only (diffusers and peft apply "
+                    "its magnitudes; ComfyUI reads them only as kohya dora_scale); %s",
+                    KOHYA_DORA_REFUSAL)
+        layouts = tuple(x for x in layouts if x != "kohya")
+    return layouts
+
+
+def _numerical_fault(config: TrainConfig, output: Path, step: int, what: str) -> UserError:
+    good = latest_checkpoint(output)
+    keep = (f"the last good checkpoint is {good} (--resume continues from it)" if good
+            else "no checkpoint was written (--checkpoint-every keeps one)")
+    hint = " or --mixed-precision bf16 instead of fp16" if config.mixed_precision == "fp16" else ""
+    return UserError(f"step {step}: {what}; training stopped. Lower --lr (now {config.lr:g}) "
+                     f"or --lr-text (now {config.lr_text:g}){hint}; {keep}")
+
+
+@contextmanager
+def _memory_advice(config: TrainConfig) -> Iterator[None]:
+    """Out of memory, on the GPU or the CPU, becomes one line of what to lower."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        if not isinstance(e, (torch.OutOfMemoryError, MemoryError)) and not is_cpu_oom(e):
+            raise
+        raise UserError(
+            f"out of memory; lower --batch-size (now {config.batch_size}) or --resolution "
+            f"(now {config.resolution or 'the model default'}), use --mixed-precision bf16, "
+            f"or fewer --class-draw-batch images (now {config.class_draw_batch})") from None
+
+
+# What torch's CPU allocator says when an allocation fails: a plain
+# RuntimeError there, not torch.OutOfMemoryError as on the GPU.
+CPU_OOM = ("DefaultCPUAllocator: can't allocate memory", "not enough memory")
+
+
+def is_cpu_oom(error: RuntimeError) -> bool:
+    return any(text in str(error) for text in CPU_OOM)
+
+
+def _class_inputs(base: BaseModel, examples: Examples, idx: list[int],
+                  device: torch.device) -> dict:
+    """--prior-preservation model: the UNet's inputs for the prior rows, the
+    frozen class prompt over the instance images' time ids."""
+    context = examples.class_embedding.to(device).expand(len(idx))
+    return base.family.unet_inputs(context.with_time_ids(examples.instance_time_ids[idx]))
+
+
+def _unwrapped(accelerator: Accelerator, modules: dict[str, torch.nn.Module]):
+    return {name: accelerator.unwrap_model(m) for name, m in modules.items()}
+
+
+@torch.no_grad()
+def _validate(config: TrainConfig, base: BaseModel, output: Path, step: int) -> list[Image]:
+    """Draws the validation prompt ``config.validation_images`` times from one
+    generator: the first image starts from the same noise whatever the count
+    (batched arithmetic may still move a pixel by one level)."""
+    pipe = pipeline_from_parts(base)
+    pipe.set_progress_bar_config(disable=True)
+    was_training = base.unet.training
+    base.unet.eval()
+    dtype = frozen_dtype(base.unet)  # bf16 weights under mixed precision
+    with torch.autocast(base.unet.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        images = pipe(config.validation_prompt, num_inference_steps=25,
+                      num_images_per_prompt=config.validation_images,
+                      generator=torch.Generator().manual_seed(config.seed)).images
+    base.unet.train(was_training)
+    for k, image in enumerate(images):
+        save_png(image, output / "samples" / (f"step-{step:06d}" + (f"-{k}" if k else "") + ".png"))
+    return images
+
+
+def _finish(config: TrainConfig, base: BaseModel, output: Path,
+            modules: dict[str, torch.nn.Module], resolution: int) -> None:
+    meta = {
+        "lorabooth.version": __version__, "lorabooth.base_model": config.model,
+        "lorabooth.model_config": config.model_config,
+        "lorabooth.rank": config.rank, "lorabooth.alpha": config.lora_alpha,
+        "lorabooth.instance_prompt": config.instance_prompt,
+        "lorabooth.class_prompt": config.class_prompt,
+        "lorabooth.photos.identifier": " ".join(guess_identifier(config.instance_prompt,
+                                                          config.class_prompt)),
+        "lorabooth.prior_preservation": config.prior_preservation,
+        "lorabooth.steps": config.steps, "lorabooth.lr": config.lr,
+        "lorabooth.lr_text": config.lr_text, "lorabooth.seed": config.seed,
+        "lorabooth.lr_text2": config.text_lr("text_encoder_2"),
+        FAMILY_KEY: SDXL if base.family.name == "sdxl" else SD,  # the formats' names
+        "lorabooth.resolution": resolution,
+        "lorabooth.train_text_encoder": config.train_text_encoder,
+        "lorabooth.snr_gamma": config.snr_gamma, "lorabooth.noise_offset": config.noise_offset,
+        "lorabooth.caption_dropout": config.caption_dropout,
+        "lorabooth.ema_decay": config.ema_decay,
+        "lorabooth.adapter": config.adapter,
+    }
+    meta["lorabooth.train_token"] = config.train_token
+    embeddings = modules["token"].by_word() if "token" in modules else None
+    if embeddings:
+        meta[TRAINED_TOKENS] = modules["token"].ids
+        meta["lorabooth.lr_token"] = config.lr_token
+    # the loop checks every step; a resume at its last step trains none
+    check_tensors(trainable_state(modules), f"--output {output}: the trained LoRA")
+    save_lora(output, modules["unet"], modules.get("text_encoder"),
+              {k: to_json(v) for k, v in meta.items()}, save_layouts(config), embeddings,
+              modules.get("text_encoder_2"), family=meta[FAMILY_KEY])
+    if config.validation_prompt:
+        _validate(config, base, output, config.steps)
+    write_text(output / "README.md", model_card(config, resolution, base.family.pipeline_name))

@@ -1,0 +1,120 @@
+"""Prior preservation's targets: class images drawn by the frozen base model
+(``--prior-preservation images``), or the frozen model's own prediction, step
+by step, without images (``model``).
+
+Class images are resumable and safe to interrupt: images already in the folder are reused,
+only the missing ones are drawn, each written atomically, and image ``i`` is
+always drawn from seed ``seed + i`` so a refill draws what a full run would.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from ..core.fileio import save_png
+from .data import readable_images
+
+log = logging.getLogger(__name__)
+
+
+def class_image_seed(run_seed: int) -> int:
+    """The seed class image 0 is drawn from (image i: this + i), apart from
+    the seeds a run's own noise and order draw from."""
+    return run_seed * 1_000_003
+
+
+def class_image_name(index: int) -> str:
+    return f"class_{index:05d}.png"
+
+
+def missing_indices(folder: Path, count: int) -> list[int]:
+    """Indices whose file is needed: as many as ``count`` minus the readable
+    images already present, taking the lowest free names."""
+    have = readable_images(folder)
+    need = count - len(have)
+    taken = {p.name for p in have}
+    out, i = [], 0
+    while len(out) < need:
+        if class_image_name(i) not in taken:
+            out.append(i)
+        i += 1
+    return out
+
+
+def remove_stale_temps(folder: Path) -> None:
+    for tmp in folder.glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
+@torch.inference_mode()
+def draw_class_images(pipe, folder: Path, prompt: str, indices: list[int], resolution: int,
+                      seed: int, steps: int, batch: int, progress: bool = True) -> int:
+    """Draw the class images numbered ``indices`` into ``folder``.
+
+    Under several processes, every process computes ``missing_indices`` first,
+    all wait, then each draws its own slice: nobody's plan sees another's
+    half-finished work."""
+    folder.mkdir(parents=True, exist_ok=True)
+    todo = list(indices)
+    if not todo:
+        return 0
+    log.info("drawing %d class images for %r into %s", len(todo), prompt, folder)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(todo), desc="class images", mininterval=1.0, disable=not progress)
+    for start in range(0, len(todo), batch):
+        chunk = todo[start : start + batch]
+        generators = [torch.Generator().manual_seed(seed + i) for i in chunk]
+        images = pipe([prompt] * len(chunk), height=resolution, width=resolution,
+                      num_inference_steps=steps, generator=generators).images
+        for i, image in zip(chunk, images):
+            save_png(image, folder / class_image_name(i))
+        bar.update(len(chunk))
+    bar.close()
+    return len(todo)
+
+
+def class_images(folder: Path, count: int) -> list[Path]:
+    return readable_images(folder)[:count]
+
+
+@contextmanager
+def adapters_disabled(unet: torch.nn.Module) -> Iterator[None]:
+    """The base model exactly: every LoRA layer skipped (diffusers' peft
+    switch), then switched back on, also when the block raises."""
+    unet.disable_adapters()
+    try:
+        yield
+    finally:
+        unet.enable_adapters()
+
+
+def model_prior_rows(unet: torch.nn.Module, scheduler, latents: torch.Tensor,
+                     noise: torch.Tensor, timesteps: torch.Tensor, class_inputs: dict,
+                     rng: torch.Generator):
+    """The batch with prior rows appended (``--prior-preservation model``):
+    the instance latents again, noised with a fresh draw of noise and
+    timesteps from ``rng``, and their target, the frozen base model's
+    prediction (LoRA off, no grad) under the class prompt: ``class_inputs``,
+    the UNet's conditioning for B rows (the family's ``unet_inputs``). The
+    LoRA model will be trained to predict the same there.
+
+    Why the subject's own latents: the input then covers the noise levels and
+    image statistics the instance loss trains on, so the prior holds the class
+    prompt's behaviour exactly where the LoRA moves the model, at the cost of
+    one no-grad forward and no images to draw or store.
+    Returns (latents, noise, timesteps, frozen prediction); (B, ...) -> (2B, ...)."""
+    prior_noise = torch.randn(latents.shape, generator=rng)
+    prior_t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],),
+                            generator=rng)
+    noisy = scheduler.add_noise(latents, prior_noise, prior_t)
+    device = class_inputs["encoder_hidden_states"].device
+    with torch.no_grad(), adapters_disabled(unet):
+        frozen = unet(noisy.to(device), prior_t.to(device), **class_inputs).sample
+    return (torch.cat([latents, latents]), torch.cat([noise, prior_noise]),
+            torch.cat([timesteps, prior_t]), frozen)

@@ -1,0 +1,143 @@
+"""The parts of a training run that ``training`` builds before its loop: the
+accelerator, the class images, the LoRA modules, the optimizer and the
+--train-token rows. Each takes the config and returns plain objects."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+
+from ..adapters.lora import add_text_lora, add_unet_lora, freeze_all_but_lora, lora_parameters
+from ..adapters.pivotal import attach, holds_tokens, setup_token
+from ..config import TrainConfig
+from ..core.errors import UserError
+from ..models.loading import BaseModel, pipeline_from_parts
+from ..photos.identifier import guess_identifier
+from .batches import Examples
+from .data import image_files
+from .prior import (
+    class_image_seed,
+    class_images,
+    draw_class_images,
+    missing_indices,
+    remove_stale_temps,
+)
+from .tracking import accelerator_options
+
+log = logging.getLogger(__name__)
+# the text encoders' optimizer groups in order (after the UNet's), and their metrics keys
+TEXT_LR_KEYS = (("text_encoder", "lr_text"), ("text_encoder_2", "lr_text2"))
+
+
+def setup_accelerator(config: TrainConfig) -> Accelerator:
+    precision = config.mixed_precision
+    on_cpu = not torch.cuda.is_available()
+    if on_cpu and precision == "fp16":
+        log.warning("--mixed-precision fp16 needs a GPU; training in fp32 on the CPU")
+        precision = "no"
+    if on_cpu and precision == "bf16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        log.warning("--mixed-precision bf16: this CPU has no bf16 support; training in fp32")
+        precision = "no"
+    # accelerate keeps one process-wide state; a second run in the same Python
+    # process (a notebook, the tests) with another precision must reset it.
+    # The distributed part (PartialState) is kept.
+    AcceleratorState._reset_state()
+    # cpu=: without it a CPU-only process started by `accelerate launch` or
+    # torchrun ignores WORLD_SIZE and trains alone (accelerate only picks gloo
+    # for cpu=True), every "rank" writing the same folder.
+    return Accelerator(mixed_precision=precision, cpu=on_cpu,
+                       **accelerator_options(config.report_to, config.output))
+
+
+def setup_class_images(config: TrainConfig, base: BaseModel, resolution: int,
+                        accelerator: Accelerator) -> list[Path]:
+    if config.prior_model and config.class_dir:
+        log.warning("--class-dir: not used with --prior-preservation model (no class images)")
+    if not config.prior_images:
+        return []
+    folder = config.class_path
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"--class-dir {folder}: is a file, not a folder")
+    if accelerator.is_main_process and folder.is_dir():
+        remove_stale_temps(folder)  # leftovers of a fill killed mid-write
+    plan = missing_indices(folder, config.num_class_images)
+    have = len(image_files(folder))  # by name: missing_indices has already verified them
+    if have > config.num_class_images and accelerator.is_main_process:
+        log.info("--class-dir %s holds %d images; using %d of them (--num-class-images) and "
+                 "keeping the rest", folder, have, config.num_class_images)
+    accelerator.wait_for_everyone()  # every process plans before anyone draws
+    if plan:
+        pipe = pipeline_from_parts(base)
+        pipe.set_progress_bar_config(disable=True)
+        draw_class_images(pipe, folder, config.class_prompt,
+                          plan[accelerator.process_index::accelerator.num_processes], resolution,
+                          seed=class_image_seed(config.seed), steps=config.class_draw_steps,
+                          batch=config.class_draw_batch, progress=accelerator.is_main_process)
+    accelerator.wait_for_everyone()
+    return class_images(folder, config.num_class_images)
+
+
+def setup_lora(config: TrainConfig, base: BaseModel) -> dict[str, torch.nn.Module]:
+    dora = config.adapter == "dora"
+    add_unet_lora(base.unet, config.rank, config.lora_alpha, dora)
+    freeze_all_but_lora(base.unet)
+    modules = {"unet": base.unet}
+    if config.gradient_checkpointing:
+        base.unet.enable_gradient_checkpointing()
+    for name in base.family.encoders if config.train_text_encoder else ():
+        encoder = getattr(base, name)
+        add_text_lora(encoder, config.rank, config.lora_alpha, dora)
+        freeze_all_but_lora(encoder)
+        if config.gradient_checkpointing:
+            encoder.gradient_checkpointing_enable()
+        modules[name] = encoder
+    for module in modules.values():
+        module.train()
+    return modules
+
+
+def setup_optimizer(config: TrainConfig, modules: dict[str, torch.nn.Module]):
+    groups = [{"params": lora_parameters(modules["unet"]), "lr": config.lr}]
+    for name, _ in TEXT_LR_KEYS:
+        if name in modules:
+            groups.append({"params": lora_parameters(modules[name]), "lr": config.text_lr(name)})
+    if "token" in modules:
+        # no weight decay: it would pull the rows towards zero, not towards
+        # where they started
+        groups.append({"params": [modules["token"].vectors], "lr": config.lr_token,
+                       "weight_decay": 0.0})
+    # foreach: one fused kernel per group instead of a loop over 256 small tensors
+    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8,
+                                  foreach=True)
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)  # constant
+    return optimizer, lr_scheduler
+
+
+def setup_trained_token(config: TrainConfig, base: BaseModel) -> dict[str, torch.nn.Module]:
+    """--train-token: the identifier's embedding rows as a module of their own."""
+    if not config.train_token:
+        return {}
+    words = guess_identifier(config.instance_prompt, config.class_prompt)
+    return {"token": setup_token(base.tokenizer, base.text_encoder, words)}
+
+
+def use_token(accelerator: Accelerator, base: BaseModel, modules: dict[str, torch.nn.Module],
+               examples: Examples) -> None:
+    """The text encoder looks the identifier up in the trained rows from now
+    on; cached embeddings that hold it are dropped (the encoder runs on those
+    prompts every step; the class prompt's stay cached when it lacks it)."""
+    if "token" not in modules:
+        return
+    attach(base.text_encoder, modules["token"])
+    if "text_encoder" in modules:
+        return  # it runs every step already
+    token = accelerator.unwrap_model(modules["token"])
+    examples.encoders, examples.instance_embedding = [base.text_encoder], None
+    if examples.class_ids is not None and holds_tokens(examples.class_ids, token):
+        examples.class_embedding = None
+
+
