@@ -3,7 +3,7 @@ import argparse
 import pytest
 from PIL import Image
 
-from lorabooth.core.checks import finite_floats
+from lorabooth.config.checks import finite_floats
 from lorabooth.generation import Setting, prompt_slug, settings_grid
 from lorabooth.reports.grid import PAD, Layout, make_grid
 

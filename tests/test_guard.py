@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from lorabooth import commands
+from lorabooth.commands.guard import OWNERS, PAGE_RECORDS, Plan, Write, check
 from lorabooth.commands.plans import PLANS
-from lorabooth.core.guard import OWNERS, PAGE_RECORDS, Plan, Write, check
 
 # options whose help names a folder or file but that are not paths lorabooth
 # opens: hub ids are declared through --model when they exist locally

@@ -115,10 +115,13 @@ def test_api_names_resolve():
 LAYERS = (
     ("core",),
     ("config",),
-    ("formats", "reports"),
+    ("formats", "reports"),  # formats: names, key maps, single-file layouts (pure)
     ("models", "photos"),
     ("adapters",),
-    ("training", "generation", "evaluation"),
+    # formats' file operations (convert, inspect, merge and fuse, the clients'
+    # load checks) work on adapters and models, so they sit with training
+    ("training", "generation", "evaluation",
+     "formats.layouts", "formats.inspection", "formats.merging", "formats.clients"),
     ("search",),
     ("commands", "demo", "ui"),
 )
@@ -127,14 +130,17 @@ TOYWORLD_IMPORTERS = {"lorabooth.commands", "lorabooth.demo"}
 
 
 def layer_of(module: str) -> int | None:
-    """The layer of ``lorabooth.X...`` by its first part X (None: the
-    package's own __init__/__main__, or the research code)."""
-    parts = module.split(".")
-    top = parts[1] if len(parts) > 1 else ""
-    for i, names in enumerate(LAYERS):
-        if top in names:
-            return i
-    return None
+    """The layer of ``lorabooth.X.Y...`` by the longest entry of LAYERS it
+    starts with (None: the package's own __init__/__main__, or the research
+    code)."""
+    name = module.partition(".")[2]
+    best = None
+    for i, entries in enumerate(LAYERS):
+        for entry in entries:
+            if (name == entry or name.startswith(entry + ".")) and (
+                    best is None or len(entry) > len(best[1])):
+                best = (i, entry)
+    return best[0] if best else None
 
 
 def upward_imports(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
@@ -167,3 +173,12 @@ def test_only_dispatch_and_demo_import_toyworld():
     importers = {m for m, deps in graph.items()
                  if not _is_toyworld(m) and any(_is_toyworld(d) for d in deps)}
     assert importers <= TOYWORLD_IMPORTERS, importers - TOYWORLD_IMPORTERS
+
+
+def test_architecture_lists_every_module():
+    """ARCHITECTURE.md's module list names every file of the package, so a
+    new module is placed (and said) where a maintainer will look."""
+    listed = (PACKAGE.parents[1] / "ARCHITECTURE.md").read_text()
+    missing = [str(p.relative_to(PACKAGE)) for p in sorted(PACKAGE.rglob("*.py"))
+               if f"`{p.relative_to(PACKAGE)}`" not in listed]
+    assert not missing, f"add to ARCHITECTURE.md's module list: {missing}"

@@ -90,7 +90,7 @@ def test_the_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
                    startup_timeout=3600, resources={"metadata": {"path": str(work)}}).execute()
     run = work / "runs" / "notebook"
 
-    prepared = _cell(nb, "lorabooth.photos.prepare(")
+    prepared = _cell(nb, "lorabooth.prepare(")
     assert "".join(_outputs(prepared, "stdout")).count("kept ") == 4  # the toy world's 4 pictures
     assert _outputs(prepared, "image/png")
 

@@ -6,7 +6,7 @@ import json
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import lorabooth.training.tracking
+import lorabooth.config.train
 from lorabooth.commands.cli import main
 
 
@@ -54,7 +54,7 @@ def test_no_report_to_writes_no_logs(trained_run):
 
 
 def test_a_tracker_that_is_not_installed_is_one_line(photos, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(lorabooth.training.tracking, "installed", lambda package: False)
+    monkeypatch.setattr(lorabooth.config.train, "installed", lambda package: False)
     out = tmp_path / "run"
     assert _train(photos, out, "--report-to", "tensorboard") == 2
     err = capsys.readouterr().err.strip()

@@ -22,7 +22,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from .adapters.lora import find_lora, fused, lora_fingerprint, lora_metadata, set_scales
-from .core.checks import (
+from .config.checks import (
     MAX_IMAGES,
     MAX_STEPS,
     check_count,

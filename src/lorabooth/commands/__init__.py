@@ -35,9 +35,9 @@ from ..config import (  # noqa: F401  (re-exported: the configs' older home)
     TuneStudyConfig,
     UiConfig,
 )
-from ..core.guard import check
 from ..evaluation.judges import register as register_judges
 from ..formats import WEIGHT_NAME
+from .guard import check
 from .plans import PLANS
 
 log = logging.getLogger("lorabooth")

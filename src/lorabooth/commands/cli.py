@@ -9,7 +9,7 @@ from dataclasses import fields
 
 from .. import __version__
 from ..config import build_config, field_default, field_kind, option_name
-from ..core.checks import finite_float, finite_floats
+from ..config.checks import finite_float, finite_floats
 from ..core.errors import UserError
 from ..core.fileio import write_failure
 from ..core.logs import quiet_libraries

@@ -9,8 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from ..core.guard import Plan, Read, Write, check
 from ..formats import KOHYA_WEIGHT_NAME, WEIGHT_NAME
+from .guard import Plan, Read, Write, check
 
 
 def _lora_input(option: str, path: str) -> Read:

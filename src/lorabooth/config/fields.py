@@ -15,9 +15,9 @@ from dataclasses import field, fields
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
-from ..core.checks import finite, is_whole
 from ..core.errors import UserError
 from ..core.fileio import load_toml
+from .checks import finite, is_whole
 
 
 def _help(text: str, default: Any = None, *, positional: bool = False,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..core.checks import MAX_RANK, check_count
+from .checks import MAX_RANK, check_count
 from .fields import _help, check_numbers, require
 
 LAYOUTS = ("kohya", "diffusers", "peft")  # `convert --to`

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..core.checks import KINDS, MAX_IMAGES, MAX_STEPS, check_count, check_options, check_seeds, check_size
 from ..core.errors import UserError
+from .checks import KINDS, MAX_IMAGES, MAX_STEPS, check_count, check_options, check_seeds, check_size
 from .fields import _help, bad, check_numbers, require
 
 # the judges `evaluate` (and a sweep's [evaluate]) use unless told otherwise

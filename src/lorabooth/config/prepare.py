@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..core.checks import MAX_PHOTO_SIDE, MAX_SEED, MAX_SIDE
+from .checks import MAX_PHOTO_SIDE, MAX_SEED, MAX_SIDE
 from .fields import _help, bad, check_numbers
 
 CROPS = ("center", "face", "none")

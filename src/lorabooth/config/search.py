@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..core.checks import (
+from ..core.errors import UserError
+from .checks import (
     KINDS,
     MAX_IMAGES,
     MAX_SIDE,
@@ -16,14 +17,14 @@ from ..core.checks import (
     check_options,
     check_seeds,
 )
-from ..core.errors import UserError
-from ..search.tune_pruning import PRUNERS
 from .fields import _help, bad, check_numbers, require
 from .generate import DEFAULT_CLIP, DEFAULT_DINO, JUDGES
 
 MAX_TRIALS = 10000  # `tune --budget`
 MAX_WORKERS = 256  # `tune --workers`: processes on one machine
 MAX_HEARTBEAT = 3600  # `tune --heartbeat` seconds: a dead worker's trial waits twice this
+
+PRUNERS = ("percentile", "none")  # `tune --pruner`; search/tune_pruning builds them
 
 
 @dataclass(frozen=True)

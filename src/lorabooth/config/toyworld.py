@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..core.checks import MAX_BATCH, MAX_RENDERED, MAX_TRAIN_STEPS, check_count, check_seeds
+from .checks import MAX_BATCH, MAX_RENDERED, MAX_TRAIN_STEPS, check_count, check_seeds
 from .fields import _help, bad, check_numbers, option_name, require
 from .search import MAX_TRIALS
 

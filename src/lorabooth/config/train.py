@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..core.checks import (
+from ..core.errors import UserError
+from .checks import (
     MAX_BATCH,
     MAX_CLASS_IMAGES,
     MAX_RANK,
@@ -15,8 +16,6 @@ from ..core.checks import (
     MAX_STEPS,
     MAX_TRAIN_STEPS,
 )
-from ..core.errors import UserError
-from ..training.tracking import check_report_to
 from .fields import _help, check_numbers, option_name
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
@@ -176,7 +175,7 @@ class TrainConfig:
             raise bad("overwrite", "cannot be combined with --resume (--resume continues the run "
                       "in OUTPUT, --overwrite replaces it)")
         if self.train_token:
-            from ..photos.identifier import guess_identifier
+            from .templates import guess_identifier
 
             if not guess_identifier(self.instance_prompt, self.class_prompt):
                 raise bad("instance_prompt", "has no identifier word for --train-token to train")
@@ -214,3 +213,24 @@ class TrainConfig:
         return Path(self.class_dir) if self.class_dir else Path(self.output) / "class_images"
 
 
+# --report-to value -> the package its accelerate tracker needs
+REPORTERS = {"tensorboard": "tensorboard", "wandb": "wandb"}
+
+
+def installed(package: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(package) is not None
+
+
+def check_report_to(value: str) -> None:
+    """One line naming the option and the package, before anything is written."""
+    if not value:
+        return
+    if value not in REPORTERS:
+        raise UserError(f"--report-to: must be one of {', '.join(REPORTERS)} or empty "
+                        f"(got {value!r})")
+    package = REPORTERS[value]
+    if not installed(package):
+        raise UserError(f"--report-to {value}: the `{package}` package is not installed "
+                        f"(pip install {package})")

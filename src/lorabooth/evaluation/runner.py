@@ -16,13 +16,13 @@ from PIL import Image
 
 from ..adapters.lora import lora_metadata
 from ..config import DEFAULT_CLIP, DEFAULT_DINO
-from ..core.checks import check_kind, check_options
+from ..config.checks import check_kind, check_options
+from ..config.templates import fill_template, prompt_templates, read_prompts_file
 from ..core.errors import UserError
 from ..core.fileio import save_png, write_json, write_text
 from ..generation import Setting, cache_name, draw_cached, load_pipeline, prompt_slug
 from ..models.tokenwindow import check_prompt, pipeline_tokenizers
 from ..photos.imagefiles import Rejected, decode
-from ..photos.templates import fill_template, prompt_templates, read_prompts_file
 from ..reports.grid import make_grid
 from ..training.data import readable_images
 from .embedders import Judges, default_judges

@@ -14,7 +14,7 @@ import torch
 
 from ..adapters.lora import find_lora, read_lora
 from ..adapters.pivotal import TRAINED_TOKENS
-from ..core.checks import check_tensors
+from ..config.checks import check_tensors
 from ..core.errors import UserError
 from ..core.fileio import to_json, write_json
 from .layouts import check_ranks, is_dora, read_as_peft, read_embeddings, write_lora

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from wordfreq import zipf_frequency
 
+from ..config.templates import guess_identifier
 from ..core.errors import UserError
 
 # Zipf frequency (log10 of occurrences per billion words, wordfreq's English
@@ -83,19 +84,6 @@ def render_table(rows: list[Candidate]) -> str:
     lines = [f"{'token':<6} {'id':>6}  why chosen"]
     lines += [f"{c.token:<6} {c.id:>6}  {c.why}" for c in rows]
     return "\n".join(lines)
-
-
-def guess_identifier(instance_prompt: str, class_prompt: str = "") -> list[str]:
-    """The words that make the instance prompt personal: those not in the class
-    prompt ('a photo of sks dog' vs 'a photo of a dog' -> ['sks']); without a
-    class prompt, the least frequent word."""
-    words = re.findall(r"[\w'-]+", instance_prompt.lower())
-    if class_prompt:
-        common = set(re.findall(r"[\w'-]+", class_prompt.lower()))
-        extra = [w for w in words if w not in common]
-        if extra:
-            return extra
-    return [min(words, key=lambda w: zipf_frequency(w, "en"))] if words else []
 
 
 def identifier_warnings(tokenizer, instance_prompt: str, class_prompt: str = "") -> list[str]:

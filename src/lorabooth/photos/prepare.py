@@ -11,6 +11,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from ..config import PrepareConfig
+from ..config.templates import fill_template
 from ..core.errors import UserError
 from ..core.fileio import inside, load_json, save_png, write_json, write_text
 from ..core.locks import locked, terminate_as_interrupt
@@ -26,7 +27,6 @@ from .images import (
     resize_short_side,
     resize_square,
 )
-from .templates import fill_template
 
 log = logging.getLogger(__name__)
 

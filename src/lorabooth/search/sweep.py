@@ -29,7 +29,7 @@ from ..config import (
     to_toml_dict,
     unknown_key,
 )
-from ..core.checks import check_options
+from ..config.checks import check_options
 from ..core.errors import UserError
 from ..core.fileio import load_toml, save_png, to_json
 from ..formats import LORA_FILES

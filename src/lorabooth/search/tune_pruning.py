@@ -16,7 +16,6 @@ from typing import Any, Callable
 from PIL.Image import Image
 
 VALIDATION_STUDY = "lorabooth-tune/validation"
-PRUNERS = ("percentile", "none")
 # Optuna's percentile compares with finished trials only, the pruner's
 # survivors, so the bar rises as a study goes on. Measured on the toy world
 # (docs/tune.md, 3 tune seeds, budget 8): the bottom quarter from the first

@@ -12,12 +12,12 @@ from pathlib import Path
 import torch
 
 from ..config import TrainConfig
+from ..config.templates import guess_identifier
 from ..core.errors import UserError
 from ..core.fileio import load_json, read_text_file
 from ..models.families import FAMILIES, Conditioning, Family, encode_prompts, time_ids, tokenize_all
 from ..models.loading import BaseModel
 from ..models.tokenwindow import check_prompt
-from ..photos.identifier import guess_identifier
 from ..photos.imagefiles import problem
 from .data import image_files, latent_distributions
 

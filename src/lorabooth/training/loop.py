@@ -22,7 +22,7 @@ from .. import __version__
 from ..adapters.lora import lora_parameters
 from ..adapters.pivotal import TRAINED_TOKENS
 from ..config import TrainConfig
-from ..core.checks import check_tensors
+from ..config.checks import check_tensors
 from ..core.errors import UserError
 from ..core.fileio import save_png, to_json, write_text
 from ..formats.layouts import KOHYA_DORA_REFUSAL, save_lora
@@ -436,7 +436,7 @@ def _finish(config: TrainConfig, base: BaseModel, output: Path,
         "lorabooth.rank": config.rank, "lorabooth.alpha": config.lora_alpha,
         "lorabooth.instance_prompt": config.instance_prompt,
         "lorabooth.class_prompt": config.class_prompt,
-        "lorabooth.photos.identifier": " ".join(guess_identifier(config.instance_prompt,
+        "lorabooth.identifier": " ".join(guess_identifier(config.instance_prompt,
                                                           config.class_prompt)),
         "lorabooth.prior_preservation": config.prior_preservation,
         "lorabooth.steps": config.steps, "lorabooth.lr": config.lr,

@@ -24,6 +24,7 @@ from ..config import (
     prior_mode,
     to_toml_dict,
 )
+from ..config.templates import guess_identifier
 from ..core.errors import UserError
 from ..core.fileio import (
     inside,
@@ -35,7 +36,6 @@ from ..core.fileio import (
 )
 from ..core.locks import acquire_lock, release_lock
 from ..formats import KOHYA_WEIGHT_NAME, WEIGHT_NAME
-from ..photos.identifier import guess_identifier
 from ..reports import markdown as md
 from .checkpoint import checkpoint_settings, checkpoints, latest_checkpoint
 

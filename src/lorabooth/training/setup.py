@@ -14,9 +14,9 @@ from accelerate.state import AcceleratorState
 from ..adapters.lora import add_text_lora, add_unet_lora, freeze_all_but_lora, lora_parameters
 from ..adapters.pivotal import attach, holds_tokens, setup_token
 from ..config import TrainConfig
+from ..config.templates import guess_identifier
 from ..core.errors import UserError
 from ..models.loading import BaseModel, pipeline_from_parts
-from ..photos.identifier import guess_identifier
 from .batches import Examples
 from .data import image_files
 from .prior import (

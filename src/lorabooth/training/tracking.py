@@ -6,33 +6,11 @@ the config checks --report-to with it."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 from pathlib import Path
 from typing import Any
 
-from ..core.errors import UserError
-
-# --report-to value -> the package its accelerate tracker needs
-REPORTERS = {"tensorboard": "tensorboard", "wandb": "wandb"}
 # accelerate's name for the run: TensorBoard's subfolder of RUN/logs, W&B's project
 PROJECT = "lorabooth"
-
-
-def installed(package: str) -> bool:
-    return importlib.util.find_spec(package) is not None
-
-
-def check_report_to(value: str) -> None:
-    """One line naming the option and the package, before anything is written."""
-    if not value:
-        return
-    if value not in REPORTERS:
-        raise UserError(f"--report-to: must be one of {', '.join(REPORTERS)} or empty "
-                        f"(got {value!r})")
-    package = REPORTERS[value]
-    if not installed(package):
-        raise UserError(f"--report-to {value}: the `{package}` package is not installed "
-                        f"(pip install {package})")
 
 
 def logs_dir(output: str | Path) -> Path:

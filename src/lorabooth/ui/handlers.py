@@ -11,10 +11,10 @@ from pathlib import Path
 
 import tomli_w
 
+from ..commands.guard import RUN_CONFIGS
 from ..config import PrepareConfig, to_toml_dict
 from ..core.errors import UserError
 from ..core.fileio import MAX_JSON_BYTES, load_json, load_toml, read_bytes_file
-from ..core.guard import RUN_CONFIGS
 from ..formats import LORA_FILES
 from ..photos.imagefiles import Rejected
 from ..reports.lossplot import loss_svg

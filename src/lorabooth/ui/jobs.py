@@ -25,9 +25,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..commands.guard import PAGE_RECORDS
 from ..core.errors import UserError
 from ..core.fileio import check_regular_file, parse_json, read_bytes_file, to_json, write_text
-from ..core.guard import PAGE_RECORDS
 from .workspace import Workspace
 
 log = logging.getLogger(__name__)

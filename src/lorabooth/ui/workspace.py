@@ -15,6 +15,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..commands.guard import RUN_CONFIGS
 from ..core import fileio
 from ..core.errors import UserError
 from ..core.fileio import (
@@ -23,7 +24,6 @@ from ..core.fileio import (
     load_toml,
     system_folder,
 )
-from ..core.guard import RUN_CONFIGS
 from ..photos.imagefiles import Rejected, decode
 
 # Far above a phone photo (~10 MB); a larger "photo" is a mistake or an attack

@@ -14,7 +14,7 @@ if TYPE_CHECKING:  # the CLI checks options before torch is loaded
     import numpy as np
     import torch
 
-from .errors import UserError
+from ..core.errors import UserError
 
 # numpy's legacy seeding (which accelerate's set_seed calls) takes 32 bits;
 # one range for every command keeps a seed usable everywhere.
@@ -145,6 +145,6 @@ def check_options(kind: str = "live", prompts_file: str | None = None, images_pe
     if not prompts_file:
         check_kind(kind)
     else:
-        from ..photos.templates import read_prompts_file  # reads the file: every prompt must fill
+        from .templates import read_prompts_file  # reads the file: every prompt must fill
 
         read_prompts_file(prompts_file)

@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from ..core.errors import UserError
+from ..core.fileio import file_kind, system_folder
 from ..formats import LORA_FILES
-from .errors import UserError
-from .fileio import file_kind, system_folder
 
 
 @dataclass(frozen=True)

@@ -52,3 +52,18 @@ def prompt_templates(text: str, where: str) -> list[str]:
 def read_prompts_file(path: str) -> list[str]:
     """The templates of the user's ``--prompts`` file (read as every user file is)."""
     return prompt_templates(read_text_file(path, "--prompts", MAX_TEXT_BYTES), f"--prompts {path}")
+
+
+def guess_identifier(instance_prompt: str, class_prompt: str = "") -> list[str]:
+    """The words that make the instance prompt personal: those not in the class
+    prompt ('a photo of sks dog' vs 'a photo of a dog' -> ['sks']); without a
+    class prompt, the least frequent word."""
+    from wordfreq import zipf_frequency
+
+    words = re.findall(r"[\w'-]+", instance_prompt.lower())
+    if class_prompt:
+        common = set(re.findall(r"[\w'-]+", class_prompt.lower()))
+        extra = [w for w in words if w not in common]
+        if extra:
+            return extra
+    return [min(words, key=lambda w: zipf_frequency(w, "en"))] if words else []
