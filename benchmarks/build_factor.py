@@ -54,6 +54,33 @@ def child(model: str, precision: str, resolution: int, reps: int) -> None:
     print(json.dumps({"torch": torch.__version__, "precision": precision, "times_s": times}))
 
 
+def summarise(runs: list[dict], precisions) -> dict:
+    """Per precision: each side's median step over every process and rep,
+    and the factor B over A."""
+    summary = {}
+    for precision in precisions:
+        med = {side: statistics.median(t for r in runs if r["side"] == side
+                                       and r["precision"] == precision for t in r["times_s"])
+               for side in "ab"}
+        summary[precision] = {"a_median_s": med["a"], "b_median_s": med["b"],
+                              "factor_b_over_a": med["b"] / med["a"]}
+    return summary
+
+
+def table(runs: list[dict], precisions) -> list[str]:
+    """RESULTS.md's table of the saved runs (tests/test_docs_data.py renders it again)."""
+    torch = {side: next(r["torch"] for r in runs if r["side"] == side) for side in "ab"}
+    count = {p: sum(len(r["times_s"]) for r in runs if r["side"] == "a" and r["precision"] == p)
+             for p in precisions}
+    lines = [f"| work | lorabooth's torch {torch['a']} (median of n) | the reference's torch "
+             f"{torch['b']} (median of n) | factor |", "|---|---|---|---|"]
+    for precision, s in summarise(runs, precisions).items():
+        work = {"fp32": "fp32", "bf16": "bf16 (bf16 weights, CPU autocast)"}[precision]
+        lines.append(f"| {work} (n = {count[precision]}) | {s['a_median_s']:.2f} s | "
+                     f"{s['b_median_s']:.2f} s | {s['factor_b_over_a']:.2f}x |")
+    return lines
+
+
 def main() -> None:
     if sys.argv[1:2] == ["--child"]:
         model, precision, resolution, reps = sys.argv[2:6]
@@ -79,14 +106,9 @@ def main() -> None:
                 row = {"side": side, "round": round_, **json.loads(done.stdout.splitlines()[-1])}
                 runs.append(row)
                 print(json.dumps(row), flush=True)
-    summary = {}
-    for precision in args.precision:
-        med = {side: statistics.median(t for r in runs if r["side"] == side
-                                       and r["precision"] == precision for t in r["times_s"])
-               for side in "ab"}
-        summary[precision] = {"a_median_s": med["a"], "b_median_s": med["b"],
-                              "factor_b_over_a": med["b"] / med["a"]}
+    summary = summarise(runs, args.precision)
     print(json.dumps(summary, indent=2))
+    print("\n".join(table(runs, args.precision)))
     if args.json:
         args.json.write_text(json.dumps({"command": " ".join(sys.argv), "resolution": args.resolution,
                                          "runs": runs, "summary": summary}, indent=2) + "\n")

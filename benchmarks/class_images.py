@@ -112,15 +112,19 @@ def main() -> None:
               flush=True)
     if args.json:
         args.json.write_text(json.dumps({**meta, "runs": rows}, indent=2) + "\n")
-    print("\n| run | images timed | s/image | vs reference (same precision) "
-          "| 100 class images (projected) |")
-    print("|---|---|---|---|---|")
+    print("\n".join(table(rows)))
+
+
+def table(rows: dict) -> list[str]:
+    """RESULTS.md's table of the saved runs (tests/test_docs_data.py renders it again)."""
+    lines = ["| run | images timed | s/image | vs reference (same work, same precision) "
+             "| 100 class images (projected) |", "|---|---|---|---|---|"]
     for name, r in rows.items():
         ref = rows.get(f"reference {name.split()[1]}")
         ratio = f"{ref['s_per_image'] / r['s_per_image']:.2f}x" if ref else "-"
-        print(f"| {name} | {r['images']} | {r['s_per_image']:.1f} | {ratio} "
-              f"| {r['projected_100_images_min']:.0f} min |")
-
+        lines.append(f"| {name} | {r['images']} | {r['s_per_image']:.1f} | {ratio} "
+                     f"| {r['projected_100_images_min']:.0f} min |")
+    return lines
 
 if __name__ == "__main__":
     main()

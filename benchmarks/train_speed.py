@@ -108,7 +108,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.report:
         factors = json.loads(args.build_factor.read_text())["summary"] if args.build_factor else {}
-        _table(json.loads(args.report.read_text())["runs"], args.reference_peak_rss_gb, factors)
+        print("\n".join(table(json.loads(args.report.read_text())["runs"],
+                               args.reference_peak_rss_gb, factors)))
         return
 
     model = model_dir(args.model_dir or BENCH_DIR / args.model, args.model)
@@ -129,20 +130,20 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps({**meta, "runs": rows, "build_factor": factors},
                                         indent=2) + "\n")
-    _table(rows, args.reference_peak_rss_gb, factors)
+    print("\n".join(table(rows, args.reference_peak_rss_gb, factors)))
 
 
-def _table(rows: dict, recorded_peak_gb: float | None, factors: dict) -> None:
+def table(rows: dict, recorded_peak_gb: float | None, factors: dict) -> list[str]:
     """Markdown rows, each lorabooth setting against the reference in the
     same setting; RSS against that run, or else the recorded reference peak
     (then there is no speed to compare: times drift). With build factors
     (the reference's torch build over ours on the same UNet step), the speed
     ratio is also given net of the build."""
+    lines = []
     if not any(name.startswith("reference") for name in rows) and recorded_peak_gb:
-        print(f"\n(RSS vs the recorded reference fp32 peak, {recorded_peak_gb:.2f} GB)")
-    print("\n| run | steady s/step | speed vs reference | net of the torch build "
-          "| to first step | peak RSS | RSS vs reference |")
-    print("|---|---|---|---|---|---|---|")
+        lines += ["", f"(RSS vs the recorded reference fp32 peak, {recorded_peak_gb:.2f} GB)"]
+    lines += ["", "| run | steady s/step | speed vs reference (same precision) | net of the torch "
+              "build | to first step | peak RSS | RSS vs reference |", "|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         setting = name.split(" ", 1)[1]
         ref = rows.get(f"reference {setting}")
@@ -153,9 +154,9 @@ def _table(rows: dict, recorded_peak_gb: float | None, factors: dict) -> None:
                if ratio and factor and r is not ref else "-")
         ref_gb = ref["peak_rss_gb"] if ref else recorded_peak_gb
         mem = f"{r['peak_rss_gb'] / ref_gb:.2f}x" if ref_gb else "-"
-        print(f"| {name} | {r['steady_s_per_step']:.2f} | {speed} | {net} "
-              f"| {r['to_first_step_s']:.1f} s | {r['peak_rss_gb']:.2f} GB | {mem} |")
-
+        lines.append(f"| {name} | {r['steady_s_per_step']:.2f} | {speed} | {net} "
+                     f"| {r['to_first_step_s']:.1f} s | {r['peak_rss_gb']:.2f} GB | {mem} |")
+    return lines
 
 if __name__ == "__main__":
     main()

@@ -94,3 +94,23 @@ def test_the_readmes_recommendations_quote_the_calibrated_tables():
     quoted = _figures(table)
     assert quoted, "the settings table quotes no measured figure"
     assert quoted <= _figures(source), quoted - _figures(source)
+
+
+@pytest.mark.parametrize("script, data, render", [
+    ("build_factor", "build_factor.json", lambda m, d: m.table(d["runs"], list(d["summary"]))),
+    ("train_speed", "train_speed.json", lambda m, d: m.table(
+        d["runs"], None, json.loads((ROOT / "benchmarks" / "data" / "build_factor.json")
+                                    .read_text())["summary"])),
+    ("class_images", "class_images.json", lambda m, d: m.table(d["runs"])),
+])
+def test_the_benchmark_tables_are_their_data_rendered(script, data, render):
+    """benchmarks/RESULTS.md's like-for-like tables are what each script
+    prints from the raw data committed in benchmarks/data/."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        module = _script(ROOT / "benchmarks" / f"{script}.py")
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    table = "\n".join(line for line in render(module, json.loads(
+        (ROOT / "benchmarks" / "data" / data).read_text())) if line)
+    assert table in (ROOT / "benchmarks" / "RESULTS.md").read_text(), table
