@@ -21,9 +21,18 @@ from typing import Callable
 
 import pytest
 
-from hostile import assert_outcome, assert_untouched, snapshot, tree
+from hostile import (
+    PREPARE,
+    TRAIN,
+    Ctx,
+    absent,
+    assert_outcome,
+    assert_untouched,
+    copy_world,
+    snapshot,
+    tree,
+)
 from lorabooth.commands.cli import build_parser, main
-from test_hostile_files import PREPARE, TRAIN, Ctx, smooth_photos
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 MEMORY_LIMIT = 3 << 30  # bytes of address space: torch and a tiny model fit in 2 GiB
@@ -44,20 +53,6 @@ def _child(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
            "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, "-c", code, *argv], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=SAFETY_NET_S)
-
-
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory) -> Path:
-    return smooth_photos(tmp_path_factory.mktemp("subject") / "photos", 3)
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory, photos) -> Path:
-    """The finished run every row must leave alone (a checkpoint at step 1 too)."""
-    out = tmp_path_factory.mktemp("finished") / "run"
-    argv = [a.format(photos=photos) for a in TRAIN]
-    assert main(argv + ["--checkpoint-every", "1", "--output", str(out)]) == 0
-    return out
 
 
 # --- setups --------------------------------------------------------------------------------
@@ -100,13 +95,6 @@ def checkpoint_manifest(text: str) -> Callable[[Ctx], None]:
         shutil.copytree(ctx.run, ctx.tmp / "resumable")
         (ctx.tmp / "resumable" / "checkpoints" / "step-000001" / "manifest.json").write_text(text)
     return setup
-
-
-def absent(*names: str) -> Callable[[Ctx], None]:
-    def check(ctx: Ctx) -> None:
-        for name in names:
-            assert not (ctx.tmp / name).exists(), name
-    return check
 
 
 def _literal(text: str) -> str:
@@ -207,13 +195,11 @@ ROWS = {
 
 
 @pytest.mark.parametrize("name", list(ROWS))
-def test_hostile_read(name, photos, finished, tmp_path, monkeypatch, request):
+def test_hostile_read(name, module_photos, finished_run, tmp_path, monkeypatch, request):
     row = ROWS[name]
-    ctx = Ctx(tmp_path, tmp_path / "photos", tmp_path / "run", monkeypatch)
+    ctx = Ctx(tmp_path, *copy_world(module_photos, finished_run, tmp_path), monkeypatch)
     if "{judges}" in " ".join(row.argv):
         ctx.judges = Path(request.getfixturevalue("tiny_judges")[0]).parent
-    shutil.copytree(photos, ctx.photos)
-    shutil.copytree(finished, ctx.run)
     if row.setup:
         row.setup(ctx)
     before = snapshot(ctx.photos, ctx.run)
