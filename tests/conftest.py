@@ -5,6 +5,8 @@ from pathlib import Path
 import pytest
 
 from helpers import make_photos, make_sdxl_lora
+from hostile import finished_run as build_finished_run
+from hostile import smooth_photos
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -158,3 +160,15 @@ def on_finish(monkeypatch):
         monkeypatch.setattr(t, "_finish", spy)
     return install
 
+
+
+@pytest.fixture(scope="module")
+def module_photos(tmp_path_factory) -> Path:
+    """The hostile tables' photo folder, made once a module (rows copy it)."""
+    return smooth_photos(tmp_path_factory.mktemp("subject") / "photos", 3)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, module_photos) -> Path:
+    """The finished run every hostile row must leave alone (a step-1 checkpoint too)."""
+    return build_finished_run(module_photos, tmp_path_factory.mktemp("finished") / "run")

@@ -144,6 +144,26 @@ def test_old_spelling_reads_as_the_new(trained_run, tmp_path):
     assert torch.allclose(tiny_outputs(pipe)[1], _trained_text_output(trained_run), atol=1e-5)
 
 
+def test_an_sd_header_as_every_lorabooth_wrote_it_still_reads(trained_run, tmp_path):
+    """The family key of an SD 1.x LoRA holds "sd", as in every file lorabooth
+    has written, while the code names the family "sd1" (models/families.py):
+    the file still says "sd", reads as sd1 even where its shapes alone would
+    say SDXL, and fuses onto an SD 1.x base (which model_family calls sd1)."""
+    from lorabooth.formats.sdxl import FAMILY_KEY, family_of
+    from lorabooth.models.families import FAMILIES
+
+    tensors, header = read_lora(trained_run / WEIGHT_NAME)
+    assert header[FAMILY_KEY] == "sd"  # what users' files hold: unchanged
+    assert family_of(tensors, header) == "sd1" and "sd1" in FAMILIES
+    # cross-attention of SDXL's width: the shapes say SDXL, the header decides
+    wide = {"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.lora_A.weight":
+            torch.zeros(4, 2048)}
+    assert family_of(wide, None) == "sdxl"
+    for said, family in (('"sd"', "sd1"), ("sd", "sd1"), ('"sd1"', "sd1"), ('"sdxl"', "sdxl")):
+        assert family_of(wide, {FAMILY_KEY: said}) == family, said
+    assert main(["fuse", str(trained_run), "--model", "tiny", "--out", str(tmp_path / "f")]) == 0
+
+
 def test_partial_loading_is_never_silent(trained_run, tmp_path, caplog):
     from lorabooth.formats.layouts import load_into_pipeline
 

@@ -13,63 +13,33 @@ import signal
 import struct
 import subprocess
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from hostile import assert_outcome, assert_untouched, snapshot
+from hostile import (
+    PREPARE,
+    TRAIN,
+    Ctx,
+    Row,
+    absent,
+    assert_outcome,
+    assert_untouched,
+    copy_world,
+    main_at_umask,
+    ready,
+    smooth_photos,
+)
 from lorabooth.commands.cli import main
 from lorabooth.core.fileio import atomic_path, save_png, write_text
 
-TRAIN = ["train", "--instance-dir", "{photos}", "--instance-prompt", "a photo of sks dog",
-         "--steps", "2", "--resolution", "32"]
 PRIOR = ["--prior-preservation", "--class-prompt", "a photo of a dog", "--num-class-images", "1",
          "--class-draw-steps", "1"]
-PREPARE = ["prepare", "{photos}", "{tmp}/set", "--resolution", "32"]
 HOSTILE_PROMPT = "a photo of sks dog $(touch pwned) `id` <b>bold</b> | *x* _y_ [l](u) #"
-
-
-def smooth_photos(folder: Path, n: int) -> Path:
-    """``n`` smooth random 64 px pictures, far apart by perceptual hash (so
-    prepare keeps them all)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        rng = np.random.default_rng(i)
-        small = Image.fromarray((rng.random((4, 4, 3)) * 255).astype(np.uint8))
-        small.resize((64, 64), Image.Resampling.BICUBIC).save(folder / f"photo_{i}.png")
-    return folder
-
-
-@pytest.fixture(scope="module")
-def module_photos(tmp_path_factory) -> Path:
-    return smooth_photos(tmp_path_factory.mktemp("subject") / "photos", 3)
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, module_photos) -> Path:
-    """The finished run every row must leave alone (a checkpoint at step 1 too)."""
-    out = tmp_path_factory.mktemp("finished") / "run"
-    argv = [a.format(photos=module_photos) for a in TRAIN]
-    assert main(argv + ["--checkpoint-every", "1", "--output", str(out)]) == 0
-    return out
-
-
-@dataclass
-class Ctx:
-    tmp: Path
-    photos: Path
-    run: Path
-    monkeypatch: pytest.MonkeyPatch
-    judges: Path | None = None
-
-    def fmt(self, arg: str) -> str:
-        return arg.format(tmp=self.tmp, photos=self.photos, run=self.run, judges=self.judges)
 
 
 # --- hostile files -----------------------------------------------------------------------
@@ -172,13 +142,6 @@ def sigint_at_step(n: int) -> Callable[[Ctx], None]:
 
 # --- checks after a row that succeeds or must leave something behind ---------------------
 
-def absent(*names: str) -> Callable[[Ctx], None]:
-    def check(ctx: Ctx) -> None:
-        for name in names:
-            assert not (ctx.tmp / name).exists(), name
-    return check
-
-
 def kept_exactly(*names: str) -> Callable[[Ctx], None]:
     def check(ctx: Ctx) -> None:
         got = sorted(p.name for p in (ctx.tmp / "set").iterdir())
@@ -223,15 +186,6 @@ def report_code_spans_hold(ctx: Ctx) -> None:
 
 
 # --- the table ---------------------------------------------------------------------------
-
-@dataclass
-class Row:
-    argv: list[str]
-    code: int
-    says: str
-    setup: Callable[[Ctx], None] | None = None
-    then: Callable[[Ctx], None] | None = None
-
 
 ROWS = {
     # 1: nothing is written before the lock is held and the options are checked
@@ -341,21 +295,11 @@ def test_hostile_input(name, module_photos, finished_run, tmp_path, monkeypatch,
     row = ROWS[name]
     caplog.set_level("INFO")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    ctx = Ctx(tmp_path, tmp_path / "photos", tmp_path / "run", monkeypatch)
+    ctx = Ctx(tmp_path, *copy_world(module_photos, finished_run, tmp_path), monkeypatch)
     if "{judges}" in " ".join(row.argv):  # random-weight DINO and CLIP, made once a session
         ctx.judges = Path(request.getfixturevalue("tiny_judges")[0]).parent
-    shutil.copytree(module_photos, ctx.photos)
-    shutil.copytree(finished_run, ctx.run)
-    if row.setup:
-        row.setup(ctx)
-    before = snapshot(ctx.photos, ctx.run)
-    capsys.readouterr()
-    caplog.clear()
-    old_umask = os.umask(0o022)
-    try:
-        code = main([ctx.fmt(a) for a in row.argv])
-    finally:
-        os.umask(old_umask)
+    before = ready(row, ctx, capsys, caplog)
+    code = main_at_umask([ctx.fmt(a) for a in row.argv])
     assert_outcome(code, capsys.readouterr().err + caplog.text, row.code, row.says)
     assert_untouched(before)
     if row.then:

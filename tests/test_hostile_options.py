@@ -30,7 +30,6 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from helpers import make_photos
 from hostile import assert_outcome, assert_untouched, snapshot
 from lorabooth.adapters.lora import WEIGHT_NAME, read_lora
 from lorabooth.commands.cli import main
@@ -75,12 +74,12 @@ def train_argv(photos, output, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """The user's photos, a finished 2-step run, and LoRA files derived from
-    it: one full of NaN, one of another shape."""
+def world(tmp_path_factory, module_photos):
+    """The user's photos, a finished 2-step run (diffusers' layout, trained
+    offline as it would be online), and LoRA files derived from it: one full
+    of NaN, one of another shape."""
     root = tmp_path_factory.mktemp("hostile")
-    photos = make_photos(root / "photos")
-    run = root / "run"
+    photos, run = module_photos, root / "run"
     with no_network() as attempts:
         assert main(train_argv(photos, run)) == 0
     assert attempts == []

@@ -18,9 +18,9 @@ from typing import Callable
 import pytest
 from PIL import Image
 
-from hostile import assert_outcome, tree
+from hostile import PREPARE, TRAIN, assert_outcome, smooth_photos, tree
+from hostile import Row as TableRow
 from lorabooth.commands.cli import main
-from test_hostile_files import PREPARE, TRAIN, smooth_photos
 
 CAPTION = ["--caption", "a photo of sks dog"]
 
@@ -75,12 +75,7 @@ class Ctx:
 
 
 @dataclass
-class Row:
-    argv: list[str]
-    code: int
-    says: str
-    setup: Callable[[Ctx], None] | None = None
-    then: Callable[[Ctx], None] | None = None
+class Row(TableRow):
     kill: tuple[int, int] | None = None  # (signal, after the n-th image): run in a subprocess
     keep: list[str] = field(default_factory=list)  # paths below tmp that must stay byte-identical
 

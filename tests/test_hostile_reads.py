@@ -2,11 +2,15 @@
 FIFOs, huge files, nesting deeper than any parser's recursion, templates
 that ask str.format for 100 GB, a LoRA where a base model belongs.
 
-Every row runs `lorabooth ...` in a child process under a memory limit
-(RLIMIT_AS), so a regression that reads /dev/zero to the end fails the row
-with a MemoryError instead of taking the machine; a regression that blocks
-on a FIFO meets the child's timeout, a safety net only: the assertions are on
-the exit status and the one line said. The photos and the finished run are
+A row that a regression could make hang or eat the machine's memory (a
+device, a FIFO, a template asking for 100 GB: ``child=True``) runs
+`lorabooth ...` in a child process under a memory limit (RLIMIT_AS), so a
+regression that reads /dev/zero to the end fails the row with a MemoryError
+instead of taking the machine, and one that blocks on a FIFO meets the
+child's timeout, a safety net only: the assertions are on the exit status
+and the one line said. The other rows run in-process through
+`lorabooth.commands.cli.main`, as the other hostile tables do (a child
+imports torch afresh: seconds a row). The photos and the finished run are
 byte-identical afterwards (sha256 of every file)."""
 
 import json
@@ -21,9 +25,18 @@ from typing import Callable
 
 import pytest
 
-from hostile import assert_outcome, assert_untouched, snapshot, tree
+from hostile import (
+    PREPARE,
+    TRAIN,
+    Ctx,
+    absent,
+    assert_outcome,
+    assert_untouched,
+    copy_world,
+    ready,
+    tree,
+)
 from lorabooth.commands.cli import build_parser, main
-from test_hostile_files import PREPARE, TRAIN, Ctx, smooth_photos
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 MEMORY_LIMIT = 3 << 30  # bytes of address space: torch and a tiny model fit in 2 GiB
@@ -44,20 +57,6 @@ def _child(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
            "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, "-c", code, *argv], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=SAFETY_NET_S)
-
-
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory) -> Path:
-    return smooth_photos(tmp_path_factory.mktemp("subject") / "photos", 3)
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory, photos) -> Path:
-    """The finished run every row must leave alone (a checkpoint at step 1 too)."""
-    out = tmp_path_factory.mktemp("finished") / "run"
-    argv = [a.format(photos=photos) for a in TRAIN]
-    assert main(argv + ["--checkpoint-every", "1", "--output", str(out)]) == 0
-    return out
 
 
 # --- setups --------------------------------------------------------------------------------
@@ -102,13 +101,6 @@ def checkpoint_manifest(text: str) -> Callable[[Ctx], None]:
     return setup
 
 
-def absent(*names: str) -> Callable[[Ctx], None]:
-    def check(ctx: Ctx) -> None:
-        for name in names:
-            assert not (ctx.tmp / name).exists(), name
-    return check
-
-
 def _literal(text: str) -> str:
     """``text`` as an argv entry: the runner fills {tmp}, {photos}... with str.format."""
     return text.replace("{", "{{").replace("}", "}}")
@@ -121,18 +113,19 @@ class Row:
     setup: Callable[[Ctx], None] | None = None
     then: Callable[[Ctx], None] | None = None
     code: int = 2
+    child: bool = False  # it could hang or exhaust memory: a child under a memory limit
 
 
 ROWS = {
     # 12: a device, a FIFO, a huge file: refused before a byte is read
     "evaluate --prompts /dev/zero": Row(EVAL + ["--prompts", "/dev/zero"],
-                                        "--prompts /dev/zero: not a regular file (a device)"),
+                                        "--prompts /dev/zero: not a regular file (a device)", child=True),
     "evaluate --prompts a FIFO": Row(EVAL + ["--prompts", "{tmp}/fifo.txt"],
-                                     "fifo.txt: not a regular file (a FIFO", fifo("fifo.txt")),
+                                     "fifo.txt: not a regular file (a FIFO", fifo("fifo.txt"), child=True),
     "evaluate --prompts a 50 MB file": Row(EVAL + ["--prompts", "{tmp}/big.txt"],
                                            "too large (at most 1048576)", big_prompts),
     "evaluate --prompts a folder": Row(EVAL + ["--prompts", "{tmp}"], "not a regular file (a folder)"),
-    "tune --prompts /dev/zero": Row(TUNE + ["--prompts", "/dev/zero"], "--prompts /dev/zero"),
+    "tune --prompts /dev/zero": Row(TUNE + ["--prompts", "/dev/zero"], "--prompts /dev/zero", child=True),
     "sweep [evaluate] prompts_file a FIFO": Row(
         ["sweep", "{tmp}/sweep.toml"], "fifo.txt: not a regular file (a FIFO",
         lambda ctx: (fifo("fifo.txt")(ctx), write("sweep.toml", (
@@ -140,24 +133,26 @@ ROWS = {
             f'instance_prompt = "a photo of sks dog"\nsteps = 1\nresolution = 32\n'
             f'output = "{ctx.tmp}/sweep"\n[train.grid]\nlr = [1e-4]\n[generate]\nprompts = ["x"]\n'
             f'[evaluate]\nreal = "{ctx.photos}"\nclass_noun = "dog"\n'
-            f'prompts_file = "{ctx.tmp}/fifo.txt"\n'))(ctx)), absent("sweep")),
+            f'prompts_file = "{ctx.tmp}/fifo.txt"\n'))(ctx)), absent("sweep"), child=True),
     "train --config /dev/zero": Row(TRAIN + ["--config", "/dev/zero", "--output", "{tmp}/out"],
-                                    "--config /dev/zero: not a regular file (a device)", then=absent("out")),
+                                    "--config /dev/zero: not a regular file (a device)",
+                                    then=absent("out"), child=True),
     "train --config a FIFO": Row(TRAIN + ["--config", "{tmp}/c.toml", "--output", "{tmp}/out"],
-                                 "c.toml: not a regular file (a FIFO", fifo("c.toml"), absent("out")),
+                                 "c.toml: not a regular file (a FIFO", fifo("c.toml"), absent("out"),
+                                 child=True),
     "tune --space a FIFO": Row(TUNE + ["--space", "{tmp}/s.toml"], "--space", fifo("s.toml"),
-                               absent("tune")),
+                               absent("tune"), child=True),
     "inspect a FIFO": Row(["inspect", "{tmp}/l.safetensors"], "l.safetensors: not a regular file (a FIFO",
-                          fifo("l.safetensors")),
+                          fifo("l.safetensors"), child=True),
     "convert from a FIFO": Row(["convert", "{tmp}/l.safetensors", "{tmp}/k.safetensors", "--to",
                                 "kohya"], "l.safetensors: not a regular file (a FIFO", fifo("l.safetensors"),
-                               absent("k.safetensors")),
+                               absent("k.safetensors"), child=True),
     "generate with a FIFO as the LoRA": Row(
         ["generate", "{tmp}/l.safetensors", "--prompt", "x", "--output", "{tmp}/gen"],
-        "l.safetensors: not a regular file (a FIFO", fifo("l.safetensors"), absent("gen")),
+        "l.safetensors: not a regular file (a FIFO", fifo("l.safetensors"), absent("gen"), child=True),
     "train --captions with a FIFO caption": Row(
         TRAIN + ["--captions", "--output", "{tmp}/out"], "photo_1.txt: not a regular file (a FIFO",
-        lambda ctx: os.mkfifo(ctx.photos / "photo_1.txt"), absent("out")),
+        lambda ctx: os.mkfifo(ctx.photos / "photo_1.txt"), absent("out"), child=True),
     # 14: nesting past the parsers' recursion (and past what lorabooth walks)
     "train --config nested TOML": Row(
         TRAIN + ["--config", "{tmp}/deep.toml", "--output", "{tmp}/out"],
@@ -181,13 +176,14 @@ ROWS = {
         "does not verify against its manifest", checkpoint_manifest(DEEP_JSON), code=0),
     # 14: templates fill only their documented placeholders
     **{f"prepare --caption {t}": Row(PREPARE + ["--caption", f"a photo of {_literal(t)}"],
-                                     "--caption: unknown placeholder", then=absent("set"))
+                                     "--caption: unknown placeholder", then=absent("set"),
+                                     child=">9999" in t)
        for t in FORMAT_TRICKS},
     "prepare --caption with a lone brace": Row(PREPARE + ["--caption", "a {{ photo"],
                                                "--caption: a lone '{'", then=absent("set")),
     **{f"prompts file {t}": Row(EVAL + ["--prompts", "{tmp}/p.txt"],
                                 "p.txt: prompt 2: unknown placeholder",
-                                write("p.txt", "a {{0}} {0} {1}\nx " + t + "\n"))
+                                write("p.txt", "a {{0}} {0} {1}\nx " + t + "\n"), child=">9999" in t)
        for t in FORMAT_TRICKS},
     # 14: a LoRA or a run is not a base model
     "train --model a LoRA file": Row(TRAIN + ["--model", LORA, "--output", "{tmp}/out"],
@@ -207,19 +203,25 @@ ROWS = {
 
 
 @pytest.mark.parametrize("name", list(ROWS))
-def test_hostile_read(name, photos, finished, tmp_path, monkeypatch, request):
+def test_hostile_read(name, module_photos, finished_run, tmp_path, monkeypatch, request, capsys,
+                      caplog):
     row = ROWS[name]
-    ctx = Ctx(tmp_path, tmp_path / "photos", tmp_path / "run", monkeypatch)
+    ctx = Ctx(tmp_path, *copy_world(module_photos, finished_run, tmp_path), monkeypatch)
     if "{judges}" in " ".join(row.argv):
         ctx.judges = Path(request.getfixturevalue("tiny_judges")[0]).parent
-    shutil.copytree(photos, ctx.photos)
-    shutil.copytree(finished, ctx.run)
-    if row.setup:
-        row.setup(ctx)
-    before = snapshot(ctx.photos, ctx.run)
-    done = _child([ctx.fmt(a) for a in row.argv], tmp_path)
-    assert_outcome(done.returncode, done.stderr, row.code, row.says)
-    assert "MemoryError" not in done.stderr
+    before = ready(row, ctx, capsys, caplog)
+    argv = [ctx.fmt(a) for a in row.argv]
+    if row.child:
+        done = _child(argv, tmp_path)
+        code, said = done.returncode, done.stderr
+        assert "MemoryError" not in said
+    else:
+        caplog.set_level("INFO")
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        monkeypatch.chdir(tmp_path)
+        code = main(argv)
+        said = capsys.readouterr().err + caplog.text
+    assert_outcome(code, said, row.code, row.says)
     assert_untouched(before)
     if row.then:
         row.then(ctx)

@@ -5,19 +5,25 @@ its exit status, that what it says is one line (one error line, or the
 warning once), no traceback, no raw control character on the terminal or
 in the log, and the photo folder and a finished run byte-identical."""
 
-import shutil
 
 import pytest
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from hostile import assert_outcome, assert_untouched, snapshot, tree
+from hostile import (
+    TRAIN,
+    Ctx,
+    Row,
+    absent,
+    assert_outcome,
+    assert_untouched,
+    copy_world,
+    ready,
+    tree,
+)
 from lorabooth.adapters.lora import WEIGHT_NAME, read_lora
 from lorabooth.commands.cli import main
 from lorabooth.training import loop as training
-from test_hostile_files import TRAIN, Ctx, Row, absent, finished_run, module_photos
-
-__all__ = ["finished_run", "module_photos"]  # fixtures used through pytest
 
 RAW = "\x1b[31mRED\x07\r"
 CONTROLS = ("\x1b", "\x07", "\r", "\x00", "\u202e")
@@ -163,14 +169,8 @@ def test_hostile_text(name, module_photos, finished_run, tmp_path, monkeypatch, 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     # the progress bar redraws itself with carriage returns: ours, not the user's
     monkeypatch.setattr(training, "tqdm", lambda *a, **k: tqdm(*a, **{**k, "disable": True}))
-    ctx = Ctx(tmp_path, tmp_path / "photos", tmp_path / "run", monkeypatch)
-    shutil.copytree(module_photos, ctx.photos)
-    shutil.copytree(finished_run, ctx.run)
-    if row.setup:
-        row.setup(ctx)
-    before = snapshot(ctx.photos, ctx.run)
-    capsys.readouterr()
-    caplog.clear()
+    ctx = Ctx(tmp_path, *copy_world(module_photos, finished_run, tmp_path), monkeypatch)
+    before = ready(row, ctx, capsys, caplog)
     code = main([ctx.fmt(a) for a in row.argv])
     out, err = capsys.readouterr()
     said = err + caplog.text

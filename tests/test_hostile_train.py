@@ -19,13 +19,8 @@ import pytest
 import tomli_w
 from safetensors.torch import load_file
 
-import test_hostile_files
-from hostile import assert_outcome, assert_untouched, snapshot, tree
+from hostile import TRAIN, Row, assert_outcome, assert_untouched, main_at_umask, ready, tree
 from lorabooth.commands.cli import main
-from test_hostile_files import TRAIN
-
-# the same fixtures (a module's own copy): the photos, and a finished run with a step-1 checkpoint
-module_photos, finished_run = test_hostile_files.module_photos, test_hostile_files.finished_run
 
 RESUME = TRAIN + ["--checkpoint-every", "1", "--resume", "--output", "{tmp}/r"]
 
@@ -198,15 +193,6 @@ def metrics_rewritten(ctx: Ctx) -> None:
 
 # --- the table ---------------------------------------------------------------------------
 
-@dataclass
-class Row:
-    argv: list[str]
-    code: int
-    says: str
-    setup: Callable[[Ctx], None] | None = None
-    then: Callable[[Ctx], None] | None = None
-
-
 BAD_MANIFESTS = {
     "sha256 a list": manifest_edit(lambda m: {**m, "sha256": list(m["sha256"])}),
     "sha256 a string": manifest_edit(lambda m: {**m, "sha256": "abc"}),
@@ -324,16 +310,9 @@ def test_hostile_train(name, module_photos, finished_run, tmp_path, monkeypatch,
     # the photos the run was trained from (another path would be a changed --instance-dir)
     ctx = Ctx(tmp_path, module_photos, tmp_path / "run")
     shutil.copytree(finished_run, ctx.run)
-    if row.setup:
-        row.setup(ctx)
-    everything, before = tree(tmp_path), snapshot(ctx.photos, ctx.run)
-    capsys.readouterr()
-    caplog.clear()
-    old_umask = os.umask(0o022)
-    try:
-        code = main([ctx.fmt(a) for a in row.argv])
-    finally:
-        os.umask(old_umask)
+    before = ready(row, ctx, capsys, caplog)
+    everything = tree(tmp_path)
+    code = main_at_umask([ctx.fmt(a) for a in row.argv])
     ctx.said = capsys.readouterr().err + caplog.text
     ctx.warnings = tuple(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
     assert_outcome(code, ctx.said, row.code, row.says)

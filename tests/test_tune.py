@@ -169,30 +169,47 @@ def test_a_trial_stopped_by_ctrl_c_is_retried_once(photos, tmp_path, monkeypatch
     assert len(trained) == 2
 
 
+# `lorabooth ARGV` whose trial 1, once started, says so on stdout and never
+# finishes: the test kills it at that event, with no clock to race.
+STOP_IN_TRIAL_1 = """
+import sys, threading
+from pathlib import Path
+import lorabooth.training.loop as L
+from lorabooth.commands.cli import main
+real = L.train
+def train(config, **kwargs):
+    if Path(config.output).name == "0001":
+        print("trial 1 started", flush=True)
+        threading.Event().wait()
+    return real(config, **kwargs)
+L.train = train
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def test_a_killed_tune_process_leaves_a_running_trial_that_is_retried(
         photos, tiny_judges, prompts, tmp_path, no_network_env):
-    """SIGKILL as soon as trial 1 has started (its run folder appears; trial
-    0 is complete): trial 1 stays RUNNING in study.db and its heartbeat
-    stops; the next tune waits until it is stale, fails it and retries its
-    settings once. Trial 0 is neither lost nor run again."""
-    import os
-    import signal
+    """SIGKILL once trial 1 has started (trial 0 is complete): trial 1 stays
+    RUNNING in study.db and its heartbeat stops; the next tune waits until it
+    is stale, fails it and retries its settings once. Trial 0 is neither lost
+    nor run again."""
+    import select
     import sqlite3
     import subprocess
     import sys
-    import time
 
     env, _ = no_network_env
     out = tmp_path / "tune"
-    proc = subprocess.Popen([sys.executable, "-m", "lorabooth",
-                             *tune_argv(photos, out, tiny_judges, prompts, "--budget", "5", *BEAT)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    argv = tune_argv(photos, out, tiny_judges, prompts, "--budget", "5", *BEAT)
+    proc = subprocess.Popen([sys.executable, "-c", STOP_IN_TRIAL_1, *argv], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     try:
-        while proc.poll() is None and not (out / "trials" / "0001").is_dir():
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
+        select.select([proc.stdout], [], [], 900)  # a hang guard only; the line is the event
+        said = proc.stdout.readline()  # "" if the process ended first
     finally:
+        proc.kill()  # SIGKILL; a no-op once the process has been reaped
         proc.wait()
+    assert said == "trial 1 started\n", (said, proc.returncode)
     with sqlite3.connect(out / "study.db") as db:
         states = [s for (s,) in db.execute(  # the pruner's twin study lives there too
             "SELECT t.state FROM trials t JOIN studies s ON s.study_id = t.study_id "

@@ -28,6 +28,7 @@ from ..core.logs import diffusers_warnings_off
 from . import KOHYA_WEIGHT_NAME, WEIGHT_NAME
 from .sdxl import (
     FAMILY_KEY,
+    HEADER_FAMILY,
     SDXL,
     SDXL_KOHYA_META,
     UNET_BLOCKS_KEY,
@@ -341,7 +342,7 @@ def save_lora(folder: str | Path, unet: torch.nn.Module, text_encoder: torch.nn.
         if module is not None:
             peft.update(module_lora(module, part))
     if family:
-        metadata = {**metadata, FAMILY_KEY: family}
+        metadata = {**metadata, FAMILY_KEY: HEADER_FAMILY[family]}
     if family == SDXL:  # kohya's SGM names follow the model's own blocks
         metadata = {**metadata, UNET_BLOCKS_KEY: unet_blocks(unet.config)}
     config = unet.peft_config["default"]

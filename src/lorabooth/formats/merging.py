@@ -169,11 +169,11 @@ def merge(inputs: list[str], weights: list[float] | None, out: str | Path,
 
 
 def _base_family(model: str) -> str | None:
-    """The LoRA family (SD or SDXL) of a base model, without loading it."""
+    """The family of a base model ("sd1" or "sdxl", as family_of names a
+    LoRA's), without loading it."""
     from ..models.loading import model_family
 
-    family = model_family(model)
-    return None if family is None else SDXL if family == "sdxl" else SD
+    return model_family(model)
 
 
 def _loaded_pipeline(run: str | Path, model: str | None):

@@ -31,9 +31,16 @@ from .singlefile import (
     vae_to_ldm,
 )
 
-SD, SDXL = "sd", "sdxl"  # LoRA families: one text encoder (SD 1.x/2.x) or SDXL's two
+# The model families, by the names the whole package uses for them
+# (models/families.py's FAMILIES): one text encoder (SD 1.x/2.x) or SDXL's two.
+SD, SDXL = "sd1", "sdxl"
 FAMILY_NAMES = {SD: "Stable Diffusion 1.x/2.x", SDXL: "SDXL"}
 FAMILY_KEY = "lorabooth.family"
+# What a LoRA file's header holds under FAMILY_KEY: "sd" for SD 1.x/2.x, as
+# every lorabooth so far has written it (kept, so files do not change), and
+# what a header may hold -> the family ("sd1" too, should a file say so).
+HEADER_FAMILY = {SD: "sd", SDXL: "sdxl"}
+FAMILY_OF_HEADER = {"sd": SD, SD: SD, SDXL: SDXL}
 # What kohya's sd-scripts write into an SDXL LoRA's header; AUTOMATIC1111 and
 # model sites sort LoRAs by base model on these.
 SDXL_KOHYA_META = {"ss_base_model_version": "sdxl_base_v1-0",
@@ -87,8 +94,8 @@ def family_of(tensors: dict[str, torch.Tensor], header: dict[str, str] | None = 
             recorded = parse_json(recorded, FAMILY_KEY)
         except UserError:
             pass
-        if recorded in FAMILY_NAMES:
-            return recorded
+        if isinstance(recorded, str) and recorded in FAMILY_OF_HEADER:
+            return FAMILY_OF_HEADER[recorded]
     if any(k.startswith(("text_encoder_2.", "lora_te2_")) for k in tensors):
         return SDXL
     for key, value in tensors.items():

@@ -18,6 +18,8 @@ from typing import Protocol
 
 import torch
 
+from ..formats import sdxl as names  # the families' names, one vocabulary
+
 Box = tuple[float, float, float, float]  # left, top, right, bottom in the photo's pixels
 
 
@@ -123,7 +125,7 @@ class Family(Protocol):
 class SD1:
     """Stable Diffusion 1.x (and the built-in tiny, toy, sd15-random)."""
 
-    name = "sd1"
+    name = names.SD  # "sd1"
     encoders = ("text_encoder",)
     pipeline_name = "StableDiffusionPipeline"
 
@@ -147,7 +149,7 @@ class SDXL:
     states side by side, encoder 2's pooled projection and the time ids as
     extra UNet inputs (what StableDiffusionXLPipeline.encode_prompt does)."""
 
-    name = "sdxl"
+    name = names.SDXL  # "sdxl"
     encoders = ("text_encoder", "text_encoder_2")
     pipeline_name = "StableDiffusionXLPipeline"
 
@@ -173,7 +175,7 @@ class SDXL:
             scheduler=scheduler, add_watermarker=False)
 
 
-FAMILIES: dict[str, Family] = {"sd1": SD1(), "sdxl": SDXL()}
+FAMILIES: dict[str, Family] = {f.name: f for f in (SD1(), SDXL())}
 
 
 def encode_prompts(family: Family, tokenizers: list, encoders: list[torch.nn.Module],

@@ -26,7 +26,7 @@ from ..config.checks import check_tensors
 from ..core.errors import UserError
 from ..core.fileio import save_png, to_json, write_text
 from ..formats.layouts import KOHYA_DORA_REFUSAL, save_lora
-from ..formats.sdxl import FAMILY_KEY, SD, SDXL
+from ..formats.sdxl import FAMILY_KEY, HEADER_FAMILY
 from ..models.loading import BaseModel, load_base, pipeline_from_parts
 from ..models.precision import cast_frozen, frozen_dtype, tune_allocator, weight_dtype
 from ..photos.identifier import guess_identifier, identifier_warnings
@@ -442,7 +442,7 @@ def _finish(config: TrainConfig, base: BaseModel, output: Path,
         "lorabooth.steps": config.steps, "lorabooth.lr": config.lr,
         "lorabooth.lr_text": config.lr_text, "lorabooth.seed": config.seed,
         "lorabooth.lr_text2": config.text_lr("text_encoder_2"),
-        FAMILY_KEY: SDXL if base.family.name == "sdxl" else SD,  # the formats' names
+        FAMILY_KEY: HEADER_FAMILY[base.family.name],  # "sd" or "sdxl", as it always was
         "lorabooth.resolution": resolution,
         "lorabooth.train_text_encoder": config.train_text_encoder,
         "lorabooth.snr_gamma": config.snr_gamma, "lorabooth.noise_offset": config.noise_offset,
@@ -459,7 +459,7 @@ def _finish(config: TrainConfig, base: BaseModel, output: Path,
     check_tensors(trainable_state(modules), f"--output {output}: the trained LoRA")
     save_lora(output, modules["unet"], modules.get("text_encoder"),
               {k: to_json(v) for k, v in meta.items()}, save_layouts(config), embeddings,
-              modules.get("text_encoder_2"), family=meta[FAMILY_KEY])
+              modules.get("text_encoder_2"), family=base.family.name)
     if config.validation_prompt:
         _validate(config, base, output, config.steps)
     write_text(output / "README.md", model_card(config, resolution, base.family.pipeline_name))
