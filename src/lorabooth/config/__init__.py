@@ -23,6 +23,7 @@ from .fields import (
     check_numbers,
     choices,
     config_keys,
+    config_of,
     field_default,
     field_kind,
     one_of,
