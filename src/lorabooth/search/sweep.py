@@ -20,6 +20,7 @@ from typing import Any
 from PIL import Image
 
 from ..config import (
+    SWEEP_NEUTRAL,
     SweepEvaluate,
     SweepGenerate,
     TrainConfig,
@@ -39,8 +40,7 @@ from ..reports.grid import make_grid
 log = logging.getLogger(__name__)
 SECTIONS = ("base", "train", "generate", "evaluate")
 GRID_KEYS = ("unet_scale", "text_scale", "text2_scale", "guidance")  # [generate.grid]
-# do not change what a run computes (report_to: a sweep's runs hashed before it existed stay done)
-NEUTRAL = {"output", "resume", "force", "overwrite", "report_to", "validation_images"}
+NEUTRAL = SWEEP_NEUTRAL  # config.train says why it differs from RESUME_NEUTRAL
 MAX_RUNS = 1000  # a bigger grid is more likely a typo than a plan: it needs --yes
 
 
