@@ -225,3 +225,38 @@ def test_prior_preservation_command_line_beats_the_file(tmp_path):
         parsed = build_parser().parse_args(["train", *args])
         overrides = {f.name: getattr(parsed, f.name) for f in fields(TrainConfig)}  # as main
         assert build_config(TrainConfig, cfg, overrides).prior_preservation == mode
+
+
+def _both_spellings():
+    from dataclasses import fields
+
+    from lorabooth.commands import COMMANDS
+
+    for name, (cls, _, _) in COMMANDS.items():
+        keys = {f.name: f for f in fields(cls)}
+        for key in ("out", "output"):
+            if key in keys and not keys[key].metadata.get("positional"):
+                yield name, cls, key
+
+
+@pytest.mark.parametrize("name,cls,key", list(_both_spellings()))
+def test_out_and_output_give_the_same_config(name, cls, key, capsys):
+    """Every command with an output option reads --out and --output alike,
+    into the same field: the alias adds no option to the config, and the
+    option's --help names the other spelling."""
+    from dataclasses import fields
+
+    from lorabooth.commands.cli import build_parser
+
+    parser = build_parser()
+    positionals = ["p" for f in fields(cls) if f.metadata.get("positional")]
+    parsed = [parser.parse_args([*name.split(), *positionals, flag, "somewhere"])
+              for flag in ("--out", "--output")]
+    overrides = [{f.name: getattr(args, f.name) for f in fields(cls)} for args in parsed]
+    assert overrides[0] == overrides[1] and overrides[0][key] == "somewhere"
+    assert set(vars(parsed[0])) - {f.name for f in fields(cls)} <= {
+        "command", "subcommand", "config", "config_class"}
+    with pytest.raises(SystemExit):
+        parser.parse_args([*name.split(), "--help"])
+    other = "--output" if key == "out" else "--out"
+    assert f"Also spelled {other}." in " ".join(capsys.readouterr().out.split())
