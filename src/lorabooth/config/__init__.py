@@ -39,7 +39,9 @@ from .generate import (
     JUDGES,
     SCHEDULERS,
     EvaluateConfig,
+    EvaluateOptions,
     GenerateConfig,
+    evaluate_options,
 )
 from .prepare import CROPS, IdentifierConfig, PrepareConfig
 from .search import (
@@ -71,12 +73,14 @@ __all__ = [
     "SCHEDULERS", "MAX_HEARTBEAT", "MAX_TRIALS",
     "MAX_WORKERS", "MIXED_PRECISIONS", "PRIOR_MODES", "RESUME_NEUTRAL", "SWEEP_NEUTRAL",
     "TRAIN_CEILINGS",
-    "ClaimsConfig", "ConvertConfig", "DemoConfig", "EvaluateConfig", "FuseConfig",
+    "ClaimsConfig", "ConvertConfig", "DemoConfig", "EvaluateConfig", "EvaluateOptions",
+    "FuseConfig",
     "GenerateConfig", "IdentifierConfig", "InspectConfig", "MergeConfig", "PrepareConfig",
     "PretrainConfig", "SweepConfig", "SweepEvaluate", "SweepGenerate", "TrainConfig",
     "TuneConfig", "TuneStudyConfig", "UiConfig",
     "_check_scalar", "_help", "bad", "build_config", "build_section", "check_adapter",
-    "check_keys", "check_numbers", "choices", "config_keys", "config_of", "field_default",
+    "check_keys", "check_numbers", "choices", "config_keys", "config_of", "evaluate_options",
+    "field_default",
     "field_kind", "one_of",
     "option_name", "prior_mode", "require", "to_toml_dict", "unknown_key",
 ]
