@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from lorabooth.commands.cli import main
+from lorabooth.config import EvaluateConfig, GenerateConfig, TuneConfig, build_config, to_argv
 
 
 def _run(env, *args):
@@ -260,3 +261,26 @@ def test_out_and_output_give_the_same_config(name, cls, key, capsys):
         parser.parse_args([*name.split(), "--help"])
     other = "--output" if key == "out" else "--out"
     assert f"Also spelled {other}." in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("make", [
+    lambda: GenerateConfig(run="r", prompt=["-a dog", "b"], unet_scale=[-1.0, 0.25],
+                           guidance=[5.0], seed=3, output="o", width=64),
+    lambda: EvaluateConfig(run="r", real="p", class_noun="dog", baselines=True, text2_scale=0.1,
+                           out="o"),
+    lambda: TuneConfig(photos="p", class_noun="ball", budget=3, model="toy", out="o",
+                       judges="toy", steps=[10, 20]),
+], ids=["generate", "evaluate", "tune"])
+def test_a_config_as_argv_parses_back_to_itself(make):
+    """The web page queues jobs as to_argv(config): the CLI must read the
+    same config back (negative numbers and a prompt starting with '-' too)."""
+    from dataclasses import fields
+
+    from lorabooth.commands import COMMANDS
+    from lorabooth.commands.cli import build_parser
+
+    config = make()
+    name = next(n for n, (cls, _, _) in COMMANDS.items() if cls is type(config))
+    args = build_parser().parse_args([name, *to_argv(config)])
+    overrides = {f.name: getattr(args, f.name) for f in fields(config)}
+    assert build_config(type(config), None, overrides) == config

@@ -29,6 +29,7 @@ from .fields import (
     one_of,
     option_name,
     require,
+    to_argv,
     to_toml_dict,
     unknown_key,
 )
@@ -82,5 +83,5 @@ __all__ = [
     "check_keys", "check_numbers", "choices", "config_keys", "config_of", "evaluate_options",
     "field_default",
     "field_kind", "one_of",
-    "option_name", "prior_mode", "require", "to_toml_dict", "unknown_key",
+    "option_name", "prior_mode", "require", "to_argv", "to_toml_dict", "unknown_key",
 ]

@@ -198,3 +198,32 @@ def config_of(cls: type, name: str, values: dict[str, Any], renames: dict[str, s
         if value is not None:
             kwargs[renames.get(key, key)] = _plain(value)
     return cls(**kwargs)
+
+
+def _word(value: Any) -> str:
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def to_argv(config: Any) -> list[str]:
+    """The command-line words the CLI's parser turns back into ``config``:
+    its positional fields first, then each option that differs from its
+    default (a value starting with "-" as ``--opt=VALUE``, which argparse
+    would otherwise take for an option). The web page queues its jobs so."""
+    words, options = [], []
+    for f in fields(config):
+        value = getattr(config, f.name)
+        kind, many, _ = field_kind(type(config), f.name)
+        if f.metadata.get("positional"):
+            words += [str(v) for v in value] if many else [str(value)]
+            continue
+        if value == field_default(f):
+            continue
+        name = option_name(f.name)
+        if isinstance(value, bool):
+            options.append(name if value else "--no-" + name[2:])
+            continue
+        texts = [str(v) for v in value] if many and kind is str else \
+            [",".join(_word(v) for v in value)] if many else [_word(value)]
+        for text in texts:
+            options += [f"{name}={text}"] if text.startswith("-") else [name, text]
+    return words + options
