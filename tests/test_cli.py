@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from lorabooth.commands.cli import main
+from lorabooth.config import EvaluateConfig, GenerateConfig, TuneConfig, build_config, to_argv
 
 
 def _run(env, *args):
@@ -225,3 +226,61 @@ def test_prior_preservation_command_line_beats_the_file(tmp_path):
         parsed = build_parser().parse_args(["train", *args])
         overrides = {f.name: getattr(parsed, f.name) for f in fields(TrainConfig)}  # as main
         assert build_config(TrainConfig, cfg, overrides).prior_preservation == mode
+
+
+def _both_spellings():
+    from dataclasses import fields
+
+    from lorabooth.commands import COMMANDS
+
+    for name, (cls, _, _) in COMMANDS.items():
+        keys = {f.name: f for f in fields(cls)}
+        for key in ("out", "output"):
+            if key in keys and not keys[key].metadata.get("positional"):
+                yield name, cls, key
+
+
+@pytest.mark.parametrize("name,cls,key", list(_both_spellings()))
+def test_out_and_output_give_the_same_config(name, cls, key, capsys):
+    """Every command with an output option reads --out and --output alike,
+    into the same field: the alias adds no option to the config, and the
+    option's --help names the other spelling."""
+    from dataclasses import fields
+
+    from lorabooth.commands.cli import build_parser
+
+    parser = build_parser()
+    positionals = ["p" for f in fields(cls) if f.metadata.get("positional")]
+    parsed = [parser.parse_args([*name.split(), *positionals, flag, "somewhere"])
+              for flag in ("--out", "--output")]
+    overrides = [{f.name: getattr(args, f.name) for f in fields(cls)} for args in parsed]
+    assert overrides[0] == overrides[1] and overrides[0][key] == "somewhere"
+    assert set(vars(parsed[0])) - {f.name for f in fields(cls)} <= {
+        "command", "subcommand", "config", "config_class"}
+    with pytest.raises(SystemExit):
+        parser.parse_args([*name.split(), "--help"])
+    other = "--output" if key == "out" else "--out"
+    assert f"Also spelled {other}." in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("make", [
+    lambda: GenerateConfig(run="r", prompt=["-a dog", "b"], unet_scale=[-1.0, 0.25],
+                           guidance=[5.0], seed=3, output="o", width=64),
+    lambda: EvaluateConfig(run="r", real="p", class_noun="dog", baselines=True, text2_scale=0.1,
+                           out="o"),
+    lambda: TuneConfig(photos="p", class_noun="ball", budget=3, model="toy", out="o",
+                       judges="toy", steps=[10, 20]),
+], ids=["generate", "evaluate", "tune"])
+def test_a_config_as_argv_parses_back_to_itself(make):
+    """The web page queues jobs as to_argv(config): the CLI must read the
+    same config back (negative numbers and a prompt starting with '-' too)."""
+    from dataclasses import fields
+
+    from lorabooth.commands import COMMANDS
+    from lorabooth.commands.cli import build_parser
+
+    config = make()
+    name = next(n for n, (cls, _, _) in COMMANDS.items() if cls is type(config))
+    args = build_parser().parse_args([name, *to_argv(config)])
+    overrides = {f.name: getattr(args, f.name) for f in fields(config)}
+    assert build_config(type(config), None, overrides) == config

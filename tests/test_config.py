@@ -150,3 +150,41 @@ def test_the_pages_dropdowns_are_the_fields_choices():
     assert menus["prior_preservation"] == PRIOR_MODES
     assert menus["save_format"] == SAVE_FORMATS
     assert set(menus) == {"prior_preservation", "mixed_precision", "save_format", "adapter"}
+
+
+def test_a_keyword_call_builds_the_same_config_once():
+    """`generate`, `evaluate` and `merge` take their config or their old
+    keywords; either way the config alone holds the defaults and checks."""
+    from pathlib import Path
+
+    from lorabooth.config import EvaluateConfig, GenerateConfig, MergeConfig, config_of
+    from lorabooth.generation import _KEYWORDS
+
+    by_keywords = config_of(GenerateConfig, "generate",
+                            {"run": Path("r"), "prompts": ["a dog"], "unet_scales": (0, 1),
+                             "output": None, "negative_prompt": None}, _KEYWORDS)
+    assert by_keywords == GenerateConfig(run="r", prompt=["a dog"], unet_scale=[0, 1])
+    config = GenerateConfig(run="r", prompt=["a dog"])
+    assert config_of(GenerateConfig, "generate", {"run": config, "prompts": None}) is config
+    with pytest.raises(TypeError, match="no other options"):
+        config_of(GenerateConfig, "generate", {"run": config, "steps": 2})
+    with pytest.raises(TypeError, match="unexpected keyword argument 'stepz'"):
+        config_of(GenerateConfig, "generate", {"run": "r", "prompts": ["a"], "stepz": 2},
+                  _KEYWORDS)
+    with pytest.raises(UserError, match="--num-images"):
+        config_of(GenerateConfig, "generate", {"run": "r", "prompts": ["a"], "num_images": 0},
+                  _KEYWORDS)
+    assert config_of(EvaluateConfig, "evaluate", {"run": "r", "real": "p",
+                                                  "prompts_file": None, "out": Path("o")},
+                     {"prompts_file": "prompts"}) == EvaluateConfig(run="r", real="p", out="o")
+    with pytest.raises(UserError, match="--weights: 1 weights for 2 LoRAs"):
+        MergeConfig(loras=["a", "b"], weights=[1.0], out="m.safetensors")
+    with pytest.raises(UserError, match="at least two LoRAs"):
+        MergeConfig(loras=["a"], out="m.safetensors")
+
+
+def test_the_schedulers_drawn_are_the_configs_choices():
+    from lorabooth.config import SCHEDULERS
+    from lorabooth.generation import SCHEDULERS as BUILT
+
+    assert tuple(BUILT) == SCHEDULERS

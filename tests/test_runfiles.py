@@ -84,6 +84,8 @@ def test_overwrite_changes_no_runs_identity(tmp_path):
     config = _config(tmp_path)
     replacing = _config(tmp_path, overwrite=True)
     assert "overwrite" in RESUME_NEUTRAL and "overwrite" in NEUTRAL
+    # one declaration: what a sweep ignores, a --resume may change too (not the reverse)
+    assert NEUTRAL < RESUME_NEUTRAL and "steps" in RESUME_NEUTRAL - NEUTRAL
     assert config_hash(config) == config_hash(replacing)
     assert run_settings(replacing) == run_settings(config) and "overwrite" not in run_settings(config)
     with pytest.raises(UserError, match="--overwrite: cannot be combined with --resume"):

@@ -111,6 +111,25 @@ def test_bad_sweep_files_name_the_key(tmp_path, bad, needle, capsys):
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
+def test_evaluate_table_shares_evaluates_options_and_reads_prompts_file(tmp_path, photos):
+    """[evaluate] is evaluate's shared option block: `prompts` as the
+    command's --prompts, `prompts_file` (its older key) read alike, not both."""
+    from lorabooth.config import EvaluateConfig, evaluate_options
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of {0} {1}\n")
+    tables = {key: SWEEP + f'[evaluate]\nreal = "{{photos}}"\n{key} = "{prompts}"\n'
+                          'images_per_prompt = 3\nkind = "object"\n'
+              for key in ("prompts", "prompts_file")}
+    a, b = (load_sweep(_write(tmp_path, photos, t)).evaluate for t in tables.values())
+    assert a == b and a.prompts == str(prompts)
+    assert EvaluateConfig(run="r", real=str(photos), **evaluate_options(a)) == EvaluateConfig(
+        run="r", real=str(photos), prompts=str(prompts), images_per_prompt=3, kind="object")
+    both = tables["prompts"] + f'prompts_file = "{prompts}"\n'
+    with pytest.raises(UserError, match="`prompts` and `prompts_file` are one option"):
+        load_sweep(_write(tmp_path, photos, both))
+
+
 def test_sweep_end_to_end_then_nothing_to_do(tmp_path, photos, monkeypatch, caplog):
     f = _write(tmp_path, photos)
     report = run_sweep(f)

@@ -22,14 +22,8 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from .adapters.lora import find_lora, fused, lora_fingerprint, lora_metadata, set_scales
-from .config.checks import (
-    MAX_IMAGES,
-    MAX_STEPS,
-    check_count,
-    check_images,
-    check_seeds,
-    check_size,
-)
+from .config import GenerateConfig, config_of
+from .config.checks import check_images
 from .core.errors import UserError
 from .core.fileio import save_png, to_json
 from .formats.layouts import load_into_pipeline
@@ -84,13 +78,12 @@ def _scheduler(name: str, config):
     return cls.from_config(config, **extra)
 
 
-def load_pipeline(run: str | Path, model: str | None = None,
+def load_pipeline(run: str | Path, model: str = "",
                   scheduler: str = "dpm") -> tuple[StableDiffusionPipeline, tuple[str, ...]]:
     """The run's base model (from its metadata unless ``model`` is given) with
     its LoRA loaded, in the model family's pipeline (SDXL's with an fp32 VAE);
-    returns (pipeline, the text encoders holding LoRA)."""
-    if scheduler not in SCHEDULERS:
-        raise UserError(f"--scheduler: unknown {scheduler!r}; choose from {', '.join(SCHEDULERS)}")
+    returns (pipeline, the text encoders holding LoRA). ``scheduler``: one
+    of SCHEDULERS (the config's choices)."""
     find_lora(run)
     meta = lora_metadata(run)
     base_name = model or meta.get("base_model")
@@ -179,45 +172,46 @@ def draw_cached(pipe, has_text: tuple[str, ...], prompt: str, setting: Setting, 
     return [Image.open(p).convert("RGB") for p in paths]
 
 
-def generate(run: str | Path, prompts: list[str], unet_scales: list[float] = (1.0,),
-             text_scales: list[float] = (1.0,), guidances: list[float] = (7.5,),
-             num_images: int = 4, seed: int = 0, steps: int = 25, negative_prompt: str | None = None,
-             scheduler: str = "dpm", output: str | Path | None = None,
-             model: str | None = None, width: int | None = None,
-             height: int | None = None, text2_scales: list[float] = ()) -> list[Image.Image]:
+# the keywords `generate` has always taken -> GenerateConfig's fields
+_KEYWORDS = {"prompts": "prompt", "unet_scales": "unet_scale", "text_scales": "text_scale",
+             "text2_scales": "text2_scale", "guidances": "guidance"}
+
+
+def generate(run: str | Path | GenerateConfig, prompts: list[str] | None = None,
+             **options) -> list[Image.Image]:
     """Draw every prompt at every (UNet scale, text scale, SDXL's text-2
-    scale, guidance) with the same seeds, ``width`` x ``height`` pixels (default: the model's native
-    size); save PNGs with their settings and one labelled grid per prompt
-    under ``output`` (default RUN/generated). Returns all images in order."""
-    if not prompts:
-        raise UserError("--prompt: give at least one prompt")
-    check_count(num_images, "--num-images", MAX_IMAGES)
-    check_count(steps, "--steps", MAX_STEPS)
-    check_size(width, "--width")
-    check_size(height, "--height")
-    seeds = [seed + i for i in range(num_images)]
-    check_seeds(seeds, "--seed")
-    out = Path(output) if output else Path(run) / "generated"
+    scale, guidance) with the same seeds, ``width`` x ``height`` pixels
+    (default: the model's native size); save PNGs with their settings and one
+    labelled grid per prompt under ``output`` (default RUN/generated).
+    Returns all images in order.
+
+    ``generate(GenerateConfig(...))``, or its keywords: ``generate(run,
+    prompts, unet_scales=, text_scales=, text2_scales=, guidances=,
+    num_images=, seed=, steps=, negative_prompt=, scheduler=, output=,
+    model=, width=, height=)``; the defaults and checks are GenerateConfig's."""
+    c = config_of(GenerateConfig, "generate", {"run": run, "prompts": prompts, **options},
+                  _KEYWORDS)
+    seeds = [c.seed + i for i in range(c.num_images)]
+    out = Path(c.output) if c.output else Path(c.run) / "generated"
     if out.exists() and not out.is_dir():
         raise UserError(f"--output {out}: is a file, not a folder")
     tune_allocator()
-    pipe, has_text = load_pipeline(run, model, scheduler)
-    check_windows(pipe, run, prompts, "--prompt")
-    if negative_prompt:
-        check_prompt(pipeline_tokenizers(pipe), negative_prompt, [], "--negative-prompt")
-    settings = settings_grid(list(unet_scales), list(text_scales), list(guidances),
-                             list(text2_scales))
+    pipe, has_text = load_pipeline(c.run, c.model, c.scheduler)
+    check_windows(pipe, c.run, c.prompt, "--prompt")
+    if c.negative_prompt:
+        check_prompt(pipeline_tokenizers(pipe), c.negative_prompt, [], "--negative-prompt")
+    settings = settings_grid(c.unet_scale, c.text_scale, c.guidance, c.text2_scale)
     everything: list[Image.Image] = []
-    for p, prompt in enumerate(prompts):
+    for p, prompt in enumerate(c.prompt):
         folder = out / prompt_slug(p, prompt)
         rows = []
         for setting in settings:
-            images = draw(pipe, has_text, prompt, setting, seeds, steps, negative_prompt,
-                          size=(width, height))
+            images = draw(pipe, has_text, prompt, setting, seeds, c.steps, c.negative_prompt,
+                          size=(c.width, c.height))
             for s, image in zip(seeds, images):
                 save_png(image, folder / f"{setting.slug}_s{s}.png",
-                         _pnginfo(prompt, negative_prompt or "", setting, s, steps, scheduler,
-                                  str(run)))
+                         _pnginfo(prompt, c.negative_prompt, setting, s, c.steps, c.scheduler,
+                                  c.run))
             rows.append(images)
             everything.extend(images)
         grid = make_grid(rows, [s.label for s in settings], [f"seed {s}" for s in seeds],

@@ -54,11 +54,7 @@ def _train(c: TrainConfig) -> Any:
 def _generate(c: GenerateConfig) -> Any:
     from ..generation import generate
 
-    images = generate(c.run, c.prompt, unet_scales=c.unet_scale, text_scales=c.text_scale,
-                      guidances=c.guidance, num_images=c.num_images, seed=c.seed, steps=c.steps,
-                      negative_prompt=c.negative_prompt, scheduler=c.scheduler,
-                      output=c.output or None, model=c.model or None, width=c.width,
-                      height=c.height, text2_scales=c.text2_scale)
+    images = generate(c)
     log.info("drew %d images", len(images))
     return images
 
@@ -88,13 +84,7 @@ def _identifier(c: IdentifierConfig) -> Any:
 def _evaluate(c: EvaluateConfig) -> Any:
     from ..evaluation.runner import evaluate
 
-    return evaluate(c.run, c.real, class_noun=c.class_noun or None, kind=c.kind,
-                    prompts_file=c.prompts or None, identifier=c.identifier or None,
-                    images_per_prompt=c.images_per_prompt, seed=c.seed, unet_scale=c.unet_scale,
-                    text_scale=c.text_scale, text2_scale=c.text2_scale, guidance=c.guidance,
-                    steps=c.steps,
-                    out=c.out or None, baselines=c.baselines, dino=c.dino, clip=c.clip,
-                    model=c.model or None, pres_images=c.pres_images)
+    return evaluate(c)
 
 
 def _inspect(c: InspectConfig) -> Any:
@@ -127,7 +117,7 @@ def _convert(c: ConvertConfig) -> Any:
 def _merge(c: MergeConfig) -> Any:
     from ..formats.merging import merge
 
-    return merge(c.loras, c.weights or None, c.out, rank=c.rank)
+    return merge(c)
 
 
 def _fuse(c: FuseConfig) -> Any:

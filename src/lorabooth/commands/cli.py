@@ -23,6 +23,19 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+# Commands name their output folder or file --out or --output; each keeps
+# its own spelling (the config field, the TOML key) and reads the other too.
+ALIASES = {"out": "--output", "output": "--out"}
+
+
+def _flags(cls: type, key: str) -> list[str]:
+    """The option's name, and its other spelling where it has one that no
+    other field of ``cls`` takes."""
+    alias = ALIASES.get(key)
+    taken = {f.name for f in fields(cls)}
+    return [option_name(key)] + ([alias] if alias and alias[2:] not in taken else [])
+
+
 def _add_options(parser: argparse.ArgumentParser, cls: type) -> None:
     """One argument per config field; its type, default and help come from
     there. Every default here is None so that only what the user typed
@@ -35,6 +48,9 @@ def _add_options(parser: argparse.ArgumentParser, cls: type) -> None:
         help_text = f.metadata["help"].replace("%", "%%")  # argparse %-formats help
         if "default" not in help_text:
             help_text += f" (default: {field_default(f)!r})"
+        flags = _flags(cls, f.name)
+        if len(flags) > 1:
+            help_text += f" Also spelled {flags[1]}."
         name = {"dest": f.name, "default": None, "help": help_text}
         # a field's choices show as {a,b,c}; the config checks them (one message, exit 2)
         metavar = "{%s}" % ",".join(c or '""' for c in f.metadata["choices"]) \
@@ -47,10 +63,10 @@ def _add_options(parser: argparse.ArgumentParser, cls: type) -> None:
         elif kind is bool:
             parser.add_argument(option_name(f.name), action=argparse.BooleanOptionalAction, **name)
         elif many and kind is str:
-            parser.add_argument(option_name(f.name), action="append", metavar=f.name.upper(), **name)
+            parser.add_argument(*flags, action="append", metavar=f.name.upper(), **name)
         else:
             parse = finite_floats if many else finite_float if kind is float else kind
-            parser.add_argument(option_name(f.name), type=parse, metavar=metavar, **name)
+            parser.add_argument(*flags, type=parse, metavar=metavar, **name)
     parser.add_argument("--config", metavar="FILE.toml",
                         help="TOML file of these options (keys: option names with _); "
                              "command-line options override it")

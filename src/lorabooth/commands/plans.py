@@ -84,7 +84,7 @@ def _sweep(c: Any) -> Plan:
                                         "photos")]
     if sweep.evaluate:
         reads += [Read("[evaluate] real", sweep.evaluate.real, "photos"),
-                  Read("[evaluate] prompts_file", sweep.evaluate.prompts_file)]
+                  Read("[evaluate] prompts", sweep.evaluate.prompts)]
     return Plan(tuple(reads), (Write("output", str(sweep.output), "folder", "sweep"),))
 
 

@@ -3,8 +3,10 @@ the field's type, the checks every config shares, and building a config
 from defaults < a TOML file < command-line overrides.
 
 Unset is one convention across the tree: ``""`` for a str field and
-``None`` for a number that has no default; ``unset`` turns either into
-``None`` for the functions that take a config's values."""
+``None`` for a number that has no default. The entry points (`generate`,
+`evaluate`, `merge`) take their config, so nothing translates one into the
+other; their keyword forms build the config with ``config_of``, where a
+keyword given as ``None`` is unset (the field's default)."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import dataclasses
 import difflib
 from collections.abc import Iterable
 from dataclasses import field, fields
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, get_args, get_origin, get_type_hints
 
 from ..core.errors import UserError
@@ -166,3 +168,62 @@ def require(config: Any, *keys: str) -> None:
 def one_of(config: Any, key: str, choices: tuple[str, ...]) -> None:
     if getattr(config, key) not in choices:
         raise bad(config, key, f"must be one of {', '.join(choices)}")
+
+
+def _plain(value: Any) -> Any:
+    """A Path as the str a field holds, a tuple as its list."""
+    if isinstance(value, PurePath):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [str(v) if isinstance(v, PurePath) else v for v in value]
+    return value
+
+
+def config_of(cls: type, name: str, values: dict[str, Any], renames: dict[str, str] = {}):
+    """The config of a Python call ``name(...)``: its first value already a
+    ``cls`` (then nothing else may be given), or the call's keywords, named
+    as the function has always named them (``renames``: keyword -> field),
+    ``None`` for unset. The config checks them, once."""
+    first, *rest = values.items()
+    if isinstance(first[1], cls):
+        given = [k for k, v in rest if v is not None]
+        if given:
+            raise TypeError(f"{name}(config) takes no other options (got {', '.join(given)})")
+        return first[1]
+    known = config_keys(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if renames.get(key, key) not in known:
+            raise TypeError(f"{name}() got an unexpected keyword argument {key!r}")
+        if value is not None:
+            kwargs[renames.get(key, key)] = _plain(value)
+    return cls(**kwargs)
+
+
+def _word(value: Any) -> str:
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def to_argv(config: Any) -> list[str]:
+    """The command-line words the CLI's parser turns back into ``config``:
+    its positional fields first, then each option that differs from its
+    default (a value starting with "-" as ``--opt=VALUE``, which argparse
+    would otherwise take for an option). The web page queues its jobs so."""
+    words, options = [], []
+    for f in fields(config):
+        value = getattr(config, f.name)
+        kind, many, _ = field_kind(type(config), f.name)
+        if f.metadata.get("positional"):
+            words += [str(v) for v in value] if many else [str(value)]
+            continue
+        if value == field_default(f):
+            continue
+        name = option_name(f.name)
+        if isinstance(value, bool):
+            options.append(name if value else "--no-" + name[2:])
+            continue
+        texts = [str(v) for v in value] if many and kind is str else \
+            [",".join(_word(v) for v in value)] if many else [_word(value)]
+        for text in texts:
+            options += [f"{name}={text}"] if text.startswith("-") else [name, text]
+    return words + options

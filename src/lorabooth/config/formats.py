@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..core.errors import UserError
 from .checks import MAX_RANK, check_count
 from .fields import _help, check_numbers, require
 
@@ -50,6 +51,10 @@ class MergeConfig:
     def __post_init__(self) -> None:
         check_numbers(self)
         require(self, "out")
+        if len(self.loras) < 2:
+            raise UserError("merge: give at least two LoRAs")
+        if self.weights and len(self.weights) != len(self.loras):
+            raise UserError(f"--weights: {len(self.weights)} weights for {len(self.loras)} LoRAs")
         if self.rank is not None:
             check_count(self.rank, "--rank", MAX_RANK)
 

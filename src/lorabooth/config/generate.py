@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
 from ..core.errors import UserError
 from .checks import KINDS, MAX_IMAGES, MAX_STEPS, check_count, check_options, check_seeds, check_size
@@ -57,16 +58,37 @@ class GenerateConfig:
 
 
 @dataclass(frozen=True)
-class EvaluateConfig:
-    run: str = _help("Run folder.", "", positional=True)
-    real: str = _help("Folder of the subject's photos (required).", "")
+class EvaluateOptions:
+    """How `evaluate` scores a run: the options `evaluate`, a sweep's
+    [evaluate] table and `tune` share, declared here once (each adds its
+    own: the run or photos, the sampler steps, the judges)."""
     class_noun: str = _help("Class noun (default: from the run).", "")
     kind: str = _help("The paper's prompt set: live (subjects) or object.", "live",
                       choices=KINDS)
-    prompts: str = _help("Own prompts file, one per line ({0}: identifier, {1}: class noun).", "")
-    identifier: str = _help("Identifier (default: from the run's metadata).", "")
+    prompts: str = _help("Own prompts file, one per line ({0}: identifier, {1}: class noun), "
+                         "instead of the paper's.", "")
     images_per_prompt: int = _help("Images per prompt (the paper uses 4).", 4)
     pres_images: int = _help("Class-prompt images for PRES.", 8)
+    dino: str = _help("DINO model (folder or hub id).", DEFAULT_DINO)
+    clip: str = _help("CLIP model (folder or hub id; e.g. openai/clip-vit-large-patch14).",
+                      DEFAULT_CLIP)
+
+    def __post_init__(self) -> None:
+        check_numbers(self)
+        check_options(self.kind, self.prompts, self.images_per_prompt, self.pres_images)
+
+
+def evaluate_options(config: EvaluateOptions) -> dict[str, Any]:
+    """The shared options of ``config`` (a sweep's [evaluate], a tune), as
+    EvaluateConfig's keywords."""
+    return {f.name: getattr(config, f.name) for f in fields(EvaluateOptions)}
+
+
+@dataclass(frozen=True)
+class EvaluateConfig(EvaluateOptions):
+    run: str = _help("Run folder.", "", positional=True)
+    real: str = _help("Folder of the subject's photos (required).", "")
+    identifier: str = _help("Identifier (default: from the run's metadata).", "")
     seed: int = _help("First seed; image i uses seed+i.", 0)
     unet_scale: float = _help("UNet LoRA scale.", 1.0)
     text_scale: float = _help("Text-encoder LoRA scale (SDXL: both encoders unless "
@@ -75,9 +97,6 @@ class EvaluateConfig:
                                       "--text-scale).", None)
     guidance: float = _help("Guidance scale.", 7.5)
     steps: int = _help("Sampler steps.", 25)
-    dino: str = _help("DINO model (folder or hub id).", DEFAULT_DINO)
-    clip: str = _help("CLIP model (folder or hub id; e.g. openai/clip-vit-large-patch14).",
-                      DEFAULT_CLIP)
     model: str = _help("Base model (default: the run's own).", "")
     out: str = _help("Folder (default: RUN/eval).", "")
     baselines: bool = _help("Add the base model (floor) and the real photos leave-one-out "
@@ -86,7 +105,5 @@ class EvaluateConfig:
     def __post_init__(self) -> None:
         check_numbers(self)
         require(self, "run", "real")
-        check_options(self.kind, self.prompts or None, self.images_per_prompt, self.pres_images,
+        check_options(self.kind, self.prompts, self.images_per_prompt, self.pres_images,
                       self.steps, self.seed)
-
-

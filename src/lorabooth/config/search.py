@@ -8,7 +8,6 @@ from pathlib import Path
 
 from ..core.errors import UserError
 from .checks import (
-    KINDS,
     MAX_IMAGES,
     MAX_SIDE,
     MAX_STEPS,
@@ -18,7 +17,7 @@ from .checks import (
     check_seeds,
 )
 from .fields import _help, bad, check_numbers, require
-from .generate import DEFAULT_CLIP, DEFAULT_DINO, JUDGES
+from .generate import JUDGES, EvaluateOptions
 
 MAX_TRIALS = 10000  # `tune --budget`
 MAX_WORKERS = 256  # `tune --workers`: processes on one machine
@@ -53,26 +52,23 @@ class SweepGenerate:
 
 
 @dataclass(frozen=True)
-class SweepEvaluate:
-    """A sweep file's [evaluate] table: `lorabooth evaluate` on every run."""
+class SweepEvaluate(EvaluateOptions):
+    """A sweep file's [evaluate] table: `lorabooth evaluate` on every run
+    (`prompts_file`, its older key for `prompts`, is read too)."""
     real: str = _help("Folder of the subject's photos (required).", "")
-    class_noun: str = _help("Class noun (default: from the run).", "")
-    kind: str = _help("The paper's prompt set: live or object.", "live")
-    prompts_file: str = _help("Own prompts file instead of the paper's.", "")
-    images_per_prompt: int = _help("Images per prompt.", 4)
-    pres_images: int = _help("Class-prompt images for PRES.", 8)
     steps: int = _help("Sampler steps.", 25)
     baselines: bool = _help("Add the base model and the real photos as rows.", False)
-    dino: str = _help("DINO model (folder or hub id).", DEFAULT_DINO)
-    clip: str = _help("CLIP model (folder or hub id).", DEFAULT_CLIP)
     judges: str = _help("\"toy\": the toy world's judges instead of DINO and CLIP.", "")
 
     def __post_init__(self) -> None:
         if not Path(self.real).is_dir():
             raise UserError(f"`real` must be the folder of the subject's photos (got {self.real!r})")
-        if self.judges not in ("", "toy"):
+        if self.judges not in JUDGES:
             raise UserError(f"`judges` can only be \"toy\" (got {self.judges!r}); "
                             "leave it out for DINO and CLIP")
+        check_numbers(self)
+        check_options(self.kind, self.prompts, self.images_per_prompt, self.pres_images,
+                      self.steps)
 
 
 @dataclass(frozen=True)
@@ -87,7 +83,7 @@ class SweepConfig:
 
 
 @dataclass(frozen=True)
-class TuneConfig:
+class TuneConfig(EvaluateOptions):
     photos: str = _help("Folder of the subject's photos.", "", positional=True)
     class_noun: str = _help("Class noun (required): prompts are 'a photo of sks NOUN' and "
                             "'a photo of a NOUN'.", "")
@@ -113,16 +109,9 @@ class TuneConfig:
     resolution: int = _help("Training resolution (0: the model's own).", 0)
     num_class_images: int = _help("Class images for --prior-preservation images (drawn once, "
                                   "shared by the trials).", 50)
-    kind: str = _help("The paper's prompt set to score on: live or object.", "live",
-                      choices=KINDS)
-    prompts: str = _help("Own prompts file instead ({0}: identifier, {1}: class noun).", "")
-    images_per_prompt: int = _help("Images per prompt.", 4)
-    pres_images: int = _help("Class-prompt images for PRES.", 8)
     sample_steps: int = _help("Sampler steps for every image drawn.", 25)
     judges: str = _help("\"toy\": the toy world's judges instead of DINO and CLIP.", "",
                         choices=JUDGES)
-    dino: str = _help("DINO model (folder or hub id).", DEFAULT_DINO)
-    clip: str = _help("CLIP model (folder or hub id).", DEFAULT_CLIP)
     pruner: str = _help("percentile: stop a trial whose validation fidelity is in the bottom "
                         "--prune-percentile of the finished trials at the same step (after 4 "
                         "trials); none.", "percentile", choices=PRUNERS)
@@ -151,7 +140,7 @@ class TuneConfig:
         if not 0 <= self.resolution <= MAX_SIDE or self.resolution % 8:
             raise bad(self, "resolution", f"must be a positive multiple of 8, at most {MAX_SIDE} "
                                            "(0: the model's own)")
-        check_options(self.kind, self.prompts or None, self.images_per_prompt, self.pres_images,
+        check_options(self.kind, self.prompts, self.images_per_prompt, self.pres_images,
                       1, self.seed)
 
 

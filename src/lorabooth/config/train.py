@@ -47,6 +47,20 @@ def check_adapter(adapter: str, save_format: str) -> None:
 
 
 # TrainConfig's counts and their ceilings (checks.py says why each)
+# Options that leave what a training run computes (its LoRA and samples) as
+# it was: a sweep's run stays done across them (search/sweep.config_hash).
+# The set is part of the hash a sweep stores (sweep_hash.txt): adding a
+# member would re-run every run an earlier sweep finished, so it only grows
+# for a new option (report_to: runs hashed before it existed stay done).
+SWEEP_NEUTRAL = frozenset({"output", "resume", "force", "overwrite", "report_to",
+                           "validation_images"})
+# Options that may change between a run and its --resume (training/runfiles):
+# those above, and what --resume exists to change (more steps, another
+# checkpoint or validation schedule, gradient checkpointing's memory trade).
+# A sweep must not treat them as neutral: other steps or samples are
+# another result, not the finished run.
+RESUME_NEUTRAL = SWEEP_NEUTRAL | {"steps", "checkpoint_every", "validation_prompt",
+                                  "validation_every", "gradient_checkpointing"}
 TRAIN_CEILINGS = {"steps": MAX_TRAIN_STEPS, "batch_size": MAX_BATCH, "rank": MAX_RANK,
                   "num_class_images": MAX_CLASS_IMAGES, "class_draw_steps": MAX_STEPS,
                   "class_draw_batch": MAX_BATCH,

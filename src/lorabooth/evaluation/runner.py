@@ -15,8 +15,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..adapters.lora import lora_metadata
-from ..config import DEFAULT_CLIP, DEFAULT_DINO
-from ..config.checks import check_kind, check_options
+from ..config import EvaluateConfig, config_of
 from ..config.templates import fill_template, prompt_templates, read_prompts_file
 from ..core.errors import UserError
 from ..core.fileio import save_png, write_json, write_text
@@ -39,7 +38,6 @@ from .report import render_report
 log = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True)
 class EvalPrompt:
     full: str  # with the identifier: what the model is asked to draw
@@ -47,13 +45,13 @@ class EvalPrompt:
     slug: str
 
 
-def load_prompts(kind: str, prompts_file: str | None, identifier: str,
+def load_prompts(kind: str, prompts_file: str, identifier: str,
                  class_noun: str) -> list[EvalPrompt]:
-    """The paper's prompts (``{0}`` identifier, ``{1}`` class noun) or the user's."""
+    """The paper's prompts (``{0}`` identifier, ``{1}`` class noun) of
+    ``kind`` (one of KINDS, as the config checked), or the user's."""
     if prompts_file:
         templates = read_prompts_file(prompts_file)
     else:
-        check_kind(kind)
         templates = prompt_templates((resources.files("lorabooth") / "assets" / "dreambench" /
                                       f"prompts_{kind}.txt").read_text(encoding="utf-8"), kind)
     out = []
@@ -81,8 +79,8 @@ def real_images_of(folder: str) -> list[Image.Image]:
     return images
 
 
-def _defaults_from_run(run: str | Path, identifier: str | None,
-                       class_noun: str | None) -> tuple[str, str, str]:
+def _defaults_from_run(run: str | Path, identifier: str,
+                       class_noun: str) -> tuple[str, str, str]:
     meta = lora_metadata(run)
     identifier = identifier or str(meta.get("identifier", "")).strip()
     if not identifier:
@@ -131,38 +129,43 @@ def _real_row(judges: Judges, real: list[Image.Image]) -> dict:
             "pres": nan, "div": {**summarise([1 - mean_pairwise_within(ident)]), "std": 0.0}}
 
 
-def evaluate(run: str | Path, real: str, class_noun: str | None = None, kind: str = "live",
-             prompts_file: str | None = None, identifier: str | None = None,
-             images_per_prompt: int = 4, seed: int = 0, unet_scale: float = 1.0,
-             text_scale: float = 1.0, guidance: float = 7.5, steps: int = 25,
-             out: str | Path | None = None, baselines: bool = False,
-             judges: Judges | None = None, dino: str = DEFAULT_DINO,
-             clip: str = DEFAULT_CLIP, model: str | None = None,
-             pres_images: int = 8, text2_scale: float | None = None) -> dict:
-    """Score a run as in the paper's Table 1; returns what metrics.json holds."""
-    check_options(kind, prompts_file, images_per_prompt, pres_images, steps, seed)
-    identifier, class_noun, class_prompt = _defaults_from_run(run, identifier, class_noun)
-    prompts = load_prompts(kind, prompts_file, identifier, class_noun)
-    real_images = real_images_of(real)
-    judges = judges or default_judges(dino, clip)  # fails fast before any drawing
-    out = Path(out) if out else Path(run) / "eval"
-    seeds = [seed + i for i in range(images_per_prompt)]
-    pipe, has_text = load_pipeline(run, model)
+# the keywords `evaluate` has always taken -> EvaluateConfig's fields
+_KEYWORDS = {"prompts_file": "prompts"}
+
+
+def evaluate(run: str | Path | EvaluateConfig, real: str | None = None, *,
+             judges: Judges | None = None, **options) -> dict:
+    """Score a run as in the paper's Table 1; returns what metrics.json holds.
+
+    ``evaluate(EvaluateConfig(...), judges=None)``, or its keywords:
+    ``evaluate(run, real, class_noun=, kind=, prompts_file=, identifier=,
+    images_per_prompt=, pres_images=, seed=, unet_scale=, text_scale=,
+    text2_scale=, guidance=, steps=, out=, baselines=, dino=, clip=,
+    model=)``; the defaults and checks are EvaluateConfig's. ``judges``:
+    embedders to score with instead of ``dino`` and ``clip``."""
+    c = config_of(EvaluateConfig, "evaluate", {"run": run, "real": real, **options}, _KEYWORDS)
+    identifier, class_noun, class_prompt = _defaults_from_run(c.run, c.identifier, c.class_noun)
+    prompts = load_prompts(c.kind, c.prompts, identifier, class_noun)
+    real_images = real_images_of(c.real)
+    judges = judges or default_judges(c.dino, c.clip)  # fails fast before any drawing
+    out = Path(c.out) if c.out else Path(c.run) / "eval"
+    seeds = [c.seed + i for i in range(c.images_per_prompt)]
+    pipe, has_text = load_pipeline(c.run, c.model)
     for p in prompts:  # the run's class prompt too: PRES draws it
         check_prompt(pipeline_tokenizers(pipe), p.full, identifier.split(),
-                     f"--prompts {prompts_file}" if prompts_file else f"--kind {kind}")
+                     f"--prompts {c.prompts}" if c.prompts else f"--kind {c.kind}")
     check_prompt(pipeline_tokenizers(pipe), class_prompt, [], "the run's class prompt")
 
-    settings = {"lorabooth": Setting(unet_scale, text_scale, guidance, text2_scale)}
-    if baselines:
-        settings = {"base model (no LoRA)": Setting(0.0, 0.0, guidance), **settings}
+    settings = {"lorabooth": Setting(c.unet_scale, c.text_scale, c.guidance, c.text2_scale)}
+    if c.baselines:
+        settings = {"base model (no LoRA)": Setting(0.0, 0.0, c.guidance), **settings}
     drawn: dict[str, dict[str, list[Image.Image]]] = {}
     for row, setting in settings.items():
-        cache = out / "images" / cache_name(setting, steps, run)  # retrained: drawn afresh
-        drawn[row] = {p.slug: draw_cached(pipe, has_text, p.full, setting, seeds, steps,
+        cache = out / "images" / cache_name(setting, c.steps, c.run)  # retrained: drawn afresh
+        drawn[row] = {p.slug: draw_cached(pipe, has_text, p.full, setting, seeds, c.steps,
                                           cache / p.slug) for p in prompts}
         drawn[row]["_class"] = draw_cached(pipe, has_text, class_prompt, setting,
-                                           [seed + i for i in range(pres_images)], steps,
+                                           [c.seed + i for i in range(c.pres_images)], c.steps,
                                            cache / "_class")
     real_id, real_img = judges.identity(real_images), judges.image(real_images)
     rows, per_prompt_rows = {}, []
@@ -170,14 +173,14 @@ def evaluate(run: str | Path, real: str, class_noun: str | None = None, kind: st
         rows[row], per_prompt = _score(judges, drawn[row], prompts, real_id, real_img,
                                        drawn[row]["_class"])
         per_prompt_rows += [{"row": row, **r} for r in per_prompt]
-    if baselines:
+    if c.baselines:
         rows["real images"] = _real_row(judges, real_images)
     result = {
-        "run": str(run), "identifier": identifier, "class_noun": class_noun,
-        "class_prompt": class_prompt, "prompts": kind if not prompts_file else prompts_file,
-        "images_per_prompt": images_per_prompt, "seeds": seeds, "steps": steps,
-        "unet_scale": unet_scale, "text_scale": text_scale, "text2_scale": text2_scale,
-        "guidance": guidance,
+        "run": c.run, "identifier": identifier, "class_noun": class_noun,
+        "class_prompt": class_prompt, "prompts": c.prompts or c.kind,
+        "images_per_prompt": c.images_per_prompt, "seeds": seeds, "steps": c.steps,
+        "unet_scale": c.unet_scale, "text_scale": c.text_scale, "text2_scale": c.text2_scale,
+        "guidance": c.guidance,
         "judges": judges.names, "rows": rows,
     }
     write_json(out / "metrics.json", result)

@@ -14,6 +14,7 @@ import torch
 
 from ..adapters.lora import find_lora, read_lora
 from ..adapters.pivotal import TRAINED_TOKENS
+from ..config import MergeConfig, config_of
 from ..config.checks import check_tensors
 from ..core.errors import UserError
 from ..core.fileio import to_json, write_json
@@ -121,18 +122,18 @@ def check_shapes(peft_by_input: dict[str, dict[str, torch.Tensor]]) -> None:
                                 f"LoRAs of different base models cannot be merged")
 
 
-def merge(inputs: list[str], weights: list[float] | None, out: str | Path,
-          rank: int | None = None) -> dict:
-    out = Path(out)
+def merge(inputs: list[str] | MergeConfig, weights: list[float] | None = None,
+          out: str | Path | None = None, rank: int | None = None) -> dict:
+    """Add LoRAs trained on the same base, weighted (default: equally), into
+    one file: exactly (ranks concatenated) or re-factorised to ``rank``.
+    ``merge(MergeConfig(...))`` or ``merge(inputs, weights, out, rank=)``;
+    the checks are MergeConfig's."""
+    c = config_of(MergeConfig, "merge", {"loras": inputs, "weights": weights, "out": out,
+                                         "rank": rank})
+    inputs, rank, out = c.loras, c.rank, Path(c.out)
     if out.is_dir():
         raise UserError(f"--out {out}: is a folder; give a .safetensors file name")
-    if len(inputs) < 2:
-        raise UserError("merge: give at least two LoRAs")
-    weights = weights or [1.0 / len(inputs)] * len(inputs)
-    if len(weights) != len(inputs):
-        raise UserError(f"--weights: {len(weights)} weights for {len(inputs)} LoRAs")
-    if rank is not None and rank < 1:
-        raise UserError(f"--rank: must be at least 1 (got {rank})")
+    weights = c.weights or [1.0 / len(inputs)] * len(inputs)
     loaded = [load_as_peft(p) for p in inputs]
     families = [family_of(peft, h) for peft, _, h in loaded]
     if len(set(families)) > 1:

@@ -20,16 +20,18 @@ from typing import Any
 from PIL import Image
 
 from ..config import (
+    SWEEP_NEUTRAL,
+    EvaluateConfig,
     SweepEvaluate,
     SweepGenerate,
     TrainConfig,
     build_section,
     check_keys,
     config_keys,
+    evaluate_options,
     to_toml_dict,
     unknown_key,
 )
-from ..config.checks import check_options
 from ..core.errors import UserError
 from ..core.fileio import load_toml, save_png, to_json
 from ..formats import LORA_FILES
@@ -39,8 +41,7 @@ from ..reports.grid import make_grid
 log = logging.getLogger(__name__)
 SECTIONS = ("base", "train", "generate", "evaluate")
 GRID_KEYS = ("unet_scale", "text_scale", "text2_scale", "guidance")  # [generate.grid]
-# do not change what a run computes (report_to: a sweep's runs hashed before it existed stay done)
-NEUTRAL = {"output", "resume", "force", "overwrite", "report_to", "validation_images"}
+NEUTRAL = SWEEP_NEUTRAL  # config.train says why it differs from RESUME_NEUTRAL
 MAX_RUNS = 1000  # a bigger grid is more likely a typo than a plan: it needs --yes
 
 
@@ -120,14 +121,12 @@ def _check_evaluate(data: dict, path: str) -> SweepEvaluate | None:
     if "evaluate" not in data:
         return None
     where = f"{path} [evaluate]"
-    section = build_section(SweepEvaluate, dict(_table(data, "evaluate", path)), where)
-    try:
-        check_options(kind=section.kind, prompts_file=section.prompts_file or None,
-                      images_per_prompt=section.images_per_prompt,
-                      pres_images=section.pres_images, steps=section.steps)
-    except UserError as e:
-        raise UserError(f"{where}: {e}") from None
-    return section
+    table = dict(_table(data, "evaluate", path))
+    if "prompts_file" in table:  # the table's older key, read as `evaluate --prompts`'s
+        if "prompts" in table:
+            raise UserError(f"{where}: `prompts` and `prompts_file` are one option; give one")
+        table["prompts"] = table.pop("prompts_file")
+    return build_section(SweepEvaluate, table, where)
 
 
 def load_sweep(path: str | Path) -> Sweep:
@@ -277,7 +276,6 @@ def _evaluate(sweep: Sweep, run: Path) -> dict:
 
     e = sweep.evaluate
     judges = load_judges(e.judges, e.dino, e.clip) if e.judges else None
-    return evaluate(run, e.real, class_noun=e.class_noun or None, kind=e.kind,
-                    prompts_file=e.prompts_file or None, images_per_prompt=e.images_per_prompt,
-                    steps=e.steps, baselines=e.baselines, dino=e.dino, clip=e.clip,
-                    pres_images=e.pres_images, judges=judges, out=run / "eval")
+    return evaluate(EvaluateConfig(run=str(run), real=e.real, steps=e.steps,
+                                   baselines=e.baselines, out=str(run / "eval"),
+                                   **evaluate_options(e)), judges=judges)

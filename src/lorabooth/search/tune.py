@@ -24,7 +24,7 @@ from typing import Any, Iterator
 
 import tomli_w
 
-from ..config import TrainConfig, to_toml_dict
+from ..config import EvaluateConfig, TrainConfig, evaluate_options, to_toml_dict
 from ..core.errors import UserError
 from ..core.fileio import write_text
 from .tune_pruning import Pruning, validation_study
@@ -199,13 +199,10 @@ def _objective(c: Any, judges: Any, space: dict[str, Any], twins: Any | None) ->
             with (class_images_once(config.class_path, lambda: missing_indices(
                     config.class_path, c.num_class_images)) if config.prior_images else nullcontext()):
                 train(config, on_validation=pruning)
-            result = evaluate(run, c.photos, class_noun=c.class_noun, kind=c.kind,
-                              prompts_file=c.prompts or None,
-                              images_per_prompt=c.images_per_prompt, seed=c.seed,
-                              unet_scale=scales.unet_scale, text_scale=scales.text_scale,
-                              guidance=scales.guidance,
-                              steps=c.sample_steps, judges=judges, pres_images=c.pres_images,
-                              out=run / "eval")
+            result = evaluate(EvaluateConfig(
+                run=str(run), real=c.photos, seed=c.seed, unet_scale=scales.unet_scale,
+                text_scale=scales.text_scale, guidance=scales.guidance, steps=c.sample_steps,
+                out=str(run / "eval"), **evaluate_options(c)), judges=judges)
         except KeyboardInterrupt:  # Optuna fails the trial; the next tune retries it
             trial.set_user_attr("interrupted", True)
             raise

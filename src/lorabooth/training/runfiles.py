@@ -18,6 +18,7 @@ import tomli_w
 from .. import __version__
 from ..adapters.pivotal import diffusers_lines
 from ..config import (
+    RESUME_NEUTRAL,
     TrainConfig,
     field_default,
     option_name,
@@ -42,11 +43,6 @@ from .checkpoint import checkpoint_settings, checkpoints, latest_checkpoint
 log = logging.getLogger(__name__)
 
 
-# Options that may change between a run and its --resume without changing
-# what the run computes.
-RESUME_NEUTRAL = {"resume", "force", "overwrite", "steps", "checkpoint_every",
-                  "validation_prompt", "validation_every", "validation_images", "output",
-                  "gradient_checkpointing", "report_to"}
 # Options that change which LoRA tensors exist or their shapes: a checkpoint
 # cannot be loaded across them, so --force does not override them.
 RESUME_SHAPE = {"rank", "train_text_encoder", "train_token", "adapter"}

@@ -12,7 +12,7 @@ from pathlib import Path
 import tomli_w
 
 from ..commands.guard import RUN_CONFIGS
-from ..config import PrepareConfig, to_toml_dict
+from ..config import EvaluateConfig, GenerateConfig, PrepareConfig, TuneConfig, to_argv, to_toml_dict
 from ..core.errors import UserError
 from ..core.fileio import MAX_JSON_BYTES, load_json, load_toml, read_bytes_file
 from ..formats import LORA_FILES
@@ -209,20 +209,18 @@ def start_drawing(ws: Workspace, queue: JobQueue, runs: list[str], prompt: str,
     if not chosen:
         raise UserError("run: choose a trained run")
     stamp = time.strftime("ui-%Y%m%d-%H%M%S")
-    args = ["--prompt", prompt.strip(), "--unet-scale",
-            ",".join(f"{v:g}" for v in _numbers(unet_scales, "UNet scales")),
-            "--text-scale", ",".join(f"{v:g}" for v in _numbers(text_scales, "text scales")),
-            "--guidance", f"{float(guidance):g}", "--seed", str(int(seed)),
-            "--num-images", str(int(num_images)), "--steps", str(int(steps))]
-    jobs = []
-    for run in chosen:
+    options = {"prompt": [prompt.strip()], "unet_scale": _numbers(unet_scales, "UNet scales"),
+               "text_scale": _numbers(text_scales, "text scales"), "guidance": [float(guidance)],
+               "seed": int(seed), "num_images": int(num_images), "steps": int(steps)}
+    configs = []
+    for run in chosen:  # every config checked before any job is queued
         folder = ws.path(run, "run")
         if not (folder / LORA_FILES["diffusers"]).is_file():
             raise UserError(f"run {run!r}: has no LoRA yet (is it still training?)")
-        out = folder / "generated" / stamp
-        jobs.append(queue.submit("generate", ["generate", str(folder), *args, "--output",
-                                              str(out)], out, expect="*/grid.png"))
-    return jobs
+        configs.append(GenerateConfig(run=str(folder), output=str(folder / "generated" / stamp),
+                                      **options))
+    return [queue.submit("generate", ["generate", *to_argv(c)], Path(c.output),
+                         expect="*/grid.png") for c in configs]
 
 
 def drawn_grids(ws: Workspace, folders: list[str]) -> list[tuple[Path | None, str]]:
@@ -264,9 +262,9 @@ def start_measure(ws: Workspace, queue: JobQueue, kind: str, run: str, photos: s
     `tune` on the photos (toy judges on the toy model: no downloads)."""
     if kind == "evaluate":
         folder = ws.path(run, "run")
-        real = ws.path(photos, "photos")
-        out = folder / "eval"
-        argv = ["evaluate", str(folder), "--real", str(real), "--out", str(out)]
+        config = EvaluateConfig(run=str(folder), real=str(ws.path(photos, "photos")),
+                                out=str(folder / "eval"))
+        out, argv = Path(config.out), ["evaluate", *to_argv(config)]
     elif kind == "sweep":
         file = ws.path(sweep_file, "sweep file")
         # the sweep writes where its [base] output says (relative: to the workspace)
@@ -278,10 +276,9 @@ def start_measure(ws: Workspace, queue: JobQueue, kind: str, run: str, photos: s
         real = ws.path(photos, "photos")
         out = ws.path(Path("tune") / real.name, "tune folder")
         model = read_run_config(ws.path(run, "run")).get("model", "tiny") if run else "tiny"
-        argv = ["tune", str(real), "--class-noun", class_noun.strip(), "--budget",
-                str(int(budget)), "--model", model, "--out", str(out)]
-        if model == "toy":
-            argv += ["--judges", "toy"]
+        config = TuneConfig(photos=str(real), class_noun=class_noun.strip(), budget=int(budget),
+                            model=model, out=str(out), judges="toy" if model == "toy" else "")
+        argv = ["tune", *to_argv(config)]
     else:
         raise UserError(f"measure: must be evaluate, sweep or tune (got {kind!r})")
     return queue.submit(kind, argv, out, expect=REPORTS[kind])
