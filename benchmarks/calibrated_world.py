@@ -101,9 +101,10 @@ def phase_subjects(h: Harness, seeds: list[int]) -> None:
 def phase_levers(h: Harness, seeds: list[int], subjects=LEVER_SUBJECTS) -> None:
     s = _chosen()
     for subject in subjects:
-        for seed in seeds:  # the baseline too (shared with `subjects`)
-            for method, train in {"class-image-prior": METHODS["class-image-prior"],
-                                  **LEVERS}.items():
+        # a lever's seeds one after another: a stopped study leaves whole levers
+        for method, train in {"class-image-prior": METHODS["class-image-prior"],
+                              **LEVERS}.items():  # the baseline too (shared with `subjects`)
+            for seed in seeds:
                 h.run(Cell(subject, method, train, s, seed))
                 _save(LEVERS_JSON, gather(h.out, EVALUATION, LEVERS, {s}), salience=s)
 
