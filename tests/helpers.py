@@ -66,13 +66,13 @@ def chromium_dom(page: Path, profile: Path) -> str:
 
 
 def tiny_sdxl_pipeline(seed: int = 0):
-    """The package's built-in tiny SDXL (`lorabooth.models.sdxl.build_tiny_sdxl`:
+    """The package's built-in tiny SDXL (`lorabooth.models.sdxl_architecture.build_tiny_sdxl`:
     small random weights, offline; its two text encoders differ in width on
     purpose, as diffusers' single-file reader tells CLIP-L from OpenCLIP-G's
     slot by width) as a StableDiffusionXLPipeline."""
     from diffusers import EulerDiscreteScheduler
 
-    from lorabooth.models.sdxl import build_tiny_sdxl
+    from lorabooth.models.sdxl_architecture import build_tiny_sdxl
 
     base = build_tiny_sdxl(seed)
     parts = {name: getattr(base, name) for name in

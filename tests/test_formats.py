@@ -216,7 +216,7 @@ def test_sdxl_kohya_names_are_sd_scripts_names(sdxl_lora, tmp_path):
     kohya, header = read_lora(convert_file(sdxl_lora, tmp_path / "k.safetensors", "kohya"))
     modules = {k.split(".")[0] for k in kohya}
     # tiny UNet: 12 transformer blocks x 2 attentions x 4 projections; 5 layers x 4 per
-    # encoder (lorabooth.models.sdxl.build_tiny_sdxl)
+    # encoder (lorabooth.models.sdxl_architecture.build_tiny_sdxl)
     assert len(modules) == 96 + 20 + 20 and len(kohya) == 3 * len(modules)
     assert sum(m.startswith("lora_te1_text_model_encoder_layers_") for m in modules) == 20
     assert sum(m.startswith("lora_te2_text_model_encoder_layers_") for m in modules) == 20

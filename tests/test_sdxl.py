@@ -13,7 +13,7 @@ from lorabooth import TrainConfig, train
 from lorabooth.adapters.lora import WEIGHT_NAME, lora_metadata
 from lorabooth.models.families import FAMILIES, time_ids
 from lorabooth.models.loading import load_base
-from lorabooth.models.sdxl import build_tiny_sdxl
+from lorabooth.models.sdxl_architecture import build_tiny_sdxl
 
 PROMPT, CLASS = "a photo of sks dog", "a photo of a dog"
 
@@ -250,9 +250,9 @@ def _original_layout(base) -> dict:
 def test_single_sdxl_file_is_detected_and_loads_offline(tmp_path, monkeypatch, no_network):
     from safetensors.torch import save_file
 
-    import lorabooth.models.sdxl
+    import lorabooth.models.sdxl_architecture
     from lorabooth.models.loading import save_base
-    from lorabooth.models.sdxl import file_family
+    from lorabooth.models.sdxl_architecture import file_family
 
     ref = build_tiny_sdxl()
     path = tmp_path / "xl.safetensors"
@@ -268,7 +268,7 @@ def test_single_sdxl_file_is_detected_and_loads_offline(tmp_path, monkeypatch, n
     # no --model-config: told SDXL by its keys, configs written offline (here
     # tiny-sdxl's, standing in for sdxl_config_dir's real SDXL ones)
     written = []
-    monkeypatch.setattr(lorabooth.models.sdxl, "sdxl_config_dir",
+    monkeypatch.setattr(lorabooth.models.sdxl_architecture, "sdxl_config_dir",
                         lambda folder: written.append(folder) or save_base(build_tiny_sdxl(), folder))
     for model_config in ("", str(save_base(ref, tmp_path / "config"))):
         base = load_base(str(path), model_config)
@@ -285,7 +285,7 @@ def test_single_sdxl_file_is_detected_and_loads_offline(tmp_path, monkeypatch, n
 def test_sdxl_config_dir_is_sdxl_base_10(tmp_path):
     from diffusers import UNet2DConditionModel
 
-    from lorabooth.models.sdxl import folder_family, sdxl_config_dir
+    from lorabooth.models.sdxl_architecture import folder_family, sdxl_config_dir
 
     folder = sdxl_config_dir(tmp_path / "c")
     assert folder_family(folder) == "sdxl"

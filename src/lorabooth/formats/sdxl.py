@@ -48,7 +48,7 @@ SDXL_KOHYA_META = {"ss_base_model_version": "sdxl_base_v1-0",
 
 # SDXL 1.0's UNet, text encoders (CLIP ViT-L, OpenCLIP ViT-bigG) as diffusers
 # configures them: the weight names the clients' rules are checked against, and
-# (lorabooth.models.sdxl) the configs `sdxl-random` and a single SDXL file load with.
+# (lorabooth.models.sdxl_architecture) the configs `sdxl-random` and a single SDXL file load with.
 SDXL_UNET_CONFIG = {
     "sample_size": 128, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
     "block_out_channels": [320, 640, 1280],

@@ -122,7 +122,7 @@ class Family(Protocol):
         """A drawing pipeline over these modules (no copies)."""
 
 
-class SD1:
+class SD1Family:
     """Stable Diffusion 1.x (and the built-in tiny, toy, sd15-random)."""
 
     name = names.SD  # "sd1"
@@ -144,7 +144,7 @@ class SD1:
             safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
-class SDXL:
+class SDXLFamily:
     """Stable Diffusion XL: CLIP-L and OpenCLIP-bigG, their penultimate hidden
     states side by side, encoder 2's pooled projection and the time ids as
     extra UNet inputs (what StableDiffusionXLPipeline.encode_prompt does)."""
@@ -175,7 +175,7 @@ class SDXL:
             scheduler=scheduler, add_watermarker=False)
 
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (SD1(), SDXL())}
+FAMILIES: dict[str, Family] = {f.name: f for f in (SD1Family(), SDXLFamily())}
 
 
 def encode_prompts(family: Family, tokenizers: list, encoders: list[torch.nn.Module],

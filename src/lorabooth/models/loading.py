@@ -91,7 +91,7 @@ def build_sd15_random(seed: int = 0) -> BaseModel:
 def _load_folder(path: Path, name: str, unet_dtype: torch.dtype = torch.float32,
                  tokenizer: CLIPTokenizer | None = None) -> BaseModel:
     """``tokenizer``: use this one instead of the folder's tokenizer/."""
-    from .sdxl import folder_family
+    from .sdxl_architecture import folder_family
 
     family = FAMILIES[folder_family(path)]
     second = ("text_encoder_2", "tokenizer_2") if family.name == "sdxl" else ()
@@ -156,7 +156,7 @@ def _load_single(path: Path, name: str, config: str) -> BaseModel:
     import tempfile
 
     from ..formats.singlefile import load_single_file
-    from .sdxl import file_family, folder_family, sdxl_config_dir
+    from .sdxl_architecture import file_family, folder_family, sdxl_config_dir
 
     family = folder_family(Path(config)) if config else file_family(path)
     scratch = None
@@ -184,7 +184,7 @@ def load_base(model: str, model_config: str = "",
     if model == "sd15-random":
         return build_sd15_random()
     if model in ("tiny-sdxl", "sdxl-random"):
-        from .sdxl import build_sdxl_random, build_tiny_sdxl
+        from .sdxl_architecture import build_sdxl_random, build_tiny_sdxl
 
         return build_tiny_sdxl() if model == "tiny-sdxl" else build_sdxl_random()
     if model == "toy":
@@ -225,7 +225,7 @@ def refuse_adapter(path: Path, model: str) -> None:
                             f"base model; pass the base model the LoRA was trained on")
     elif path.exists() and not path.is_dir():
         from ..formats.singlefile import SINGLE_FILE_SUFFIXES
-        from .sdxl import single_file_keys
+        from .sdxl_architecture import single_file_keys
 
         keys = single_file_keys(path) if path.suffix.lower() in SINGLE_FILE_SUFFIXES else []
         if any("lora" in k.lower() for k in keys):
@@ -237,7 +237,7 @@ def model_family(model: str) -> str | None:
     """"sdxl" or "sd1" for a built-in name, a diffusers folder or a single
     file, read from names and key lists only (no weights); None for a hub id
     (not looked up here). A LoRA file or run folder is refused (one line)."""
-    from .sdxl import file_family, folder_family
+    from .sdxl_architecture import file_family, folder_family
 
     path = Path(model).expanduser()
     if model in BUILTIN_MODELS:
