@@ -124,7 +124,7 @@ def _fuse(c: FuseConfig) -> Any:
     from ..formats.merging import fuse
 
     return fuse(c.run, c.out, unet_scale=c.unet_scale, text_scale=c.text_scale,
-                model=c.model or None, single_file=c.single_file)
+                model=c.model, single_file=c.single_file)
 
 
 def _sweep(c: SweepConfig) -> Any:
@@ -157,7 +157,7 @@ def _pretrain(c: PretrainConfig) -> Any:
 
     return pretrain(c.out, seed=c.seed, images=c.images, vae_steps=c.vae_steps,
                     unet_steps=c.unet_steps, batch=c.batch, judge_steps=c.judge_steps,
-                    reuse=c.reuse or None, init=c.init or None)
+                    reuse=c.reuse, init=c.init)
 
 
 def _claims(c: ClaimsConfig) -> Any:

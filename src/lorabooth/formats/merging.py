@@ -177,7 +177,7 @@ def _base_family(model: str) -> str | None:
     return model_family(model)
 
 
-def _loaded_pipeline(run: str | Path, model: str | None):
+def _loaded_pipeline(run: str | Path, model: str):
     """The base with the LoRA loaded, for either family (drawing's own
     loader); a LoRA of one family and a base of the other are refused
     before anything is loaded."""
@@ -201,7 +201,7 @@ def _loaded_pipeline(run: str | Path, model: str | None):
 
 
 def fuse(run: str | Path, out: str | Path, unet_scale: float = 1.0, text_scale: float = 1.0,
-         model: str | None = None, single_file: bool = False) -> Path:
+         model: str = "", single_file: bool = False) -> Path:
     """A full diffusers model folder with the LoRA baked into its weights, or
     with ``single_file`` one `.safetensors` in the original SD or SDXL layout."""
     from ..adapters.lora import set_scales

@@ -199,7 +199,7 @@ def _initial_denoiser(folder: Path) -> tuple[CLIPTextModel, UNet2DConditionModel
 
 def pretrain(out: str | Path, seed: int = 0, images: int = 40000, vae_steps: int = 3000,
              unet_steps: int = 3000, batch: int = 64, judge_steps: int = 1500,
-             reuse: str | Path | None = None, init: str | Path | None = None,
+             reuse: str | Path = "", init: str | Path = "",
              instance_steps: int = 1500, instance_renders: int = 6000) -> Path:
     """Everything, seeded: world renders -> VAE -> UNet + text encoder -> judges.
     ``reuse``: take the VAE and the judges from that earlier toy model (they
