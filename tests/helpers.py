@@ -112,7 +112,8 @@ def make_sdxl_lora(folder: Path, rank: int = 4, alpha: float = 8.0, seed: int = 
     from diffusers import StableDiffusionXLPipeline
     from peft import LoraConfig
 
-    from lorabooth.adapters.lora import TEXT_TARGETS, UNET_TARGETS, WEIGHT_NAME
+    from lorabooth.adapters.lora import TEXT_TARGETS, UNET_TARGETS
+    from lorabooth.formats import WEIGHT_NAME
 
     layers = sdxl_lora_layers(tiny_sdxl_pipeline(), rank, alpha, seed)
     meta = {part: LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets)).to_dict()

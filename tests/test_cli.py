@@ -124,7 +124,8 @@ def _bad_input(kind, tmp_path, photos, no_unet_model, trained_run):
     bad_lora.mkdir(exist_ok=True)
     from safetensors.torch import save_file
 
-    from lorabooth.adapters.lora import WEIGHT_NAME, read_lora
+    from lorabooth.adapters.lora import read_lora
+    from lorabooth.formats import WEIGHT_NAME
     tensors, header = read_lora(trained_run / WEIGHT_NAME)
     save_file({k: (v[:, :2] if k.endswith("down.weight") else v).contiguous()
                for k, v in tensors.items()},

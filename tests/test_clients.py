@@ -6,7 +6,8 @@ import re
 
 import pytest
 
-from lorabooth.adapters.lora import KOHYA_WEIGHT_NAME, WEIGHT_NAME, read_lora
+from lorabooth.adapters.lora import read_lora
+from lorabooth.formats import KOHYA_WEIGHT_NAME, WEIGHT_NAME
 from lorabooth.formats.clients import (
     a1111_module,
     a1111_unloaded,

@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 
 from helpers import PINNED_FIRST_LOSSES
 from lorabooth import TrainConfig, train
-from lorabooth.adapters.lora import WEIGHT_NAME
+from lorabooth.formats import WEIGHT_NAME
 
 TIMEOUT = 600  # only so a hung collective cannot hang CI; no test asserts on time
 BASE = ["--model", "tiny", "--instance-prompt", "a photo of sks dog", "--resolution", "64",

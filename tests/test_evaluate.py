@@ -137,7 +137,8 @@ def test_a_run_retrained_in_place_is_drawn_afresh(trained_run, session_photos, p
     from safetensors.torch import save_file
 
     import lorabooth.generation as drawing
-    from lorabooth.adapters.lora import WEIGHT_NAME, read_lora
+    from lorabooth.adapters.lora import read_lora
+    from lorabooth.formats import WEIGHT_NAME
 
     run = tmp_path / "run"
     shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("checkpoints", "generated",

@@ -8,9 +8,10 @@ import torch
 from safetensors.torch import save_file
 
 from helpers import tiny_outputs
-from lorabooth.adapters.lora import KOHYA_WEIGHT_NAME, WEIGHT_NAME, read_lora
+from lorabooth.adapters.lora import read_lora
 from lorabooth.commands.cli import main
 from lorabooth.core.errors import UserError
+from lorabooth.formats import KOHYA_WEIGHT_NAME, WEIGHT_NAME
 from lorabooth.formats.layouts import convert_file, detect_layout, read_as_peft
 from lorabooth.models.loading import build_tiny, pipeline_from_parts
 

@@ -18,8 +18,8 @@ import pytest
 from PIL import Image
 
 from hostile import assert_outcome, assert_untouched, snapshot, tree
-from lorabooth.adapters.lora import KOHYA_WEIGHT_NAME, WEIGHT_NAME
 from lorabooth.commands.cli import main
+from lorabooth.formats import KOHYA_WEIGHT_NAME, WEIGHT_NAME
 from test_hostile_options import PROMPT, Row, no_network, train_argv, world  # noqa: F401
 
 GEN = ["generate", "{run}", "--prompt", PROMPT, "--num-images", "1", "--steps", "1"]

@@ -31,8 +31,9 @@ import torch
 from safetensors.torch import save_file
 
 from hostile import assert_outcome, assert_untouched, snapshot
-from lorabooth.adapters.lora import WEIGHT_NAME, read_lora
+from lorabooth.adapters.lora import read_lora
 from lorabooth.commands.cli import main
+from lorabooth.formats import WEIGHT_NAME
 
 PROMPT = "a photo of sks dog"
 

@@ -21,8 +21,9 @@ from hostile import (
     ready,
     tree,
 )
-from lorabooth.adapters.lora import WEIGHT_NAME, read_lora
+from lorabooth.adapters.lora import read_lora
 from lorabooth.commands.cli import main
+from lorabooth.formats import WEIGHT_NAME
 from lorabooth.training import loop as training
 
 RAW = "\x1b[31mRED\x07\r"

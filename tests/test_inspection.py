@@ -3,8 +3,9 @@
 import torch
 from safetensors.torch import save_file
 
-from lorabooth.adapters.lora import KOHYA_WEIGHT_NAME, WEIGHT_NAME, read_lora
+from lorabooth.adapters.lora import read_lora
 from lorabooth.commands.cli import main
+from lorabooth.formats import KOHYA_WEIGHT_NAME, WEIGHT_NAME
 from lorabooth.formats.inspection import guess_architecture
 
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from lorabooth.adapters.lora import WEIGHT_NAME
 from lorabooth.core.errors import UserError
+from lorabooth.formats import WEIGHT_NAME
 from lorabooth.formats.layouts import load_into_pipeline
 from lorabooth.models.loading import build_tiny, pipeline_from_parts
 

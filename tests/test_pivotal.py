@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from helpers import tiny_outputs
 from lorabooth import TrainConfig, train
-from lorabooth.adapters.lora import KOHYA_WEIGHT_NAME, WEIGHT_NAME, lora_metadata, read_lora
+from lorabooth.adapters.lora import lora_metadata, read_lora
 from lorabooth.adapters.pivotal import (
     BUNDLE_PREFIX,
     EMB_PREFIX,
@@ -21,6 +21,7 @@ from lorabooth.adapters.pivotal import (
     substitute_rows,
 )
 from lorabooth.core.errors import UserError
+from lorabooth.formats import KOHYA_WEIGHT_NAME, WEIGHT_NAME
 from lorabooth.models.families import Conditioning
 from lorabooth.models.loading import build_tiny, pipeline_from_parts
 

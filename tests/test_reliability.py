@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 
 import lorabooth.training.loop as T
 from lorabooth import TrainConfig, train
-from lorabooth.adapters.lora import WEIGHT_NAME
 from lorabooth.core.errors import UserError
+from lorabooth.formats import WEIGHT_NAME
 from lorabooth.training.checkpoint import latest_checkpoint, verify
 
 

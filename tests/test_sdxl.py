@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 
 from helpers import make_photos
 from lorabooth import TrainConfig, train
-from lorabooth.adapters.lora import WEIGHT_NAME, lora_metadata
+from lorabooth.adapters.lora import lora_metadata
+from lorabooth.formats import WEIGHT_NAME
 from lorabooth.models.families import FAMILIES, time_ids
 from lorabooth.models.loading import load_base
 from lorabooth.models.sdxl_architecture import build_tiny_sdxl
@@ -523,8 +524,9 @@ def test_kohya_names_follow_the_models_own_blocks(tmp_path, capsys):
     from diffusers import StableDiffusionXLPipeline
 
     from helpers import tiny_sdxl_outputs
-    from lorabooth.adapters.lora import KOHYA_WEIGHT_NAME, add_unet_lora
+    from lorabooth.adapters.lora import add_unet_lora
     from lorabooth.commands.cli import main
+    from lorabooth.formats import KOHYA_WEIGHT_NAME
     from lorabooth.formats.layouts import save_lora
     from lorabooth.models.loading import save_base
 

@@ -19,9 +19,10 @@ import lorabooth.training.loop as t
 from helpers import PINNED_FIRST_LOSSES
 from lorabooth import TrainConfig, train
 from lorabooth.adapters.lora import add_unet_lora, freeze_all_but_lora, lora_parameters
+from lorabooth.models.families import tokenize
 from lorabooth.models.loading import build_tiny
 from lorabooth.models.precision import cast_frozen, frozen_dtype, tune_allocator
-from lorabooth.training.data import load_image, tokenize
+from lorabooth.training.data import load_image
 from lorabooth.training.setup import setup_optimizer
 
 RES = 64

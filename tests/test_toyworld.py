@@ -278,9 +278,9 @@ def test_claims_and_the_scale_series_are_the_one_verdict_rule():
 
 
 def test_token_recovery_loss_names_each_word_and_ignores_padding():
+    from lorabooth.models.families import tokenize
     from lorabooth.models.loading import clip_tokenizer
     from lorabooth.toyworld.pretrain import caption_vocabulary, rare_words, token_recovery_loss
-    from lorabooth.training.data import tokenize
 
     tok = clip_tokenizer()
     specs = [random_spec(random.Random(i)) for i in range(300)]

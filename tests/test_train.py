@@ -7,8 +7,9 @@ from safetensors.torch import load_file
 
 from helpers import PINNED_FIRST_LOSSES, make_photos
 from lorabooth import TrainConfig, train
-from lorabooth.adapters.lora import WEIGHT_NAME, lora_metadata
+from lorabooth.adapters.lora import lora_metadata
 from lorabooth.core.errors import UserError
+from lorabooth.formats import WEIGHT_NAME
 
 
 def _config(photos, out, **kw):
@@ -171,8 +172,9 @@ def test_bf16_autocast_keeps_lora_fp32_and_validates_on_schedule(photos, tmp_pat
 
 def test_captions_flow_into_the_batches(photos, tmp_path, caplog):
     import lorabooth.training.loop as t
+    from lorabooth.models.families import tokenize
     from lorabooth.models.loading import build_tiny
-    from lorabooth.training.data import readable_images, tokenize
+    from lorabooth.training.data import readable_images
     (photos / "photo_0.txt").write_text("a photo of sks dog on a red sofa\n")
     (photos / "photo_1.txt").write_text("a photo of a dog\n")  # forgot the identifier
     config = _config(photos, tmp_path / "r", captions=True, class_prompt="a photo of a dog")
@@ -230,9 +232,8 @@ def test_prior_from_the_model_resumes_to_the_same_numbers(photos, tmp_path, capl
 
 def test_caption_dropout_swaps_only_the_marked_instance_rows(photos, tmp_path):
     import lorabooth.training.loop as t
-    from lorabooth.models.families import encode_prompts
+    from lorabooth.models.families import encode_prompts, tokenize
     from lorabooth.models.loading import build_tiny
-    from lorabooth.training.data import tokenize
 
     base = build_tiny()
     paths = sorted(photos.glob("*.png"))

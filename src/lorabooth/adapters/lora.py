@@ -16,7 +16,7 @@ from safetensors import safe_open
 
 from ..core.errors import UserError
 from ..core.fileio import check_regular_file, load_pickle_safely, parse_json
-from ..formats import KOHYA_WEIGHT_NAME, WEIGHT_NAME  # noqa: F401  (re-exported)
+from ..formats import KOHYA_WEIGHT_NAME, WEIGHT_NAME
 from .pivotal import scale_rows
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from ..models.families import tokenize
 from ..photos.identifier import candidates
-from ..training.data import tokenize
 
 CLASS_PROMPT = "a photo of a ball"
 # same length as the class prompt where a word replaces its "a", as the identifier does

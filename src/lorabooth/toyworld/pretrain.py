@@ -19,9 +19,9 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from .. import __version__
 from ..core.errors import UserError
 from ..core.fileio import to_json, write_json
+from ..models.families import tokenize
 from ..models.loading import BaseModel, clip_tokenizer, save_base, sd_noise_scheduler
 from ..photos.images import chw_uint8, signed_unit
-from ..training.data import tokenize
 from .schedule import schedule
 from .world import caption, random_spec, render, with_rare_word
 

@@ -8,7 +8,6 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageOps
 
-from ..models.families import tokenize  # noqa: F401  (re-exported: tests and the toy world use it)
 from ..photos.imagefiles import image_files, problem
 from ..photos.images import chw_uint8, signed_unit, upright_rgb
 
