@@ -7,6 +7,7 @@ into the JSON files under docs/ that the markdown is rendered from.
     PYTHONPATH=src python benchmarks/calibrated_world.py refit OUT   # fit.json from the runs so far
     PYTHONPATH=src python benchmarks/calibrated_world.py subjects OUT [--seeds 0,1,2]
     PYTHONPATH=src python benchmarks/calibrated_world.py levers OUT [--seeds 0,1,2]
+    PYTHONPATH=src python benchmarks/calibrated_world.py priors OUT [--seeds 0,1,2]
     PYTHONPATH=src python benchmarks/calibrated_world.py distances
     PYTHONPATH=src python benchmarks/calibrated_world.py report
 
@@ -24,7 +25,7 @@ from pathlib import Path
 from lorabooth.core.fileio import write_json, write_text
 from lorabooth.toyworld.calibrate import FIT_METHODS, fit
 from lorabooth.toyworld.calibrated_report import fit_table, lever_table, subject_tables
-from lorabooth.toyworld.subject_study import LEVERS, METHODS, Cell, Harness
+from lorabooth.toyworld.subject_study import LEVERS, METHODS, PRIOR_VARIANTS, Cell, Harness
 from lorabooth.toyworld.subjects import CALIBRATION, EVALUATION
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -93,20 +94,39 @@ def phase_subjects(h: Harness, seeds: list[int]) -> None:
                 h.run(Cell(subject, method, train, s, seed))
                 if seed == 0 and method == "no-prior":  # the base model reads that run
                     h.base_record(subject, s)
-                bases = [json.loads(p.read_text()) for p in sorted((h.out / "base").glob("*.json"))]
-                _save(SUBJECTS_JSON, gather(h.out, EVALUATION, METHODS, {s}), salience=s,
-                      base=[b for b in bases if b["salience"] == s])
+                _save_subjects(h.out, s)
+
+
+def _save_subjects(out: Path, s: float) -> None:
+    bases = [json.loads(p.read_text()) for p in sorted((out / "base").glob("*.json"))]
+    _save(SUBJECTS_JSON, gather(out, EVALUATION, METHODS, {s}), salience=s,
+          base=[b for b in bases if b["salience"] == s])
 
 
 def phase_levers(h: Harness, seeds: list[int], subjects=LEVER_SUBJECTS) -> None:
+    """Each lever on the class-image recipe (the baseline too, shared with
+    `subjects`), on the learning baselines."""
+    _study(h, seeds, subjects, {"class-image-prior": METHODS["class-image-prior"], **LEVERS})
+
+
+def phase_priors(h: Harness, seeds: list[int], subjects=LEVER_SUBJECTS) -> None:
+    """The image-free prior as ai-toolkit builds it (dop) beside lorabooth's
+    (model), on the learning baselines; dop's records go to levers.json."""
+    _study(h, seeds, subjects, {"image-free-prior": METHODS["image-free-prior"],
+                                **PRIOR_VARIANTS})
+
+
+def _study(h: Harness, seeds: list[int], subjects, methods: dict) -> None:
     s = _chosen()
     for subject in subjects:
-        # a lever's seeds one after another: a stopped study leaves whole levers
-        for method, train in {"class-image-prior": METHODS["class-image-prior"],
-                              **LEVERS}.items():  # the baseline too (shared with `subjects`)
+        for method, train in methods.items():
+            # a method's seeds one after another: a stopped study leaves whole methods
             for seed in seeds:
                 h.run(Cell(subject, method, train, s, seed))
-                _save(LEVERS_JSON, gather(h.out, EVALUATION, LEVERS, {s}), salience=s)
+                _save(LEVERS_JSON, gather(h.out, EVALUATION, {**LEVERS, **PRIOR_VARIANTS}, {s}),
+                      salience=s)
+                if method in METHODS:  # a subjects-phase seed it lacked, filled in
+                    _save_subjects(h.out, s)
 
 
 def distances() -> None:
@@ -151,6 +171,16 @@ def render() -> str:
             parts += [f"#### {subject}\n", lever_table(
                 [r for r in recs if r["subject"] == subject], "class-image-prior",
                 ["no-prior", "image-free-prior", "pivotal", *LEVERS])]
+        if any(r["method"] in PRIOR_VARIANTS for r in recs):
+            parts += ["## The image-free prior, two ways\n",
+                      "`--prior-preservation dop` (ai-toolkit's differential output preservation: "
+                      "the instance rows' own noisy latents and timesteps, each caption without "
+                      "the identifier) against `model` (a fresh noise and timestep, the class "
+                      "prompt), by the same rule.\n"]
+            for subject in sorted({r["subject"] for r in recs if r["method"] in PRIOR_VARIANTS}):
+                parts += [f"#### {subject}\n", lever_table(
+                    [r for r in recs if r["subject"] == subject], "image-free-prior",
+                    list(PRIOR_VARIANTS))]
     return "\n".join(parts)
 
 
@@ -160,11 +190,13 @@ def report() -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("phase", choices=("fit", "refit", "subjects", "levers", "distances", "report"))
+    ap.add_argument("phase", choices=("fit", "refit", "subjects", "levers", "priors", "distances",
+                                           "report"))
     ap.add_argument("out", nargs="?")
     ap.add_argument("--grid", default="1,2,4")
     ap.add_argument("--seeds", default="")
-    ap.add_argument("--subjects", default="", help="levers: comma names (default: LEVER_SUBJECTS)")
+    ap.add_argument("--subjects", default="",
+                    help="levers, priors: comma names (default: LEVER_SUBJECTS)")
     ap.add_argument("--steps", type=int, default=0, help="training steps (default: the harness, 200)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -181,7 +213,8 @@ def main() -> None:
         phase_subjects(h, [int(x) for x in (args.seeds or "0,1,2").split(",")])
     else:
         chosen = [t for t in LEVER_SUBJECTS if not args.subjects or t.name in args.subjects.split(",")]
-        phase_levers(h, [int(x) for x in (args.seeds or "0,1,2").split(",")], chosen)
+        phase = phase_priors if args.phase == "priors" else phase_levers
+        phase(h, [int(x) for x in (args.seeds or "0,1,2").split(",")], chosen)
 
 
 if __name__ == "__main__":

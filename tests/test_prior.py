@@ -133,3 +133,33 @@ def test_adapters_come_back_on_when_the_block_raises():
         with pytest.raises(KeyError), adapters_disabled(base.unet):
             raise KeyError("boom")
         assert torch.equal(base.unet(x, t, context).sample, on)
+
+
+def test_dop_prior_rows_reuse_the_instance_noise_and_timesteps():
+    """--prior-preservation dop: the prior rows are the instance rows' own
+    noisy input (nothing drawn), the target the base model's prediction there."""
+    base = _trained_looking()
+    reference = build_tiny()
+    ctx = torch.randn(2, 77, 32, generator=torch.Generator().manual_seed(4))
+    latents, noise, t = _batch()
+    rng = torch.Generator().manual_seed(1)
+    lat2, noise2, t2, frozen = model_prior_rows(
+        base.unet, base.noise_scheduler, latents, noise, t, {"encoder_hidden_states": ctx},
+        rng, same_noise=True)
+    assert torch.equal(noise2[2:], noise) and torch.equal(t2[2:], t) and torch.equal(lat2[2:], latents)
+    assert torch.equal(rng.get_state(), torch.Generator().manual_seed(1).get_state())
+    with torch.no_grad():
+        expected = reference.unet(base.noise_scheduler.add_noise(latents, noise, t), t, ctx).sample
+    assert torch.equal(frozen, expected)
+
+
+@pytest.mark.parametrize("caption, words, expected", [
+    ("a photo of sks dog", ["sks"], "a photo of dog"),
+    ("SKS dog on the beach, sks-like", ["sks"], "dog on the beach, sks-like"),  # whole words only
+    ("a zwx ohwx toy", ["zwx", "ohwx"], "a toy"),
+    ("a photo of a dog", ["sks"], "a photo of a dog"),
+])
+def test_the_class_caption_drops_the_identifier_words(caption, words, expected):
+    from lorabooth.config.templates import without_identifier
+
+    assert without_identifier(caption, words) == expected

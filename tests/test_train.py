@@ -215,6 +215,48 @@ def test_prior_from_the_model_draws_no_images_and_logs_its_loss(photos, tmp_path
     assert "image-free" in (run / "README.md").read_text()
 
 
+@pytest.mark.parametrize("train_text_encoder, train_token", [(False, False), (True, False),
+                                                        (False, True)])
+def test_dop_prior_conditions_each_prior_row_on_its_caption_without_the_identifier(
+        photos, tmp_path, train_text_encoder, train_token, monkeypatch):
+    """--prior-preservation dop: one frozen class row per photo (its caption,
+    identifier removed), picked by the batch's photos; the run trains, logs
+    its prior term and says so in its card."""
+    import lorabooth.training.loop as t
+    from lorabooth.models.families import encode_prompts
+    from lorabooth.models.loading import build_tiny
+
+    for i, text in enumerate(["sks dog on grass", "a photo of sks dog", "sks dog in snow"]):
+        (photos / f"photo_{i}.txt").write_text(text)
+    kw = dict(class_prompt="a photo of a dog", prior_preservation="dop", captions=True,
+              train_text_encoder=train_text_encoder, train_token=train_token)
+    base = build_tiny()
+    config = _config(photos, tmp_path / "r", **kw)
+    paths = sorted(photos.glob("*.png"))
+    examples = t.setup_examples(config, base, 64, paths, t.instance_captions(config, paths), [])
+    expected = encode_prompts(base.family, base.tokenizers, base.text_encoders,
+                              ["dog on grass", "a photo of dog", "dog in snow"])
+    if not train_text_encoder:
+        assert torch.equal(examples.class_embedding.hidden, expected.hidden)
+    context = t.class_context(examples, [2, 0], 2, torch.device("cpu"))
+    assert torch.allclose(context.hidden, expected.hidden[[2, 0]], atol=1e-6)
+
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return model_prior_rows(*args, **kwargs)
+
+    model_prior_rows = t.model_prior_rows
+    monkeypatch.setattr(t, "model_prior_rows", spy)
+    run = train(_config(photos, tmp_path / "run", steps=3, lr=1e-2, lr_text=1e-2, **kw))
+    assert [c["same_noise"] for c in calls] == [True] * 3
+    rows = _losses(run)
+    assert rows[0]["loss_prior"] < 1e-8 < rows[-1]["loss_prior"]  # the LoRA starts as a no-op
+    assert lora_metadata(run)["prior_preservation"] == "dop"
+    assert "differential output preservation" in (run / "README.md").read_text()
+
+
 def test_prior_from_the_model_resumes_to_the_same_numbers(photos, tmp_path, caplog):
     kw = dict(lr=1e-2, class_prompt="a photo of a dog", prior_preservation="model",
               checkpoint_every=2)

@@ -67,3 +67,14 @@ def guess_identifier(instance_prompt: str, class_prompt: str = "") -> list[str]:
         if extra:
             return extra
     return [min(words, key=lambda w: zipf_frequency(w, "en"))] if words else []
+
+
+def without_identifier(caption: str, identifier: list[str]) -> str:
+    """The caption as the class would be captioned: the identifier's words
+    removed, the class noun kept ('a photo of sks dog' -> 'a photo of dog';
+    ai-toolkit's differential output preservation replaces the trigger word
+    by the class word, which the DreamBooth prompt already holds)."""
+    for word in identifier:
+        caption = re.sub(rf"(?<![\w'-]){re.escape(word)}(?![\w'-])", "", caption,
+                         flags=re.IGNORECASE)
+    return " ".join(caption.split())

@@ -21,8 +21,10 @@ from .fields import _help, check_numbers, option_name
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 SAVE_FORMATS = ("diffusers", "kohya", "both")
 # off; images: drawn class images (DreamBooth's prior preservation); model:
-# no images, the frozen base model's own prediction under the class prompt
-PRIOR_MODES = ("off", "images", "model")
+# no images, the frozen base model's own prediction under the class prompt;
+# dop: ai-toolkit's differential output preservation, the frozen prediction on
+# the instance rows' own noisy latents under their caption without the identifier
+PRIOR_MODES = ("off", "images", "model", "dop")
 
 
 def prior_mode(value: Any) -> Any:
@@ -82,7 +84,10 @@ class TrainConfig:
     prior_preservation: str = _help(
         "off; images: add the denoising loss on class images drawn by the base model; model: "
         "no class images, match the frozen base model's own prediction for the class prompt "
-        "(one extra forward per step; --class-dir and --num-class-images are ignored). "
+        "(one extra forward per step; --class-dir and --num-class-images are ignored); "
+        "dop: as model, but on the instance rows' own noisy latents and timesteps, under each "
+        "caption with the identifier removed ('a photo of sks dog' -> 'a photo of dog'; "
+        "ai-toolkit's differential output preservation). "
         "A bare --prior-preservation (true in TOML) means images.", "off", flag_value="images",
         choices=PRIOR_MODES)
     num_class_images: int = _help("How many class images to use (drawn if missing).", 100)
@@ -188,11 +193,12 @@ class TrainConfig:
         if self.overwrite and self.resume:
             raise bad("overwrite", "cannot be combined with --resume (--resume continues the run "
                       "in OUTPUT, --overwrite replaces it)")
-        if self.train_token:
+        if self.train_token or self.prior_preservation == "dop":
             from .templates import guess_identifier
 
             if not guess_identifier(self.instance_prompt, self.class_prompt):
-                raise bad("instance_prompt", "has no identifier word for --train-token to train")
+                why = "--train-token to train" if self.train_token else "--prior-preservation dop to remove"
+                raise bad("instance_prompt", f"has no identifier word for {why}")
 
     def _check_levers(self, bad) -> None:
         for key in ("snr_gamma", "noise_offset"):
@@ -220,7 +226,14 @@ class TrainConfig:
 
     @property
     def prior_model(self) -> bool:
-        return self.prior_preservation == "model"
+        """Image-free: the frozen model's own predictions (model or dop)."""
+        return self.prior_preservation in ("model", "dop")
+
+    @property
+    def prior_same_noise(self) -> bool:
+        """dop: the prior rows reuse the instance rows' noise and timesteps,
+        under each caption with the identifier removed."""
+        return self.prior_preservation == "dop"
 
     @property
     def class_path(self) -> Path:

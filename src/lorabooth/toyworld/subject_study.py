@@ -35,6 +35,10 @@ METHODS = {  # TrainConfig fields over BASE_TRAIN
     "image-free-prior": {**CLASS_IMAGES, "prior_preservation": "model"},
     "pivotal": {**CLASS_IMAGES, "train_token": True},
 }
+# the image-free prior two ways: lorabooth's `model` (fresh noise and timestep,
+# the class prompt) against ai-toolkit's differential output preservation
+# (`dop`: the instance rows' own noisy latents, the caption without the identifier)
+PRIOR_VARIANTS = {"dop-prior": {**CLASS_IMAGES, "prior_preservation": "dop"}}
 LEVERS = {  # each on the calibrated class-image recipe
     "min-snr-5": {**CLASS_IMAGES, "snr_gamma": 5.0},
     "noise-offset-0.05": {**CLASS_IMAGES, "noise_offset": 0.05},

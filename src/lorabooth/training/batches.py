@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ..config import TrainConfig
-from ..config.templates import guess_identifier
+from ..config.templates import guess_identifier, without_identifier
 from ..core.errors import UserError
 from ..core.fileio import load_json, read_text_file
 from ..models.families import FAMILIES, Conditioning, Family, encode_prompts, time_ids, tokenize_all
@@ -33,7 +33,9 @@ class Examples:
     class_mean: torch.Tensor | None  # (M, 4, h, w), None without prior preservation
     class_std: torch.Tensor | None
     instance_embedding: Conditioning | None  # (N, 77, D), one per image; text encoders frozen
-    class_embedding: Conditioning | None  # (1, 77, D), frozen; the target's in --prior-preservation model
+    # (1, 77, D) frozen, the class prompt (the target's in --prior-preservation model);
+    # under dop one row per instance image: its caption without the identifier
+    class_embedding: Conditioning | None
     instance_ids: torch.Tensor  # (N, E, 77) token ids, E text encoders; used when they train
     class_ids: torch.Tensor | None
     scaling_factor: float  # the VAE's latent scale, kept so the VAE itself can be freed
@@ -71,8 +73,13 @@ def setup_examples(config: TrainConfig, base: BaseModel, resolution: int,
     instance = latent_distributions(base.vae, instance_paths, resolution)
     klass = latent_distributions(base.vae, class_paths, resolution) if class_paths else (None, None)
     with_class = config.uses_prior
-    prompts = sorted(set(captions)) + ([config.class_prompt] if with_class else [])
+    class_prompts = [config.class_prompt] if with_class else []
+    if config.prior_same_noise:  # dop: each image's caption without the identifier
+        words = guess_identifier(config.instance_prompt, config.class_prompt)
+        class_prompts = [without_identifier(c, words) for c in captions]
+    prompts = sorted(set(captions)) + class_prompts
     row = [prompts.index(c) for c in captions]  # image i -> its prompt's row
+    n_class = len(class_prompts)
     ids = tokenize_all(base.tokenizers, prompts)
 
     def encode(some: list[str]) -> Conditioning:
@@ -81,15 +88,16 @@ def setup_examples(config: TrainConfig, base: BaseModel, resolution: int,
     frozen = None
     if not config.train_text_encoder:
         frozen = encode(prompts)
-    elif config.prior_model:  # the target's class prompt: the text encoders without LoRA (not yet added)
-        frozen = encode(prompts[-1:])
+    elif config.prior_model:  # the target's class prompt(s): the text encoders without LoRA (not yet added)
+        frozen = encode(prompts[len(prompts) - n_class:])
     dropout = config.caption_dropout > 0
     boxes = prepared_boxes(Path(config.instance_dir))
     return Examples(
         instance_mean=instance[0], instance_std=instance[1], class_mean=klass[0], class_std=klass[1],
         instance_embedding=None if frozen is None or config.train_text_encoder else frozen.rows(row),
-        class_embedding=None if frozen is None or not with_class else frozen.rows(slice(-1, None)),
-        instance_ids=ids[row], class_ids=ids[-1:] if with_class else None,
+        class_embedding=None if frozen is None or not with_class
+        else frozen.rows(slice(len(frozen.hidden) - n_class, None)),
+        instance_ids=ids[row], class_ids=ids[len(ids) - n_class:] if with_class else None,
         scaling_factor=float(base.vae.config.scaling_factor),
         empty_embedding=encode([""]) if dropout and not config.train_text_encoder else None,
         empty_ids=tokenize_all(base.tokenizers, [""]) if dropout else None,
@@ -205,7 +213,7 @@ def text_context(examples: Examples, modules: dict[str, torch.nn.Module], idx: l
         ids = torch.where(dropped[:, None, None], examples.empty_ids, ids)
     if trained:  # the text encoders train: every row through them
         if n_class:
-            ids = torch.cat([ids, examples.class_ids.expand(n_class, -1, -1)])
+            ids = torch.cat([ids, class_rows(examples.class_ids, idx, n_class)])
         return family.encode(trained, ids.to(device))
     if examples.encoders is not None:  # --train-token: the identifier's rows change every step
         parts = [family.encode(examples.encoders, ids.to(device))]
@@ -214,10 +222,27 @@ def text_context(examples: Examples, modules: dict[str, torch.nn.Module], idx: l
         if dropped is not None and dropped.any():
             parts[0] = parts[0].where(dropped, examples.empty_embedding)
     if n_class:
-        klass = (examples.class_embedding if examples.class_embedding is not None
-                 else family.encode(examples.encoders, examples.class_ids.to(device)))
-        parts.append(klass.to(device).expand(n_class))
+        parts.append(class_context(examples, idx, n_class, device))
     return Conditioning.cat(parts)
+
+
+def class_rows(rows, idx: list[int], n: int):
+    """The class conditioning of ``n`` prior rows, from one row for all (the
+    class prompt: repeated) or one per instance image (dop: the batch's
+    ``idx``, n == len(idx)). Works on token ids and on a Conditioning."""
+    if isinstance(rows, Conditioning):
+        return rows.expand(n) if len(rows.hidden) == 1 else rows.rows(idx)
+    return rows.expand(n, *rows.shape[1:]) if len(rows) == 1 else rows[idx]
+
+
+def class_context(examples: Examples, idx: list[int], n: int,
+                  device: torch.device) -> Conditioning:
+    """The frozen class conditioning of ``n`` prior rows (encoded now under
+    --train-token, whose encoders have no cached rows)."""
+    if examples.class_embedding is not None:
+        return class_rows(examples.class_embedding, idx, n).to(device)
+    ids = class_rows(examples.class_ids, idx, n)
+    return examples.family.encode(examples.encoders, ids.to(device))
 
 
 def batch_time_ids(examples: Examples, idx: list[int], cidx: list[int],

@@ -34,6 +34,7 @@ from .batches import (
     Examples,
     batch_time_ids,
     check_prompt_windows,
+    class_context,
     instance_captions,
     instance_images,
     sample_latents,
@@ -258,7 +259,7 @@ def _batch_loss(run: _Run, batch: _Batch):
             latents, noise, timesteps, frozen = model_prior_rows(
                 accelerator.unwrap_model(run.modules["unet"]), base.noise_scheduler, latents,
                 noise, timesteps, _class_inputs(base, examples, idx, accelerator.device),
-                run.noise_rng)
+                run.noise_rng, same_noise=config.prior_same_noise)
         context = text_context(examples, run.modules, idx, len(latents) - len(idx),
                                accelerator.device, batch.dropped)
         context = context.with_time_ids(batch_time_ids(examples, idx, batch.cidx,
@@ -400,7 +401,7 @@ def _class_inputs(base: BaseModel, examples: Examples, idx: list[int],
                   device: torch.device) -> dict:
     """--prior-preservation model: the UNet's inputs for the prior rows, the
     frozen class prompt over the instance images' time ids."""
-    context = examples.class_embedding.to(device).expand(len(idx))
+    context = class_context(examples, idx, len(idx), device)
     return base.family.unet_inputs(context.with_time_ids(examples.instance_time_ids[idx]))
 
 

@@ -96,7 +96,7 @@ def adapters_disabled(unet: torch.nn.Module) -> Iterator[None]:
 
 def model_prior_rows(unet: torch.nn.Module, scheduler, latents: torch.Tensor,
                      noise: torch.Tensor, timesteps: torch.Tensor, class_inputs: dict,
-                     rng: torch.Generator):
+                     rng: torch.Generator, same_noise: bool = False):
     """The batch with prior rows appended (``--prior-preservation model``):
     the instance latents again, noised with a fresh draw of noise and
     timesteps from ``rng``, and their target, the frozen base model's
@@ -108,10 +108,18 @@ def model_prior_rows(unet: torch.nn.Module, scheduler, latents: torch.Tensor,
     image statistics the instance loss trains on, so the prior holds the class
     prompt's behaviour exactly where the LoRA moves the model, at the cost of
     one no-grad forward and no images to draw or store.
+
+    ``same_noise`` (``dop``, ai-toolkit's differential output preservation):
+    the prior rows are the instance rows' own noisy latents and timesteps
+    (nothing drawn from ``rng``), so the LoRA is told, at the very input it
+    learns the subject on, to leave the class caption's prediction alone.
     Returns (latents, noise, timesteps, frozen prediction); (B, ...) -> (2B, ...)."""
-    prior_noise = torch.randn(latents.shape, generator=rng)
-    prior_t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],),
-                            generator=rng)
+    if same_noise:
+        prior_noise, prior_t = noise, timesteps
+    else:
+        prior_noise = torch.randn(latents.shape, generator=rng)
+        prior_t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                generator=rng)
     noisy = scheduler.add_noise(latents, prior_noise, prior_t)
     device = class_inputs["encoder_hidden_states"].device
     with torch.no_grad(), adapters_disabled(unet):

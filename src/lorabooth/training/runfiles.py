@@ -267,6 +267,9 @@ def model_card(config: TrainConfig, resolution: int,
                        f"'{md.text(config.class_prompt)}', weight {config.prior_loss_weight}",
              "model": f"yes, image-free: the frozen base model's prediction for "
                       f"'{md.text(config.class_prompt)}', weight {config.prior_loss_weight}",
+             "dop": f"yes, image-free (differential output preservation): the frozen base "
+                    f"model's prediction on the same noisy photos under each caption without "
+                    f"the identifier, weight {config.prior_loss_weight}",
              }[config.prior_preservation]
     levers = ", ".join(f"{v:g}" for v in (config.snr_gamma, config.noise_offset,
                                            config.caption_dropout, config.ema_decay))

@@ -56,7 +56,8 @@ def setup_accelerator(config: TrainConfig) -> Accelerator:
 def setup_class_images(config: TrainConfig, base: BaseModel, resolution: int,
                         accelerator: Accelerator) -> list[Path]:
     if config.prior_model and config.class_dir:
-        log.warning("--class-dir: not used with --prior-preservation model (no class images)")
+        log.warning("--class-dir: not used with --prior-preservation %s (no class images)",
+                    config.prior_preservation)
     if not config.prior_images:
         return []
     folder = config.class_path
