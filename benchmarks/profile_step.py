@@ -29,9 +29,11 @@ def main() -> None:
     from lorabooth.config import TrainConfig
     from lorabooth.models.loading import load_base
     from lorabooth.models.precision import cast_frozen, tune_allocator, weight_dtype
+    from lorabooth.training.noising import noising_for
     from lorabooth.training.setup import setup_lora, setup_optimizer
 
     t = importlib.import_module("lorabooth.training.loop")
+    b = importlib.import_module("lorabooth.training.batches")
     tune_allocator()
     print(f"# {machine()}\n")
     for precision in args.precision:
@@ -43,7 +45,7 @@ def main() -> None:
         config = TrainConfig(model="x", instance_dir=str(photos), output="unused",
                              instance_prompt="a photo of sks ball")
         paths = sorted(photos.glob("*.png"))
-        examples = t._setup_examples(config, base, 256, paths, t.instance_captions(config, paths), [])
+        examples = b.setup_examples(config, base, 256, paths, b.instance_captions(config, paths), [])
         base.vae = base.text_encoder = None
         modules = setup_lora(config, base)
         cast_frozen(base.unet, dtype)
@@ -51,13 +53,14 @@ def main() -> None:
         gen = torch.Generator().manual_seed(0)
 
         def step() -> None:
-            latents = t._sample_latents(examples, [0], [], gen)
+            latents = b.sample_latents(examples, [0], [], gen)
             noise = torch.randn(latents.shape, generator=gen)
             steps = torch.randint(0, 1000, (1,), generator=gen)
             with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
                 with record_function("forward"):
-                    context = t._text_context(examples, modules, [0], 0, torch.device("cpu"))
-                    loss, _, _ = t.step_loss(base.unet, base.noise_scheduler, latents, noise,
+                    context = base.family.unet_inputs(
+                        b.text_context(examples, modules, [0], 0, torch.device("cpu")))
+                    loss, _, _ = t.step_loss(base.unet, noising_for(base.noise_scheduler), latents, noise,
                                              steps, context, 1, 1.0)
             with record_function("backward"):
                 loss.backward()

@@ -137,10 +137,11 @@ def test_v_prediction_model_trains_on_the_velocity(photos, tmp_path, monkeypatch
     seen = []
     real_step_loss = t.step_loss
 
-    def spy(unet, scheduler, latents, noise, timesteps, context, n_instance, prior_weight,
+    def spy(unet, noising, latents, noise, timesteps, context, n_instance, prior_weight,
             *levers):
-        out = real_step_loss(unet, scheduler, latents, noise, timesteps, context, n_instance,
+        out = real_step_loss(unet, noising, latents, noise, timesteps, context, n_instance,
                              prior_weight, *levers)
+        scheduler = noising.scheduler
         with torch.no_grad():  # the same inputs, the target taken from the scheduler
             pred = unet(scheduler.add_noise(latents, noise, timesteps), timesteps, **context).sample
             velocity = scheduler.get_velocity(latents, noise, timesteps)
@@ -381,21 +382,22 @@ def test_all_four_levers_resume_exactly_and_load_in_diffusers(photos, tmp_path, 
     a run killed after step 3 and resumed from its step-2 checkpoint ends with
     the uninterrupted run's file, and plain diffusers loads that file."""
     import lorabooth.training.loop as t
+    import lorabooth.training.noising as noising
     from helpers import tiny_outputs
     from lorabooth.models.loading import build_tiny, pipeline_from_parts
 
     calls = {"offset": [], "dropped": [], "gamma": []}
 
-    def spy(name, real, record):
+    def spy(name, real, record, module=t):
         def wrapped(*args):
             out = real(*args)
             calls[name].append(record(args, out))
             return out
-        monkeypatch.setattr(t, real.__name__, wrapped)
+        monkeypatch.setattr(module, real.__name__, wrapped)
 
     spy("offset", t.offset_noise, lambda a, out: (a[1], not torch.equal(out, a[0])))
     spy("dropped", t.caption_dropout, lambda a, out: out.tolist())
-    spy("gamma", t.min_snr_weights, lambda a, out: (a[2], out.tolist()))
+    spy("gamma", noising.min_snr_weights, lambda a, out: (a[2], out.tolist()), noising)
     levers = dict(snr_gamma=5.0, noise_offset=0.1, caption_dropout=0.5, ema_decay=0.8,
                   batch_size=2, lr=1e-2, lr_text=1e-2, train_text_encoder=True,
                   prior_preservation=True, class_prompt="a photo of a dog", num_class_images=2,

@@ -49,13 +49,8 @@ from .checkpoint import (
 )
 from .data import Shuffler, caption_dropout
 from .ema import ema_applied, ema_shadow, ema_state, ema_update
-from .objective import (
-    diffusion_target,
-    dreambooth_loss,
-    min_snr_weights,
-    offset_noise,
-    with_prior_target,
-)
+from .noising import Noising, noising_for
+from .objective import dreambooth_loss, offset_noise, with_prior_target
 from .prior import model_prior_rows
 from .processes import (
     all_rank_streams,
@@ -118,6 +113,7 @@ class _Run:
     trained: dict[str, torch.nn.Module]  # unwrapped, keyed as checkpoints and files save them
     optimizer: torch.optim.Optimizer
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler
+    noising: Noising  # the family's forward process: timesteps, noisy input, target
     noise_rng: torch.Generator  # every draw of the loop, in the order a resume replays
     instance_order: Shuffler
     class_order: Shuffler | None  # None: no class images
@@ -228,8 +224,8 @@ def _setup_run(config: TrainConfig, accelerator: Accelerator, output: Path,
     metrics = start_run(output, config, start) if accelerator.is_main_process else None
     start_trackers(accelerator, config, output, start)  # --report-to
     return _Run(config, accelerator, output, base, resolution, examples, modules, trained,
-                optimizer, lr_scheduler, noise_rng, instance_order, class_order, ema, start,
-                metrics)
+                optimizer, lr_scheduler, noising_for(base.noise_scheduler), noise_rng,
+                instance_order, class_order, ema, start, metrics)
 
 
 def _next_batch(run: _Run) -> _Batch:
@@ -240,8 +236,7 @@ def _next_batch(run: _Run) -> _Batch:
     cidx = run.class_order.take(config.batch_size) if run.class_order else []
     latents = sample_latents(run.examples, idx, cidx, rng)
     noise = torch.randn(latents.shape, generator=rng)
-    timesteps = torch.randint(0, run.base.noise_scheduler.config.num_train_timesteps,
-                              (latents.shape[0],), generator=rng)
+    timesteps = run.noising.draw(latents.shape[0], rng)
     noise = offset_noise(noise, config.noise_offset, rng)
     dropped = caption_dropout(len(idx), config.caption_dropout, rng)
     return _Batch(idx, cidx, latents, noise, timesteps, dropped)
@@ -257,14 +252,14 @@ def _batch_loss(run: _Run, batch: _Batch):
         frozen = None  # --prior-preservation model: rows whose target is the base model's
         if config.prior_model:
             latents, noise, timesteps, frozen = model_prior_rows(
-                accelerator.unwrap_model(run.modules["unet"]), base.noise_scheduler, latents,
+                accelerator.unwrap_model(run.modules["unet"]), run.noising, latents,
                 noise, timesteps, _class_inputs(base, examples, idx, accelerator.device),
                 run.noise_rng, same_noise=config.prior_same_noise)
         context = text_context(examples, run.modules, idx, len(latents) - len(idx),
                                accelerator.device, batch.dropped)
         context = context.with_time_ids(batch_time_ids(examples, idx, batch.cidx,
                                                        config.prior_model))
-        return step_loss(run.modules["unet"], base.noise_scheduler, latents, noise, timesteps,
+        return step_loss(run.modules["unet"], run.noising, latents, noise, timesteps,
                          base.family.unet_inputs(context), len(idx), config.prior_loss_weight,
                          frozen, config.snr_gamma)
 
@@ -331,23 +326,22 @@ def _maybe_validate(run: _Run, done: int, on_validation: OnValidation | None) ->
         on_validation(done, images)
 
 
-def step_loss(unet: torch.nn.Module, scheduler, latents: torch.Tensor, noise: torch.Tensor,
-              timesteps: torch.Tensor, inputs: dict, n_instance: int,
+def step_loss(unet: torch.nn.Module, noising: Noising, latents: torch.Tensor,
+              noise: torch.Tensor, timesteps: torch.Tensor, inputs: dict, n_instance: int,
               prior_weight: float, prior_target: torch.Tensor | None = None,
               snr_gamma: float = 0.0):
     """The DreamBooth loss of one batch (instance rows first): noise the
-    latents at ``timesteps``, predict with the UNet's conditioning ``inputs``
-    (the family's ``unet_inputs``), compare with the scheduler's target;
-    ``prior_target`` (the frozen model's prediction) replaces it for the
-    class rows when given; ``snr_gamma`` > 0 weighs the rows by min-SNR-gamma
-    (by each row's timestep, the model-prior rows too)."""
-    noisy = scheduler.add_noise(latents, noise, timesteps)
-    prediction_type = scheduler.config.prediction_type
-    target = diffusion_target(noise, latents, timesteps, scheduler.alphas_cumprod, prediction_type)
+    latents at ``timesteps`` (the family's forward process, ``noising``),
+    predict with the UNet's conditioning ``inputs`` (the family's
+    ``unet_inputs``), compare with the process's target; ``prior_target``
+    (the frozen model's prediction) replaces it for the class rows when
+    given; ``snr_gamma`` > 0 weighs the rows by min-SNR-gamma (by each row's
+    timestep, the model-prior rows too)."""
+    noisy = noising.noisy(latents, noise, timesteps)
+    target = noising.target(latents, noise, timesteps)
     if prior_target is not None:
         target = with_prior_target(target.to(prior_target.device), n_instance, prior_target)
-    weights = (min_snr_weights(timesteps, scheduler.alphas_cumprod, snr_gamma, prediction_type)
-               if snr_gamma else None)
+    weights = noising.weights(timesteps, snr_gamma)
     device = inputs["encoder_hidden_states"].device
     pred = unet(noisy.to(device), timesteps.to(device), **inputs).sample
     return dreambooth_loss(pred, target.to(device), n_instance, prior_weight, weights)

@@ -19,6 +19,12 @@ def diffusion_target(noise: torch.Tensor, latents: torch.Tensor, timesteps: torc
     raise ValueError(f"unknown prediction type {prediction_type!r}")
 
 
+def flow_target(noise: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    """Rectified flow's target, the velocity of x_t = (1 - sigma) x0 + sigma
+    noise along sigma: noise - x0 (Liu et al., 2022; Esser et al., 2024)."""
+    return noise - latents
+
+
 def min_snr_weights(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, gamma: float,
                     prediction_type: str) -> torch.Tensor:
     """Per-sample loss weights of min-SNR-gamma (Hang et al., 2023): (B,).

@@ -94,15 +94,16 @@ def adapters_disabled(unet: torch.nn.Module) -> Iterator[None]:
         unet.enable_adapters()
 
 
-def model_prior_rows(unet: torch.nn.Module, scheduler, latents: torch.Tensor,
+def model_prior_rows(unet: torch.nn.Module, noising, latents: torch.Tensor,
                      noise: torch.Tensor, timesteps: torch.Tensor, class_inputs: dict,
                      rng: torch.Generator, same_noise: bool = False):
     """The batch with prior rows appended (``--prior-preservation model``):
-    the instance latents again, noised with a fresh draw of noise and
-    timesteps from ``rng``, and their target, the frozen base model's
-    prediction (LoRA off, no grad) under the class prompt: ``class_inputs``,
-    the UNet's conditioning for B rows (the family's ``unet_inputs``). The
-    LoRA model will be trained to predict the same there.
+    the instance latents again, noised by the family's forward process
+    (``noising``) with a fresh draw of noise and timesteps from ``rng``, and
+    their target, the frozen base model's prediction (LoRA off, no grad)
+    under the class prompt: ``class_inputs``, the UNet's conditioning for B
+    rows (the family's ``unet_inputs``). The LoRA model will be trained to
+    predict the same there.
 
     Why the subject's own latents: the input then covers the noise levels and
     image statistics the instance loss trains on, so the prior holds the class
@@ -118,9 +119,8 @@ def model_prior_rows(unet: torch.nn.Module, scheduler, latents: torch.Tensor,
         prior_noise, prior_t = noise, timesteps
     else:
         prior_noise = torch.randn(latents.shape, generator=rng)
-        prior_t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],),
-                                generator=rng)
-    noisy = scheduler.add_noise(latents, prior_noise, prior_t)
+        prior_t = noising.draw(latents.shape[0], rng)
+    noisy = noising.noisy(latents, prior_noise, prior_t)
     device = class_inputs["encoder_hidden_states"].device
     with torch.no_grad(), adapters_disabled(unet):
         frozen = unet(noisy.to(device), prior_t.to(device), **class_inputs).sample
