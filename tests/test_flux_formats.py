@@ -1,0 +1,150 @@
+"""FLUX.1 and FLUX.2 [klein] LoRA files (lorabooth.formats.flux): the
+diffusers file and kohya's fused-qkv file of a LoRA on a tiny transformer
+round-trip exactly, the fused file applied as the clients apply it equals
+the separate LoRAs, and diffusers' own loaders read both files into the
+same model output as the peft model's."""
+
+import pytest
+import torch
+from peft import LoraConfig
+
+from lorabooth.adapters.lora import read_lora
+from lorabooth.core.errors import UserError
+from lorabooth.formats import KOHYA_WEIGHT_NAME, WEIGHT_NAME
+from lorabooth.formats.flux import FLUX1, FLUX2, from_bfl_kohya, target_modules
+from lorabooth.formats.layouts import convert_file, module_lora, read_as_peft, save_lora
+
+RANK, ALPHA = 4, 6.5  # alpha / rank not a power of two: a dropped alpha would show
+
+
+def tiny_transformer(family: str):
+    """diffusers' own test configs (tests/models/transformers)."""
+    from diffusers import Flux2Transformer2DModel, FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    if family == FLUX1:
+        return FluxTransformer2DModel(
+            patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+            axes_dims_rope=[4, 4, 8])
+    return Flux2Transformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=16, timestep_guidance_channels=256,
+        axes_dims_rope=[4, 4, 4, 4])
+
+
+def inputs(family: str) -> dict:
+    g = torch.Generator().manual_seed(1)
+    ids = 3 if family == FLUX1 else 4
+    out = {"hidden_states": torch.randn(1, 16, 4, generator=g),
+           "encoder_hidden_states": torch.randn(1, 8, 32 if family == FLUX1 else 16, generator=g),
+           "timestep": torch.tensor([0.5]), "img_ids": torch.randn(16, ids, generator=g),
+           "txt_ids": torch.zeros(8, ids), "return_dict": False}
+    if family == FLUX1:
+        out["pooled_projections"] = torch.randn(1, 32, generator=g)
+    else:
+        out["guidance"] = torch.tensor([3.0])
+    return out
+
+
+def with_lora(family: str, mlp: bool = False, targets: str | None = None):
+    model = tiny_transformer(family)
+    model.add_adapter(LoraConfig(r=RANK, lora_alpha=ALPHA, init_lora_weights=False,
+                                 target_modules=targets or target_modules(family, mlp)))
+    torch.manual_seed(2)
+    with torch.no_grad():  # random A and B: an untrained B of zeros would hide a swap
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn_like(p) * 0.3)
+    return model
+
+
+@pytest.fixture(scope="module", params=[(FLUX1, False), (FLUX1, True), (FLUX2, False),
+                                        (FLUX2, True)], ids=["flux1", "flux1-mlp", "flux2",
+                                                              "flux2-mlp"])
+def run(request, tmp_path_factory):
+    family, mlp = request.param
+    model = with_lora(family, mlp)
+    folder = tmp_path_factory.mktemp(family)
+    save_lora(folder, model, None, {}, ("diffusers", "kohya"), family=family)
+    return family, model, folder
+
+
+def test_targets_are_the_attention_projections_and_optionally_the_mlps(run):
+    family, model, _ = run
+    modules = {k.rsplit(".lora_", 1)[0] for k in module_lora(model, "transformer")}
+    assert "transformer.transformer_blocks.0.attn.add_v_proj" in modules
+    assert "transformer.transformer_blocks.0.attn.to_out.0" in modules
+    single = {m.split("single_transformer_blocks.0.")[1] for m in modules if "single_" in m}
+    mlp = "transformer.transformer_blocks.0.ff_context." + (
+        "net.2" if family == FLUX1 else "linear_out") in modules
+    if family == FLUX1:
+        assert single == ({"attn.to_q", "attn.to_k", "attn.to_v"}
+                          | ({"proj_mlp", "proj_out"} if mlp else set()))
+    else:
+        assert single == {"attn.to_qkv_mlp_proj", "attn.to_out"}
+
+
+def test_kohya_names_are_bfl_names_over_the_fused_weights(run):
+    family, _, folder = run
+    kohya, header = read_lora(folder / KOHYA_WEIGHT_NAME)
+    modules = {k.split(".")[0] for k in kohya}
+    assert {"lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_double_blocks_0_txt_attn_qkv",
+            "lora_unet_double_blocks_0_img_attn_proj", "lora_unet_double_blocks_0_txt_attn_proj",
+            "lora_unet_single_blocks_0_linear1"} <= modules
+    assert header["lorabooth.family"] == f'"{family}"' or header["lorabooth.family"] == family
+    qkv = kohya["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"]
+    assert qkv.shape == (3 * RANK, 32)  # rank concatenation
+    assert float(kohya["lora_unet_double_blocks_0_img_attn_qkv.alpha"]) == 3 * ALPHA
+    assert float(kohya["lora_unet_double_blocks_0_img_attn_proj.alpha"]) == ALPHA
+    linear1 = kohya["lora_unet_single_blocks_0_linear1.lora_up.weight"]
+    assert linear1.shape[0] == (7 * 32 if family == FLUX1 else 9 * 32)
+
+
+def test_both_files_read_back_exactly(run, tmp_path):
+    family, model, folder = run
+    want = module_lora(model, "transformer")
+    for name in (WEIGHT_NAME, KOHYA_WEIGHT_NAME):
+        peft, rank, alpha, _ = read_as_peft(folder / name)
+        assert (rank, alpha) == (RANK, ALPHA), name
+        assert set(peft) == set(want), name
+        assert all(torch.equal(peft[k], want[k]) for k in want), name
+    # convert: kohya -> diffusers -> kohya, bit for bit
+    back = convert_file(folder / KOHYA_WEIGHT_NAME, tmp_path / "d.safetensors", "diffusers")
+    again = convert_file(back, tmp_path / "k.safetensors", "kohya")
+    first, second = read_lora(folder / KOHYA_WEIGHT_NAME)[0], read_lora(again)[0]
+    assert set(first) == set(second)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert read_lora(back)[1]["lorabooth.family"].strip('"') == family
+
+
+def _bfl_weights(family: str, model) -> dict[str, torch.Tensor]:
+    """The tiny model's fused weights as BFL stores them (no LoRA)."""
+    sd = {k.replace(".base_layer", ""): v.clone() for k, v in model.state_dict().items()
+          if "lora_" not in k}
+    d, s = "transformer_blocks.0.attn.", "single_transformer_blocks.0."
+    out = {"double_blocks.0.img_attn.qkv": torch.cat([sd[d + f"to_{p}.weight"] for p in "qkv"]),
+           "double_blocks.0.txt_attn.qkv": torch.cat([sd[d + f"add_{p}_proj.weight"] for p in "qkv"]),
+           "double_blocks.0.img_attn.proj": sd[d + "to_out.0.weight"]}
+    out["single_blocks.0.linear1"] = (
+        torch.cat([sd[s + f"attn.to_{p}.weight"] for p in "qkv"] + [sd[s + "proj_mlp.weight"]])
+        if family == FLUX1 else sd[s + "attn.to_qkv_mlp_proj.weight"])
+    return out
+
+
+def test_the_fused_file_as_the_clients_apply_it_equals_the_separate_loras(run):
+    """W + up @ down * alpha / rank(down) on BFL's fused weight (ComfyUI,
+    sd-scripts) against the merged diffusers model's separate weights."""
+    family, model, folder = run
+    kohya, _ = read_lora(folder / KOHYA_WEIGHT_NAME)
+    base = _bfl_weights(family, model)
+    model.fuse_lora()  # merge: the base layers now hold W + B @ A * alpha / r
+    try:
+        merged = _bfl_weights(family, model)
+    finally:
+        model.unfuse_lora()
+    for bfl, weight in base.items():
+        name = "lora_unet_" + bfl.replace(".", "_")
+        down, up = kohya[name + ".lora_down.weight"], kohya[name + ".lora_up.weight"]
+        applied = weight + up @ down * (float(kohya[name + ".alpha"]) / down.shape[0])
+        torch.testing.assert_close(applied, merged[bfl], rtol=1e-5, atol=1e-5, msg=bfl)
