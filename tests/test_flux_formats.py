@@ -148,3 +148,58 @@ def test_the_fused_file_as_the_clients_apply_it_equals_the_separate_loras(run):
         down, up = kohya[name + ".lora_down.weight"], kohya[name + ".lora_up.weight"]
         applied = weight + up @ down * (float(kohya[name + ".alpha"]) / down.shape[0])
         torch.testing.assert_close(applied, merged[bfl], rtol=1e-5, atol=1e-5, msg=bfl)
+
+
+def _pipeline(family: str, transformer):
+    from diffusers import Flux2KleinPipeline, FluxPipeline
+
+    if family == FLUX1:
+        return FluxPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None,
+                            text_encoder_2=None, tokenizer_2=None, transformer=transformer)
+    return Flux2KleinPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None,
+                              transformer=transformer)
+
+
+@pytest.mark.parametrize("family", [FLUX1, FLUX2])
+@pytest.mark.parametrize("name", [WEIGHT_NAME, KOHYA_WEIGHT_NAME])
+def test_diffusers_loads_both_files_into_the_peft_models_output(family, name, tmp_path):
+    """diffusers' own loader (FluxPipeline / Flux2KleinPipeline
+    .load_lora_weights). Its FLUX.1 kohya reader splits single-block
+    `linear1` at FLUX.1 [dev]'s width (3072) only, so on the tiny model the
+    FLUX.1 kohya file is checked with double-block LoRAs."""
+    targets = (r"transformer_blocks\.\d+\.attn\.(?:to_q|to_k|to_v|to_out\.0|add_q_proj|"
+               r"add_k_proj|add_v_proj|to_add_out)"
+               if family == FLUX1 and name == KOHYA_WEIGHT_NAME else None)
+    model = with_lora(family, targets=targets)
+    save_lora(tmp_path, model, None, {}, ("diffusers", "kohya"), family=family)
+    with torch.no_grad():
+        want = model(**inputs(family))[0]
+    pipe = _pipeline(family, tiny_transformer(family))
+    pipe.load_lora_weights(str(tmp_path), weight_name=name, adapter_name="x")
+    held = {k.rsplit(".lora_", 1)[0] for k in module_lora(pipe.transformer, "transformer", "x")}
+    assert held == {k.rsplit(".lora_", 1)[0] for k in module_lora(model, "transformer")}
+    with torch.no_grad():
+        got = pipe.transformer(**inputs(family))[0]
+        base = tiny_transformer(family)(**inputs(family))[0]
+    assert (want - base).abs().max() > 1e-2  # the LoRA changes the output
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_fused_lora_that_separate_loras_cannot_hold_is_refused():
+    """A rank-8 dense LoRA on qkv beside rank-4 modules: one line, no guess."""
+    g = torch.Generator().manual_seed(0)
+    tensors = {"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.randn(8, 32, generator=g),
+               "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.randn(96, 8, generator=g),
+               "lora_unet_double_blocks_0_img_attn_proj.lora_down.weight": torch.randn(4, 32, generator=g),
+               "lora_unet_double_blocks_0_img_attn_proj.lora_up.weight": torch.randn(32, 4, generator=g)}
+    with pytest.raises(UserError, match="rank-8 LoRA on the fused weight"):
+        from_bfl_kohya(FLUX1, tensors, "f.safetensors")
+    # sd-scripts' own dense qkv of the file's rank: parts share the down, exactly
+    tensors["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"] = torch.randn(4, 32, generator=g)
+    tensors["lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight"] = torch.randn(96, 4, generator=g)
+    peft, alpha = from_bfl_kohya(FLUX1, tensors, "f.safetensors")
+    assert alpha == 4.0
+    a, b = (peft[f"transformer.transformer_blocks.0.attn.to_k.lora_{x}.weight"] for x in "AB")
+    up = tensors["lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight"]
+    down = tensors["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"]
+    assert torch.equal(b @ a, (up @ down)[32:64])
