@@ -203,3 +203,42 @@ def test_a_fused_lora_that_separate_loras_cannot_hold_is_refused():
     up = tensors["lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight"]
     down = tensors["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"]
     assert torch.equal(b @ a, (up @ down)[32:64])
+
+
+def test_the_comfyui_rules_name_flux_as_comfyui_does():
+    """Known places, from `flux_to_diffusers` and `model_lora_keys_unet`."""
+    from lorabooth.formats.clients import comfyui_flux_key_map, flux_names
+
+    names = flux_names(tiny_transformer(FLUX1))
+    assert names.weights["diffusion_model.single_blocks.0.linear1.weight"] == (7 * 32, 32)
+    key_map = comfyui_flux_key_map(names, 1, 1)
+    qkv = "diffusion_model.double_blocks.0.txt_attn.qkv.weight"
+    assert key_map["lora_unet_double_blocks_0_txt_attn_qkv"] == qkv
+    assert key_map["transformer.transformer_blocks.0.attn.add_v_proj"] == (qkv, (0, 64, 32))
+    assert key_map["transformer.single_transformer_blocks.0.proj_mlp"] == (
+        "diffusion_model.single_blocks.0.linear1.weight", (0, 96, 128))
+    names2 = flux_names(tiny_transformer(FLUX2))
+    assert names2.weights["diffusion_model.single_blocks.0.linear1.weight"] == (9 * 32, 32)
+    assert "diffusion_model.double_blocks.0.img_mod.lin.weight" not in names2.weights
+
+
+def test_every_key_of_both_files_maps_to_a_weight_under_comfyuis_rules(run):
+    from lorabooth.formats.clients import flux_names, unloaded_by_client
+
+    family, model, folder = run
+    names = flux_names(tiny_transformer(family))
+    counts = {}
+    for name in (WEIGHT_NAME, KOHYA_WEIGHT_NAME):
+        tensors, _ = read_lora(folder / name)
+        assert unloaded_by_client(tensors, names) == {"ComfyUI": []}, name
+        counts[name] = len(tensors)
+    mlp = any("proj_mlp" in k or "ff.linear_in" in k for k in module_lora(model, "transformer"))
+    # diffusers: 2 keys per module; kohya: 3 per fused or plain BFL module
+    modules = {(FLUX1, False): (8 + 3, 4 + 1), (FLUX1, True): (12 + 5, 8 + 2),
+               (FLUX2, False): (8 + 2, 4 + 2), (FLUX2, True): (12 + 2, 8 + 2)}[family, mlp]
+    assert counts == {WEIGHT_NAME: 2 * modules[0], KOHYA_WEIGHT_NAME: 3 * modules[1]}
+    # a shape the model does not have is what ComfyUI would not merge
+    tensors, _ = read_lora(folder / KOHYA_WEIGHT_NAME)
+    key = "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight"
+    tensors[key] = tensors[key][:64]
+    assert key in unloaded_by_client(tensors, names)["ComfyUI"]
