@@ -242,3 +242,18 @@ def test_every_key_of_both_files_maps_to_a_weight_under_comfyuis_rules(run):
     key = "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight"
     tensors[key] = tensors[key][:64]
     assert key in unloaded_by_client(tensors, names)["ComfyUI"]
+
+
+def test_inspect_checks_flux_files_against_the_model(run):
+    from lorabooth.formats.clients import model_names
+    from lorabooth.formats.inspection import check_summary, inspect_lora, render
+
+    family, _, folder = run
+    for name in (WEIGHT_NAME, KOHYA_WEIGHT_NAME):
+        summary = inspect_lora(folder / name, model_names(tiny_transformer(family), None), "tiny")
+        text = render(summary)
+        assert summary.unloaded == {"ComfyUI": []} and "every key maps to a weight" in text
+        assert summary.architecture == {FLUX1: "FLUX.1", FLUX2: "FLUX.2 [klein]"}[family]
+        assert all(rank == RANK and alpha == ALPHA for _, rank, alpha in summary.groups.values())
+        assert "transformer, 0 text encoder" in text
+        check_summary(summary)

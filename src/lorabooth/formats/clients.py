@@ -62,7 +62,10 @@ def _clip_names(text_encoder, original) -> dict[str, str]:
 
 
 def model_names(unet, text_encoder, text_encoder_2=None) -> ModelNames:
-    """The names of an SD model, or of an SDXL one (``text_encoder_2`` given)."""
+    """The names of an SD model, or of an SDXL one (``text_encoder_2`` given);
+    a FLUX transformer's (its ``unet``): FluxNames."""
+    if "num_single_layers" in (getattr(unet, "config", None) or {}):
+        return flux_names(unet)
     from .sdxl import TE2_LDM, openclip_name, te1_ldm_name
     from .singlefile import text_ldm_name, unet_ldm_names
 
