@@ -62,7 +62,10 @@ def _clip_names(text_encoder, original) -> dict[str, str]:
 
 
 def model_names(unet, text_encoder, text_encoder_2=None) -> ModelNames:
-    """The names of an SD model, or of an SDXL one (``text_encoder_2`` given)."""
+    """The names of an SD model, or of an SDXL one (``text_encoder_2`` given);
+    a FLUX transformer's (its ``unet``): FluxNames."""
+    if "num_single_layers" in (getattr(unet, "config", None) or {}):
+        return flux_names(unet)
     from .sdxl import TE2_LDM, openclip_name, te1_ldm_name
     from .singlefile import text_ldm_name, unet_ldm_names
 
@@ -250,10 +253,119 @@ def a1111_unloaded(keys: list[str], names: ModelNames) -> list[str]:
     return sorted(unloaded)
 
 
-def unloaded_by_client(keys: list[str], names: ModelNames) -> dict[str, list[str]]:
+def unloaded_by_client(keys, names) -> dict[str, list[str]]:
     """Per client, the keys it would not load. AUTOMATIC1111 reads only the
-    kohya layout, so it is checked for kohya files only."""
+    kohya layout, so it is checked for kohya files only; FLUX files
+    (``names`` a FluxNames, ``keys`` the file's tensors) only in ComfyUI."""
+    if isinstance(names, FluxNames):
+        return {"ComfyUI": comfyui_flux_unloaded(keys, names)}
     out = {"ComfyUI": comfyui_unloaded(keys, names)}
     if keys and all(k.startswith("lora_") for k in keys):
         out["AUTOMATIC1111"] = a1111_unloaded(keys, names)
     return out
+
+
+# ComfyUI's FLUX rules (`comfy/lora.py` `model_lora_keys_unet`, the `Flux`
+# branch, which FLUX.2 takes too: `model_base.Flux2` is a `Flux`; and
+# `comfy/utils.py` `flux_to_diffusers`). Its model holds BFL's weights as
+# `diffusion_model.<BFL name>`; a LoRA module name maps to a weight, or to a
+# row slice of a fused one (dim 0, offset, size).
+FLUX_LDM = "diffusion_model."
+_COMFY_FLUX_DOUBLE = {  # `flux_to_diffusers`' block_map, the Linear weights
+    "attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj",
+    "norm1.linear": "img_mod.lin", "norm1_context.linear": "txt_mod.lin",
+    "ff.net.0.proj": "img_mlp.0", "ff.net.2": "img_mlp.2",
+    "ff_context.net.0.proj": "txt_mlp.0", "ff_context.net.2": "txt_mlp.2",
+    "ff.linear_in": "img_mlp.0", "ff.linear_out": "img_mlp.2",
+    "ff_context.linear_in": "txt_mlp.0", "ff_context.linear_out": "txt_mlp.2"}
+_COMFY_FLUX_SINGLE = {"norm.linear": "modulation.lin", "proj_out": "linear2",
+                      "attn.to_qkv_mlp_proj": "linear1", "attn.to_out": "linear2"}
+
+
+@dataclass(frozen=True)
+class FluxNames:
+    """A FLUX transformer's weights as ComfyUI holds them."""
+    hidden: int
+    weights: dict[str, tuple[int, ...]]  # `diffusion_model.<BFL>.weight` -> shape
+
+
+def comfy_flux_to_diffusers(depth: int, depth_single: int, hidden: int) -> dict[str, object]:
+    """diffusers module -> BFL weight, or (BFL weight, (0, offset, size)):
+    `flux_to_diffusers` re-derived for module names (Linear weights only)."""
+    out: dict[str, object] = {}
+    for i in range(depth):
+        d, b = f"transformer_blocks.{i}.", f"{FLUX_LDM}double_blocks.{i}."
+        for n, p in enumerate("qkv"):
+            out[f"{d}attn.to_{p}"] = (b + "img_attn.qkv.weight", (0, n * hidden, hidden))
+            out[f"{d}attn.add_{p}_proj"] = (b + "txt_attn.qkv.weight", (0, n * hidden, hidden))
+        out.update({d + k: f"{b}{v}.weight" for k, v in _COMFY_FLUX_DOUBLE.items()})
+    for i in range(depth_single):
+        s, b = f"single_transformer_blocks.{i}.", f"{FLUX_LDM}single_blocks.{i}."
+        for n, p in enumerate("qkv"):
+            out[f"{s}attn.to_{p}"] = (b + "linear1.weight", (0, n * hidden, hidden))
+        out[s + "proj_mlp"] = (b + "linear1.weight", (0, 3 * hidden, 4 * hidden))
+        out.update({s + k: f"{b}{v}.weight" for k, v in _COMFY_FLUX_SINGLE.items()})
+    return out
+
+
+def flux_names(transformer) -> FluxNames:
+    """A diffusers FLUX.1/FLUX.2 transformer's weights in ComfyUI's names:
+    each Linear weight through `flux_to_diffusers`, a fused weight as tall as
+    its slices reach."""
+    config = transformer.config
+    hidden = config.num_attention_heads * config.attention_head_dim
+    table = comfy_flux_to_diffusers(config.num_layers, config.num_single_layers, hidden)
+    weights: dict[str, tuple[int, ...]] = {}
+    for name, module in transformer.named_modules():
+        target = table.get(name)
+        if target is None or getattr(getattr(module, "weight", None), "ndim", 0) != 2:
+            continue
+        rows, cols = module.weight.shape[0], module.weight.shape[-1]
+        if isinstance(target, tuple):
+            key, (_, offset, _) = target
+            rows = max(weights.get(key, (0,))[0], offset + rows)
+        else:
+            key = target
+        weights[key] = (rows, cols)
+    return FluxNames(hidden, weights)
+
+
+def comfyui_flux_key_map(names: FluxNames, depth: int, depth_single: int) -> dict[str, object]:
+    """LoRA module name -> weight (or slice), as the `Flux` branch builds it."""
+    key_map: dict[str, object] = {}
+    for key in names.weights:  # every `diffusion_model.` weight
+        inner = key[len(FLUX_LDM):-len(".weight")]
+        key_map["lora_unet_" + inner.replace(".", "_")] = key
+        key_map[FLUX_LDM + inner] = key
+        if key.endswith(".linear1.weight"):
+            key_map[key.replace(".linear1.weight", ".linear1_qkv")] = (
+                key, (0, 0, 3 * names.hidden))
+    for module, to in comfy_flux_to_diffusers(depth, depth_single, names.hidden).items():
+        for name in ("transformer." + module, "lycoris_" + module.replace(".", "_"),
+                     "lora_transformer_" + module.replace(".", "_"), module):
+            key_map[name] = to
+    return key_map
+
+
+def comfyui_flux_unloaded(tensors: dict, names: FluxNames) -> list[str]:
+    """The keys ComfyUI would not load into this model: no module name in its
+    map, a target the model lacks, or a LoRA whose shape differs from its
+    weight or slice ("SHAPE MISMATCH ... NOT MERGED")."""
+    depth = 1 + max((int(m[1]) for k in names.weights
+                     if (m := re.search(r"double_blocks\.(\d+)\.", k))), default=-1)
+    single = 1 + max((int(m[1]) for k in names.weights
+                      if (m := re.search(r"single_blocks\.(\d+)\.", k))), default=-1)
+    key_map, loaded = comfyui_flux_key_map(names, depth, single), set()
+    for module, to in key_map.items():
+        if module + ".alpha" in tensors:
+            loaded.add(module + ".alpha")
+        for up, down in COMFY_PAIRS:
+            if module + up not in tensors or module + down not in tensors:
+                continue
+            weight, rows = (to[0], to[1][2]) if isinstance(to, tuple) else (to, None)
+            shape = names.weights.get(weight)
+            delta = (tensors[module + up].shape[0], tensors[module + down].shape[-1])
+            if shape is not None and delta == (rows or shape[0], shape[1]):
+                loaded |= {module + up, module + down}
+            break
+    return sorted(set(tensors) - loaded)

@@ -13,8 +13,9 @@ from ..adapters.lora import read_lora
 from ..adapters.pivotal import split_embeddings
 from ..core.errors import UserError
 from ..core.visible import visible
-from .clients import CLIENTS, ModelNames, sd15_names, sdxl_names, unloaded_by_client
-from .layouts import alpha_from_header, check_ranks, detect_layout, old_text_keys
+from .clients import CLIENTS, FluxNames, ModelNames, sd15_names, sdxl_names, unloaded_by_client
+from .flux import FLUX_FAMILIES, FLUX_NAMES
+from .layouts import alpha_from_header, check_ranks, detect_layout, old_text_keys, read_as_peft
 from .sdxl import SDXL, family_of
 
 # cross-attention width (the text encoder's hidden size) -> base family
@@ -46,6 +47,9 @@ def _module_and_group(key: str) -> tuple[str, str] | None:
     if text:
         return module, {"lora_te": "text_encoder", "lora_te1": "text_encoder",
                         "lora_te2": "text_encoder_2"}.get(text[1], text[1])
+    if stream := re.match(r"transformer\.(single_transformer_blocks|transformer_blocks)", module):
+        return module, ("transformer single-stream" if stream[1].startswith("single")
+                        else "transformer double-stream")
     block = re.search(r"(down_blocks|mid_block|up_blocks|input_blocks|middle_block|output_blocks)",
                       module)
     return module, f"unet {block[1] if block else 'other'}"
@@ -68,8 +72,11 @@ def _group_table(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[int, int, 
 
 
 def guess_architecture(tensors: dict[str, torch.Tensor], header: dict[str, str] | None = None) -> str:
-    if family_of(tensors, header) == SDXL:
+    family = family_of(tensors, header)
+    if family == SDXL:
         return "SDXL"
+    if family in FLUX_FAMILIES:
+        return FLUX_NAMES[family]
     for key, value in tensors.items():
         if re.search(r"attn2[._](processor[._])?to_k", key) and value.ndim == 2 and (
                 "down" in key.rsplit("attn2", 1)[1] or "lora_A" in key):
@@ -87,9 +94,15 @@ def inspect_lora(path: str | Path, names: ModelNames | None = None,
     raw, header = read_lora(path)
     tensors, embeddings = split_embeddings(raw)  # --train-token's rows: no LoRA module
     layout = detect_layout(tensors, str(path))
-    check_ranks(tensors, str(path))
-    groups = _group_table(tensors)
-    alpha = alpha_from_header(header, None)
+    if family_of(tensors, header) in FLUX_FAMILIES:
+        # kohya's fused qkv holds rank n*r: the groups as the modules trained them
+        peft, _, alpha, _ = read_as_peft(path)
+        groups = _group_table({k.replace(".lora_A.", ".lora_down."): v for k, v in peft.items()
+                               if ".lora_A." in k})
+    else:
+        check_ranks(tensors, str(path))
+        groups = _group_table(tensors)
+        alpha = alpha_from_header(header, None)
     if alpha is not None:
         groups = {g: (n, r, a if a is not None else alpha) for g, (n, r, a) in groups.items()}
     summary = Summary(str(path), layout, guess_architecture(tensors, header), groups,
@@ -101,17 +114,20 @@ def inspect_lora(path: str | Path, names: ModelNames | None = None,
     elif names is None and summary.architecture == "SDXL":
         names, names_label = sdxl_names(), "SDXL 1.0"
     if names is not None:
-        summary.unloaded = unloaded_by_client(list(tensors), names)
+        summary.unloaded = unloaded_by_client(
+            tensors if isinstance(names, FluxNames) else list(tensors), names)
         summary.checked_against = names_label
     return summary
 
 
 def render(s: Summary) -> str:
     lines = [f"file: {s.path}", f"layout: {s.layout}", f"base architecture (guessed): {s.architecture}"]
-    unet = sum(n for g, (n, _, _) in s.groups.items() if g.startswith("unet"))
-    text = sum(n for g, (n, _, _) in s.groups.items() if not g.startswith("unet"))
-    lines.append(f"modules: {unet} UNet, {text} text encoder")
-    encoders = [g for g in s.groups if not g.startswith("unet")]
+    denoiser = ("transformer", "transformer") if any(
+        g.startswith("transformer") for g in s.groups) else ("unet", "UNet")
+    unet = sum(n for g, (n, _, _) in s.groups.items() if g.startswith(denoiser[0]))
+    text = sum(n for g, (n, _, _) in s.groups.items() if not g.startswith(denoiser[0]))
+    lines.append(f"modules: {unet} {denoiser[1]}, {text} text encoder")
+    encoders = [g for g in s.groups if not g.startswith(denoiser[0])]
     lines.append(f"text encoders with LoRA: {', '.join(encoders) if encoders else 'none'}")
     for group, (n, rank, alpha) in s.groups.items():
         lines.append(f"  {group}: {n} modules, rank {rank}, alpha "

@@ -26,6 +26,7 @@ from ..core.errors import UserError, first_line
 from ..core.fileio import atomic_path, parse_json, to_json
 from ..core.logs import diffusers_warnings_off
 from . import KOHYA_WEIGHT_NAME, WEIGHT_NAME
+from .flux import FLUX_FAMILIES, FLUX_KOHYA_META, FLUX_NAMES, from_bfl_kohya, to_bfl_kohya
 from .sdxl import (
     FAMILY_KEY,
     HEADER_FAMILY,
@@ -87,6 +88,10 @@ def detect_layout(tensors: dict[str, torch.Tensor], where: str) -> str:
     keys = list(tensors)
     if keys and all(k.startswith("lora_") for k in keys):
         return "kohya"
+    # a transformer's LoRA (FLUX): diffusers writes peft's own names
+    if keys and all(k.startswith(("transformer.", "text_encoder")) for k in keys) and any(
+            k.startswith("transformer.") for k in keys):
+        return "diffusers"
     if keys and all(k.startswith(("unet.", "text_encoder")) for k in keys):
         return "peft" if any(".lora_A." in k for k in keys) else "diffusers"
     first = keys[0] if keys else "none"
@@ -212,8 +217,10 @@ def check_ranks(tensors: dict[str, torch.Tensor], where: str) -> int:
 def adapter_header(tensors_peft: dict[str, torch.Tensor], rank: int, alpha: float) -> dict[str, str]:
     """The `lora_adapter_metadata` diffusers reads to rebuild rank and alpha."""
     meta = {}
-    for part, targets in (("unet", UNET_TARGETS), ("text_encoder", TEXT_TARGETS),
-                          ("text_encoder_2", TEXT_TARGETS)):
+    transformer = sorted({k.removeprefix("transformer.").rsplit(".lora_", 1)[0]
+                          for k in tensors_peft if k.startswith("transformer.") and ".lora_" in k})
+    for part, targets in (("transformer", transformer), ("unet", UNET_TARGETS),
+                          ("text_encoder", TEXT_TARGETS), ("text_encoder_2", TEXT_TARGETS)):
         if any(k.startswith(part + ".") for k in tensors_peft):
             config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets),
                                 use_dora=is_dora(tensors_peft)).to_dict()
@@ -255,6 +262,8 @@ def read_as_peft(path: str | Path) -> tuple[dict[str, torch.Tensor], int, float,
     tensors, header = read_lora(path)
     tensors = split_embeddings(tensors)[0]
     layout = detect_layout(tensors, str(path))
+    if family_of(tensors, header) in FLUX_FAMILIES:
+        return (*_read_flux(tensors, header, layout, str(path)), header)
     rank = check_ranks(tensors, str(path))
     if layout == "kohya":
         if is_dora(tensors):  # diffusers' kohya reader drops dora_scale with a warning
@@ -268,6 +277,30 @@ def read_as_peft(path: str | Path) -> tuple[dict[str, torch.Tensor], int, float,
     return peft, rank, alpha, header
 
 
+def _read_flux(tensors: dict[str, torch.Tensor], header: dict[str, str], layout: str,
+               where: str) -> tuple[dict[str, torch.Tensor], int, float]:
+    """A FLUX file -> (peft tensors, rank, alpha); kohya's fused modules split
+    back exactly (formats.flux)."""
+    if layout == "kohya":
+        if is_dora(tensors):
+            raise UserError(f"{where}: a kohya DoRA file (dora_scale): lorabooth reads DoRA only "
+                            "in the diffusers or peft layout")
+        peft, alpha = from_bfl_kohya(family_of(tensors, header), tensors, where)
+        return peft, check_ranks(peft, where), alpha
+    rank = check_ranks(tensors, where)
+    peft = {peft_magnitude_key(k): v for k, v in tensors.items()}
+    return peft, rank, alpha_from_header(header, float(rank))
+
+
+def _flux_kohya(peft: dict[str, torch.Tensor], alpha: float, family: str,
+                dst: Path) -> dict[str, torch.Tensor]:
+    other = sorted(k for k in peft if not k.startswith("transformer."))
+    if other:
+        raise UserError(f"{dst}: not written: kohya's {FLUX_NAMES[family]} layout is written "
+                        f"for the transformer only (found {other[0]}); use the diffusers file")
+    return to_bfl_kohya(family, peft, alpha, str(dst))
+
+
 def write_lora(dst: Path, peft: dict[str, torch.Tensor], rank: int, alpha: float,
                header: dict[str, str], to: str = "diffusers",
                embeddings: dict[str, torch.Tensor] | None = None) -> Path:
@@ -277,17 +310,19 @@ def write_lora(dst: Path, peft: dict[str, torch.Tensor], rank: int, alpha: float
     that layout's spelling."""
     ours = {k: v for k, v in header.items() if k.startswith(("lorabooth.", "ss_"))}
     family = family_of(peft, header)
-    if family == SDXL:  # a UNet-only SDXL LoRA of a small model has no other sign of it
-        ours[FAMILY_KEY] = SDXL
+    if family == SDXL or family in FLUX_FAMILIES:  # a small model's LoRA may not show it
+        ours[FAMILY_KEY] = HEADER_FAMILY[family]
     if to == "kohya":
         if is_dora(peft):
             raise UserError(f"{dst}: not written: {KOHYA_DORA_REFUSAL}")
-        out = peft_to_kohya(peft, alpha, family, blocks_from_header(header))
+        flux = family in FLUX_FAMILIES
+        out = (_flux_kohya(peft, alpha, family, dst) if flux
+               else peft_to_kohya(peft, alpha, family, blocks_from_header(header)))
         meta = {"format": "pt", **kohya_metadata({**header, **ours}),
-                **(SDXL_KOHYA_META if family == SDXL else {})}
+                **(SDXL_KOHYA_META if family == SDXL else FLUX_KOHYA_META.get(family, {}))}
     else:
         out = ({canonical_key(k): v for k, v in peft.items()} if to == "peft"
-               else peft_to_diffusers(peft))
+               else dict(peft) if family in FLUX_FAMILIES else peft_to_diffusers(peft))
         meta = {**adapter_header(peft, rank, alpha), **ours}
     out.update(embedding_keys(embeddings or {}, to))
     with atomic_path(dst) as tmp:
@@ -313,7 +348,8 @@ def alpha_from_header(header: dict[str, str], default: float | None) -> float | 
     """The alpha diffusers' adapter metadata records, or ``default``."""
     try:
         meta = parse_json(header.get("lora_adapter_metadata", "{}"), "lora_adapter_metadata")
-        value = meta.get("unet.lora_alpha", meta.get("text_encoder.lora_alpha"))
+        value = next((meta[k] for k in ("unet.lora_alpha", "transformer.lora_alpha",
+                                        "text_encoder.lora_alpha") if k in meta), None)
         return float(value) if value is not None else default
     except (UserError, ValueError, TypeError, AttributeError):
         return default
@@ -337,7 +373,8 @@ def save_lora(folder: str | Path, unet: torch.nn.Module, text_encoder: torch.nn.
     ``family="sdxl"`` (kohya then names the UNet modules as sd-scripts does)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    peft = module_lora(unet, "unet")
+    # a FLUX family's ``unet`` is its transformer
+    peft = module_lora(unet, "transformer" if family in FLUX_FAMILIES else "unet")
     for part, module in (("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
         if module is not None:
             peft.update(module_lora(module, part))
@@ -375,7 +412,7 @@ def load_into_pipeline(pipe: StableDiffusionPipeline, run: str | Path) -> tuple[
     except (ValueError, RuntimeError, KeyError) as e:
         raise UserError(f"{path}: does not fit this base model ({first_line(e, 200)})") from None
     held = set()
-    for part in ("unet", *TEXT_PARTS):
+    for part in ("unet", "transformer", *TEXT_PARTS):
         if ADAPTER in (getattr(getattr(pipe, part, None), "peft_config", None) or {}):
             held |= _modules(module_lora(getattr(pipe, part), part, ADAPTER))
     wanted = _modules(peft)

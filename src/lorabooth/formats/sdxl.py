@@ -22,6 +22,7 @@ import torch
 
 from ..core.errors import UserError
 from ..core.fileio import parse_json
+from .flux import FLUX_FAMILIES, FLUX_NAMES, family_of_keys
 from .singlefile import (
     ldm_pairs,
     save_single_file,
@@ -33,14 +34,15 @@ from .singlefile import (
 
 # The model families, by the names the whole package uses for them
 # (models/families.py's FAMILIES): one text encoder (SD 1.x/2.x) or SDXL's two.
+# FLUX.1 and FLUX.2 [klein] (formats.flux) are named by their own names.
 SD, SDXL = "sd1", "sdxl"
-FAMILY_NAMES = {SD: "Stable Diffusion 1.x/2.x", SDXL: "SDXL"}
+FAMILY_NAMES = {SD: "Stable Diffusion 1.x/2.x", SDXL: "SDXL", **FLUX_NAMES}
 FAMILY_KEY = "lorabooth.family"
 # What a LoRA file's header holds under FAMILY_KEY: "sd" for SD 1.x/2.x, as
 # every lorabooth so far has written it (kept, so files do not change), and
 # what a header may hold -> the family ("sd1" too, should a file say so).
-HEADER_FAMILY = {SD: "sd", SDXL: "sdxl"}
-FAMILY_OF_HEADER = {"sd": SD, SD: SD, SDXL: SDXL}
+HEADER_FAMILY = {SD: "sd", SDXL: "sdxl", **{f: f for f in FLUX_FAMILIES}}
+FAMILY_OF_HEADER = {"sd": SD, SD: SD, SDXL: SDXL, **{f: f for f in FLUX_FAMILIES}}
 # What kohya's sd-scripts write into an SDXL LoRA's header; AUTOMATIC1111 and
 # model sites sort LoRAs by base model on these.
 SDXL_KOHYA_META = {"ss_base_model_version": "sdxl_base_v1-0",
@@ -86,8 +88,9 @@ OPENCLIP_TOP = {"text_model.embeddings.token_embedding.weight": "token_embedding
 
 
 def family_of(tensors: dict[str, torch.Tensor], header: dict[str, str] | None = None) -> str:
-    """SDXL or SD for a LoRA in any layout: our header's field if written,
-    else a second text encoder's keys, else SDXL's cross-attention width."""
+    """SDXL, SD or a FLUX family for a LoRA in any layout: our header's field
+    if written, else FLUX's block names, else a second text encoder's keys,
+    else SDXL's cross-attention width."""
     recorded = (header or {}).get(FAMILY_KEY)
     if recorded:
         try:
@@ -96,6 +99,9 @@ def family_of(tensors: dict[str, torch.Tensor], header: dict[str, str] | None = 
             pass
         if isinstance(recorded, str) and recorded in FAMILY_OF_HEADER:
             return FAMILY_OF_HEADER[recorded]
+    flux = family_of_keys(tensors)
+    if flux is not None:
+        return flux
     if any(k.startswith(("text_encoder_2.", "lora_te2_")) for k in tensors):
         return SDXL
     for key, value in tensors.items():
