@@ -82,6 +82,13 @@ def _building(seed: int, dtype: torch.dtype, device: str):
             torch.set_default_dtype(old)
 
 
+def _eval(base):
+    """Inference mode, as from_pretrained leaves a model (T5 has dropout)."""
+    for module in (base.unet, base.vae, *base.text_encoders):
+        module.eval()
+    return base
+
+
 def build_tiny_flux2(seed: int = 0):
     """FLUX.2 [klein]'s classes with small random weights, built in about a
     second: a Qwen3 of 28 layers 32 wide (so the pipeline's layers 9, 18 and
@@ -110,8 +117,8 @@ def build_tiny_flux2(seed: int = 0):
             norm_num_groups=8, sample_size=32)
         vae.bn.running_mean.copy_(0.1 * torch.randn(16))
         vae.bn.running_var.copy_(0.5 + torch.rand(16))
-    return BaseModel("tiny-flux2", tokenizer, text_encoder, vae, transformer, flow_scheduler(),
-                     FAMILIES["flux2"], resolution=32)
+    return _eval(BaseModel("tiny-flux2", tokenizer, text_encoder, vae, transformer,
+                           flow_scheduler(), FAMILIES["flux2"], resolution=32))
 
 
 def build_tiny_flux(seed: int = 0):
@@ -144,8 +151,8 @@ def build_tiny_flux(seed: int = 0):
             **FLUX1_VAE, "block_out_channels": (32, 64), "layers_per_block": 1,
             "down_block_types": ("DownEncoderBlock2D",) * 2,
             "up_block_types": ("UpDecoderBlock2D",) * 2, "sample_size": 32})
-    return BaseModel("tiny-flux", clip_tokenizer(), clip, vae, transformer, flow_scheduler(),
-                     FAMILIES["flux1"], t5_tok, t5, resolution=32)
+    return _eval(BaseModel("tiny-flux", clip_tokenizer(), clip, vae, transformer,
+                           flow_scheduler(), FAMILIES["flux1"], t5_tok, t5, resolution=32))
 
 
 def build_flux2_klein_random(seed: int = 0, dtype: torch.dtype = torch.bfloat16,
@@ -163,8 +170,8 @@ def build_flux2_klein_random(seed: int = 0, dtype: torch.dtype = torch.bfloat16,
         text_encoder = Qwen3ForCausalLM(Qwen3Config(**QWEN3_4B))
         transformer = Flux2Transformer2DModel(**FLUX2_KLEIN_TRANSFORMER)
         vae = AutoencoderKLFlux2(**FLUX2_VAE)
-    return BaseModel("flux2-klein-random", qwen_tokenizer(), text_encoder, vae, transformer,
-                     flow_scheduler(), FAMILIES["flux2"])
+    return _eval(BaseModel("flux2-klein-random", qwen_tokenizer(), text_encoder, vae,
+                           transformer, flow_scheduler(), FAMILIES["flux2"]))
 
 
 def build_flux_random(seed: int = 0, dtype: torch.dtype = torch.bfloat16, device: str = "cpu"):
@@ -183,8 +190,8 @@ def build_flux_random(seed: int = 0, dtype: torch.dtype = torch.bfloat16, device
         t5 = T5EncoderModel(T5Config(**T5_XXL))
         transformer = FluxTransformer2DModel(**FLUX1_DEV_TRANSFORMER)
         vae = AutoencoderKL(**FLUX1_VAE)
-    return BaseModel("flux-random", clip_tokenizer(), clip, vae, transformer, flow_scheduler(),
-                     FAMILIES["flux1"], t5_tokenizer(), t5)
+    return _eval(BaseModel("flux-random", clip_tokenizer(), clip, vae, transformer,
+                           flow_scheduler(), FAMILIES["flux1"], t5_tokenizer(), t5))
 
 
 def build_builtin_flux(name: str):

@@ -2,7 +2,8 @@
 fixed text with the `tokenizers` library, deterministic (no download, no
 sentencepiece): a small byte-level BPE as Qwen3's tokenizer class
 (Qwen2TokenizerFast, with the chat template Flux2KleinPipeline applies) and
-a small Unigram model as T5's (T5TokenizerFast). Real models bring their own
+a small Unigram model from the text's word and character counts as T5's
+(T5TokenizerFast). Real models bring their own
 tokenizers; these give the same classes and code paths with a vocabulary of
 a few hundred tokens."""
 
@@ -23,7 +24,6 @@ a close up photo of a shoe on the grass with a blue sky in the background.
 """.split("\n")
 
 QWEN_VOCAB = 512
-T5_VOCAB = 256
 MAX_LENGTH = 512  # the window both FLUX pipelines read by default (max_sequence_length)
 
 # Qwen3's chat template, cut to what Flux2KleinPipeline uses: user (and
@@ -70,14 +70,23 @@ def qwen_tokenizer():
 
 @lru_cache(maxsize=1)
 def _unigram() -> tuple[tuple[str, float], ...]:
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    """A Unigram vocabulary from the fixed text's counts: every word (with
+    SentencePiece's "▁" for the space before it) and every character, each
+    scored log(count / total), so known words are one piece and any other
+    word splits into characters. Counted here because `tokenizers`'
+    UnigramTrainer is not deterministic across processes (it visits pieces
+    in hash order)."""
+    import math
+    from collections import Counter
 
-    tok = Tokenizer(models.Unigram())
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.train_from_iterator(FIXED_TEXT, trainers.UnigramTrainer(
-        vocab_size=T5_VOCAB, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>",
-        show_progress=False))
-    return tuple((piece, float(score)) for piece, score in json.loads(tok.to_str())["model"]["vocab"])
+    words = Counter("\u2581" + w for line in FIXED_TEXT for w in line.split())
+    chars = Counter(c for line in FIXED_TEXT for c in line.replace(" ", "\u2581")) \
+        + Counter({"\u2581": 1})
+    counts = chars + words
+    total = sum(counts.values())
+    pieces = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    specials = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    return tuple(specials + [(p, math.log(n / total)) for p, n in pieces])
 
 
 def t5_tokenizer():
