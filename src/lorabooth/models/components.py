@@ -21,8 +21,10 @@ CLIP_VOCAB_SIZE = 49408
 
 @dataclass
 class BaseModel:
-    """The parts of a Stable-Diffusion-shaped model that training needs;
-    ``family`` says which text encoders it has (SDXL: a second one)."""
+    """The parts of a diffusion model that training needs; ``family`` says
+    which text encoders it has (SDXL: a second one; FLUX.1: CLIP-L, then
+    T5). ``unet`` is the denoiser: a UNet, or the FLUX families' transformer
+    (diffusers' ``transformer``), with a flow-matching ``noise_scheduler``."""
 
     name: str
     tokenizer: CLIPTokenizer
@@ -32,7 +34,8 @@ class BaseModel:
     noise_scheduler: DDPMScheduler
     family: Family = FAMILIES["sd1"]
     tokenizer_2: CLIPTokenizer | None = None
-    text_encoder_2: torch.nn.Module | None = None  # CLIPTextModelWithProjection
+    text_encoder_2: torch.nn.Module | None = None  # CLIPTextModelWithProjection; FLUX.1's T5
+    resolution: int = 0  # a transformer's native size in pixels (0: the family's)
 
     @property
     def tokenizers(self) -> list[CLIPTokenizer]:
@@ -49,7 +52,10 @@ class BaseModel:
 
     @property
     def native_resolution(self) -> int:
-        return int(self.unet.config.sample_size) * self.vae_scale_factor
+        size = getattr(self.unet.config, "sample_size", None)  # a transformer has none
+        if size is None:
+            return self.resolution or self.family.resolution
+        return int(size) * self.vae_scale_factor
 
 
 def _bytes_to_unicode() -> dict[int, str]:

@@ -1,6 +1,6 @@
-"""Model families: what differs between Stable Diffusion 1.x and SDXL, one
-object each, so the training loop and drawing call the family instead of
-branching on the architecture.
+"""Model families: what differs between Stable Diffusion 1.x, SDXL, FLUX.1
+and FLUX.2 [klein], one object each, so the training loop and drawing call
+the family instead of branching on the architecture.
 
 A family says which text encoders the model has (diffusers' names), how a
 batch of token ids becomes the UNet's conditioning, which pipeline draws, and
@@ -8,6 +8,13 @@ whether the VAE must stay fp32. SDXL also conditions on the pooled text
 embedding of its second encoder and on "micro-conditioning" time ids
 (original size, crop top-left, target size; Podell et al., 2023, sec. 2.2),
 which ``time_ids`` computes from a photo's size and crop box.
+
+The FLUX families are flow-matching transformers (``flow`` is True): the
+denoiser (BaseModel's ``unet`` slot, diffusers' ``transformer``) reads packed
+latent tokens, position ids and a timestep in [0, 1] (``predict``), their
+text windows differ in length per encoder (``tokenize``), and their latents
+are normalised otherwise (``to_flow_latents``; the arithmetic in
+flux_latents.py).
 """
 
 from __future__ import annotations
@@ -19,15 +26,18 @@ from typing import Protocol
 import torch
 
 from ..formats import sdxl as names  # the families' names, one vocabulary
+from . import flux_latents as lat
 
 Box = tuple[float, float, float, float]  # left, top, right, bottom in the photo's pixels
 
 
 @dataclass(frozen=True)
 class Conditioning:
-    """What the UNet reads beside the noisy latents, one row per latent:
-    ``hidden`` (B, 77, D) text states; SDXL adds ``pooled`` (B, P), encoder
-    2's projected text embedding, and ``time_ids`` (B, 6)."""
+    """What the denoiser reads beside the noisy latents, one row per latent:
+    ``hidden`` (B, L, D) text states (L = 77 for CLIP, 512 for FLUX's T5 and
+    Qwen3); SDXL adds ``pooled`` (B, P), encoder 2's projected text
+    embedding, and ``time_ids`` (B, 6); FLUX.1 adds ``pooled`` (B, 768),
+    CLIP's pooled output."""
 
     hidden: torch.Tensor
     pooled: torch.Tensor | None = None
@@ -111,6 +121,10 @@ class Family(Protocol):
     name: str
     encoders: tuple[str, ...]  # diffusers' component names of the text encoders
     pipeline_name: str  # the diffusers class that draws (for the run's README)
+    flow: bool  # a flow-matching transformer (FLUX): ``predict`` instead of ``unet_inputs``
+
+    def tokenize(self, tokenizers: list, prompts: list[str]) -> torch.Tensor:
+        """Prompts -> token ids (P, rows, L) that ``encode`` reads."""
 
     def encode(self, encoders: list[torch.nn.Module], ids: torch.Tensor) -> Conditioning:
         """Token ids (B, len(encoders), 77) -> the text part of the conditioning."""
@@ -121,6 +135,9 @@ class Family(Protocol):
     def pipeline(self, components: dict, scheduler):
         """A drawing pipeline over these modules (no copies)."""
 
+    def sampler(self, noise_scheduler):
+        """The scheduler that draws, built from the training one's config."""
+
 
 class SD1Family:
     """Stable Diffusion 1.x (and the built-in tiny, toy, sd15-random)."""
@@ -128,6 +145,15 @@ class SD1Family:
     name = names.SD  # "sd1"
     encoders = ("text_encoder",)
     pipeline_name = "StableDiffusionPipeline"
+    flow = False
+
+    def tokenize(self, tokenizers: list, prompts: list[str]) -> torch.Tensor:
+        return tokenize_all(tokenizers, prompts)
+
+    def sampler(self, noise_scheduler):
+        from diffusers import DPMSolverMultistepScheduler
+
+        return DPMSolverMultistepScheduler.from_config(noise_scheduler.config)
 
     def encode(self, encoders: list[torch.nn.Module], ids: torch.Tensor) -> Conditioning:
         return Conditioning(encoders[0](ids[:, 0])[0])
@@ -152,6 +178,9 @@ class SDXLFamily:
     name = names.SDXL  # "sdxl"
     encoders = ("text_encoder", "text_encoder_2")
     pipeline_name = "StableDiffusionXLPipeline"
+    flow = False
+    tokenize = SD1Family.tokenize
+    sampler = SD1Family.sampler
 
     def encode(self, encoders: list[torch.nn.Module], ids: torch.Tensor) -> Conditioning:
         outputs = [encoder(ids[:, i], output_hidden_states=True)
@@ -175,13 +204,166 @@ class SDXLFamily:
             scheduler=scheduler, add_watermarker=False)
 
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (SD1Family(), SDXLFamily())}
+class Flux2Family:
+    """FLUX.2 [klein]: one text encoder (Qwen3) reading the prompt in its chat
+    template, its hidden states of layers 9, 18 and 27 side by side (B, 512,
+    3 x 2560), as Flux2KleinPipeline.encode_prompt; no pooled embedding; the
+    latents patchified and standardised by the VAE's batch-norm statistics."""
+
+    name = "flux2"
+    encoders = ("text_encoder",)
+    pipeline_name = "Flux2KleinPipeline"
+    flow = True
+    layers = (9, 18, 27)  # the pipeline's text_encoder_out_layers
+    max_length = 512  # the pipeline's max_sequence_length
+    resolution = 1024
+
+    def tokenize(self, tokenizers: list, prompts: list[str]) -> torch.Tensor:
+        """(P, 2, 512): row 0 the chat-templated prompt's ids, row 1 its
+        attention mask (Qwen3 pads with a token that may not be masked out
+        by id alone, so the mask travels with the ids)."""
+        tokenizer = tokenizers[0]
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                               add_generation_prompt=True, enable_thinking=False)
+                 for p in prompts]
+        out = tokenizer(texts, padding="max_length", truncation=True, max_length=self.max_length,
+                        return_tensors="pt")
+        return torch.stack([out.input_ids, out.attention_mask], dim=1)
+
+    def encode(self, encoders: list[torch.nn.Module], ids: torch.Tensor) -> Conditioning:
+        out = encoders[0](input_ids=ids[:, 0], attention_mask=ids[:, 1],
+                          output_hidden_states=True, use_cache=False)
+        hidden = torch.stack([out.hidden_states[k] for k in self.layers], dim=2)  # (B, L, 3, D)
+        return Conditioning(hidden.flatten(2))  # (B, L, 3D)
+
+    def to_flow_latents(self, vae: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
+        """The VAE's latents (B, C, H, W) -> the flow's (B, 4C, H/2, W/2)."""
+        return lat.flux2_normalize(z, *_bn_stats(vae))
+
+    def from_flow_latents(self, vae: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return lat.flux2_denormalize(x, *_bn_stats(vae))
+
+    def denoiser_inputs(self, context: Conditioning, latents: torch.Tensor,
+                        sigmas: torch.Tensor, guidance: torch.Tensor | None = None) -> dict:
+        """Flux2Transformer2DModel's keyword arguments for flow latents
+        (B, C, h, w) at ``sigmas`` (B,) in [0, 1]."""
+        _, _, h, w = latents.shape
+        device = context.hidden.device
+        return {"hidden_states": lat.pack_flat(latents), "timestep": sigmas,
+                "encoder_hidden_states": context.hidden, "guidance": guidance,
+                "txt_ids": lat.flux2_text_ids(context.hidden.shape[1]).to(device),
+                "img_ids": lat.flux2_image_ids(h, w).to(device)}
+
+    def predict(self, denoiser: torch.nn.Module, latents: torch.Tensor, sigmas: torch.Tensor,
+                context: Conditioning, guidance: float | None = None) -> torch.Tensor:
+        """The denoiser's velocity prediction in the latents' shape (B, C, h, w)."""
+        return _predict(self, denoiser, latents, sigmas, context, guidance, lat.unpack_flat)
+
+    def pipeline(self, components: dict, scheduler):
+        from diffusers import Flux2KleinPipeline
+
+        return Flux2KleinPipeline(
+            scheduler=scheduler, vae=components["vae"], text_encoder=components["text_encoder"],
+            tokenizer=components["tokenizer"], transformer=components["unet"])
+
+    def sampler(self, noise_scheduler):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler.from_config(noise_scheduler.config)
+
+
+class Flux1Family:
+    """FLUX.1: CLIP-L's pooled output (B, 768) and T5-XXL's last hidden
+    states (B, 512, 4096), as FluxPipeline.encode_prompt (CLIP is diffusers'
+    text_encoder, T5 text_encoder_2); [dev]'s guidance embedding; latents
+    shifted and scaled, packed in 2 x 2 patches."""
+
+    name = "flux1"
+    encoders = ("text_encoder", "text_encoder_2")
+    pipeline_name = "FluxPipeline"
+    flow = True
+    clip_length = 77
+    max_length = 512  # T5's window (FLUX.1 [dev]; [schnell] reads 256)
+    resolution = 1024
+
+    def tokenize(self, tokenizers: list, prompts: list[str]) -> torch.Tensor:
+        """(P, 2, 512): row 0 CLIP's 77 ids (then its padding, never read),
+        row 1 T5's 512."""
+        clip = tokenize(tokenizers[0], prompts)  # (P, 77)
+        t5 = tokenizers[1](prompts, padding="max_length", max_length=self.max_length,
+                           truncation=True, return_tensors="pt").input_ids
+        clip = torch.nn.functional.pad(clip, (0, t5.shape[1] - clip.shape[1]),
+                                       value=tokenizers[0].pad_token_id)
+        return torch.stack([clip, t5], dim=1)
+
+    def encode(self, encoders: list[torch.nn.Module], ids: torch.Tensor) -> Conditioning:
+        pooled = encoders[0](ids[:, 0, :self.clip_length], output_hidden_states=False).pooler_output
+        hidden = encoders[1](ids[:, 1], output_hidden_states=False)[0]  # (B, 512, D)
+        return Conditioning(hidden, pooled)
+
+    def to_flow_latents(self, vae: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
+        return lat.flux1_normalize(z, vae.config.shift_factor, vae.config.scaling_factor)
+
+    def from_flow_latents(self, vae: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return lat.flux1_denormalize(x, vae.config.shift_factor, vae.config.scaling_factor)
+
+    def denoiser_inputs(self, context: Conditioning, latents: torch.Tensor,
+                        sigmas: torch.Tensor, guidance: torch.Tensor | None = None) -> dict:
+        """FluxTransformer2DModel's keyword arguments for flow latents
+        (B, C, h, w) at ``sigmas`` (B,) in [0, 1]; ``guidance`` (B,) for
+        [dev]'s guidance embedding."""
+        _, _, h, w = latents.shape
+        device = context.hidden.device
+        return {"hidden_states": lat.pack_patches(latents), "timestep": sigmas,
+                "encoder_hidden_states": context.hidden, "pooled_projections": context.pooled,
+                "guidance": guidance,
+                "txt_ids": lat.flux1_text_ids(context.hidden.shape[1]).to(device),
+                "img_ids": lat.flux1_image_ids(h, w).to(device)}
+
+    def predict(self, denoiser: torch.nn.Module, latents: torch.Tensor, sigmas: torch.Tensor,
+                context: Conditioning, guidance: float | None = None) -> torch.Tensor:
+        return _predict(self, denoiser, latents, sigmas, context, guidance, lat.unpack_patches)
+
+    def pipeline(self, components: dict, scheduler):
+        from diffusers import FluxPipeline
+
+        return FluxPipeline(
+            scheduler=scheduler, vae=components["vae"], text_encoder=components["text_encoder"],
+            tokenizer=components["tokenizer"], text_encoder_2=components["text_encoder_2"],
+            tokenizer_2=components["tokenizer_2"], transformer=components["unet"])
+
+    sampler = Flux2Family.sampler
+
+
+def _bn_stats(vae: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """FLUX.2's VAE: the mean and standard deviation of its patchified latents."""
+    return vae.bn.running_mean, torch.sqrt(vae.bn.running_var + vae.config.batch_norm_eps)
+
+
+def _predict(family, denoiser: torch.nn.Module, latents: torch.Tensor, sigmas: torch.Tensor,
+             context: Conditioning, guidance: float | None, unpack) -> torch.Tensor:
+    """Pack, call the transformer, unpack: (B, C, h, w) in, (B, C, h, w) out.
+    ``guidance`` reaches a denoiser with a guidance embedding only (FLUX.1
+    [dev]); the others ignore it, as their pipelines do."""
+    b, _, h, w = latents.shape
+    g = None
+    if getattr(denoiser.config, "guidance_embeds", False):
+        if guidance is None:
+            raise ValueError("this transformer embeds the guidance scale: pass guidance")
+        g = torch.full((b,), float(guidance), device=latents.device)
+    out = denoiser(**family.denoiser_inputs(context, latents, sigmas.to(latents.device), g),
+                   return_dict=False)[0]
+    return unpack(out, h, w)
+
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (SD1Family(), SDXLFamily(), Flux2Family(),
+                                                   Flux1Family())}
 
 
 def encode_prompts(family: Family, tokenizers: list, encoders: list[torch.nn.Module],
                    prompts: list[str]) -> Conditioning:
     """Frozen text conditioning of fixed prompts, on the CPU in fp32: (P, ...)."""
-    ids = tokenize_all(tokenizers, prompts)
+    ids = family.tokenize(tokenizers, prompts)
     with torch.inference_mode():
         return family.encode(encoders, ids.to(encoders[0].device)).cpu_float()
 

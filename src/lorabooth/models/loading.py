@@ -1,4 +1,7 @@
-"""Load a base model: a diffusers folder, a hub id, or the built-in `tiny`.
+"""Load a base model: a diffusers folder, a hub id, a single file, or a
+built-in (`tiny`, `tiny-sdxl`, `tiny-flux2`, `tiny-flux`, the random full
+architectures). FLUX folders and files go through flux_architecture.py and
+flux_singlefile.py.
 
 Real models load through diffusers/transformers ``from_pretrained``; nothing
 here waits on the network for long: a hub id that is not in the local cache
@@ -29,9 +32,11 @@ from .components import (  # noqa: F401  (re-exported: the rest of the package i
     sd_noise_scheduler,
 )
 from .families import FAMILIES
+from .flux_architecture import BUILTIN_FLUX
 from .lowmem import load_unet
 
-BUILTIN_MODELS = ("tiny", "toy", "sd15-random", "tiny-sdxl", "sdxl-random")
+BUILTIN_MODELS = ("tiny", "toy", "sd15-random", "tiny-sdxl", "sdxl-random", "tiny-flux2",
+                  "tiny-flux", "flux2-klein-random", "flux-random")
 
 
 def toy_model_dir() -> Path:
@@ -91,8 +96,12 @@ def build_sd15_random(seed: int = 0) -> BaseModel:
 def _load_folder(path: Path, name: str, unet_dtype: torch.dtype = torch.float32,
                  tokenizer: CLIPTokenizer | None = None) -> BaseModel:
     """``tokenizer``: use this one instead of the folder's tokenizer/."""
+    from .flux_architecture import flux_folder_family, load_flux_folder
     from .sdxl_architecture import folder_family
 
+    flux = flux_folder_family(path)
+    if flux:
+        return load_flux_folder(path, name, flux, unet_dtype)
     family = FAMILIES[folder_family(path)]
     second = ("text_encoder_2", "tokenizer_2") if family.name == "sdxl" else ()
     needed = ("unet", "vae", "text_encoder", "scheduler") + (() if tokenizer else ("tokenizer",))
@@ -156,8 +165,12 @@ def _load_single(path: Path, name: str, config: str) -> BaseModel:
     import tempfile
 
     from ..formats.singlefile import load_single_file
-    from .sdxl_architecture import file_family, folder_family, sdxl_config_dir
+    from .flux_singlefile import bfl_family, load_bfl_transformer
+    from .sdxl_architecture import file_family, folder_family, sdxl_config_dir, single_file_keys
 
+    flux = bfl_family(single_file_keys(path))
+    if flux:
+        return _load_flux_single(path, name, config, flux, load_bfl_transformer)
     family = folder_family(Path(config)) if config else file_family(path)
     scratch = None
     if not config:
@@ -171,6 +184,28 @@ def _load_single(path: Path, name: str, config: str) -> BaseModel:
     return BaseModel(name, pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet,
                      DDPMScheduler.from_config(pipe.scheduler.config), FAMILIES[family],
                      getattr(pipe, "tokenizer_2", None), getattr(pipe, "text_encoder_2", None))
+
+
+def _load_flux_single(path: Path, name: str, config: str, family: str, load_transformer):
+    """A FLUX transformer file in BFL's layout; the VAE, text encoders and
+    tokenizers (which such files do not hold) from ``config``, a diffusers
+    folder of the same family (its transformer/config.json, when there,
+    gives the transformer's config; else the built-in one)."""
+    from ..core.fileio import load_json
+    from .flux_architecture import check_flux_folder, flux_folder_family, load_flux_folder
+
+    title = "FLUX.2 [klein]" if family == "flux2" else "FLUX.1"
+    if not config:
+        raise UserError(f"--model {name}: a {title} transformer file holds no VAE, text encoder "
+                        f"or tokenizer; give --model-config a {title} diffusers folder for them")
+    folder = Path(config).expanduser()
+    if flux_folder_family(folder) != family:
+        raise UserError(f"--model-config {config}: not a {title} diffusers folder "
+                        f"(model_index.json names another pipeline), for the {title} file {name}")
+    check_flux_folder(folder, config, family, ("vae", "text_encoder", "tokenizer"))
+    held = folder / "transformer" / "config.json"
+    transformer = load_transformer(path, family, load_json(held) if held.is_file() else None)
+    return load_flux_folder(folder, name, family, transformer=transformer)
 
 
 def load_base(model: str, model_config: str = "",
@@ -187,6 +222,10 @@ def load_base(model: str, model_config: str = "",
         from .sdxl_architecture import build_sdxl_random, build_tiny_sdxl
 
         return build_tiny_sdxl() if model == "tiny-sdxl" else build_sdxl_random()
+    if model in BUILTIN_FLUX:
+        from .flux_architecture import build_builtin_flux
+
+        return build_builtin_flux(model)
     if model == "toy":
         if not (toy_model_dir() / "unet").is_dir():
             raise UserError("--model toy: the toy model is not in this installation; "
@@ -234,24 +273,31 @@ def refuse_adapter(path: Path, model: str) -> None:
 
 
 def model_family(model: str) -> str | None:
-    """"sdxl" or "sd1" for a built-in name, a diffusers folder or a single
-    file, read from names and key lists only (no weights); None for a hub id
-    (not looked up here). A LoRA file or run folder is refused (one line)."""
-    from .sdxl_architecture import file_family, folder_family
+    """"sdxl", "sd1", "flux2" or "flux1" for a built-in name, a diffusers
+    folder or a single file, read from names and key lists only (no
+    weights); None for a hub id (not looked up here). A LoRA file or run
+    folder is refused (one line)."""
+    from .flux_architecture import flux_folder_family
+    from .flux_singlefile import bfl_family
+    from .sdxl_architecture import file_family, folder_family, single_file_keys
 
     path = Path(model).expanduser()
     if model in BUILTIN_MODELS:
-        return "sdxl" if "sdxl" in model else "sd1"
+        return BUILTIN_FLUX.get(model) or ("sdxl" if "sdxl" in model else "sd1")
     refuse_adapter(path, model)
     if path.is_dir():
-        return folder_family(path)
+        return flux_folder_family(path) or folder_family(path)
     if path.is_file():
-        return file_family(path)
+        return bfl_family(single_file_keys(path)) or file_family(path)
     return None
 
 
 def load_tokenizer(model: str) -> CLIPTokenizer:
-    """Only the tokenizer of a base model (no weights loaded)."""
+    """Only the (first) tokenizer of a base model (no weights loaded)."""
+    if BUILTIN_FLUX.get(model) == "flux2":
+        from .flux_tokenizers import qwen_tokenizer
+
+        return qwen_tokenizer()
     if model in BUILTIN_MODELS:
         return clip_tokenizer()  # the built-in models use CLIP's own tokenizer (SDXL: the first)
     path = Path(model).expanduser()
@@ -261,17 +307,21 @@ def load_tokenizer(model: str) -> CLIPTokenizer:
         path = resolve_hub(model)
     if not (path / "tokenizer").is_dir():
         raise UserError(f"--model {model}: no tokenizer/ folder in {path}")
+    from .flux_architecture import flux_folder_family
+
+    if flux_folder_family(path):  # Qwen's BPE (FLUX.2) or CLIP's (FLUX.1), as the folder says
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path, subfolder="tokenizer")
     return CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
 
 
 def pipeline_from_parts(base: BaseModel, scheduler=None) -> StableDiffusionPipeline:
-    """The family's pipeline (StableDiffusionPipeline or
-    StableDiffusionXLPipeline) over the same modules (no copies);
-    DPM-Solver++ unless told."""
-    from diffusers import DPMSolverMultistepScheduler
-
+    """The family's pipeline (StableDiffusionPipeline, StableDiffusionXLPipeline,
+    Flux2KleinPipeline or FluxPipeline) over the same modules (no copies);
+    the family's sampler (DPM-Solver++; FLUX: flow-matching Euler) unless told."""
     if scheduler is None:
-        scheduler = DPMSolverMultistepScheduler.from_config(base.noise_scheduler.config)
+        scheduler = base.family.sampler(base.noise_scheduler)
     components = {"vae": base.vae, "unet": base.unet, "tokenizer": base.tokenizer,
                   "text_encoder": base.text_encoder, "tokenizer_2": base.tokenizer_2,
                   "text_encoder_2": base.text_encoder_2}
