@@ -3,9 +3,9 @@ import torch
 from PIL import Image
 
 from lorabooth.adapters.lora import add_unet_lora, lora_parameters
-from lorabooth.models.families import encode_prompts
+from lorabooth.models.families import Conditioning, encode_prompts
 from lorabooth.models.loading import build_tiny, pipeline_from_parts
-from lorabooth.training.noising import noising_for
+from lorabooth.training.noising import Denoiser, noising_for
 from lorabooth.training.prior import (
     adapters_disabled,
     class_image_name,
@@ -78,6 +78,10 @@ def _trained_looking():
     return base
 
 
+def _denoiser(base):
+    return Denoiser(base.unet, base.family, noising_for(base.noise_scheduler))
+
+
 def _batch(n=2):
     g = torch.Generator().manual_seed(9)
     return (torch.randn(n, 4, 8, 8, generator=g), torch.randn(n, 4, 8, 8, generator=g),
@@ -91,8 +95,8 @@ def test_model_prior_target_is_the_base_models_prediction_exactly():
                              ["a photo of a dog"]).hidden
     latents, noise, t = _batch()
     lat2, noise2, t2, frozen = model_prior_rows(
-        base.unet, noising_for(base.noise_scheduler), latents, noise, t,
-        {"encoder_hidden_states": context.expand(2, -1, -1)}, torch.Generator().manual_seed(1))
+        _denoiser(base), latents, noise, t, Conditioning(context.expand(2, -1, -1)),
+        torch.Generator().manual_seed(1))
     # (B, ...) -> (2B, ...): the instance rows untouched, then the same latents re-noised
     assert lat2.shape == noise2.shape == (4, 4, 8, 8) and t2.shape == (4,) and frozen.shape == (2, 4, 8, 8)
     assert torch.equal(lat2[:2], latents) and torch.equal(lat2[2:], latents)
@@ -113,14 +117,10 @@ def test_model_prior_target_is_the_base_models_prediction_exactly():
 def test_model_prior_rows_are_drawn_from_the_generator():
     base = build_tiny()
     add_unet_lora(base.unet, 4, 4.0)
-    context = {"encoder_hidden_states": torch.randn(1, 77, 32).expand(2, -1, -1)}
+    context = Conditioning(torch.randn(1, 77, 32).expand(2, -1, -1))
     latents, noise, t = _batch()
-    a = model_prior_rows(base.unet, noising_for(base.noise_scheduler), latents, noise, t, context,
-                         torch.Generator().manual_seed(1))
-    b = model_prior_rows(base.unet, noising_for(base.noise_scheduler), latents, noise, t, context,
-                         torch.Generator().manual_seed(1))
-    c = model_prior_rows(base.unet, noising_for(base.noise_scheduler), latents, noise, t, context,
-                         torch.Generator().manual_seed(2))
+    a, b, c = (model_prior_rows(_denoiser(base), latents, noise, t, context,
+                                torch.Generator().manual_seed(seed)) for seed in (1, 1, 2))
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not torch.equal(a[1], c[1]) and not torch.equal(a[3], c[3])
 
@@ -145,8 +145,7 @@ def test_dop_prior_rows_reuse_the_instance_noise_and_timesteps():
     latents, noise, t = _batch()
     rng = torch.Generator().manual_seed(1)
     lat2, noise2, t2, frozen = model_prior_rows(
-        base.unet, noising_for(base.noise_scheduler), latents, noise, t, {"encoder_hidden_states": ctx},
-        rng, same_noise=True)
+        _denoiser(base), latents, noise, t, Conditioning(ctx), rng, same_noise=True)
     assert torch.equal(noise2[2:], noise) and torch.equal(t2[2:], t) and torch.equal(lat2[2:], latents)
     assert torch.equal(rng.get_state(), torch.Generator().manual_seed(1).get_state())
     with torch.no_grad():

@@ -100,9 +100,9 @@ def test_unet_only_run_saves_a_unet_lora_and_feeds_the_time_ids(photos, tmp_path
     seen = []
     real = t.step_loss
 
-    def spy(unet, scheduler, latents, noise, timesteps, inputs, *rest):
-        seen.append(inputs)
-        return real(unet, scheduler, latents, noise, timesteps, inputs, *rest)
+    def spy(denoiser, latents, noise, timesteps, context, *rest):
+        seen.append(denoiser.family.unet_inputs(context))  # what the UNet reads
+        return real(denoiser, latents, noise, timesteps, context, *rest)
 
     monkeypatch.setattr(t, "step_loss", spy)
     run = train(_config(photos, tmp_path / "r", lr=1e-2))

@@ -23,7 +23,7 @@ from lorabooth.models.families import tokenize
 from lorabooth.models.loading import build_tiny
 from lorabooth.models.precision import cast_frozen, frozen_dtype, tune_allocator
 from lorabooth.training.data import load_image
-from lorabooth.training.noising import noising_for
+from lorabooth.training.noising import Denoiser, noising_for
 from lorabooth.training.setup import setup_optimizer
 
 RES = 64
@@ -68,10 +68,9 @@ def test_fast_step_equals_the_plain_step(photos, tmp_path, weight):
     gen = torch.Generator().manual_seed(3)
     latents = t.sample_latents(examples, [0], [0], gen)
     noise = torch.randn(latents.shape, generator=gen)
-    context = base.family.unet_inputs(
-        t.text_context(examples, {"unet": base.unet}, [0], 1, torch.device("cpu")))
-    fast, _, _ = t.step_loss(base.unet, noising_for(base.noise_scheduler), latents, noise, timesteps,
-                             context, 1, weight)
+    context = t.text_context(examples, {"unet": base.unet}, [0], 1, torch.device("cpu"))
+    denoiser = Denoiser(base.unet, base.family, noising_for(base.noise_scheduler))
+    fast, _, _ = t.step_loss(denoiser, latents, noise, timesteps, context, 1, weight)
     plain = _plain_loss(base, plain_unet, paths, ["a photo of sks dog", "a photo of a dog"],
                         weight, torch.Generator().manual_seed(3), timesteps)
     assert fast.item() == pytest.approx(plain.item(), rel=1e-5)

@@ -137,13 +137,13 @@ def test_v_prediction_model_trains_on_the_velocity(photos, tmp_path, monkeypatch
     seen = []
     real_step_loss = t.step_loss
 
-    def spy(unet, noising, latents, noise, timesteps, context, n_instance, prior_weight,
-            *levers):
-        out = real_step_loss(unet, noising, latents, noise, timesteps, context, n_instance,
+    def spy(denoiser, latents, noise, timesteps, context, n_instance, prior_weight, *levers):
+        out = real_step_loss(denoiser, latents, noise, timesteps, context, n_instance,
                              prior_weight, *levers)
-        scheduler = noising.scheduler
+        scheduler, unet = denoiser.noising.scheduler, denoiser.module
         with torch.no_grad():  # the same inputs, the target taken from the scheduler
-            pred = unet(scheduler.add_noise(latents, noise, timesteps), timesteps, **context).sample
+            pred = unet(scheduler.add_noise(latents, noise, timesteps), timesteps,
+                        context.hidden).sample
             velocity = scheduler.get_velocity(latents, noise, timesteps)
             seen.append((out[0].item(), F.mse_loss(pred, velocity).item(),
                          F.mse_loss(pred, noise).item()))

@@ -73,9 +73,17 @@ def prompt_slug(index: int, prompt: str) -> str:
     return f"{index:02d}-{words or 'prompt'}"
 
 
-def _scheduler(name: str, config):
+def _scheduler(name: str, base):
+    """The sampler --scheduler names; a flow model (FLUX) draws with its own
+    flow-matching Euler sampler whatever the name (the others integrate a
+    DDPM schedule it was not trained on)."""
+    if base.family.flow:
+        if name != "dpm":  # not the default: the user asked for another
+            log.warning("--scheduler %s: %s draws with its flow-matching Euler sampler",
+                        name, base.name)
+        return base.family.sampler(base.noise_scheduler)
     cls, extra = SCHEDULERS[name]
-    return cls.from_config(config, **extra)
+    return cls.from_config(base.noise_scheduler.config, **extra)
 
 
 def load_pipeline(run: str | Path, model: str = "",
@@ -90,7 +98,7 @@ def load_pipeline(run: str | Path, model: str = "",
     if not base_name:
         raise UserError(f"{run}: the LoRA does not record its base model; pass --model")
     base = load_base(base_name, "" if model else str(meta.get("model_config", "")))
-    pipe = pipeline_from_parts(base, _scheduler(scheduler, base.noise_scheduler.config))
+    pipe = pipeline_from_parts(base, _scheduler(scheduler, base))
     pipe.set_progress_bar_config(disable=True)
     return pipe, load_into_pipeline(pipe, run)
 
@@ -143,9 +151,15 @@ def draw(pipe: StableDiffusionPipeline, has_text: tuple[str, ...], prompt: str, 
 def _call(pipe, prompt: str, setting: Setting, generators: list[torch.Generator], steps: int,
           negative_prompt: str | None, size: tuple[int | None, int | None]) -> list[Image.Image]:
     n = len(generators)
-    arrays = pipe([prompt] * n, negative_prompt=[negative_prompt] * n if negative_prompt else None,
-                  guidance_scale=setting.guidance, num_inference_steps=steps,
-                  generator=generators, width=size[0], height=size[1], output_type="np").images
+    negative = {}
+    if negative_prompt:
+        if type(pipe).__name__.startswith("Flux"):
+            raise UserError(f"--negative-prompt: {type(pipe).__name__} draws with distilled "
+                            f"guidance and reads no negative prompt; leave it out")
+        negative = {"negative_prompt": [negative_prompt] * n}
+    arrays = pipe(prompt=[prompt] * n, **negative, guidance_scale=setting.guidance,
+                  num_inference_steps=steps, generator=generators, width=size[0],
+                  height=size[1], output_type="np").images
     check_images(arrays, f"{prompt!r} at {setting.label}")  # as PNGs NaN would be black
     return pipe.numpy_to_pil(arrays)
 

@@ -24,17 +24,23 @@ TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 ADAPTER = "lorabooth"
 
 
-def lora_config(rank: int, alpha: float, targets: tuple[str, ...],
+def lora_config(rank: int, alpha: float, targets: tuple[str, ...] | str,
                 dora: bool = False) -> LoraConfig:
+    """``targets``: module-name suffixes, or one regular expression matched
+    against whole names (the FLUX families', formats/flux.target_modules)."""
     # Gaussian init of A, zeros for B (peft's default for B): the adapter starts
     # as an exact no-op, so step 0 draws the base model's images. DoRA's
     # magnitude starts at the weight's row norms, so it starts as a no-op too.
     return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
-                      target_modules=list(targets), use_dora=dora)
+                      target_modules=targets if isinstance(targets, str) else list(targets),
+                      use_dora=dora)
 
 
-def add_unet_lora(unet: torch.nn.Module, rank: int, alpha: float, dora: bool = False) -> None:
-    unet.add_adapter(lora_config(rank, alpha, UNET_TARGETS, dora))
+def add_unet_lora(unet: torch.nn.Module, rank: int, alpha: float, dora: bool = False,
+                  targets: tuple[str, ...] | str = UNET_TARGETS) -> None:
+    """LoRA on the denoiser: the UNet's attention (SD 1.x, SDXL) or, with the
+    family's ``targets``, a transformer's."""
+    unet.add_adapter(lora_config(rank, alpha, targets, dora))
 
 
 def add_text_lora(text_encoder: torch.nn.Module, rank: int, alpha: float,
@@ -142,13 +148,19 @@ def set_scales(pipe: StableDiffusionPipeline, unet_scale: float, text_scale: flo
     off, not multiplied by 0 (a DoRA layer at scale 0 would still apply its
     trained magnitudes), and the identifier's rows are the base model's."""
     per_encoder = {"text_encoder_2": text_scale if text2_scale is None else text2_scale}
-    weights = {"unet": unet_scale, **{part: per_encoder.get(part, text_scale)
-                                      for part in text_parts}}
+    weights = {denoiser_name(pipe): unet_scale, **{part: per_encoder.get(part, text_scale)
+                                                   for part in text_parts}}
     pipe.set_adapters([ADAPTER], adapter_weights=[weights])
     for part, scale in weights.items():
         switch_adapters(getattr(pipe, part), bool(scale))
     scale_rows(pipe.text_encoder, text_scale)
     return weights
+
+
+def denoiser_name(pipe) -> str:
+    """The pipeline's denoiser component: ``unet`` (SD 1.x, SDXL) or
+    ``transformer`` (FLUX); --unet-scale scales either."""
+    return "transformer" if "transformer" in pipe.components else "unet"
 
 
 def switch_adapters(module: torch.nn.Module, on: bool) -> None:

@@ -37,6 +37,8 @@ def prior_mode(value: Any) -> Any:
 
 
 ADAPTERS = ("lora", "dora")
+# flow models' timestep densities (Esser et al., 2024, sec. 3.1; diffusers' names)
+TIMESTEP_SAMPLINGS = ("logit_normal", "uniform", "mode")
 
 
 def check_adapter(adapter: str, save_format: str) -> None:
@@ -128,6 +130,10 @@ class TrainConfig:
     class_draw_batch: int = _help("Class images drawn per batch.", 4)
     snr_gamma: float = _help("Min-SNR-gamma loss weighting: weigh each sample by "
                              "min(SNR, gamma)/SNR (typical 5; 0: off).", 0.0)
+    timestep_sampling: str = _help(
+        "Flow models (FLUX): how each step draws its noise level: logit_normal (mass in the "
+        "middle, SD3's default), uniform, or mode (SD3's mode sampling). Ignored by SD 1.x/SDXL, "
+        "which draw uniformly.", "logit_normal", choices=TIMESTEP_SAMPLINGS)
     noise_offset: float = _help("Add this x N(0,1) per sample and channel to the noise, so "
                                 "brightness can shift (typical 0.05; 0: off).", 0.0)
     caption_dropout: float = _help("Probability of training an instance image on the empty "

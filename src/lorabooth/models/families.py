@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 
@@ -132,8 +132,17 @@ class Family(Protocol):
     def unet_inputs(self, context: Conditioning) -> dict:
         """The UNet's keyword arguments beside the noisy latents and timesteps."""
 
+    def predict(self, denoiser: torch.nn.Module, latents: torch.Tensor, t: torch.Tensor,
+                context: Conditioning, guidance: float | None = None) -> torch.Tensor:
+        """The denoiser's prediction for noisy latents (B, C, h, w) at the
+        model's time ``t`` (B,), in the latents' shape."""
+
     def pipeline(self, components: dict, scheduler):
         """A drawing pipeline over these modules (no copies)."""
+
+    def model_latents(self, vae: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The map from the VAE's latents to the denoiser's, holding only the
+        VAE's constants (so the VAE itself can be freed once latents are cached)."""
 
     def sampler(self, noise_scheduler):
         """The scheduler that draws, built from the training one's config."""
@@ -161,6 +170,14 @@ class SD1Family:
     def unet_inputs(self, context: Conditioning) -> dict:
         return {"encoder_hidden_states": context.hidden}
 
+    def predict(self, denoiser: torch.nn.Module, latents: torch.Tensor, t: torch.Tensor,
+                context: Conditioning, guidance: float | None = None) -> torch.Tensor:
+        """The UNet's prediction (epsilon or v) at integer timesteps ``t``."""
+        return denoiser(latents, t, **self.unet_inputs(context)).sample
+
+    def model_latents(self, vae: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+        return functools.partial(torch.mul, other=float(vae.config.scaling_factor))
+
     def pipeline(self, components: dict, scheduler):
         from diffusers import StableDiffusionPipeline
 
@@ -181,6 +198,8 @@ class SDXLFamily:
     flow = False
     tokenize = SD1Family.tokenize
     sampler = SD1Family.sampler
+    predict = SD1Family.predict
+    model_latents = SD1Family.model_latents
 
     def encode(self, encoders: list[torch.nn.Module], ids: torch.Tensor) -> Conditioning:
         outputs = [encoder(ids[:, i], output_hidden_states=True)
@@ -243,6 +262,10 @@ class Flux2Family:
     def from_flow_latents(self, vae: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         return lat.flux2_denormalize(x, *_bn_stats(vae))
 
+    def model_latents(self, vae: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+        mean, std = (t.detach().float().cpu().clone() for t in _bn_stats(vae))
+        return functools.partial(lat.flux2_normalize, mean=mean, std=std)
+
     def denoiser_inputs(self, context: Conditioning, latents: torch.Tensor,
                         sigmas: torch.Tensor, guidance: torch.Tensor | None = None) -> dict:
         """Flux2Transformer2DModel's keyword arguments for flow latents
@@ -284,6 +307,9 @@ class Flux1Family:
     flow = True
     clip_length = 77
     max_length = 512  # T5's window (FLUX.1 [dev]; [schnell] reads 256)
+    # what [dev]'s guidance embedding reads while training (diffusers' FLUX
+    # trainer's default; the transformers without the embedding ignore it)
+    train_guidance = 3.5
     resolution = 1024
 
     def tokenize(self, tokenizers: list, prompts: list[str]) -> torch.Tensor:
@@ -306,6 +332,10 @@ class Flux1Family:
 
     def from_flow_latents(self, vae: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         return lat.flux1_denormalize(x, vae.config.shift_factor, vae.config.scaling_factor)
+
+    def model_latents(self, vae: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+        return functools.partial(lat.flux1_normalize, shift=float(vae.config.shift_factor),
+                                 scale=float(vae.config.scaling_factor))
 
     def denoiser_inputs(self, context: Conditioning, latents: torch.Tensor,
                         sigmas: torch.Tensor, guidance: torch.Tensor | None = None) -> dict:

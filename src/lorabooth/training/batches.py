@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -15,7 +16,7 @@ from ..config import TrainConfig
 from ..config.templates import guess_identifier, without_identifier
 from ..core.errors import UserError
 from ..core.fileio import load_json, read_text_file
-from ..models.families import FAMILIES, Conditioning, Family, encode_prompts, time_ids, tokenize_all
+from ..models.families import FAMILIES, Conditioning, Family, encode_prompts, time_ids
 from ..models.loading import BaseModel
 from ..models.tokenwindow import check_prompt
 from ..photos.imagefiles import problem
@@ -38,7 +39,9 @@ class Examples:
     class_embedding: Conditioning | None
     instance_ids: torch.Tensor  # (N, E, 77) token ids, E text encoders; used when they train
     class_ids: torch.Tensor | None
-    scaling_factor: float  # the VAE's latent scale, kept so the VAE itself can be freed
+    # the VAE's latents -> the denoiser's (SD: x scaling factor; FLUX: shift/patchify
+    # and standardise), holding the VAE's constants so the VAE itself can be freed
+    model_latents: Callable[[torch.Tensor], torch.Tensor]
     empty_embedding: Conditioning | None = None  # (1, 77, D) of "", for --caption-dropout
     empty_ids: torch.Tensor | None = None  # (1, E, 77)
     # --train-token with the text encoder frozen: it runs on the instance rows
@@ -80,7 +83,7 @@ def setup_examples(config: TrainConfig, base: BaseModel, resolution: int,
     prompts = sorted(set(captions)) + class_prompts
     row = [prompts.index(c) for c in captions]  # image i -> its prompt's row
     n_class = len(class_prompts)
-    ids = tokenize_all(base.tokenizers, prompts)
+    ids = base.family.tokenize(base.tokenizers, prompts)
 
     def encode(some: list[str]) -> Conditioning:
         return encode_prompts(base.family, base.tokenizers, base.text_encoders, some)
@@ -98,9 +101,9 @@ def setup_examples(config: TrainConfig, base: BaseModel, resolution: int,
         class_embedding=None if frozen is None or not with_class
         else frozen.rows(slice(len(frozen.hidden) - n_class, None)),
         instance_ids=ids[row], class_ids=ids[len(ids) - n_class:] if with_class else None,
-        scaling_factor=float(base.vae.config.scaling_factor),
+        model_latents=base.family.model_latents(base.vae),
         empty_embedding=encode([""]) if dropout and not config.train_text_encoder else None,
-        empty_ids=tokenize_all(base.tokenizers, [""]) if dropout else None,
+        empty_ids=base.family.tokenize(base.tokenizers, [""]) if dropout else None,
         family=base.family,
         instance_time_ids=image_time_ids(instance_paths, resolution, boxes),
         class_time_ids=image_time_ids(class_paths, resolution, {}) if class_paths else None,
@@ -197,7 +200,7 @@ def sample_latents(examples: Examples, idx: list[int], cidx: list[int],
         mean = torch.cat([mean, examples.class_mean[cidx]])
         std = torch.cat([std, examples.class_std[cidx]])
     latents = mean + std * torch.randn(mean.shape, generator=rng)
-    return latents * examples.scaling_factor
+    return examples.model_latents(latents)
 
 
 def text_context(examples: Examples, modules: dict[str, torch.nn.Module], idx: list[int],

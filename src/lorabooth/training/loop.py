@@ -27,6 +27,7 @@ from ..core.errors import UserError
 from ..core.fileio import save_png, to_json, write_text
 from ..formats.layouts import KOHYA_DORA_REFUSAL, save_lora
 from ..formats.sdxl import FAMILY_KEY, HEADER_FAMILY
+from ..models.families import Conditioning
 from ..models.loading import BaseModel, load_base, pipeline_from_parts
 from ..models.precision import cast_frozen, frozen_dtype, tune_allocator, weight_dtype
 from ..photos.identifier import guess_identifier, identifier_warnings
@@ -49,7 +50,7 @@ from .checkpoint import (
 )
 from .data import Shuffler, caption_dropout
 from .ema import ema_applied, ema_shadow, ema_state, ema_update
-from .noising import Noising, noising_for
+from .noising import Denoiser, noising_for
 from .objective import dreambooth_loss, offset_noise, with_prior_target
 from .prior import model_prior_rows
 from .processes import (
@@ -68,6 +69,7 @@ from .runfiles import (
 )
 from .setup import (
     TEXT_LR_KEYS,
+    check_family_options,
     setup_accelerator,
     setup_class_images,
     setup_lora,
@@ -113,7 +115,7 @@ class _Run:
     trained: dict[str, torch.nn.Module]  # unwrapped, keyed as checkpoints and files save them
     optimizer: torch.optim.Optimizer
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler
-    noising: Noising  # the family's forward process: timesteps, noisy input, target
+    denoiser: Denoiser  # the UNet/transformer under the family's forward process
     noise_rng: torch.Generator  # every draw of the loop, in the order a resume replays
     instance_order: Shuffler
     class_order: Shuffler | None  # None: no class images
@@ -180,9 +182,7 @@ def _setup_run(config: TrainConfig, accelerator: Accelerator, output: Path,
     # latents stays fp32.
     dtype = weight_dtype(accelerator.mixed_precision)
     base = load_base(config.model, config.model_config, unet_dtype=dtype)
-    if config.train_token and len(base.family.encoders) > 1:
-        raise UserError(f"--train-token: trains one text encoder's token rows; {config.model} "
-                        f"has {len(base.family.encoders)} text encoders (SDXL), not supported yet")
+    check_family_options(config, base)
     for warning in identifier_warnings(base.tokenizer, config.instance_prompt, config.class_prompt):
         log.warning("--instance-prompt: %s", warning)
     check_prompt_windows(config, base.tokenizers, instance_paths, captions)
@@ -224,8 +224,20 @@ def _setup_run(config: TrainConfig, accelerator: Accelerator, output: Path,
     metrics = start_run(output, config, start) if accelerator.is_main_process else None
     start_trackers(accelerator, config, output, start)  # --report-to
     return _Run(config, accelerator, output, base, resolution, examples, modules, trained,
-                optimizer, lr_scheduler, noising_for(base.noise_scheduler), noise_rng,
+                optimizer, lr_scheduler, _denoiser(config, base, examples, modules["unet"]), noise_rng,
                 instance_order, class_order, ema, start, metrics)
+
+
+def _denoiser(config: TrainConfig, base: BaseModel, examples: Examples,
+              module: torch.nn.Module) -> Denoiser:
+    """The trained module under the family's forward process; flow models
+    draw timesteps by --timestep-sampling, shifted for the training size's
+    token count as drawing shifts them."""
+    h, w = examples.instance_mean.shape[-2:]
+    tokens = (h // 2) * (w // 2)  # FLUX's 2 x 2 patches of the VAE's latents
+    return Denoiser(module, base.family,
+                    noising_for(base.noise_scheduler, config.timestep_sampling, tokens),
+                    getattr(base.family, "train_guidance", None))
 
 
 def _next_batch(run: _Run) -> _Batch:
@@ -236,7 +248,7 @@ def _next_batch(run: _Run) -> _Batch:
     cidx = run.class_order.take(config.batch_size) if run.class_order else []
     latents = sample_latents(run.examples, idx, cidx, rng)
     noise = torch.randn(latents.shape, generator=rng)
-    timesteps = run.noising.draw(latents.shape[0], rng)
+    timesteps = run.denoiser.noising.draw(latents.shape[0], rng)
     noise = offset_noise(noise, config.noise_offset, rng)
     dropped = caption_dropout(len(idx), config.caption_dropout, rng)
     return _Batch(idx, cidx, latents, noise, timesteps, dropped)
@@ -246,22 +258,21 @@ def _batch_loss(run: _Run, batch: _Batch):
     """(loss, instance part, prior part) of one batch: the rows' conditioning,
     then ``step_loss``; --prior-preservation model first appends rows whose
     target is the frozen model's prediction (drawing from ``run.noise_rng``)."""
-    config, accelerator, base, examples = run.config, run.accelerator, run.base, run.examples
+    config, accelerator, examples = run.config, run.accelerator, run.examples
     idx, latents, noise, timesteps = batch.idx, batch.latents, batch.noise, batch.timesteps
     with accelerator.autocast():
         frozen = None  # --prior-preservation model: rows whose target is the base model's
         if config.prior_model:
             latents, noise, timesteps, frozen = model_prior_rows(
-                accelerator.unwrap_model(run.modules["unet"]), run.noising, latents,
-                noise, timesteps, _class_inputs(base, examples, idx, accelerator.device),
+                run.denoiser.over(accelerator.unwrap_model(run.modules["unet"])), latents,
+                noise, timesteps, _class_context(examples, idx, accelerator.device),
                 run.noise_rng, same_noise=config.prior_same_noise)
         context = text_context(examples, run.modules, idx, len(latents) - len(idx),
                                accelerator.device, batch.dropped)
         context = context.with_time_ids(batch_time_ids(examples, idx, batch.cidx,
                                                        config.prior_model))
-        return step_loss(run.modules["unet"], run.noising, latents, noise, timesteps,
-                         base.family.unet_inputs(context), len(idx), config.prior_loss_weight,
-                         frozen, config.snr_gamma)
+        return step_loss(run.denoiser, latents, noise, timesteps, context, len(idx),
+                         config.prior_loss_weight, frozen, config.snr_gamma)
 
 
 def _optimizer_step(run: _Run, loss: torch.Tensor) -> None:
@@ -326,25 +337,25 @@ def _maybe_validate(run: _Run, done: int, on_validation: OnValidation | None) ->
         on_validation(done, images)
 
 
-def step_loss(unet: torch.nn.Module, noising: Noising, latents: torch.Tensor,
-              noise: torch.Tensor, timesteps: torch.Tensor, inputs: dict, n_instance: int,
+def step_loss(denoiser: Denoiser, latents: torch.Tensor, noise: torch.Tensor,
+              timesteps: torch.Tensor, context: Conditioning, n_instance: int,
               prior_weight: float, prior_target: torch.Tensor | None = None,
               snr_gamma: float = 0.0):
     """The DreamBooth loss of one batch (instance rows first): noise the
-    latents at ``timesteps`` (the family's forward process, ``noising``),
-    predict with the UNet's conditioning ``inputs`` (the family's
-    ``unet_inputs``), compare with the process's target; ``prior_target``
-    (the frozen model's prediction) replaces it for the class rows when
-    given; ``snr_gamma`` > 0 weighs the rows by min-SNR-gamma (by each row's
-    timestep, the model-prior rows too)."""
+    latents at ``timesteps`` by the family's forward process, predict under
+    the rows' conditioning ``context``, compare with the process's target
+    (epsilon, v or the flow's velocity); ``prior_target`` (the frozen model's
+    prediction) replaces it for the class rows when given; ``snr_gamma`` > 0
+    weighs the rows by min-SNR-gamma (by each row's timestep, the
+    model-prior rows too)."""
+    noising = denoiser.noising
     noisy = noising.noisy(latents, noise, timesteps)
     target = noising.target(latents, noise, timesteps)
     if prior_target is not None:
         target = with_prior_target(target.to(prior_target.device), n_instance, prior_target)
     weights = noising.weights(timesteps, snr_gamma)
-    device = inputs["encoder_hidden_states"].device
-    pred = unet(noisy.to(device), timesteps.to(device), **inputs).sample
-    return dreambooth_loss(pred, target.to(device), n_instance, prior_weight, weights)
+    pred = denoiser(noisy, timesteps, context)
+    return dreambooth_loss(pred, target.to(pred.device), n_instance, prior_weight, weights)
 
 
 def save_layouts(config: TrainConfig) -> tuple[str, ...]:
@@ -391,12 +402,11 @@ def is_cpu_oom(error: RuntimeError) -> bool:
     return any(text in str(error) for text in CPU_OOM)
 
 
-def _class_inputs(base: BaseModel, examples: Examples, idx: list[int],
-                  device: torch.device) -> dict:
-    """--prior-preservation model: the UNet's inputs for the prior rows, the
-    frozen class prompt over the instance images' time ids."""
+def _class_context(examples: Examples, idx: list[int], device: torch.device) -> Conditioning:
+    """--prior-preservation model: the prior rows' conditioning, the frozen
+    class prompt over the instance images' time ids."""
     context = class_context(examples, idx, len(idx), device)
-    return base.family.unet_inputs(context.with_time_ids(examples.instance_time_ids[idx]))
+    return context.with_time_ids(examples.instance_time_ids[idx])
 
 
 def _unwrapped(accelerator: Accelerator, modules: dict[str, torch.nn.Module]):
@@ -414,7 +424,7 @@ def _validate(config: TrainConfig, base: BaseModel, output: Path, step: int) -> 
     base.unet.eval()
     dtype = frozen_dtype(base.unet)  # bf16 weights under mixed precision
     with torch.autocast(base.unet.device.type, dtype=dtype, enabled=dtype != torch.float32):
-        images = pipe(config.validation_prompt, num_inference_steps=25,
+        images = pipe(prompt=config.validation_prompt, num_inference_steps=25,
                       num_images_per_prompt=config.validation_images,
                       generator=torch.Generator().manual_seed(config.seed)).images
     base.unet.train(was_training)

@@ -14,13 +14,12 @@ comes from the generator passed in (a resumed run replays it).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from ..models.families import Conditioning, Family
 from .objective import diffusion_target, flow_target, min_snr_weights
-
-# --timestep-sampling for flow models: how timesteps are drawn (the SD3 paper's
-# densities, diffusers' names); none is a weighting of the loss here
-FLOW_SAMPLING = ("logit_normal", "uniform", "mode")
 
 
 class DDPMNoising:
@@ -40,6 +39,10 @@ class DDPMNoising:
     def target(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return diffusion_target(noise, latents, t, self.scheduler.alphas_cumprod,
                                 self.prediction_type)
+
+    def model_time(self, t: torch.Tensor) -> torch.Tensor:
+        """What the UNet reads: the integer timestep itself."""
+        return t
 
     def weights(self, t: torch.Tensor, snr_gamma: float) -> torch.Tensor | None:
         """Per-row loss weights (B,), or None for the plain mean."""
@@ -82,6 +85,10 @@ class FlowNoising:
             mode_scale=self.mode_scale, generator=rng)
         index = (u * self.steps).long().clamp(max=self.steps - 1)
         return self.timesteps[index]
+
+    def model_time(self, t: torch.Tensor) -> torch.Tensor:
+        """What the transformer reads: sigma, t / 1000 in [0, 1]."""
+        return t.float() / self.steps
 
     def sigma(self, t: torch.Tensor, ndim: int) -> torch.Tensor:
         """sigma of each row's timestep, shaped to broadcast: (B, 1, ...)."""
@@ -128,3 +135,27 @@ def noising_for(scheduler, sampling: str = "logit_normal",
     if is_flow(scheduler):
         return FlowNoising(scheduler, sampling, image_seq_len=image_seq_len)
     return DDPMNoising(scheduler)
+
+
+@dataclass
+class Denoiser:
+    """The trained model under its family's process: noisy latents at the
+    process's timesteps and a conditioning in, the family's prediction out
+    (the UNet's epsilon/v, or the transformer's velocity, unpacked to the
+    latents' shape). ``module`` is the UNet or transformer (as accelerate
+    prepared it for the loss; unwrapped for the image-free prior's teacher);
+    ``guidance``: the value FLUX.1 [dev]'s guidance embedding reads."""
+
+    module: torch.nn.Module
+    family: Family
+    noising: Noising
+    guidance: float | None = None
+
+    def __call__(self, noisy: torch.Tensor, t: torch.Tensor, context: Conditioning) -> torch.Tensor:
+        device = context.hidden.device
+        return self.family.predict(self.module, noisy.to(device),
+                                   self.noising.model_time(t).to(device), context, self.guidance)
+
+    def over(self, module: torch.nn.Module) -> Denoiser:
+        """The same, calling ``module`` (e.g. the unwrapped one)."""
+        return Denoiser(module, self.family, self.noising, self.guidance)

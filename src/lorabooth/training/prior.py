@@ -70,7 +70,7 @@ def draw_class_images(pipe, folder: Path, prompt: str, indices: list[int], resol
     for start in range(0, len(todo), batch):
         chunk = todo[start : start + batch]
         generators = [torch.Generator().manual_seed(seed + i) for i in chunk]
-        images = pipe([prompt] * len(chunk), height=resolution, width=resolution,
+        images = pipe(prompt=[prompt] * len(chunk), height=resolution, width=resolution,
                       num_inference_steps=steps, generator=generators).images
         for i, image in zip(chunk, images):
             save_png(image, folder / class_image_name(i))
@@ -94,16 +94,16 @@ def adapters_disabled(unet: torch.nn.Module) -> Iterator[None]:
         unet.enable_adapters()
 
 
-def model_prior_rows(unet: torch.nn.Module, noising, latents: torch.Tensor,
-                     noise: torch.Tensor, timesteps: torch.Tensor, class_inputs: dict,
-                     rng: torch.Generator, same_noise: bool = False):
+def model_prior_rows(denoiser, latents: torch.Tensor, noise: torch.Tensor,
+                     timesteps: torch.Tensor, class_context, rng: torch.Generator,
+                     same_noise: bool = False):
     """The batch with prior rows appended (``--prior-preservation model``):
     the instance latents again, noised by the family's forward process
-    (``noising``) with a fresh draw of noise and timesteps from ``rng``, and
-    their target, the frozen base model's prediction (LoRA off, no grad)
-    under the class prompt: ``class_inputs``, the UNet's conditioning for B
-    rows (the family's ``unet_inputs``). The LoRA model will be trained to
-    predict the same there.
+    (``denoiser.noising``) with a fresh draw of noise and timesteps from
+    ``rng``, and their target, the frozen base model's prediction (LoRA off,
+    no grad) under the class prompt, ``class_context`` (the Conditioning of
+    B rows). The LoRA model will be trained to predict the same there.
+    ``denoiser``: a ``noising.Denoiser`` over the unwrapped model.
 
     Why the subject's own latents: the input then covers the noise levels and
     image statistics the instance loss trains on, so the prior holds the class
@@ -115,14 +115,14 @@ def model_prior_rows(unet: torch.nn.Module, noising, latents: torch.Tensor,
     (nothing drawn from ``rng``), so the LoRA is told, at the very input it
     learns the subject on, to leave the class caption's prediction alone.
     Returns (latents, noise, timesteps, frozen prediction); (B, ...) -> (2B, ...)."""
+    noising = denoiser.noising
     if same_noise:
         prior_noise, prior_t = noise, timesteps
     else:
         prior_noise = torch.randn(latents.shape, generator=rng)
         prior_t = noising.draw(latents.shape[0], rng)
     noisy = noising.noisy(latents, prior_noise, prior_t)
-    device = class_inputs["encoder_hidden_states"].device
-    with torch.no_grad(), adapters_disabled(unet):
-        frozen = unet(noisy.to(device), prior_t.to(device), **class_inputs).sample
+    with torch.no_grad(), adapters_disabled(denoiser.module):
+        frozen = denoiser(noisy, prior_t, class_context)
     return (torch.cat([latents, latents]), torch.cat([noise, prior_noise]),
             torch.cat([timesteps, prior_t]), frozen)

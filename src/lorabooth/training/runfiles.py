@@ -284,7 +284,7 @@ def model_card(config: TrainConfig, resolution: int,
                 + diffusers_lines(config.output, words, config.save_format == "kohya"))
         token = f"yes: {md.text(' '.join(words))}, learning rate {config.lr_token:g}"
     python = (f"pipe = {pipeline}.from_pretrained({config.model!r})\n"
-              f"{load}image = pipe({beach!r}).images[0]")
+              f"{load}image = pipe(prompt={beach!r}).images[0]")
     return f"""---
 base_model: {json.dumps(config.model)}
 library_name: diffusers

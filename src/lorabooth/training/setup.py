@@ -11,11 +11,18 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
-from ..adapters.lora import add_text_lora, add_unet_lora, freeze_all_but_lora, lora_parameters
+from ..adapters.lora import (
+    UNET_TARGETS,
+    add_text_lora,
+    add_unet_lora,
+    freeze_all_but_lora,
+    lora_parameters,
+)
 from ..adapters.pivotal import attach, holds_tokens, setup_token
 from ..config import TrainConfig
 from ..config.templates import guess_identifier
 from ..core.errors import UserError
+from ..formats import flux
 from ..models.loading import BaseModel, pipeline_from_parts
 from .batches import Examples
 from .data import image_files
@@ -53,6 +60,27 @@ def setup_accelerator(config: TrainConfig) -> Accelerator:
                        **accelerator_options(config.report_to, config.output))
 
 
+def check_family_options(config: TrainConfig, base: BaseModel) -> None:
+    """Options the model's family cannot take, refused in one line each."""
+    family, model = base.family, config.model
+    if config.train_token and len(family.encoders) > 1:
+        raise UserError(f"--train-token: trains one text encoder's token rows; {model} "
+                        f"has {len(family.encoders)} text encoders ({family.name}), not supported yet")
+    if not family.flow:
+        if config.timestep_sampling != "logit_normal":
+            log.warning("--timestep-sampling: ignored by %s (a DDPM model draws timesteps "
+                        "uniformly)", model)
+        return
+    if config.snr_gamma:
+        raise UserError(f"--snr-gamma: min-SNR weighting is defined for epsilon/v-prediction; "
+                        f"{model} is a flow model: shape the noise levels with "
+                        f"--timestep-sampling instead")
+    for key, why in (("train_text_encoder", "its text encoder"), ("train_token", "token rows")):
+        if getattr(config, key):
+            raise UserError(f"--{key.replace('_', '-')}: not supported for {model} ({family.name}): "
+                            f"the text embeddings are cached once and {why} stays frozen")
+
+
 def setup_class_images(config: TrainConfig, base: BaseModel, resolution: int,
                         accelerator: Accelerator) -> list[Path]:
     if config.prior_model and config.class_dir:
@@ -84,7 +112,8 @@ def setup_class_images(config: TrainConfig, base: BaseModel, resolution: int,
 
 def setup_lora(config: TrainConfig, base: BaseModel) -> dict[str, torch.nn.Module]:
     dora = config.adapter == "dora"
-    add_unet_lora(base.unet, config.rank, config.lora_alpha, dora)
+    targets = flux.target_modules(base.family.name) if base.family.flow else UNET_TARGETS
+    add_unet_lora(base.unet, config.rank, config.lora_alpha, dora, targets)
     freeze_all_but_lora(base.unet)
     modules = {"unet": base.unet}
     if config.gradient_checkpointing:
