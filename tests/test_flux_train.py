@@ -182,3 +182,22 @@ def test_a_negative_prompt_is_refused_for_flux(flux_run, tmp_path):
     with pytest.raises(UserError, match="--negative-prompt: Flux"):
         draw(pipe, has_text, "a photo of sks dog", Setting(1.0, 1.0, 3.5), [0], 2,
              negative_prompt="blurry", size=(32, 32))
+
+
+def test_dora_on_a_flux_model_is_the_base_at_scale_zero(flux_photos, tmp_path):
+    """DoRA's magnitudes act on the transformer too; scale 0 switches them off."""
+    from lorabooth.generation import Setting, draw, load_pipeline
+    from lorabooth.models.loading import load_base, pipeline_from_parts
+
+    run = train(_config(flux_photos, tmp_path / "r", adapter="dora"))
+    assert any("lora_magnitude_vector" in k for k in load_file(run / WEIGHT_NAME))
+    plain = pipeline_from_parts(load_base("tiny-flux2"))
+    plain.set_progress_bar_config(disable=True)
+    with torch.inference_mode():
+        base = np.asarray(plain(prompt=["a photo of sks dog"], num_inference_steps=3,
+                                guidance_scale=4.0, height=32, width=32,
+                                generator=[torch.Generator().manual_seed(0)]).images[0])
+    pipe, has_text = load_pipeline(run)
+    zero, one = (np.asarray(draw(pipe, has_text, "a photo of sks dog", Setting(s, 1.0, 4.0), [0],
+                                 3, size=(32, 32))[0]) for s in (0.0, 1.0))
+    assert np.array_equal(zero, base) and not np.array_equal(one, base)
