@@ -106,3 +106,23 @@ def test_reference_command_is_like_for_like():
     assert ours[ours.index("--mixed-precision") + 1] == "bf16"
     assert ours[ours.index("--class-draw-steps") + 1] == str(gpu_headline.DRAW_STEPS)
     assert ours[ours.index("--class-draw-batch") + 1] == cmd[cmd.index("--sample_batch_size") + 1]
+
+
+@pytest.mark.parametrize("model", ["tiny-flux2", "tiny-flux"])
+def test_flux_step_benchmark_measures_the_step_it_names(tmp_path, model):
+    """benchmarks/flux_step.py on a tiny transformer: one row per setting,
+    each from its own process, with the step times and the peak memory."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    out = tmp_path / "step.json"
+    done = subprocess.run([sys.executable, str(BENCH / "flux_step.py"), "--model", model,
+                           "--resolution", "32", "--settings", "fp32", "bf16-gc", "--steps", "2",
+                           "--json", str(out)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = json.loads(out.read_text())["runs"]
+    assert [(r["dtype"], r["gradient_checkpointing"]) for r in runs] == [
+        ("float32", False), ("bfloat16", True)]
+    for r in runs:
+        assert r["model"] == model and len(r["step_s"]) == 2 and all(s > 0 for s in r["step_s"])
+        assert r["peak_rss_gb"] > 0 and 0 < r["lora_params"] < r["transformer_params"]
+    assert done.stdout.count(f"| {model} | 32 |") == 2
