@@ -201,3 +201,31 @@ def test_dora_on_a_flux_model_is_the_base_at_scale_zero(flux_photos, tmp_path):
     zero, one = (np.asarray(draw(pipe, has_text, "a photo of sks dog", Setting(s, 1.0, 4.0), [0],
                                  3, size=(32, 32))[0]) for s in (0.0, 1.0))
     assert np.array_equal(zero, base) and not np.array_equal(one, base)
+
+
+def test_flux1_trains_clip_l_and_every_layout_carries_it(flux_photos, tmp_path):
+    """--train-text-encoder on FLUX.1 puts LoRA on CLIP-L (T5 stays frozen, as
+    kohya's default); the kohya file spells it lora_te1_ as ComfyUI reads it
+    for FLUX, reads back exactly, and the text scale acts when drawing."""
+    from lorabooth.formats.clients import model_names, unloaded_by_client
+    from lorabooth.formats.layouts import read_as_peft
+    from lorabooth.generation import Setting, draw, load_pipeline
+    from lorabooth.models.loading import load_base
+
+    run = train(_config(flux_photos, tmp_path / "r", "tiny-flux", train_text_encoder=True,
+                        lr_text=1e-2))
+    weights = load_file(run / WEIGHT_NAME)
+    assert {k.split(".")[0] for k in weights} == {"transformer", "text_encoder"}
+    kohya = load_file(run / KOHYA_WEIGHT_NAME)
+    assert any(k.startswith("lora_te1_text_model_encoder_layers_") for k in kohya)
+    a, b = read_as_peft(run / WEIGHT_NAME)[0], read_as_peft(run / KOHYA_WEIGHT_NAME)[0]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    base = load_base("tiny-flux")
+    names = model_names(base.unet, base.text_encoder, base.text_encoder_2)
+    for f in (kohya, weights):
+        assert unloaded_by_client(f, names) == {"ComfyUI": []}
+    pipe, has_text = load_pipeline(run)
+    assert has_text == ("text_encoder",)
+    off, on = (np.asarray(draw(pipe, has_text, "a photo of sks dog", Setting(0.0, s, 3.5), [0], 2,
+                               size=(32, 32))[0]) for s in (0.0, 1.0))
+    assert not np.array_equal(off, on)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import re
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -65,7 +65,8 @@ def model_names(unet, text_encoder, text_encoder_2=None) -> ModelNames:
     """The names of an SD model, or of an SDXL one (``text_encoder_2`` given);
     a FLUX transformer's (its ``unet``): FluxNames."""
     if "num_single_layers" in (getattr(unet, "config", None) or {}):
-        return flux_names(unet)
+        clip = text_encoder if type(text_encoder).__name__ == "CLIPTextModel" else None
+        return flux_names(unet, clip)  # FLUX.1's CLIP-L; FLUX.2's Qwen3 takes no LoRA
     from .sdxl import TE2_LDM, openclip_name, te1_ldm_name
     from .singlefile import text_ldm_name, unet_ldm_names
 
@@ -284,9 +285,12 @@ _COMFY_FLUX_SINGLE = {"norm.linear": "modulation.lin", "proj_out": "linear2",
 
 @dataclass(frozen=True)
 class FluxNames:
-    """A FLUX transformer's weights as ComfyUI holds them."""
+    """A FLUX transformer's weights as ComfyUI holds them, and FLUX.1's CLIP-L's."""
     hidden: int
     weights: dict[str, tuple[int, ...]]  # `diffusion_model.<BFL>.weight` -> shape
+    # LoRA module name -> `clip_l.transformer.text_model.…weight`, as
+    # `model_lora_keys_clip` names CLIP-L for FLUX (diffusers' and lora_te1_)
+    clip: dict[str, str] = field(default_factory=dict)
 
 
 def comfy_flux_to_diffusers(depth: int, depth_single: int, hidden: int) -> dict[str, object]:
@@ -308,10 +312,11 @@ def comfy_flux_to_diffusers(depth: int, depth_single: int, hidden: int) -> dict[
     return out
 
 
-def flux_names(transformer) -> FluxNames:
+def flux_names(transformer, clip_l=None) -> FluxNames:
     """A diffusers FLUX.1/FLUX.2 transformer's weights in ComfyUI's names:
     each Linear weight through `flux_to_diffusers`, a fused weight as tall as
-    its slices reach."""
+    its slices reach; with ``clip_l`` (FLUX.1's CLIP text encoder) its layers'
+    under the names `model_lora_keys_clip` gives them."""
     config = transformer.config
     hidden = config.num_attention_heads * config.attention_head_dim
     table = comfy_flux_to_diffusers(config.num_layers, config.num_single_layers, hidden)
@@ -327,7 +332,18 @@ def flux_names(transformer) -> FluxNames:
         else:
             key = target
         weights[key] = (rows, cols)
-    return FluxNames(hidden, weights)
+    clip: dict[str, str] = {}
+    layer = re.compile(r"(?:text_model\.)?encoder\.layers\.(\d+)\.(.+)\.weight$")
+    for name, value in (clip_l.state_dict() if clip_l is not None else {}).items():
+        m = layer.match(name)
+        if not (m and m[2] in CLIP_MODULES):
+            continue
+        target = f"clip_l.transformer.text_model.encoder.layers.{m[1]}.{m[2]}.weight"
+        weights[target] = tuple(value.shape)
+        for prefix in ("lora_te_", "lora_te1_"):
+            clip[f"{prefix}text_model_encoder_layers_{m[1]}_{CLIP_MODULES[m[2]]}"] = target
+        clip[f"text_encoder.text_model.encoder.layers.{m[1]}.{m[2]}"] = target
+    return FluxNames(hidden, weights, clip)
 
 
 def comfyui_flux_key_map(names: FluxNames, depth: int, depth_single: int) -> dict[str, object]:
@@ -344,6 +360,7 @@ def comfyui_flux_key_map(names: FluxNames, depth: int, depth_single: int) -> dic
         for name in ("transformer." + module, "lycoris_" + module.replace(".", "_"),
                      "lora_transformer_" + module.replace(".", "_"), module):
             key_map[name] = to
+    key_map.update(names.clip)
     return key_map
 
 

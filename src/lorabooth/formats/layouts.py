@@ -285,7 +285,15 @@ def _read_flux(tensors: dict[str, torch.Tensor], header: dict[str, str], layout:
         if is_dora(tensors):
             raise UserError(f"{where}: a kohya DoRA file (dora_scale): lorabooth reads DoRA only "
                             "in the diffusers or peft layout")
-        peft, alpha = from_bfl_kohya(family_of(tensors, header), tensors, where)
+        text = {k: v for k, v in tensors.items() if k.startswith("lora_te1_")}
+        peft, alpha = from_bfl_kohya(family_of(tensors, header),
+                                     {k: v for k, v in tensors.items() if k not in text}, where)
+        if text:  # FLUX.1's CLIP-L
+            text_peft, text_alpha = kohya_to_peft(text, header)
+            if text_alpha != alpha:
+                raise UserError(f"{where}: the text encoder's alpha {text_alpha:g} differs from "
+                                f"the transformer's {alpha:g}; only one alpha per file is supported")
+            peft.update(text_peft)
         return peft, check_ranks(peft, where), alpha
     rank = check_ranks(tensors, where)
     peft = {peft_magnitude_key(k): v for k, v in tensors.items()}
@@ -294,11 +302,18 @@ def _read_flux(tensors: dict[str, torch.Tensor], header: dict[str, str], layout:
 
 def _flux_kohya(peft: dict[str, torch.Tensor], alpha: float, family: str,
                 dst: Path) -> dict[str, torch.Tensor]:
-    other = sorted(k for k in peft if not k.startswith("transformer."))
+    """The transformer in BFL's kohya names (formats.flux) and FLUX.1's CLIP-L
+    as kohya's sd-scripts writes it for FLUX, `lora_te1_text_model_…`."""
+    text = {k: v for k, v in peft.items() if k.startswith("text_encoder.")}
+    other = sorted(k for k in peft if not k.startswith(("transformer.", "text_encoder.")))
     if other:
-        raise UserError(f"{dst}: not written: kohya's {FLUX_NAMES[family]} layout is written "
-                        f"for the transformer only (found {other[0]}); use the diffusers file")
-    return to_bfl_kohya(family, peft, alpha, str(dst))
+        raise UserError(f"{dst}: not written: kohya's {FLUX_NAMES[family]} layout holds the "
+                        f"transformer and CLIP-L only (found {other[0]}); use the diffusers file")
+    transformer = {k: v for k, v in peft.items() if k.startswith("transformer.")}
+    out = to_bfl_kohya(family, transformer, alpha, str(dst))
+    if text:  # lora_te1_, as SDXL's first encoder is spelled (SD 1.x's lora_te_ is not read)
+        out.update(peft_to_kohya(text, alpha, SDXL))
+    return out
 
 
 def write_lora(dst: Path, peft: dict[str, torch.Tensor], rank: int, alpha: float,

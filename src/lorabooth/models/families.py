@@ -122,6 +122,7 @@ class Family(Protocol):
     encoders: tuple[str, ...]  # diffusers' component names of the text encoders
     pipeline_name: str  # the diffusers class that draws (for the run's README)
     flow: bool  # a flow-matching transformer (FLUX): ``predict`` instead of ``unet_inputs``
+    lora_encoders: tuple[str, ...]  # those --train-text-encoder puts LoRA on
 
     def tokenize(self, tokenizers: list, prompts: list[str]) -> torch.Tensor:
         """Prompts -> token ids (P, rows, L) that ``encode`` reads."""
@@ -153,6 +154,7 @@ class SD1Family:
 
     name = names.SD  # "sd1"
     encoders = ("text_encoder",)
+    lora_encoders = encoders
     pipeline_name = "StableDiffusionPipeline"
     flow = False
 
@@ -194,6 +196,7 @@ class SDXLFamily:
 
     name = names.SDXL  # "sdxl"
     encoders = ("text_encoder", "text_encoder_2")
+    lora_encoders = encoders
     pipeline_name = "StableDiffusionXLPipeline"
     flow = False
     tokenize = SD1Family.tokenize
@@ -231,6 +234,7 @@ class Flux2Family:
 
     name = "flux2"
     encoders = ("text_encoder",)
+    lora_encoders = ()  # Qwen3, a 4 B language model: its embeddings are cached, it stays frozen
     pipeline_name = "Flux2KleinPipeline"
     flow = True
     layers = (9, 18, 27)  # the pipeline's text_encoder_out_layers
@@ -303,6 +307,7 @@ class Flux1Family:
 
     name = "flux1"
     encoders = ("text_encoder", "text_encoder_2")
+    lora_encoders = ("text_encoder",)  # CLIP-L, as kohya's sd-scripts trains by default; T5 frozen
     pipeline_name = "FluxPipeline"
     flow = True
     clip_length = 77

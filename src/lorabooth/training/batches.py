@@ -48,6 +48,9 @@ class Examples:
     # every step (their identifier's embedding trains); None: cached above
     encoders: list[torch.nn.Module] | None = None
     family: Family = FAMILIES["sd1"]
+    # the family's encoders without LoRA that still run each step beside trained
+    # ones (FLUX.1's T5 while its CLIP trains), by diffusers' name
+    frozen_encoders: dict[str, torch.nn.Module] = field(default_factory=dict)
     # SDXL's micro-conditioning per image (N, 6) and (M, 6); SD 1.x ignores them
     instance_time_ids: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 6))
     class_time_ids: torch.Tensor | None = None
@@ -210,7 +213,9 @@ def text_context(examples: Examples, modules: dict[str, torch.nn.Module], idx: l
     pooled embeddings), instance rows first; the instance rows marked in
     ``dropped`` (len(idx),) get the empty prompt's."""
     family = examples.family
-    trained = [modules[name] for name in family.encoders if name in modules]
+    trained = [modules[name] if name in modules else examples.frozen_encoders.get(name)
+               for name in family.encoders]
+    trained = trained if any(name in modules for name in family.encoders) else []
     ids = examples.instance_ids[idx]
     if dropped is not None and dropped.any():
         ids = torch.where(dropped[:, None, None], examples.empty_ids, ids)

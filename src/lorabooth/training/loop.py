@@ -209,6 +209,9 @@ def _setup_run(config: TrainConfig, accelerator: Accelerator, output: Path,
     modules = {name: accelerator.prepare(m) for name, m in modules.items()}
     optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
     use_token(accelerator, base, modules, examples)
+    if config.train_text_encoder:  # the family's encoders that run frozen beside the trained
+        examples.frozen_encoders = {name: getattr(base, name) for name in base.family.encoders
+                                    if name not in modules}
 
     seed = config.seed + accelerator.process_index
     noise_rng = torch.Generator().manual_seed(seed)

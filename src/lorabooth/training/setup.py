@@ -75,10 +75,12 @@ def check_family_options(config: TrainConfig, base: BaseModel) -> None:
         raise UserError(f"--snr-gamma: min-SNR weighting is defined for epsilon/v-prediction; "
                         f"{model} is a flow model: shape the noise levels with "
                         f"--timestep-sampling instead")
-    for key, why in (("train_text_encoder", "its text encoder"), ("train_token", "token rows")):
-        if getattr(config, key):
-            raise UserError(f"--{key.replace('_', '-')}: not supported for {model} ({family.name}): "
-                            f"the text embeddings are cached once and {why} stays frozen")
+    if config.train_text_encoder and not family.lora_encoders:
+        raise UserError(f"--train-text-encoder: not supported for {model} ({family.name}): its "
+                        f"text encoder is a language model whose embeddings are cached once")
+    if config.train_token:
+        raise UserError(f"--train-token: not supported for {model} ({family.name}): the "
+                        f"identifier's token rows stay frozen in a flow model's text encoder")
 
 
 def setup_class_images(config: TrainConfig, base: BaseModel, resolution: int,
@@ -118,7 +120,7 @@ def setup_lora(config: TrainConfig, base: BaseModel) -> dict[str, torch.nn.Modul
     modules = {"unet": base.unet}
     if config.gradient_checkpointing:
         base.unet.enable_gradient_checkpointing()
-    for name in base.family.encoders if config.train_text_encoder else ():
+    for name in base.family.lora_encoders if config.train_text_encoder else ():
         encoder = getattr(base, name)
         add_text_lora(encoder, config.rank, config.lora_alpha, dora)
         freeze_all_but_lora(encoder)
