@@ -68,3 +68,14 @@ def test_an_unknown_tracker_is_refused(photos, tmp_path, capsys):
     assert _train(photos, tmp_path / "run", "--report-to", "mlflow") == 2
     assert "--report-to: must be one of tensorboard, wandb" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_flux_run_reports_its_losses_too(photos, tmp_path):
+    out = tmp_path / "flux"
+    assert main(["train", "--model", "tiny-flux2", "--resolution", "32", "--instance-dir",
+                 str(photos), "--instance-prompt", "a photo of sks dog", "--class-prompt",
+                 "a photo of a dog", "--prior-preservation", "model", "--steps", "3",
+                 "--output", str(out), "--report-to", "tensorboard"]) == 0
+    logged = _scalars(out)
+    assert [v for _, v in logged["loss_prior"]] == pytest.approx(
+        [r["loss_prior"] for r in _jsonl(out)], rel=1e-6)
