@@ -256,7 +256,7 @@ def flow_pretrain(out: str | Path, seed: int = 0, images: int = 16000, vae_steps
                   batch: int = 32, vae_batch: int = 32,
                   judge_steps: int = 1500, instance_steps: int = 1500,
                   instance_renders: int = 6000, judges_from: str = "",
-                  eval_per_prompt: int = 8) -> Path:
+                  eval_per_prompt: int = 8, eval_steps: int = 20) -> Path:
     """Everything, seeded; the record (toyworld.json) holds every figure,
     the VAE's PSNR on held-out renders and the judges' reading of draws."""
     from .judges import ToyJudge
@@ -291,7 +291,7 @@ def flow_pretrain(out: str | Path, seed: int = 0, images: int = 16000, vae_steps
     base = BaseModel("flow-toy", tokenizer, text_encoder, vae, transformer, flow_scheduler(),
                      FAMILY, resolution=RESOLUTION)
     record.update(class_accuracy(base, ToyJudge.load(out / "judges.safetensors"),
-                                 per_prompt=eval_per_prompt))
+                                 per_prompt=eval_per_prompt, steps=eval_steps))
     with torch.no_grad():
         record["vae_psnr_db_held_out_final"] = round(psnr(reconstruct(
             signed_unit(held)), signed_unit(held)), 2)
