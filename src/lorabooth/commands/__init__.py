@@ -22,6 +22,7 @@ from ..config import (  # noqa: F401  (re-exported: the configs' older home)
     ConvertConfig,
     DemoConfig,
     EvaluateConfig,
+    FlowPretrainConfig,
     FuseConfig,
     GenerateConfig,
     IdentifierConfig,
@@ -160,6 +161,19 @@ def _pretrain(c: PretrainConfig) -> Any:
                     reuse=c.reuse, init=c.init)
 
 
+def _flow_pretrain(c: FlowPretrainConfig) -> Any:
+    import torch
+
+    from ..toyworld.flow_pretrain import flow_pretrain
+
+    if c.threads:
+        torch.set_num_threads(c.threads)
+    return flow_pretrain(c.out, seed=c.seed, images=c.images, vae_steps=c.vae_steps,
+                         vae_batch=c.vae_batch, text_steps=c.text_steps, steps=c.steps,
+                         long_steps=c.long_steps, batch=c.batch, judge_steps=c.judge_steps,
+                         judges_from=c.judges_from)
+
+
 def _claims(c: ClaimsConfig) -> Any:
     from ..toyworld.claims import claims
 
@@ -191,6 +205,8 @@ COMMANDS: dict[str, tuple[type, str, Callable[[Any], Any]]] = {
     "evaluate": (EvaluateConfig, "DINO, CLIP-I, CLIP-T, PRES, DIV as in the paper", _evaluate),
     "toyworld pretrain": (PretrainConfig, "train the toy model and judges from scratch",
                           _pretrain),
+    "toyworld flow-pretrain": (FlowPretrainConfig, "train the flow-matching (FLUX.2 [klein]-"
+                                                   "shaped) toy model from scratch", _flow_pretrain),
     "toyworld claims": (ClaimsConfig, "measure DreamBooth's claims on the toy world", _claims),
     "toyworld tune-study": (TuneStudyConfig, "measure whether `tune` beats fixed settings on "
                                              "the toy world, at the same CPU time", _tune_study),

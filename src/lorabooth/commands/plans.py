@@ -107,6 +107,11 @@ def _pretrain(c: Any) -> Plan:
                 (Write("--out", c.out, "folder", "pretrain"),))
 
 
+def _flow_pretrain(c: Any) -> Plan:
+    return Plan((Read("--judges-from", c.judges_from),),
+                (Write("--out", c.out, "folder", "pretrain"),))
+
+
 def _research(owner: str) -> Callable[[Any], Plan]:
     """The toy world's studies: runs under OUT, and the report in docs/
     that each run of the study rewrites by design."""
@@ -123,6 +128,7 @@ PLANS: dict[str, Callable[[Any], Plan]] = {
     "identifier": lambda c: Plan(_model(c)),  # reads the tokenizer, writes nothing
     "evaluate": _evaluate,
     "toyworld pretrain": _pretrain,
+    "toyworld flow-pretrain": _flow_pretrain,
     "toyworld claims": _research("claims"),
     "toyworld tune-study": _research("tune-study"),
     "convert": _convert,

@@ -54,7 +54,13 @@ from .search import (
     SweepGenerate,
     TuneConfig,
 )
-from .toyworld import ClaimsConfig, DemoConfig, PretrainConfig, TuneStudyConfig
+from .toyworld import (
+    ClaimsConfig,
+    DemoConfig,
+    FlowPretrainConfig,
+    PretrainConfig,
+    TuneStudyConfig,
+)
 from .train import (
     ADAPTERS,
     MIXED_PRECISIONS,
@@ -77,7 +83,7 @@ __all__ = [
     "ClaimsConfig", "ConvertConfig", "DemoConfig", "EvaluateConfig", "EvaluateOptions",
     "FuseConfig",
     "GenerateConfig", "IdentifierConfig", "InspectConfig", "MergeConfig", "PrepareConfig",
-    "PretrainConfig", "SweepConfig", "SweepEvaluate", "SweepGenerate", "TrainConfig",
+    "FlowPretrainConfig", "PretrainConfig", "SweepConfig", "SweepEvaluate", "SweepGenerate", "TrainConfig",
     "TuneConfig", "TuneStudyConfig", "UiConfig",
     "_check_scalar", "_help", "bad", "build_config", "build_section", "check_adapter",
     "check_keys", "check_numbers", "choices", "config_keys", "config_of", "evaluate_options",

@@ -1,5 +1,5 @@
 """The configs of the toy world's commands: `demo`, `toyworld pretrain`,
-`toyworld claims` and `toyworld tune-study`."""
+`toyworld flow-pretrain`, `toyworld claims` and `toyworld tune-study`."""
 
 from __future__ import annotations
 
@@ -44,6 +44,40 @@ class PretrainConfig:
         for key in ("vae_steps", "unet_steps", "judge_steps"):
             check_count(getattr(self, key), option_name(key), MAX_TRAIN_STEPS)
         check_count(self.batch, "--batch", MAX_BATCH)
+
+
+@dataclass(frozen=True)
+class FlowPretrainConfig:
+    out: str = _help("Folder for the FLUX.2 [klein]-shaped model (diffusers layout; required).",
+                     "")
+    seed: int = _help("Random seed.", 0)
+    images: int = _help("Rendered training pictures.", 16000)
+    vae_steps: int = _help("VAE training steps.", 1000)
+    vae_batch: int = _help("VAE batch size.", 32)
+    text_steps: int = _help("Text-encoder steps (a causal language model on the captions; "
+                            "then frozen).", 300)
+    steps: int = _help("Transformer steps in the short text window.", 1500)
+    long_steps: int = _help("Transformer steps after those, in the family's 512-token window.",
+                            40)
+    batch: int = _help("Transformer batch size.", 32)
+    judge_steps: int = _help("Judge training steps (unless --judges-from).", 1500)
+    judges_from: str = _help("A toy model folder whose judges to copy instead of training "
+                             "new ones (they read pixels, not the model).", "")
+    threads: int = _help("CPU threads torch may use (0: torch's default).", 0)
+
+    def __post_init__(self) -> None:
+        check_numbers(self)
+        require(self, "out")
+        check_seeds([self.seed], "--seed")
+        check_count(self.images, "--images", MAX_RENDERED)
+        for key in ("vae_steps", "text_steps", "steps", "judge_steps"):
+            check_count(getattr(self, key), option_name(key), MAX_TRAIN_STEPS)
+        if not 0 <= self.long_steps <= MAX_TRAIN_STEPS:
+            raise bad(self, "long_steps", f"between 0 and {MAX_TRAIN_STEPS}")
+        for key in ("batch", "vae_batch"):
+            check_count(getattr(self, key), option_name(key), MAX_BATCH)
+        if not 0 <= self.threads <= 1024:
+            raise bad(self, "threads", "between 0 and 1024")
 
 
 @dataclass(frozen=True)

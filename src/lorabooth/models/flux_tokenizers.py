@@ -41,24 +41,32 @@ QWEN3_CHAT_TEMPLATE = (
 
 @lru_cache(maxsize=1)
 def _bpe() -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
+    return train_byte_bpe(FIXED_TEXT, QWEN_VOCAB)
+
+
+def train_byte_bpe(texts: list[str], vocab_size: int) -> tuple[dict[str, int],
+                                                                tuple[tuple[str, str], ...]]:
+    """A byte-level BPE's vocabulary and merges learnt from ``texts`` (at most
+    ``vocab_size`` tokens; fewer when every word is already one token)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.train_from_iterator(FIXED_TEXT, trainers.BpeTrainer(
-        vocab_size=QWEN_VOCAB, show_progress=False,
+    tok.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=vocab_size, show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     model = json.loads(tok.to_str())["model"]
     return model["vocab"], tuple(tuple(m) for m in model["merges"])
 
 
-def qwen_tokenizer():
+def qwen_tokenizer(bpe: tuple[dict, tuple] | None = None):
     """A byte-level BPE tokenizer of Qwen's class (every byte has a token, so
     any prompt tokenises), with Qwen's special tokens and chat template;
-    pads with <|endoftext|> on the right, as Qwen3's."""
+    pads with <|endoftext|> on the right, as Qwen3's. ``bpe``: the
+    vocabulary and merges (``train_byte_bpe``'s), else the fixed text's."""
     from transformers import Qwen2TokenizerFast
 
-    vocab, merges = _bpe()
+    vocab, merges = bpe or _bpe()
     tokenizer = Qwen2TokenizerFast(vocab=dict(vocab), merges=list(merges),
                                    model_max_length=MAX_LENGTH)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})

@@ -36,12 +36,31 @@ from .flux_architecture import BUILTIN_FLUX
 from .lowmem import load_unet
 
 BUILTIN_MODELS = ("tiny", "toy", "sd15-random", "tiny-sdxl", "sdxl-random", "tiny-flux2",
-                  "tiny-flux", "flux2-klein-random", "flux-random")
+                  "tiny-flux", "flux2-klein-random", "flux-random", "flow-toy")
+FLOW_TOY_RESOLUTION = 32
 
 
 def toy_model_dir() -> Path:
     """The shipped toy-world model (`lorabooth toyworld pretrain` remakes it)."""
     return Path(str(resources.files("lorabooth") / "assets" / "toy"))
+
+
+def flow_toy_model_dir() -> Path:
+    """The shipped flow-matching toy model (`lorabooth toyworld flow-pretrain` remakes it)."""
+    return Path(str(resources.files("lorabooth") / "assets" / "flow_toy"))
+
+
+def _load_flow_toy(unet_dtype: torch.dtype) -> BaseModel:
+    """The flow toy model: a FLUX.2 [klein] folder drawn at 32 px."""
+    import dataclasses
+
+    from .flux_architecture import load_flux_folder
+
+    if not (flow_toy_model_dir() / "transformer").is_dir():
+        raise UserError("--model flow-toy: the flow toy model is not in this installation; make "
+                        "it with `lorabooth toyworld flow-pretrain --out DIR` and pass DIR")
+    base = load_flux_folder(flow_toy_model_dir(), "flow-toy", "flux2", unet_dtype)
+    return dataclasses.replace(base, resolution=FLOW_TOY_RESOLUTION)
 
 def build_tiny(seed: int = 0) -> BaseModel:
     """An SD-1.5-shaped model with small random weights, built from configs in
@@ -226,6 +245,8 @@ def load_base(model: str, model_config: str = "",
         from .flux_architecture import build_builtin_flux
 
         return build_builtin_flux(model)
+    if model == "flow-toy":
+        return _load_flow_toy(unet_dtype)
     if model == "toy":
         if not (toy_model_dir() / "unet").is_dir():
             raise UserError("--model toy: the toy model is not in this installation; "
@@ -283,6 +304,8 @@ def model_family(model: str) -> str | None:
 
     path = Path(model).expanduser()
     if model in BUILTIN_MODELS:
+        if model == "flow-toy":
+            return "flux2"
         return BUILTIN_FLUX.get(model) or ("sdxl" if "sdxl" in model else "sd1")
     refuse_adapter(path, model)
     if path.is_dir():
@@ -298,7 +321,9 @@ def load_tokenizer(model: str) -> CLIPTokenizer:
         from .flux_tokenizers import qwen_tokenizer
 
         return qwen_tokenizer()
-    if model in BUILTIN_MODELS:
+    if model == "flow-toy":  # its own BPE, learnt from the toy captions
+        model = str(flow_toy_model_dir())
+    elif model in BUILTIN_MODELS:
         return clip_tokenizer()  # the built-in models use CLIP's own tokenizer (SDXL: the first)
     path = Path(model).expanduser()
     if not path.is_dir():

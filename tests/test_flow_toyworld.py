@@ -1,0 +1,117 @@
+"""The flow-matching toy world (issue 27 §5): `toyworld flow-pretrain` makes
+a FLUX.2 [klein] folder that lorabooth loads, LoRA-trains and draws with,
+and the shipped `flow-toy` model follows the prompt's class."""
+
+import json
+
+import numpy as np
+import pytest
+
+from lorabooth.commands.cli import main
+from lorabooth.toyworld.world import CLASSES
+
+# as tests/test_toyworld.py asks of the UNet toy model
+BASE_MIN_CLASS = 0.6
+
+
+@pytest.fixture(scope="module")
+def flow_folder(tmp_path_factory):
+    """A pretraining of a few steps (seconds), the shipped toy judges copied."""
+    from lorabooth.models.loading import toy_model_dir
+    from lorabooth.toyworld.flow_pretrain import flow_pretrain
+
+    out = tmp_path_factory.mktemp("flow") / "model"
+    return flow_pretrain(out, seed=3, images=64, vae_steps=2, vae_batch=4, text_steps=2,
+                         steps=2, long_steps=1, batch=4, judges_from=str(toy_model_dir()),
+                         eval_per_prompt=1, eval_steps=2)
+
+
+def test_the_toy_bpe_keeps_every_caption_word_one_token():
+    from lorabooth.models.loading import clip_tokenizer
+    from lorabooth.toyworld.flow_pretrain import caption_words, flow_tokenizer
+    from lorabooth.toyworld.pretrain import rare_words
+
+    words = rare_words(clip_tokenizer())
+    tokenizer = flow_tokenizer(words)
+    for word in ("sks", *CLASSES, "purple", "striped", "snow", *words):
+        assert len(tokenizer(" " + word, add_special_tokens=False).input_ids) == 1, word
+        assert len(tokenizer(word, add_special_tokens=False).input_ids) == 1, word
+    assert set(caption_words()) >= set(CLASSES) and len(tokenizer) < 1024
+    # any other text still tokenises (byte-level), in Qwen's chat template
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "a zebra"}], tokenize=False,
+                                         add_generation_prompt=True, enable_thinking=False)
+    assert text.startswith("<|im_start|>user\na zebra") and tokenizer(text).input_ids
+
+
+def test_flow_pretrain_writes_a_flux2_folder_and_records_its_figures(flow_folder):
+    from lorabooth.models.loading import load_base, model_family
+
+    assert model_family(str(flow_folder)) == "flux2"
+    base = load_base(str(flow_folder))
+    assert base.family.name == "flux2" and base.family.flow
+    assert type(base.unet).__name__ == "Flux2Transformer2DModel"
+    assert type(base.text_encoder).__name__ == "Qwen3ForCausalLM"
+    assert base.vae.bn.running_var.min() > 0  # the latent statistics were set
+    record = json.loads((flow_folder / "toyworld.json").read_text())
+    assert record["seed"] == 3 and record["transformer_steps"] == 2
+    assert record["transformer_long_steps"] == 1 and record["family"] == "flux2"
+    assert 0 <= record["draws_cls_accuracy"] <= 1 and record["draws"] == len(CLASSES)
+    assert record["vae_psnr_db_held_out"] > 0
+    assert (flow_folder / "judges.safetensors").is_file()
+
+
+def test_the_flow_toy_folder_lora_trains_and_draws(flow_folder, tmp_path):
+    from helpers import make_photos
+    from lorabooth import TrainConfig, train
+    from lorabooth.generation import Setting, draw, load_pipeline
+
+    run = train(TrainConfig(
+        model=str(flow_folder), instance_dir=str(make_photos(tmp_path / "photos")),
+        instance_prompt="a photo of sks ball", steps=2, seed=0, resolution=32, lr=5e-2,
+        output=str(tmp_path / "run")))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(np.isfinite(r["loss"]) for r in rows)
+    pipe, has_text = load_pipeline(run)
+    zero, one = (draw(pipe, has_text, "a photo of sks ball", Setting(scale, 1.0, 4.0), [0], 2,
+                      size=(32, 32))[0] for scale in (0.0, 1.0))
+    assert zero.size == (32, 32)
+    assert not np.array_equal(np.asarray(zero), np.asarray(one))  # the LoRA is drawn with
+
+
+def test_flow_pretrain_command_refuses_bad_options_in_one_line(tmp_path, capsys):
+    assert main(["toyworld", "flow-pretrain", "--out", str(tmp_path / "m"),
+                 "--long-steps", "-1"]) == 2
+    assert "--long-steps" in capsys.readouterr().err
+    assert main(["toyworld", "flow-pretrain", "--out", str(tmp_path / "m"),
+                 "--judges-from", str(tmp_path / "nothing")]) == 2
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.fixture(scope="module")
+def flow_toy():
+    from lorabooth.models.loading import flow_toy_model_dir, load_base
+    from lorabooth.toyworld.judges import ToyJudge
+
+    if not (flow_toy_model_dir() / "transformer").is_dir():
+        pytest.skip("the flow toy model is not shipped yet in src/lorabooth/assets/flow_toy "
+                    "(make it with `lorabooth toyworld flow-pretrain`)")
+    return load_base("flow-toy"), ToyJudge.load(flow_toy_model_dir() / "judges.safetensors")
+
+
+def test_shipped_flow_toy_loads_offline_within_the_size_budget(flow_toy, no_network):
+    from lorabooth.models.loading import flow_toy_model_dir, model_family
+
+    base, _ = flow_toy
+    assert base.native_resolution == 32 and model_family("flow-toy") == "flux2"
+    size = sum(p.stat().st_size for p in flow_toy_model_dir().rglob("*") if p.is_file())
+    assert size < 28e6 and no_network == []
+    record = json.loads((flow_toy_model_dir() / "toyworld.json").read_text())
+    assert record["command"].startswith("lorabooth toyworld flow-pretrain")
+
+
+def test_shipped_flow_toy_draws_the_prompts_class(flow_toy):
+    from lorabooth.toyworld.flow_pretrain import class_accuracy
+
+    base, judge = flow_toy
+    accuracy = class_accuracy(base, judge, per_prompt=8)
+    assert accuracy["draws_cls_accuracy"] >= BASE_MIN_CLASS, accuracy
