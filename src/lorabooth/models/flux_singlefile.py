@@ -198,3 +198,27 @@ def load_bfl_transformer(path: Path, family: str, config: dict | None,
                         f"(e.g. {sorted(missing)[0]}): not a {family} transformer file")
     model.load_state_dict({k: v.to(dtype) for k, v in converted.items()}, strict=True, assign=True)
     return model.eval()
+
+
+def save_bfl_transformer(transformer, family: str, path: Path,
+                         metadata: dict[str, str] | None = None) -> Path:
+    """A diffusers FLUX transformer written as the file model sites
+    distribute (`flux1-dev.safetensors`, `flux-2-klein-4b.safetensors`): BFL's
+    names, no prefix, what ComfyUI's "Load Diffusion Model" reads and what
+    ``load_bfl_transformer`` (and, for FLUX.2, diffusers' ``from_single_file``)
+    loads back. Refused, nothing written, where the key map would drop a
+    weight (a variant it does not know)."""
+    from safetensors.torch import save_file
+
+    from ..core.fileio import atomic_path
+
+    state = {k: v.detach().contiguous() for k, v in transformer.state_dict().items()}
+    out = to_bfl(state, family)
+    back = from_bfl(out, family, dict(transformer.config))
+    if lost := sorted(set(state) - set(back)):
+        raise UserError(f"{path}: not written: BFL's layout has no place for {len(lost)} of the "
+                        f"transformer's weights (e.g. {lost[0]})")
+    with atomic_path(Path(path)) as tmp:
+        save_file({k: v.contiguous() for k, v in out.items()}, tmp,
+                  metadata={"format": "pt", **(metadata or {})})
+    return Path(path)
