@@ -127,7 +127,8 @@ def test_families_do_not_mix(runs, trained_run, tmp_path, capsys):
         (["fuse", run, "--model", "tiny", "--single-file", "--out", out / "f.safetensors"],
          "it fuses only into a FLUX"),
         (["fuse", trained_run, "--model", model, "--out", out / "g"],
-         "fuses only into a Stable Diffusion")]
+         "fuses only into a Stable Diffusion"),
+        (["fuse", run, "--text-scale", "0.5", "--out", out / "h"], "no text-encoder part")]
     for argv, needle in cases:
         code, _, err = _cli(capsys, *argv)
         assert code == 2 and len(err) == 1 and needle in err[0], (argv, err)

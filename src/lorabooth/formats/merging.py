@@ -182,7 +182,7 @@ def _an(family: str) -> str:
     return f"{'an' if family == SDXL else 'a'} {FAMILY_NAMES[family]}"
 
 
-def _loaded_pipeline(run: str | Path, model: str):
+def _loaded_pipeline(run: str | Path, model: str, text_scale: float = 1.0):
     """(the base with the LoRA loaded, its text encoders holding LoRA, the
     family), through drawing's own loader; a LoRA of one family and a base
     of another are refused before anything is loaded."""
@@ -199,6 +199,10 @@ def _loaded_pipeline(run: str | Path, model: str):
     if base and (other := _base_family(base)) not in (None, family):
         raise UserError(f"--model {base}: {_an(other)} model; {run} is {_an(family)} LoRA; "
                         f"it fuses only into {_an(family)} model")
+    if family in FLUX_FAMILIES and text_scale != 1.0 and not any(
+            k.startswith(("text_encoder", "lora_te")) for k in tensors):
+        raise UserError(f"--text-scale: {run} is {_an(family)} LoRA of the transformer only; "
+                        "there is no text-encoder part to scale (leave --text-scale out)")
     return (*load_pipeline(run, model), family)
 
 
@@ -215,7 +219,7 @@ def fuse(run: str | Path, out: str | Path, unet_scale: float = 1.0, text_scale: 
         raise UserError(f"--out {out}: is a folder; --single-file writes one .safetensors file")
     if not single_file and out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: is a file; fuse writes a model folder there")
-    pipe, has_text, family = _loaded_pipeline(run, model)
+    pipe, has_text, family = _loaded_pipeline(run, model, text_scale)
     weights = set_scales(pipe, unet_scale, text_scale, has_text)  # the rows too
     components = list(weights)  # the denoiser and the text encoders holding LoRA
     if merged := [part for part in components if weights[part]]:  # scale 0: the base weights
