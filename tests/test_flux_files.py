@@ -47,7 +47,7 @@ def _cli(capsys, *argv):
 
 
 def _same(a, b):
-    x, y = load_file(a), load_file(b)
+    x, y = (load_file(f) if not isinstance(f, dict) else f for f in (a, b))
     assert x.keys() == y.keys()
     for k in x:
         assert torch.equal(x[k], y[k]), k
@@ -177,8 +177,12 @@ def test_the_chain_convert_inspect_merge_fuse_load(runs, tmp_path, capsys):
 
     merged = tmp_path / "merged.safetensors"
     assert _cli(capsys, "merge", kohya, b, "--weights", "0.7,0.3", "--out", merged)[0] == 0
-    code, out, _ = _cli(capsys, "inspect", merged, "--model", model)
-    assert code == 0 and "every key maps to a weight" in out
+    merged_kohya = tmp_path / "merged-kohya.safetensors"  # rank 8: block-diagonal qkv of 24
+    assert _cli(capsys, "convert", merged, merged_kohya, "--to", "kohya")[0] == 0
+    for file in (merged, merged_kohya):
+        code, out, _ = _cli(capsys, "inspect", file, "--model", model)
+        assert code == 0 and "every key maps to a weight" in out
+    _same(read_as_peft(merged_kohya)[0], read_as_peft(merged)[0])
     pa, pb, pm = (read_as_peft(p) for p in (a / WEIGHT_NAME, b / WEIGHT_NAME, merged))
     assert modules_of(pm[0]) == modules_of(pa[0])
     for module in modules_of(pm[0]):  # the merge is the weighted sum of the deltas, exactly

@@ -9,7 +9,11 @@ BFL fuses what diffusers keeps apart: a double block's q, k, v in one
 (scale, shift). One key map serves both directions and both families:
 diffusers' own converters read BFL files only (and FLUX.1's fixes the width
 at 3072, so no small model loads through it); the tests check this map
-against them (FLUX.2 on values, FLUX.1 on names and shapes at full size)."""
+against them (FLUX.2 on values, FLUX.1 on names and shapes at full size).
+``save_bfl_transformer`` writes such a file (`fuse --single-file`): FLUX.2's
+loads back through diffusers' ``from_single_file``; FLUX.1's through it at
+FLUX.1 [dev]'s width only (its converter splits `linear1` at 3072), through
+``load_bfl_transformer`` at any width."""
 
 from __future__ import annotations
 
