@@ -116,12 +116,18 @@ def test_families_do_not_mix(runs, trained_run, tmp_path, capsys):
     model, run, _ = runs
     out = tmp_path / "out"
     out.mkdir()
+    # the same tensors, recorded as the other FLUX family's
+    other = tmp_path / "other.safetensors"
+    save_file(load_file(run / WEIGHT_NAME), other,
+              metadata={"lorabooth.family": json.dumps(FAMILIES[OTHER[model]])})
     cases = [
         (["inspect", run / KOHYA_WEIGHT_NAME, "--model", OTHER[model]], "check it against a "
          "model of its own family"),
         (["inspect", run / WEIGHT_NAME, "--model", "tiny"], "a Stable Diffusion 1.x/2.x model"),
         (["inspect", trained_run / WEIGHT_NAME, "--model", model], "is a Stable Diffusion"),
         (["merge", run, trained_run, "--out", out / "m.safetensors"],
+         "LoRAs of different model families cannot be merged"),
+        (["merge", run, other, "--out", out / "m.safetensors"],
          "LoRAs of different model families cannot be merged"),
         (["fuse", run, "--model", OTHER[model], "--out", out / "f"], "it fuses only into a FLUX"),
         (["fuse", run, "--model", "tiny", "--single-file", "--out", out / "f.safetensors"],
