@@ -89,18 +89,9 @@ def _evaluate(c: EvaluateConfig) -> Any:
 
 
 def _inspect(c: InspectConfig) -> Any:
-    from ..formats.inspection import check_summary, inspect_lora, render
+    from ..formats.inspection import check_summary, inspect_lora, names_for_model, render
 
-    names, label = None, ""
-    if c.model:
-        from ..formats.clients import is_sdxl_folder, model_names, sdxl_folder_names
-        from ..models.loading import load_base
-
-        if is_sdxl_folder(c.model):
-            names, label = sdxl_folder_names(c.model), c.model
-        else:
-            base = load_base(c.model)
-            names, label = model_names(base.unet, base.text_encoder, base.text_encoder_2), c.model
+    names, label = names_for_model(c.file, c.model) if c.model else (None, "")
     summary = inspect_lora(c.file, names, label)
     print(render(summary))
     check_summary(summary)

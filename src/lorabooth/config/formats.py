@@ -66,8 +66,9 @@ class FuseConfig:
     unet_scale: float = _help("UNet LoRA scale baked in.", 1.0)
     text_scale: float = _help("Text-encoder LoRA scale baked in.", 1.0)
     model: str = _help("Base model (default: the run's own).", "")
-    single_file: bool = _help("Write one .safetensors in the original SD (or SDXL) layout "
-                              "instead of a folder.", False)
+    single_file: bool = _help("Write one .safetensors in the original layout instead of a "
+                              "folder: SD's or SDXL's checkpoint, FLUX's transformer in Black "
+                              "Forest Labs' names.", False)
     overwrite: bool = _help("With --single-file: replace --out when it exists.", False)
 
     def __post_init__(self) -> None:

@@ -16,7 +16,7 @@ from ..core.visible import visible
 from .clients import CLIENTS, FluxNames, ModelNames, sd15_names, sdxl_names, unloaded_by_client
 from .flux import FLUX_FAMILIES, FLUX_NAMES
 from .layouts import alpha_from_header, check_ranks, detect_layout, old_text_keys, read_as_peft
-from .sdxl import SDXL, family_of
+from .sdxl import FAMILY_NAMES, SDXL, family_of
 
 # cross-attention width (the text encoder's hidden size) -> base family
 CROSS_ATTENTION = {768: "Stable Diffusion 1.x", 1024: "Stable Diffusion 2.x", 2048: "SDXL"}
@@ -34,6 +34,7 @@ class Summary:
     unloaded: dict[str, list[str]] = field(default_factory=dict)  # client -> keys
     checked_against: str = ""
     embeddings: dict[str, tuple[int, ...]] = field(default_factory=dict)  # trained token -> shape
+    unchecked: str = ""  # why the clients were not checked, where no base was at hand
 
 
 def _module_and_group(key: str) -> tuple[str, str] | None:
@@ -113,11 +114,61 @@ def inspect_lora(path: str | Path, names: ModelNames | None = None,
         names, names_label = sd15_names(), "Stable Diffusion 1.5"
     elif names is None and summary.architecture == "SDXL":
         names, names_label = sdxl_names(), "SDXL 1.0"
+    elif names is None and (flux := family_of(tensors, header)) in FLUX_FAMILIES:
+        names, names_label, summary.unchecked = _published_flux(flux, peft)
     if names is not None:
         summary.unloaded = unloaded_by_client(
             tensors if isinstance(names, FluxNames) else list(tensors), names)
         summary.checked_against = names_label
     return summary
+
+
+# The published transformers a FLUX LoRA is checked against without --model
+PUBLISHED_FLUX = {"flux1": "FLUX.1 [dev]", "flux2": "FLUX.2 [klein] 4B"}
+
+
+def _published_flux(family: str, peft: dict[str, torch.Tensor]):
+    """(names, label, "") of the family's published transformer (its
+    configs on the meta device: no weights), or (None, "", why not) when the
+    LoRA's width is not that model's (a small or random model's LoRA)."""
+    from accelerate import init_empty_weights
+    from diffusers import Flux2Transformer2DModel, FluxTransformer2DModel
+
+    from ..models.flux_architecture import FLUX1_DEV_TRANSFORMER, FLUX2_KLEIN_TRANSFORMER
+    from .clients import flux_names
+
+    config = FLUX2_KLEIN_TRANSFORMER if family == "flux2" else FLUX1_DEV_TRANSFORMER
+    hidden = config["num_attention_heads"] * config["attention_head_dim"]
+    # every double-stream attention projection reads the hidden width
+    widths = {v.shape[1] for k, v in peft.items()
+              if re.search(r"\.transformer_blocks\.\d+\.attn\..+\.lora_A\.", k)}
+    if widths and widths != {hidden}:
+        return None, "", (f"its width {min(widths)} is not {PUBLISHED_FLUX[family]}'s "
+                          f"{hidden}: a smaller model's LoRA")
+    cls = Flux2Transformer2DModel if family == "flux2" else FluxTransformer2DModel
+    with init_empty_weights():
+        transformer = cls.from_config(config)
+    return flux_names(transformer), PUBLISHED_FLUX[family], ""
+
+
+def names_for_model(file: str | Path, model: str) -> tuple[ModelNames | FluxNames, str]:
+    """--model's weight names to check ``file`` against; a base of another
+    family than the LoRA's is refused in one line before it loads."""
+    from ..models.loading import load_base, model_family
+    from .clients import is_sdxl_folder, model_names, sdxl_folder_names
+
+    tensors, header = read_lora(Path(file))
+    lora = family_of(split_embeddings(tensors)[0], header)
+    base = model_family(model)
+    if base is not None and base != lora:
+        a = {f: "an" if f == SDXL else "a" for f in (base, lora)}
+        raise UserError(f"--model {model}: {a[base]} {FAMILY_NAMES[base]} model; {file} is "
+                        f"{a[lora]} {FAMILY_NAMES[lora]} LoRA: check it against a model of its "
+                        "own family")
+    if is_sdxl_folder(model):
+        return sdxl_folder_names(model), model
+    loaded = load_base(model)
+    return model_names(loaded.unet, loaded.text_encoder, loaded.text_encoder_2), model
 
 
 def render(s: Summary) -> str:
@@ -145,8 +196,9 @@ def render(s: Summary) -> str:
     for key, value in sorted(s.metadata.items()):
         lines.append(f"meta {key}: {value[:200]}")
     if not s.checked_against:
-        lines.append("clients: not checked (the ComfyUI/AUTOMATIC1111 rules here are SD 1.x's "
-                     "and SDXL's; --model names a base to check against)")
+        why = s.unchecked or ("the ComfyUI/AUTOMATIC1111 rules here are SD 1.x's, SDXL's and "
+                              "FLUX's")
+        lines.append(f"clients: not checked ({why}; --model names a base to check against)")
     for client in CLIENTS:
         if client not in s.unloaded:
             continue

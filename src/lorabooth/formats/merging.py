@@ -18,8 +18,9 @@ from ..config import MergeConfig, config_of
 from ..config.checks import check_tensors
 from ..core.errors import UserError
 from ..core.fileio import to_json, write_json
+from .flux import FLUX_FAMILIES
 from .layouts import check_ranks, is_dora, read_as_peft, read_embeddings, write_lora
-from .sdxl import FAMILY_KEY, FAMILY_NAMES, SD, SDXL, family_of
+from .sdxl import FAMILY_KEY, FAMILY_NAMES, HEADER_FAMILY, SD, SDXL, family_of
 
 log = logging.getLogger(__name__)
 
@@ -158,8 +159,8 @@ def merge(inputs: list[str] | MergeConfig, weights: list[float] | None = None,
                                            "method": method, "relative_error": error})}
     if bases:
         meta["lorabooth.base_model"] = next(iter(bases))
-    if families[0] == SDXL:
-        meta[FAMILY_KEY] = SDXL
+    if families[0] != SD:  # a small model's LoRA may not show its family in its keys
+        meta[FAMILY_KEY] = HEADER_FAMILY[families[0]]
     tokens = [h[TRAINED_TOKENS] for _, _, h in loaded if TRAINED_TOKENS in h]
     if embeddings and tokens:
         meta[TRAINED_TOKENS] = tokens[0]
@@ -170,17 +171,21 @@ def merge(inputs: list[str] | MergeConfig, weights: list[float] | None = None,
 
 
 def _base_family(model: str) -> str | None:
-    """The family of a base model ("sd1" or "sdxl", as family_of names a
-    LoRA's), without loading it."""
+    """The family of a base model ("sd1", "sdxl", "flux1", "flux2", as
+    family_of names a LoRA's), without loading it."""
     from ..models.loading import model_family
 
     return model_family(model)
 
 
-def _loaded_pipeline(run: str | Path, model: str):
-    """The base with the LoRA loaded, for either family (drawing's own
-    loader); a LoRA of one family and a base of the other are refused
-    before anything is loaded."""
+def _an(family: str) -> str:
+    return f"{'an' if family == SDXL else 'a'} {FAMILY_NAMES[family]}"
+
+
+def _loaded_pipeline(run: str | Path, model: str, text_scale: float = 1.0):
+    """(the base with the LoRA loaded, its text encoders holding LoRA, the
+    family), through drawing's own loader; a LoRA of one family and a base
+    of another are refused before anything is loaded."""
     from ..adapters.lora import lora_metadata
     from ..generation import load_pipeline
 
@@ -188,22 +193,25 @@ def _loaded_pipeline(run: str | Path, model: str):
     tensors, header = read_lora(path)
     family = family_of(tensors, header)
     base = model or lora_metadata(path).get("base_model")
-    if family == SDXL and not base:
-        raise UserError(f"{run}: an SDXL LoRA that does not record its base model; pass --model "
-                        "(an SDXL model)")
-    if base and _base_family(base) not in (None, family):
-        if family == SDXL:
-            raise UserError(f"--model {base}: {run} is an SDXL LoRA; it fuses only into an "
-                            "SDXL model")
-        raise UserError(f"--model {base}: an SDXL model; {run} is a {FAMILY_NAMES[SD]} LoRA, "
-                        "which fuses only into such a model")
-    return load_pipeline(run, model)
+    if family != SD and not base:
+        raise UserError(f"{run}: {_an(family)} LoRA that does not record its base model; pass "
+                        f"--model ({_an(family)} model)")
+    if base and (other := _base_family(base)) not in (None, family):
+        raise UserError(f"--model {base}: {_an(other)} model; {run} is {_an(family)} LoRA; "
+                        f"it fuses only into {_an(family)} model")
+    if family in FLUX_FAMILIES and text_scale != 1.0 and not any(
+            k.startswith(("text_encoder", "lora_te")) for k in tensors):
+        raise UserError(f"--text-scale: {run} is {_an(family)} LoRA of the transformer only; "
+                        "there is no text-encoder part to scale (leave --text-scale out)")
+    return (*load_pipeline(run, model), family)
 
 
 def fuse(run: str | Path, out: str | Path, unet_scale: float = 1.0, text_scale: float = 1.0,
          model: str = "", single_file: bool = False) -> Path:
     """A full diffusers model folder with the LoRA baked into its weights, or
-    with ``single_file`` one `.safetensors` in the original SD or SDXL layout."""
+    with ``single_file`` one `.safetensors` in the original layout: SD's or
+    SDXL's whole checkpoint, FLUX's transformer in Black Forest Labs' names
+    (what model sites distribute; its VAE and text encoders stay the base's)."""
     from ..adapters.lora import set_scales
 
     out = Path(out)
@@ -211,15 +219,20 @@ def fuse(run: str | Path, out: str | Path, unet_scale: float = 1.0, text_scale: 
         raise UserError(f"--out {out}: is a folder; --single-file writes one .safetensors file")
     if not single_file and out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: is a file; fuse writes a model folder there")
-    pipe, has_text = _loaded_pipeline(run, model)
+    pipe, has_text, family = _loaded_pipeline(run, model, text_scale)
     weights = set_scales(pipe, unet_scale, text_scale, has_text)  # the rows too
-    components = list(weights)  # the UNet and the text encoders holding LoRA
+    components = list(weights)  # the denoiser and the text encoders holding LoRA
     if merged := [part for part in components if weights[part]]:  # scale 0: the base weights
         pipe.fuse_lora(components=merged, lora_scale=1.0)
     pipe.unload_lora_weights()  # the fused weights stay; the adapter layers go
     for name in components:
         check_tensors(getattr(pipe, name).state_dict(), f"--out {out}: the fused {name}")
-    if single_file and getattr(pipe, "text_encoder_2", None) is not None:
+    if single_file and family in FLUX_FAMILIES:
+        from ..models.flux_singlefile import save_bfl_transformer
+
+        record = {"lora": str(run), "scale": unet_scale, "model": model}
+        save_bfl_transformer(pipe.transformer, family, out, {"lorabooth.fuse": to_json(record)})
+    elif single_file and family == SDXL:
         from .sdxl import save_sdxl_single_file
 
         save_sdxl_single_file(pipe, out)

@@ -382,7 +382,8 @@ def _predict(family, denoiser: torch.nn.Module, latents: torch.Tensor, sigmas: t
     [dev]); the others ignore it, as their pipelines do."""
     b, _, h, w = latents.shape
     g = None
-    if getattr(denoiser.config, "guidance_embeds", False):
+    # data-parallel training hands in the transformer wrapped (DDP's .module)
+    if getattr(getattr(denoiser, "module", denoiser).config, "guidance_embeds", False):
         if guidance is None:
             raise ValueError("this transformer embeds the guidance scale: pass guidance")
         g = torch.full((b,), float(guidance), device=latents.device)

@@ -9,7 +9,11 @@ BFL fuses what diffusers keeps apart: a double block's q, k, v in one
 (scale, shift). One key map serves both directions and both families:
 diffusers' own converters read BFL files only (and FLUX.1's fixes the width
 at 3072, so no small model loads through it); the tests check this map
-against them (FLUX.2 on values, FLUX.1 on names and shapes at full size)."""
+against them (FLUX.2 on values, FLUX.1 on names and shapes at full size).
+``save_bfl_transformer`` writes such a file (`fuse --single-file`): FLUX.2's
+loads back through diffusers' ``from_single_file``; FLUX.1's through it at
+FLUX.1 [dev]'s width only (its converter splits `linear1` at 3072), through
+``load_bfl_transformer`` at any width."""
 
 from __future__ import annotations
 
@@ -198,3 +202,27 @@ def load_bfl_transformer(path: Path, family: str, config: dict | None,
                         f"(e.g. {sorted(missing)[0]}): not a {family} transformer file")
     model.load_state_dict({k: v.to(dtype) for k, v in converted.items()}, strict=True, assign=True)
     return model.eval()
+
+
+def save_bfl_transformer(transformer, family: str, path: Path,
+                         metadata: dict[str, str] | None = None) -> Path:
+    """A diffusers FLUX transformer written as the file model sites
+    distribute (`flux1-dev.safetensors`, `flux-2-klein-4b.safetensors`): BFL's
+    names, no prefix, what ComfyUI's "Load Diffusion Model" reads and what
+    ``load_bfl_transformer`` (and, for FLUX.2, diffusers' ``from_single_file``)
+    loads back. Refused, nothing written, where the key map would drop a
+    weight (a variant it does not know)."""
+    from safetensors.torch import save_file
+
+    from ..core.fileio import atomic_path
+
+    state = {k: v.detach().contiguous() for k, v in transformer.state_dict().items()}
+    out = to_bfl(state, family)
+    back = from_bfl(out, family, dict(transformer.config))
+    if lost := sorted(set(state) - set(back)):
+        raise UserError(f"{path}: not written: BFL's layout has no place for {len(lost)} of the "
+                        f"transformer's weights (e.g. {lost[0]})")
+    with atomic_path(Path(path)) as tmp:
+        save_file({k: v.contiguous() for k, v in out.items()}, tmp,
+                  metadata={"format": "pt", **(metadata or {})})
+    return Path(path)
