@@ -50,11 +50,14 @@ class PrepareConfig:
 
 @dataclass(frozen=True)
 class IdentifierConfig:
-    model: str = _help("Whose tokenizer (tiny = CLIP's).", "tiny")
+    model: str = _help("Whose tokenizer (tiny = CLIP's; tiny-flux2 = a small byte-level BPE as "
+                       "Qwen3's; FLUX.1: candidates from T5's unigram vocabulary, --check shows "
+                       "CLIP's and T5's tokens).", "tiny")
     n: int = _help("How many candidates to show.", 10)
     seed: int | None = _help("Draw --n at random from the rarest candidates instead of the top.",
                              None)
-    check: str = _help("Show how this prompt tokenises and warn about its identifier.", "")
+    check: str = _help("Show how this prompt tokenises (under each of the model's tokenizers) "
+                       "and warn about its identifier.", "")
 
     def __post_init__(self) -> None:
         check_numbers(self)

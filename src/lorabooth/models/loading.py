@@ -294,12 +294,21 @@ def model_family(model: str) -> str | None:
 
 def load_tokenizer(model: str) -> CLIPTokenizer:
     """Only the (first) tokenizer of a base model (no weights loaded)."""
-    if BUILTIN_FLUX.get(model) == "flux2":
-        from .flux_tokenizers import qwen_tokenizer
+    return load_tokenizers(model)[0]
 
-        return qwen_tokenizer()
+
+def load_tokenizers(model: str) -> list:
+    """The tokenizers of a base model's text encoders that read the prompt
+    (no weights loaded): CLIP's for SD 1.x and SDXL (its second has the same
+    vocabulary), Qwen3's byte-level BPE for FLUX.2, CLIP's and T5's unigram
+    for FLUX.1."""
+    builtin = BUILTIN_FLUX.get(model)
+    if builtin:
+        from .flux_tokenizers import qwen_tokenizer, t5_tokenizer
+
+        return [qwen_tokenizer()] if builtin == "flux2" else [clip_tokenizer(), t5_tokenizer()]
     if model in BUILTIN_MODELS:
-        return clip_tokenizer()  # the built-in models use CLIP's own tokenizer (SDXL: the first)
+        return [clip_tokenizer()]  # the built-in models use CLIP's own tokenizer (SDXL: the first)
     path = Path(model).expanduser()
     if not path.is_dir():
         if path.exists() or model.count("/") != 1:
@@ -307,13 +316,15 @@ def load_tokenizer(model: str) -> CLIPTokenizer:
         path = resolve_hub(model)
     if not (path / "tokenizer").is_dir():
         raise UserError(f"--model {model}: no tokenizer/ folder in {path}")
-    from .flux_architecture import flux_folder_family
+    from .flux_architecture import flux_folder_family, flux_tokenizer
 
-    if flux_folder_family(path):  # Qwen's BPE (FLUX.2) or CLIP's (FLUX.1), as the folder says
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(path, subfolder="tokenizer")
-    return CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
+    family = flux_folder_family(path)
+    if family:  # Qwen's BPE (FLUX.2), or CLIP's and T5's (FLUX.1), as the folder says
+        if family == "flux1" and not (path / "tokenizer_2").is_dir():
+            raise UserError(f"--model {model}: no tokenizer_2/ folder (T5's) in {path}")
+        subs = ("tokenizer", "tokenizer_2") if family == "flux1" else ("tokenizer",)
+        return [flux_tokenizer(path, sub, family) for sub in subs]
+    return [CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")]
 
 
 def pipeline_from_parts(base: BaseModel, scheduler=None) -> StableDiffusionPipeline:
