@@ -27,6 +27,7 @@ from .config.checks import check_images
 from .core.errors import UserError
 from .core.fileio import save_png, to_json
 from .formats.layouts import load_into_pipeline
+from .models.families import family_of
 from .models.loading import load_base, pipeline_from_parts
 from .models.precision import tune_allocator
 from .models.tokenwindow import check_prompt, pipeline_tokenizers
@@ -101,6 +102,12 @@ def load_pipeline(run: str | Path, model: str = "",
     pipe = pipeline_from_parts(base, _scheduler(scheduler, base))
     pipe.set_progress_bar_config(disable=True)
     return pipe, load_into_pipeline(pipe, run)
+
+
+def default_guidance(pipe) -> float:
+    """The guidance scale to draw with when the user gives none: the model
+    family's own (SD 7.5 as always; FLUX.2 [klein] 4, FLUX.1 [dev] 3.5)."""
+    return family_of(pipe).guidance
 
 
 def check_windows(pipe, run: str | Path, prompts: list[str], what: str) -> None:
@@ -214,7 +221,8 @@ def generate(run: str | Path | GenerateConfig, prompts: list[str] | None = None,
     check_windows(pipe, c.run, c.prompt, "--prompt")
     if c.negative_prompt:
         check_prompt(pipeline_tokenizers(pipe), c.negative_prompt, [], "--negative-prompt")
-    settings = settings_grid(c.unet_scale, c.text_scale, c.guidance, c.text2_scale)
+    settings = settings_grid(c.unet_scale, c.text_scale, c.guidance or [default_guidance(pipe)],
+                             c.text2_scale)
     everything: list[Image.Image] = []
     for p, prompt in enumerate(c.prompt):
         folder = out / prompt_slug(p, prompt)

@@ -123,6 +123,7 @@ class Family(Protocol):
     pipeline_name: str  # the diffusers class that draws (for the run's README)
     flow: bool  # a flow-matching transformer (FLUX): ``predict`` instead of ``unet_inputs``
     guidance: float  # the guidance scale drawing uses when the user gives none
+    resolution: int  # the native image side in pixels of the family's published models
     guidance_range: tuple[float, float]  # what `tune` searches by default
     # train options the family refuses (training/setup.check_family_options),
     # which `tune`'s search keeps off
@@ -161,6 +162,7 @@ class SD1Family:
     pipeline_name = "StableDiffusionPipeline"
     flow = False
     guidance = 7.5  # what lorabooth has always drawn SD with
+    resolution = 512  # SD 1.x's native size
     guidance_range = (3.0, 7.0)
     frozen: tuple[str, ...] = ()
 
@@ -205,6 +207,7 @@ class SDXLFamily:
     pipeline_name = "StableDiffusionXLPipeline"
     flow = False
     guidance = 7.5  # as SD 1.x here (the pipeline's own default is 5.0)
+    resolution = 1024
     guidance_range = (3.0, 7.0)
     frozen = ("train_token",)  # two text encoders: no trained token rows yet
     tokenize = SD1Family.tokenize

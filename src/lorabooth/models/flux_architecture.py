@@ -259,6 +259,7 @@ def load_flux_folder(path: Path, name: str, family: str, dtype: torch.dtype = to
         Flux2Transformer2DModel,
         FluxTransformer2DModel,
     )
+
     from .components import BaseModel
     from .lowmem import load_streamed
 

@@ -211,7 +211,9 @@ def start_drawing(ws: Workspace, queue: JobQueue, runs: list[str], prompt: str,
         raise UserError("run: choose a trained run")
     stamp = time.strftime("ui-%Y%m%d-%H%M%S")
     options = {"prompt": [prompt.strip()], "unet_scale": _numbers(unet_scales, "UNet scales"),
-               "text_scale": _numbers(text_scales, "text scales"), "guidance": [float(guidance)],
+               "text_scale": _numbers(text_scales, "text scales"),
+               # 0: none given, so `generate` draws at the family's own scale
+               "guidance": [float(guidance)] if guidance else [],
                "seed": int(seed), "num_images": int(num_images), "steps": int(steps)}
     configs = []
     for run in chosen:  # every config checked before any job is queued
