@@ -101,6 +101,8 @@ def load_pipeline(run: str | Path, model: str = "",
     base = load_base(base_name, "" if model else str(meta.get("model_config", "")))
     pipe = pipeline_from_parts(base, _scheduler(scheduler, base))
     pipe.set_progress_bar_config(disable=True)
+    if base.family.flow:  # FLUX pipelines draw 1024 px unless told (the tiny models: 32)
+        pipe.native_resolution = base.native_resolution
     return pipe, load_into_pipeline(pipe, run)
 
 
@@ -158,6 +160,8 @@ def draw(pipe: StableDiffusionPipeline, has_text: tuple[str, ...], prompt: str, 
 def _call(pipe, prompt: str, setting: Setting, generators: list[torch.Generator], steps: int,
           negative_prompt: str | None, size: tuple[int | None, int | None]) -> list[Image.Image]:
     n = len(generators)
+    native = getattr(pipe, "native_resolution", None)  # set for a FLUX model by load_pipeline
+    size = (size[0] or native, size[1] or native)
     negative = {}
     if negative_prompt:
         if type(pipe).__name__.startswith("Flux"):
