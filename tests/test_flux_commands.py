@@ -213,7 +213,7 @@ def _bpe_with(words: list[str]):
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.train_from_iterator(FIXED_TEXT + [" ".join(words)] * 3, trainers.BpeTrainer(
+    tok.train_from_iterator(FIXED_TEXT + ["a " + " ".join(words)] * 3, trainers.BpeTrainer(
         vocab_size=600, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     model = js.loads(tok.to_str())["model"]
     return Qwen2TokenizerFast(vocab=model["vocab"], merges=[tuple(m) for m in model["merges"]])
@@ -251,12 +251,13 @@ def test_rare_single_tokens_of_a_unigram_model_rarest_first():
                for c in found)
 
 
-def test_identifier_cli_on_the_flux_tokenizers(capsys):
+def test_identifier_cli_on_the_flux_tokenizers(capsys, caplog):
     assert main(["identifier", "--model", "tiny-flux", "--check", "a photo of zwx dog"]) == 0
     out = capsys.readouterr()
     assert "tokens (CLIPTokenizer)" in out.out and "tokens (T5Tokenizer)" in out.out
     assert "\u2581dog" in out.out and "dog</w>" in out.out
-    assert "by T5Tokenizer" in out.err and "by CLIPTokenizer" in out.err
+    assert "splits into 4 tokens ['\u2581', 'z', 'w', 'x'] by T5Tokenizer" in caplog.text
+    assert "by CLIPTokenizer" in caplog.text
     assert main(["identifier", "--model", "tiny-flux2", "--check", "a photo of sks dog"]) == 0
     assert "\u0120sks" in capsys.readouterr().out
     # the tiny BPE learned only common words: one line, exit 2
@@ -266,23 +267,30 @@ def test_identifier_cli_on_the_flux_tokenizers(capsys):
 
 
 def test_flux2s_window_counts_the_chat_template():
-    """Qwen3 reads the prompt inside its chat template: the identifier is cut
-    where the templated text passes 512 tokens, not the prompt alone; T5's
-    window holds the prompt and its end token."""
+    """Qwen3 reads the prompt inside its chat template, 512 tokens of it:
+    the prompt is truncated once it and the whole template pass 512, the
+    identifier cut once the template's head and the prompt up to it do;
+    T5's window holds the prompt and its end token."""
     from lorabooth.models.flux_tokenizers import qwen_tokenizer, t5_tokenizer
     from lorabooth.models.tokenwindow import check_prompt, fit
 
     qwen, t5 = qwen_tokenizer(), t5_tokenizer()
     template = len(qwen(qwen.apply_chat_template(
         [{"role": "user", "content": "a"}], tokenize=False, add_generation_prompt=True,
-        enable_thinking=False)).input_ids) - 1
-    assert template > 10
-    # "a" and " sks" are one token each: the identifier is token n + 1
-    room = 512 - template
-    assert fit([qwen], "a" + " a" * (room - 2) + " sks", ["sks"]).cut == ()
-    last = fit([qwen], "a" + " a" * (room - 1) + " sks", ["sks"])
-    assert last.cut == ("sks",) and last.truncated and last.total == 512 + 1
+        enable_thinking=False)).input_ids) - 1  # every token but the prompt's one
+    head = len(qwen("<|im_start|>user\n").input_ids)
+    assert template > head > 1
+
+    def prompt(n):  # n + 1 tokens: "a", then n - 1 times " a", then " sks"
+        return "a" + " a" * (n - 1) + " sks"
+
+    assert not fit([qwen], prompt(512 - template - 1), ["sks"]).truncated
+    tail = fit([qwen], prompt(512 - template), ["sks"])
+    assert tail.truncated and tail.cut == () and tail.total == 513  # the template's tail
+    assert fit([qwen], prompt(511 - head), ["sks"]).cut == ()
+    last = fit([qwen], prompt(512 - head), ["sks"])
+    assert last.cut == ("sks",) and last.window == 512
     assert fit([t5], "a " * 510 + "sks", ["sks"]).cut == ()
     assert fit([t5], "a " * 511 + "sks", ["sks"]).cut == ("sks",)
     with pytest.raises(UserError, match="falls past the text encoder's 512-token window"):
-        check_prompt([qwen], "a" + " a" * room + " sks", ["sks"], "--prompt")
+        check_prompt([qwen], prompt(600), ["sks"], "--prompt")
