@@ -5,6 +5,7 @@ CLIP and T5's unigram), and the guidance each family draws with when the
 user gives none."""
 
 import json
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -153,11 +154,10 @@ def test_tune_two_trials_on_tiny_flux2(flux_photos, tiny_judges, one_prompt, tmp
 def test_the_page_trains_and_draws_tiny_flux2(tmp_path, capsys):
     import sys
 
-    from test_ui import FAKE, wait_idle
-
     from lorabooth.ui import handlers as h
     from lorabooth.ui.jobs import JobQueue
     from lorabooth.ui.workspace import Workspace
+    from test_ui import FAKE, wait_idle
 
     ws = Workspace.open(tmp_path / "ws")
     make_photos(ws.root / "photos")
@@ -176,7 +176,7 @@ def test_the_page_trains_and_draws_tiny_flux2(tmp_path, capsys):
     assert "--guidance" not in draw.argv
     wait_idle(queue)
     assert main(draw.argv + ["--width", "32", "--height", "32"]) == 0
-    assert [p.name.split("_s")[0] for p in draw.folder.rglob("u*.png")] == ["u1_t1_g4"]
+    assert [p.name.split("_s")[0] for p in Path(draw.folder).rglob("u*.png")] == ["u1_t1_g4"]
 
 
 # --- prepare -----------------------------------------------------------------
