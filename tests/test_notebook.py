@@ -46,13 +46,18 @@ def test_the_first_code_cell_alone_switches_to_stable_diffusion():
     toy: dict = {}
     exec(source, toy)
     assert (toy["TOY"], toy["RESOLUTION"]) == (True, 32)
-    expected = {"runwayml/stable-diffusion-v1-5": 512, "stabilityai/stable-diffusion-xl-base-1.0": 1024}
-    for model, resolution in expected.items():
+    # model -> (resolution, the family's guidance, whether the text encoder trains)
+    expected = {"runwayml/stable-diffusion-v1-5": (512, 7.5, True),
+                "stabilityai/stable-diffusion-xl-base-1.0": (1024, 7.5, True),
+                "black-forest-labs/FLUX.2-klein-4B": (1024, 4.0, False),
+                "black-forest-labs/FLUX.1-dev": (1024, 3.5, False)}
+    for model, (resolution, guidance, text) in expected.items():
         line = f'# MODEL = "{model}"'
         assert line in source, line
         values: dict = {}
         exec(source.replace(line, line[2:]), values)
         assert (values["MODEL"], values["TOY"], values["RESOLUTION"]) == (model, False, resolution)
+        assert (values["GUIDANCE"], values["TRAIN_TEXT_ENCODER"]) == (guidance, text)
         assert values["STEPS"] != toy["STEPS"] and values["LR"] != toy["LR"]
 
 

@@ -62,7 +62,7 @@ def test_expand_names_and_hashes(tmp_path, photos):
     assert runs[3][1].output == str(tmp_path / "sweep" / runs[3][0])
     hashes = {config_hash(c) for _, c in runs}
     assert len(hashes) == 4
-    assert len(sweep.settings) == 6
+    assert len(sweep.settings("tiny")) == 6
 
 
 def test_run_names_are_unique_and_stay_in_the_sweep_folder(tmp_path, photos):

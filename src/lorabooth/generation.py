@@ -27,6 +27,7 @@ from .config.checks import check_images
 from .core.errors import UserError
 from .core.fileio import save_png, to_json
 from .formats.layouts import load_into_pipeline
+from .models.families import family_of
 from .models.loading import load_base, pipeline_from_parts
 from .models.precision import tune_allocator
 from .models.tokenwindow import check_prompt, pipeline_tokenizers
@@ -100,7 +101,15 @@ def load_pipeline(run: str | Path, model: str = "",
     base = load_base(base_name, "" if model else str(meta.get("model_config", "")))
     pipe = pipeline_from_parts(base, _scheduler(scheduler, base))
     pipe.set_progress_bar_config(disable=True)
+    if base.family.flow:  # FLUX pipelines draw 1024 px unless told (the tiny models: 32)
+        pipe.native_resolution = base.native_resolution
     return pipe, load_into_pipeline(pipe, run)
+
+
+def default_guidance(pipe) -> float:
+    """The guidance scale to draw with when the user gives none: the model
+    family's own (SD 7.5 as always; FLUX.2 [klein] 4, FLUX.1 [dev] 3.5)."""
+    return family_of(pipe).guidance
 
 
 def check_windows(pipe, run: str | Path, prompts: list[str], what: str) -> None:
@@ -151,6 +160,8 @@ def draw(pipe: StableDiffusionPipeline, has_text: tuple[str, ...], prompt: str, 
 def _call(pipe, prompt: str, setting: Setting, generators: list[torch.Generator], steps: int,
           negative_prompt: str | None, size: tuple[int | None, int | None]) -> list[Image.Image]:
     n = len(generators)
+    native = getattr(pipe, "native_resolution", None)  # set for a FLUX model by load_pipeline
+    size = (size[0] or native, size[1] or native)
     negative = {}
     if negative_prompt:
         if type(pipe).__name__.startswith("Flux"):
@@ -214,7 +225,8 @@ def generate(run: str | Path | GenerateConfig, prompts: list[str] | None = None,
     check_windows(pipe, c.run, c.prompt, "--prompt")
     if c.negative_prompt:
         check_prompt(pipeline_tokenizers(pipe), c.negative_prompt, [], "--negative-prompt")
-    settings = settings_grid(c.unet_scale, c.text_scale, c.guidance, c.text2_scale)
+    settings = settings_grid(c.unet_scale, c.text_scale, c.guidance or [default_guidance(pipe)],
+                             c.text2_scale)
     everything: list[Image.Image] = []
     for p, prompt in enumerate(c.prompt):
         folder = out / prompt_slug(p, prompt)

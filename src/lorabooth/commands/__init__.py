@@ -67,12 +67,14 @@ def _prepare(c: PrepareConfig) -> Any:
 
 
 def _identifier(c: IdentifierConfig) -> Any:
-    from ..models.loading import load_tokenizer
+    from ..models.loading import load_tokenizers
     from ..photos.identifier import check_prompt, rare_identifiers, render_table
 
-    tokenizer = load_tokenizer(c.model)
+    tokenizers = load_tokenizers(c.model)
+    # ranked by the tokenizer of the encoder the denoiser reads (FLUX.1: T5's, not CLIP's)
+    tokenizer = tokenizers[-1]
     if c.check:
-        report, warnings = check_prompt(c.check, tokenizer)
+        report, warnings = check_prompt(c.check, tokenizers)
         print(report)
         for w in warnings:
             log.warning("%s", w)

@@ -49,7 +49,8 @@ def _evaluate(c: Any) -> Plan:
 
 
 def _prepare(c: Any) -> Plan:
-    return Plan((Read("SRC", c.src, "photos"),), (Write("OUT", c.out, "folder", "prepare"),))
+    return Plan((Read("SRC", c.src, "photos"), *_model(c)),
+                (Write("OUT", c.out, "folder", "prepare"),))
 
 
 def _inspect(c: Any) -> Plan:

@@ -13,6 +13,9 @@ from .fields import _help, bad, check_numbers, require
 # the judges `evaluate` (and a sweep's [evaluate]) use unless told otherwise
 DEFAULT_DINO = "facebook/dino-vits16"
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
+# the guidance scale each command draws with when given none (models/families.py)
+FAMILY_GUIDANCE = ("the model family's own: 7.5 for SD 1.x and SDXL, 4 for FLUX.2 [klein] "
+                   "as its pipeline, 3.5 for FLUX.1 [dev]")
 # `generate --scheduler`: the samplers drawing.SCHEDULERS builds
 SCHEDULERS = ("dpm", "ddim", "euler", "pndm")
 # the toy world's own judges instead of DINO and CLIP ("": DINO and CLIP)
@@ -30,7 +33,8 @@ class GenerateConfig:
                                     default_factory=lambda: [1.0])
     text2_scale: list[float] = _help("SDXL: the second text encoder's LoRA scale(s), comma list "
                                      "(default: --text-scale).", default_factory=list)
-    guidance: list[float] = _help("Guidance scale(s), comma list.", default_factory=lambda: [7.5])
+    guidance: list[float] = _help("Guidance scale(s), comma list (default: " + FAMILY_GUIDANCE
+                                  + ").", default_factory=list)
     steps: int = _help("Sampler steps.", 25)
     num_images: int = _help("Images (seeds) per setting.", 4)
     seed: int = _help("First seed; image i uses seed+i.", 0)
@@ -47,7 +51,7 @@ class GenerateConfig:
         require(self, "run")
         if not self.prompt:
             raise UserError("--prompt: give at least one prompt")
-        for key in ("unet_scale", "text_scale", "guidance"):
+        for key in ("unet_scale", "text_scale"):
             if not getattr(self, key):
                 raise bad(self, key, "expected at least one number")
         check_count(self.num_images, "--num-images", MAX_IMAGES)
@@ -95,7 +99,7 @@ class EvaluateConfig(EvaluateOptions):
                               "--text2-scale is given).", 1.0)
     text2_scale: float | None = _help("SDXL: the second text encoder's LoRA scale (default: "
                                       "--text-scale).", None)
-    guidance: float = _help("Guidance scale.", 7.5)
+    guidance: float | None = _help("Guidance scale (default: " + FAMILY_GUIDANCE + ").", None)
     steps: int = _help("Sampler steps.", 25)
     model: str = _help("Base model (default: the run's own).", "")
     out: str = _help("Folder (default: RUN/eval).", "")

@@ -14,7 +14,10 @@ CROPS = ("center", "face", "none")
 class PrepareConfig:
     src: str = _help("Folder of the user's photos (never modified).", "", positional=True)
     out: str = _help("Folder for the training set.", "", positional=True)
-    resolution: int = _help("Side of the square output images in pixels.", 512)
+    resolution: int = _help("Side of the square output images in pixels (0: --model's native "
+                            "size: SD 1.x 512, SDXL and FLUX 1024; 512 without --model).", 0)
+    model: str = _help("The base model the set is for (as for train): --resolution defaults to "
+                       "its native size.", "")
     crop: str = _help("center, face (largest face, OpenCV Haar cascade) or none.", "center",
                       choices=CROPS)
     min_size: int = _help("Reject images whose short side is below this (0: half the resolution).", 0)
@@ -29,8 +32,9 @@ class PrepareConfig:
 
     def __post_init__(self) -> None:
         check_numbers(self)
-        if not 8 <= self.resolution <= MAX_SIDE or self.resolution % 8:
-            raise bad(self, "resolution", f"must be a positive multiple of 8, at most {MAX_SIDE}")
+        if not 0 <= self.resolution <= MAX_SIDE or self.resolution % 8:
+            raise bad(self, "resolution", f"must be a positive multiple of 8, at most {MAX_SIDE} "
+                                           "(0: the model's own)")
         if not 0 <= self.min_size <= MAX_PHOTO_SIDE:
             raise bad(self, "min_size", f"must be between 0 and {MAX_PHOTO_SIDE}")
         if self.face_margin < 0:
@@ -50,11 +54,14 @@ class PrepareConfig:
 
 @dataclass(frozen=True)
 class IdentifierConfig:
-    model: str = _help("Whose tokenizer (tiny = CLIP's).", "tiny")
+    model: str = _help("Whose tokenizer (tiny = CLIP's; tiny-flux2 = a small byte-level BPE as "
+                       "Qwen3's; FLUX.1: candidates from T5's unigram vocabulary, --check shows "
+                       "CLIP's and T5's tokens).", "tiny")
     n: int = _help("How many candidates to show.", 10)
     seed: int | None = _help("Draw --n at random from the rarest candidates instead of the top.",
                              None)
-    check: str = _help("Show how this prompt tokenises and warn about its identifier.", "")
+    check: str = _help("Show how this prompt tokenises (under each of the model's tokenizers) "
+                       "and warn about its identifier.", "")
 
     def __post_init__(self) -> None:
         check_numbers(self)

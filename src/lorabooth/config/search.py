@@ -17,7 +17,7 @@ from .checks import (
     check_seeds,
 )
 from .fields import _help, bad, check_numbers, require
-from .generate import JUDGES, EvaluateOptions
+from .generate import FAMILY_GUIDANCE, JUDGES, EvaluateOptions
 
 MAX_TRIALS = 10000  # `tune --budget`
 MAX_WORKERS = 256  # `tune --workers`: processes on one machine
@@ -40,11 +40,12 @@ class SweepGenerate:
                                     default_factory=lambda: [1.0])
     text2_scale: list[float] = _help("[generate.grid] SDXL: the second text encoder's LoRA "
                                      "scales (default: the text scale).", default_factory=list)
-    guidance: list[float] = _help("[generate.grid] guidance scales.", default_factory=lambda: [7.5])
+    guidance: list[float] = _help("[generate.grid] guidance scales (default: "
+                                  + FAMILY_GUIDANCE + ").", default_factory=list)
 
     def __post_init__(self) -> None:
         check_numbers(self)
-        for key in ("prompts", "seeds", "unet_scale", "text_scale", "guidance"):
+        for key in ("prompts", "seeds", "unet_scale", "text_scale"):
             if not getattr(self, key):
                 raise UserError(f"`{key}` must be a non-empty list (got [])")
         check_seeds(self.seeds, "`seeds`")

@@ -19,7 +19,14 @@ from ..config import EvaluateConfig, config_of
 from ..config.templates import fill_template, prompt_templates, read_prompts_file
 from ..core.errors import UserError
 from ..core.fileio import save_png, write_json, write_text
-from ..generation import Setting, cache_name, draw_cached, load_pipeline, prompt_slug
+from ..generation import (
+    Setting,
+    cache_name,
+    default_guidance,
+    draw_cached,
+    load_pipeline,
+    prompt_slug,
+)
 from ..models.tokenwindow import check_prompt, pipeline_tokenizers
 from ..photos.imagefiles import Rejected, decode
 from ..reports.grid import make_grid
@@ -156,9 +163,10 @@ def evaluate(run: str | Path | EvaluateConfig, real: str | None = None, *,
                      f"--prompts {c.prompts}" if c.prompts else f"--kind {c.kind}")
     check_prompt(pipeline_tokenizers(pipe), class_prompt, [], "the run's class prompt")
 
-    settings = {"lorabooth": Setting(c.unet_scale, c.text_scale, c.guidance, c.text2_scale)}
+    guidance = default_guidance(pipe) if c.guidance is None else c.guidance
+    settings = {"lorabooth": Setting(c.unet_scale, c.text_scale, guidance, c.text2_scale)}
     if c.baselines:
-        settings = {"base model (no LoRA)": Setting(0.0, 0.0, c.guidance), **settings}
+        settings = {"base model (no LoRA)": Setting(0.0, 0.0, guidance), **settings}
     drawn: dict[str, dict[str, list[Image.Image]]] = {}
     for row, setting in settings.items():
         cache = out / "images" / cache_name(setting, c.steps, c.run)  # retrained: drawn afresh
@@ -180,7 +188,7 @@ def evaluate(run: str | Path | EvaluateConfig, real: str | None = None, *,
         "class_prompt": class_prompt, "prompts": c.prompts or c.kind,
         "images_per_prompt": c.images_per_prompt, "seeds": seeds, "steps": c.steps,
         "unet_scale": c.unet_scale, "text_scale": c.text_scale, "text2_scale": c.text2_scale,
-        "guidance": c.guidance,
+        "guidance": guidance,
         "judges": judges.names, "rows": rows,
     }
     write_json(out / "metrics.json", result)

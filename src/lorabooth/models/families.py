@@ -123,6 +123,12 @@ class Family(Protocol):
     pipeline_name: str  # the diffusers class that draws (for the run's README)
     flow: bool  # a flow-matching transformer (FLUX): ``predict`` instead of ``unet_inputs``
     lora_encoders: tuple[str, ...]  # those --train-text-encoder puts LoRA on
+    guidance: float  # the guidance scale drawing uses when the user gives none
+    resolution: int  # the native image side in pixels of the family's published models
+    guidance_range: tuple[float, float]  # what `tune` searches by default
+    # train options the family refuses (training/setup.check_family_options),
+    # which `tune`'s search keeps off
+    frozen: tuple[str, ...]
 
     def tokenize(self, tokenizers: list, prompts: list[str]) -> torch.Tensor:
         """Prompts -> token ids (P, rows, L) that ``encode`` reads."""
@@ -157,6 +163,10 @@ class SD1Family:
     lora_encoders = encoders
     pipeline_name = "StableDiffusionPipeline"
     flow = False
+    guidance = 7.5  # what lorabooth has always drawn SD with
+    resolution = 512  # SD 1.x's native size
+    guidance_range = (3.0, 7.0)
+    frozen: tuple[str, ...] = ()
 
     def tokenize(self, tokenizers: list, prompts: list[str]) -> torch.Tensor:
         return tokenize_all(tokenizers, prompts)
@@ -199,6 +209,10 @@ class SDXLFamily:
     lora_encoders = encoders
     pipeline_name = "StableDiffusionXLPipeline"
     flow = False
+    guidance = 7.5  # as SD 1.x here (the pipeline's own default is 5.0)
+    resolution = 1024
+    guidance_range = (3.0, 7.0)
+    frozen = ("train_token",)  # two text encoders: no trained token rows yet
     tokenize = SD1Family.tokenize
     sampler = SD1Family.sampler
     predict = SD1Family.predict
@@ -237,6 +251,9 @@ class Flux2Family:
     lora_encoders = ()  # Qwen3, a 4 B language model: its embeddings are cached, it stays frozen
     pipeline_name = "Flux2KleinPipeline"
     flow = True
+    guidance = 4.0  # Flux2KleinPipeline's default guidance_scale
+    guidance_range = (2.5, 5.5)
+    frozen = ("train_text_encoder", "train_token")  # the text embeddings are cached
     layers = (9, 18, 27)  # the pipeline's text_encoder_out_layers
     max_length = 512  # the pipeline's max_sequence_length
     resolution = 1024
@@ -246,9 +263,7 @@ class Flux2Family:
         attention mask (Qwen3 pads with a token that may not be masked out
         by id alone, so the mask travels with the ids)."""
         tokenizer = tokenizers[0]
-        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                               add_generation_prompt=True, enable_thinking=False)
-                 for p in prompts]
+        texts = [chat_text(tokenizer, p) for p in prompts]
         out = tokenizer(texts, padding="max_length", truncation=True, max_length=self.max_length,
                         return_tensors="pt")
         return torch.stack([out.input_ids, out.attention_mask], dim=1)
@@ -310,6 +325,9 @@ class Flux1Family:
     lora_encoders = ("text_encoder",)  # CLIP-L, as kohya's sd-scripts trains by default; T5 frozen
     pipeline_name = "FluxPipeline"
     flow = True
+    guidance = 3.5  # FLUX.1 [dev]'s distilled guidance (FluxPipeline's default)
+    guidance_range = (2.0, 5.0)
+    frozen = ("train_token",)  # --train-text-encoder trains CLIP-L
     clip_length = 77
     max_length = 512  # T5's window (FLUX.1 [dev]; [schnell] reads 256)
     # what [dev]'s guidance embedding reads while training (diffusers' FLUX
@@ -402,6 +420,28 @@ def encode_prompts(family: Family, tokenizers: list, encoders: list[torch.nn.Mod
     ids = family.tokenize(tokenizers, prompts)
     with torch.inference_mode():
         return family.encode(encoders, ids.to(encoders[0].device)).cpu_float()
+
+
+def encoder_text(tokenizer, prompt: str) -> str:
+    """The text a tokenizer reads for ``prompt``: a tokenizer with a chat
+    template (FLUX.2's Qwen3) reads it as the user's message of a chat with
+    thinking switched off, as Flux2KleinPipeline builds it; the others the
+    prompt itself."""
+    return chat_text(tokenizer, prompt) if getattr(tokenizer, "chat_template", None) else prompt
+
+
+def chat_text(tokenizer, prompt: str) -> str:
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True, enable_thinking=False)
+
+
+def family_of(pipe) -> Family:
+    """The family whose pipeline ``pipe`` is (its class, or a subclass of it)."""
+    names = {cls.__name__ for cls in type(pipe).__mro__}
+    for family in FAMILIES.values():
+        if family.pipeline_name in names:
+            return family
+    raise ValueError(f"no model family draws with {type(pipe).__name__}")
 
 
 def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:

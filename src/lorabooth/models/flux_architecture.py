@@ -259,7 +259,6 @@ def load_flux_folder(path: Path, name: str, family: str, dtype: torch.dtype = to
         Flux2Transformer2DModel,
         FluxTransformer2DModel,
     )
-    from transformers import AutoTokenizer
 
     from .components import BaseModel
     from .lowmem import load_streamed
@@ -275,12 +274,25 @@ def load_flux_folder(path: Path, name: str, family: str, dtype: torch.dtype = to
     vae_cls = AutoencoderKLFlux2 if family == "flux2" else AutoencoderKL
     second = {}
     if family == "flux1":
-        second = {"tokenizer_2": AutoTokenizer.from_pretrained(path, subfolder="tokenizer_2"),
+        second = {"tokenizer_2": flux_tokenizer(path, "tokenizer_2", family),
                   "text_encoder_2": _text_encoder(path, "text_encoder_2", dtype)}
     return BaseModel(
-        name=name, tokenizer=AutoTokenizer.from_pretrained(path, subfolder="tokenizer"),
+        name=name, tokenizer=flux_tokenizer(path, "tokenizer", family),
         text_encoder=_text_encoder(path, "text_encoder", dtype),
         vae=vae_cls.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32),
         unet=transformer,
         noise_scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler"),
         family=FAMILIES[family], **second)
+
+
+def flux_tokenizer(path: Path, subfolder: str, family: str):
+    """A FLUX folder's tokenizer, its ``model_max_length`` no longer than
+    the window the pipeline reads (Qwen3's tokenizer says 131072; FLUX.2
+    reads 512 tokens of the templated prompt), so the prompt checks
+    (tokenwindow.py) count against the window that is read."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, subfolder=subfolder)
+    tokenizer.model_max_length = min(int(tokenizer.model_max_length),
+                                     FAMILIES[family].max_length)
+    return tokenizer

@@ -11,6 +11,7 @@ fails within seconds with one line saying how to get it.
 from __future__ import annotations
 
 import os
+import re
 from importlib import resources
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from .components import (  # noqa: F401  (re-exported: the rest of the package i
     clip_tokenizer,
     sd_noise_scheduler,
 )
-from .families import FAMILIES
+from .families import FAMILIES, Family
 from .flux_architecture import BUILTIN_FLUX
 from .lowmem import load_unet
 
@@ -315,16 +316,75 @@ def model_family(model: str) -> str | None:
     return None
 
 
+def family_of_model(model: str) -> Family:
+    """``model``'s family, read from names and key lists only (a hub id
+    from the local cache, failing fast offline)."""
+    family = model_family(model)
+    if family is None:  # a hub id
+        family = model_family(str(_hub_path(model)))
+    return FAMILIES[family or "sd1"]
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _hub_path(model: str) -> Path:
+    """A hub id's local snapshot; anything else that is no file or folder
+    here is refused in one line."""
+    if not _HUB_ID.match(model):
+        raise UserError(f"--model {model}: no such model folder or file, and not a hub id")
+    return resolve_hub(model)
+
+
+# the built-in models small enough to build to read their size
+_SMALL_BUILTINS = ("tiny", "toy", "tiny-sdxl", "tiny-flux2", "tiny-flux")
+
+
+def model_resolution(model: str) -> int:
+    """``model``'s native image side in pixels without loading its weights
+    (the tiny built-ins are built: seconds): a diffusers folder's UNet and
+    VAE configs say it; a transformer folder, a single file and the random
+    full architectures take their family's (SD 1.x 512, SDXL and FLUX 1024)."""
+    if model in _SMALL_BUILTINS:
+        return load_base(model).native_resolution
+    path = Path(model).expanduser()
+    if not path.exists() and model not in BUILTIN_MODELS:
+        path = _hub_path(model)
+    unet, vae = path / "unet" / "config.json", path / "vae" / "config.json"
+    if path.is_dir() and unet.is_file() and vae.is_file():
+        from ..core.fileio import load_json
+
+        size = load_json(unet, "--model").get("sample_size")
+        levels = len(load_json(vae, "--model").get("block_out_channels", ()))
+        if isinstance(size, int) and levels:
+            return size * 2 ** (levels - 1)
+    return family_of_model(str(path) if path.exists() else model).resolution
+
+
+def model_guidance(model: str) -> float:
+    """The guidance scale ``model``'s family draws with by default."""
+    return family_of_model(model).guidance
+
+
 def load_tokenizer(model: str) -> CLIPTokenizer:
     """Only the (first) tokenizer of a base model (no weights loaded)."""
-    if BUILTIN_FLUX.get(model) == "flux2":
-        from .flux_tokenizers import qwen_tokenizer
+    return load_tokenizers(model)[0]
 
-        return qwen_tokenizer()
+
+def load_tokenizers(model: str) -> list:
+    """The tokenizers of a base model's text encoders that read the prompt
+    (no weights loaded): CLIP's for SD 1.x and SDXL (its second has the same
+    vocabulary), Qwen3's byte-level BPE for FLUX.2, CLIP's and T5's unigram
+    for FLUX.1."""
+    builtin = BUILTIN_FLUX.get(model)
+    if builtin:
+        from .flux_tokenizers import qwen_tokenizer, t5_tokenizer
+
+        return [qwen_tokenizer()] if builtin == "flux2" else [clip_tokenizer(), t5_tokenizer()]
     if model == "flow-toy":  # its own BPE, learnt from the toy captions
         model = str(flow_toy_model_dir())
     elif model in BUILTIN_MODELS:
-        return clip_tokenizer()  # the built-in models use CLIP's own tokenizer (SDXL: the first)
+        return [clip_tokenizer()]  # the built-in models use CLIP's own tokenizer (SDXL: the first)
     path = Path(model).expanduser()
     if not path.is_dir():
         if path.exists() or model.count("/") != 1:
@@ -332,13 +392,15 @@ def load_tokenizer(model: str) -> CLIPTokenizer:
         path = resolve_hub(model)
     if not (path / "tokenizer").is_dir():
         raise UserError(f"--model {model}: no tokenizer/ folder in {path}")
-    from .flux_architecture import flux_folder_family
+    from .flux_architecture import flux_folder_family, flux_tokenizer
 
-    if flux_folder_family(path):  # Qwen's BPE (FLUX.2) or CLIP's (FLUX.1), as the folder says
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(path, subfolder="tokenizer")
-    return CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
+    family = flux_folder_family(path)
+    if family:  # Qwen's BPE (FLUX.2), or CLIP's and T5's (FLUX.1), as the folder says
+        if family == "flux1" and not (path / "tokenizer_2").is_dir():
+            raise UserError(f"--model {model}: no tokenizer_2/ folder (T5's) in {path}")
+        subs = ("tokenizer", "tokenizer_2") if family == "flux1" else ("tokenizer",)
+        return [flux_tokenizer(path, sub, family) for sub in subs]
+    return [CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")]
 
 
 def pipeline_from_parts(base: BaseModel, scheduler=None) -> StableDiffusionPipeline:

@@ -3,6 +3,7 @@ captioned training set, with a report accounting for every file."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from dataclasses import asdict, dataclass, field
@@ -29,6 +30,7 @@ from .images import (
 )
 
 log = logging.getLogger(__name__)
+DEFAULT_RESOLUTION = 512  # without --model: SD 1.x's size, as always
 
 
 @dataclass
@@ -158,11 +160,23 @@ def _caption_name(image_name: str) -> str:
     return str(Path(image_name).with_suffix(".txt"))
 
 
+def with_resolution(config: PrepareConfig) -> PrepareConfig:
+    """``config`` with --resolution 0 made the size the set is for: --model's
+    native size (FLUX and SDXL 1024, SD 1.x 512), 512 without --model."""
+    if config.resolution:
+        return config
+    from ..models.loading import model_resolution
+
+    side = model_resolution(config.model) if config.model else DEFAULT_RESOLUTION
+    return dataclasses.replace(config, resolution=side)
+
+
 def prepare(config: PrepareConfig) -> list[Entry]:
     """Process every file in SRC; write the kept images, captions, report and
     contact sheet into OUT, and remove what an earlier run into OUT wrote and
     this one does not. OUT is locked while it runs; SIGTERM stops it as
     Ctrl-C does. Raises UserError when nothing could be kept."""
+    config = with_resolution(config)
     src, out = Path(config.src), Path(config.out)
     _check_folders(src, out)
     caption = caption_for(config)

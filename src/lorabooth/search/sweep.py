@@ -36,6 +36,7 @@ from ..core.errors import UserError
 from ..core.fileio import load_toml, save_png, to_json
 from ..formats import LORA_FILES
 from ..generation import Setting, cache_name, load_pipeline, prompt_slug, settings_grid
+from ..models.loading import model_guidance
 from ..reports.grid import make_grid
 
 log = logging.getLogger(__name__)
@@ -72,10 +73,12 @@ class Sweep:
     def steps(self) -> int:
         return self.generate.steps
 
-    @property
-    def settings(self) -> list[Setting]:
+    def settings(self, model: str) -> list[Setting]:
+        """The [generate.grid] settings for a run of ``model``; no guidance
+        list: the model family's own scale (SD 7.5, FLUX.2 4, FLUX.1 3.5)."""
         g = self.generate
-        return settings_grid(g.unet_scale, g.text_scale, g.guidance, g.text2_scale)
+        return settings_grid(g.unet_scale, g.text_scale,
+                             g.guidance or [model_guidance(model)], g.text2_scale)
 
 
 def _table(data: dict, key: str, where: str) -> dict:
@@ -205,7 +208,8 @@ def run_state(config: TrainConfig) -> str:
     return "new"
 
 
-def _draw_all(sweep: Sweep, run: Path) -> dict[str, list[list[Image.Image]]]:
+def _draw_all(sweep: Sweep, run: Path, settings: list[Setting]
+              ) -> dict[str, list[list[Image.Image]]]:
     """Every prompt x setting x seed for one run, drawing only what is missing."""
     from ..generation import check_windows, draw_cached
 
@@ -214,7 +218,7 @@ def _draw_all(sweep: Sweep, run: Path) -> dict[str, list[list[Image.Image]]]:
     out: dict[str, list[list[Image.Image]]] = {}
     for p, prompt in enumerate(sweep.prompts):
         rows = []
-        for setting in sweep.settings:
+        for setting in settings:
             folder = (run / "sweep" / prompt_slug(p, prompt)
                       / cache_name(setting, sweep.steps, run, negative))
             if pipe is None and not all((folder / f"seed{s}.png").is_file() for s in sweep.seeds):
@@ -251,23 +255,33 @@ def run_sweep(path: str | Path, yes: bool = False) -> Path:
             train(TrainConfig(**{**to_toml_dict(config), "resume": state == "resume",
                                  "overwrite": state == "new"}))
         run = Path(config.output)
-        images = _draw_all(sweep, run)
+        settings = sweep.settings(config.model)
+        images = _draw_all(sweep, run, settings)
         for p, prompt in enumerate(sweep.prompts):
-            grid = make_grid(images[prompt], [s.label for s in sweep.settings],
+            grid = make_grid(images[prompt], [s.label for s in settings],
                              [f"seed {s}" for s in sweep.seeds], title=f"{name}: {prompt}")
             save_png(grid, run / "sweep" / prompt_slug(p, prompt) / "grid.png")
         metrics = _evaluate(sweep, run) if sweep.evaluate else None
         results.append({"name": name, "config": config, "run": run, "images": images,
-                        "metrics": metrics})
+                        "metrics": metrics, "labels": [s.label for s in settings]})
     for p, prompt in enumerate(sweep.prompts):  # across runs: first seed of every setting
         rows = [[row[0] for row in r["images"][prompt]] for r in results]
-        grid = make_grid(rows, [r["name"] for r in results], [s.label for s in sweep.settings],
+        grid = make_grid(rows, [r["name"] for r in results], _columns(results),
                          title=f"{prompt} (seed {sweep.seeds[0]})")
         save_png(grid, sweep.output / "grids" / f"{prompt_slug(p, prompt)}.png")
     report = write_report(sweep, results, sweep.output / "report.html")
     log.info("sweep of %d runs done in %.0f s; report: %s", len(runs),
              time.perf_counter() - started, report)
     return report
+
+
+def _columns(results: list[dict]) -> list[str]:
+    """The settings' labels across runs; runs of families with their own
+    default guidance (no [generate.grid] guidance) differ in it only."""
+    labels = [r["labels"] for r in results]
+    if all(lab == labels[0] for lab in labels):
+        return labels[0]
+    return [lab.rsplit(" | cfg", 1)[0] + " | cfg: the family's" for lab in labels[0]]
 
 
 def _evaluate(sweep: Sweep, run: Path) -> dict:

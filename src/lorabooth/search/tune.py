@@ -229,13 +229,17 @@ def _objective(c: Any, judges: Any, space: dict[str, Any], twins: Any | None) ->
 
 
 def space_for_model(space: dict[str, Any], model: str) -> dict[str, Any]:
-    """SDXL's two text encoders take no trained token yet (`train` refuses
-    it): for an SDXL model the search keeps it off."""
-    from ..models.loading import model_family
+    """The options ``model``'s family refuses (`train` does: SDXL's two
+    text encoders take no trained token yet, FLUX's cached text embeddings
+    neither a token nor a text-encoder LoRA) are kept off by the search."""
+    from ..models.loading import family_of_model
 
-    if model_family(model) == "sdxl" and space.get("train_token") != (False,):
-        log.info("--model %s is SDXL: the search keeps --train-token off", model)
-        return {**space, "train_token": (False,)}
+    family = family_of_model(model)
+    for key in family.frozen:
+        if space.get(key) != (False,):
+            log.info("--model %s is %s: the search keeps --%s off", model, family.name,
+                     key.replace("_", "-"))
+            space = {**space, key: (False,)}
     return space
 
 
@@ -250,7 +254,11 @@ def tune(c: Any) -> Path:
     out = Path(c.out)
     if not Path(c.photos).is_dir():
         raise UserError(f"{c.photos}: no such folder of photos")
-    space = space_for_model(load_space(c.space, c.steps), c.model)  # refused before any write
+    from ..models.loading import family_of_model
+
+    # refused before any write; the guidance searched around the family's own
+    space = space_for_model(load_space(c.space, c.steps, family_of_model(c.model).guidance_range),
+                            c.model)
     url = storage_url(c)
     storage = open_storage(url, c.heartbeat) if c.storage or (out / "study.db").exists() else None
     if storage is not None:

@@ -39,15 +39,17 @@ class Scales:
     guidance: float
 
 
-def default_space(steps: list[int]) -> dict[str, Domain]:
+def default_space(steps: list[int], guidance: tuple[float, float] = (3.0, 7.0)
+                  ) -> dict[str, Domain]:
     """Every searched parameter in the order it is drawn (the order keeps a
-    seeded study's draws the same)."""
+    seeded study's draws the same); ``guidance``: the range of guidance
+    scales (the model family's: SD's 3-7 by default)."""
     return {"lr": Range(1e-4, 2e-3, log=True), "steps": tuple(steps), "rank": RANKS,
             "prior_preservation": PRIOR_CHOICES,
             "prior_loss_weight": Range(0.1, 1.0, log=True),
             "train_text_encoder": (False, True), "train_token": (False, True),
             "unet_scale": Range(0.5, 1.0), "text_scale": Range(0.5, 1.0),
-            "guidance": Range(3.0, 7.0)}
+            "guidance": Range(*guidance)}
 
 
 def fixed(domain: Domain) -> bool:
@@ -73,10 +75,11 @@ def suggest(trial: Any, space: dict[str, Domain]) -> tuple[dict[str, Any], Scale
     return values, scales
 
 
-def load_space(file: str, steps: list[int]) -> dict[str, Domain]:
+def load_space(file: str, steps: list[int], guidance: tuple[float, float] = (3.0, 7.0)
+               ) -> dict[str, Domain]:
     """The default space with ``file``'s entries in place of the defaults;
     a bad entry is one line naming the file and the key."""
-    space = default_space(steps)
+    space = default_space(steps, guidance)
     if not file:
         return space
     where = f"--space {file}"

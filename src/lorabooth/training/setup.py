@@ -20,6 +20,7 @@ from ..adapters.lora import (
 )
 from ..adapters.pivotal import attach, holds_tokens, setup_token
 from ..config import TrainConfig
+from ..config.fields import option_name
 from ..config.templates import guess_identifier
 from ..core.errors import UserError
 from ..formats import flux
@@ -61,11 +62,20 @@ def setup_accelerator(config: TrainConfig) -> Accelerator:
 
 
 def check_family_options(config: TrainConfig, base: BaseModel) -> None:
-    """Options the model's family cannot take, refused in one line each."""
+    """Options the model's family cannot take, refused in one line each: the
+    family's ``frozen`` (which `tune` keeps off and the web page refuses
+    too), and for flow models min-SNR."""
     family, model = base.family, config.model
-    if config.train_token and len(family.encoders) > 1:
-        raise UserError(f"--train-token: trains one text encoder's token rows; {model} "
-                        f"has {len(family.encoders)} text encoders ({family.name}), not supported yet")
+    why = {"train_token": ("the identifier's token rows stay frozen in a flow model's text "
+                           "encoder" if family.flow else
+                           f"it trains one text encoder's token rows and {model} has "
+                           f"{len(family.encoders)}"),
+           "train_text_encoder": "its text encoder is a language model whose embeddings are "
+                                 "cached once"}
+    for key in family.frozen:
+        if getattr(config, key):
+            raise UserError(f"{option_name(key)}: not supported for {model} ({family.name}): "
+                            f"{why[key]}")
     if not family.flow:
         if config.timestep_sampling != "logit_normal":
             log.warning("--timestep-sampling: ignored by %s (a DDPM model draws timesteps "
@@ -75,12 +85,6 @@ def check_family_options(config: TrainConfig, base: BaseModel) -> None:
         raise UserError(f"--snr-gamma: min-SNR weighting is defined for epsilon/v-prediction; "
                         f"{model} is a flow model: shape the noise levels with "
                         f"--timestep-sampling instead")
-    if config.train_text_encoder and not family.lora_encoders:
-        raise UserError(f"--train-text-encoder: not supported for {model} ({family.name}): its "
-                        f"text encoder is a language model whose embeddings are cached once")
-    if config.train_token:
-        raise UserError(f"--train-token: not supported for {model} ({family.name}): the "
-                        f"identifier's token rows stay frozen in a flow model's text encoder")
 
 
 def setup_class_images(config: TrainConfig, base: BaseModel, resolution: int,

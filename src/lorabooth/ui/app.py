@@ -12,6 +12,7 @@ import gradio as gr
 
 from ..config import CROPS
 from ..core.errors import UserError
+from ..models.loading import BUILTIN_MODELS
 from ..photos.imagefiles import Rejected
 from . import handlers as h
 from .jobs import JobQueue
@@ -39,6 +40,9 @@ def guarded(fn: Callable[..., tuple], outputs: int) -> Callable[..., tuple]:
 
 def _widget(f: FormField) -> gr.components.Component:
     common = {"label": f.label, "info": f.help, "elem_id": f"train-{f.name}"}
+    if f.name == "model":  # the built-in models to pick from, or a folder or hub id typed in
+        return gr.Dropdown(choices=list(BUILTIN_MODELS), value=f.default,
+                           allow_custom_value=True, **common)
     if f.kind is bool:
         return gr.Checkbox(value=f.default, **common)
     if f.choices:
@@ -167,7 +171,8 @@ def _draw_tab(ws: Workspace, queue: JobQueue) -> tuple[gr.Dropdown, gr.Dropdown]
         base_row = gr.Checkbox(value=True, label="Also draw at UNet scale 0 (the base model)",
                                elem_id="draw-base")
     with gr.Row():
-        guidance = gr.Slider(1, 15, value=7.5, step=0.5, label="Guidance")
+        guidance = gr.Slider(0, 15, value=0, step=0.5, label="Guidance (0: the model family's "
+                             "own: SD 7.5, FLUX.2 [klein] 4, FLUX.1 [dev] 3.5)")
         seed = gr.Number(value=0, precision=0, label="First seed")
         count = gr.Number(value=4, precision=0, label="Seeds (images per setting)",
                           elem_id="draw-count")

@@ -103,16 +103,17 @@ def _finished_report(out: Path) -> bool:
 def suggest_identifiers(model: str, n: int, class_noun: str) -> tuple[str, str, str]:
     """(HTML table of rare tokens, instance prompt, class prompt) for the
     rarest candidate."""
-    from ..models.loading import load_tokenizer
+    from ..models.loading import load_tokenizers
     from ..photos.identifier import check_prompt, rare_identifiers
 
-    tokenizer = load_tokenizer(model)
+    tokenizers = load_tokenizers(model)
+    tokenizer = tokenizers[-1]  # as `lorabooth identifier` ranks (FLUX.1: T5's)
     rows = rare_identifiers(tokenizer, n=max(1, int(n)))
     noun = class_noun.strip() or "dog"
     lines = [[c.token, c.id, " ".join(tokenizer.tokenize(f"a photo of {c.token} {noun}")),
               f"{c.zipf:.2f}"] for c in rows]
     instance = f"a photo of {rows[0].token} {noun}"
-    report, warnings = check_prompt(instance, tokenizer, f"a photo of a {noun}")
+    report, warnings = check_prompt(instance, tokenizers, f"a photo of a {noun}")
     shown = table(["token", "id", f"'a photo of TOKEN {noun}' tokenises as", "English zipf"],
                   lines) + f"<pre>{esc(report)}</pre>" + "".join(message(w, True) for w in warnings)
     return shown, instance, f"a photo of a {noun}"
@@ -210,7 +211,9 @@ def start_drawing(ws: Workspace, queue: JobQueue, runs: list[str], prompt: str,
         raise UserError("run: choose a trained run")
     stamp = time.strftime("ui-%Y%m%d-%H%M%S")
     options = {"prompt": [prompt.strip()], "unet_scale": _numbers(unet_scales, "UNet scales"),
-               "text_scale": _numbers(text_scales, "text scales"), "guidance": [float(guidance)],
+               "text_scale": _numbers(text_scales, "text scales"),
+               # 0: none given, so `generate` draws at the family's own scale
+               "guidance": [float(guidance)] if guidance else [],
                "seed": int(seed), "num_images": int(num_images), "steps": int(steps)}
     configs = []
     for run in chosen:  # every config checked before any job is queued

@@ -93,4 +93,19 @@ def config_from_form(ws: Workspace, values: dict[str, Any]) -> TrainConfig:
         clean["model"] = _model(ws, clean["model"])
     if not clean.get("output"):
         raise UserError("output: is required: a run folder in the workspace")
-    return TrainConfig(**check_keys(TrainConfig, clean, "train form"))
+    config = TrainConfig(**check_keys(TrainConfig, clean, "train form"))
+    refuse_frozen(config)
+    return config
+
+
+def refuse_frozen(config: TrainConfig) -> None:
+    """An option the model's family cannot take (FLUX: a text-encoder LoRA,
+    a trained token; SDXL: a trained token), refused in the form before
+    anything is queued, as `train` would refuse it."""
+    from ..models.loading import family_of_model
+
+    family = family_of_model(config.model)
+    for key in family.frozen:
+        if getattr(config, key):
+            raise UserError(f"{key.replace('_', ' ')}: {config.model} ({family.name}) cannot "
+                            f"take it; untick it")
