@@ -263,11 +263,11 @@ ROWS = [
     Row("train --prior-loss-weight inf", TRAIN + ["--prior-loss-weight", "inf"], 2,
         f"--prior-loss-weight: {FINITE}"),
     Row("train --lr nan", TRAIN + ["--lr", "nan"], 2, f"--lr: {FINITE}"),
-    # --prior-preservation: off, images (also bare, or true in TOML) or model
+    # --prior-preservation: off, images (also bare, or true in TOML), model or dop
     Row("train --prior-preservation maybe", TRAIN + ["--prior-preservation", "maybe"], 2,
-        "--prior-preservation: must be one of off, images, model (got 'maybe')"),
+        "--prior-preservation: must be one of off, images, model, dop (got 'maybe')"),
     Row("train --prior-preservation= (empty)", TRAIN + ["--prior-preservation="], 2,
-        "--prior-preservation: must be one of off, images, model (got '')"),
+        "--prior-preservation: must be one of off, images, model, dop (got '')"),
     Row("train --prior-preservation model without a class prompt",
         TRAIN + ["--prior-preservation", "model"], 2,
         "--class-prompt: is required with --prior-preservation"),
@@ -275,7 +275,7 @@ ROWS = [
         "`prior_preservation` must be a string or true/false (got 1)",
         write("c.toml", "prior_preservation = 1\n")),
     sweep_row("prior_preservation grid value not a mode",
-              "--prior-preservation: must be one of off, images, model (got 'yes')",
+              "--prior-preservation: must be one of off, images, model, dop (got 'yes')",
               rest='[train.grid]\nprior_preservation = [false, "yes"]\n'),
     Row("train --lr-text -inf", TRAIN + ["--lr-text=-inf"], 2, f"--lr-text: {FINITE}"),
     Row("train --lr-token nan", TRAIN + ["--lr-token", "nan"], 2, f"--lr-token: {FINITE}"),

@@ -183,7 +183,7 @@ def _setup_run(config: TrainConfig, accelerator: Accelerator, output: Path,
     dtype = weight_dtype(accelerator.mixed_precision)
     base = load_base(config.model, config.model_config, unet_dtype=dtype)
     check_family_options(config, base)
-    for warning in identifier_warnings(base.tokenizer, config.instance_prompt, config.class_prompt):
+    for warning in identifier_warnings(base.tokenizers, config.instance_prompt, config.class_prompt):
         log.warning("--instance-prompt: %s", warning)
     check_prompt_windows(config, base.tokenizers, instance_paths, captions)
     resolution = config.resolution or base.native_resolution
@@ -427,7 +427,9 @@ def _validate(config: TrainConfig, base: BaseModel, output: Path, step: int) -> 
     base.unet.eval()
     dtype = frozen_dtype(base.unet)  # bf16 weights under mixed precision
     with torch.autocast(base.unet.device.type, dtype=dtype, enabled=dtype != torch.float32):
-        images = pipe(prompt=config.validation_prompt, num_inference_steps=25,
+        side = base.native_resolution  # SD's pipeline default; FLUX's would be its own 1024
+        images = pipe(prompt=config.validation_prompt, num_inference_steps=25, height=side,
+                      width=side,
                       num_images_per_prompt=config.validation_images,
                       generator=torch.Generator().manual_seed(config.seed)).images
     base.unet.train(was_training)
