@@ -262,6 +262,8 @@ def flow_pretrain(out: str | Path, seed: int = 0, images: int = 16000, vae_steps
     from .judges import ToyJudge
 
     out = Path(out)
+    if judges_from and not (Path(judges_from) / "judges.safetensors").is_file():
+        raise UserError(f"--judges-from {judges_from}: no judges.safetensors there")  # before any work
     torch.manual_seed(seed)
     gen, rng = torch.Generator().manual_seed(seed), random.Random(seed)
     t0 = time.perf_counter()
