@@ -275,7 +275,7 @@ def test_text_scale_moves_the_rows_from_the_base_to_the_learned(token_run):
 
     pipe, has_text = load_pipeline(token_run)
     base = load_base("tiny")
-    plain = pipeline_from_parts(base, _scheduler("dpm", base.noise_scheduler.config))
+    plain = pipeline_from_parts(base, _scheduler("dpm", base))
     plain.set_progress_bar_config(disable=True)
     zero = draw(pipe, has_text, PROMPT, Setting(0.0, 0.0, 7.5), [0, 1], 4)
     got = [torch.tensor(list(im.getdata())) for im in zero]
