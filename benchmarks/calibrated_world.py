@@ -167,21 +167,25 @@ def render() -> str:
                   "Each lever against the class-image prior by [the one verdict rule]"
                   "(../verdict.md) (`evaluation.verdict.compare`): runs paired by seed, the "
                   "mean difference, its 95% bootstrap interval, d, and the word.\n"]
-        for subject in sorted({r["subject"] for r in recs if r["method"] in LEVERS}):
-            parts += [f"#### {subject}\n", lever_table(
-                [r for r in recs if r["subject"] == subject], "class-image-prior",
-                ["no-prior", "image-free-prior", "pivotal", *LEVERS])]
+        parts += _per_subject(recs, LEVERS, "class-image-prior",
+                              ["no-prior", "image-free-prior", "pivotal", *LEVERS])
         if any(r["method"] in PRIOR_VARIANTS for r in recs):
             parts += ["## The image-free prior, two ways\n",
                       "`--prior-preservation dop` (ai-toolkit's differential output preservation: "
                       "the instance rows' own noisy latents and timesteps, each caption without "
                       "the identifier) against `model` (a fresh noise and timestep, the class "
                       "prompt), by the same rule.\n"]
-            for subject in sorted({r["subject"] for r in recs if r["method"] in PRIOR_VARIANTS}):
-                parts += [f"#### {subject}\n", lever_table(
-                    [r for r in recs if r["subject"] == subject], "image-free-prior",
-                    list(PRIOR_VARIANTS))]
+            parts += _per_subject(recs, PRIOR_VARIANTS, "image-free-prior", list(PRIOR_VARIANTS))
     return "\n".join(parts)
+
+
+def _per_subject(recs: list[dict], measured, baseline: str, methods: list[str]) -> list[str]:
+    """One lever table per subject that has runs of a ``measured`` method."""
+    parts = []
+    for subject in sorted({r["subject"] for r in recs if r["method"] in measured}):
+        parts += [f"#### {subject}\n", lever_table(
+            [r for r in recs if r["subject"] == subject], baseline, methods)]
+    return parts
 
 
 def report() -> None:
