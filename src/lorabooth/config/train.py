@@ -108,6 +108,10 @@ class TrainConfig:
                                  choices=MIXED_PRECISIONS)
     gradient_checkpointing: bool = _help(
         "Recompute activations in the backward pass: less memory, slower steps.", False)
+    blocks_to_swap: int = _help(
+        "Keep the frozen weights of the denoiser's last N blocks in CPU memory and copy each "
+        "to the GPU one block ahead of use, forward and backward (sd-scripts' "
+        "--blocks_to_swap): less GPU memory, slower steps. 0: off.", 0)
     seed: int = _help("Random seed for weights, noise, timesteps and data order.", 0)
     checkpoint_every: int = _help("Write a resumable checkpoint every N steps (0: never).", 0)
     resume: bool = _help("Continue from the newest checkpoint in OUTPUT.", False)
@@ -181,6 +185,11 @@ class TrainConfig:
             raise bad("alpha", "must be 0 (= rank) or positive")
         if self.lr_text2 < 0:
             raise bad("lr_text2", "must be 0 (= --lr-text) or positive")
+        if self.blocks_to_swap < 0:
+            raise bad("blocks_to_swap", "must be 0 (off) or positive")
+        if self.blocks_to_swap and self.adapter == "dora":
+            raise bad("blocks_to_swap", "does not work with --adapter dora (peft reads the "
+                      "frozen weights when it builds DoRA, and they are parked in CPU memory)")
         if self.max_grad_norm < 0:
             raise bad("max_grad_norm", "must be 0 (off) or positive")
         if not 0 <= self.resolution <= MAX_SIDE or self.resolution % 8:

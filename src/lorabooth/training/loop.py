@@ -29,6 +29,7 @@ from ..formats.layouts import KOHYA_DORA_REFUSAL, save_lora
 from ..formats.sdxl import FAMILY_KEY, HEADER_FAMILY
 from ..models.families import Conditioning
 from ..models.loading import BaseModel, load_base, pipeline_from_parts
+from ..models.offload import BlockSwap, swap_blocks
 from ..models.precision import cast_frozen, frozen_dtype, tune_allocator, weight_dtype
 from ..photos.identifier import guess_identifier, identifier_warnings
 from .batches import (
@@ -189,6 +190,8 @@ def _setup_run(config: TrainConfig, accelerator: Accelerator, output: Path,
     resolution = config.resolution or base.native_resolution
     for module in (base.vae, base.unet, *base.text_encoders):
         module.requires_grad_(False)
+    _block_swap(config, base, accelerator, dtype)  # before the move: those stay on the host
+    for module in (base.vae, base.unet, *base.text_encoders):
         module.to(accelerator.device)
     cast_frozen(base.unet, dtype)  # the sources that load fp32
 
@@ -229,6 +232,22 @@ def _setup_run(config: TrainConfig, accelerator: Accelerator, output: Path,
     return _Run(config, accelerator, output, base, resolution, examples, modules, trained,
                 optimizer, lr_scheduler, _denoiser(config, base, examples, modules["unet"]), noise_rng,
                 instance_order, class_order, ema, start, metrics)
+
+
+def _block_swap(config: TrainConfig, base: BaseModel, accelerator: Accelerator,
+                dtype: torch.dtype) -> BlockSwap | None:
+    """--blocks-to-swap: the denoiser's last blocks parked in host memory,
+    in the compute dtype (cast first, so what streams in is what runs)."""
+    if not config.blocks_to_swap:
+        return None
+    if accelerator.num_processes > 1:
+        raise UserError("--blocks-to-swap: one process only (with several, each would hold "
+                        "its own host copy and DDP would broadcast the parked weights)")
+    cast_frozen(base.unet, dtype)
+    swap = swap_blocks(base.unet, config.blocks_to_swap, accelerator.device)
+    log.info("--blocks-to-swap %d: %.1f MB of frozen weights in CPU memory", config.blocks_to_swap,
+             swap.frozen_host_bytes() / 1e6)
+    return swap
 
 
 def _denoiser(config: TrainConfig, base: BaseModel, examples: Examples,
