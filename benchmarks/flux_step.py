@@ -62,7 +62,6 @@ def step_once(model: str, resolution: int, dtype: torch.dtype, checkpointing: bo
     from lorabooth.formats import flux
     from lorabooth.models.families import FAMILIES, Conditioning
     from lorabooth.models.flux_architecture import flow_scheduler
-    from lorabooth.training.loop import step_loss
     from lorabooth.training.noising import Denoiser, noising_for
 
     start = time.perf_counter()
@@ -88,19 +87,9 @@ def step_once(model: str, resolution: int, dtype: torch.dtype, checkpointing: bo
     noising = noising_for(flow_scheduler(), "logit_normal")
     denoiser = Denoiser(module, family, noising, getattr(family, "train_guidance", None))
     built = time.perf_counter() - start
-    times = []
-    for _ in range(steps):
-        tick = time.perf_counter()
-        latents, noise = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
-        t = noising.draw(1, g)
-        with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
-            loss, _, _ = step_loss(denoiser, latents.to(device), noise.to(device), t, context, 1, 1.0)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - tick)
+    from memory_table import timed_steps
+
+    times, _ = timed_steps(denoiser, optimizer, shape, context, steps, device, dtype, g)
     row = {"model": model, "resolution": resolution, "dtype": str(dtype).removeprefix("torch."),
            "gradient_checkpointing": checkpointing, "build_s": round(built, 1),
            "step_s": [round(x, 2) for x in times],

@@ -115,3 +115,41 @@ def test_shipped_flow_toy_draws_the_prompts_class(flow_toy):
     base, judge = flow_toy
     accuracy = class_accuracy(base, judge, per_prompt=8)
     assert accuracy["draws_cls_accuracy"] >= BASE_MIN_CLASS, accuracy
+
+
+def test_flow_claims_page_names_its_model_its_levers_and_its_data():
+    """`toyworld claims --model flow-toy`'s page: the rows that apply to a
+    frozen text encoder, every claim by the verdict rule, the levers' table,
+    and links to its per-seed data in the folder of its own name."""
+    import random
+
+    from lorabooth.evaluation.verdict import compare
+    from lorabooth.toyworld.claims import FLOW_LEVERS, FLOW_VARIANTS, TOY_TRAIN, Study
+    from lorabooth.toyworld.claims_report import render_flow_claims
+
+    rng = random.Random(0)
+    keys = ("fidelity", "subject_rate", "context_acc", "pres", "div", "class_colour_entropy",
+            "red_other_classes")
+    names = ["base"] + [v.name for v in FLOW_VARIANTS + FLOW_LEVERS]
+    results = {n: [{k: rng.random() for k in keys} for _ in range(3)] for n in names}
+    results["train_seconds"] = {n: [1.0, 2.0, 3.0] for n in names}
+    record = {"command": "lorabooth toyworld flow-pretrain --out X", "total_seconds": 5,
+              "draws_class_accuracy": 0.71, "draws_context_accuracy": 0.66}
+    text = render_flow_claims(results, record, Study(out=None, guidance=4.0), FLOW_VARIANTS,
+                              FLOW_LEVERS, TOY_TRAIN, "toyworld-flow")
+    assert "flow-pretrain --out X" in text and "class 0.71" in text and "guidance 4" in text
+    fid = compare([r["fidelity"] for r in results["unet"]], [r["fidelity"] for r in results["base"]])
+    assert f"1. **Fidelity** (LoRA - base): {fid.text()}" in text
+    levers = text.split("### The levers")[1]
+    assert all(v.title in levers for v in FLOW_LEVERS)
+    assert not any(v.train.get("train_text_encoder") or v.train.get("train_token")
+                   or v.train.get("snr_gamma") for v in FLOW_VARIANTS + FLOW_LEVERS)
+    assert "](toyworld-flow/claims_per_seed.json)" in text
+
+
+def test_flow_claims_write_their_own_page_by_default():
+    from lorabooth.config.toyworld import ClaimsConfig
+
+    assert ClaimsConfig().report == "docs/toyworld.md"
+    assert ClaimsConfig(model="flow-toy").report == "docs/toyworld-flow.md"
+    assert ClaimsConfig(model="flow-toy", report="x.md").report == "x.md"

@@ -170,7 +170,7 @@ def _flow_pretrain(c: FlowPretrainConfig) -> Any:
 def _claims(c: ClaimsConfig) -> Any:
     from ..toyworld.claims import claims
 
-    return claims(c.out, report=c.report, quick=c.quick)
+    return claims(c.out, report=c.report, quick=c.quick, model=c.model)
 
 
 def _toy_judges() -> Any:

@@ -80,11 +80,22 @@ class FlowPretrainConfig:
             raise bad(self, "threads", "between 0 and 1024")
 
 
+CLAIMS_REPORTS = {"toy": "docs/toyworld.md", "flow-toy": "docs/toyworld-flow.md"}
+
+
 @dataclass(frozen=True)
 class ClaimsConfig:
     out: str = _help("Folder for runs and figures.", "runs/toyworld-claims")
-    report: str = _help("Markdown report to write.", "docs/toyworld.md")
+    report: str = _help("Markdown report to write (its pictures and per-seed data go in a "
+                        "folder of its name beside it); default docs/toyworld.md, or "
+                        "docs/toyworld-flow.md with --model flow-toy.", "")
     quick: bool = _help("One seed, the fidelity claim only.", False)
+    model: str = _help("toy (the UNet world) or flow-toy (the FLUX.2 [klein]-shaped "
+                       "transformer, flow matching).", "toy", choices=tuple(CLAIMS_REPORTS))
+
+    def __post_init__(self) -> None:
+        if not self.report:
+            object.__setattr__(self, "report", CLAIMS_REPORTS[self.model])
 
 
 @dataclass(frozen=True)

@@ -77,6 +77,22 @@ LEVERS = (
 )
 
 
+# The flow toy model (FLUX.2 [klein]-shaped): the settings that apply to a
+# transformer whose text encoder stays frozen (no text-encoder LoRA, no
+# pivotal tuning, no min-SNR-γ on a flow model), drawn at the family's guidance.
+FLOW_VARIANTS = (
+    Variant("unet", "transformer LoRA"),
+    Variant("unet+prior", "transformer LoRA + prior preservation (weight 1, 64 class images)",
+            train=PRIOR),
+    Variant("common-word", "transformer LoRA, identifier 'red' (a common word)", identifier="red"),
+    Variant("prior-w0.3", "transformer LoRA + prior, weight 0.3",
+            train={**PRIOR, "prior_loss_weight": 0.3}),
+)
+FLOW_LEVERS = tuple(v for v in LEVERS if v.name in ("model-prior", "noise-offset", "dora",
+                                                     "caption-dropout", "ema"))
+FLOW_GUIDANCE = 4.0  # the flux2 family's (Flux2KleinPipeline's default guidance_scale)
+
+
 @dataclass
 class Study:
     out: Path
@@ -85,6 +101,8 @@ class Study:
     variants: tuple[Variant, ...] = VARIANTS + LEVERS
     scales: bool = True
     grid_seed: int = 0  # the seed whose images make the report's pictures
+    model: str = "toy"  # or "flow-toy"
+    guidance: float = 5.0
 
 
 def subject_photos(folder: Path) -> Path:
@@ -96,7 +114,7 @@ def subject_photos(folder: Path) -> Path:
 
 def train_config(study: Study, variant: Variant, seed: int, photos: Path) -> TrainConfig:
     return TrainConfig(**{
-        "model": "toy", "instance_dir": str(photos), "seed": seed,
+        "model": study.model, "instance_dir": str(photos), "seed": seed,
         "output": str(study.out / "runs" / f"{variant.name}-seed{seed}"),
         "instance_prompt": f"a photo of {variant.identifier} ball", "class_prompt": CLASS_PROMPT,
         "class_dir": str(study.out / f"class_images-seed{seed}"), "class_draw_steps": 20,
@@ -189,7 +207,8 @@ def run_study(study: Study) -> dict:
     subject = judge.identity([render(s, 1000 + i) for i, s in enumerate(subject_views(SUBJECT))])
     results: dict = {"base": [], **{v.name: [] for v in study.variants}, "scales": [],
                      "train_seconds": {v.name: [] for v in study.variants},
-                     "class_draw_seconds": [], "calibration": _calibration()}
+                     "class_draw_seconds": [],
+                     "calibration": _calibration() if study.model == "toy" else {}}
     for seed in study.seeds:
         if any(v.train.get("prior_preservation") is True for v in study.variants):
             drew = draw_class_images_timed(study, seed, photos)
@@ -238,8 +257,8 @@ def _scored(path: Path, compute) -> dict:
 def _score_run(study: Study, variant: Variant, seed: int, run: Path, judge, subject) -> dict:
     pipe, has_text = load_pipeline(run)
     keep: dict = {}
-    result = score(pipe, has_text, judge, subject, variant.identifier, Setting(1, 1, 5.0),
-                   study.images, keep)
+    result = score(pipe, has_text, judge, subject, variant.identifier,
+                   Setting(1, 1, study.guidance), study.images, keep)
     if variant.name == "unet" and seed == study.grid_seed:
         _grid_base_vs_lora(study, pipe, has_text, keep)
     return result
@@ -247,7 +266,7 @@ def _score_run(study: Study, variant: Variant, seed: int, run: Path, judge, subj
 
 def _score_base(study: Study, seed: int, run: Path, judge, subject) -> dict:
     pipe, has_text = load_pipeline(run)
-    return score(pipe, has_text, judge, subject, "sks", Setting(0, 0, 5.0), study.images)
+    return score(pipe, has_text, judge, subject, "sks", Setting(0, 0, study.guidance), study.images)
 
 
 def _score_scales(study: Study, seed: int, run: Path, judge, subject) -> dict:
@@ -280,7 +299,7 @@ def _grid_base_vs_lora(study: Study, pipe, has_text, lora: dict) -> None:
     rows, labels = [], []
     for context in NEW_CONTEXTS:
         base = draw(pipe, has_text, f"a photo of sks ball {_preposition(context)} {context}",
-                    Setting(0, 0, 5.0), list(range(6)), 20)
+                    Setting(0, 0, study.guidance), list(range(6)), 20)
         rows += [base, lora[context][:6]]
         labels += [f"base, {context}", f"LoRA, {context}"]
     save_png(make_grid(rows, labels, [f"seed {i}" for i in range(6)],
@@ -305,26 +324,39 @@ def _calibration() -> dict:
     return identifier_distances(base.tokenizer, base.text_encoder)
 
 
-def claims(out: str | Path, report: str | Path | None = None, quick: bool = False) -> dict:
-    """Run the study; with ``report``, write the markdown and its pictures.
-    ``quick``: one seed, the fidelity claim only, a few minutes."""
+def claims(out: str | Path, report: str | Path | None = None, quick: bool = False,
+           model: str = "toy") -> dict:
+    """Run the study; with ``report``, write the markdown and its pictures
+    (in a folder named after the report, beside it). ``quick``: one seed,
+    the fidelity claim only, a few minutes. ``model``: "toy" (the UNet) or
+    "flow-toy" (the FLUX.2 [klein]-shaped transformer)."""
     import shutil
 
     from ..core.fileio import write_text
-    from ..models.loading import toy_model_dir
-    from .claims_report import render_claims
+    from ..models.loading import flow_toy_model_dir, toy_model_dir
+    from .claims_report import render_claims, render_flow_claims
     from .frontier import frontier_svg
 
+    flow = model == "flow-toy"
     study = Study(Path(out))
+    if flow:
+        study = Study(Path(out), variants=FLOW_VARIANTS + FLOW_LEVERS, scales=False,
+                      model=model, guidance=FLOW_GUIDANCE)
     if quick:
         quick_unet = Variant("unet", "UNet LoRA", train={"steps": 150})
-        study = Study(Path(out), seeds=(0,), images=8, variants=(quick_unet,), scales=False)
+        study = Study(Path(out), seeds=(0,), images=8, variants=(quick_unet,), scales=False,
+                      model=study.model, guidance=study.guidance)
     results = run_study(study)
     if report:
         report = Path(report)
-        record = json.loads((toy_model_dir() / "toyworld.json").read_text())
-        write_text(report, render_claims(results, record, study, VARIANTS, LEVERS, TOY_TRAIN))
-        pictures = report.parent / "toyworld"
+        record = json.loads(((flow_toy_model_dir() if flow else toy_model_dir())
+                             / "toyworld.json").read_text())
+        pictures = report.parent / report.stem  # docs/toyworld.md -> docs/toyworld/
+        if flow:
+            write_text(report, render_flow_claims(results, record, study, FLOW_VARIANTS,
+                                                  FLOW_LEVERS, TOY_TRAIN, pictures.name))
+        else:
+            write_text(report, render_claims(results, record, study, VARIANTS, LEVERS, TOY_TRAIN))
         pictures.mkdir(parents=True, exist_ok=True)
         write_json(pictures / "claims_per_seed.json", results)  # the page's raw data, beside it
         write_text(pictures / "frontier.svg", frontier_svg(frontier_points(results, study)))

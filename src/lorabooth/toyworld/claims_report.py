@@ -292,3 +292,66 @@ def _claims(results: dict, variants, levers) -> list[str]:
         "",
         *lever_rows(results, levers),
     ]
+
+
+def render_flow_claims(results: dict, record: dict, study, settings, levers, toy_train: dict,
+                       pictures: str) -> str:
+    """The flow toy model's page: the same subject, prompts, judges and
+    verdict rule as the UNet world's, on a FLUX.2 [klein]-shaped transformer;
+    ``pictures``: the folder (beside the page) of its figures and raw data."""
+    variants = [v for v in settings if results.get(v.name)]
+    levers = [v for v in levers if results.get(v.name)]
+    seeds = study.seeds
+    accuracy = {k.removeprefix("draws_").removesuffix("_accuracy"): v
+                for k, v in record.items() if k.startswith("draws_") and k.endswith("_accuracy")}
+    return "\n".join([
+        "# The flow toy world: DreamBooth's claims on a flow-matching transformer",
+        "",
+        "Made by `lorabooth toyworld claims --model flow-toy` "
+        f"({len(seeds)} seeds: {', '.join(map(str, seeds))}; unless a row says otherwise "
+        f"{toy_train['steps']} LoRA steps, batch {toy_train['batch_size']}, lr {toy_train['lr']:g}, "
+        f"rank {toy_train['rank']}; {study.images} images per prompt, 20 flow-matching Euler "
+        f"steps, guidance {study.guidance:g}; {results.get('work_seconds', '?')} s of drawing, "
+        "training and scoring on this machine). Every figure is *mean [min–max] over seeds*; "
+        "each claim compares two settings by [the one verdict rule](verdict.md) (the mean "
+        "difference, its 95% bootstrap interval over seeds, paired by seed; *higher* or "
+        "*lower* only where the interval excludes 0).",
+        "",
+        "The world, the subject (a **purple striped ball** never rendered in pretraining, shown "
+        "in 4 views on grass and beach, asked for on the snow and in the room), the prompts and "
+        "the judges are those of [the UNet toy world](toyworld.md). The model is the second "
+        "base (`--model flow-toy`): FLUX.2 [klein]'s classes (AutoencoderKLFlux2, a Qwen3 text "
+        "encoder, Flux2Transformer2DModel) trained by flow matching through the same "
+        "definitions LoRA training uses, by "
+        f"`{record.get('command', 'lorabooth toyworld flow-pretrain')}` in "
+        f"{record.get('total_seconds', '?')} s. Its draws of the pretraining prompts, read by "
+        "the judges: " + (", ".join(f"{k} {v:.2f}" for k, v in sorted(accuracy.items()))
+                          or "not recorded") + ". The text encoder stays frozen (FLUX.2's "
+        "Qwen3 is not trained), so the UNet world's text-encoder rows, scale sweep and "
+        "pivotal tuning have no counterpart here.",
+        "",
+        "| setting | " + " | ".join(t for _, t in FIGURES) + " | train s |",
+        *table(results, variants + levers)[1:],
+        "",
+        "## The claims",
+        "",
+        "1. **Fidelity** (LoRA - base): "
+        f"{claim(results, 'unet', 'base', 'fidelity', 'higher')}.",
+        "2. **Prior preservation**: drift without it (PRES, without - with): "
+        f"{claim(results, 'unet', BASELINE, 'pres', 'higher')}; variety (DIV, with - without): "
+        f"{claim(results, BASELINE, 'unet', 'div', 'higher')}; its cost in likeness (identity, "
+        f"without - with): {claim(results, 'unet', BASELINE, 'fidelity', 'higher')}.",
+        "3. **Identifier** ('red' still red, 'sks' - 'red'): "
+        f"{claim(results, 'unet', 'common-word', 'red_other_classes', 'higher')}.",
+        "",
+        "### The levers, each on the same baseline (LoRA + prior preservation)",
+        "",
+        *lever_rows(results, levers),
+        "",
+        f"Raw per-seed figures: [{pictures}/claims_per_seed.json]({pictures}/claims_per_seed.json)."
+        f" Identity against PRES, one point per setting and seed:",
+        "",
+        f"![fidelity against preservation]({pictures}/frontier.svg)",
+        "",
+        f"![base vs LoRA]({pictures}/grid_base_vs_lora.png)",
+    ]) + "\n"

@@ -1,0 +1,259 @@
+"""Peak memory and step time of one LoRA training step for every family x
+base precision x gradient checkpointing x block swap (issue 28 §5), through
+lorabooth's own pieces: the base's denoiser with random weights of the real
+architecture, quantised by `models/quantise.py` (--base-precision), its
+last blocks parked by `models/offload.py` (--blocks-to-swap), the LoRA
+`train` puts on it, `step_loss`, AdamW over the LoRA.
+
+Only the denoiser is built: `train` caches the latents and text embeddings
+and frees the VAE and the text encoders before its first step, so a step
+holds the denoiser, its LoRA and optimizer state, and the activations. The
+conditioning is random, of each encoder's real shape.
+
+    # a machine with a CUDA GPU: the full architectures at 1024 px (and 512)
+    PYTHONPATH=src python benchmarks/memory_table.py --json benchmarks/data/memory_table.json
+    # the CPU mode the tests run: the tiny built-ins, 32 px
+    PYTHONPATH=src python benchmarks/memory_table.py --tiny
+    PYTHONPATH=src python benchmarks/memory_table.py --report benchmarks/data/memory_table.json
+
+Each setting runs in a fresh process, so its peak is its own: torch's peak
+allocated GPU memory on CUDA, the process's peak RSS on the CPU (which
+includes building the model there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from common import machine
+
+FULL = ("sd15-random", "sdxl-random", "flux2-klein-random", "flux-random")
+TINY = ("tiny", "tiny-sdxl", "tiny-flux2", "tiny-flux")
+PRECISIONS = ("bf16", "int8", "nf4", "fp8")
+# the issue's goals: (model, px, precision) -> GB of GPU memory a step stays under
+GOALS = {("sdxl-random", 1024, "*"): 8.0, ("flux2-klein-random", 1024, "*"): 12.0,
+         ("flux-random", 512, "int8"): 16.0, ("flux-random", 512, "nf4"): 12.0}
+TEXT = {"sd1": (77, None), "sdxl": (77, 1280), "flux2": (512, None), "flux1": (512, 768)}
+
+
+def denoiser(model: str) -> tuple[torch.nn.Module, str]:
+    """The built-in's denoiser alone, fp32 on the CPU (name -> module, family)."""
+    if model in ("flux2-klein-random", "flux-random"):
+        from flux_step import transformer
+
+        return transformer(model, torch.float32, "cpu")
+    from lorabooth.models.loading import load_base
+
+    base = load_base(model)
+    return base.unet, base.family.name
+
+
+def _context(module: torch.nn.Module, family: str, tiny: bool, device: str, dtype, g):
+    from lorabooth.models.families import Conditioning
+
+    tokens, pooled = TEXT[family]
+    if tiny:
+        tokens = 16
+    config = module.config
+    width = config.get("joint_attention_dim") or config.cross_attention_dim
+    if family == "flux1":
+        pooled = config.pooled_projection_dim
+    elif family == "sdxl":
+        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).to(device, dtype)
+
+    time_ids = torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0, 0.0]]) if family == "sdxl" else None
+    return Conditioning(rand(1, tokens, width), None if pooled is None else rand(1, pooled),
+                        None if time_ids is None else time_ids.to(device, dtype))
+
+
+def _latent_shape(module: torch.nn.Module, family: str, resolution: int) -> tuple[int, ...]:
+    side = resolution // 8  # the VAE's 8x
+    channels = module.config.in_channels
+    if family == "flux2":  # already 2 x 2 patchified
+        return (1, channels, side // 2, side // 2)
+    if family == "flux1":  # packed by the family's predict
+        return (1, channels // 4, side, side)
+    return (1, channels, side, side)
+
+
+def step_once(model: str, resolution: int, precision: str, checkpointing: bool, swapped: int,
+              steps: int, device: str) -> dict:
+    from lorabooth.adapters.lora import add_unet_lora, freeze_all_but_lora, lora_parameters
+    from lorabooth.formats import flux
+    from lorabooth.models.components import sd_noise_scheduler
+    from lorabooth.models.families import FAMILIES
+    from lorabooth.models.flux_architecture import flow_scheduler
+    from lorabooth.models.offload import swap_blocks
+    from lorabooth.models.precision import cast_frozen
+    from lorabooth.models.quantise import frozen_bytes, quantise_module
+    from lorabooth.training.noising import Denoiser, noising_for
+    from lorabooth.training.setup import UNET_TARGETS
+
+    start = time.perf_counter()
+    dtype = torch.bfloat16
+    module, name = denoiser(model)
+    family = FAMILIES[name]
+    module.requires_grad_(False)
+    cast_frozen(module, dtype)
+    quantise_module(module, "auto" if precision == "bf16" else precision)
+    if swapped:  # parked before the move: those weights never reach the device
+        swap_blocks(module, swapped, device)
+    module.to(device)
+    targets = flux.target_modules(name) if family.flow else UNET_TARGETS
+    add_unet_lora(module, 16, 16.0, targets=targets)
+    freeze_all_but_lora(module)
+    if checkpointing:
+        module.enable_gradient_checkpointing()
+    module.train()
+    optimizer = torch.optim.AdamW(lora_parameters(module), lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+    context = _context(module, name, model in TINY, device, dtype, g)
+    shape = _latent_shape(module, name, resolution)
+    scheduler = flow_scheduler() if family.flow else sd_noise_scheduler()
+    noising = noising_for(scheduler, "logit_normal")
+    step = Denoiser(module, family, noising, getattr(family, "train_guidance", None))
+    built = time.perf_counter() - start
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times, loss = timed_steps(step, optimizer, shape, context, steps, device, dtype, g)
+    row = {"model": model, "resolution": resolution, "precision": precision,
+           "gradient_checkpointing": checkpointing, "blocks_to_swap": swapped,
+           "build_s": round(built, 1), "step_s": [round(x, 3) for x in times],
+           "frozen_gb": round(frozen_bytes(module) / 1e9, 3),
+           "lora_params": sum(p.numel() for p in lora_parameters(module)),
+           "loss": float(loss), "peak_rss_gb": round(
+               resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 3)}
+    if device == "cuda":
+        row["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 3)
+        row["gpu"] = torch.cuda.get_device_name()
+    return row
+
+
+def timed_steps(denoiser, optimizer, shape: tuple[int, ...], context, steps: int, device: str,
+                dtype: torch.dtype, g: torch.Generator) -> tuple[list[float], torch.Tensor]:
+    """``steps`` LoRA steps of lorabooth's loss on random latents: the
+    seconds of each, and the last loss."""
+    from lorabooth.training.loop import step_loss
+
+    times = []
+    for _ in range(steps):
+        tick = time.perf_counter()
+        latents, noise = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+        t = denoiser.noising.draw(1, g)
+        with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+            loss, _, _ = step_loss(denoiser, latents.to(device), noise.to(device), t.to(device),
+                                   context, 1, 1.0)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - tick)
+    return times, loss
+
+
+def goal(row: dict) -> float | None:
+    for key in ((row["model"], row["resolution"], row["precision"]),
+                (row["model"], row["resolution"], "*")):
+        if key in GOALS:
+            return GOALS[key]
+    return None
+
+
+def table(data: dict) -> str:
+    """The markdown table: one row per setting; step time also as a ratio
+    to the same model's bf16 step (same px, checkpointing and swap)."""
+    runs = data["runs"]
+    bf16 = {(r["model"], r["resolution"], r["gradient_checkpointing"], r["blocks_to_swap"]):
+            r["step_s"][-1] for r in runs if r["precision"] == "bf16" and "error" not in r}
+    lines = [f"# {data['machine']} (torch {data['torch']})\n",
+             "| model | px | base | grad. ckpt | swapped blocks | frozen GB | s/step (last) | "
+             "x bf16 | peak GPU GB | goal GB | peak RSS GB |", "|---|" * 1 + "---|" * 10]
+    for r in runs:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['resolution']} | {r['precision']} | "
+                         f"{'yes' if r['gradient_checkpointing'] else 'no'} | "
+                         f"{r['blocks_to_swap']} | failed: {r['error']} |||||| ")
+            continue
+        ref = bf16.get((r["model"], r["resolution"], r["gradient_checkpointing"],
+                        r["blocks_to_swap"]))
+        ratio = f"{r['step_s'][-1] / ref:.2f}" if ref else "–"
+        want = goal(r)
+        peak = r.get("peak_gpu_gb")
+        mark = "" if want is None or peak is None else (" ✓" if peak <= want else " ✗")
+        lines.append(
+            f"| {r['model']} | {r['resolution']} | {r['precision']} | "
+            f"{'yes' if r['gradient_checkpointing'] else 'no'} | {r['blocks_to_swap']} | "
+            f"{r['frozen_gb']:.3f} | {r['step_s'][-1]:.3f} | {ratio} | "
+            f"{'–' if peak is None else peak}{mark} | {'–' if want is None else want} | "
+            f"{r['peak_rss_gb']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def settings(models, resolutions, precisions, swaps) -> list[tuple]:
+    """Every model x px x precision with gradient checkpointing on and off
+    (no swap), then each swap count with checkpointing on."""
+    out = []
+    for model in models:
+        for px in resolutions:
+            for precision in precisions:
+                out += [(model, px, precision, False, 0), (model, px, precision, True, 0)]
+                out += [(model, px, precision, True, n) for n in swaps]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", choices=FULL + TINY)
+    ap.add_argument("--resolutions", nargs="+", type=int)
+    ap.add_argument("--precisions", nargs="+", choices=PRECISIONS)
+    ap.add_argument("--swap", nargs="*", type=int, default=None,
+                    help="block-swap counts to try (with gradient checkpointing)")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--tiny", action="store_true", help="the CPU mode: tiny built-ins, 32 px")
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--report", type=Path, help="print the table of a saved --json and stop")
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: one setting, this process
+    args = ap.parse_args()
+    if args.report:
+        return print(table(json.loads(args.report.read_text())))
+    device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
+    if args.one:
+        model, px, precision, ckpt, swapped = json.loads(args.one)
+        return print(json.dumps(step_once(model, px, precision, ckpt, swapped, args.steps, device)))
+    models = args.models or (TINY if args.tiny else FULL)
+    resolutions = args.resolutions or ([32] if args.tiny else [1024, 512])
+    precisions = args.precisions or (("bf16", "int8", "nf4") if args.tiny else PRECISIONS)
+    swaps = args.swap if args.swap is not None else ([1] if args.tiny else [4, 8])
+    runs = []
+    for setting in settings(models, resolutions, precisions, swaps):
+        out = subprocess.run([sys.executable, __file__, "--steps", str(args.steps),
+                              *(["--tiny"] if args.tiny else []), "--one", json.dumps(setting)],
+                             capture_output=True, text=True)
+        if out.returncode:  # a setting that fails (out of memory, no fp8 here) is a row too
+            model, px, precision, ckpt, swapped = setting
+            runs.append({"model": model, "resolution": px, "precision": precision,
+                         "gradient_checkpointing": ckpt, "blocks_to_swap": swapped,
+                         "error": (out.stderr.strip().splitlines() or ["failed"])[-1][:200]})
+        else:
+            runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(json.dumps(runs[-1]), flush=True)
+    data = {"machine": machine(), "torch": torch.__version__, "device": device, "runs": runs}
+    if args.json:
+        args.json.write_text(json.dumps(data, indent=2) + "\n")
+    print(table(data))
+
+
+if __name__ == "__main__":
+    main()
