@@ -213,14 +213,17 @@ def test_the_chain_convert_inspect_merge_fuse_load(runs, tmp_path, capsys):
     assert abs(from_file - with_lora).max() < 1e-4
 
 
-def test_fused_single_file_loads_as_lorabooth_model(runs, tmp_path, capsys):
+def test_fused_single_file_loads_as_lorabooth_model(runs, tmp_path, capsys, caplog):
     """`--model fused.safetensors --model-config FOLDER` (BFL's file with the
     VAE and text encoders from a folder) holds the fused transformer."""
     from lorabooth.models.loading import load_base
 
     model, run, _ = runs
     folder, single = tmp_path / "fused", tmp_path / "fused.safetensors"
-    assert _cli(capsys, "fuse", run, "--out", folder)[0] == 0
+    with caplog.at_level("INFO", logger="lorabooth"):
+        assert _cli(capsys, "fuse", run, "--out", folder)[0] == 0
+    # names the FLUX denoiser, and no text scale for a run with no text-encoder LoRA
+    assert f"fused model (transformer scale 1) written to {folder}" in caplog.text
     assert _cli(capsys, "fuse", run, "--single-file", "--out", single)[0] == 0
     loaded = load_base(str(single), str(folder)).unet.state_dict()
     want = _plain_pipeline(model).from_pretrained(folder).transformer.state_dict()

@@ -247,5 +247,7 @@ def fuse(run: str | Path, out: str | Path, unet_scale: float = 1.0, text_scale: 
         # fuse's own record: how the folder is recognised as fuse's (plans.py)
         write_json(out / "lorabooth_fuse.json", {"lora": str(run), "unet_scale": unet_scale,
                                                   "text_scale": text_scale, "model": model})
-    log.info("fused model (UNet scale %g, text scale %g) written to %s", unet_scale, text_scale, out)
+    denoiser = "transformer" if family in FLUX_FAMILIES else "UNet"
+    texts = f", text scale {text_scale:g}" if has_text else ""
+    log.info("fused model (%s scale %g%s) written to %s", denoiser, unet_scale, texts, out)
     return out
