@@ -466,8 +466,7 @@ def _validate(config: TrainConfig, base: BaseModel, output: Path, step: int) -> 
 def _finish(config: TrainConfig, base: BaseModel, output: Path,
             modules: dict[str, torch.nn.Module], resolution: int,
             whole: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
-    """Write the LoRA files, the last sample and the model card; ``whole``:
-    the trained parameters gathered from FSDP's shards (``full_trainable``)."""
+    """The LoRA files (from ``whole``: FSDP's gathered shards), last sample, model card."""
     meta = {
         "lorabooth.version": __version__, "lorabooth.base_model": config.model,
         "lorabooth.model_config": config.model_config,
