@@ -154,9 +154,9 @@ def on_finish(monkeypatch):
     real = t._finish
 
     def install(look) -> None:
-        def spy(config, base, output, modules, resolution):
+        def spy(config, base, output, modules, resolution, *whole):
             look(config, base, modules)
-            real(config, base, output, modules, resolution)
+            real(config, base, output, modules, resolution, *whole)
         monkeypatch.setattr(t, "_finish", spy)
     return install
 

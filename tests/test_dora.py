@@ -70,11 +70,11 @@ def dora_run(tmp_path_factory, session_photos):
                                 f'checkpoint_every = 2\n')
     ours, real = {}, t._finish
 
-    def spy(config, base, output, modules, resolution):
+    def spy(config, base, output, modules, resolution, *whole):
         ours["outputs"] = tiny_outputs(pipeline_from_parts(base))
         ours["trained"] = {n for m in modules.values() for n, p in m.named_parameters()
                            if p.requires_grad}
-        real(config, base, output, modules, resolution)
+        real(config, base, output, modules, resolution, *whole)
 
     with pytest.MonkeyPatch.context() as mp, _logs() as said:
         mp.setattr(t, "_finish", spy)

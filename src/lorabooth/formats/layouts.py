@@ -370,29 +370,38 @@ def alpha_from_header(header: dict[str, str], default: float | None) -> float | 
         return default
 
 
-def module_lora(module: torch.nn.Module, prefix: str,
-                adapter: str = "default") -> dict[str, torch.Tensor]:
-    """A peft-injected module's adapter as canonical peft tensors, fp32, CPU."""
+def module_lora(module: torch.nn.Module, prefix: str, adapter: str = "default",
+                state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """A peft-injected module's adapter as canonical peft tensors, fp32, CPU;
+    read from ``state`` (its parameters by name, e.g. gathered from FSDP's
+    shards) when given, else from the module's own state dict."""
+    peft = get_peft_model_state_dict(module, state_dict=state, adapter_name=adapter)
     return {canonical_key(f"{prefix}.{k}"): v.detach().float().cpu().contiguous()
-            for k, v in get_peft_model_state_dict(module, adapter_name=adapter).items()}
+            for k, v in peft.items()}
 
 
 def save_lora(folder: str | Path, unet: torch.nn.Module, text_encoder: torch.nn.Module | None,
               metadata: dict[str, str], layouts: tuple[str, ...] = ("diffusers",),
               embeddings: dict[str, torch.Tensor] | None = None,
-              text_encoder_2: torch.nn.Module | None = None, family: str | None = None) -> Path:
+              text_encoder_2: torch.nn.Module | None = None, family: str | None = None,
+              states: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
     """Write a trained adapter into ``folder`` in each of ``layouts``
     (diffusers -> pytorch_lora_weights.safetensors, kohya ->
     lora_kohya.safetensors), with the trained token ``embeddings`` if any;
     returns the first file written. SDXL: pass its second encoder and
-    ``family="sdxl"`` (kohya then names the UNet modules as sd-scripts does)."""
+    ``family="sdxl"`` (kohya then names the UNet modules as sd-scripts does).
+    ``states``: each module's adapter parameters by name ("unet",
+    "text_encoder", "text_encoder_2"), read instead of the module's own
+    (a sharded module holds only its shard)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    states = states or {}
     # a FLUX family's ``unet`` is its transformer
-    peft = module_lora(unet, "transformer" if family in FLUX_FAMILIES else "unet")
+    peft = module_lora(unet, "transformer" if family in FLUX_FAMILIES else "unet",
+                       state=states.get("unet"))
     for part, module in (("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
         if module is not None:
-            peft.update(module_lora(module, part))
+            peft.update(module_lora(module, part, state=states.get(part)))
     if family:
         metadata = {**metadata, FAMILY_KEY: HEADER_FAMILY[family]}
     if family == SDXL:  # kohya's SGM names follow the model's own blocks

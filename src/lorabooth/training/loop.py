@@ -78,6 +78,7 @@ from .setup import (
     setup_trained_token,
     use_token,
 )
+from .sharding import check_sharded, full_trainable, is_sharded, prepare, shard_on_cpu
 from .tracking import log_record, start_trackers
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,8 @@ def train(config: TrainConfig, on_validation: OnValidation | None = None) -> Pat
     check_folders(config)
     tune_allocator()
     accelerator = setup_accelerator(config)
+    shard_on_cpu(accelerator)  # an FSDP launch on a CPU-only machine
+    check_sharded(config, accelerator)
     set_seed(config.seed)  # python, numpy, torch: the LoRA init draws from torch's global RNG
     with run_folder(config, accelerator.is_main_process) as output, _memory_advice(config):
         if on_validation is not None and accelerator.num_processes > 1:
@@ -169,8 +172,11 @@ def _train(config: TrainConfig, accelerator: Accelerator, output: Path,
     accelerator.wait_for_everyone()
     if run.ema is not None:  # the file (and the last sample) hold the average, not the last step
         load_trainable_state(run.trained, run.ema)
+    # FSDP: every process gathers the LoRA's shards, the main process writes it
+    whole = full_trainable(run.trained) if is_sharded(accelerator) else None
     if accelerator.is_main_process:
-        _finish(config, run.base, output, _unwrapped(accelerator, run.modules), run.resolution)
+        _finish(config, run.base, output, _unwrapped(accelerator, run.modules), run.resolution,
+                whole)
     end_distributed(accelerator, run.modules)
 
 
@@ -191,7 +197,8 @@ def _setup_run(config: TrainConfig, accelerator: Accelerator, output: Path,
     for module in (base.vae, base.unet, *base.text_encoders):
         module.requires_grad_(False)
     _block_swap(config, base, accelerator, dtype)  # before the move: those stay on the host
-    for module in (base.vae, base.unet, *base.text_encoders):
+    # under FSDP the denoiser stays in host memory: accelerate moves each shard to the device
+    for module in (base.vae, *base.text_encoders, *([] if is_sharded(accelerator) else [base.unet])):
         module.to(accelerator.device)
     cast_frozen(base.unet, dtype)  # the sources that load fp32
 
@@ -209,8 +216,7 @@ def _setup_run(config: TrainConfig, accelerator: Accelerator, output: Path,
         cast_frozen(module, dtype)  # the text encoder's frozen part too; LoRA stays fp32
     modules.update(token)
     optimizer, lr_scheduler = setup_optimizer(config, modules)
-    modules = {name: accelerator.prepare(m) for name, m in modules.items()}
-    optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
+    modules, optimizer, lr_scheduler = prepare(accelerator, modules, optimizer, lr_scheduler)
     use_token(accelerator, base, modules, examples)
     if config.train_text_encoder:  # the family's encoders that run frozen beside the trained
         examples.frozen_encoders = {name: getattr(base, name) for name in base.family.encoders
@@ -458,7 +464,9 @@ def _validate(config: TrainConfig, base: BaseModel, output: Path, step: int) -> 
 
 
 def _finish(config: TrainConfig, base: BaseModel, output: Path,
-            modules: dict[str, torch.nn.Module], resolution: int) -> None:
+            modules: dict[str, torch.nn.Module], resolution: int,
+            whole: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
+    """The LoRA files (from ``whole``: FSDP's gathered shards), last sample, model card."""
     meta = {
         "lorabooth.version": __version__, "lorabooth.base_model": config.model,
         "lorabooth.model_config": config.model_config,
@@ -485,10 +493,12 @@ def _finish(config: TrainConfig, base: BaseModel, output: Path,
         meta[TRAINED_TOKENS] = modules["token"].ids
         meta["lorabooth.lr_token"] = config.lr_token
     # the loop checks every step; a resume at its last step trains none
-    check_tensors(trainable_state(modules), f"--output {output}: the trained LoRA")
+    trained = ({f"{name}/{k}": v for name, state in whole.items() for k, v in state.items()}
+               if whole else trainable_state(modules))
+    check_tensors(trained, f"--output {output}: the trained LoRA")
     save_lora(output, modules["unet"], modules.get("text_encoder"),
               {k: to_json(v) for k, v in meta.items()}, save_layouts(config), embeddings,
-              modules.get("text_encoder_2"), family=base.family.name)
+              modules.get("text_encoder_2"), family=base.family.name, states=whole)
     if config.validation_prompt:
         _validate(config, base, output, config.steps)
     write_text(output / "README.md", model_card(config, resolution, base.family.pipeline_name))
