@@ -57,6 +57,10 @@ def _quiet() -> Iterator[None]:
 
 
 def _torchao_config(precision: str):
+    # peft warns, when it wraps the layer, that merging into it would fail:
+    # lorabooth never merges into the quantised base (generate, fuse and
+    # merge load the base unquantised)
+    warnings.filterwarnings("ignore", message="TorchaoLoraLinear was instantiated without")
     with _quiet():
         from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig
     return Int8WeightOnlyConfig() if precision == "int8" else Float8WeightOnlyConfig()
@@ -208,13 +212,11 @@ def _fp8_works() -> bool:
 
 
 def frozen_bytes(module: torch.nn.Module) -> int:
-    """The bytes ``module``'s frozen weights occupy: its parameters that do
-    not train (a quantised weight counted by what it stores: int8 or fp8
-    data and its scales, nf4's packed bytes and block scales) and its buffers."""
-    total = 0
-    for p in module.parameters():
-        if not p.requires_grad:
-            total += _tensor_bytes(p)
+    """The bytes ``module``'s frozen weights occupy: every parameter but the
+    LoRA's (``lora_`` in its name, as ``precision.cast_frozen`` tells them
+    apart), a quantised weight counted by what it stores (int8 or fp8 data
+    and its scales; nf4's packed bytes and block scales), and its buffers."""
+    total = sum(_tensor_bytes(p) for name, p in module.named_parameters() if "lora_" not in name)
     return total + sum(_tensor_bytes(b) for b in module.buffers())
 
 
