@@ -57,10 +57,6 @@ def _quiet() -> Iterator[None]:
 
 
 def _torchao_config(precision: str):
-    # peft warns, when it wraps the layer, that merging into it would fail:
-    # lorabooth never merges into the quantised base (generate, fuse and
-    # merge load the base unquantised)
-    warnings.filterwarnings("ignore", message="TorchaoLoraLinear was instantiated without")
     with _quiet():
         from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig
     return Int8WeightOnlyConfig() if precision == "int8" else Float8WeightOnlyConfig()
@@ -103,6 +99,11 @@ def quantise_linear(parent: torch.nn.Module, name: str, precision: str) -> None:
         linear = _nf4(linear)
         setattr(parent, name, linear)
     else:
+        # peft warns, when it wraps the layer, that merging into it would
+        # fail: lorabooth never merges into the quantised base (generate,
+        # fuse and merge load the base unquantised). Outside _quiet, which
+        # restores the filters it finds.
+        warnings.filterwarnings("ignore", message="TorchaoLoraLinear was instantiated without")
         with _quiet():
             from torchao.quantization import quantize_
 
