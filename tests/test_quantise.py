@@ -35,7 +35,8 @@ def _config(photos, out, **kw):
 
 
 def _plain_linears(module) -> int:
-    return sum(is_plain_linear(m) for m in module.modules())
+    """Unquantised Linears of the base (the LoRA's own are plain)."""
+    return sum(is_plain_linear(m) for n, m in module.named_modules() if "lora_" not in n)
 
 
 def test_frozen_bytes_shrink_with_the_precision():
@@ -164,9 +165,24 @@ def test_an_int8_run_resumes_exactly(module_photos, tmp_path):
 
 @pytest.mark.parametrize("model,precision", [("tiny-sdxl", "int8"), ("tiny-sdxl", "nf4"),
                                              ("tiny-flux2", "int8"), ("tiny-flux2", "nf4")])
-def test_sdxl_and_flux_train_on_a_quantised_base(model, precision, module_photos, tmp_path):
+def test_sdxl_and_flux_train_on_a_quantised_base(model, precision, module_photos, tmp_path,
+                                                 on_finish):
+    seen = {}
+
+    def look(config, base, modules):
+        resident = [getattr(base, n) for n in ("unet", *base.family.encoders)
+                    if getattr(base, n) is not None]
+        seen["plain"] = sum(_plain_linears(m) for m in resident)
+        seen["resident"] = len(resident)
+        seen["lora"] = {p.dtype for m in modules.values() for n, p in m.named_parameters()
+                        if "lora_" in n}
+    on_finish(look)
+    sdxl = model == "tiny-sdxl"  # its two text encoders trained: resident, quantised under LoRA
     run = loop.train(_config(module_photos, tmp_path / "run", model=model, resolution=32,
-                             base_precision=precision, class_prompt="a photo of a dog"))
+                             base_precision=precision, class_prompt="a photo of a dog",
+                             train_text_encoder=sdxl))
+    assert seen == {"plain": 0, "resident": 3 if sdxl else 1, "lora": {torch.float32}}
     tensors = load_file(run / WEIGHT_NAME)
     assert tensors and all(torch.isfinite(v).all() for v in tensors.values())
+    assert any(k.startswith("text_encoder_2.") for k in tensors) == sdxl
     assert lora_metadata(run)["base_precision"] == precision
