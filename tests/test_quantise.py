@@ -19,6 +19,7 @@ from lorabooth.models.loading import build_tiny, load_base, save_base
 from lorabooth.models.quantise import (
     frozen_bytes,
     is_plain_linear,
+    keep_out_of_ddp,
     quantise_base,
     quantise_module,
 )
@@ -86,6 +87,17 @@ def test_peft_trains_lora_and_dora_on_the_quantised_unet(precision):
         trained = [p for n, p in unet.named_parameters() if "lora_" in n]
         assert trained and all(p.grad is not None for p in trained)
         assert any("magnitude" in n for n, _ in unet.named_parameters()) == dora
+
+
+def test_ddp_leaves_the_quantised_weights_alone():
+    unet = build_tiny().unet
+    keep_out_of_ddp(unet)
+    assert not hasattr(unet, "_ddp_params_and_buffers_to_ignore")  # auto: DDP syncs all
+    count = quantise_module(unet, "int8")
+    add_unet_lora(unet, 4, 4.0)
+    ignored = keep_out_of_ddp(unet)._ddp_params_and_buffers_to_ignore
+    assert len(ignored) == count and not [n for n in ignored if "lora_" in n]
+    assert all(n.endswith(".weight") for n in ignored)
 
 
 def test_a_denoiser_without_linear_layers_is_refused():

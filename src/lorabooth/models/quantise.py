@@ -184,10 +184,29 @@ def quantise_base(base, precision: str, dtype: torch.dtype, names: tuple[str, ..
                             f"linear layer to quantise")
 
 
+def keep_out_of_ddp(module: torch.nn.Module) -> torch.nn.Module:
+    """Several processes: DDP copies every parameter of rank 0 to the others
+    when it wraps a module, and torchao's int8/fp8 tensors cannot be viewed
+    as its flat buffers (NotImplementedError: aten.view). Each rank loaded
+    the same frozen base, and the quantised weights never train, so DDP is
+    told to leave them alone (torch's own hook for it, as FSDP's and
+    torchrec's wrappers use); names as they are now, after peft wrapped the
+    layers. Returns ``module``."""
+    names = [n for n, p in module.named_parameters() if _is_quantised_tensor(p)]
+    if names:
+        from torch.nn.parallel import DistributedDataParallel
+
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, names)
+    return module
+
+
+def _is_quantised_tensor(t: torch.Tensor) -> bool:
+    return type(t) is not torch.nn.Parameter or not t.is_floating_point()
+
+
 def _holds_quantised(module: torch.nn.Module) -> bool:
     weight = getattr(module, "weight", None)
-    return isinstance(module, torch.nn.Linear) and weight is not None and (
-        type(weight) is not torch.nn.Parameter or not weight.is_floating_point())
+    return isinstance(module, torch.nn.Linear) and weight is not None and _is_quantised_tensor(weight)
 
 
 def check_precision(precision: str) -> None:

@@ -30,7 +30,7 @@ from ..formats.sdxl import FAMILY_KEY, HEADER_FAMILY
 from ..models.families import Conditioning
 from ..models.loading import BaseModel, load_base, pipeline_from_parts
 from ..models.precision import cast_frozen, frozen_dtype, tune_allocator, weight_dtype
-from ..models.quantise import quantise_base
+from ..models.quantise import keep_out_of_ddp, quantise_base
 from ..photos.identifier import guess_identifier, identifier_warnings
 from .batches import (
     Examples,
@@ -211,7 +211,7 @@ def _setup_run(config: TrainConfig, accelerator: Accelerator, output: Path,
         cast_frozen(module, dtype)  # the text encoder's frozen part too; LoRA stays fp32
     modules.update(token)
     optimizer, lr_scheduler = setup_optimizer(config, modules)
-    modules = {name: accelerator.prepare(m) for name, m in modules.items()}
+    modules = {name: accelerator.prepare(keep_out_of_ddp(m)) for name, m in modules.items()}
     optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
     use_token(accelerator, base, modules, examples)
     if config.train_text_encoder:  # the family's encoders that run frozen beside the trained
