@@ -248,3 +248,15 @@ def test_each_rank_gets_its_own_streams_back():
     assert not restore_streams(old, 1, rng, Shuffler(5, 99), None)
     assert torch.equal(torch.randn(4, generator=rng),
                        torch.randn(4, generator=torch.Generator().manual_seed(99)))
+
+
+@pytest.mark.slow
+def test_a_quantised_base_trains_data_parallel(photos, tmp_path):
+    """DDP copies rank 0's parameters when it wraps the UNet; torchao's int8
+    weights cannot be flattened for that, so they are kept out of its sync."""
+    out = tmp_path / "int8"
+    _launch(["--instance-dir", str(photos), "--steps", "2", "--batch-size", "1",
+             "--base-precision", "int8", "--output", str(out)])
+    tensors = load_file(out / WEIGHT_NAME)
+    assert tensors and all(torch.isfinite(v).all() for v in tensors.values())
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2

@@ -19,6 +19,8 @@ from .checks import (
 from .fields import _help, check_numbers, option_name
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
+# auto: the frozen weights in --mixed-precision's dtype, as before the option existed
+BASE_PRECISIONS = ("auto", "int8", "nf4", "fp8")
 SAVE_FORMATS = ("diffusers", "kohya", "both")
 # off; images: drawn class images (DreamBooth's prior preservation); model:
 # no images, the frozen base model's own prediction under the class prompt;
@@ -106,6 +108,11 @@ class TrainConfig:
     alpha: float = _help("LoRA alpha (0: equal to the rank).", 0.0)
     mixed_precision: str = _help("no, fp16 or bf16 (LoRA weights stay fp32).", "no",
                                  choices=MIXED_PRECISIONS)
+    base_precision: str = _help(
+        "How the frozen base's linear layers (UNet/transformer, and a text encoder that stays "
+        "loaded) are stored while training: auto (in --mixed-precision's dtype), int8 or fp8 "
+        "(torchao, weight-only), nf4 (bitsandbytes 4-bit); dequantised layer by layer, the "
+        "LoRA stays fp32 and its file is the same.", "auto", choices=BASE_PRECISIONS)
     gradient_checkpointing: bool = _help(
         "Recompute activations in the backward pass: less memory, slower steps.", False)
     blocks_to_swap: int = _help(

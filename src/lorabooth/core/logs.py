@@ -33,7 +33,10 @@ def quiet_libraries() -> None:
     for handler in logging.getLogger().handlers:
         if not any(isinstance(f, VisibleText) for f in handler.filters):
             handler.addFilter(VisibleText())
-    for name in ("accelerate", "diffusers", "transformers", "peft", "httpx", "huggingface_hub"):
+    # torchao and bitsandbytes (imported by peft and diffusers once installed)
+    # name the CUDA kernels and the Triton they lack on every start
+    for name in ("accelerate", "diffusers", "transformers", "peft", "httpx", "huggingface_hub",
+                 "torchao", "bitsandbytes", "torch.utils._pytree"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 

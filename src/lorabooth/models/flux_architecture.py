@@ -248,10 +248,12 @@ def _text_encoder(path: Path, sub: str, dtype: torch.dtype):
 
 
 def load_flux_folder(path: Path, name: str, family: str, dtype: torch.dtype = torch.float32,
-                     transformer=None):
+                     transformer=None, precision: str = "auto"):
     """A FLUX diffusers folder as a BaseModel: the transformer and the text
     encoders (as large as it: Qwen3-4B, T5-XXL) in ``dtype``, the VAE fp32.
-    ``transformer``: use this one (a single file's) instead of transformer/."""
+    ``transformer``: use this one (a single file's) instead of transformer/.
+    ``precision`` (--base-precision): the transformer's Linears quantised as
+    they are streamed in."""
     from diffusers import (
         AutoencoderKL,
         AutoencoderKLFlux2,
@@ -267,8 +269,8 @@ def load_flux_folder(path: Path, name: str, family: str, dtype: torch.dtype = to
         p for p in _parts(family) if transformer is None or p != "transformer"))
     if transformer is None:
         cls = Flux2Transformer2DModel if family == "flux2" else FluxTransformer2DModel
-        transformer = (load_streamed(cls, path / "transformer", dtype, path)
-                       if dtype != torch.float32 else None)
+        transformer = (load_streamed(cls, path / "transformer", dtype, path, precision)
+                       if dtype != torch.float32 or precision != "auto" else None)
         transformer = transformer or cls.from_pretrained(path, subfolder="transformer",
                                                          torch_dtype=dtype)
     vae_cls = AutoencoderKLFlux2 if family == "flux2" else AutoencoderKL

@@ -51,7 +51,7 @@ def flow_toy_model_dir() -> Path:
     return Path(str(resources.files("lorabooth") / "assets" / "flow_toy"))
 
 
-def _load_flow_toy(unet_dtype: torch.dtype) -> BaseModel:
+def _load_flow_toy(unet_dtype: torch.dtype, precision: str = "auto") -> BaseModel:
     """The flow toy model: a FLUX.2 [klein] folder drawn at 32 px."""
     import dataclasses
 
@@ -60,7 +60,8 @@ def _load_flow_toy(unet_dtype: torch.dtype) -> BaseModel:
     if not (flow_toy_model_dir() / "transformer").is_dir():
         raise UserError("--model flow-toy: the flow toy model is not in this installation; make "
                         "it with `lorabooth toyworld flow-pretrain --out DIR` and pass DIR")
-    base = load_flux_folder(flow_toy_model_dir(), "flow-toy", "flux2", unet_dtype)
+    base = load_flux_folder(flow_toy_model_dir(), "flow-toy", "flux2", unet_dtype,
+                            precision=precision)
     return dataclasses.replace(base, resolution=FLOW_TOY_RESOLUTION)
 
 def build_tiny(seed: int = 0) -> BaseModel:
@@ -114,14 +115,15 @@ def build_sd15_random(seed: int = 0) -> BaseModel:
 
 
 def _load_folder(path: Path, name: str, unet_dtype: torch.dtype = torch.float32,
-                 tokenizer: CLIPTokenizer | None = None) -> BaseModel:
-    """``tokenizer``: use this one instead of the folder's tokenizer/."""
+                 tokenizer: CLIPTokenizer | None = None, precision: str = "auto") -> BaseModel:
+    """``tokenizer``: use this one instead of the folder's tokenizer/;
+    ``precision``: --base-precision, applied to the denoiser as it streams in."""
     from .flux_architecture import flux_folder_family, load_flux_folder
     from .sdxl_architecture import folder_family
 
     flux = flux_folder_family(path)
     if flux:
-        return load_flux_folder(path, name, flux, unet_dtype)
+        return load_flux_folder(path, name, flux, unet_dtype, precision=precision)
     family = FAMILIES[folder_family(path)]
     second = ("text_encoder_2", "tokenizer_2") if family.name == "sdxl" else ()
     needed = ("unet", "vae", "text_encoder", "scheduler") + (() if tokenizer else ("tokenizer",))
@@ -140,7 +142,7 @@ def _load_folder(path: Path, name: str, unet_dtype: torch.dtype = torch.float32,
         text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder",
                                                    dtype=torch.float32),
         vae=AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32),
-        unet=load_unet(path / "unet", unet_dtype, path),
+        unet=load_unet(path / "unet", unet_dtype, path, precision),
         noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler"),
         family=family, **_second_encoder(path, second),
     )
@@ -229,11 +231,13 @@ def _load_flux_single(path: Path, name: str, config: str, family: str, load_tran
 
 
 def load_base(model: str, model_config: str = "",
-              unet_dtype: torch.dtype = torch.float32) -> BaseModel:
+              unet_dtype: torch.dtype = torch.float32, precision: str = "auto") -> BaseModel:
     """`tiny`, `toy`, a local diffusers folder, a single checkpoint file in
     the original layout (configs from ``model_config``, default SD 1.5), or a
-    hub id (cache first). Folders load the UNet straight into ``unet_dtype``;
-    the other sources are fp32 (the trainer casts them)."""
+    hub id (cache first). Folders load the UNet straight into ``unet_dtype``
+    (and with a quantised ``precision``, --base-precision, its Linears
+    quantised one by one as they stream in); the other sources are fp32 (the
+    trainer casts and quantises them)."""
     if model == "tiny":
         return build_tiny()
     if model == "sd15-random":
@@ -247,14 +251,15 @@ def load_base(model: str, model_config: str = "",
 
         return build_builtin_flux(model)
     if model == "flow-toy":
-        return _load_flow_toy(unet_dtype)
+        return _load_flow_toy(unet_dtype, precision)
     if model == "toy":
         if not (toy_model_dir() / "unet").is_dir():
             raise UserError("--model toy: the toy model is not in this installation; "
                             "make it with `lorabooth toyworld pretrain --out DIR` and pass DIR")
         # CLIP's own tokenizer, rebuilt from open_clip's vocabulary: the
         # package does not ship a 3.6 MB copy of it
-        return _load_folder(toy_model_dir(), "toy", unet_dtype, tokenizer=clip_tokenizer())
+        return _load_folder(toy_model_dir(), "toy", unet_dtype, tokenizer=clip_tokenizer(),
+                            precision=precision)
     path = Path(model).expanduser()
     refuse_adapter(path, model)
     if path.is_file():
@@ -265,11 +270,11 @@ def load_base(model: str, model_config: str = "",
                             f"({', '.join(SINGLE_FILE_SUFFIXES)}); or give a diffusers folder")
         return _load_single(path, model, model_config)
     if path.exists():
-        return _load_folder(path, model, unet_dtype)
+        return _load_folder(path, model, unet_dtype, precision=precision)
     if model.count("/") != 1 or model.startswith((".", "/", "~")):
         raise UserError(f"--model {model}: no such folder, and not a hub id (owner/name); "
                         f"built-in models: {', '.join(BUILTIN_MODELS)}")
-    return _load_folder(resolve_hub(model), model, unet_dtype)
+    return _load_folder(resolve_hub(model), model, unet_dtype, precision=precision)
 
 
 # What a lorabooth run folder (or one of its checkpoints) holds, and a base model never does

@@ -49,31 +49,39 @@ def weight_files(folder: Path) -> dict[Path, set[str] | None] | None:
     return files
 
 
-def load_streamed(cls, folder: Path, dtype: torch.dtype, name_or_path: str | Path = ""):
+def load_streamed(cls, folder: Path, dtype: torch.dtype, name_or_path: str | Path = "",
+                  precision: str = "auto"):
     """``cls`` (a diffusers ``ModelMixin``) from ``folder``, floating-point
     weights in ``dtype``, read one tensor at a time. None where this cannot
     be done the same way ``from_pretrained`` would (no safetensors weights;
-    a class that keeps some modules fp32): the caller falls back to it."""
+    a class that keeps some modules fp32): the caller falls back to it.
+    A quantised ``precision`` (--base-precision) quantises each Linear as
+    soon as its tensors are in (quantise.py)."""
+    from .quantise import mark_quantised, streamed_quantiser
+
     files = weight_files(folder)
     if files is None or getattr(cls, "_keep_in_fp32_modules", None):
         return None
     with init_empty_weights():
         model = cls.from_config(cls.load_config(folder))
     missing = set(model.state_dict())
+    after = streamed_quantiser(precision)
     for path, keys in files.items():
-        missing -= _fill(model, path, keys, dtype)
+        missing -= _fill(model, path, keys, dtype, after)
     if missing:
         raise UserError(f"--model: {folder} lacks {len(missing)} of the model's weights "
                         f"(e.g. {sorted(missing)[0]}): not a {cls.__name__} of this config")
     # what from_pretrained leaves behind, so configs and saved files match
     model.register_to_config(_name_or_path=name_or_path or folder)
+    mark_quantised(model, precision)
     return model.eval()
 
 
 def _fill(model: torch.nn.Module, path: Path, keys: set[str] | None,
-          dtype: torch.dtype) -> set[str]:
+          dtype: torch.dtype, after=None) -> set[str]:
     """Put the tensors ``keys`` (None: all) of ``path`` into ``model``, each
-    cast to ``dtype`` as it is read; returns the names set."""
+    cast to ``dtype`` as it is read, then ``after(model, key)`` if given;
+    returns the names set."""
     wanted = set(model.state_dict())
     done = set()
     try:
@@ -88,20 +96,24 @@ def _fill(model: torch.nn.Module, path: Path, keys: set[str] | None,
                 # keeps it, and the cast copy replaces the meta parameter
                 set_module_tensor_to_device(model, key, "cpu", value=f.get_tensor(key),
                                             dtype=dtype, clear_cache=False)
+                if after is not None:
+                    after(model, key)
                 done.add(key)
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"--model: cannot read {path} ({str(e).splitlines()[0]})") from None
     return done
 
 
-def load_unet(folder: Path, dtype: torch.dtype, name_or_path: str | Path):
+def load_unet(folder: Path, dtype: torch.dtype, name_or_path: str | Path,
+              precision: str = "auto"):
     """The UNet of a diffusers model folder in ``dtype``: streamed when that
-    is not fp32 (the fp32 path, which copies nothing, stays diffusers' own)."""
+    is not fp32 or when --base-precision quantises it (the fp32 path, which
+    copies nothing, stays diffusers' own)."""
     from diffusers import UNet2DConditionModel
 
     unet = None
-    if dtype != torch.float32:
-        unet = load_streamed(UNet2DConditionModel, folder, dtype, name_or_path)
+    if dtype != torch.float32 or precision != "auto":
+        unet = load_streamed(UNet2DConditionModel, folder, dtype, name_or_path, precision)
     if unet is None:
         unet = UNet2DConditionModel.from_pretrained(folder.parent, subfolder=folder.name,
                                                     torch_dtype=dtype)

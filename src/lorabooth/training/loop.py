@@ -31,6 +31,7 @@ from ..models.families import Conditioning
 from ..models.loading import BaseModel, load_base, pipeline_from_parts
 from ..models.offload import BlockSwap, swap_blocks
 from ..models.precision import cast_frozen, frozen_dtype, tune_allocator, weight_dtype
+from ..models.quantise import quantise_base
 from ..photos.identifier import guess_identifier, identifier_warnings
 from .batches import (
     Examples,
@@ -188,7 +189,8 @@ def _setup_run(config: TrainConfig, accelerator: Accelerator, output: Path,
     # (the UNet's 860 M are not re-cast every step); the VAE that caches
     # latents stays fp32.
     dtype = weight_dtype(accelerator.mixed_precision)
-    base = load_base(config.model, config.model_config, unet_dtype=dtype)
+    base = load_base(config.model, config.model_config, unet_dtype=dtype,
+                     precision=config.base_precision)  # a folder's quantised as it streams in
     check_family_options(config, base)
     for warning in identifier_warnings(base.tokenizers, config.instance_prompt, config.class_prompt):
         log.warning("--instance-prompt: %s", warning)
@@ -201,6 +203,7 @@ def _setup_run(config: TrainConfig, accelerator: Accelerator, output: Path,
     for module in (base.vae, *base.text_encoders, *([] if is_sharded(accelerator) else [base.unet])):
         module.to(accelerator.device)
     cast_frozen(base.unet, dtype)  # the sources that load fp32
+    quantise_base(base, config.base_precision, dtype, ("unet",))  # and those built whole
 
     with accelerator.autocast():
         class_paths = setup_class_images(config, base, resolution, accelerator)
@@ -211,6 +214,8 @@ def _setup_run(config: TrainConfig, accelerator: Accelerator, output: Path,
             for name in base.family.encoders:  # nor the text encoders: prompt embeddings are cached
                 setattr(base, name, None)
     token = setup_trained_token(config, base)  # before the cast: its rows start from the fp32 weights
+    # the encoders that stay loaded, once their embeddings are cached; before peft wraps them
+    quantise_base(base, config.base_precision, dtype, base.family.encoders)
     modules = setup_lora(config, base)
     for module in modules.values():
         cast_frozen(module, dtype)  # the text encoder's frozen part too; LoRA stays fp32
@@ -488,6 +493,8 @@ def _finish(config: TrainConfig, base: BaseModel, output: Path,
         "lorabooth.adapter": config.adapter,
     }
     meta["lorabooth.train_token"] = config.train_token
+    if config.base_precision != "auto":  # the files of runs without it stay as they were
+        meta["lorabooth.base_precision"] = config.base_precision
     embeddings = modules["token"].by_word() if "token" in modules else None
     if embeddings:
         meta[TRAINED_TOKENS] = modules["token"].ids

@@ -307,6 +307,7 @@ LoRA adapters for {md.code(config.model)}, trained by lorabooth {__version__}.
 | prior preservation | {prior} |
 | trained token embedding (pivotal tuning) | {token} |
 | mixed precision | {config.mixed_precision} |
+| frozen base stored as (--base-precision) | {config.base_precision} |
 | min-SNR γ, noise offset, caption dropout, EMA decay (0: off) | {levers} |
 | seed | {config.seed} |
 

@@ -20,6 +20,7 @@ from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, pa
 
 from ..config import TrainConfig
 from ..core.errors import UserError
+from ..models.quantise import keep_out_of_ddp
 from .prior import missing_indices
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ REFUSED = {
                          "denoiser runs only with every process",
     "train_text_encoder": "FSDP shards the denoiser only",
     "train_token": "FSDP shards the denoiser only",
+    "blocks_to_swap": "block swap runs in one process; FSDP already spreads the blocks",
 }
 
 
@@ -76,6 +78,10 @@ def check_sharded(config: TrainConfig, accelerator: Accelerator) -> None:
     for field, why in REFUSED.items():
         if getattr(config, field):
             raise UserError(f"--{field.replace('_', '-')}: not under FSDP ({why})")
+    if config.base_precision != "auto":
+        raise UserError(f"--base-precision {config.base_precision}: not under FSDP (sharding "
+                        "torchao's and bitsandbytes' quantised weights is untested here); "
+                        "shard the bf16 base, or quantise it and train in one process")
     if config.prior_images and missing_indices(config.class_path, config.num_class_images):
         raise UserError(f"--class-dir {config.class_path}: under FSDP it must already hold "
                         f"--num-class-images {config.num_class_images} images (drawing them "
@@ -98,7 +104,8 @@ def prepare(accelerator: Accelerator, modules: dict[str, torch.nn.Module],
             log.info("FSDP: %s's %.2f M parameters sharded over %d processes, %.2f M in this one",
                      name, whole / 1e6, accelerator.num_processes, held / 1e6)
         return dict(zip(modules, prepared)), optimizer, lr_scheduler
-    modules = {name: accelerator.prepare(m) for name, m in modules.items()}
+    # DDP leaves the quantised frozen weights alone (--base-precision)
+    modules = {name: accelerator.prepare(keep_out_of_ddp(m)) for name, m in modules.items()}
     optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
     return modules, optimizer, lr_scheduler
 
