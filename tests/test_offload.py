@@ -190,3 +190,28 @@ def test_train_refuses_more_blocks_than_the_model_has(tmp_path, session_photos):
                           instance_prompt="a photo of sks dog", output=str(tmp_path / "r"),
                           blocks_to_swap=9))
     assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())
+
+
+@pytest.mark.parametrize("precision", ["int8", "nf4"])
+def test_swap_under_a_quantised_base(precision):
+    """--blocks-to-swap with --base-precision: torchao's and bitsandbytes'
+    weights park and load as plain ones do (on the CPU; the CUDA copy of
+    bitsandbytes' quantisation state is for the GPU script to show)."""
+    from lorabooth.models.quantise import quantise_module
+
+    base = load_base("tiny")
+    unet = base.unet.float().requires_grad_(False)
+    assert quantise_module(unet, precision) > 0
+    add_unet_lora(unet, 4, 4.0, False, UNET_TARGETS)
+    freeze_all_but_lora(unet)
+    for p in lora_parameters(unet):
+        torch.nn.init.normal_(p, std=0.02)
+    width = base.text_encoder.config.hidden_size
+    _, want = _loss_and_grads(copy.deepcopy(unet), width)
+    swapped = copy.deepcopy(unet)
+    swap = BlockSwap(denoiser_blocks(swapped), 3, "cpu", root=swapped)
+    _, got = _loss_and_grads(swapped, width)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-9)
+    swap.settle()
+    assert not swap.loaded
