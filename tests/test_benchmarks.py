@@ -126,3 +126,40 @@ def test_flux_step_benchmark_measures_the_step_it_names(tmp_path, model):
         assert r["model"] == model and len(r["step_s"]) == 2 and all(s > 0 for s in r["step_s"])
         assert r["peak_rss_gb"] > 0 and 0 < r["lora_params"] < r["transformer_params"]
     assert done.stdout.count(f"| {model} | 32 |") == 2
+
+
+def test_memory_table_cpu_mode_runs_each_setting_in_its_own_process(tmp_path):
+    """benchmarks/memory_table.py --tiny: one row per precision x (no
+    checkpointing, checkpointing, checkpointing + block swap), each a real
+    step whose frozen weights shrink with the precision."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    out = tmp_path / "memory.json"
+    done = subprocess.run([sys.executable, str(BENCH / "memory_table.py"), "--tiny", "--models",
+                           "tiny", "--precisions", "bf16", "nf4", "--steps", "1", "--json",
+                           str(out)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = json.loads(out.read_text())["runs"]
+    assert [(r["precision"], r["gradient_checkpointing"], r["blocks_to_swap"]) for r in runs] == [
+        ("bf16", False, 0), ("bf16", True, 0), ("bf16", True, 1),
+        ("nf4", False, 0), ("nf4", True, 0), ("nf4", True, 1)]
+    assert all("error" not in r and math.isfinite(r["loss"]) and r["step_s"][0] > 0 for r in runs)
+    assert runs[3]["frozen_gb"] < runs[0]["frozen_gb"]
+    assert done.stdout.count("| tiny | 32 |") == 6
+
+
+def test_memory_table_marks_goals_and_failures():
+    import memory_table
+
+    row = {"model": "sdxl-random", "resolution": 1024, "gradient_checkpointing": True,
+           "blocks_to_swap": 0, "frozen_gb": 2.5, "step_s": [1.0], "peak_rss_gb": 9.0}
+    data = {"machine": "m", "torch": "t", "runs": [
+        {**row, "precision": "bf16", "peak_gpu_gb": 9.1},
+        {**row, "precision": "int8", "peak_gpu_gb": 7.5, "step_s": [1.2]},
+        {"model": "flux-random", "resolution": 512, "precision": "nf4",
+         "gradient_checkpointing": False, "blocks_to_swap": 0, "error": "CUDA out of memory"}]}
+    lines = [line for line in memory_table.table(data).splitlines() if line.startswith("| ")][1:]
+    assert "| 9.1 ✗ | 8.0 |" in lines[0] and "| 1.20 | 7.5 ✓ | 8.0 |" in lines[1]
+    assert "failed: CUDA out of memory" in lines[2]
+    assert memory_table.goal({"model": "flux-random", "resolution": 512, "precision": "int8"}) == 16.0
+    assert memory_table.goal({"model": "flux-random", "resolution": 1024, "precision": "int8"}) is None
