@@ -8,6 +8,7 @@ into the JSON files under docs/ that the markdown is rendered from.
     PYTHONPATH=src python benchmarks/calibrated_world.py subjects OUT [--seeds 0,1,2]
     PYTHONPATH=src python benchmarks/calibrated_world.py levers OUT [--seeds 0,1,2]
     PYTHONPATH=src python benchmarks/calibrated_world.py priors OUT [--seeds 0,1,2]
+    PYTHONPATH=src python benchmarks/calibrated_world.py precision OUT [--seeds 0,1,2]
     PYTHONPATH=src python benchmarks/calibrated_world.py distances
     PYTHONPATH=src python benchmarks/calibrated_world.py report
 
@@ -25,7 +26,14 @@ from pathlib import Path
 from lorabooth.core.fileio import write_json, write_text
 from lorabooth.toyworld.calibrate import FIT_METHODS, fit
 from lorabooth.toyworld.calibrated_report import fit_table, lever_table, subject_tables
-from lorabooth.toyworld.subject_study import LEVERS, METHODS, PRIOR_VARIANTS, Cell, Harness
+from lorabooth.toyworld.subject_study import (
+    LEVERS,
+    METHODS,
+    PRECISION_VARIANTS,
+    PRIOR_VARIANTS,
+    Cell,
+    Harness,
+)
 from lorabooth.toyworld.subjects import CALIBRATION, EVALUATION
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -116,6 +124,13 @@ def phase_priors(h: Harness, seeds: list[int], subjects=LEVER_SUBJECTS) -> None:
                                 **PRIOR_VARIANTS})
 
 
+def phase_precision(h: Harness, seeds: list[int], subjects=LEVER_SUBJECTS) -> None:
+    """The class-image recipe on a quantised frozen base (int8, nf4) beside
+    the unquantised one, on the learning baselines; records to levers.json."""
+    _study(h, seeds, subjects, {"class-image-prior": METHODS["class-image-prior"],
+                                **PRECISION_VARIANTS})
+
+
 def _study(h: Harness, seeds: list[int], subjects, methods: dict) -> None:
     s = _chosen()
     for subject in subjects:
@@ -123,7 +138,8 @@ def _study(h: Harness, seeds: list[int], subjects, methods: dict) -> None:
             # a method's seeds one after another: a stopped study leaves whole methods
             for seed in seeds:
                 h.run(Cell(subject, method, train, s, seed))
-                _save(LEVERS_JSON, gather(h.out, EVALUATION, {**LEVERS, **PRIOR_VARIANTS}, {s}),
+                _save(LEVERS_JSON, gather(h.out, EVALUATION,
+                                          {**LEVERS, **PRIOR_VARIANTS, **PRECISION_VARIANTS}, {s}),
                       salience=s)
                 if method in METHODS:  # a subjects-phase seed it lacked, filled in
                     _save_subjects(h.out, s)
@@ -176,6 +192,15 @@ def render() -> str:
                       "the identifier) against `model` (a fresh noise and timestep, the class "
                       "prompt), by the same rule.\n"]
             parts += _per_subject(recs, PRIOR_VARIANTS, "image-free-prior", list(PRIOR_VARIANTS))
+        if any(r["method"] in PRECISION_VARIANTS for r in recs):
+            parts += ["## What a quantised frozen base costs\n",
+                      "The class-image recipe with the frozen UNet and text encoder stored int8 "
+                      "(torchao weight-only) or nf4 (bitsandbytes), the LoRA fp32 on top "
+                      "(`--base-precision`), against the same recipe on the unquantised base, "
+                      "same seeds, by the same rule (context accuracy is the toy world's "
+                      "prompt following, its CLIP-T).\n"]
+            parts += _per_subject(recs, PRECISION_VARIANTS, "class-image-prior",
+                                  list(PRECISION_VARIANTS))
     return "\n".join(parts)
 
 
@@ -194,8 +219,8 @@ def report() -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("phase", choices=("fit", "refit", "subjects", "levers", "priors", "distances",
-                                           "report"))
+    ap.add_argument("phase", choices=("fit", "refit", "subjects", "levers", "priors", "precision",
+                                           "distances", "report"))
     ap.add_argument("out", nargs="?")
     ap.add_argument("--grid", default="1,2,4")
     ap.add_argument("--seeds", default="")
@@ -217,7 +242,8 @@ def main() -> None:
         phase_subjects(h, [int(x) for x in (args.seeds or "0,1,2").split(",")])
     else:
         chosen = [t for t in LEVER_SUBJECTS if not args.subjects or t.name in args.subjects.split(",")]
-        phase = phase_priors if args.phase == "priors" else phase_levers
+        phase = {"priors": phase_priors, "precision": phase_precision}.get(args.phase,
+                                                                           phase_levers)
         phase(h, [int(x) for x in (args.seeds or "0,1,2").split(",")], chosen)
 
 

@@ -39,6 +39,10 @@ METHODS = {  # TrainConfig fields over BASE_TRAIN
 # the class prompt) against ai-toolkit's differential output preservation
 # (`dop`: the instance rows' own noisy latents, the caption without the identifier)
 PRIOR_VARIANTS = {"dop-prior": {**CLASS_IMAGES, "prior_preservation": "dop"}}
+# issue 28: the frozen base stored quantised (--base-precision), the LoRA fp32 on
+# top; against the same recipe on the unquantised base, same seeds
+PRECISION_VARIANTS = {"int8-base": {**CLASS_IMAGES, "base_precision": "int8"},
+                      "nf4-base": {**CLASS_IMAGES, "base_precision": "nf4"}}
 LEVERS = {  # each on the calibrated class-image recipe
     "min-snr-5": {**CLASS_IMAGES, "snr_gamma": 5.0},
     "noise-offset-0.05": {**CLASS_IMAGES, "noise_offset": 0.05},
