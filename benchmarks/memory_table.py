@@ -17,8 +17,9 @@ conditioning is random, of each encoder's real shape.
     PYTHONPATH=src python benchmarks/memory_table.py --report benchmarks/data/memory_table.json
 
 Each setting runs in a fresh process, so its peak is its own: torch's peak
-allocated GPU memory on CUDA, the process's peak RSS on the CPU (which
-includes building the model there).
+allocated GPU memory on CUDA; on the CPU the process's peak RSS (which
+includes building the fp32 model) and, in brackets, the peak RSS of the
+steps alone (the kernel's count restarted once the model is built).
 """
 
 from __future__ import annotations
@@ -126,6 +127,8 @@ def step_once(model: str, resolution: int, precision: str, checkpointing: bool, 
     built = time.perf_counter() - start
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    else:  # the steps' own peak, not the fp32 build's
+        reset_peak_rss()
     times, loss = timed_steps(step, optimizer, shape, context, steps, device, dtype, g)
     row = {"model": model, "resolution": resolution, "precision": precision,
            "gradient_checkpointing": checkpointing, "blocks_to_swap": swapped,
@@ -133,11 +136,39 @@ def step_once(model: str, resolution: int, precision: str, checkpointing: bool, 
            "frozen_gb": round(frozen_bytes(module) / 1e9, 3),
            "lora_params": sum(p.numel() for p in lora_parameters(module)),
            "loss": float(loss), "peak_rss_gb": round(
-               resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 3)}
+               resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, 3)}  # kB
+    if device == "cpu":
+        row["step_peak_rss_gb"] = step_peak_rss_gb()
     if device == "cuda":
         row["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 3)
         row["gpu"] = torch.cuda.get_device_name()
     return row
+
+
+def reset_peak_rss() -> None:
+    """Return freed memory to the system and start the kernel's peak-RSS
+    count (VmHWM) afresh (Linux: ``clear_refs`` 5), so what follows is the
+    steps' peak, not the full-precision build's before quantisation."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def step_peak_rss_gb() -> float | None:
+    """The peak RSS since ``reset_peak_rss`` (VmHWM), None off Linux."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) * 1024 / 1e9, 3)
+    except OSError:
+        pass
+    return None
 
 
 def timed_steps(denoiser, optimizer, shape: tuple[int, ...], context, steps: int, device: str,
@@ -179,7 +210,7 @@ def table(data: dict) -> str:
             r["step_s"][-1] for r in runs if r["precision"] == "bf16" and "error" not in r}
     lines = [f"# {data['machine']} (torch {data['torch']})\n",
              "| model | px | base | grad. ckpt | swapped blocks | frozen GB | s/step (last) | "
-             "x bf16 | peak GPU GB | goal GB | peak RSS GB |", "|---|" * 1 + "---|" * 10]
+             "x bf16 | peak GPU GB | goal GB | peak RSS GB (steps) |", "|---|" * 1 + "---|" * 10]
     for r in runs:
         if "error" in r:
             lines.append(f"| {r['model']} | {r['resolution']} | {r['precision']} | "
@@ -197,7 +228,7 @@ def table(data: dict) -> str:
             f"{'yes' if r['gradient_checkpointing'] else 'no'} | {r['blocks_to_swap']} | "
             f"{r['frozen_gb']:.3f} | {r['step_s'][-1]:.3f} | {ratio} | "
             f"{'–' if peak is None else peak}{mark} | {'–' if want is None else want} | "
-            f"{r['peak_rss_gb']:.2f} |")
+            f"{r['peak_rss_gb']:.2f} ({r.get('step_peak_rss_gb') or '–'}) |")
     return "\n".join(lines) + "\n"
 
 
