@@ -32,6 +32,7 @@ from .models.loading import load_base, pipeline_from_parts
 from .models.precision import tune_allocator
 from .models.tokenwindow import check_prompt, pipeline_tokenizers
 from .reports.grid import make_grid
+from .training.snapshots import snapshot_of
 
 log = logging.getLogger(__name__)
 
@@ -217,12 +218,13 @@ def generate(run: str | Path | GenerateConfig, prompts: list[str] | None = None,
     c = config_of(GenerateConfig, "generate", {"run": run, "prompts": prompts, **options},
                   _KEYWORDS)
     seeds = [c.seed + i for i in range(c.num_images)]
-    out = Path(c.output) if c.output else Path(c.run) / "generated"
+    out = Path(c.out_folder)
     if out.exists() and not out.is_dir():
         raise UserError(f"--output {out}: is a file, not a folder")
+    lora = snapshot_of(c.run, c.step, lora_metadata(c.run).get("steps")) if c.step else c.run
     tune_allocator()
-    pipe, has_text = load_pipeline(c.run, c.model, c.scheduler)
-    check_windows(pipe, c.run, c.prompt, "--prompt")
+    pipe, has_text = load_pipeline(lora, c.model, c.scheduler)
+    check_windows(pipe, lora, c.prompt, "--prompt")
     if c.negative_prompt:
         check_prompt(pipeline_tokenizers(pipe), c.negative_prompt, [], "--negative-prompt")
     settings = settings_grid(c.unet_scale, c.text_scale, c.guidance or [default_guidance(pipe)],
@@ -237,7 +239,7 @@ def generate(run: str | Path | GenerateConfig, prompts: list[str] | None = None,
             for s, image in zip(seeds, images):
                 save_png(image, folder / f"{setting.slug}_s{s}.png",
                          _pnginfo(prompt, c.negative_prompt, setting, s, c.steps, c.scheduler,
-                                  c.run))
+                                  str(lora)))
             rows.append(images)
             everything.extend(images)
         grid = make_grid(rows, [s.label for s in settings], [f"seed {s}" for s in seeds],

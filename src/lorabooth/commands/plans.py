@@ -36,7 +36,7 @@ def _train(c: Any) -> Plan:
 
 
 def _generate(c: Any) -> Plan:
-    out = c.output or str(Path(c.run) / "generated")
+    out = c.out_folder
     return Plan((_lora_input("RUN", c.run), *_model(c)),
                 (Write("--output", out, "folder", "generate"),))
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 from ..core.errors import UserError
@@ -44,11 +45,22 @@ class GenerateConfig:
     height: int | None = _help("Image height in pixels, a multiple of 8 (default: the model's "
                                "native size).", None)
     model: str = _help("Base model (default: the run's own).", "")
-    output: str = _help("Folder (default: RUN/generated).", "")
+    step: int = _help("Draw with the LoRA the run saved at this step (train --save-every); "
+                      "0: the run's final LoRA.", 0)
+    output: str = _help("Folder (default: RUN/generated, or RUN/generated-step-N with --step).",
+                        "")
+
+    @property
+    def out_folder(self) -> str:
+        if self.output:
+            return self.output
+        return str(Path(self.run) / ("generated" + (f"-step-{self.step}" if self.step else "")))
 
     def __post_init__(self) -> None:
         check_numbers(self)
         require(self, "run")
+        if self.step < 0:
+            raise bad(self, "step", "must be 0 (the final LoRA) or a saved step")
         if not self.prompt:
             raise UserError("--prompt: give at least one prompt")
         for key in ("unet_scale", "text_scale"):
@@ -105,9 +117,15 @@ class EvaluateConfig(EvaluateOptions):
     out: str = _help("Folder (default: RUN/eval).", "")
     baselines: bool = _help("Add the base model (floor) and the real photos leave-one-out "
                             "(ceiling).", False)
+    snapshots: bool = _help("Score every step the run saved (train --save-every) and its final "
+                            "LoRA: the figures against the step (OUT/snapshots.md, .svg, .json) "
+                            "and the step to keep, by tune's rule.", False)
 
     def __post_init__(self) -> None:
         check_numbers(self)
         require(self, "run", "real")
+        if self.snapshots and self.baselines:
+            raise UserError("--snapshots: not with --baselines (score the base and the photos "
+                            "once, without --snapshots)")
         check_options(self.kind, self.prompts, self.images_per_prompt, self.pres_images,
                       self.steps, self.seed)

@@ -121,6 +121,9 @@ class TrainConfig:
         "--blocks_to_swap): less GPU memory, slower steps. 0: off.", 0)
     seed: int = _help("Random seed for weights, noise, timesteps and data order.", 0)
     checkpoint_every: int = _help("Write a resumable checkpoint every N steps (0: never).", 0)
+    save_every: int = _help("Every N steps, save that step's LoRA files (the --save-format "
+                            "layouts, loadable in every client) in OUTPUT/snapshots/step-N/, for "
+                            "`evaluate --snapshots` and `generate --step N` (0: never).", 0)
     resume: bool = _help("Continue from the newest checkpoint in OUTPUT.", False)
     force: bool = _help("With --resume: continue even if the settings changed.", False)
     overwrite: bool = _help("Train afresh in an OUTPUT that holds a finished or interrupted run: "
@@ -192,6 +195,8 @@ class TrainConfig:
             raise bad("alpha", "must be 0 (= rank) or positive")
         if self.lr_text2 < 0:
             raise bad("lr_text2", "must be 0 (= --lr-text) or positive")
+        if self.save_every < 0:
+            raise bad("save_every", "must be 0 (never) or positive")
         if self.blocks_to_swap < 0:
             raise bad("blocks_to_swap", "must be 0 (off) or positive")
         if self.blocks_to_swap and self.adapter == "dora":

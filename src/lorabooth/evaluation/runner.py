@@ -41,6 +41,7 @@ from .metrics import (
     text_alignment,
 )
 from .report import render_report
+from .snapshots import evaluate_snapshots, scored_steps
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +152,9 @@ def evaluate(run: str | Path | EvaluateConfig, real: str | None = None, *,
     model=)``; the defaults and checks are EvaluateConfig's. ``judges``:
     embedders to score with instead of ``dino`` and ``clip``."""
     c = config_of(EvaluateConfig, "evaluate", {"run": run, "real": real, **options}, _KEYWORDS)
+    if c.snapshots:
+        scored_steps(c.run)  # one line before the judges load when the run saved none
+        return evaluate_snapshots(c, judges or default_judges(c.dino, c.clip), evaluate)
     identifier, class_noun, class_prompt = _defaults_from_run(c.run, c.identifier, c.class_noun)
     prompts = load_prompts(c.kind, c.prompts, identifier, class_noun)
     real_images = real_images_of(c.real)

@@ -9,13 +9,13 @@ import base64
 import io
 import logging
 import shutil
-import statistics
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
 from ..core.fileio import save_png, write_text
+from ..evaluation import choice
 from ..formats import WEIGHT_NAME
 from ..reports.grid import make_grid
 from ..reports.htmlpage import IMAGES_LOADED_SCRIPT
@@ -36,14 +36,14 @@ def completed(study: Any) -> list[Any]:
 
 
 def recommend(trials: list[Any], front: list[Any]) -> Any | None:
-    """The rule the report states: among the Pareto trials whose PRES is at
-    most the median PRES of all completed trials, the highest fidelity
-    (then the highest CLIP-T)."""
-    if not front:
-        return None
-    median = statistics.median(t.values[2] for t in trials)
-    tame = [t for t in front if t.values[2] <= median] or front
-    return max(tame, key=lambda t: (t.values[0], t.values[1]))
+    """The rule the report states (evaluation/choice.py, which `evaluate
+    --snapshots` uses for the best step too): among the Pareto trials whose
+    PRES is at most the median PRES of all completed trials, the highest
+    fidelity (then the highest CLIP-T)."""
+    numbers = {t.number for t in front}
+    index = choice.recommend([t.values for t in trials],
+                             [i for i, t in enumerate(trials) if t.number in numbers])
+    return None if index is None else trials[index]
 
 
 def _cell(v: Any) -> str:

@@ -18,21 +18,16 @@ from accelerate.utils import set_seed
 from PIL.Image import Image
 from tqdm.auto import tqdm
 
-from .. import __version__
 from ..adapters.lora import lora_parameters
-from ..adapters.pivotal import TRAINED_TOKENS
 from ..config import TrainConfig
-from ..config.checks import check_tensors
 from ..core.errors import UserError
 from ..core.fileio import save_png, to_json, write_text
-from ..formats.layouts import KOHYA_DORA_REFUSAL, save_lora
-from ..formats.sdxl import FAMILY_KEY, HEADER_FAMILY
 from ..models.families import Conditioning
 from ..models.loading import BaseModel, load_base, pipeline_from_parts
 from ..models.offload import BlockSwap, swap_blocks
 from ..models.precision import cast_frozen, frozen_dtype, tune_allocator, weight_dtype
 from ..models.quantise import quantise_base
-from ..photos.identifier import guess_identifier, identifier_warnings
+from ..photos.identifier import identifier_warnings
 from .batches import (
     Examples,
     batch_time_ids,
@@ -48,10 +43,10 @@ from .checkpoint import (
     latest_checkpoint,
     load_trainable_state,
     save_checkpoint,
-    trainable_state,
 )
 from .data import Shuffler, caption_dropout
 from .ema import ema_applied, ema_shadow, ema_state, ema_update
+from .lorafiles import write_lora_files
 from .noising import Denoiser, noising_for
 from .objective import dreambooth_loss, offset_noise, with_prior_target
 from .prior import model_prior_rows
@@ -80,6 +75,7 @@ from .setup import (
     use_token,
 )
 from .sharding import check_sharded, full_trainable, is_sharded, prepare, shard_on_cpu
+from .snapshots import due, snapshot_dir
 from .tracking import log_record, start_trackers
 
 log = logging.getLogger(__name__)
@@ -164,6 +160,8 @@ def _train(config: TrainConfig, accelerator: Accelerator, output: Path,
                                    "loss_prior": loss_prior}, tick)
         # every --checkpoint-every steps: the weights, optimizer and every random stream
         _maybe_checkpoint(run, step + 1)
+        # every --save-every steps: the step's LoRA files, for evaluate --snapshots
+        _maybe_snapshot(run, step + 1)
         # every --validation-every steps: sample the validation prompt (tune's pruner sees it)
         _maybe_validate(run, step + 1, on_validation)
     bar.close()
@@ -357,6 +355,18 @@ def _maybe_checkpoint(run: _Run, done: int) -> None:
         log.debug("checkpoint %s", path)
 
 
+def _maybe_snapshot(run: _Run, done: int) -> None:
+    """Every --save-every steps but the last (whose files are the run's own):
+    the LoRA files as the run would write them now (the EMA average under
+    --ema-decay), in OUTPUT/snapshots/step-N/; main process only."""
+    if not (due(done, run.config.save_every, run.config.steps)
+            and run.accelerator.is_main_process):
+        return
+    with ema_applied(run.ema, run.trained):
+        write_lora_files(run.config, run.base.family.name, snapshot_dir(run.output, done),
+                         _unwrapped(run.accelerator, run.modules), run.resolution, step=done)
+
+
 def _maybe_validate(run: _Run, done: int, on_validation: OnValidation | None) -> None:
     """Every --validation-every steps but the last (``_finish`` draws that one),
     main process only: the EMA weights' samples, seen by ``on_validation``."""
@@ -389,18 +399,6 @@ def step_loss(denoiser: Denoiser, latents: torch.Tensor, noise: torch.Tensor,
     weights = noising.weights(timesteps, snr_gamma)
     pred = denoiser(noisy, timesteps, context)
     return dreambooth_loss(pred, target.to(pred.device), n_instance, prior_weight, weights)
-
-
-def save_layouts(config: TrainConfig) -> tuple[str, ...]:
-    """The file layouts --save-format asks for; a DoRA run has no kohya file
-    (config refuses --save-format kohya; `both` writes the diffusers one)."""
-    layouts = {"both": ("diffusers", "kohya")}.get(config.save_format, (config.save_format,))
-    if config.adapter == "dora" and "kohya" in layouts:
-        log.warning("--adapter dora: writing the diffusers file only (diffusers and peft apply "
-                    "its magnitudes; ComfyUI reads them only as kohya dora_scale); %s",
-                    KOHYA_DORA_REFUSAL)
-        layouts = tuple(x for x in layouts if x != "kohya")
-    return layouts
 
 
 def _numerical_fault(config: TrainConfig, output: Path, step: int, what: str) -> UserError:
@@ -472,40 +470,7 @@ def _finish(config: TrainConfig, base: BaseModel, output: Path,
             modules: dict[str, torch.nn.Module], resolution: int,
             whole: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
     """The LoRA files (from ``whole``: FSDP's gathered shards), last sample, model card."""
-    meta = {
-        "lorabooth.version": __version__, "lorabooth.base_model": config.model,
-        "lorabooth.model_config": config.model_config,
-        "lorabooth.rank": config.rank, "lorabooth.alpha": config.lora_alpha,
-        "lorabooth.instance_prompt": config.instance_prompt,
-        "lorabooth.class_prompt": config.class_prompt,
-        "lorabooth.identifier": " ".join(guess_identifier(config.instance_prompt,
-                                                          config.class_prompt)),
-        "lorabooth.prior_preservation": config.prior_preservation,
-        "lorabooth.steps": config.steps, "lorabooth.lr": config.lr,
-        "lorabooth.lr_text": config.lr_text, "lorabooth.seed": config.seed,
-        "lorabooth.lr_text2": config.text_lr("text_encoder_2"),
-        FAMILY_KEY: HEADER_FAMILY[base.family.name],  # "sd" or "sdxl", as it always was
-        "lorabooth.resolution": resolution,
-        "lorabooth.train_text_encoder": config.train_text_encoder,
-        "lorabooth.snr_gamma": config.snr_gamma, "lorabooth.noise_offset": config.noise_offset,
-        "lorabooth.caption_dropout": config.caption_dropout,
-        "lorabooth.ema_decay": config.ema_decay,
-        "lorabooth.adapter": config.adapter,
-    }
-    meta["lorabooth.train_token"] = config.train_token
-    if config.base_precision != "auto":  # the files of runs without it stay as they were
-        meta["lorabooth.base_precision"] = config.base_precision
-    embeddings = modules["token"].by_word() if "token" in modules else None
-    if embeddings:
-        meta[TRAINED_TOKENS] = modules["token"].ids
-        meta["lorabooth.lr_token"] = config.lr_token
-    # the loop checks every step; a resume at its last step trains none
-    trained = ({f"{name}/{k}": v for name, state in whole.items() for k, v in state.items()}
-               if whole else trainable_state(modules))
-    check_tensors(trained, f"--output {output}: the trained LoRA")
-    save_lora(output, modules["unet"], modules.get("text_encoder"),
-              {k: to_json(v) for k, v in meta.items()}, save_layouts(config), embeddings,
-              modules.get("text_encoder_2"), family=base.family.name, states=whole)
+    write_lora_files(config, base.family.name, output, modules, resolution, whole)
     if config.validation_prompt:
         _validate(config, base, output, config.steps)
     write_text(output / "README.md", model_card(config, resolution, base.family.pipeline_name))

@@ -49,7 +49,7 @@ RESUME_SHAPE = {"rank", "train_text_encoder", "train_token", "adapter"}
 # What a run writes into OUTPUT, files then folders (the default class_images/
 # is an input the next run reuses, not a record of this one).
 RUN_FILES = (WEIGHT_NAME, KOHYA_WEIGHT_NAME, "config.toml", "metrics.jsonl", "README.md")
-RUN_FOLDERS = ("checkpoints", "samples", "logs")
+RUN_FOLDERS = ("checkpoints", "samples", "logs", "snapshots")
 
 
 def run_settings(config: TrainConfig) -> dict[str, Any]:
@@ -274,6 +274,8 @@ def model_card(config: TrainConfig, resolution: int,
     levers = ", ".join(f"{v:g}" for v in (config.snr_gamma, config.noise_offset,
                                            config.caption_dropout, config.ema_decay))
     beach = f"{config.instance_prompt} on the beach"
+    snapshots = (f", `snapshots/step-N/` (the LoRA every {config.save_every} steps: `lorabooth "
+                 "evaluate RUN --snapshots` finds the step to keep)" if config.save_every else "")
     shell = (f"lorabooth generate {shlex.quote(config.output)} --prompt {shlex.quote(beach)} \\\n"
              f"    --unet-scale 0,0.5,1 --text-scale 1 --guidance 7.5")
     load = f"pipe.load_lora_weights({config.output!r})\n"
@@ -318,5 +320,5 @@ or in diffusers:
 
 Files: `{WEIGHT_NAME}` (diffusers layout, metadata in its
 header), `config.toml` (the exact settings; `lorabooth train --config` reruns
-it), `metrics.jsonl` (loss per step), `samples/` (validation images).
+it), `metrics.jsonl` (loss per step), `samples/` (validation images){snapshots}.
 """

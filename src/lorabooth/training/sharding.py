@@ -30,6 +30,7 @@ REFUSED = {
     "checkpoint_every": "a checkpoint holds the optimizer's state, which FSDP keeps in shards "
                         "that no process could write alone",
     "resume": "a sharded run writes no checkpoint to resume from",
+    "save_every": "a snapshot would gather the LoRA's shards from every process mid-run",
     "ema_decay": "the average would be kept over each process's shard of the LoRA",
     "validation_prompt": "samples are drawn by the main process alone, and a sharded "
                          "denoiser runs only with every process",
