@@ -142,7 +142,7 @@ def _train(config: TrainConfig, accelerator: Accelerator, output: Path,
     bar = tqdm(range(run.start, config.steps), initial=run.start, total=config.steps,
                desc="train", mininterval=1.0, disable=not accelerator.is_main_process)
     for step in bar:
-        tick = time.perf_counter()
+        tick, lrs = time.perf_counter(), run.lr_scheduler.get_last_lr()  # this step's rates
         # --gradient-accumulation batches (the subject's examples first, then as many class
         # examples), each: its DreamBooth loss and backward; the last one clips and steps
         losses = _mean_losses([_accumulate(run, step) for _ in range(config.gradient_accumulation)])
@@ -151,7 +151,7 @@ def _train(config: TrainConfig, accelerator: Accelerator, output: Path,
         if not all(torch.isfinite(p).all() for p in _lora_parameters(run.modules)):
             raise _numerical_fault(config, output, step + 1, "the LoRA weights hold NaN or inf")
         # metrics.jsonl, --report-to trackers and the progress bar
-        _log_step(run, bar, step, losses, tick)
+        _log_step(run, bar, step, losses, lrs, tick)
         # every --checkpoint-every steps: the weights, optimizer and every random stream
         _maybe_checkpoint(run, step + 1)
         # every --validation-every steps: sample the validation prompt (tune's pruner sees it)
@@ -317,10 +317,10 @@ def _lora_parameters(modules: dict[str, torch.nn.Module]) -> list[torch.nn.Param
 
 
 def _log_step(run: _Run, bar: tqdm, step: int, losses: dict[str, torch.Tensor | None],
-              tick: float) -> None:
-    """One metrics.jsonl line (the losses averaged over the processes), the
-    same record to the --report-to trackers, and the progress bar's postfix."""
-    lrs = run.lr_scheduler.get_last_lr()
+              lrs: list[float], tick: float) -> None:
+    """One metrics.jsonl line (the losses averaged over the processes, the
+    learning rates the step used), the same record to the --report-to
+    trackers, and the progress bar's postfix."""
     record = {"step": step + 1, **mean_over_ranks(run.accelerator, losses), "lr": lrs[0],
               "s_per_step": round(time.perf_counter() - tick, 4)}
     for group, (name, key) in enumerate(TEXT_LR_KEYS, start=1):  # as setup_optimizer
