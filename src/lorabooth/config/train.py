@@ -250,6 +250,14 @@ class TrainConfig:
             for key in PRODIGY_DEFAULTED:
                 if getattr(self, key) == type(self).__dataclass_fields__[key].default:
                     object.__setattr__(self, key, PRODIGY_LR)
+            # prodigyopt refuses groups with different rates (its one step
+            # size estimate is shared)
+            used = {"lr_text": self.train_text_encoder,
+                    "lr_text2": self.train_text_encoder and self.lr_text2 > 0,
+                    "lr_token": self.train_token}
+            for key in (k for k, on in used.items() if on and getattr(self, k) != self.lr):
+                raise bad(key, f"--optimizer prodigy takes one learning rate for every part: "
+                               f"use --lr's ({self.lr:g})")
         if not 0 <= self.lr_warmup_steps <= self.steps:
             raise bad("lr_warmup_steps", f"must be between 0 and --steps ({self.steps})")
         if not self.lr_power > 0:

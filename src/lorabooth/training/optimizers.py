@@ -5,8 +5,9 @@ torch are imported only when chosen."""
 
 from __future__ import annotations
 
+import io
 import logging
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from typing import Any, Iterator
 
 import torch
@@ -55,7 +56,8 @@ def build_optimizer(name: str, groups: list[dict[str, Any]], lr: float,
     if name == "prodigy":
         from prodigyopt import Prodigy
 
-        return Prodigy(groups, lr=lr, betas=BETAS, weight_decay=WEIGHT_DECAY, eps=EPS)
+        with redirect_stdout(io.StringIO()):  # it prints "Using decoupled weight decay"
+            return Prodigy(groups, lr=lr, betas=BETAS, weight_decay=WEIGHT_DECAY, eps=EPS)
     if name == "schedulefree":
         import schedulefree
 
