@@ -291,10 +291,7 @@ def _accumulate(run: _Run, step: int) -> dict[str, torch.Tensor | None]:
 
 
 def _mean_losses(parts: list[dict[str, torch.Tensor | None]]) -> dict[str, torch.Tensor | None]:
-    """The step's losses, each the mean over its accumulated batches (one
-    batch: that batch's, as it is)."""
-    if len(parts) == 1:
-        return parts[0]
+    """Each loss's mean over the step's accumulated batches (of one: itself)."""
     return {k: None if parts[0][k] is None else torch.stack([p[k] for p in parts]).mean()
             for k in parts[0]}
 
