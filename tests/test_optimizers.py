@@ -15,6 +15,7 @@ import lorabooth.training.loop as T
 from helpers import make_photos
 from lorabooth import TrainConfig, train
 from lorabooth.commands.cli import main
+from lorabooth.core.errors import UserError
 from lorabooth.formats import WEIGHT_NAME
 
 
@@ -261,3 +262,14 @@ def test_the_optional_libraries_load_only_when_chosen():
                            text=True, timeout=300)
         assert p.returncode == 0 and p.stdout.startswith("["), p.stderr[-2000:]
         assert not [m for m in absent if repr(m) in p.stdout], (before, p.stdout)
+
+
+def test_resume_refuses_another_optimizer_even_with_force(photos, tmp_path, monkeypatch):
+    out = tmp_path / "r"
+    with monkeypatch.context() as m:
+        _killed_after(m, 2)
+        with pytest.raises(Killed):
+            train(_config(photos, out, checkpoint_every=1))
+    with pytest.raises(UserError, match="cannot be loaded across a change of --optimizer"):
+        train(_config(photos, out, checkpoint_every=1, resume=True, force=True,
+                      optimizer="adamw8bit"))
