@@ -189,7 +189,6 @@ class TrainConfig:
         object.__setattr__(self, "prior_preservation", prior_mode(self.prior_preservation))
         check_numbers(self)  # and every field's choices
         self._check_levers(bad)
-        self._check_optimizer(bad)
         check_adapter(self.adapter, self.save_format)
         check_report_to(self.report_to)
         for key in ("lr", "lr_text", "prior_loss_weight", "lr_token"):
@@ -200,6 +199,7 @@ class TrainConfig:
                 raise bad(key, "must be at least 1")
             if getattr(self, key) > high:
                 raise bad(key, f"at most {high}")
+        self._check_optimizer(bad)  # after --steps' range: the warmup is checked against it
         for key in ("checkpoint_every", "validation_every"):
             if not 0 <= getattr(self, key) <= MAX_TRAIN_STEPS:
                 raise bad(key, f"must be between 0 and {MAX_TRAIN_STEPS}")
