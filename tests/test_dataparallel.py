@@ -260,3 +260,24 @@ def test_a_quantised_base_trains_data_parallel(photos, tmp_path):
     tensors = load_file(out / WEIGHT_NAME)
     assert tensors and all(torch.isfinite(v).all() for v in tensors.values())
     assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2
+
+
+@pytest.mark.slow
+def test_two_processes_accumulate_on_the_one_process_schedule(photos, tmp_path):
+    """--gradient-accumulation under DDP (accelerate skips the gradient sync
+    on all but the step's last batch) with a cosine schedule: accelerate
+    steps a prepared scheduler once per process, so the schedule is built in
+    process-steps; the rates each step logs are the 1-process run's."""
+    args = ["--instance-dir", str(photos), "--steps", "4", "--gradient-accumulation", "2",
+            "--lr-scheduler", "cosine", "--lr-warmup-steps", "1", "--lr", "0.01"]
+    two = tmp_path / "two"
+    _launch([*args, "--output", str(two)])
+    one = train(TrainConfig(model="tiny", instance_dir=str(photos), resolution=64, steps=4,
+                            instance_prompt="a photo of sks dog", seed=0, lr=0.01,
+                            gradient_accumulation=2, lr_scheduler="cosine", lr_warmup_steps=1,
+                            output=str(tmp_path / "one")))
+    lrs = [r["lr"] for r in _losses(two)]
+    assert lrs == pytest.approx([r["lr"] for r in _losses(one)])
+    assert lrs == pytest.approx([0, 0.01, 0.0075, 0.0025])
+    assert all(v.abs().sum() > 0 for k, v in load_file(two / WEIGHT_NAME).items()
+               if "lora.up" in k or "lora_B" in k)

@@ -39,6 +39,15 @@ def prior_mode(value: Any) -> Any:
 
 
 ADAPTERS = ("lora", "dora")
+# --optimizer (training/optimizers.py builds each) and --lr-scheduler (diffusers'
+# get_scheduler names; cosine_with_restarts and piecewise_constant are left out:
+# their cycles and rules would need options of their own)
+OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "prodigy", "schedulefree")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "polynomial")
+# Prodigy estimates its own step size; --lr multiplies it, so 1 is its natural
+# value. These options' AdamW-sized defaults become 1 under --optimizer prodigy.
+PRODIGY_LR = 1.0
+PRODIGY_DEFAULTED = ("lr", "lr_text", "lr_token")
 # flow models' timestep densities (Esser et al., 2024, sec. 3.1; diffusers' names)
 TIMESTEP_SAMPLINGS = ("logit_normal", "uniform", "mode")
 
@@ -70,7 +79,8 @@ RESUME_NEUTRAL = SWEEP_NEUTRAL | {"steps", "checkpoint_every", "validation_promp
 TRAIN_CEILINGS = {"steps": MAX_TRAIN_STEPS, "batch_size": MAX_BATCH, "rank": MAX_RANK,
                   "num_class_images": MAX_CLASS_IMAGES, "class_draw_steps": MAX_STEPS,
                   "class_draw_batch": MAX_BATCH,
-                  "validation_images": 64}  # each validation draws them all
+                  "validation_images": 64,  # each validation draws them all
+                  "gradient_accumulation": MAX_BATCH}  # micro-batches per optimizer step
 
 
 @dataclass(frozen=True)
@@ -140,6 +150,23 @@ class TrainConfig:
     save_format: str = _help("diffusers, kohya (for AUTOMATIC1111/ComfyUI/InvokeAI) or both.",
                              "both", choices=SAVE_FORMATS)
     max_grad_norm: float = _help("Clip the gradient norm to this (0: no clipping).", 1.0)
+    # --- the optimizer, its schedule and gradient accumulation (_check_optimizer) ---
+    optimizer: str = _help(
+        "adamw (torch's); adamw8bit (bitsandbytes: 8-bit moments, less memory); adafactor "
+        "(transformers', factored second moments, --lr as given); prodigy (estimates its own "
+        "step size: --lr multiplies it, and the AdamW-sized default learning rates become 1); "
+        "schedulefree (schedule-free AdamW: no schedule, saves its averaged weights).", "adamw",
+        choices=OPTIMIZERS)
+    lr_scheduler: str = _help(
+        "How the learning rates change over the steps (diffusers' schedules): constant, "
+        "constant_with_warmup, linear, cosine or polynomial (to 0 after --lr-warmup-steps).",
+        "constant", choices=LR_SCHEDULERS)
+    lr_warmup_steps: int = _help("Steps over which the learning rates rise linearly from 0 "
+                                 "(not with --lr-scheduler constant).", 0)
+    lr_power: float = _help("--lr-scheduler polynomial: the decay's power (1: linear).", 1.0)
+    gradient_accumulation: int = _help(
+        "Average the gradients of N batches before each optimizer step (a step is one "
+        "optimizer step: --steps 100 with N=4 draws 400 batches).", 1)
     class_draw_steps: int = _help("Sampler steps used to draw class images.", 25)
     class_draw_batch: int = _help("Class images drawn per batch.", 4)
     snr_gamma: float = _help("Min-SNR-gamma loss weighting: weigh each sample by "
@@ -186,6 +213,7 @@ class TrainConfig:
                 raise bad(key, "must be at least 1")
             if getattr(self, key) > high:
                 raise bad(key, f"at most {high}")
+        self._check_optimizer(bad)  # after --steps' range: the warmup is checked against it
         for key in ("checkpoint_every", "validation_every"):
             if not 0 <= getattr(self, key) <= MAX_TRAIN_STEPS:
                 raise bad(key, f"must be between 0 and {MAX_TRAIN_STEPS}")
@@ -234,6 +262,37 @@ class TrainConfig:
         for key in ("caption_dropout", "ema_decay"):
             if not 0 <= getattr(self, key) < 1:
                 raise bad(key, "must be at least 0 (off) and below 1")
+
+    def _check_optimizer(self, bad) -> None:
+        """--optimizer, its schedule and accumulation (the count's range is
+        TRAIN_CEILINGS'); Prodigy's defaulted learning rates set to 1 here,
+        so config.toml and the model card hold what the run used."""
+        if self.optimizer == "prodigy":
+            for key in PRODIGY_DEFAULTED:
+                if getattr(self, key) == type(self).__dataclass_fields__[key].default:
+                    object.__setattr__(self, key, PRODIGY_LR)
+            # prodigyopt refuses groups with different rates (its one step
+            # size estimate is shared)
+            used = {"lr_text": self.train_text_encoder,
+                    "lr_text2": self.train_text_encoder and self.lr_text2 > 0,
+                    "lr_token": self.train_token}
+            for key in (k for k, on in used.items() if on and getattr(self, k) != self.lr):
+                raise bad(key, f"--optimizer prodigy takes one learning rate for every part: "
+                               f"use --lr's ({self.lr:g})")
+        if not 0 <= self.lr_warmup_steps <= self.steps:
+            raise bad("lr_warmup_steps", f"must be between 0 and --steps ({self.steps})")
+        if not self.lr_power > 0:
+            raise bad("lr_power", "must be a positive number")
+        if self.optimizer == "schedulefree":
+            if self.lr_scheduler != "constant":
+                raise bad("lr_scheduler", "--optimizer schedulefree replaces the schedule: use "
+                          "constant (--lr-warmup-steps is its own warmup)")
+            if self.ema_decay:
+                raise bad("ema_decay", "--optimizer schedulefree already averages the weights "
+                          "and saves that average: use --ema-decay 0")
+        elif self.lr_scheduler == "constant" and self.lr_warmup_steps:
+            raise bad("lr_warmup_steps", "the constant schedule has no warmup: use "
+                      "--lr-scheduler constant_with_warmup")
 
     def text_lr(self, encoder: str) -> float:
         """The learning rate of a text encoder's LoRA, by diffusers' name."""

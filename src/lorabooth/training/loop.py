@@ -49,6 +49,7 @@ from .ema import ema_applied, ema_shadow, ema_state, ema_update
 from .lorafiles import write_lora_files
 from .noising import Denoiser, noising_for
 from .objective import dreambooth_loss, offset_noise, with_prior_target
+from .optimizers import eval_mode, eval_weights, prodigy_step_size, train_mode
 from .prior import model_prior_rows
 from .processes import (
     all_rank_streams,
@@ -142,22 +143,16 @@ def _train(config: TrainConfig, accelerator: Accelerator, output: Path,
     bar = tqdm(range(run.start, config.steps), initial=run.start, total=config.steps,
                desc="train", mininterval=1.0, disable=not accelerator.is_main_process)
     for step in bar:
-        tick = time.perf_counter()
-        # one batch: the subject's examples first, then as many class examples
-        batch = _next_batch(run)
-        # the DreamBooth loss (with the frozen model's targets under --prior-preservation model)
-        loss, loss_instance, loss_prior = _batch_loss(run, batch)
-        if not torch.isfinite(loss):  # stop before a NaN reaches the weights
-            raise _numerical_fault(config, output, step + 1, f"the loss is {loss.item()}")
-        # backward, clip, step
-        _optimizer_step(run, loss)
+        tick, lrs = time.perf_counter(), run.lr_scheduler.get_last_lr()  # this step's rates
+        # --gradient-accumulation batches (the subject's examples first, then as many class
+        # examples), each: its DreamBooth loss and backward; the last one clips and steps
+        losses = _mean_losses([_accumulate(run, step) for _ in range(config.gradient_accumulation)])
         if run.ema is not None:  # the average the file will hold
             ema_update(run.ema, run.trained, config.ema_decay, step)
         if not all(torch.isfinite(p).all() for p in _lora_parameters(run.modules)):
             raise _numerical_fault(config, output, step + 1, "the LoRA weights hold NaN or inf")
         # metrics.jsonl, --report-to trackers and the progress bar
-        _log_step(run, bar, step, {"loss": loss, "loss_instance": loss_instance,
-                                   "loss_prior": loss_prior}, tick)
+        _log_step(run, bar, step, losses, lrs, tick)
         # every --checkpoint-every steps: the weights, optimizer and every random stream
         _maybe_checkpoint(run, step + 1)
         # every --save-every steps: the step's LoRA files, for evaluate --snapshots
@@ -169,6 +164,7 @@ def _train(config: TrainConfig, accelerator: Accelerator, output: Path,
         run.metrics.close()
 
     accelerator.wait_for_everyone()
+    eval_mode(run.optimizer)  # --optimizer schedulefree: the file holds its averaged weights
     if run.ema is not None:  # the file (and the last sample) hold the average, not the last step
         load_trainable_state(run.trained, run.ema)
     # FSDP: every process gathers the LoRA's shards, the main process writes it
@@ -218,7 +214,7 @@ def _setup_run(config: TrainConfig, accelerator: Accelerator, output: Path,
     for module in modules.values():
         cast_frozen(module, dtype)  # the text encoder's frozen part too; LoRA stays fp32
     modules.update(token)
-    optimizer, lr_scheduler = setup_optimizer(config, modules)
+    optimizer, lr_scheduler = setup_optimizer(config, modules, accelerator.num_processes)
     modules, optimizer, lr_scheduler = prepare(accelerator, modules, optimizer, lr_scheduler)
     use_token(accelerator, base, modules, examples)
     if config.train_text_encoder:  # the family's encoders that run frozen beside the trained
@@ -235,6 +231,7 @@ def _setup_run(config: TrainConfig, accelerator: Accelerator, output: Path,
     if config.resume:
         start = resume(config, output, trained, optimizer, lr_scheduler, noise_rng,
                        instance_order, class_order, ema, accelerator.process_index)
+    train_mode(optimizer)  # --optimizer schedulefree: its weights at the point it trains
     # only now: a run that fails to start leaves the folder as it was
     metrics = start_run(output, config, start) if accelerator.is_main_process else None
     start_trackers(accelerator, config, output, start)  # --report-to
@@ -306,8 +303,33 @@ def _batch_loss(run: _Run, batch: _Batch):
                          config.prior_loss_weight, frozen, config.snr_gamma)
 
 
+def _accumulate(run: _Run, step: int) -> dict[str, torch.Tensor | None]:
+    """One batch's loss and backward under accelerate's accumulation: its
+    draws, then the optimizer step on the --gradient-accumulation-th batch."""
+    with run.accelerator.accumulate(*run.modules.values()):
+        # one batch: the subject's examples first, then as many class examples
+        batch = _next_batch(run)
+        # the DreamBooth loss (with the frozen model's targets under --prior-preservation model)
+        loss, loss_instance, loss_prior = _batch_loss(run, batch)
+        if not torch.isfinite(loss):  # stop before a NaN reaches the weights
+            raise _numerical_fault(run.config, run.output, step + 1,
+                                   f"the loss is {loss.item()}")
+        _optimizer_step(run, loss)
+    return {"loss": loss, "loss_instance": loss_instance, "loss_prior": loss_prior}
+
+
+def _mean_losses(parts: list[dict[str, torch.Tensor | None]]) -> dict[str, torch.Tensor | None]:
+    """Each loss's mean over the step's accumulated batches (of one: itself)."""
+    return {k: None if parts[0][k] is None else torch.stack([p[k] for p in parts]).mean()
+            for k in parts[0]}
+
+
 def _optimizer_step(run: _Run, loss: torch.Tensor) -> None:
+    """Backward; on the batch that ends an accumulation (every batch without
+    one): clip the summed gradient, step, schedule, zero."""
     run.accelerator.backward(loss)
+    if not run.accelerator.sync_gradients:
+        return
     if run.config.max_grad_norm:
         run.accelerator.clip_grad_norm_(_lora_parameters(run.modules), run.config.max_grad_norm)
     run.optimizer.step()
@@ -320,15 +342,17 @@ def _lora_parameters(modules: dict[str, torch.nn.Module]) -> list[torch.nn.Param
 
 
 def _log_step(run: _Run, bar: tqdm, step: int, losses: dict[str, torch.Tensor | None],
-              tick: float) -> None:
-    """One metrics.jsonl line (the losses averaged over the processes), the
-    same record to the --report-to trackers, and the progress bar's postfix."""
-    lrs = run.lr_scheduler.get_last_lr()
+              lrs: list[float], tick: float) -> None:
+    """One metrics.jsonl line (the losses averaged over the processes, the
+    learning rates the step used), the same record to the --report-to
+    trackers, and the progress bar's postfix."""
     record = {"step": step + 1, **mean_over_ranks(run.accelerator, losses), "lr": lrs[0],
               "s_per_step": round(time.perf_counter() - tick, 4)}
     for group, (name, key) in enumerate(TEXT_LR_KEYS, start=1):  # as setup_optimizer
         if name in run.modules:
             record[key] = lrs[group]
+    if (d := prodigy_step_size(run.optimizer)) is not None:
+        record["prodigy_d"] = d  # the step size it applies is d x lr
     if run.metrics:
         run.metrics.write(to_json(record) + "\n")
         run.metrics.flush()
@@ -358,11 +382,13 @@ def _maybe_checkpoint(run: _Run, done: int) -> None:
 def _maybe_snapshot(run: _Run, done: int) -> None:
     """Every --save-every steps but the last (whose files are the run's own):
     the LoRA files as the run would write them now (the EMA average under
-    --ema-decay), in OUTPUT/snapshots/step-N/; main process only."""
+    --ema-decay, schedule-free's averaged weights), in OUTPUT/snapshots/
+    step-N/; main process only."""
     if not (due(done, run.config.save_every, run.config.steps)
             and run.accelerator.is_main_process):
         return
-    with ema_applied(run.ema, run.trained):
+    with ema_applied(run.ema, run.trained), eval_weights(run.optimizer,
+                                                         _lora_parameters(run.modules)):
         write_lora_files(run.config, run.base.family.name, snapshot_dir(run.output, done),
                          _unwrapped(run.accelerator, run.modules), run.resolution, step=done)
 
@@ -374,7 +400,9 @@ def _maybe_validate(run: _Run, done: int, on_validation: OnValidation | None) ->
     if not (config.validation_prompt and config.validation_every and done < config.steps
             and done % config.validation_every == 0 and run.accelerator.is_main_process):
         return
-    with ema_applied(run.ema, run.trained):  # what the run would save now
+    # what the run would save now: the EMA, or schedule-free's averaged weights
+    with ema_applied(run.ema, run.trained), eval_weights(run.optimizer,
+                                                         _lora_parameters(run.modules)):
         images = _validate(config, run.base, run.output, done)
     if on_validation is not None:
         on_validation(done, images)

@@ -45,7 +45,8 @@ log = logging.getLogger(__name__)
 
 # Options that change which LoRA tensors exist or their shapes: a checkpoint
 # cannot be loaded across them, so --force does not override them.
-RESUME_SHAPE = {"rank", "train_text_encoder", "train_token", "adapter"}
+# The optimizer's state is kept in its own form (8-bit, factored, ...).
+RESUME_SHAPE = {"rank", "train_text_encoder", "train_token", "adapter", "optimizer"}
 # What a run writes into OUTPUT, files then folders (the default class_images/
 # is an input the next run reuses, not a record of this one).
 RUN_FILES = (WEIGHT_NAME, KOHYA_WEIGHT_NAME, "config.toml", "metrics.jsonl", "README.md")
@@ -273,6 +274,10 @@ def model_card(config: TrainConfig, resolution: int,
              }[config.prior_preservation]
     levers = ", ".join(f"{v:g}" for v in (config.snr_gamma, config.noise_offset,
                                            config.caption_dropout, config.ema_decay))
+    schedule = config.lr_scheduler + (f" power {config.lr_power:g}"
+                                      if config.lr_scheduler == "polynomial" else "")
+    optimizer = (f"{config.optimizer}, {schedule} ({config.lr_warmup_steps}), "
+                 f"{config.gradient_accumulation}")
     beach = f"{config.instance_prompt} on the beach"
     snapshots = (f", `snapshots/step-N/` (the LoRA every {config.save_every} steps: `lorabooth "
                  "evaluate RUN --snapshots` finds the step to keep)" if config.save_every else "")
@@ -304,6 +309,7 @@ LoRA adapters for {md.code(config.model)}, trained by lorabooth {__version__}.
 | adapter | {config.adapter} |
 | rank / alpha | {config.rank} / {config.lora_alpha:g} |
 | steps, batch size | {config.steps}, {config.batch_size} |
+| optimizer, lr schedule (warmup steps), gradient accumulation | {optimizer} |
 | learning rates (UNet / text) | {config.lr:g} / {config.lr_text:g} |
 | resolution | {resolution} px |
 | prior preservation | {prior} |

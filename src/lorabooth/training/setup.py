@@ -27,6 +27,7 @@ from ..formats import flux
 from ..models.loading import BaseModel, pipeline_from_parts
 from .batches import Examples
 from .data import image_files
+from .optimizers import build_optimizer, build_scheduler
 from .prior import (
     class_image_seed,
     class_images,
@@ -57,7 +58,10 @@ def setup_accelerator(config: TrainConfig) -> Accelerator:
     # cpu=: without it a CPU-only process started by `accelerate launch` or
     # torchrun ignores WORLD_SIZE and trains alone (accelerate only picks gloo
     # for cpu=True), every "rank" writing the same folder.
+    # gradient_accumulation_steps: accelerator.accumulate() syncs, and the
+    # optimizer steps, on every N-th batch; backward() divides the loss by N
     return Accelerator(mixed_precision=precision, cpu=on_cpu,
+                       gradient_accumulation_steps=config.gradient_accumulation,
                        **accelerator_options(config.report_to, config.output))
 
 
@@ -136,7 +140,11 @@ def setup_lora(config: TrainConfig, base: BaseModel) -> dict[str, torch.nn.Modul
     return modules
 
 
-def setup_optimizer(config: TrainConfig, modules: dict[str, torch.nn.Module]):
+def setup_optimizer(config: TrainConfig, modules: dict[str, torch.nn.Module],
+                    processes: int = 1):
+    """--optimizer over one group per trained module (the UNet's first, then
+    the text encoders' as TEXT_LR_KEYS, then the token rows), and its
+    --lr-scheduler."""
     groups = [{"params": lora_parameters(modules["unet"]), "lr": config.lr}]
     for name, _ in TEXT_LR_KEYS:
         if name in modules:
@@ -146,10 +154,15 @@ def setup_optimizer(config: TrainConfig, modules: dict[str, torch.nn.Module]):
         # where they started
         groups.append({"params": [modules["token"].vectors], "lr": config.lr_token,
                        "weight_decay": 0.0})
-    # foreach: one fused kernel per group instead of a loop over 256 small tensors
-    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8,
-                                  foreach=True)
-    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)  # constant
+    if config.optimizer == "prodigy":
+        log.info("--optimizer prodigy: learning rates %s multiply the step size Prodigy "
+                 "estimates (its own value is 1: --lr, --lr-text and --lr-token left at their "
+                 "defaults are 1)", " / ".join(f"{g['lr']:g}" for g in groups))
+    optimizer = build_optimizer(config.optimizer, groups, config.lr, config.lr_warmup_steps)
+    # schedule-free warms up inside the optimizer; its schedule stays constant
+    warmup = 0 if config.optimizer == "schedulefree" else config.lr_warmup_steps
+    lr_scheduler = build_scheduler(config.lr_scheduler, optimizer, warmup, config.steps,
+                                   config.lr_power, processes)
     return optimizer, lr_scheduler
 
 
