@@ -9,6 +9,7 @@ into the JSON files under docs/ that the markdown is rendered from.
     PYTHONPATH=src python benchmarks/calibrated_world.py levers OUT [--seeds 0,1,2]
     PYTHONPATH=src python benchmarks/calibrated_world.py priors OUT [--seeds 0,1,2]
     PYTHONPATH=src python benchmarks/calibrated_world.py precision OUT [--seeds 0,1,2]
+    PYTHONPATH=src python benchmarks/calibrated_world.py snapshots OUT [--seeds 0,1,2]
     PYTHONPATH=src python benchmarks/calibrated_world.py distances
     PYTHONPATH=src python benchmarks/calibrated_world.py report
 
@@ -41,6 +42,7 @@ FIT_JSON = DOCS / "calibration" / "fit.json"
 FIT_RECORDS = DOCS / "calibration" / "fit_records.json"
 SUBJECTS_JSON = DOCS / "toyworld" / "subjects.json"
 LEVERS_JSON = DOCS / "toyworld" / "levers.json"
+STEPS_JSON = DOCS / "toyworld" / "step_curves.json"
 DISTANCE_JSON = DOCS / "calibration" / "salience_distance.json"
 DISTANCE_GRID = (0, 1, 2, 3, 4, 6, 8)
 # Levers need a baseline that learns: the mug and the yellow kite, whose
@@ -131,6 +133,24 @@ def phase_precision(h: Harness, seeds: list[int], subjects=LEVER_SUBJECTS) -> No
                                 **PRECISION_VARIANTS})
 
 
+def phase_snapshots(h: Harness, seeds: list[int], subjects=LEVER_SUBJECTS) -> None:
+    """The class-image recipe for 400 steps with a snapshot every 50, every
+    step scored: the curve `evaluate --snapshots` reads, on the learning
+    baselines; records to docs/toyworld/step_curves.json, a plot per subject."""
+    from lorabooth.toyworld.step_curve import curve_svg, step_records
+
+    s, records = _chosen(), []
+    for subject in subjects:
+        for seed in seeds:
+            records += step_records(h, subject, s, seed)
+            _save(STEPS_JSON, records, salience=s)
+            write_text(DOCS / "toyworld" / _curve_name(subject.name), curve_svg(records, subject.name))
+
+
+def _curve_name(subject: str) -> str:
+    return f"step-curve-{subject}.svg"
+
+
 def _study(h: Harness, seeds: list[int], subjects, methods: dict) -> None:
     s = _chosen()
     for subject in subjects:
@@ -201,6 +221,16 @@ def render() -> str:
                       "prompt following, its CLIP-T).\n"]
             parts += _per_subject(recs, PRECISION_VARIANTS, "class-image-prior",
                                   list(PRECISION_VARIANTS))
+    if STEPS_JSON.is_file():
+        from lorabooth.toyworld.step_curve import CURVE_STEPS, SAVE_EVERY, render_curves
+
+        parts += ["## Which step to keep\n",
+                  f"The class-image recipe trained {CURVE_STEPS} steps (twice the levers' 200) "
+                  f"with `--save-every {SAVE_EVERY}`, every saved step scored; the figures are "
+                  "the seeds' means; the recommended step is the one `evaluate --snapshots` "
+                  "names by tune's rule (evaluation/choice.py) on identity, context accuracy "
+                  "and PRES.\n"]
+        parts += render_curves(json.loads(STEPS_JSON.read_text())["records"], _curve_name)
     return "\n".join(parts)
 
 
@@ -220,7 +250,7 @@ def report() -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("phase", choices=("fit", "refit", "subjects", "levers", "priors", "precision",
-                                           "distances", "report"))
+                                           "snapshots", "distances", "report"))
     ap.add_argument("out", nargs="?")
     ap.add_argument("--grid", default="1,2,4")
     ap.add_argument("--seeds", default="")
@@ -242,8 +272,8 @@ def main() -> None:
         phase_subjects(h, [int(x) for x in (args.seeds or "0,1,2").split(",")])
     else:
         chosen = [t for t in LEVER_SUBJECTS if not args.subjects or t.name in args.subjects.split(",")]
-        phase = {"priors": phase_priors, "precision": phase_precision}.get(args.phase,
-                                                                           phase_levers)
+        phase = {"priors": phase_priors, "precision": phase_precision,
+                 "snapshots": phase_snapshots}.get(args.phase, phase_levers)
         phase(h, [int(x) for x in (args.seeds or "0,1,2").split(",")], chosen)
 
 

@@ -135,3 +135,30 @@ def test_fit_table_columns_hold_their_own_figures():
     for column, value in zip(columns, values):
         name = column.split(" (target")[0]
         assert value == f"{expected[name]:.3f} / {expected[name]:.3f}", (column, value)
+
+
+def test_step_curve_recommends_by_the_snapshot_rule():
+    """The toy world's step curve: the seeds' means per step, and the step
+    evaluate --snapshots would name (evaluation/choice.py) on identity,
+    context accuracy and PRES."""
+    from lorabooth.evaluation.choice import recommend
+    from lorabooth.toyworld.step_curve import curve, curve_svg, render_curves
+
+    def rec(subject, seed, step, identity, ctx, pres):
+        return {"subject": subject, "seed": seed, "step": step, "identity": identity,
+                "instance": identity / 2, "context_acc": ctx, "pres": pres}
+
+    records = []
+    for seed, jitter in ((0, 0.0), (1, 0.02)):
+        # likeness rises, prompt following falls past step 100, drift rises
+        for step, (i, c, p) in zip((50, 100, 150, 200), ((0.2, 0.9, 0.1), (0.5, 0.9, 0.2),
+                                                         (0.6, 0.6, 0.5), (0.62, 0.4, 0.7))):
+            records.append(rec("kite", seed, step, i + jitter, c, p + jitter))
+    steps, means, best = curve(records, "kite")
+    assert steps == [50, 100, 150, 200] and means["identity"][1] == pytest.approx(0.51)
+    points = list(zip(means["identity"], means["context_acc"], means["pres"]))
+    assert best == steps[recommend(points)] == 100
+    page = "\n".join(render_curves(records, lambda s: f"curve-{s}.svg"))
+    assert "Recommended: **step 100**" in page and "| 100 (recommended) | 0.510 |" in page
+    assert "(2 seeds: 0, 1)" in page and "](curve-kite.svg)" in page
+    assert curve_svg(records, "kite").count("<circle") == 4 * 3
