@@ -73,6 +73,29 @@ def test_a_quantised_linear_computes_its_weight_and_follows_autocast(precision, 
     assert quantise_module(model, precision) == 0  # nothing plain is left to quantise
 
 
+@pytest.mark.parametrize("precision", ["int8", "fp8", "nf4"])
+def test_the_backward_keeps_the_quantised_weight_not_a_dequantised_copy(precision):
+    """What autograd keeps of a quantised Linear for the backward is its
+    input, not a bf16 copy of its weight (torchao's own dispatch kept one per
+    layer: a whole bf16 copy of the base's Linears by the end of a forward);
+    the input's gradient is still x's through the dequantised weight."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(512, 512, bias=True)).to(torch.bfloat16)
+    model.requires_grad_(False)
+    plain = model[0].weight.detach().clone()
+    quantise_module(model, precision)
+    saved = []
+    x = torch.randn(4, 512, dtype=torch.bfloat16, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(
+            lambda t: saved.append(t.numel() * t.element_size()) or t, lambda t: t):
+        y = model(x)
+    assert sum(saved) < plain.numel() * plain.element_size() / 10  # measured: 0 against 512 kB
+    g = torch.randn_like(y)
+    y.backward(g)
+    want = g.float() @ plain.float()
+    assert ((x.grad.float() - want).norm() / want.norm()).item() < 0.15
+
+
 @pytest.mark.parametrize("precision", ["int8", "nf4"])
 def test_peft_trains_lora_and_dora_on_the_quantised_unet(precision):
     for dora in (False, True):

@@ -129,7 +129,7 @@ def test_v_prediction_model_trains_on_the_velocity(photos, tmp_path, monkeypatch
     import lorabooth.training.loop as t
     from lorabooth.models.loading import build_tiny
 
-    def v_tiny(name, model_config="", unet_dtype=None):
+    def v_tiny(name, model_config="", unet_dtype=None, precision="auto"):
         base = build_tiny()
         base.noise_scheduler.register_to_config(prediction_type="v_prediction")
         return base

@@ -108,7 +108,31 @@ def quantise_linear(parent: torch.nn.Module, name: str, precision: str) -> None:
             from torchao.quantization import quantize_
 
             quantize_(linear, _torchao_config(precision))  # swaps the weight; the module stays
+        linear.forward = _dequantising_forward.__get__(linear)
     linear.register_forward_pre_hook(_autocast_input)
+
+
+class _DequantisedLinear(torch.autograd.Function):
+    """``x @ W.T + b`` for a frozen torchao weight ``W``, keeping only ``W``'s
+    quantised form for the backward (dequantised again there). Through
+    torchao's own dispatch autograd keeps each layer's dequantised weight
+    until the backward: by the end of a forward, a bf16 copy of every
+    quantised Linear, more memory than the bf16 base (measured:
+    benchmarks/RESULTS.md)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+        ctx.weight = weight  # a reference to the frozen parameter, not a copy
+        w = weight.dequantize().to(x.dtype)
+        return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad @ ctx.weight.dequantize().to(grad.dtype), None, None  # W and b are frozen
+
+
+def _dequantising_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return _DequantisedLinear.apply(x, self.weight, self.bias)
 
 
 def _autocast_input(module: torch.nn.Module, args: tuple) -> tuple | None:
