@@ -22,10 +22,13 @@ PATHS = {"out", "output", "dst", "src", "run", "file", "report", "workspace", "p
 
 
 def _path_options(cls: type) -> list[str]:
-    """Every str (or list of str) option whose help speaks of a file or folder."""
+    """Every str (or list of str) option whose help speaks of a file or folder;
+    an option with a closed set of choices names no path."""
     out = []
     for f in fields(cls):
         text = f.metadata["help"].lower()
+        if "choices" in f.metadata:
+            continue
         if f.name in PATHS or f.name not in NOT_PATHS and ("folder" in text or "file" in text) \
                 and "str" in str(f.type):
             out.append(f.name)

@@ -145,7 +145,8 @@ def run_fixed(plan: Plan, arm: str, repeat: int, cpu_budget: float, judges: Any)
             return {"run": str(run), "cpu_s": time.process_time() - tick, "scores": scores}
 
         runs.append(_cached(run / "tune_study.json", compute))
-    pick = recommend(_as_trials(runs), _front(runs))
+    study = _study(runs)
+    pick = recommend(study.trials, study.best_trials)
     return {"cpu_s": sum(r["cpu_s"] for r in runs), "runs": len(runs), "pick": pick.user_attrs}
 
 
@@ -157,13 +158,14 @@ def _as_trials(runs: list[dict]) -> list[Any]:
             for r in runs]
 
 
-def _front(runs: list[dict]) -> list[Any]:
-    """Optuna's own Pareto front of the runs (the same as a study's best_trials)."""
+def _study(runs: list[dict]) -> Any:
+    """The runs as a study's completed trials, numbered as a tune numbers them,
+    so its Pareto front (best_trials) names the same trials."""
     import optuna
 
     study = optuna.create_study(directions=["maximize", "maximize", "minimize"])
     study.add_trials(_as_trials(runs))
-    return study.best_trials
+    return study
 
 
 def held_out(plan: Plan, arm: str, repeat: int, pick: dict, judges: Any) -> dict:
