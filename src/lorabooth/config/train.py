@@ -179,6 +179,16 @@ class TrainConfig:
                                 "brightness can shift (typical 0.05; 0: off).", 0.0)
     caption_dropout: float = _help("Probability of training an instance image on the empty "
                                    "prompt instead of its own (0: never).", 0.0)
+    masked_loss: bool = _help(
+        "Weigh each photo's loss by its mask (NAME.mask.png beside NAME.jpg, white = subject; "
+        "`prepare --mask face` makes them): the subject counts fully, the rest by "
+        "--unmasked-weight. A photo without one counts whole.", False)
+    unmasked_weight: float = _help("--masked-loss: the loss weight outside the mask (0: the "
+                                   "background is not learnt; 1: as without masks).", 0.1)
+    masked_prior_weight: float = _help(
+        "--masked-loss: also pull the LoRA's prediction outside the mask to the frozen base's "
+        "(masked prior preservation), this weight x that MSE; one more forward pass of the "
+        "instance rows per step (0: off).", 0.0)
     ema_decay: float = _help("Keep an exponential moving average of the LoRA weights with this "
                              "decay and save it (typical 0.99; 0: off).", 0.0)
     train_token: bool = _help(
@@ -262,6 +272,14 @@ class TrainConfig:
         for key in ("caption_dropout", "ema_decay"):
             if not 0 <= getattr(self, key) < 1:
                 raise bad(key, "must be at least 0 (off) and below 1")
+        if not 0 <= self.unmasked_weight <= 1:
+            raise bad("unmasked_weight", "must be between 0 and 1")
+        if self.masked_prior_weight < 0:
+            raise bad("masked_prior_weight", "must be 0 (off) or positive")
+        defaults = type(self).__dataclass_fields__
+        for key in ("unmasked_weight", "masked_prior_weight"):
+            if not self.masked_loss and getattr(self, key) != defaults[key].default:
+                raise bad(key, "applies only with --masked-loss")
 
     def _check_optimizer(self, bad) -> None:
         """--optimizer, its schedule and accumulation (the count's range is

@@ -17,6 +17,16 @@ from .images import FORMATS, upright_rgb
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+MASK_SUFFIX = ".mask.png"  # IMAGE.mask.png beside IMAGE: its subject mask, not a photo
+
+
+def mask_path(photo: Path) -> Path:
+    """Where ``photo``'s mask lies (--masked-loss): ``NAME.mask.png`` beside it."""
+    return photo.with_name(photo.stem + MASK_SUFFIX)
+
+
+def is_mask(path: Path) -> bool:
+    return path.name.lower().endswith(MASK_SUFFIX)
 REPORT_NAME = "prepare.json"  # what `lorabooth prepare` wrote into its OUT, and why
 SHEET_NAME = "contact_sheet.png"  # prepare's overview of its crops: not a photo
 
@@ -82,7 +92,7 @@ def image_files(folder: Path) -> list[Path]:
         return []
     named = sorted(p for p in folder.iterdir()
                    if p.is_file() and not p.name.startswith(".")
-                   and p.suffix.lower() in IMAGE_SUFFIXES)
+                   and p.suffix.lower() in IMAGE_SUFFIXES and not is_mask(p))
     if not (folder / REPORT_NAME).is_file():
         return [p for p in named if p.name != SHEET_NAME]
     listed = prepared_images(folder / REPORT_NAME)

@@ -21,6 +21,7 @@ from ..models.loading import BaseModel
 from ..models.tokenwindow import check_prompt
 from ..photos.imagefiles import problem
 from .data import image_files, latent_distributions
+from .masks import instance_masks
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,9 @@ class Examples:
     # SDXL's micro-conditioning per image (N, 6) and (M, 6); SD 1.x ignores them
     instance_time_ids: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 6))
     class_time_ids: torch.Tensor | None = None
+    # --masked-loss: each photo's loss weights on the VAE's latent grid (N, 1, h, w)
+    # (its mask, 1 - mask weighed by --unmasked-weight) and the masks themselves
+    instance_masks: torch.Tensor | None = None
 
 
 def instance_images(config: TrainConfig) -> list[Path]:
@@ -110,6 +114,8 @@ def setup_examples(config: TrainConfig, base: BaseModel, resolution: int,
         family=base.family,
         instance_time_ids=image_time_ids(instance_paths, resolution, boxes),
         class_time_ids=image_time_ids(class_paths, resolution, {}) if class_paths else None,
+        instance_masks=instance_masks(instance_paths, resolution, instance[0].shape[-1])
+        if config.masked_loss else None,
     )
 
 

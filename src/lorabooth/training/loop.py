@@ -47,8 +47,9 @@ from .checkpoint import (
 from .data import Shuffler, caption_dropout
 from .ema import ema_applied, ema_shadow, ema_state, ema_update
 from .lorafiles import write_lora_files
+from .masks import MaskedLoss
 from .noising import Denoiser, noising_for
-from .objective import dreambooth_loss, offset_noise, with_prior_target
+from .objective import offset_noise
 from .optimizers import eval_mode, eval_weights, prodigy_step_size, train_mode
 from .prior import model_prior_rows
 from .processes import (
@@ -77,6 +78,7 @@ from .setup import (
 )
 from .sharding import check_sharded, full_trainable, is_sharded, prepare, shard_on_cpu
 from .snapshots import due, snapshot_dir
+from .steploss import step_loss
 from .tracking import log_record, start_trackers
 
 log = logging.getLogger(__name__)
@@ -300,7 +302,17 @@ def _batch_loss(run: _Run, batch: _Batch):
         context = context.with_time_ids(batch_time_ids(examples, idx, batch.cidx,
                                                        config.prior_model))
         return step_loss(run.denoiser, latents, noise, timesteps, context, len(idx),
-                         config.prior_loss_weight, frozen, config.snr_gamma)
+                         config.prior_loss_weight, frozen, config.snr_gamma,
+                         _masked(run, idx))
+
+
+def _masked(run: _Run, idx: list[int]) -> MaskedLoss | None:
+    """The batch's --masked-loss (None without it)."""
+    config, masks = run.config, run.examples.instance_masks
+    if masks is None:
+        return None
+    teacher = run.denoiser.over(run.accelerator.unwrap_model(run.modules["unet"]))
+    return MaskedLoss(masks[idx], config.unmasked_weight, config.masked_prior_weight, teacher)
 
 
 def _accumulate(run: _Run, step: int) -> dict[str, torch.Tensor | None]:
@@ -406,27 +418,6 @@ def _maybe_validate(run: _Run, done: int, on_validation: OnValidation | None) ->
         images = _validate(config, run.base, run.output, done)
     if on_validation is not None:
         on_validation(done, images)
-
-
-def step_loss(denoiser: Denoiser, latents: torch.Tensor, noise: torch.Tensor,
-              timesteps: torch.Tensor, context: Conditioning, n_instance: int,
-              prior_weight: float, prior_target: torch.Tensor | None = None,
-              snr_gamma: float = 0.0):
-    """The DreamBooth loss of one batch (instance rows first): noise the
-    latents at ``timesteps`` by the family's forward process, predict under
-    the rows' conditioning ``context``, compare with the process's target
-    (epsilon, v or the flow's velocity); ``prior_target`` (the frozen model's
-    prediction) replaces it for the class rows when given; ``snr_gamma`` > 0
-    weighs the rows by min-SNR-gamma (by each row's timestep, the
-    model-prior rows too)."""
-    noising = denoiser.noising
-    noisy = noising.noisy(latents, noise, timesteps)
-    target = noising.target(latents, noise, timesteps)
-    if prior_target is not None:
-        target = with_prior_target(target.to(prior_target.device), n_instance, prior_target)
-    weights = noising.weights(timesteps, snr_gamma)
-    pred = denoiser(noisy, timesteps, context)
-    return dreambooth_loss(pred, target.to(pred.device), n_instance, prior_weight, weights)
 
 
 def _numerical_fault(config: TrainConfig, output: Path, step: int, what: str) -> UserError:

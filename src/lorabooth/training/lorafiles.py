@@ -60,6 +60,10 @@ def lora_header(config: TrainConfig, family: str, resolution: int,
     meta["lorabooth.train_token"] = config.train_token
     if config.base_precision != "auto":  # the files of runs without it stay as they were
         meta["lorabooth.base_precision"] = config.base_precision
+    if config.masked_loss:
+        meta.update({"lorabooth.masked_loss": True,
+                     "lorabooth.unmasked_weight": config.unmasked_weight,
+                     "lorabooth.masked_prior_weight": config.masked_prior_weight})
     if step is not None:  # a snapshot: the files of finished runs stay as they were
         meta["lorabooth.step"] = step
     if "token" in modules and modules["token"].by_word():

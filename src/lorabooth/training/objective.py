@@ -58,7 +58,8 @@ def offset_noise(noise: torch.Tensor, offset: float, rng: torch.Generator) -> to
 
 
 def dreambooth_loss(pred: torch.Tensor, target: torch.Tensor, num_instance: int,
-                    prior_weight: float, weights: torch.Tensor | None = None
+                    prior_weight: float, weights: torch.Tensor | None = None,
+                    pixel_weights: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Instance MSE plus ``prior_weight`` x class MSE.
 
@@ -69,21 +70,59 @@ def dreambooth_loss(pred: torch.Tensor, target: torch.Tensor, num_instance: int,
     ``weights`` (B,), e.g. min-SNR's, scale each row's MSE before each part's
     mean over its rows: mean(w_i * mse_i), as diffusers' and kohya's scripts
     do. Not normalised by the weights' sum, which would undo the weighting
-    whenever a part holds one row (batch size 1).
+    whenever a part holds one row (batch size 1). ``pixel_weights``
+    (num_instance, 1, h, w), --masked-loss's, make each instance row's MSE
+    a weighted mean over its pixels (``weighted_row_mse``).
     """
     pred, target = pred.float(), target.float()
-    if weights is None:
+    has_prior = pred.shape[0] > num_instance
+    if weights is None and pixel_weights is None:
         instance = F.mse_loss(pred[:num_instance], target[:num_instance])
-        prior = F.mse_loss(pred[num_instance:], target[num_instance:]) \
-            if pred.shape[0] > num_instance else None
+        prior = F.mse_loss(pred[num_instance:], target[num_instance:]) if has_prior else None
     else:
         rows = F.mse_loss(pred, target, reduction="none").flatten(1).mean(1)  # (B,)
-        rows = rows * weights.to(rows.device).float()
+        if pixel_weights is not None:
+            rows = torch.cat([weighted_row_mse(pred[:num_instance], target[:num_instance],
+                                               pixel_weights), rows[num_instance:]])
+        if weights is not None:
+            rows = rows * weights.to(rows.device).float()
         instance = rows[:num_instance].mean()
-        prior = rows[num_instance:].mean() if pred.shape[0] > num_instance else None
+        prior = rows[num_instance:].mean() if has_prior else None
     if prior is None:
         return instance, instance, None
     return instance + prior_weight * prior, instance, prior
+
+
+def mask_weights(masks: torch.Tensor, unmasked_weight: float) -> torch.Tensor:
+    """--masked-loss's per-pixel weights: 1 on the subject (mask 1),
+    ``unmasked_weight`` elsewhere, blended on a soft edge. (N, 1, h, w)."""
+    return masks + unmasked_weight * (1 - masks)
+
+
+def on_grid(weights: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``weights`` (B, 1, h, w) averaged to ``like``'s grid (B, C, h', w'),
+    e.g. FLUX's latents, which pack 2 x 2 cells into one channel group."""
+    if weights.shape[-2:] != like.shape[-2:]:
+        weights = F.adaptive_avg_pool2d(weights.float(), like.shape[-2:])
+    return weights.to(like.device, torch.float32).expand_as(like)
+
+
+def weighted_row_mse(pred: torch.Tensor, target: torch.Tensor,
+                     weights: torch.Tensor) -> torch.Tensor:
+    """(B,) each row's weighted mean squared error: sum(w (p - t)^2) / sum(w)
+    over its pixels and channels. All weights 1 give the plain MSE, so a small
+    mask does not shrink the step; all weights 0 give 0."""
+    w = on_grid(weights, pred)
+    err = (pred.float() - target.float()).pow(2)
+    return (w * err).flatten(1).sum(1) / w.flatten(1).sum(1).clamp_min(1e-12)
+
+
+def masked_prior_loss(pred: torch.Tensor, frozen_pred: torch.Tensor,
+                      masks: torch.Tensor) -> torch.Tensor:
+    """OneTrainer's masked prior preservation: outside the subject's mask the
+    LoRA's prediction is pulled to the frozen base's for the same noisy
+    latents, the mean over rows of the MSE weighted by 1 - mask."""
+    return weighted_row_mse(pred, frozen_pred.detach(), 1 - masks).mean()
 
 
 def with_prior_target(target: torch.Tensor, num_instance: int,

@@ -278,6 +278,8 @@ def model_card(config: TrainConfig, resolution: int,
                                       if config.lr_scheduler == "polynomial" else "")
     optimizer = (f"{config.optimizer}, {schedule} ({config.lr_warmup_steps}), "
                  f"{config.gradient_accumulation}")
+    masked = (f"yes: photos' masks, weight {config.unmasked_weight:g} outside, masked prior "
+              f"{config.masked_prior_weight:g}" if config.masked_loss else "no")
     beach = f"{config.instance_prompt} on the beach"
     snapshots = (f", `snapshots/step-N/` (the LoRA every {config.save_every} steps: `lorabooth "
                  "evaluate RUN --snapshots` finds the step to keep)" if config.save_every else "")
@@ -317,6 +319,7 @@ LoRA adapters for {md.code(config.model)}, trained by lorabooth {__version__}.
 | mixed precision | {config.mixed_precision} |
 | frozen base stored as (--base-precision) | {config.base_precision} |
 | min-SNR γ, noise offset, caption dropout, EMA decay (0: off) | {levers} |
+| masked loss | {masked} |
 | seed | {config.seed} |
 
 ## Use it
