@@ -18,8 +18,7 @@ from lorabooth.formats import WEIGHT_NAME
 from lorabooth.photos.imagefiles import image_files, mask_path
 from lorabooth.training.data import load_image
 from lorabooth.training.masks import instance_masks, load_mask
-from lorabooth.training.objective import (dreambooth_loss, mask_weights, masked_prior_loss,
-                                          weighted_row_mse)
+from lorabooth.training.objective import dreambooth_loss, mask_weights, masked_prior_loss, weighted_row_mse
 
 
 def _config(photos, out, **kw):
