@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+import signal
 import resource
 import subprocess
 import sys
@@ -232,6 +234,18 @@ def table(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def failure(returncode: int, stderr: str) -> str:
+    """Why a setting's process failed, in one line: the signal that killed it
+    (the kernel's out-of-memory killer sends SIGKILL), else the exception's
+    own line, not a warning printed after it."""
+    if returncode < 0:
+        name = signal.Signals(-returncode).name
+        return f"killed by {name}" + (" (out of host memory?)" if name == "SIGKILL" else "")
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    errors = [line for line in lines if re.match(r"^[A-Za-z_.]*(Error|Exception)\b", line)]
+    return ((errors or lines or ["failed"])[-1])[:200]
+
+
 def settings(models, resolutions, precisions, swaps) -> list[tuple]:
     """Every model x px x precision with gradient checkpointing on and off
     (no swap), then each swap count with checkpointing on."""
@@ -276,7 +290,7 @@ def main() -> None:
             model, px, precision, ckpt, swapped = setting
             runs.append({"model": model, "resolution": px, "precision": precision,
                          "gradient_checkpointing": ckpt, "blocks_to_swap": swapped,
-                         "error": (out.stderr.strip().splitlines() or ["failed"])[-1][:200]})
+                         "error": failure(out.returncode, out.stderr)})
         else:
             runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(json.dumps(runs[-1]), flush=True)

@@ -163,3 +163,13 @@ def test_memory_table_marks_goals_and_failures():
     assert "failed: CUDA out of memory" in lines[2]
     assert memory_table.goal({"model": "flux-random", "resolution": 512, "precision": "int8"}) == 16.0
     assert memory_table.goal({"model": "flux-random", "resolution": 1024, "precision": "int8"}) is None
+
+
+def test_memory_table_names_why_a_setting_failed():
+    import memory_table
+
+    assert memory_table.failure(-9, "warning: x\n") == "killed by SIGKILL (out of host memory?)"
+    stderr = ("Traceback (most recent call last):\n  ...\ntorch.OutOfMemoryError: CUDA out of "
+              "memory\n[transformers] a warning printed at exit\n")
+    assert memory_table.failure(1, stderr) == "torch.OutOfMemoryError: CUDA out of memory"
+    assert memory_table.failure(1, "only a line\n") == "only a line"
