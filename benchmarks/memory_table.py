@@ -27,8 +27,8 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import signal
 import resource
+import signal
 import subprocess
 import sys
 import time
