@@ -325,6 +325,8 @@ ROWS = [
         2, "--base-precision fp8: this torch/CPU cannot compute with fp8 weights",
         lambda ctx: ctx.monkeypatch.setattr("lorabooth.models.quantise._fp8_works", lambda: False),
         after=nothing_at("out")),
+    Row("prepare --mask body", ["prepare", "{photos}", "{tmp}/prep", "--mask", "body"],
+        2, "--mask: must be one of none, face", after=nothing_at("prep")),
     Row("prepare --face-margin nan", ["prepare", "{photos}", "{tmp}/prep", "--face-margin", "nan"],
         2, f"--face-margin: {FINITE}", after=nothing_at("prep")),
     Row("generate --unet-scale nan", GEN + ["--unet-scale", "nan"], 2, f"--unet-scale: {FINITE}",

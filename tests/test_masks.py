@@ -167,3 +167,58 @@ def test_the_mask_options_need_masked_loss():
         _config("p", "o", masked_prior_weight=1.0)
     with pytest.raises(UserError, match="--unmasked-weight: must be between 0 and 1"):
         _config("p", "o", masked_loss=True, unmasked_weight=-0.5)
+
+
+def _prepare(src, out, **kw):
+    from lorabooth.config import PrepareConfig
+    from lorabooth.photos.prepare import prepare
+
+    return prepare(PrepareConfig(src=str(src), out=str(out), resolution=64, min_size=16, **kw))
+
+
+def test_prepare_mask_face_lies_over_the_face_in_the_output(tmp_path, monkeypatch):
+    import lorabooth.photos.prepare as p
+
+    monkeypatch.setattr(p, "find_faces", lambda im: [(100, 20, 40, 40)])  # the face's box
+    src = tmp_path / "src"
+    make_photos(src, 1, size=(200, 100))
+    (entry,) = _prepare(src, tmp_path / "out", mask="face")
+    assert entry.mask == "photo_0.mask.png"
+    mask = Image.open(tmp_path / "out" / entry.mask)
+    assert mask.size == (64, 64) and mask.mode == "L"
+    # the centre crop keeps x 50..150: the face's centre (120, 40) lands at (45, 26)
+    assert mask.getpixel((45, 26)) == 255 and mask.getpixel((2, 60)) == 0
+    assert instance_masks([tmp_path / "out" / entry.output], 64, 8)[0, 0, 3, 5] > 0.9
+
+
+def test_prepare_carries_the_photos_own_mask_through_its_crop(tmp_path):
+    """The photo is its own mask: after the crop the two still agree."""
+    src = tmp_path / "src"
+    src.mkdir()
+    im = Image.new("RGB", (120, 80), (0, 0, 0))
+    ImageDraw.Draw(im).rectangle((15, 10, 55, 70), fill=(255, 255, 255))
+    im.save(src / "p.jpg", quality=98)
+    im.convert("L").save(src / "p.mask.png")
+    Image.new("L", (5, 5)).save(src / "q.mask.png")  # a mask without its photo: not a photo
+    for crop in ("center", "none"):
+        out = tmp_path / f"out-{crop}"
+        (entry,) = _prepare(src, out, crop=crop)
+        photo = Image.open(out / entry.output).convert("L")
+        mask = Image.open(out / entry.mask)
+        assert mask.size == photo.size
+        diff = torch.tensor(list(photo.getdata())) - torch.tensor(list(mask.getdata()))
+        assert diff.abs().float().mean() < 4  # JPEG's ringing only
+
+
+def test_prepare_leaves_out_a_mask_it_cannot_use_and_a_rerun_removes_a_stale_one(tmp_path):
+    src = tmp_path / "src"
+    make_photos(src, 1)
+    Image.new("L", (10, 10), 255).save(src / "photo_0.mask.png")
+    (entry,) = _prepare(src, tmp_path / "out")
+    assert entry.kept and not entry.mask
+    assert "photo_0.mask.png is 10x10 px, the photo 80x72: no mask" in entry.warnings
+    Image.new("L", (80, 72), 255).save(src / "photo_0.mask.png")
+    assert _prepare(src, tmp_path / "out")[0].mask == "photo_0.mask.png"
+    (src / "photo_0.mask.png").unlink()
+    assert not _prepare(src, tmp_path / "out")[0].mask
+    assert not (tmp_path / "out" / "photo_0.mask.png").exists()

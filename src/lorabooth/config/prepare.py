@@ -8,6 +8,7 @@ from .checks import MAX_PHOTO_SIDE, MAX_SEED, MAX_SIDE
 from .fields import _help, bad, check_numbers
 
 CROPS = ("center", "face", "none")
+MASKS = ("none", "face")
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,10 @@ class PrepareConfig:
     min_size: int = _help("Reject images whose short side is below this (0: half the resolution).", 0)
     face_margin: float = _help("Space around the face on each side, in face sizes "
                                "(0.75: a head-and-shoulders portrait).", 0.75)
+    mask: str = _help("Write NAME.mask.png beside each image for train --masked-loss: face "
+                      "(an ellipse around the largest face, soft edge) or none. A photo's own "
+                      "NAME.mask.png in SRC is cropped with it either way.", "none",
+                      choices=MASKS)
     caption: str = _help("Caption template written beside each image, e.g. "
                          "'a photo of {identifier} {class}'.", "")
     identifier: str = _help("The identifier for {identifier} in --caption.", "sks")

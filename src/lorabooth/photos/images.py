@@ -91,8 +91,9 @@ def crop_with_reflection(im: Image.Image, box: Box) -> Image.Image:
     pad_r, pad_b = max(0, right - w), max(0, bottom - h)
     if not (pad_l or pad_t or pad_r or pad_b):
         return im.crop(box)
-    arr = np.asarray(im)  # (H, W, 3)
-    arr = np.pad(arr, ((pad_t, pad_b), (pad_l, pad_r), (0, 0)), mode="symmetric")
+    arr = np.asarray(im)  # (H, W, 3), or (H, W) for a mask
+    pads = ((pad_t, pad_b), (pad_l, pad_r)) + ((0, 0),) * (arr.ndim - 2)
+    arr = np.pad(arr, pads, mode="symmetric")
     return Image.fromarray(arr).crop((left + pad_l, top + pad_t, right + pad_l, bottom + pad_t))
 
 

@@ -17,7 +17,7 @@ from ..core.errors import UserError
 from ..core.fileio import inside, load_json, save_png, write_json, write_text
 from ..core.locks import locked, terminate_as_interrupt
 from ..reports.grid import font
-from .imagefiles import REPORT_NAME, SHEET_NAME, Rejected, decode
+from .imagefiles import REPORT_NAME, SHEET_NAME, Rejected, decode, is_mask, mask_path
 from .images import (
     Box,
     center_box,
@@ -27,7 +27,9 @@ from .images import (
     hamming,
     resize_short_side,
     resize_square,
+    upright_rgb,
 )
+from .masking import face_mask, follow_crop
 
 log = logging.getLogger(__name__)
 DEFAULT_RESOLUTION = 512  # without --model: SD 1.x's size, as always
@@ -47,6 +49,7 @@ class Entry:
     output: str = ""
     caption: str = ""
     duplicate_of: str = ""
+    mask: str = ""  # NAME.mask.png written beside the output (--mask face, or the photo's own)
     warnings: list[str] = field(default_factory=list)
 
 
@@ -124,6 +127,7 @@ def previous_outputs(out: Path) -> set[str]:
         files = report["files"]
         images = [f["output"] for f in files if f.get("output")]
         texts = [_caption_name(f["output"]) for f in files if f.get("output") and f.get("caption")]
+        texts += [str(f["mask"]) for f in files if f.get("output") and f.get("mask")]
         recorded = [str(n) for n in report.get("outputs", [])]
     except (ValueError, KeyError, TypeError, AttributeError):
         raise UserError(f"{out / REPORT_NAME}: not the report of an earlier "
@@ -180,7 +184,8 @@ def prepare(config: PrepareConfig) -> list[Entry]:
     src, out = Path(config.src), Path(config.out)
     _check_folders(src, out)
     caption = caption_for(config)
-    files = sorted(p for p in src.iterdir() if p.is_file() and not p.name.startswith("."))
+    files = sorted(p for p in src.iterdir()
+                   if p.is_file() and not p.name.startswith(".") and not is_mask(p))
     if not files:
         raise UserError(f"SRC {src}: the folder is empty")
     created = not out.exists()
@@ -205,7 +210,8 @@ def _prepare_locked(config: PrepareConfig, files: list[Path], caption: str) -> l
     entries = [Entry(source=path.name) for path in files]
     thumbs = _process(config, files, entries, caption, record)
     kept = [e for e in entries if e.kept]
-    written = {e.output for e in kept} | {_caption_name(e.output) for e in kept if e.caption}
+    written = {e.output for e in kept} | {_caption_name(e.output) for e in kept if e.caption} \
+        | {e.mask for e in kept if e.mask}
     if kept:
         record.add(SHEET_NAME)
         save_png(contact_sheet(thumbs, len(kept)), out / SHEET_NAME)
@@ -266,12 +272,46 @@ def _process(config: PrepareConfig, files: list[Path], entries: list[Entry],
         if caption:
             entry.caption = caption
             write_text(out / _caption_name(entry.output), caption + "\n")
+        mask = _mask_for(config, path, im, entry)
+        if mask is not None:
+            entry.mask = mask_path(Path(entry.output)).name
+            record.add(entry.mask)
+            save_png(follow_crop(mask, box, config.resolution, config.crop != "none"),
+                     out / entry.mask)
         entry.kept, entry.reason = True, "kept"
         for w in entry.warnings:
             log.warning("%s: %s", path.name, w)
         if len(thumbs) < SHEET_MAX:
             thumbs.append(thumbnail(im, box, entry.source))
     return thumbs
+
+
+def _mask_for(config: PrepareConfig, path: Path, im: Image.Image,
+              entry: Entry) -> Image.Image | None:
+    """The photo's subject mask at its own size (L): --mask face's from the
+    largest face, else the user's NAME.mask.png beside it; None (and a
+    warning for one that cannot be used) without one."""
+    if config.mask == "face":
+        faces = find_faces(im)
+        if faces:
+            return face_mask(im.size, faces[0])
+        entry.warnings.append("no face found; no mask")
+        return None
+    own = mask_path(path)
+    if not own.is_file():
+        return None
+    try:
+        with Image.open(own) as m:
+            m.load()
+            grey = upright_rgb(m).convert("L")
+    except (OSError, ValueError):
+        entry.warnings.append(f"{own.name}: not a readable image; no mask")
+        return None
+    if grey.size != im.size:
+        entry.warnings.append(f"{own.name} is {grey.size[0]}x{grey.size[1]} px, the photo "
+                              f"{im.size[0]}x{im.size[1]}: no mask")
+        return None
+    return grey
 
 
 SHEET_MAX = 100  # cells: bounds the sheet (5 x 20 cells, 1 x 4.4 kpx) and the thumbnails held
