@@ -162,3 +162,19 @@ def test_step_curve_recommends_by_the_snapshot_rule():
     assert "Recommended: **step 100**" in page and "| 100 (recommended) | 0.510 |" in page
     assert "(2 seeds: 0, 1)" in page and "](curve-kite.svg)" in page
     assert curve_svg(records, "kite").count("<circle") == 4 * 3
+
+
+def test_the_subjects_masks_lie_over_the_object_in_its_photos():
+    """--masked-loss in the toy world reads the renderer's exact masks: inside
+    one the photo's pixels are the subject's colour (or its pattern's white),
+    outside the background's."""
+    from lorabooth.toyworld.world import COLOURS
+
+    for subject in EVALUATION:
+        assert subject.photo_contexts == {"grass", "beach"}
+        for photo, mask in zip(subject.views(), subject.masks()):
+            pixels, inside = np.asarray(photo).astype(float), np.asarray(mask) > 250
+            assert mask.size == photo.size and 30 < inside.sum() < 600
+            far = np.minimum(*(np.abs(pixels - np.array(c)).sum(-1)  # colour, or its pattern
+                               for c in (COLOURS[subject.colour], (250, 250, 245))))
+            assert np.median(far[inside]) < 60 < np.median(far[np.asarray(mask) < 5])

@@ -43,6 +43,11 @@ PRIOR_VARIANTS = {"dop-prior": {**CLASS_IMAGES, "prior_preservation": "dop"}}
 # top; against the same recipe on the unquantised base, same seeds
 PRECISION_VARIANTS = {"int8-base": {**CLASS_IMAGES, "base_precision": "int8"},
                       "nf4-base": {**CLASS_IMAGES, "base_precision": "nf4"}}
+# issue 29: the loss weighted by the subject's exact mask (the renderer knows
+# it), 0.1 outside as OneTrainer's default; with the masked prior too
+MASK_VARIANTS = {"masked-loss": {**CLASS_IMAGES, "masked_loss": True},
+                 "masked-prior": {**CLASS_IMAGES, "masked_loss": True,
+                                  "masked_prior_weight": 1.0}}
 LEVERS = {  # each on the calibrated class-image recipe
     "min-snr-5": {**CLASS_IMAGES, "snr_gamma": 5.0},
     "noise-offset-0.05": {**CLASS_IMAGES, "noise_offset": 0.05},
@@ -89,11 +94,16 @@ class Harness:
         return calibrated_model(self.out / "models" / f"salience-{salience:g}", salience)
 
     def photos(self, subject: Subject) -> Path:
+        """The subject's photos, each with its exact mask (view_i.mask.png,
+        read only by --masked-loss; added beside photos of an older study)."""
         folder = self.out / "photos" / subject.name
         if not folder.is_dir():
             folder.mkdir(parents=True)
             for i, image in enumerate(subject.views()):
                 save_png(image, folder / f"view_{i}.png")
+        for i, mask in enumerate(subject.masks()):
+            if not (folder / f"view_{i}.mask.png").is_file():
+                save_png(mask, folder / f"view_{i}.mask.png")
         return folder
 
     def config(self, cell: Cell) -> TrainConfig:
@@ -170,11 +180,13 @@ class Harness:
         """Identity (the judges' embedding, the toy DINO) and instance
         similarity to the subject's photos, each also over the photos' own
         leave-one-out similarity (the paper's 'real images' row); subject
-        rate, context accuracy; PRES and DIV on the bare class prompt."""
+        rate, context accuracy, background leakage (the share of drawings in
+        a new context judged to show a photo's background); PRES and DIV on
+        the bare class prompt."""
         views = subject.views()
         ref_id, ref_inst = self.judge.identity(views), self.instance.embed(views)
         seeds = list(range(self.images))
-        ident, inst, subj, ctx = [], [], [], []
+        ident, inst, subj, ctx, leak = [], [], [], [], []
         for context in NEW_CONTEXTS:
             where = "in the" if context == "room" else "on the"
             images = draw(pipe, has_text, f"a photo of sks {subject.cls} {where} {context}",
@@ -184,6 +196,7 @@ class Harness:
             for p in self.judge.predict(images):
                 subj.append(p["colour"] == subject.colour and p["pattern"] == subject.pattern)
                 ctx.append(p["context"] == context)
+                leak.append(p["context"] in subject.photo_contexts)
         bare = draw(pipe, has_text, f"a photo of a {subject.cls}", setting, seeds, self.sample_steps)
         bare_id = self.judge.identity(bare)
         return {
@@ -191,6 +204,8 @@ class Harness:
             "real_identity": mean_pairwise_within(ref_id),
             "real_instance": mean_pairwise_within(ref_inst),
             "subject_rate": sum(subj) / len(subj), "context_acc": sum(ctx) / len(ctx),
+            # background leakage: drawn in a new context, judged to be in a photo's
+            "leakage": sum(leak) / len(leak),
             "pres": cosine_matrix(bare_id, ref_id).mean().item(),
             "pres_instance": cosine_matrix(self.instance.embed(bare), ref_inst).mean().item(),
             "div": 1 - mean_pairwise_within(bare_id),

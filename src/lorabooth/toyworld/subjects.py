@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from .world import HELD_OUT, MARKS, render, subject_views
+from .world import HELD_OUT, MARKS, render, subject_mask, subject_views
 
 VIEW_SEED = 1000  # render seeds of the photos the LoRA is shown: 1000, 1001, ...
 HELD_SEED = 2000  # of the subject's held-out views (other contexts, places)
@@ -44,6 +44,15 @@ class Subject:
         """The photos a user brings: grass and beach."""
         specs = subject_views(self.combo, n=n, mark=self.mark if mark is None else mark)
         return [render(s, VIEW_SEED + i) for i, s in enumerate(specs)]
+
+    def masks(self, n: int = 4) -> list[Image.Image]:
+        """The exact subject mask of each of ``views``' photos."""
+        return [subject_mask(s) for s in subject_views(self.combo, n=n, mark=self.mark)]
+
+    @property
+    def photo_contexts(self) -> set[str]:
+        """The backgrounds of the photos the LoRA is shown."""
+        return {s.context for s in subject_views(self.combo, mark=self.mark)}
 
     def held_out_views(self, n: int = 8, mark: int | None = None) -> list[Image.Image]:
         """The same instance (or, with ``mark``, its twin) in the contexts the

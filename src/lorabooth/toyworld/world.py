@@ -106,6 +106,12 @@ def _shape_mask(spec: Spec) -> Image.Image:
     return mask
 
 
+def subject_mask(spec: Spec) -> Image.Image:
+    """The object's exact mask at the stored size (L, 32 x 32, soft edge):
+    what --masked-loss reads beside a subject photo of ``spec``."""
+    return _shape_mask(spec).resize((SIZE, SIZE), Image.Resampling.BILINEAR)
+
+
 # The instance detail: a dark mark on the object's body, at one of these
 # places (offsets as fractions of the body's width and height). Pretraining
 # renders never carry one, so every marked subject is an instance the base
