@@ -258,3 +258,38 @@ def test_a_prompt_whose_identifier_falls_past_the_window_is_refused(tmp_path, ph
     text = NEGATIVE_SWEEP.replace('prompts = ["a photo of sks dog"]', f'prompts = ["{long}"]')
     with pytest.raises(UserError, match=r"\[generate\] prompts: the identifier 'sks' falls past"):
         run_sweep(_write(tmp_path, photos, text.replace("NEGATIVE", "blurry")))
+
+
+def test_evaluate_snapshots_scores_every_run_and_the_report_plots_each(tmp_path, photos,
+                                                                         monkeypatch):
+    """[evaluate] snapshots: refused before training when a run saves none;
+    each run scored again with --snapshots, its curves and kept step in the
+    report, rebuilt from its snapshots.json (a doctored one is one line)."""
+    import json
+
+    import lorabooth.evaluation.runner as runner
+    from lorabooth.search import sweep_report
+
+    table = '\n[evaluate]\nreal = "{photos}"\nsnapshots = true\n'
+    sweep = load_sweep(_write(tmp_path, photos, SWEEP + table))
+    with pytest.raises(UserError, match=r"\[evaluate\] snapshots: run .* saves none; set save_every"):
+        run_sweep(sweep.source)
+    seen = []
+    monkeypatch.setattr(runner, "evaluate", lambda config, judges=None: seen.append(config) or {})
+    monkeypatch.setattr("lorabooth.evaluation.judges.load_judges", lambda *a: None)
+    from lorabooth.search.sweep import _evaluate
+
+    _evaluate(sweep, tmp_path / "r")
+    assert [c.snapshots for c in seen] == [False, True]
+    results = [{"name": f"run-{i}", "run": tmp_path / f"r{i}"} for i in range(3)]
+    rows = [{"step": s, "dino": d, "clip_i": 0.5, "clip_t": 0.3, "pres": p, "div": 0.2}
+            for s, d, p in ((1, 0.4, 0.5), (2, 0.6, 0.4))]
+    for i, text in enumerate([json.dumps({"rows": rows, "recommended_step": 2}),
+                              json.dumps({"rows": [{"step": "<b>x"}]})]):
+        (tmp_path / f"r{i}" / "eval").mkdir(parents=True)
+        (tmp_path / f"r{i}" / "eval" / "snapshots.json").write_text(text)
+    page = sweep_report.step_curves(results)
+    assert "run-0: keep step 2</h3>" in page and page.count("<svg") == 1
+    assert "run-1: its eval/snapshots.json could not be read" in page and "<b>" not in page
+    assert "run-2" not in page  # scored without snapshots: no section
+    assert sweep_report.step_curves(results[2:]) == ""

@@ -60,6 +60,9 @@ class SweepEvaluate(EvaluateOptions):
     steps: int = _help("Sampler steps.", 25)
     baselines: bool = _help("Add the base model and the real photos as rows.", False)
     judges: str = _help("\"toy\": the toy world's judges instead of DINO and CLIP.", "")
+    snapshots: bool = _help("Also score every step each run saved (save_every in [base] or "
+                            "[train.grid]): the figures against the step and the step to keep "
+                            "per run, in the report.", False)
 
     def __post_init__(self) -> None:
         if not Path(self.real).is_dir():

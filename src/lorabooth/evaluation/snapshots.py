@@ -57,15 +57,22 @@ def evaluate_snapshots(config, judges, evaluate: Callable[..., dict]) -> dict:
                "recommended_step": None if best is None else rows[best]["step"],
                "rule": "among the Pareto steps (DINO and CLIP-T up, PRES down) whose PRES is at "
                        "most the median PRES of all steps, the highest DINO, then CLIP-T"}
-    svg = step_curves_svg([r["step"] for r in rows],
-                          {FIGURES[k][0]: [r[k] for r in rows] for k in ("dino", "clip_t", "pres")},
-                          summary["recommended_step"])
+    svg = summary_svg(summary)
     write_json(out / "snapshots.json", summary)
     write_text(out / "snapshots.svg", svg)
     write_text(out / "snapshots.md", render_snapshots(summary))
     log.info("snapshots: %s; recommended step %s", out / "snapshots.md",
              summary["recommended_step"])
     return summary
+
+
+def summary_svg(summary: dict) -> str:
+    """Likeness, prompt following and class drift against the step, the
+    recommended step marked: snapshots.svg, and the sweep report's plot."""
+    rows = summary["rows"]
+    return step_curves_svg([r["step"] for r in rows],
+                           {FIGURES[k][0]: [r[k] for r in rows] for k in ("dino", "clip_t", "pres")},
+                           summary["recommended_step"])
 
 
 def render_snapshots(summary: dict) -> str:

@@ -238,6 +238,7 @@ def run_sweep(path: str | Path, yes: bool = False) -> Path:
     sweep = load_sweep(path)
     check_size(sweep, yes)
     runs = expand(sweep)
+    check_snapshots(sweep, runs)
     sweep.output.mkdir(parents=True, exist_ok=True)
     started, results = time.perf_counter(), []
     for i, (name, config) in enumerate(runs, 1):
@@ -275,6 +276,17 @@ def run_sweep(path: str | Path, yes: bool = False) -> Path:
     return report
 
 
+def check_snapshots(sweep: Sweep, runs: list[tuple[str, TrainConfig]]) -> None:
+    """[evaluate] snapshots needs every run to save them: one line before
+    anything trains."""
+    if not (sweep.evaluate and sweep.evaluate.snapshots):
+        return
+    for name, config in runs:
+        if not config.save_every:
+            raise UserError(f"{sweep.source} [evaluate] snapshots: run {name} saves none; set "
+                            f"save_every in [base] (or [train.grid])")
+
+
 def _columns(results: list[dict]) -> list[str]:
     """The settings' labels across runs; runs of families with their own
     default guidance (no [generate.grid] guidance) differ in it only."""
@@ -290,6 +302,9 @@ def _evaluate(sweep: Sweep, run: Path) -> dict:
 
     e = sweep.evaluate
     judges = load_judges(e.judges, e.dino, e.clip) if e.judges else None
-    return evaluate(EvaluateConfig(run=str(run), real=e.real, steps=e.steps,
-                                   baselines=e.baselines, out=str(run / "eval"),
-                                   **evaluate_options(e)), judges=judges)
+    config = EvaluateConfig(run=str(run), real=e.real, steps=e.steps, baselines=e.baselines,
+                            out=str(run / "eval"), **evaluate_options(e))
+    metrics = evaluate(config, judges=judges)
+    if e.snapshots:  # RUN/eval/snapshots.json, .md, .svg: the report reads the json
+        evaluate(dataclasses.replace(config, baselines=False, snapshots=True), judges=judges)
+    return metrics
