@@ -10,55 +10,106 @@ from typing import Any, Iterator
 
 import torch
 from diffusers import StableDiffusionPipeline
-from peft import LoraConfig, inject_adapter_in_model
+from peft import (
+    LoHaConfig,
+    LoKrConfig,
+    LoraConfig,
+    PeftConfig,
+    inject_adapter_in_model,
+    set_peft_model_state_dict,
+)
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors import safe_open
 
 from ..core.errors import UserError
 from ..core.fileio import check_regular_file, load_pickle_safely, parse_json
-from ..formats import KOHYA_WEIGHT_NAME, WEIGHT_NAME
+from ..formats import KOHYA_WEIGHT_NAME, WEIGHT_NAME, flux
+from ..formats.lycoris import is_adapter_parameter
 from .pivotal import scale_rows
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+# --targets: the feed-forward Linears of each transformer block, then (LoCon,
+# as kohya's sd-scripts and LyCORIS add it) the ResNet blocks' convolutions
+# and time projection and the transformers' 1x1/Linear in and out projections
+UNET_MLP_TARGETS = UNET_TARGETS + ("ff.net.0.proj", "ff.net.2")
+UNET_ALL_TARGETS = UNET_MLP_TARGETS + ("proj_in", "proj_out", "conv1", "conv2",
+                                       "conv_shortcut", "time_emb_proj")
+TARGETS = {"attn": UNET_TARGETS, "attn-mlp": UNET_MLP_TARGETS, "all": UNET_ALL_TARGETS}
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 ADAPTER = "lorabooth"
 
 
+def denoiser_targets(family: str, flow: bool, which: str = "attn") -> tuple[str, ...] | str:
+    """--targets for a family: UNet module-name suffixes (SD 1.x, SDXL) or a
+    FLUX family's regular expression (``all``: every block Linear)."""
+    if flow:
+        return flux.target_modules(family, mlp=which != "attn", every=which == "all")
+    return TARGETS[which]
+
+
 def lora_config(rank: int, alpha: float, targets: tuple[str, ...] | str,
-                dora: bool = False) -> LoraConfig:
+                dora: bool = False, kind: str = "lora") -> PeftConfig:
     """``targets``: module-name suffixes, or one regular expression matched
-    against whole names (the FLUX families', formats/flux.target_modules)."""
+    against whole names (the FLUX families', formats/flux.target_modules).
+    ``kind``: lora (``dora`` for DoRA), lokr or loha."""
+    modules = targets if isinstance(targets, str) else list(targets)
+    if kind == "lokr":  # peft zeros w1 (or w1_a): a no-op at step 0 too
+        return LoKrConfig(r=rank, alpha=alpha, target_modules=modules)
+    if kind == "loha":  # peft zeros w2_a: a no-op at step 0 too
+        return LoHaConfig(r=rank, alpha=alpha, target_modules=modules)
     # Gaussian init of A, zeros for B (peft's default for B): the adapter starts
     # as an exact no-op, so step 0 draws the base model's images. DoRA's
     # magnitude starts at the weight's row norms, so it starts as a no-op too.
     return LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
-                      target_modules=targets if isinstance(targets, str) else list(targets),
-                      use_dora=dora)
+                      target_modules=modules, use_dora=dora)
+
+
+def adapter_kind(adapter: str) -> tuple[bool, str]:
+    """--adapter -> (DoRA or not, peft's adapter kind: lora, lokr or loha)."""
+    return adapter == "dora", "lora" if adapter in ("lora", "dora") else adapter
 
 
 def add_unet_lora(unet: torch.nn.Module, rank: int, alpha: float, dora: bool = False,
-                  targets: tuple[str, ...] | str = UNET_TARGETS) -> None:
-    """LoRA on the denoiser: the UNet's attention (SD 1.x, SDXL) or, with the
-    family's ``targets``, a transformer's."""
-    unet.add_adapter(lora_config(rank, alpha, targets, dora))
+                  targets: tuple[str, ...] | str = UNET_TARGETS, kind: str = "lora") -> None:
+    """LoRA (or ``kind`` lokr/loha) on the denoiser: the UNet's attention (SD
+    1.x, SDXL) or ``targets``, a transformer's with the family's."""
+    unet.add_adapter(lora_config(rank, alpha, targets, dora, kind))
 
 
 def add_text_lora(text_encoder: torch.nn.Module, rank: int, alpha: float,
-                  dora: bool = False) -> None:
+                  dora: bool = False, kind: str = "lora") -> None:
     # peft's injector directly: transformers' own add_adapter needs a newer
     # peft than is released for some transformers versions.
-    inject_adapter_in_model(lora_config(rank, alpha, TEXT_TARGETS, dora), text_encoder)
+    inject_adapter_in_model(lora_config(rank, alpha, TEXT_TARGETS, dora, kind), text_encoder)
 
 
-# "lora_" in a parameter name: peft's lora_A, lora_B and DoRA's
-# lora_magnitude_vector, the trained parameters.
+def attach_state(pipe, peft: dict[str, torch.Tensor], kind: str, rank: int, alpha: float) -> None:
+    """A LoKr/LoHa file's tensors (peft's names, `unet.…`, `text_encoder.…`)
+    into the pipeline's parts as adapter ``ADAPTER``, on exactly the modules
+    the file names: diffusers' `load_lora_weights` builds LoRA layers only."""
+    for part in ("unet", "text_encoder", "text_encoder_2"):
+        state = {k[len(part) + 1:]: v for k, v in peft.items() if k.startswith(part + ".")}
+        module = getattr(pipe, part, None)
+        if not state or module is None:
+            continue
+        if part != "unet" and not hasattr(module, "text_model"):  # transformers 5's names
+            state = {k.removeprefix("text_model."): v for k, v in state.items()}
+        names = tuple(sorted({k.rpartition(".")[0] for k in state}))
+        config = lora_config(rank, alpha, names, kind=kind)
+        if part == "unet":
+            module.add_adapter(config, adapter_name=ADAPTER)
+        else:
+            inject_adapter_in_model(config, module, adapter_name=ADAPTER)
+        set_peft_model_state_dict(module, state, adapter_name=ADAPTER)
+
+
 def lora_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
-    return [p for n, p in module.named_parameters() if "lora_" in n]
+    return [p for n, p in module.named_parameters() if is_adapter_parameter(n)]
 
 
 def freeze_all_but_lora(module: torch.nn.Module) -> None:
     for name, p in module.named_parameters():
-        p.requires_grad_("lora_" in name)
+        p.requires_grad_(is_adapter_parameter(name))
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")

@@ -38,7 +38,11 @@ def prior_mode(value: Any) -> Any:
 
 
 
-ADAPTERS = ("lora", "dora")
+ADAPTERS = ("lora", "dora", "lokr", "loha")
+# --targets: the denoiser's attention, also its feed-forward Linears, also
+# (LoCon) its ResNet convolutions (FLUX: every block Linear)
+TARGETS = ("attn", "attn-mlp", "all")
+LYCORIS = ("lokr", "loha")  # the adapters peft builds as LyCORIS defines them
 # --optimizer (training/optimizers.py builds each) and --lr-scheduler (diffusers'
 # get_scheduler names; cosine_with_restarts and piecewise_constant are left out:
 # their cycles and rules would need options of their own)
@@ -200,9 +204,14 @@ class TrainConfig:
     # textual-inversion example takes (5e-4 x 4 accumulation) since the LoRA
     # learns beside them.
     lr_token: float = _help("Learning rate of the trained token embedding (--train-token).", 1e-3)
-    adapter: str = _help("lora, or dora (weight-decomposed LoRA: a trained magnitude per "
-                         "output channel; diffusers file only, no kohya export).", "lora",
-                         choices=ADAPTERS)
+    adapter: str = _help("lora, dora (weight-decomposed LoRA: a trained magnitude per "
+                         "output channel; diffusers file only, no kohya export), lokr "
+                         "(Kronecker product) or loha (Hadamard product), LyCORIS's, through "
+                         "peft; SD 1.x and SDXL only.", "lora", choices=ADAPTERS)
+    targets: str = _help("Which denoiser layers take the adapter: attn (the attention "
+                         "projections), attn-mlp (also the feed-forward Linears) or all (also "
+                         "the ResNet convolutions, time projections and proj_in/proj_out, "
+                         "kohya's LoCon; FLUX: every block Linear).", "attn", choices=TARGETS)
     report_to: str = _help("Also log the per-step metrics to tensorboard or wandb (their package "
                            "must be installed), under OUTPUT/logs (empty: metrics.jsonl only).", "")
 
@@ -240,6 +249,12 @@ class TrainConfig:
         if self.blocks_to_swap and self.adapter == "dora":
             raise bad("blocks_to_swap", "does not work with --adapter dora (peft reads the "
                       "frozen weights when it builds DoRA, and they are parked in CPU memory)")
+        if self.adapter in LYCORIS and self.blocks_to_swap:
+            raise bad("blocks_to_swap", f"does not work with --adapter {self.adapter} (peft "
+                      "sizes LoKr/LoHa by the frozen weights, and they are parked in CPU memory)")
+        if self.adapter in LYCORIS and self.base_precision != "auto":
+            raise bad("base_precision", f"does not work with --adapter {self.adapter} (peft has "
+                      "quantised-layer forms for LoRA only); use --base-precision auto")
         if self.max_grad_norm < 0:
             raise bad("max_grad_norm", "must be 0 (off) or positive")
         if not 0 <= self.resolution <= MAX_SIDE or self.resolution % 8:

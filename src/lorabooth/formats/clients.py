@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+from .lycoris import LOHA_PARTS, LOKR_PARTS
+
 CLIENTS = ("ComfyUI", "AUTOMATIC1111")
 UNET_LDM, TEXT_LDM = "model.diffusion_model.", "cond_stage_model.transformer."
 CLIP_MODULES = {"mlp.fc1": "mlp_fc1", "mlp.fc2": "mlp_fc2", "self_attn.k_proj": "self_attn_k_proj",
@@ -41,7 +43,8 @@ CLIP_MODULES = {"mlp.fc1": "mlp_fc1", "mlp.fc2": "mlp_fc2", "self_attn.k_proj": 
 COMFY_PAIRS = ((".lora_up.weight", ".lora_down.weight"), ("_lora.up.weight", "_lora.down.weight"),
                (".lora_B.weight", ".lora_A.weight"), (".lora.up.weight", ".lora.down.weight"),
                (".lora_linear_layer.up.weight", ".lora_linear_layer.down.weight"))
-A1111_PARTS = {"lora_up.weight", "lora_down.weight", "lora_mid.weight", "alpha"}
+A1111_PARTS = {"lora_up.weight", "lora_down.weight", "lora_mid.weight", "alpha",
+               *LOKR_PARTS, *LOHA_PARTS}
 
 
 @dataclass(frozen=True)
@@ -176,7 +179,33 @@ def comfyui_unloaded(keys: list[str], names: ModelNames) -> list[str]:
             if module + up in keys_set and module + down in keys_set:
                 loaded |= {module + up, module + down}
                 break
+        loaded |= comfyui_lycoris(module, keys_set)
     return sorted(keys_set - loaded)
+
+
+def comfyui_lycoris(module: str, keys: set[str]) -> set[str]:
+    """The LyCORIS keys of ``module`` ComfyUI's adapters take
+    (`comfy/weight_adapter`): LoKr's when any of w1, w2, w1_a, w2_a is there,
+    LoHa's when w1_a is."""
+    present = {p for p in LOKR_PARTS + LOHA_PARTS if f"{module}.{p}" in keys}
+    lokr = present & set(LOKR_PARTS)
+    if lokr & {"lokr_w1", "lokr_w2", "lokr_w1_a", "lokr_w2_a"}:
+        return {f"{module}.{p}" for p in lokr}
+    if "hada_w1_a" in present and {"hada_w1_b", "hada_w2_a", "hada_w2_b"} <= present:
+        return {f"{module}.{p}" for p in present & set(LOHA_PARTS)}
+    return set()
+
+
+def a1111_module_type(parts: set[str]) -> bool:
+    """Whether a module's LyCORIS parts make a type `load_network` accepts
+    (`network_lokr.ModuleTypeLokr`: w1 or w1_a+w1_b, and w2 or w2_a+w2_b;
+    `network_hada.ModuleTypeHada`: all four hada matrices); modules without
+    LyCORIS parts are judged by their LoRA parts as before."""
+    if not parts & {*LOKR_PARTS, *LOHA_PARTS}:
+        return True
+    has_1 = "lokr_w1" in parts or {"lokr_w1_a", "lokr_w1_b"} <= parts
+    has_2 = "lokr_w2" in parts or {"lokr_w2_a", "lokr_w2_b"} <= parts
+    return (has_1 and has_2) or {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"} <= parts
 
 
 _RESNET = {"conv1": "in_layers_2", "conv2": "out_layers_3", "time_emb_proj": "emb_layers_1",
@@ -238,8 +267,15 @@ def a1111_unloaded(keys: list[str], names: ModelNames) -> list[str]:
             if module.startswith(prefix):
                 modules.add((short + module[len(prefix):]).replace(".", "_"))
     unloaded = []
+    parts: dict[str, set[str]] = {}
     for key in keys:
         base, _, part = key.partition(".")
+        parts.setdefault(base, set()).add(part)
+    for key in keys:
+        base, _, part = key.partition(".")
+        if not a1111_module_type(parts[base]):
+            unloaded.append(key)
+            continue
         converted = a1111_module(base)
         candidates = [converted]
         if m := re.match(r"(.*)_[qkv]_proj$", converted):  # open_clip's fused attention

@@ -94,14 +94,17 @@ MLP_TARGETS = {
                        "ff_context.linear_out"), "single": ()}}
 
 
-def target_modules(family: str, mlp: bool = False) -> str:
+def target_modules(family: str, mlp: bool = False, every: bool = False) -> str:
     """The LoRA targets as one regular expression over the transformer's
     module names (peft's `target_modules` as a string is matched in full;
     a list of suffixes would also catch FLUX.2's double-block `attn.to_out`,
-    a ModuleList)."""
+    a ModuleList). ``every``: each block Linear BFL names (`BLOCKS`: the
+    attention, the MLPs and FLUX.1's modulations)."""
     kinds = []
     for kind, (diffusers_block, _) in _BLOCK_NAMES.items():
         names = ATTENTION_TARGETS[family][kind] + (MLP_TARGETS[family][kind] if mlp else ())
+        if every:
+            names = tuple(BLOCKS[family][kind])
         if names:
             alternatives = "|".join(re.escape(n) for n in names)
             kinds.append(rf"{diffusers_block}\.\d+\.(?:{alternatives})")
@@ -297,7 +300,9 @@ def family_of_keys(tensors: dict[str, torch.Tensor]) -> str | None:
     """FLUX.1 or FLUX.2 from a LoRA's keys and shapes alone (None: not a
     FLUX LoRA, or nothing tells): FLUX.2's single-block `linear1` is
     3h + 6h wide (SwiGLU, mlp_ratio 3), FLUX.1's 3h + 4h."""
-    keys = list(tensors)
+    # an SD UNet's feed-forward (--targets attn-mlp) is spelled as FLUX.1's
+    keys = [k for k in tensors if not k.startswith(("unet.", "lora_unet_down_blocks_",
+                                                    "lora_unet_mid_block_", "lora_unet_up_blocks_"))]
     if any(".to_qkv_mlp_proj." in k or ".ff.linear_in." in k or ".ff_context.linear_in." in k
            for k in keys):
         return FLUX2

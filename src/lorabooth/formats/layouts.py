@@ -17,15 +17,15 @@ from diffusers.utils import (
     convert_state_dict_to_peft,
     convert_unet_state_dict_to_peft,
 )
-from peft import LoraConfig, get_peft_model_state_dict
+from peft import LoHaConfig, LoKrConfig, LoraConfig, get_peft_model_state_dict
 from safetensors.torch import save_file
 
-from ..adapters.lora import ADAPTER, TEXT_TARGETS, UNET_TARGETS, find_lora, read_lora
+from ..adapters.lora import ADAPTER, TARGETS, TEXT_TARGETS, attach_state, find_lora, read_lora
 from ..adapters.pivotal import embedding_keys, split_embeddings, write_rows
 from ..core.errors import UserError, first_line
 from ..core.fileio import atomic_path, parse_json, to_json
 from ..core.logs import diffusers_warnings_off
-from . import KOHYA_WEIGHT_NAME, WEIGHT_NAME
+from . import KOHYA_WEIGHT_NAME, WEIGHT_NAME, lycoris
 from .flux import FLUX_FAMILIES, FLUX_KOHYA_META, FLUX_NAMES, from_bfl_kohya, to_bfl_kohya
 from .sdxl import (
     FAMILY_KEY,
@@ -75,6 +75,11 @@ KOHYA_DORA_REFUSAL = ("a DoRA adapter has no kohya export: ComfyUI and AUTOMATIC
                       "peft's weight; use the diffusers file")
 
 
+KOHYA_LYCORIS_READ = ("lorabooth reads LoKr/LoHa files in the diffusers (peft) layout only; its "
+                      "kohya file is for ComfyUI and AUTOMATIC1111")
+PEFT_CONFIGS = {"lora": LoraConfig, "lokr": LoKrConfig, "loha": LoHaConfig}
+
+
 def is_dora(tensors: dict[str, torch.Tensor]) -> bool:
     return any(MAGNITUDE in k or k.endswith(KOHYA_MAGNITUDE) for k in tensors)
 
@@ -93,7 +98,8 @@ def detect_layout(tensors: dict[str, torch.Tensor], where: str) -> str:
             k.startswith("transformer.") for k in keys):
         return "diffusers"
     if keys and all(k.startswith(("unet.", "text_encoder")) for k in keys):
-        return "peft" if any(".lora_A." in k for k in keys) else "diffusers"
+        return "peft" if any(".lora_A." in k for k in keys) or lycoris.lycoris_kind(keys) \
+            else "diffusers"
     first = keys[0] if keys else "none"
     raise UserError(f"{where}: keys of no known LoRA layout (diffusers, peft or kohya); "
                     f"first key: {first}")
@@ -133,12 +139,18 @@ def peft_to_diffusers(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
             lambda m: f".processor.{m[1]}_lora.{'down' if m[2] == 'A' else 'up'}.weight", key)
 
     tensors = {canonical_key(k): v for k, v in tensors.items()}
+    if lycoris.lycoris_kind(tensors):  # LoKr/LoHa: peft's own names, as peft loads them
+        return tensors
     if is_dora(tensors):
         # The attention-processor spelling has no place for DoRA's magnitude:
         # peft names throughout, the magnitude as the parameter
         # (`….lora_magnitude_vector.weight`), the one spelling diffusers 0.42
         # loads into both the UNet and (through transformers 5) the text encoder.
         return {(k + ".weight" if k.endswith(MAGNITUDE) else k): v for k, v in tensors.items()}
+    if unet_targets(tensors) != TARGETS["attn"]:
+        # --targets beyond the attention: the processor spelling names the
+        # attention only, and diffusers reads a file in one spelling: peft's
+        return tensors
     unet = {unet_key(k): v for k, v in tensors.items() if k.startswith("unet.")}
     text = _text(tensors, convert_state_dict_to_diffusers)
     return {**unet, **text}
@@ -170,6 +182,30 @@ def peft_to_kohya(tensors: dict[str, torch.Tensor], alpha: float,
         if key.endswith(".alpha"):
             value = torch.tensor(float(alpha))  # diffusers writes the rank; keep the real alpha
         out[key] = value.contiguous()
+    return out
+
+
+def lycoris_to_kohya(peft: dict[str, torch.Tensor], rank: int, alpha: float, family: str,
+                     blocks, dst: Path) -> dict[str, torch.Tensor]:
+    """LoKr/LoHa under kohya's module names (`lora_unet_…`, `lora_te_…`,
+    SDXL's SGM names), each module's parts as the clients read them
+    (formats.lycoris.to_clients)."""
+    modules = lycoris.modules({canonical_key(k): v for k, v in peft.items()})
+    # each module's kohya name: peft_to_kohya's, on a stand-in LoRA tagged
+    # with the module's index
+    order = sorted(modules)
+    stand_in = {f"{m}.lora_{ab}.weight": torch.full((1, 1), float(i))
+                for i, m in enumerate(order) for ab in "AB"}
+    kohya = {order[int(v)]: k.removesuffix(".lora_down.weight")
+             for k, v in peft_to_kohya(stand_in, alpha, family, blocks).items()
+             if k.endswith(".lora_down.weight")}
+    out = {}
+    for module, parts in modules.items():
+        try:
+            out.update({f"{kohya[module]}.{p}": v.contiguous()
+                        for p, v in lycoris.to_clients(parts, alpha, rank).items()})
+        except ValueError as e:
+            raise UserError(f"{dst}: not written: {module}: {e}") from None
     return out
 
 
@@ -215,11 +251,19 @@ def check_ranks(tensors: dict[str, torch.Tensor], where: str) -> int:
 
 
 def adapter_header(tensors_peft: dict[str, torch.Tensor], rank: int, alpha: float) -> dict[str, str]:
-    """The `lora_adapter_metadata` diffusers reads to rebuild rank and alpha."""
+    """The `lora_adapter_metadata` diffusers reads to rebuild rank and alpha
+    (LoKr/LoHa: peft's config of that kind, which lorabooth's loader reads)."""
+    kind = lycoris.lycoris_kind(tensors_peft)
+    if kind:
+        meta = {f"{part}.{k}": (sorted(v) if isinstance(v, set) else v)
+                for part in ("unet", *TEXT_PARTS) if any(k.startswith(part + ".") for k in tensors_peft)
+                for k, v in PEFT_CONFIGS[kind](r=rank, alpha=alpha).to_dict().items()}
+        return {"format": "pt",
+                "lora_adapter_metadata": to_json(meta, sort_keys=True, default=str)}
     meta = {}
     transformer = sorted({k.removeprefix("transformer.").rsplit(".lora_", 1)[0]
                           for k in tensors_peft if k.startswith("transformer.") and ".lora_" in k})
-    for part, targets in (("transformer", transformer), ("unet", UNET_TARGETS),
+    for part, targets in (("transformer", transformer), ("unet", unet_targets(tensors_peft)),
                           ("text_encoder", TEXT_TARGETS), ("text_encoder_2", TEXT_TARGETS)):
         if any(k.startswith(part + ".") for k in tensors_peft):
             config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets),
@@ -227,6 +271,17 @@ def adapter_header(tensors_peft: dict[str, torch.Tensor], rank: int, alpha: floa
             meta.update({f"{part}.{k}": (list(v) if isinstance(v, set) else v)
                          for k, v in config.items()})
     return {"format": "pt", "lora_adapter_metadata": to_json(meta, sort_keys=True, default=str)}
+
+
+def unet_targets(tensors_peft: dict[str, torch.Tensor]) -> tuple[str, ...]:
+    """The narrowest --targets list naming every UNet module of the file
+    (the attention's for every file before --targets), else the modules."""
+    modules = {k.removeprefix("unet.").rsplit(".lora_", 1)[0]
+               for k in tensors_peft if k.startswith("unet.") and ".lora_" in k}
+    for targets in TARGETS.values():
+        if all(any(m == t or m.endswith("." + t) for t in targets) for m in modules):
+            return targets
+    return tuple(sorted(modules))
 
 
 def kohya_metadata(header: dict[str, str]) -> dict[str, str]:
@@ -264,6 +319,16 @@ def read_as_peft(path: str | Path) -> tuple[dict[str, torch.Tensor], int, float,
     layout = detect_layout(tensors, str(path))
     if family_of(tensors, header) in FLUX_FAMILIES:
         return (*_read_flux(tensors, header, layout, str(path)), header)
+    if kind := lycoris.lycoris_kind(tensors):
+        if layout == "kohya":
+            raise UserError(f"{path}: a kohya {kind} file: {KOHYA_LYCORIS_READ}")
+        meta = parse_json(header.get("lora_adapter_metadata", "{}"), "lora_adapter_metadata")
+        rank = meta.get("unet.r") if isinstance(meta, dict) else None
+        if not isinstance(rank, int):
+            raise UserError(f"{path}: a {kind} file without its rank in "
+                            "lora_adapter_metadata (lorabooth writes it)")
+        peft = {canonical_key(k): v for k, v in tensors.items()}
+        return peft, rank, alpha_from_header(header, float(rank)), header
     rank = check_ranks(tensors, str(path))
     if layout == "kohya":
         if is_dora(tensors):  # diffusers' kohya reader drops dora_scale with a warning
@@ -332,9 +397,14 @@ def write_lora(dst: Path, peft: dict[str, torch.Tensor], rank: int, alpha: float
             raise UserError(f"{dst}: not written: {KOHYA_DORA_REFUSAL}")
         flux = family in FLUX_FAMILIES
         out = (_flux_kohya(peft, alpha, family, dst) if flux
+               else lycoris_to_kohya(peft, rank, alpha, family, blocks_from_header(header), dst)
+               if lycoris.lycoris_kind(peft)
                else peft_to_kohya(peft, alpha, family, blocks_from_header(header)))
         meta = {"format": "pt", **kohya_metadata({**header, **ours}),
                 **(SDXL_KOHYA_META if family == SDXL else FLUX_KOHYA_META.get(family, {}))}
+        if kind := lycoris.lycoris_kind(peft):  # what LyCORIS's own kohya files say
+            meta.update(ss_network_module="lycoris.kohya",
+                        ss_network_args=to_json({"algo": kind}))
     else:
         out = ({canonical_key(k): v for k, v in peft.items()} if to == "peft"
                else dict(peft) if family in FLUX_FAMILIES else peft_to_diffusers(peft))
@@ -364,7 +434,8 @@ def alpha_from_header(header: dict[str, str], default: float | None) -> float | 
     try:
         meta = parse_json(header.get("lora_adapter_metadata", "{}"), "lora_adapter_metadata")
         value = next((meta[k] for k in ("unet.lora_alpha", "transformer.lora_alpha",
-                                        "text_encoder.lora_alpha") if k in meta), None)
+                                        "text_encoder.lora_alpha", "unet.alpha") if k in meta),
+                     None)
         return float(value) if value is not None else default
     except (UserError, ValueError, TypeError, AttributeError):
         return default
@@ -407,14 +478,15 @@ def save_lora(folder: str | Path, unet: torch.nn.Module, text_encoder: torch.nn.
     if family == SDXL:  # kohya's SGM names follow the model's own blocks
         metadata = {**metadata, UNET_BLOCKS_KEY: unet_blocks(unet.config)}
     config = unet.peft_config["default"]
+    alpha = float(config.lora_alpha if isinstance(config, LoraConfig) else config.alpha)
     paths = [write_lora(folder / (KOHYA_WEIGHT_NAME if to == "kohya" else WEIGHT_NAME), peft,
-                        config.r, float(config.lora_alpha), metadata, to, embeddings)
+                        config.r, alpha, metadata, to, embeddings)
              for to in layouts]
     return paths[0]
 
 
 def _modules(peft: dict[str, torch.Tensor]) -> set[str]:
-    return {k.rsplit(".lora_", 1)[0] for k in peft if ".lora_A." in k}
+    return {k.rsplit(".lora_", 1)[0] for k in peft if ".lora_A." in k} | set(lycoris.modules(peft))
 
 
 def load_into_pipeline(pipe: StableDiffusionPipeline, run: str | Path) -> tuple[str, ...]:
@@ -424,15 +496,18 @@ def load_into_pipeline(pipe: StableDiffusionPipeline, run: str | Path) -> tuple[
     file holds: diffusers loads a partly matching file without a word (and
     may even create adapter layers the file has no weights for)."""
     path = find_lora(run)
-    peft, _, _, _ = read_as_peft(path)
+    peft, rank, alpha, _ = read_as_peft(path)
     tensors, embeddings = split_embeddings(read_lora(path)[0])
     # diffusers skips our diffusers-layout key but refuses a kohya file's
     # bundled embedding: such a file goes in without it (alphas are in its keys)
     kohya = embeddings and detect_layout(tensors, str(path)) == "kohya"
     source = tensors if kohya else str(path.parent)
     try:
-        with diffusers_warnings_off():  # its partial-load chatter; checked below instead
-            pipe.load_lora_weights(source, weight_name=path.name, adapter_name=ADAPTER)
+        if kind := lycoris.lycoris_kind(peft):  # diffusers' loader builds LoRA only
+            attach_state(pipe, peft, kind, rank, alpha)
+        else:
+            with diffusers_warnings_off():  # its partial-load chatter; checked below instead
+                pipe.load_lora_weights(source, weight_name=path.name, adapter_name=ADAPTER)
     except (ValueError, RuntimeError, KeyError) as e:
         raise UserError(f"{path}: does not fit this base model ({first_line(e, 200)})") from None
     held = set()

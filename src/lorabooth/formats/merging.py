@@ -20,6 +20,7 @@ from ..core.errors import UserError
 from ..core.fileio import to_json, write_json
 from .flux import FLUX_FAMILIES
 from .layouts import check_ranks, is_dora, read_as_peft, read_embeddings, write_lora
+from .lycoris import lycoris_kind
 from .sdxl import FAMILY_KEY, FAMILY_NAMES, HEADER_FAMILY, SD, SDXL, family_of
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,11 @@ def load_as_peft(path: str | Path) -> tuple[dict[str, torch.Tensor], float, dict
         raise UserError(f"{path}: a DoRA adapter cannot be merged: DoRA rescales each merged "
                         "weight by its own magnitude, so adding or concatenating the low-rank "
                         "parts of two DoRA adapters is not DoRA; fuse each into its base instead")
+    if kind := lycoris_kind(peft):
+        raise UserError(f"{path}: a {'LoKr' if kind == 'lokr' else 'LoHa'} adapter cannot be "
+                        "merged: its weight is a product of its factors, so adding or "
+                        "concatenating the factors of two is not their sum; fuse each into its "
+                        "base instead")
     check_tensors(peft, str(path))  # a NaN input would make a NaN merge (or fail the SVD)
     return peft, alpha, header
 

@@ -15,6 +15,8 @@ import platform
 
 import torch
 
+from ..formats.lycoris import is_adapter_parameter
+
 log = logging.getLogger(__name__)
 
 # glibc's mallopt parameters (malloc.h)
@@ -58,7 +60,7 @@ def cast_frozen(module: torch.nn.Module, dtype: torch.dtype) -> None:
     train (everything but LoRA) to ``dtype``; LoRA weights are kept fp32 so
     AdamW's updates are not lost to bf16 rounding."""
     for name, p in module.named_parameters():
-        want = torch.float32 if "lora_" in name else dtype
+        want = torch.float32 if is_adapter_parameter(name) else dtype
         if p.is_floating_point() and p.dtype != want:
             p.data = p.data.to(want)
     for b in module.buffers():
@@ -69,6 +71,6 @@ def cast_frozen(module: torch.nn.Module, dtype: torch.dtype) -> None:
 def frozen_dtype(module: torch.nn.Module) -> torch.dtype:
     """The dtype of ``module``'s frozen (non-LoRA) floating-point weights."""
     for name, p in module.named_parameters():
-        if "lora_" not in name and p.is_floating_point():
+        if not is_adapter_parameter(name) and p.is_floating_point():
             return p.dtype
     return torch.float32

@@ -30,6 +30,7 @@ from typing import Iterator
 import torch
 
 from ..core.errors import UserError
+from ..formats.lycoris import is_adapter_parameter
 
 QUANTISED = ("int8", "nf4", "fp8")
 # what the libraries print on import (a CUDA kernel that is not there, a
@@ -257,10 +258,12 @@ def _fp8_works() -> bool:
 
 def frozen_bytes(module: torch.nn.Module) -> int:
     """The bytes ``module``'s frozen weights occupy: every parameter but the
-    LoRA's (``lora_`` in its name, as ``precision.cast_frozen`` tells them
-    apart), a quantised weight counted by what it stores (int8 or fp8 data
-    and its scales; nf4's packed bytes and block scales), and its buffers."""
-    total = sum(_tensor_bytes(p) for name, p in module.named_parameters() if "lora_" not in name)
+    adapter's (``lora_``, ``lokr_`` or ``hada_`` in its name, as
+    ``precision.cast_frozen`` tells them apart), a quantised weight counted
+    by what it stores (int8 or fp8 data and its scales; nf4's packed bytes
+    and block scales), and its buffers."""
+    total = sum(_tensor_bytes(p) for name, p in module.named_parameters()
+                if not is_adapter_parameter(name))
     return total + sum(_tensor_bytes(b) for b in module.buffers())
 
 

@@ -58,6 +58,8 @@ def lora_header(config: TrainConfig, family: str, resolution: int,
         "lorabooth.adapter": config.adapter,
     }
     meta["lorabooth.train_token"] = config.train_token
+    if config.targets != "attn":  # the files of runs without it stay as they were
+        meta["lorabooth.targets"] = config.targets
     if config.base_precision != "auto":  # the files of runs without it stay as they were
         meta["lorabooth.base_precision"] = config.base_precision
     if config.masked_loss:

@@ -26,6 +26,7 @@ from ..config import (
     to_toml_dict,
 )
 from ..config.templates import guess_identifier
+from ..config.train import LYCORIS
 from ..core.errors import UserError
 from ..core.fileio import (
     inside,
@@ -46,7 +47,8 @@ log = logging.getLogger(__name__)
 # Options that change which LoRA tensors exist or their shapes: a checkpoint
 # cannot be loaded across them, so --force does not override them.
 # The optimizer's state is kept in its own form (8-bit, factored, ...).
-RESUME_SHAPE = {"rank", "train_text_encoder", "train_token", "adapter", "optimizer"}
+RESUME_SHAPE = {"rank", "train_text_encoder", "train_token", "adapter", "optimizer",
+                "targets"}
 # What a run writes into OUTPUT, files then folders (the default class_images/
 # is an input the next run reuses, not a record of this one).
 RUN_FILES = (WEIGHT_NAME, KOHYA_WEIGHT_NAME, "config.toml", "metrics.jsonl", "README.md")
@@ -292,6 +294,10 @@ def model_card(config: TrainConfig, resolution: int,
         load = ("import torch\nfrom safetensors.torch import load_file\n"
                 + diffusers_lines(config.output, words, config.save_format == "kohya"))
         token = f"yes: {md.text(' '.join(words))}, learning rate {config.lr_token:g}"
+    if config.adapter in LYCORIS:  # diffusers' load_lora_weights builds LoRA layers only
+        load = ("from lorabooth.formats.layouts import load_into_pipeline\n"
+                + load.replace(f"pipe.load_lora_weights({config.output!r})\n",
+                               f"load_into_pipeline(pipe, {config.output!r})\n"))
     python = (f"pipe = {pipeline}.from_pretrained({config.model!r})\n"
               f"{load}image = pipe(prompt={beach!r}).images[0]")
     return f"""---
@@ -309,6 +315,7 @@ LoRA adapters for {md.code(config.model)}, trained by lorabooth {__version__}.
 | instance prompt | {md.text(config.instance_prompt)} |
 | LoRA on | {text_encoder} |
 | adapter | {config.adapter} |
+| adapter targets | {config.targets} |
 | rank / alpha | {config.rank} / {config.lora_alpha:g} |
 | steps, batch size | {config.steps}, {config.batch_size} |
 | optimizer, lr schedule (warmup steps), gradient accumulation | {optimizer} |

@@ -12,9 +12,10 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
 from ..adapters.lora import (
-    UNET_TARGETS,
+    adapter_kind,
     add_text_lora,
     add_unet_lora,
+    denoiser_targets,
     freeze_all_but_lora,
     lora_parameters,
 )
@@ -22,8 +23,8 @@ from ..adapters.pivotal import attach, holds_tokens, setup_token
 from ..config import TrainConfig
 from ..config.fields import option_name
 from ..config.templates import guess_identifier
+from ..config.train import LYCORIS
 from ..core.errors import UserError
-from ..formats import flux
 from ..models.loading import BaseModel, pipeline_from_parts
 from .batches import Examples
 from .data import image_files
@@ -85,6 +86,11 @@ def check_family_options(config: TrainConfig, base: BaseModel) -> None:
             log.warning("--timestep-sampling: ignored by %s (a DDPM model draws timesteps "
                         "uniformly)", model)
         return
+    if config.adapter in LYCORIS:  # kohya's FLUX layout splits fused LoRA weights
+        raise UserError(f"--adapter {config.adapter}: not supported for {model} "
+                        f"({family.name}): lorabooth writes LoKr/LoHa for SD 1.x and SDXL only "
+                        "(the FLUX layouts split fused weights, which a Kronecker or Hadamard "
+                        "product cannot be split into)")
     if config.snr_gamma:
         raise UserError(f"--snr-gamma: min-SNR weighting is defined for epsilon/v-prediction; "
                         f"{model} is a flow model: shape the noise levels with "
@@ -121,16 +127,16 @@ def setup_class_images(config: TrainConfig, base: BaseModel, resolution: int,
 
 
 def setup_lora(config: TrainConfig, base: BaseModel) -> dict[str, torch.nn.Module]:
-    dora = config.adapter == "dora"
-    targets = flux.target_modules(base.family.name) if base.family.flow else UNET_TARGETS
-    add_unet_lora(base.unet, config.rank, config.lora_alpha, dora, targets)
+    dora, kind = adapter_kind(config.adapter)
+    targets = denoiser_targets(base.family.name, base.family.flow, config.targets)
+    add_unet_lora(base.unet, config.rank, config.lora_alpha, dora, targets, kind)
     freeze_all_but_lora(base.unet)
     modules = {"unet": base.unet}
     if config.gradient_checkpointing:
         base.unet.enable_gradient_checkpointing()
     for name in base.family.lora_encoders if config.train_text_encoder else ():
         encoder = getattr(base, name)
-        add_text_lora(encoder, config.rank, config.lora_alpha, dora)
+        add_text_lora(encoder, config.rank, config.lora_alpha, dora, kind)
         freeze_all_but_lora(encoder)
         if config.gradient_checkpointing:
             encoder.gradient_checkpointing_enable()
