@@ -322,6 +322,11 @@ def test_measure_jobs_are_the_cli_commands_on_workspace_paths(ws):
                         "--judges", "toy"]
     job = h.start_measure(ws, queue, "evaluate", "runs/a", "photos", "", "", 1)
     assert job.argv[:4] == ["evaluate", str(run), "--real", str(ws.root / "photos")]
+    assert "--snapshots" not in job.argv
+    wait_idle(queue)  # one job per folder: both write RUN/eval
+    job = h.start_measure(ws, queue, "snapshots", "runs/a", "photos", "", "", 1)
+    assert job.argv[:4] == ["evaluate", str(run), "--real", str(ws.root / "photos")]
+    assert "--snapshots" in job.argv and job.kind == "snapshots"
     (ws.root / "s.toml").write_text('[base]\noutput = "/tmp/elsewhere"\n')
     with pytest.raises(UserError, match="outside the workspace"):
         h.start_measure(ws, queue, "sweep", "", "", "", "s.toml", 1)
@@ -344,3 +349,24 @@ def test_the_lora_comes_in_either_layout(ws, trained_run):
     with pytest.raises(UserError, match="no LoRA file yet"):
         (ws.root / "runs" / "b").mkdir()
         h.lora_file(ws, "runs/b", "kohya")
+
+
+def test_a_runs_step_curves_show_once_its_snapshots_are_scored(ws):
+    """The Runs tab's step view: nothing before `evaluate --snapshots`, then
+    the kept step and one plot, built from numbers only (a doctored
+    snapshots.json is a line, its strings never reach the page)."""
+    run = ws.root / "runs" / "a"
+    (run / "eval").mkdir(parents=True)
+    assert h.step_curves(ws, "runs/a") == ""
+    rows = [{"step": s, "dino": d, "clip_i": 0.5, "clip_t": 0.3, "pres": p, "div": 0.2}
+            for s, d, p in ((50, 0.4, 0.5), (100, 0.6, 0.4))]
+    (run / "eval" / "snapshots.json").write_text(json.dumps({"rows": rows,
+                                                            "recommended_step": 100}))
+    page = h.step_curves(ws, "runs/a")
+    assert "runs/a: keep step 100</h3>" in page and page.count("<svg") == 1
+    (run / "eval" / "snapshots.json").write_text(json.dumps(
+        {"rows": [{"step": "<script>alert(1)</script>"}], "recommended_step": 1}))
+    page = h.step_curves(ws, "runs/a")
+    assert "could not be read" in page and "<script>" not in page
+    with pytest.raises(UserError):
+        h.step_curves(ws, "../outside")

@@ -13,9 +13,10 @@ from typing import Callable
 
 from ..adapters.lora import lora_metadata
 from ..core.errors import UserError
-from ..core.fileio import write_json, write_text
+from ..core.fileio import load_json, write_json, write_text
 from ..reports import markdown as md
 from ..reports.curves import step_curves_svg
+from ..reports.markdown import html_text
 from ..training.snapshots import list_snapshots
 from .choice import pareto_front, recommend
 
@@ -73,6 +74,27 @@ def summary_svg(summary: dict) -> str:
     return step_curves_svg([r["step"] for r in rows],
                            {FIGURES[k][0]: [r[k] for r in rows] for k in ("dino", "clip_t", "pres")},
                            summary["recommended_step"])
+
+
+def curves_html(name: str, run: Path) -> str:
+    """An HTML section (the sweep report, the web page's run view): the run's
+    kept step and its curves, rebuilt from RUN/eval/snapshots.json with every
+    value read as a number, so nothing from the file reaches the page
+    unchecked; "" for a run never scored with --snapshots, a line for a file
+    that cannot be read."""
+    path = run / "eval" / "snapshots.json"
+    if not path.is_file():
+        return ""
+    try:
+        summary = load_json(path)
+        rows = [{k: int(v) if k == "step" else float(v) for k, v in row.items()}
+                for row in summary["rows"]]
+        best = summary.get("recommended_step")
+        best = None if best is None else int(best)
+        svg = summary_svg({"rows": rows, "recommended_step": best})
+    except (UserError, ValueError, KeyError, TypeError, AttributeError):
+        return f"<p>{html_text(name)}: its eval/snapshots.json could not be read.</p>"
+    return f"<section><h3>{html_text(name)}: keep step {best}</h3>{svg}</section>"
 
 
 def render_snapshots(summary: dict) -> str:

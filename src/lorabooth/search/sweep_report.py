@@ -8,8 +8,7 @@ import base64
 from pathlib import Path
 
 from ..config import to_toml_dict
-from ..core.errors import UserError
-from ..core.fileio import load_json, read_metrics, read_text_file, write_text
+from ..core.fileio import read_metrics, read_text_file, write_text
 from ..generation import prompt_slug
 from ..reports.htmlpage import IMAGES_LOADED_SCRIPT
 from ..reports.lossplot import loss_svg
@@ -44,29 +43,12 @@ def _cell(metrics: dict | None, key: str) -> str:
 
 
 def step_curves(results: list[dict]) -> str:
-    """Per run that `[evaluate] snapshots` scored: its recommended step and
-    its figures against the step, rebuilt from RUN/eval/snapshots.json (every
-    value a number, so nothing from the file reaches the page unchecked)."""
-    from ..evaluation.snapshots import summary_svg
+    """Per run that `[evaluate] snapshots` scored: its kept step and its
+    figures against the step."""
+    from ..evaluation.snapshots import curves_html
 
-    parts = []
-    for r in results:
-        path = Path(r["run"]) / "eval" / "snapshots.json"
-        if not path.is_file():
-            continue
-        try:
-            summary = load_json(path)
-            rows = [{k: float(v) if k != "step" else int(v) for k, v in row.items()}
-                    for row in summary["rows"]]
-            best = summary.get("recommended_step")
-            best = None if best is None else int(best)
-            svg = summary_svg({"rows": rows, "recommended_step": best})
-        except (UserError, ValueError, KeyError, TypeError, AttributeError):
-            parts.append(f"<p>{html_text(r['name'])}: its eval/snapshots.json could not be "
-                         f"read.</p>")
-            continue
-        parts.append(f"<section><h3>{html_text(r['name'])}: keep step {best}</h3>{svg}</section>")
-    if not parts:
+    parts = [curves_html(r["name"], Path(r["run"])) for r in results]
+    if not any(parts):
         return ""
     return ("<h2>Which step to keep</h2><p>Each saved step scored as the run is; the step "
             "named is the one `tune`'s rule recommends (among the Pareto steps whose PRES is "

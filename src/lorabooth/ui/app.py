@@ -213,7 +213,8 @@ def _draw_tab(ws: Workspace, queue: JobQueue) -> tuple[gr.Dropdown, gr.Dropdown]
 
 
 def _measure_tab(ws: Workspace, queue: JobQueue) -> gr.Dropdown:
-    kind = gr.Radio(["evaluate", "sweep", "tune"], value="evaluate", label="Measure")
+    kind = gr.Radio(["evaluate", "snapshots", "sweep", "tune"], value="evaluate",
+                    label="Measure (snapshots: every step the run saved, the step to keep)")
     with gr.Row():
         run = gr.Dropdown(label="Run (evaluate; tune takes its model)", choices=[],
                           allow_custom_value=True)
@@ -250,16 +251,17 @@ def _runs_tab(ws: Workspace) -> tuple[gr.HTML, gr.Dropdown]:
     with gr.Row():
         settings = gr.HTML(elem_id="runs-settings")
         curve = gr.HTML(elem_id="runs-curve")
+    steps = gr.HTML(elem_id="runs-steps")
     card = gr.Markdown(sanitize_html=True, elem_id="runs-card")
 
     def show(run):
         if not run:
-            return "", "", ""
+            return "", "", "", ""
         settings_html, card_text = h.run_details(ws, run)
-        return settings_html, h.progress(ws, run).curve_svg, card_text
+        return settings_html, h.progress(ws, run).curve_svg, h.step_curves(ws, run), card_text
 
     refresh.click(lambda: h.runs_overview(ws)[0], None, [overview])
-    chosen.change(guarded(show, 3), [chosen], [settings, curve, card])
+    chosen.change(guarded(show, 4), [chosen], [settings, curve, steps, card])
     return overview, chosen
 
 

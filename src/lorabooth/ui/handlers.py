@@ -256,17 +256,18 @@ def lora_file(ws: Workspace, run: str, layout: str) -> Path:
 
 
 # --- 5. measure ----------------------------------------------------------
-REPORTS = {"evaluate": "report.md", "sweep": "report.html", "tune": "report.md"}
+REPORTS = {"evaluate": "report.md", "snapshots": "snapshots.md", "sweep": "report.html",
+           "tune": "report.md"}
 
 
 def start_measure(ws: Workspace, queue: JobQueue, kind: str, run: str, photos: str,
                   class_noun: str, sweep_file: str, budget: int) -> Job:
     """`evaluate` a run against the subject's photos, a `sweep` file, or
     `tune` on the photos (toy judges on the toy model: no downloads)."""
-    if kind == "evaluate":
+    if kind in ("evaluate", "snapshots"):  # snapshots: every step the run saved
         folder = ws.path(run, "run")
         config = EvaluateConfig(run=str(folder), real=str(ws.path(photos, "photos")),
-                                out=str(folder / "eval"))
+                                out=str(folder / "eval"), snapshots=kind == "snapshots")
         out, argv = Path(config.out), ["evaluate", *to_argv(config)]
     elif kind == "sweep":
         file = ws.path(sweep_file, "sweep file")
@@ -283,7 +284,7 @@ def start_measure(ws: Workspace, queue: JobQueue, kind: str, run: str, photos: s
                             model=model, out=str(out), judges="toy" if model == "toy" else "")
         argv = ["tune", *to_argv(config)]
     else:
-        raise UserError(f"measure: must be evaluate, sweep or tune (got {kind!r})")
+        raise UserError(f"measure: must be evaluate, snapshots, sweep or tune (got {kind!r})")
     return queue.submit(kind, argv, out, expect=REPORTS[kind])
 
 
@@ -293,7 +294,8 @@ def measure_report(ws: Workspace, folder: str) -> tuple[str, str]:
     path = ws.path(folder, "report folder")
     job = load_job(path)
     status = f"{ws.relative(path)}: {job.status if job else 'unknown'}"
-    for name in ("report.md", "report.html"):
+    names = ("snapshots.md",) if job and job.kind == "snapshots" else ("report.md", "report.html")
+    for name in names:
         if (path / name).is_file():
             return status, _report_text(path / name)
     return status, job.log_tail(30) if job else ""
@@ -324,6 +326,14 @@ def runs_overview(ws: Workspace) -> tuple[str, list[str]]:
         names.append(name)
     header = ["run", "status", "step", "last loss", "model", "instance prompt", "rank", "lr"]
     return table(header, rows), names
+
+
+def step_curves(ws: Workspace, run: str) -> str:
+    """The run's figures against the step and its kept step, once `evaluate
+    --snapshots` has scored it (Measure: snapshots); "" before."""
+    from ..evaluation.snapshots import curves_html
+
+    return curves_html(run, ws.path(run, "run"))
 
 
 def run_details(ws: Workspace, run: str) -> tuple[str, str]:
