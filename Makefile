@@ -30,7 +30,7 @@ test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	scripts/ensure-chromium
 	scripts/ensure-postgresql
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests --durations=40
 
 clean:
 	rm -rf $(VENV) runs
