@@ -222,3 +222,17 @@ def test_prepare_leaves_out_a_mask_it_cannot_use_and_a_rerun_removes_a_stale_one
     (src / "photo_0.mask.png").unlink()
     assert not _prepare(src, tmp_path / "out")[0].mask
     assert not (tmp_path / "out" / "photo_0.mask.png").exists()
+
+
+@pytest.mark.parametrize("model", ["tiny-sdxl", "tiny-flux2", "tiny-flux"])
+def test_masks_meet_every_familys_latent_grid(model, tmp_path):
+    """SDXL's latents and FLUX's packed 2 x 2 ones: the masks (on the VAE's
+    grid) are pooled to each, the masked prior's teacher runs on each; at
+    unmasked weight 0 the loss differs from the plain one already at step 1."""
+    photos = _masked_photos(tmp_path / "p")
+    kw = dict(model=model, resolution=32, steps=1, class_prompt="a photo of a dog")
+    plain = train(_config(photos, tmp_path / "a", **kw))
+    masked = train(_config(photos, tmp_path / "b", masked_loss=True, unmasked_weight=0.0,
+                           masked_prior_weight=1.0, **kw))
+    assert torch.isfinite(torch.tensor(_losses(masked))).all()
+    assert _losses(masked)[0] != pytest.approx(_losses(plain)[0], rel=1e-4)
