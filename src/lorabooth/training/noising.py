@@ -10,6 +10,7 @@ logit-normal, mode; SD3 paper, Esser et al. 2024, sec. 3.1) mapped onto the
 scheduler's shifted sigmas, as diffusers' FLUX trainers do, and the loss
 weighted by diffusers' ``compute_loss_weighting_for_sd3``. Every random draw
 comes from the generator passed in (a resumed run replays it).
+``step_loss``: one batch's DreamBooth loss under a ``Denoiser``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,13 @@ from dataclasses import dataclass
 import torch
 
 from ..models.families import Conditioning, Family
-from .objective import diffusion_target, flow_target, min_snr_weights
+from .objective import (
+    diffusion_target,
+    dreambooth_loss,
+    flow_target,
+    min_snr_weights,
+    with_prior_target,
+)
 
 
 class DDPMNoising:
@@ -159,3 +166,24 @@ class Denoiser:
     def over(self, module: torch.nn.Module) -> Denoiser:
         """The same, calling ``module`` (e.g. the unwrapped one)."""
         return Denoiser(module, self.family, self.noising, self.guidance)
+
+
+def step_loss(denoiser: Denoiser, latents: torch.Tensor, noise: torch.Tensor,
+              timesteps: torch.Tensor, context: Conditioning, n_instance: int,
+              prior_weight: float, prior_target: torch.Tensor | None = None,
+              snr_gamma: float = 0.0):
+    """The DreamBooth loss of one batch (instance rows first): noise the
+    latents at ``timesteps`` by the family's forward process, predict under
+    the rows' conditioning ``context``, compare with the process's target
+    (epsilon, v or the flow's velocity); ``prior_target`` (the frozen model's
+    prediction) replaces it for the class rows when given; ``snr_gamma`` > 0
+    weighs the rows by min-SNR-gamma (by each row's timestep, the
+    model-prior rows too)."""
+    noising = denoiser.noising
+    noisy = noising.noisy(latents, noise, timesteps)
+    target = noising.target(latents, noise, timesteps)
+    if prior_target is not None:
+        target = with_prior_target(target.to(prior_target.device), n_instance, prior_target)
+    weights = noising.weights(timesteps, snr_gamma)
+    pred = denoiser(noisy, timesteps, context)
+    return dreambooth_loss(pred, target.to(pred.device), n_instance, prior_weight, weights)
