@@ -198,3 +198,25 @@ def test_bucketed_sdxl_run_conditions_on_the_real_sizes(tmp_path, monkeypatch):
         h, w = (side * 2 for side in shape)
         assert all(row[4:] == [h, w] for row in rows)
     assert math.isfinite(_losses(tmp_path / "r")[-1])
+
+
+@pytest.mark.parametrize("model", ["tiny-flux2", "tiny-flux"])
+def test_bucketed_flux_runs_shift_by_each_buckets_tokens(tmp_path, monkeypatch, model):
+    """FLUX packs each batch's latents at its own size, and each bucket's
+    timesteps are shifted for its own token count (the flow schedulers shift
+    by resolution when they draw)."""
+    import lorabooth.training.loop as t
+
+    photos = _photos(tmp_path / "photos", [(48, 32), (32, 32)])
+    seen, real = {}, t.step_loss
+
+    def spy(denoiser, latents, *rest, **kw):
+        seen[tuple(latents.shape[-2:])] = denoiser.noising.sigmas
+        return real(denoiser, latents, *rest, **kw)
+
+    monkeypatch.setattr(t, "step_loss", spy)
+    run = train(_config(photos, tmp_path / "r", model=model, buckets=True, steps=4,
+                        resolution=32))
+    assert len(seen) == 2 and all(math.isfinite(x) for x in _losses(run))
+    first, second = seen.values()
+    assert not torch.equal(first, second)  # 40 x 24 and 32 x 32 px: other token counts
