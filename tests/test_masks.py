@@ -91,9 +91,14 @@ def test_a_mask_is_cropped_and_resized_as_its_photo(tmp_path):
     seen = (load_image(photo, 32)[0] + 1) / 2  # [-1, 1] -> [0, 1]
     assert mask.shape == (1, 32, 32)
     assert (mask[0] - seen).abs().mean() < 0.03  # same crop (the filters differ a little)
-    grid = instance_masks([photo], 32, 4)
-    assert grid.shape == (1, 1, 4, 4)
-    assert torch.allclose(grid[0], F.adaptive_avg_pool2d(mask, 4))
+    (grid,) = instance_masks([photo], [(32, 32)], [(4, 4)])
+    assert grid.shape == (1, 4, 4)
+    assert torch.allclose(grid, F.adaptive_avg_pool2d(mask, 4))
+    # at an aspect-ratio bucket (width 48, height 32) the mask is cut as the photo is
+    (wide,) = instance_masks([photo], [(48, 32)], [(4, 6)])
+    seen = (load_image(photo, (48, 32))[0] + 1) / 2
+    assert wide.shape == (1, 4, 6)
+    assert (wide[0] - F.adaptive_avg_pool2d(seen[None], (4, 6))[0]).abs().mean() < 0.03
 
 
 def test_masks_are_not_photos(tmp_path):
@@ -188,7 +193,7 @@ def test_prepare_mask_face_lies_over_the_face_in_the_output(tmp_path, monkeypatc
     assert mask.size == (64, 64) and mask.mode == "L"
     # the centre crop keeps x 50..150: the face's centre (120, 40) lands at (45, 26)
     assert mask.getpixel((45, 26)) == 255 and mask.getpixel((2, 60)) == 0
-    assert instance_masks([tmp_path / "out" / entry.output], 64, 8)[0, 0, 3, 5] > 0.9
+    assert instance_masks([tmp_path / "out" / entry.output], [(64, 64)], [(8, 8)])[0][0, 3, 5] > 0.9
 
 
 def test_prepare_carries_the_photos_own_mask_through_its_crop(tmp_path):
@@ -236,3 +241,40 @@ def test_masks_meet_every_familys_latent_grid(model, tmp_path):
                            masked_prior_weight=1.0, **kw))
     assert torch.isfinite(torch.tensor(_losses(masked))).all()
     assert _losses(masked)[0] != pytest.approx(_losses(plain)[0], rel=1e-4)
+
+
+def test_prepare_crop_bucket_cuts_the_mask_with_its_photo(tmp_path):
+    from lorabooth.config import PrepareConfig
+    from lorabooth.photos.prepare import prepare
+
+    src = tmp_path / "src"
+    src.mkdir()
+    im = Image.new("RGB", (200, 100), (0, 0, 0))
+    ImageDraw.Draw(im).rectangle((20, 10, 90, 90), fill=(255, 255, 255))
+    im.save(src / "p.png")
+    im.convert("L").save(src / "p.mask.png")
+    (entry,) = prepare(PrepareConfig(src=str(src), out=str(tmp_path / "out"), crop="bucket",
+                                     resolution=64, min_size=16))
+    photo = Image.open(tmp_path / "out" / entry.output).convert("L")
+    mask = Image.open(tmp_path / "out" / entry.mask)
+    assert mask.size == photo.size == tuple(entry.bucket) and photo.size[0] > photo.size[1]
+    diff = torch.tensor(list(photo.getdata())) - torch.tensor(list(mask.getdata()))
+    assert diff.abs().float().mean() < 2
+
+
+def test_a_bucketed_masked_run_trains_each_mask_at_its_bucket(tmp_path, monkeypatch):
+    import lorabooth.training.loop as t
+
+    photos = tmp_path / "p"
+    for i, size in enumerate([(96, 64), (64, 96), (80, 80)]):
+        make_photos(photos / str(i), 1, size=size)
+        (photos / str(i) / "photo_0.png").rename(photos / f"photo_{i}.png")
+    _masked_photos(photos, 0)  # the masks of the three photos just made
+    shapes = []
+    real = t.MaskedLoss
+    monkeypatch.setattr(t, "MaskedLoss", lambda masks, *a: shapes.append(masks.shape) or
+                        real(masks, *a))
+    run = train(_config(photos, tmp_path / "r", resolution=64, buckets=True, masked_loss=True,
+                        masked_prior_weight=1.0, steps=3, batch_size=1))
+    assert len({s[-2:] for s in shapes}) >= 2  # batches of different buckets, each its grid
+    assert torch.isfinite(torch.tensor(_losses(run))).all()

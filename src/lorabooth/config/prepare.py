@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from .checks import MAX_PHOTO_SIDE, MAX_SEED, MAX_SIDE
 from .fields import _help, bad, check_numbers
 
-CROPS = ("center", "face", "none")
+CROPS = ("center", "face", "none", "bucket")
 MASKS = ("none", "face")
 
 
@@ -16,10 +16,14 @@ class PrepareConfig:
     src: str = _help("Folder of the user's photos (never modified).", "", positional=True)
     out: str = _help("Folder for the training set.", "", positional=True)
     resolution: int = _help("Side of the square output images in pixels (0: --model's native "
-                            "size: SD 1.x 512, SDXL and FLUX 1024; 512 without --model).", 0)
+                            "size: SD 1.x 512, SDXL and FLUX 1024; 512 without --model); "
+                            "--crop bucket: about this squared in area.", 0)
     model: str = _help("The base model the set is for (as for train): --resolution defaults to "
                        "its native size.", "")
-    crop: str = _help("center, face (largest face, OpenCV Haar cascade) or none.", "center",
+    crop: str = _help("center, face (largest face, OpenCV Haar cascade), none (the short side "
+                      "resized, the aspect kept) or bucket (the aspect-ratio bucket nearest the "
+                      "photo's, as train --buckets picks it: sides multiples of 64, 1:4 to 4:1; "
+                      "the least centred crop to it; recorded in prepare.json).", "center",
                       choices=CROPS)
     min_size: int = _help("Reject images whose short side is below this (0: half the resolution).", 0)
     face_margin: float = _help("Space around the face on each side, in face sizes "

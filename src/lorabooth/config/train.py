@@ -111,6 +111,11 @@ class TrainConfig:
     num_class_images: int = _help("How many class images to use (drawn if missing).", 100)
     prior_loss_weight: float = _help("Weight lambda of the prior-preservation loss.", 1.0)
     resolution: int = _help("Training resolution in pixels (0: the model's own).", 0)
+    buckets: bool = _help(
+        "Aspect-ratio buckets: train each instance image at the size nearest its aspect "
+        "(sides multiples of 64, about --resolution squared in area, 1:4 to 4:1) instead of "
+        "centre-cropping it square; each batch from one bucket (class images centre-cropped "
+        "to it). Square images train as without it.", False)
     steps: int = _help("Optimizer steps.", 300)
     batch_size: int = _help("Instance images per step (as many class images are added).", 1)
     lr: float = _help("Learning rate of the UNet LoRA.", 5e-4)

@@ -79,24 +79,28 @@ class Conditioning:
                             join([p.time_ids for p in parts]))
 
 
-def time_ids(size: tuple[int, int], box: Box, resolution: int) -> tuple[float, ...]:
+def time_ids(size: tuple[int, int], box: Box, target: int | tuple[int, int]
+             ) -> tuple[float, ...]:
     """SDXL's micro-conditioning of one training image: (original height,
     original width, crop top, crop left, target height, target width).
 
     ``size`` (width, height) is the photo's, ``box`` the part of it the
-    training image shows before the square centre crop the loader makes
-    (``prepare``'s crop box, or the whole photo). As in SDXL's data pipeline
-    the crop is counted in the pixels of the photo scaled so that the square
-    is ``resolution`` wide; a box reaching past the photo (reflection
-    padding) cut nothing there: 0."""
+    training image shows before the centre crop the loader makes to the
+    target's aspect (``prepare``'s crop box, or the whole photo); ``target``
+    the training size, (width, height) or one side of a square. As in SDXL's
+    data pipeline the crop is counted in the pixels of the photo scaled so
+    that the crop is the target's size; a box reaching past the photo
+    (reflection padding) cut nothing there: 0."""
     width, height = size
     left, top, right, bottom = box
-    side = min(right - left, bottom - top)
-    scale = resolution / side
-    crop_top = max(0.0, top + (bottom - top - side) / 2) * scale
-    crop_left = max(0.0, left + (right - left - side) / 2) * scale
+    tw, th = (target, target) if isinstance(target, int) else target
+    aspect = tw / th  # the crop's width and height in the photo's pixels (square: the short side)
+    cw, ch = min(right - left, (bottom - top) * aspect), min(bottom - top, (right - left) / aspect)
+    scale = tw / cw
+    crop_top = max(0.0, top + (bottom - top - ch) / 2) * scale
+    crop_left = max(0.0, left + (right - left - cw) / 2) * scale
     return (float(height), float(width), float(round(crop_top)), float(round(crop_left)),
-            float(resolution), float(resolution))
+            float(th), float(tw))
 
 
 def fp32_decode(vae: torch.nn.Module) -> None:

@@ -97,10 +97,11 @@ def crop_with_reflection(im: Image.Image, box: Box) -> Image.Image:
     return Image.fromarray(arr).crop((left + pad_l, top + pad_t, right + pad_l, bottom + pad_t))
 
 
-def resize_square(im: Image.Image, resolution: int) -> Image.Image:
+def resize_to(im: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """``im`` resized to ``size`` (width, height)."""
     # reducing_gap: a fast box-filter pre-shrink, then Lanczos; same quality as
     # plain Lanczos at a fraction of the cost on 12-megapixel phone photos.
-    return im.resize((resolution, resolution), Image.Resampling.LANCZOS, reducing_gap=3.0)
+    return im.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
 
 
 def resize_short_side(im: Image.Image, resolution: int) -> Image.Image:

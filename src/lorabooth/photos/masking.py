@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from PIL import Image, ImageDraw, ImageFilter
 
-from .images import Box, crop_with_reflection, resize_short_side, resize_square
+from .images import Box, crop_with_reflection, resize_to
 
 FACE_MASK_MARGIN = 0.3  # face sizes added around the face box: hair, ears, chin
 FACE_MASK_SOFTNESS = 0.15  # the edge's blur radius, in face sizes
@@ -24,9 +24,8 @@ def face_mask(size: tuple[int, int], face: tuple[int, int, int, int],
     return mask.filter(ImageFilter.GaussianBlur(FACE_MASK_SOFTNESS * max(w, h)))
 
 
-def follow_crop(mask: Image.Image, box: Box, resolution: int, square: bool) -> Image.Image:
+def follow_crop(mask: Image.Image, box: Box, size: tuple[int, int]) -> Image.Image:
     """``mask`` (L, the photo's size) cropped and resized exactly as its
-    photo is: the same box (mirrored where the box leaves the image) and the
-    same output size."""
-    cropped = crop_with_reflection(mask.convert("L"), box)
-    return resize_square(cropped, resolution) if square else resize_short_side(cropped, resolution)
+    photo is: the same box (mirrored where the box leaves the image), then
+    the output image's ``size`` (square, its bucket, or its short side's)."""
+    return resize_to(crop_with_reflection(mask.convert("L"), box), size)

@@ -1,5 +1,6 @@
-"""`lorabooth prepare SRC OUT`: a folder of phone photos -> a clean, square,
-captioned training set, with a report accounting for every file."""
+"""`lorabooth prepare SRC OUT`: a folder of phone photos -> a clean, captioned
+training set, square (or each photo at its aspect-ratio bucket: --crop
+bucket), with a report accounting for every file."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from ..core.errors import UserError
 from ..core.fileio import inside, load_json, save_png, write_json, write_text
 from ..core.locks import locked, terminate_as_interrupt
 from ..reports.grid import font
+from .buckets import bucket_box, bucket_sizes, nearest_bucket
 from .imagefiles import REPORT_NAME, SHEET_NAME, Rejected, decode, is_mask, mask_path
 from .images import (
     Box,
@@ -26,7 +28,7 @@ from .images import (
     face_box,
     hamming,
     resize_short_side,
-    resize_square,
+    resize_to,
     upright_rgb,
 )
 from .masking import face_mask, follow_crop
@@ -46,6 +48,7 @@ class Entry:
     size: tuple[int, int] | None = None
     crop: str = ""
     crop_box: Box | None = None
+    bucket: tuple[int, int] | None = None  # --crop bucket: the output's (width, height)
     output: str = ""
     caption: str = ""
     duplicate_of: str = ""
@@ -72,10 +75,14 @@ def find_faces(im: Image.Image) -> list[tuple[int, int, int, int]]:
     return sorted((tuple(int(v) for v in f) for f in faces), key=lambda f: -f[2] * f[3])
 
 
-def crop_box_for(im: Image.Image, mode: str, margin: float, entry: Entry) -> Box:
+def crop_box_for(im: Image.Image, mode: str, margin: float, entry: Entry,
+                 resolution: int = DEFAULT_RESOLUTION) -> Box:
     w, h = im.size
     if mode == "none":
         return 0, 0, w, h
+    if mode == "bucket":  # the least centred crop to the aspect of the photo's bucket
+        entry.crop, entry.bucket = "bucket", nearest_bucket(w, h, bucket_sizes(resolution))
+        return bucket_box(w, h, entry.bucket)
     if mode == "face":
         faces = find_faces(im)
         if faces:
@@ -261,11 +268,13 @@ def _process(config: PrepareConfig, files: list[Path], entries: list[Entry],
             continue
         exact[digest] = path.name
         hashes.append((fingerprint, path.name))
-        box = crop_box_for(im, config.crop, config.face_margin, entry)
+        box = crop_box_for(im, config.crop, config.face_margin, entry, config.resolution)
         entry.crop_box = box
         cropped = crop_with_reflection(im, box)
-        final = (resize_short_side(cropped, config.resolution) if config.crop == "none"
-                 else resize_square(cropped, config.resolution))
+        if config.crop == "none":
+            final = resize_short_side(cropped, config.resolution)
+        else:
+            final = resize_to(cropped, entry.bucket or (config.resolution, config.resolution))
         entry.output = _output_name(path, taken)
         record.add(entry.output, *([_caption_name(entry.output)] if caption else []))
         save_png(final, out / entry.output)
@@ -276,8 +285,7 @@ def _process(config: PrepareConfig, files: list[Path], entries: list[Entry],
         if mask is not None:
             entry.mask = mask_path(Path(entry.output)).name
             record.add(entry.mask)
-            save_png(follow_crop(mask, box, config.resolution, config.crop != "none"),
-                     out / entry.mask)
+            save_png(follow_crop(mask, box, final.size), out / entry.mask)
         entry.kept, entry.reason = True, "kept"
         for w in entry.warnings:
             log.warning("%s: %s", path.name, w)

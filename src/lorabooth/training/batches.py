@@ -19,6 +19,7 @@ from ..core.fileio import load_json, read_text_file
 from ..models.families import FAMILIES, Conditioning, Family, encode_prompts, time_ids
 from ..models.loading import BaseModel
 from ..models.tokenwindow import check_prompt
+from ..photos.buckets import Size
 from ..photos.imagefiles import problem
 from .data import image_files, latent_distributions
 from .masks import instance_masks
@@ -30,10 +31,15 @@ log = logging.getLogger(__name__)
 class Examples:
     """Everything the loop reads per step, computed once before it."""
 
-    instance_mean: torch.Tensor  # (N, 4, h, w) VAE posterior means
-    instance_std: torch.Tensor
-    class_mean: torch.Tensor | None  # (M, 4, h, w), None without prior preservation
-    class_std: torch.Tensor | None
+    # one (C, h, w) VAE posterior mean per image, at its bucket's size (--buckets; else
+    # all at --resolution square), and the (width, height) in pixels it trains at
+    instance_mean: list[torch.Tensor]
+    instance_std: list[torch.Tensor]
+    instance_bucket: list[Size]
+    # per bucket the instance images use, every class image at that size:
+    # bucket -> (M, C, h, w); None without class images
+    class_mean: dict[Size, torch.Tensor] | None
+    class_std: dict[Size, torch.Tensor] | None
     instance_embedding: Conditioning | None  # (N, 77, D), one per image; text encoders frozen
     # (1, 77, D) frozen, the class prompt (the target's in --prior-preservation model);
     # under dop one row per instance image: its caption without the identifier
@@ -52,12 +58,12 @@ class Examples:
     # the family's encoders without LoRA that still run each step beside trained
     # ones (FLUX.1's T5 while its CLIP trains), by diffusers' name
     frozen_encoders: dict[str, torch.nn.Module] = field(default_factory=dict)
-    # SDXL's micro-conditioning per image (N, 6) and (M, 6); SD 1.x ignores them
+    # SDXL's micro-conditioning per image (N, 6), and bucket -> (M, 6) of the
+    # class images; SD 1.x ignores them
     instance_time_ids: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 6))
-    class_time_ids: torch.Tensor | None = None
-    # --masked-loss: each photo's loss weights on the VAE's latent grid (N, 1, h, w)
-    # (its mask, 1 - mask weighed by --unmasked-weight) and the masks themselves
-    instance_masks: torch.Tensor | None = None
+    class_time_ids: dict[Size, torch.Tensor] | None = None
+    # --masked-loss: each photo's mask on its latents' grid, (1, h, w) per image
+    instance_masks: list[torch.Tensor] | None = None
 
 
 def instance_images(config: TrainConfig) -> list[Path]:
@@ -79,9 +85,12 @@ def instance_images(config: TrainConfig) -> list[Path]:
 
 def setup_examples(config: TrainConfig, base: BaseModel, resolution: int,
                     instance_paths: list[Path], captions: list[str],
-                    class_paths: list[Path]) -> Examples:
-    instance = latent_distributions(base.vae, instance_paths, resolution)
-    klass = latent_distributions(base.vae, class_paths, resolution) if class_paths else (None, None)
+                    class_paths: list[Path], buckets: list[Size] | None = None) -> Examples:
+    """The cached examples; instance image i at ``buckets[i]`` (width, height),
+    by default all at the ``resolution`` square."""
+    buckets = buckets or [(resolution, resolution)] * len(instance_paths)
+    instance = bucketed_latents(base.vae, instance_paths, buckets)
+    klass = class_latents(base.vae, class_paths, sorted(set(buckets)))
     with_class = config.uses_prior
     class_prompts = [config.class_prompt] if with_class else []
     if config.prior_same_noise:  # dop: each image's caption without the identifier
@@ -103,7 +112,8 @@ def setup_examples(config: TrainConfig, base: BaseModel, resolution: int,
     dropout = config.caption_dropout > 0
     boxes = prepared_boxes(Path(config.instance_dir))
     return Examples(
-        instance_mean=instance[0], instance_std=instance[1], class_mean=klass[0], class_std=klass[1],
+        instance_mean=instance[0], instance_std=instance[1], instance_bucket=list(buckets),
+        class_mean=klass[0], class_std=klass[1],
         instance_embedding=None if frozen is None or config.train_text_encoder else frozen.rows(row),
         class_embedding=None if frozen is None or not with_class
         else frozen.rows(slice(len(frozen.hidden) - n_class, None)),
@@ -112,11 +122,38 @@ def setup_examples(config: TrainConfig, base: BaseModel, resolution: int,
         empty_embedding=encode([""]) if dropout and not config.train_text_encoder else None,
         empty_ids=base.family.tokenize(base.tokenizers, [""]) if dropout else None,
         family=base.family,
-        instance_time_ids=image_time_ids(instance_paths, resolution, boxes),
-        class_time_ids=image_time_ids(class_paths, resolution, {}) if class_paths else None,
-        instance_masks=instance_masks(instance_paths, resolution, instance[0].shape[-1])
+        instance_time_ids=image_time_ids(instance_paths, buckets, boxes),
+        class_time_ids={b: image_time_ids(class_paths, [b] * len(class_paths), {})
+                        for b in klass[0]} if class_paths else None,
+        instance_masks=instance_masks(instance_paths, buckets,
+                                      [tuple(m.shape[-2:]) for m in instance[0]])
         if config.masked_loss else None,
     )
+
+
+def bucketed_latents(vae, paths: list[Path], buckets: list[Size]
+                     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Each image's VAE posterior (mean, std) at its bucket's size, the images
+    of one bucket encoded together in their order (one bucket: as before)."""
+    means: list = [None] * len(paths)
+    stds: list = [None] * len(paths)
+    for bucket in sorted(set(buckets)):
+        members = [i for i, b in enumerate(buckets) if b == bucket]
+        mean, std = latent_distributions(vae, [paths[i] for i in members], bucket)
+        for i, m, s in zip(members, mean, std):
+            means[i], stds[i] = m, s
+    return means, stds
+
+
+def class_latents(vae, paths: list[Path], buckets: list[Size]):
+    """Every class image at every bucket the instance images use: bucket ->
+    (M, C, h, w) means and stds, so a class row joins any batch in one
+    forward ((None, None) without class images). The class images are square
+    (drawn at --resolution): in another bucket they are centre-cropped to it."""
+    if not paths:
+        return None, None
+    pairs = {b: latent_distributions(vae, paths, b) for b in buckets}
+    return {b: p[0] for b, p in pairs.items()}, {b: p[1] for b, p in pairs.items()}
 
 
 def prepared_boxes(folder: Path) -> dict[str, tuple[tuple[int, int], tuple]]:
@@ -134,23 +171,24 @@ def prepared_boxes(folder: Path) -> dict[str, tuple[tuple[int, int], tuple]]:
         return {}
 
 
-def image_time_ids(paths: list[Path], resolution: int,
+def image_time_ids(paths: list[Path], targets: list[Size],
                    boxes: dict[str, tuple[tuple[int, int], tuple]]) -> torch.Tensor:
-    """(N, 6) SDXL time ids: the photo `prepare` cropped and its real crop box
-    when known, else the image itself, centre-cropped as the loader does."""
+    """(N, 6) SDXL time ids of images trained at ``targets`` (width, height):
+    the photo `prepare` cropped and its real crop box when known, else the
+    image itself, centre-cropped to the target's aspect as the loader does."""
     from PIL import Image
 
     from ..photos.images import upright_rgb
 
     rows = []
-    for path in paths:
+    for path, target in zip(paths, targets):
         if path.name in boxes:
             size, box = boxes[path.name]
         else:
             with Image.open(path) as im:
                 size = upright_rgb(im).size  # as the loader sees it, EXIF rotation applied
             box = (0, 0, *size)
-        rows.append(time_ids(size, box, resolution))
+        rows.append(time_ids(size, box, target))
     return torch.tensor(rows, dtype=torch.float32).reshape(len(paths), 6)
 
 
@@ -204,10 +242,14 @@ def read_caption(txt: Path) -> str:
 
 def sample_latents(examples: Examples, idx: list[int], cidx: list[int],
                     rng: torch.Generator) -> torch.Tensor:
-    mean, std = examples.instance_mean[idx], examples.instance_std[idx]
+    """(B, C, h, w) latents of the batch's rows, instance rows first, drawn from
+    their cached posteriors; all of one bucket (the class rows at its size)."""
+    mean = torch.stack([examples.instance_mean[i] for i in idx])
+    std = torch.stack([examples.instance_std[i] for i in idx])
     if cidx:
-        mean = torch.cat([mean, examples.class_mean[cidx]])
-        std = torch.cat([std, examples.class_std[cidx]])
+        bucket = examples.instance_bucket[idx[0]]
+        mean = torch.cat([mean, examples.class_mean[bucket][cidx]])
+        std = torch.cat([std, examples.class_std[bucket][cidx]])
     latents = mean + std * torch.randn(mean.shape, generator=rng)
     return examples.model_latents(latents)
 
@@ -266,7 +308,7 @@ def batch_time_ids(examples: Examples, idx: list[int], cidx: list[int],
     (its prior rows re-noise the instance latents)."""
     parts = [examples.instance_time_ids[idx]]
     if cidx:
-        parts.append(examples.class_time_ids[cidx])
+        parts.append(examples.class_time_ids[examples.instance_bucket[idx[0]]][cidx])
     if model_prior:
         parts.append(parts[0])
     return torch.cat(parts)

@@ -39,16 +39,17 @@ from .batches import (
     setup_examples,
     text_context,
 )
+from .bucketing import bucket_denoisers, bucket_summary, instance_buckets
 from .checkpoint import (
     latest_checkpoint,
     load_trainable_state,
     save_checkpoint,
 )
-from .data import Shuffler, caption_dropout
+from .data import BucketOrder, Shuffler, caption_dropout
 from .ema import ema_applied, ema_shadow, ema_state, ema_update
 from .lorafiles import write_lora_files
 from .masks import MaskedLoss
-from .noising import Denoiser, noising_for
+from .noising import Denoiser
 from .objective import offset_noise
 from .optimizers import eval_mode, eval_weights, prodigy_step_size, train_mode
 from .prior import model_prior_rows
@@ -119,9 +120,10 @@ class _Run:
     trained: dict[str, torch.nn.Module]  # unwrapped, keyed as checkpoints and files save them
     optimizer: torch.optim.Optimizer
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler
-    denoiser: Denoiser  # the UNet/transformer under the family's forward process
+    # bucket -> the UNet/transformer under the family's forward process (one without --buckets)
+    denoisers: dict[tuple[int, int], Denoiser]
     noise_rng: torch.Generator  # every draw of the loop, in the order a resume replays
-    instance_order: Shuffler
+    instance_order: BucketOrder  # every batch from one bucket
     class_order: Shuffler | None  # None: no class images
     ema: dict[str, torch.Tensor] | None  # the fp32 average; None: no EMA
     start: int  # the step resumed from; 0 for a fresh run
@@ -132,6 +134,7 @@ class _Run:
 class _Batch:
     idx: list[int]  # the subject's examples
     cidx: list[int]  # the class examples; [] without class images
+    denoiser: Denoiser  # the batch's bucket's
     latents: torch.Tensor  # (instance + class rows, C, h, w)
     noise: torch.Tensor  # as latents
     timesteps: torch.Tensor  # (rows,)
@@ -173,7 +176,7 @@ def _train(config: TrainConfig, accelerator: Accelerator, output: Path,
     whole = full_trainable(run.trained) if is_sharded(accelerator) else None
     if accelerator.is_main_process:
         _finish(config, run.base, output, _unwrapped(accelerator, run.modules), run.resolution,
-                whole)
+                whole, bucket_summary(run.examples.instance_bucket) if config.buckets else "")
     end_distributed(accelerator, run.modules)
 
 
@@ -203,7 +206,8 @@ def _setup_run(config: TrainConfig, accelerator: Accelerator, output: Path,
 
     with accelerator.autocast():
         class_paths = setup_class_images(config, base, resolution, accelerator)
-    examples = setup_examples(config, base, resolution, instance_paths, captions, class_paths)
+    examples = setup_examples(config, base, resolution, instance_paths, captions, class_paths,
+                              instance_buckets(config, instance_paths, resolution))
     if not config.validation_prompt:
         base.vae = None  # latents are cached; nothing else needs the VAE
         if not (config.train_text_encoder or config.train_token):
@@ -225,7 +229,7 @@ def _setup_run(config: TrainConfig, accelerator: Accelerator, output: Path,
 
     seed = config.seed + accelerator.process_index
     noise_rng = torch.Generator().manual_seed(seed)
-    instance_order = Shuffler(len(examples.instance_mean), seed)
+    instance_order = BucketOrder(examples.instance_bucket, config.batch_size, seed)
     class_order = Shuffler(len(class_paths), seed + 1) if class_paths else None
     trained = _unwrapped(accelerator, modules)
     ema = ema_shadow(trained, config.ema_decay)
@@ -238,8 +242,8 @@ def _setup_run(config: TrainConfig, accelerator: Accelerator, output: Path,
     metrics = start_run(output, config, start) if accelerator.is_main_process else None
     start_trackers(accelerator, config, output, start)  # --report-to
     return _Run(config, accelerator, output, base, resolution, examples, modules, trained,
-                optimizer, lr_scheduler, _denoiser(config, base, examples, modules["unet"]), noise_rng,
-                instance_order, class_order, ema, start, metrics)
+                optimizer, lr_scheduler, bucket_denoisers(config, base, examples, modules["unet"]),
+                noise_rng, instance_order, class_order, ema, start, metrics)
 
 
 def _block_swap(config: TrainConfig, base: BaseModel, accelerator: Accelerator,
@@ -258,30 +262,19 @@ def _block_swap(config: TrainConfig, base: BaseModel, accelerator: Accelerator,
     return swap
 
 
-def _denoiser(config: TrainConfig, base: BaseModel, examples: Examples,
-              module: torch.nn.Module) -> Denoiser:
-    """The trained module under the family's forward process; flow models
-    draw timesteps by --timestep-sampling, shifted for the training size's
-    token count as drawing shifts them."""
-    h, w = examples.instance_mean.shape[-2:]
-    tokens = (h // 2) * (w // 2)  # FLUX's 2 x 2 patches of the VAE's latents
-    return Denoiser(module, base.family,
-                    noising_for(base.noise_scheduler, config.timestep_sampling, tokens),
-                    getattr(base.family, "train_guidance", None))
-
-
 def _next_batch(run: _Run) -> _Batch:
     """The step's examples and every random draw it makes, from
     ``run.noise_rng`` in a fixed order (a resumed run replays it)."""
     config, rng = run.config, run.noise_rng
     idx = run.instance_order.take(config.batch_size)
     cidx = run.class_order.take(config.batch_size) if run.class_order else []
+    denoiser = run.denoisers[run.examples.instance_bucket[idx[0]]]
     latents = sample_latents(run.examples, idx, cidx, rng)
     noise = torch.randn(latents.shape, generator=rng)
-    timesteps = run.denoiser.noising.draw(latents.shape[0], rng)
+    timesteps = denoiser.noising.draw(latents.shape[0], rng)
     noise = offset_noise(noise, config.noise_offset, rng)
     dropped = caption_dropout(len(idx), config.caption_dropout, rng)
-    return _Batch(idx, cidx, latents, noise, timesteps, dropped)
+    return _Batch(idx, cidx, denoiser, latents, noise, timesteps, dropped)
 
 
 def _batch_loss(run: _Run, batch: _Batch):
@@ -294,25 +287,26 @@ def _batch_loss(run: _Run, batch: _Batch):
         frozen = None  # --prior-preservation model: rows whose target is the base model's
         if config.prior_model:
             latents, noise, timesteps, frozen = model_prior_rows(
-                run.denoiser.over(accelerator.unwrap_model(run.modules["unet"])), latents,
+                batch.denoiser.over(accelerator.unwrap_model(run.modules["unet"])), latents,
                 noise, timesteps, _class_context(examples, idx, accelerator.device),
                 run.noise_rng, same_noise=config.prior_same_noise)
         context = text_context(examples, run.modules, idx, len(latents) - len(idx),
                                accelerator.device, batch.dropped)
         context = context.with_time_ids(batch_time_ids(examples, idx, batch.cidx,
                                                        config.prior_model))
-        return step_loss(run.denoiser, latents, noise, timesteps, context, len(idx),
+        return step_loss(batch.denoiser, latents, noise, timesteps, context, len(idx),
                          config.prior_loss_weight, frozen, config.snr_gamma,
-                         _masked(run, idx))
+                         _masked(run, batch))
 
 
-def _masked(run: _Run, idx: list[int]) -> MaskedLoss | None:
+def _masked(run: _Run, batch: _Batch) -> MaskedLoss | None:
     """The batch's --masked-loss (None without it)."""
     config, masks = run.config, run.examples.instance_masks
     if masks is None:
         return None
-    teacher = run.denoiser.over(run.accelerator.unwrap_model(run.modules["unet"]))
-    return MaskedLoss(masks[idx], config.unmasked_weight, config.masked_prior_weight, teacher)
+    teacher = batch.denoiser.over(run.accelerator.unwrap_model(run.modules["unet"]))
+    return MaskedLoss(torch.stack([masks[i] for i in batch.idx]), config.unmasked_weight,
+                      config.masked_prior_weight, teacher)
 
 
 def _accumulate(run: _Run, step: int) -> dict[str, torch.Tensor | None]:
@@ -487,9 +481,11 @@ def _validate(config: TrainConfig, base: BaseModel, output: Path, step: int) -> 
 
 def _finish(config: TrainConfig, base: BaseModel, output: Path,
             modules: dict[str, torch.nn.Module], resolution: int,
-            whole: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
-    """The LoRA files (from ``whole``: FSDP's gathered shards), last sample, model card."""
+            whole: dict[str, dict[str, torch.Tensor]] | None = None, buckets: str = "") -> None:
+    """The LoRA files (from ``whole``: FSDP's gathered shards), last sample, model
+    card (``buckets``: the sizes --buckets trained at, in words)."""
     write_lora_files(config, base.family.name, output, modules, resolution, whole)
     if config.validation_prompt:
         _validate(config, base, output, config.steps)
-    write_text(output / "README.md", model_card(config, resolution, base.family.pipeline_name))
+    write_text(output / "README.md", model_card(config, resolution, base.family.pipeline_name,
+                                                buckets))

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from ..core.errors import UserError
+from ..photos.buckets import Size
 from ..photos.imagefiles import mask_path
 from ..photos.images import upright_rgb
 from .objective import mask_weights, masked_prior_loss
@@ -25,10 +26,12 @@ from .prior import adapters_disabled
 log = logging.getLogger(__name__)
 
 
-def load_mask(mask: Path, photo_size: tuple[int, int], resolution: int) -> torch.Tensor:
-    """(1, R, R) in [0, 1]: the mask's grey levels, cropped and resized as
-    its photo is. A mask of another size than its (upright) photo, or one
+def load_mask(mask: Path, photo_size: tuple[int, int], size: int | Size) -> torch.Tensor:
+    """(1, H, W) in [0, 1]: the mask's grey levels, scaled to cover ``size``
+    ((width, height) or a square's side) and centre-cropped as its photo is
+    (`load_image`). A mask of another size than its (upright) photo, or one
     that does not decode, is one line naming it."""
+    w, h = (size, size) if isinstance(size, int) else size
     try:
         with Image.open(mask) as im:
             im.load()
@@ -38,26 +41,27 @@ def load_mask(mask: Path, photo_size: tuple[int, int], resolution: int) -> torch
     if grey.size != photo_size:
         raise UserError(f"--masked-loss: {mask} is {grey.size[0]}x{grey.size[1]} px, its photo "
                         f"{photo_size[0]}x{photo_size[1]}: a mask must have its photo's size")
-    grey = ImageOps.fit(grey, (resolution, resolution), method=Image.Resampling.BILINEAR)
+    grey = ImageOps.fit(grey, (w, h), method=Image.Resampling.BILINEAR)
     return torch.frombuffer(bytearray(grey.tobytes()), dtype=torch.uint8).float().div(255) \
-        .view(1, resolution, resolution)
+        .view(1, h, w)
 
 
-def instance_masks(paths: list[Path], resolution: int, latent_side: int) -> torch.Tensor:
-    """(N, 1, h, w) with h = w = ``latent_side``: each photo's mask averaged
-    down to the latent grid; a photo without a mask is all subject (weight 1
-    everywhere), named in one warning. None of them masked is one line."""
+def instance_masks(paths: list[Path], sizes: list[Size],
+                   grids: list[tuple[int, int]]) -> list[torch.Tensor]:
+    """Each photo's mask (1, h, w), loaded at its training size ``sizes[i]``
+    (its bucket) and averaged down to its latents' grid ``grids[i]``; a photo
+    without a mask is all subject (weight 1 everywhere), named in one
+    warning. None of them masked is one line."""
     rows, bare = [], []
-    for path in paths:
+    for path, size, grid in zip(paths, sizes, grids):
         mask = mask_path(path)
         if not mask.is_file():
             bare.append(path.name)
-            rows.append(torch.ones(1, latent_side, latent_side))
+            rows.append(torch.ones(1, *grid))
             continue
         with Image.open(path) as photo:
-            size = upright_rgb(photo).size
-        full = load_mask(mask, size, resolution)
-        rows.append(F.adaptive_avg_pool2d(full, latent_side))
+            photo_size = upright_rgb(photo).size
+        rows.append(F.adaptive_avg_pool2d(load_mask(mask, photo_size, size), grid))
     if len(bare) == len(paths):
         raise UserError(f"--masked-loss: no photo in {paths[0].parent} has a mask "
                         f"({mask_path(paths[0]).name} beside {paths[0].name}, white = subject); "
@@ -65,7 +69,7 @@ def instance_masks(paths: list[Path], resolution: int, latent_side: int) -> torc
     if bare:
         log.warning("--masked-loss: %d of %d photos have no mask (%s): their whole image "
                     "counts", len(bare), len(paths), ", ".join(bare[:3]) + (", ..." if len(bare) > 3 else ""))
-    return torch.stack(rows)
+    return rows
 
 
 @dataclass(frozen=True)
@@ -74,7 +78,7 @@ class MaskedLoss:
     how they weigh; ``teacher`` (the unwrapped denoiser) draws the frozen
     base's prediction for --masked-prior-weight."""
 
-    masks: torch.Tensor
+    masks: torch.Tensor  # (n, 1, h, w)
     unmasked_weight: float
     prior_weight: float = 0.0
     teacher: Any = None

@@ -10,6 +10,7 @@ logit-normal, mode; SD3 paper, Esser et al. 2024, sec. 3.1) mapped onto the
 scheduler's shifted sigmas, as diffusers' FLUX trainers do, and the loss
 weighted by diffusers' ``compute_loss_weighting_for_sd3``. Every random draw
 comes from the generator passed in (a resumed run replays it).
+``step_loss``: one batch's DreamBooth loss under a ``Denoiser``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,11 @@ from dataclasses import dataclass
 import torch
 
 from ..models.families import Conditioning, Family
-from .objective import diffusion_target, flow_target, min_snr_weights
+from .objective import (
+    diffusion_target,
+    flow_target,
+    min_snr_weights,
+)
 
 
 class DDPMNoising:

@@ -13,10 +13,10 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
-from .data import Shuffler
+from .data import BucketOrder, Shuffler
 
 
-def rank_streams(noise_rng: torch.Generator, instance_order: Shuffler,
+def rank_streams(noise_rng: torch.Generator, instance_order: BucketOrder,
                  class_order: Shuffler | None) -> dict:
     """This process's random streams, keyed as a checkpoint's state holds them."""
     return {"noise_rng": noise_rng.get_state(), "torch_rng": torch.get_rng_state(),
@@ -32,7 +32,7 @@ def all_rank_streams(accelerator: Accelerator, own: dict) -> list[dict]:
 
 
 def restore_streams(state: dict, rank: int, noise_rng: torch.Generator,
-                    instance_order: Shuffler, class_order: Shuffler | None) -> bool:
+                    instance_order: BucketOrder, class_order: Shuffler | None) -> bool:
     """Give process ``rank`` its streams from a checkpoint's ``state``: its own
     entry of ``state["ranks"]``, or, for a checkpoint without one (a single
     process wrote it), the top-level streams for process 0. A process the

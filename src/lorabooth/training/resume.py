@@ -11,7 +11,7 @@ import torch
 from ..config import TrainConfig
 from ..core.errors import UserError, first_line
 from .checkpoint import latest_checkpoint, latest_loadable, load_trainable_state
-from .data import Shuffler
+from .data import BucketOrder, Shuffler
 from .ema import ema_load
 from .processes import restore_streams
 from .runfiles import check_resume_config
@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 
 def resume(config: TrainConfig, output: Path, modules, optimizer, lr_scheduler,
-            noise_rng: torch.Generator, instance_order: Shuffler, class_order: Shuffler | None,
+            noise_rng: torch.Generator, instance_order: BucketOrder, class_order: Shuffler | None,
             ema: dict[str, torch.Tensor] | None, rank: int = 0) -> int:
     """The step to go on from, with every state restored from the newest
     checkpoint that loads; 0 when none does. What was skipped is one line."""

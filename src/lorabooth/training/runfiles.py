@@ -259,8 +259,9 @@ def run_folder(config: TrainConfig, main: bool) -> Iterator[Path]:
 
 
 def model_card(config: TrainConfig, resolution: int,
-               pipeline: str = "StableDiffusionPipeline") -> str:
-    """README.md of the run. Every user string is quoted for where it lands:
+               pipeline: str = "StableDiffusionPipeline", buckets: str = "") -> str:
+    """README.md of the run (``buckets``: the sizes --buckets trained at, in
+    words). Every user string is quoted for where it lands:
     JSON in the YAML header, markdown-escaped in the text, shlex-quoted in the
     shell command (a prompt holding `$(...)` must not run when pasted),
     repr() in the Python snippet."""
@@ -321,6 +322,7 @@ LoRA adapters for {md.code(config.model)}, trained by lorabooth {__version__}.
 | optimizer, lr schedule (warmup steps), gradient accumulation | {optimizer} |
 | learning rates (UNet / text) | {config.lr:g} / {config.lr_text:g} |
 | resolution | {resolution} px |
+| aspect-ratio buckets (--buckets) | {f"on: {buckets}" if config.buckets else "off (square)"} |
 | prior preservation | {prior} |
 | trained token embedding (pivotal tuning) | {token} |
 | mixed precision | {config.mixed_precision} |
