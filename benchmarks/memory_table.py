@@ -92,7 +92,12 @@ def _latent_shape(module: torch.nn.Module, family: str, resolution: int) -> tupl
 
 def step_once(model: str, resolution: int, precision: str, checkpointing: bool, swapped: int,
               steps: int, device: str) -> dict:
-    from lorabooth.adapters.lora import add_unet_lora, freeze_all_but_lora, lora_parameters
+    from lorabooth.adapters.lora import (
+        UNET_TARGETS,
+        add_unet_lora,
+        freeze_all_but_lora,
+        lora_parameters,
+    )
     from lorabooth.formats import flux
     from lorabooth.models.components import sd_noise_scheduler
     from lorabooth.models.families import FAMILIES
@@ -101,7 +106,6 @@ def step_once(model: str, resolution: int, precision: str, checkpointing: bool, 
     from lorabooth.models.precision import cast_frozen
     from lorabooth.models.quantise import frozen_bytes, quantise_module
     from lorabooth.training.noising import Denoiser, noising_for
-    from lorabooth.training.setup import UNET_TARGETS
 
     start = time.perf_counter()
     dtype = torch.bfloat16
