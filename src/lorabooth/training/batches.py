@@ -22,7 +22,7 @@ from ..models.tokenwindow import check_prompt
 from ..photos.buckets import Size
 from ..photos.imagefiles import problem
 from .data import image_files, latent_distributions
-from .masks import instance_masks
+from .masks import check_masks, instance_masks
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,8 @@ def instance_images(config: TrainConfig) -> list[Path]:
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         raise UserError(f"--instance-dir: {bad[0]}: {problems[bad[0]]}{more}; "
                         f"remove or replace it (`lorabooth prepare` sorts a folder out)")
+    if config.masked_loss:
+        check_masks(files)
     log.info("--instance-dir %s: %d images", folder, len(files))
     return files
 

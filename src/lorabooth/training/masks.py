@@ -20,10 +20,31 @@ from ..core.errors import UserError
 from ..photos.buckets import Size
 from ..photos.imagefiles import mask_path
 from ..photos.images import upright_rgb
+from .data import upright_size
 from .objective import mask_weights, masked_prior_loss
 from .prior import adapters_disabled
 
 log = logging.getLogger(__name__)
+
+
+def check_masks(paths: list[Path]) -> None:
+    """Before any model loads: at least one photo has a mask, and each mask
+    decodes and has its photo's size (read from the headers), else one line
+    naming the file."""
+    masks = [(p, mask_path(p)) for p in paths if mask_path(p).is_file()]
+    if not masks:
+        raise UserError(f"--masked-loss: no photo in {paths[0].parent} has a mask "
+                        f"({mask_path(paths[0]).name} beside {paths[0].name}, white = subject); "
+                        f"`lorabooth prepare --mask face` makes them from the face it finds")
+    for photo, mask in masks:
+        try:
+            size = upright_size(mask)
+        except (OSError, ValueError) as e:
+            raise UserError(f"--masked-loss: {mask}: not a readable image ({e})") from None
+        if size != upright_size(photo):
+            want = upright_size(photo)
+            raise UserError(f"--masked-loss: {mask} is {size[0]}x{size[1]} px, its photo "
+                            f"{want[0]}x{want[1]}: a mask must have its photo's size")
 
 
 def load_mask(mask: Path, photo_size: tuple[int, int], size: int | Size) -> torch.Tensor:
