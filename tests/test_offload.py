@@ -9,12 +9,16 @@ import copy
 import pytest
 import torch
 
-from lorabooth.adapters.lora import add_unet_lora, freeze_all_but_lora, lora_parameters
+from lorabooth.adapters.lora import (
+    UNET_TARGETS,
+    add_unet_lora,
+    freeze_all_but_lora,
+    lora_parameters,
+)
 from lorabooth.formats import flux
 from lorabooth.models.families import FAMILIES, Conditioning
 from lorabooth.models.loading import load_base
 from lorabooth.models.offload import BlockSwap, denoiser_blocks
-from lorabooth.training.setup import UNET_TARGETS
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
