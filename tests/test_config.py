@@ -150,7 +150,8 @@ def test_the_pages_dropdowns_are_the_fields_choices():
     assert menus["prior_preservation"] == PRIOR_MODES
     assert menus["save_format"] == SAVE_FORMATS
     assert set(menus) == {"prior_preservation", "mixed_precision", "save_format", "adapter",
-                          "timestep_sampling", "base_precision", "optimizer", "lr_scheduler"}
+                          "timestep_sampling", "base_precision", "optimizer", "lr_scheduler",
+                          "targets"}
 
 
 def test_a_keyword_call_builds_the_same_config_once():
