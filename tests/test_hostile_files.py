@@ -125,7 +125,7 @@ def doctored_report(ctx: Ctx) -> None:
 def sigint_at_step(n: int) -> Callable[[Ctx], None]:
     """A real SIGINT to this process in the middle of step ``n`` (Ctrl-C)."""
     def setup(ctx: Ctx) -> None:
-        import lorabooth.training.loop as T
+        import lorabooth.training.steploss as T
         real, calls = T.dreambooth_loss, {"n": 0}
 
         def interrupted(*args, **kwargs):

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import lorabooth.training.loop as T
+import lorabooth.training.steploss as S
 from lorabooth import TrainConfig, train
 from lorabooth.core.errors import UserError
 from lorabooth.formats import WEIGHT_NAME
@@ -31,7 +32,7 @@ def _config(photos, out, **kw):
 # die (after writing half of what it was asked to write, where it writes).
 KILLS = {
     "drawing class images": ("lorabooth.training.prior", "save_png", 3, "png"),
-    "mid-training": ("lorabooth.training.loop", "dreambooth_loss", 5, None),
+    "mid-training": ("lorabooth.training.steploss", "dreambooth_loss", 5, None),
     "writing a checkpoint": ("torch", "save", 2, "bytes"),  # the 2nd checkpoint (step 4)
     "writing the final weights": ("lorabooth.formats.layouts", "save_file", 1, "bytes"),
 }
@@ -138,7 +139,7 @@ def test_resume_skips_a_checkpoint_that_does_not_verify(photos, tmp_path, caplog
 
 
 def test_nan_stops_at_that_step_and_keeps_the_last_good_checkpoint(photos, tmp_path, monkeypatch):
-    real = T.dreambooth_loss
+    real = S.dreambooth_loss
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -146,7 +147,7 @@ def test_nan_stops_at_that_step_and_keeps_the_last_good_checkpoint(photos, tmp_p
         total, inst, prior = real(*args, **kwargs)
         return (total * float("nan"), inst, prior) if calls["n"] == 3 else (total, inst, prior)
 
-    monkeypatch.setattr(T, "dreambooth_loss", poisoned)
+    monkeypatch.setattr(S, "dreambooth_loss", poisoned)
     out = tmp_path / "run"
     with pytest.raises(UserError) as e:
         train(_config(photos, out, prior_preservation=False, mixed_precision="fp16"))
