@@ -152,11 +152,12 @@ def test_accumulated_batches_equal_one_batch(tmp_path, monkeypatch):
         batches.append(real_next(run))
         return batches[-1]
 
-    def rows():  # batch s's rows, one at a time
+    def rows(run):  # batch s's rows, one at a time, under this run's own model
         for b in list(batches):
             for j in range(len(b.idx)):
-                yield T._Batch([b.idx[j]], [], b.latents[j:j + 1], b.noise[j:j + 1],
-                               b.timesteps[j:j + 1], b.dropped[j:j + 1])
+                yield T._Batch(idx=[b.idx[j]], cidx=[], denoiser=run.denoisers[run.examples.instance_bucket[b.idx[j]]],
+                               latents=b.latents[j:j + 1], noise=b.noise[j:j + 1],
+                               timesteps=b.timesteps[j:j + 1], dropped=b.dropped[j:j + 1])
 
     def run(name, **kw):
         def hook(optimizer, args, kwargs):
@@ -171,14 +172,22 @@ def test_accumulated_batches_equal_one_batch(tmp_path, monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(T, "_next_batch", recording)
         one = run("one", batch_size=4)
-    replay = rows()
+    replay = None
+
+    def replaying(run):
+        nonlocal replay
+        replay = replay or rows(run)
+        return next(replay)
+
     with monkeypatch.context() as m:
-        m.setattr(T, "_next_batch", lambda run: next(replay))
+        m.setattr(T, "_next_batch", replaying)
         accumulated = run("accumulated", batch_size=1, gradient_accumulation=4)
     assert len(grads["one"]) == len(grads["accumulated"]) == 3  # one per optimizer step
     for g1, g4 in zip(grads["one"], grads["accumulated"]):
         assert g1.norm() == pytest.approx(0.005, rel=1e-4)  # clipping was on
-        assert torch.allclose(g1, g4, rtol=1e-4, atol=1e-8)
+        # float32 summation order, grown by the Adam steps before: within
+        # 1e-4 of the step's largest gradient element
+        assert torch.allclose(g1, g4, rtol=1e-4, atol=1e-4 * g1.abs().max().item())
     # the files within 3% of one step's lr: Adam divides each element's step
     # by that element's gradient size, so where a gradient is ~0 its last
     # bits (summed in another order) move the weight by a visible fraction of lr

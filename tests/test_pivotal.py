@@ -130,9 +130,11 @@ def test_class_embeddings_stay_cached_unless_they_hold_the_token():
 
     for class_ids, cached in ((ids[1:2], True), (ids[2:3], False)):
         cache = Conditioning(torch.zeros(1, 77, 32))
-        examples = Examples(torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.zeros(1),
-                            Conditioning(torch.zeros(1, 77, 32)), cache, ids[:1, None],
-                            class_ids[:, None], 1.0)
+        examples = Examples(instance_mean=[torch.zeros(1)], instance_std=[torch.zeros(1)],
+                            instance_bucket=[(64, 64)], class_mean=None, class_std=None,
+                            instance_embedding=Conditioning(torch.zeros(1, 77, 32)),
+                            class_embedding=cache, instance_ids=ids[:1, None],
+                            class_ids=class_ids[:, None], model_latents=lambda x: x)
         base = build_tiny()
         use_token(Unwrap(), base, {"unet": None, "token": token}, examples)
         assert examples.instance_embedding is None and examples.encoders == [base.text_encoder]

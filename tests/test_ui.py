@@ -174,7 +174,7 @@ def test_the_form_has_every_train_option_with_help_and_default():
         if f.name in shown:
             assert shown[f.name].help == f.metadata["help"]
     assert shown["steps"].default == 300 and not shown["steps"].advanced
-    assert shown["snr_gamma"].advanced and shown["adapter"].choices == ("lora", "dora")
+    assert shown["snr_gamma"].advanced and shown["adapter"].choices == ("lora", "dora", "lokr", "loha")
     assert form_fields({"model": "toy"})[0].default == "toy"
 
 
