@@ -155,7 +155,8 @@ def test_accumulated_batches_equal_one_batch(tmp_path, monkeypatch):
     def rows(run):  # batch s's rows, one at a time, under this run's own model
         for b in list(batches):
             for j in range(len(b.idx)):
-                yield T._Batch(idx=[b.idx[j]], cidx=[], denoiser=run.denoisers[run.examples.instance_bucket[b.idx[j]]],
+                bucket = run.examples.instance_bucket[b.idx[j]]
+                yield T._Batch(idx=[b.idx[j]], cidx=[], denoiser=run.denoisers[bucket],
                                latents=b.latents[j:j + 1], noise=b.noise[j:j + 1],
                                timesteps=b.timesteps[j:j + 1], dropped=b.dropped[j:j + 1])
 
