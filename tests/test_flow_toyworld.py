@@ -56,6 +56,7 @@ def test_flow_pretrain_writes_a_flux2_folder_and_records_its_figures(flow_folder
     record = json.loads((flow_folder / "toyworld.json").read_text())
     assert record["seed"] == 3 and record["transformer_steps"] == 2
     assert record["text_window"] == 32 and record["family"] == "flux2"
+    assert record["text_lr_beside_transformer"] == 3e-4
     assert 0 <= record["draws_cls_accuracy"] <= 1 and record["draws"] == len(CLASSES)
     assert record["vae_psnr_db_held_out"] > 0
     assert (flow_folder / "judges.safetensors").is_file()
@@ -102,10 +103,11 @@ def test_init_continues_an_earlier_model(flow_folder, tmp_path):
     from lorabooth.toyworld.flow_pretrain import flow_pretrain
 
     out = flow_pretrain(tmp_path / "more", seed=4, images=32, steps=1, batch=2,
-                        init=str(flow_folder), eval_per_prompt=1, eval_steps=1)
+                        init=str(flow_folder), text_lr=0.0, eval_per_prompt=1, eval_steps=1)
     record = json.loads((out / "toyworld.json").read_text())
     assert record["init"]["folder"] == str(flow_folder) and record["transformer_steps"] == 1
-    assert "vae_steps" not in record  # the VAE and the text encoder were kept
+    assert "vae_steps" not in record and record["text_lr_beside_transformer"] == 0
+    # the VAE and (at --text-lr 0) the text encoder were kept
     for part in ("vae", "text_encoder"):
         [old] = (flow_folder / part).glob("*.safetensors")
         [new] = (out / part).glob("*.safetensors")

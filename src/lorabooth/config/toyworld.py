@@ -58,6 +58,8 @@ class FlowPretrainConfig:
                             "then frozen).", 300)
     steps: int = _help("Transformer steps.", 1500)
     batch: int = _help("Transformer batch size.", 32)
+    text_lr: float = _help("Learning rate of the text encoder while the transformer trains "
+                           "(then frozen); 0: frozen after its language-model steps.", 3e-4)
     judge_steps: int = _help("Judge training steps (unless --judges-from).", 1500)
     judges_from: str = _help("A toy model folder whose judges to copy instead of training "
                              "new ones (they read pixels, not the model).", "")
@@ -76,6 +78,8 @@ class FlowPretrainConfig:
             check_count(getattr(self, key), option_name(key), MAX_TRAIN_STEPS)
         for key in ("batch", "vae_batch"):
             check_count(getattr(self, key), option_name(key), MAX_BATCH)
+        if not 0 <= self.text_lr < 1:
+            raise bad(self, "text_lr", "between 0 and 1")
         if not 0 <= self.threads <= 1024:
             raise bad(self, "threads", "between 0 and 1024")
 
