@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from lorabooth.commands.cli import main
 from lorabooth.toyworld.world import CLASSES
@@ -22,7 +23,7 @@ def flow_folder(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("flow") / "model"
     return flow_pretrain(out, seed=3, images=64, vae_steps=2, vae_batch=4, text_steps=2,
-                         steps=2, long_steps=1, batch=4, judges_from=str(toy_model_dir()),
+                         steps=2, batch=4, judges_from=str(toy_model_dir()),
                          eval_per_prompt=1, eval_steps=2)
 
 
@@ -54,7 +55,8 @@ def test_flow_pretrain_writes_a_flux2_folder_and_records_its_figures(flow_folder
     assert base.vae.bn.running_var.min() > 0  # the latent statistics were set
     record = json.loads((flow_folder / "toyworld.json").read_text())
     assert record["seed"] == 3 and record["transformer_steps"] == 2
-    assert record["transformer_long_steps"] == 1 and record["family"] == "flux2"
+    assert record["text_window"] == 32 and record["family"] == "flux2"
+    assert record["text_lr_beside_transformer"] == 3e-4
     assert 0 <= record["draws_cls_accuracy"] <= 1 and record["draws"] == len(CLASSES)
     assert record["vae_psnr_db_held_out"] > 0
     assert (flow_folder / "judges.safetensors").is_file()
@@ -72,16 +74,57 @@ def test_the_flow_toy_folder_lora_trains_and_draws(flow_folder, tmp_path):
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(np.isfinite(r["loss"]) for r in rows)
     pipe, has_text = load_pipeline(run)
+    read = []  # the text tokens the transformer reads while drawing
+    pipe.transformer.register_forward_pre_hook(
+        lambda m, args, kw: read.append(kw["encoder_hidden_states"].shape[1]), with_kwargs=True)
     zero, one = (draw(pipe, has_text, "a photo of sks ball", Setting(scale, 1.0, 4.0), [0], 2,
                       size=(32, 32))[0] for scale in (0.0, 1.0))
     assert zero.size == (32, 32)
+    assert read and set(read) == {32}  # the window training read, not the pipeline's 512
     assert not np.array_equal(np.asarray(zero), np.asarray(one))  # the LoRA is drawn with
+
+
+def test_the_toy_model_declares_its_text_window_and_every_reader_keeps_it(flow_folder):
+    from lorabooth.models.loading import load_base, pipeline_from_parts
+
+    base = load_base(str(flow_folder))
+    assert base.tokenizer.model_max_length == 32
+    assert base.family.tokenize([base.tokenizer], ["a photo of sks ball"]).shape == (1, 2, 32)
+    assert base.family.draw_options(pipeline_from_parts(base)) == {"max_sequence_length": 32}
+    for model in ("tiny-flux2", "tiny-flux"):  # FLUX's own window
+        base = load_base(model)
+        assert base.family.draw_options(pipeline_from_parts(base)) == {"max_sequence_length": 512}
+    assert load_base("tiny").family.draw_options(None) == {}
+
+
+def test_init_continues_an_earlier_model(flow_folder, tmp_path):
+    from safetensors.torch import load_file
+
+    from lorabooth.toyworld.flow_pretrain import flow_pretrain
+
+    out = flow_pretrain(tmp_path / "more", seed=4, images=32, steps=1, batch=2,
+                        init=str(flow_folder), text_lr=0.0, eval_per_prompt=1, eval_steps=1)
+    record = json.loads((out / "toyworld.json").read_text())
+    assert record["init"]["folder"] == str(flow_folder) and record["transformer_steps"] == 1
+    assert "vae_steps" not in record and record["text_lr_beside_transformer"] == 0
+    # the VAE and (at --text-lr 0) the text encoder were kept
+    for part in ("vae", "text_encoder"):
+        [old] = (flow_folder / part).glob("*.safetensors")
+        [new] = (out / part).glob("*.safetensors")
+        assert all(torch.equal(v, load_file(new)[k]) for k, v in load_file(old).items())
+    assert (out / "judges.safetensors").read_bytes() == (
+        flow_folder / "judges.safetensors").read_bytes()
+    assert json.loads((out / "tokenizer" / "tokenizer_config.json").read_text())[
+        "model_max_length"] == 32
 
 
 def test_flow_pretrain_command_refuses_bad_options_in_one_line(tmp_path, capsys):
     assert main(["toyworld", "flow-pretrain", "--out", str(tmp_path / "m"),
-                 "--long-steps", "-1"]) == 2
-    assert "--long-steps" in capsys.readouterr().err
+                 "--steps", "-1"]) == 2
+    assert "--steps" in capsys.readouterr().err
+    assert main(["toyworld", "flow-pretrain", "--out", str(tmp_path / "m"),
+                 "--init", str(tmp_path)]) == 2
+    assert "--init" in capsys.readouterr().err
     assert main(["toyworld", "flow-pretrain", "--out", str(tmp_path / "m"),
                  "--judges-from", str(tmp_path / "nothing")]) == 2
     assert not (tmp_path / "m").exists()

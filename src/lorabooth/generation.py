@@ -169,7 +169,8 @@ def _call(pipe, prompt: str, setting: Setting, generators: list[torch.Generator]
             raise UserError(f"--negative-prompt: {type(pipe).__name__} draws with distilled "
                             f"guidance and reads no negative prompt; leave it out")
         negative = {"negative_prompt": [negative_prompt] * n}
-    arrays = pipe(prompt=[prompt] * n, **negative, guidance_scale=setting.guidance,
+    arrays = pipe(prompt=[prompt] * n, **negative, **family_of(pipe).draw_options(pipe),
+                  guidance_scale=setting.guidance,
                   num_inference_steps=steps, generator=generators, width=size[0],
                   height=size[1], output_type="np").images
     check_images(arrays, f"{prompt!r} at {setting.label}")  # as PNGs NaN would be black

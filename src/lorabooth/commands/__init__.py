@@ -163,8 +163,8 @@ def _flow_pretrain(c: FlowPretrainConfig) -> Any:
         torch.set_num_threads(c.threads)
     return flow_pretrain(c.out, seed=c.seed, images=c.images, vae_steps=c.vae_steps,
                          vae_batch=c.vae_batch, text_steps=c.text_steps, steps=c.steps,
-                         long_steps=c.long_steps, batch=c.batch, judge_steps=c.judge_steps,
-                         judges_from=c.judges_from)
+                         batch=c.batch, judge_steps=c.judge_steps, judges_from=c.judges_from,
+                         init=c.init, text_lr=c.text_lr)
 
 
 def _claims(c: ClaimsConfig) -> Any:

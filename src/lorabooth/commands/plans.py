@@ -109,7 +109,7 @@ def _pretrain(c: Any) -> Plan:
 
 
 def _flow_pretrain(c: Any) -> Plan:
-    return Plan((Read("--judges-from", c.judges_from),),
+    return Plan((Read("--judges-from", c.judges_from), Read("--init", c.init)),
                 (Write("--out", c.out, "folder", "pretrain"),))
 
 

@@ -56,13 +56,17 @@ class FlowPretrainConfig:
     vae_batch: int = _help("VAE batch size.", 32)
     text_steps: int = _help("Text-encoder steps (a causal language model on the captions; "
                             "then frozen).", 300)
-    steps: int = _help("Transformer steps in the short text window.", 1500)
-    long_steps: int = _help("Transformer steps after those, in the family's 512-token window.",
-                            40)
+    steps: int = _help("Transformer steps.", 1500)
     batch: int = _help("Transformer batch size.", 32)
+    text_lr: float = _help("Learning rate of the text encoder while the transformer trains "
+                           "(then frozen); 0: frozen after its language-model steps.", 3e-4)
     judge_steps: int = _help("Judge training steps (unless --judges-from).", 1500)
     judges_from: str = _help("A toy model folder whose judges to copy instead of training "
                              "new ones (they read pixels, not the model).", "")
+    init: str = _help("An earlier flow toy model folder to start from: its VAE, tokenizer and "
+                      "text encoder are kept (--vae-steps and --text-steps unused), its "
+                      "transformer trains --steps more, its judges are copied unless "
+                      "--judges-from.", "")
     threads: int = _help("CPU threads torch may use (0: torch's default).", 0)
 
     def __post_init__(self) -> None:
@@ -72,10 +76,10 @@ class FlowPretrainConfig:
         check_count(self.images, "--images", MAX_RENDERED)
         for key in ("vae_steps", "text_steps", "steps", "judge_steps"):
             check_count(getattr(self, key), option_name(key), MAX_TRAIN_STEPS)
-        if not 0 <= self.long_steps <= MAX_TRAIN_STEPS:
-            raise bad(self, "long_steps", f"between 0 and {MAX_TRAIN_STEPS}")
         for key in ("batch", "vae_batch"):
             check_count(getattr(self, key), option_name(key), MAX_BATCH)
+        if not 0 <= self.text_lr < 1:
+            raise bad(self, "text_lr", "between 0 and 1")
         if not 0 <= self.threads <= 1024:
             raise bad(self, "threads", "between 0 and 1024")
 

@@ -158,6 +158,10 @@ class Family(Protocol):
     def sampler(self, noise_scheduler):
         """The scheduler that draws, built from the training one's config."""
 
+    def draw_options(self, pipe) -> dict:
+        """What a drawing call passes beside the prompt, so the pipeline reads
+        the prompt as training does (a flow family's text window)."""
+
 
 class SD1Family:
     """Stable Diffusion 1.x (and the built-in tiny, toy, sd15-random)."""
@@ -179,6 +183,9 @@ class SD1Family:
         from diffusers import DPMSolverMultistepScheduler
 
         return DPMSolverMultistepScheduler.from_config(noise_scheduler.config)
+
+    def draw_options(self, pipe) -> dict:
+        return {}  # the pipeline reads CLIP's 77 tokens, as training
 
     def encode(self, encoders: list[torch.nn.Module], ids: torch.Tensor) -> Conditioning:
         return Conditioning(encoders[0](ids[:, 0])[0])
@@ -219,6 +226,7 @@ class SDXLFamily:
     frozen = ("train_token",)  # two text encoders: no trained token rows yet
     tokenize = SD1Family.tokenize
     sampler = SD1Family.sampler
+    draw_options = SD1Family.draw_options
     predict = SD1Family.predict
     model_latents = SD1Family.model_latents
 
@@ -268,8 +276,8 @@ class Flux2Family:
         by id alone, so the mask travels with the ids)."""
         tokenizer = tokenizers[0]
         texts = [chat_text(tokenizer, p) for p in prompts]
-        out = tokenizer(texts, padding="max_length", truncation=True, max_length=self.max_length,
-                        return_tensors="pt")
+        out = tokenizer(texts, padding="max_length", truncation=True,
+                        max_length=text_window(tokenizer, self.max_length), return_tensors="pt")
         return torch.stack([out.input_ids, out.attention_mask], dim=1)
 
     def encode(self, encoders: list[torch.nn.Module], ids: torch.Tensor) -> Conditioning:
@@ -317,6 +325,9 @@ class Flux2Family:
 
         return FlowMatchEulerDiscreteScheduler.from_config(noise_scheduler.config)
 
+    def draw_options(self, pipe) -> dict:
+        return {"max_sequence_length": text_window(pipe.tokenizer, self.max_length)}
+
 
 class Flux1Family:
     """FLUX.1: CLIP-L's pooled output (B, 768) and T5-XXL's last hidden
@@ -343,7 +354,8 @@ class Flux1Family:
         """(P, 2, 512): row 0 CLIP's 77 ids (then its padding, never read),
         row 1 T5's 512."""
         clip = tokenize(tokenizers[0], prompts)  # (P, 77)
-        t5 = tokenizers[1](prompts, padding="max_length", max_length=self.max_length,
+        t5 = tokenizers[1](prompts, padding="max_length",
+                           max_length=text_window(tokenizers[1], self.max_length),
                            truncation=True, return_tensors="pt").input_ids
         clip = torch.nn.functional.pad(clip, (0, t5.shape[1] - clip.shape[1]),
                                        value=tokenizers[0].pad_token_id)
@@ -391,6 +403,9 @@ class Flux1Family:
 
     sampler = Flux2Family.sampler
 
+    def draw_options(self, pipe) -> dict:
+        return {"max_sequence_length": text_window(pipe.tokenizer_2, self.max_length)}
+
 
 def _bn_stats(vae: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """FLUX.2's VAE: the mean and standard deviation of its patchified latents."""
@@ -437,6 +452,13 @@ def encoder_text(tokenizer, prompt: str) -> str:
 def chat_text(tokenizer, prompt: str) -> str:
     return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                          add_generation_prompt=True, enable_thinking=False)
+
+
+def text_window(tokenizer, longest: int) -> int:
+    """The tokens a flow family's long text encoder reads: the family's
+    window (the pipeline's max_sequence_length), or fewer where the model's
+    tokenizer says so (the flow toy model reads 32)."""
+    return min(longest, int(tokenizer.model_max_length))
 
 
 def family_of(pipe) -> Family:

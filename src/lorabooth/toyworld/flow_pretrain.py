@@ -17,7 +17,6 @@ training/noising.py and the flux2 family's ``predict``/``model_latents``
 
 from __future__ import annotations
 
-import copy
 import logging
 import random
 import sys
@@ -46,11 +45,12 @@ FAMILY = FAMILIES["flux2"]
 RESOLUTION = 32
 BPE_VOCAB = 2048  # a budget: training stops once every caption word is one token
 QWEN_WIDTH = 32  # hidden size; the transformer reads 3 layers of it side by side
-# The text window of most pretraining steps: the chat-templated captions are
-# under 24 tokens, and the family's 512 (what training a LoRA and drawing
-# read) costs 6x more per step on the CPU; the last ``long_steps`` read 512,
-# so the transformer meets the padding and positions it is used with.
-SHORT_WINDOW = 32
+# The text window the toy model reads, in pretraining, LoRA training and
+# drawing alike (its tokenizer's model_max_length, which the flux2 family
+# reads through ``text_window``): the chat-templated captions are under 24
+# tokens, and FLUX.2's 512 costs 11x more per step on the CPU, nearly all of
+# it padding that a model must also learn to ignore.
+TEXT_WINDOW = 32
 
 
 def caption_words() -> tuple[str, ...]:
@@ -77,6 +77,7 @@ def flow_tokenizer(words: tuple[str, ...], seed: int = 0):
     if split:
         raise RuntimeError(f"the toy BPE splits {split[:5]}: raise BPE_VOCAB")
     assert tokenizer.chat_template == QWEN3_CHAT_TEMPLATE
+    tokenizer.model_max_length = TEXT_WINDOW
     return tokenizer
 
 
@@ -149,57 +150,56 @@ def train_text_encoder(text_encoder, tokenizer, specs, words, steps: int, batch:
             "text_final_loss": round(loss.item(), 4)}
 
 
-def windowed(window: int):
-    """The flux2 family reading prompts in a ``window``-token text window."""
-    family = copy.copy(FAMILY)
-    family.max_length = window
-    return family
-
-
 def train_transformer(transformer, text_encoder, tokenizer, latents_of, means, stds, specs,
-                      words, steps: int, long_steps: int, batch: int, gen: torch.Generator,
-                      rng: random.Random) -> dict:
+                      words, steps: int, batch: int, gen: torch.Generator,
+                      rng: random.Random, text_lr: float = 0.0) -> dict:
     """Flow matching as `train` does it: the flux2 family's latents and
     prediction under the scheduler's forward process (logit-normal draws,
-    shifted for the 8 x 8 token image), the text encoder frozen; ``steps``
-    in SHORT_WINDOW, then ``long_steps`` in the family's own window."""
+    shifted for the 8 x 8 token image). ``text_lr`` > 0: the text encoder
+    trains beside the transformer at that rate, then is frozen.
+
+    Why it may: FLUX.2's Qwen3 reaches the transformer with features that
+    tell prompts apart. The toy's, 32 wide after a few hundred steps of
+    language modelling, do not: two captions naming another class and
+    place differ by 2% of their hidden states' norm, and a transformer
+    trained on them draws the same picture for every prompt."""
     tokens = (means.shape[-2] // 2) * (means.shape[-1] // 2)
-    noising = noising_for(flow_scheduler(), "logit_normal", tokens)
-    total = steps + long_steps
-    opt = torch.optim.AdamW(transformer.parameters(), lr=1e-3, weight_decay=1e-2)
-    sched = schedule(opt, total, warmup=total // 30)
+    denoiser = Denoiser(transformer, FAMILY, noising_for(flow_scheduler(), "logit_normal", tokens))
+    groups = [{"params": list(transformer.parameters()), "lr": 1e-3}]
+    if text_lr:
+        text_encoder.train().requires_grad_(True)
+        groups.append({"params": list(text_encoder.parameters()), "lr": text_lr})
+    opt = torch.optim.AdamW(groups, weight_decay=1e-2)
+    sched = schedule(opt, steps, warmup=steps // 30)
     transformer.train()
-    t0, ema, seconds = time.perf_counter(), None, {}
-    for step in range(total):
-        family = windowed(SHORT_WINDOW) if step < steps else FAMILY
-        denoiser = Denoiser(transformer, family, noising)
-        t1 = time.perf_counter()
+    t0, ema = time.perf_counter(), None
+    for step in range(steps):
         idx = torch.randint(0, len(means), (batch,), generator=gen)
         latents = latents_of(means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen))
-        ids = family.tokenize([tokenizer], _prompts(specs, idx.tolist(), words, rng))
-        with torch.no_grad():
-            context = family.encode([text_encoder], ids)
+        ids = FAMILY.tokenize([tokenizer], _prompts(specs, idx.tolist(), words, rng))
+        with torch.set_grad_enabled(bool(text_lr)):
+            context = FAMILY.encode([text_encoder], ids)
         noise = torch.randn(latents.shape, generator=gen)
         t = denoiser.noising.draw(batch, gen)
         pred = denoiser(denoiser.noising.noisy(latents, noise, t), t, context)
         loss = F.mse_loss(pred, denoiser.noising.target(latents, noise, t))
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
-        seconds[family.max_length] = seconds.get(family.max_length, 0.0) + time.perf_counter() - t1
-        if step % 50 == 0 or step in (steps - 1, total - 1):
-            log.info("transformer step %d/%d (window %d) loss %.4f (ema %.4f, %.0f s)", step + 1,
-                     total, family.max_length, loss.item(), ema, time.perf_counter() - t0)
+        if step % 50 == 0 or step == steps - 1:
+            log.info("transformer step %d/%d loss %.4f (ema %.4f, %.0f s)", step + 1, steps,
+                     loss.item(), ema, time.perf_counter() - t0)
     transformer.eval()
-    return {"transformer_steps": steps, "transformer_long_steps": long_steps,
-            "short_window": SHORT_WINDOW, "transformer_seconds": round(time.perf_counter() - t0),
-            "seconds_per_step_by_window": {
-                k: round(v / (steps if k == SHORT_WINDOW else long_steps), 3)
-                for k, v in seconds.items()},
-            "transformer_final_loss_ema": round(ema, 4)}
+    text_encoder.eval().requires_grad_(False)
+    seconds = time.perf_counter() - t0
+    return {"transformer_steps": steps, "text_window": int(tokenizer.model_max_length),
+            "text_lr_beside_transformer": text_lr,
+            "transformer_seconds": round(seconds),
+            "seconds_per_step": round(seconds / max(steps, 1), 3),
+            "transformer_final_loss_ema": None if ema is None else round(ema, 4)}
 
 
 def class_accuracy(base: BaseModel, judge, per_prompt: int = 8, steps: int = 20,
@@ -214,7 +214,8 @@ def class_accuracy(base: BaseModel, judge, per_prompt: int = 8, steps: int = 20,
     for i, (cls, ctx) in enumerate(zip(CLASSES, CONTEXTS)):
         prompt = f"a photo of a {cls} {'in the' if ctx == 'room' else 'on the'} {ctx}"
         with torch.inference_mode():
-            images = pipe(prompt=[prompt] * per_prompt, num_inference_steps=steps,
+            images = pipe(prompt=[prompt] * per_prompt, **base.family.draw_options(pipe),
+                          num_inference_steps=steps,
                           guidance_scale=guidance, height=RESOLUTION, width=RESOLUTION,
                           generator=[torch.Generator().manual_seed(i * per_prompt + k)
                                      for k in range(per_prompt)]).images
@@ -251,37 +252,80 @@ def _judges(out: Path, judges_from: str, seed: int, judge_steps: int, instance_s
     return record
 
 
+def _earlier(init: str):
+    """An earlier flow toy model's tokenizer, VAE, text encoder and
+    transformer in fp32 (``--init``: its transformer trains on), and its record."""
+    import json
+
+    from ..models.loading import load_base
+
+    folder = Path(init)
+    if not (folder / "transformer").is_dir() or not (folder / "toyworld.json").is_file():
+        raise UserError(f"--init {folder}: not a flow toy model folder (no transformer/ and "
+                        f"toyworld.json there)")
+    base = load_base(str(folder))
+    if base.family.name != FAMILY.name:
+        raise UserError(f"--init {folder}: a {base.family.name} model, not {FAMILY.name}")
+    base.tokenizer.model_max_length = TEXT_WINDOW
+    parts = (base.tokenizer, base.vae.float(), base.text_encoder.float().requires_grad_(False),
+             base.unet.float())
+    return parts, json.loads((folder / "toyworld.json").read_text())
+
+
+def _parts(init: str, pixels, held, specs, words, seed: int, vae_steps: int, vae_batch: int,
+           text_steps: int, gen: torch.Generator, rng: random.Random):
+    """The tokenizer, VAE, text encoder and transformer, the VAE's latents
+    of ``pixels`` (means, stds) and what training them recorded: new ones
+    trained here, or an earlier model's (``init``)."""
+    if init:
+        (tokenizer, vae, text_encoder, transformer), earlier = _earlier(init)
+        means, stds = encode_all(vae, pixels)
+        return (tokenizer, vae, text_encoder, transformer, means, stds,
+                {"init": {"folder": str(init), "command": earlier.get("command"),
+                          "transformer_steps": earlier.get("transformer_steps")}})
+    tokenizer = flow_tokenizer(words, seed)
+    vae, text_encoder, transformer = flow_components(len(tokenizer), seed)
+    record = train_vae(vae, pixels, vae_steps, vae_batch, gen, held)
+    means, stds = encode_all(vae, pixels)
+    record.update(set_latent_statistics(vae, means, stds, gen))
+    record.update(train_text_encoder(text_encoder, tokenizer, specs, words, text_steps, 64, rng))
+    return tokenizer, vae, text_encoder, transformer, means, stds, record
+
+
 def flow_pretrain(out: str | Path, seed: int = 0, images: int = 16000, vae_steps: int = 1000,
-                  text_steps: int = 300, steps: int = 1500, long_steps: int = 40,
-                  batch: int = 32, vae_batch: int = 32,
+                  text_steps: int = 300, steps: int = 1500, batch: int = 32, vae_batch: int = 32,
                   judge_steps: int = 1500, instance_steps: int = 1500,
-                  instance_renders: int = 6000, judges_from: str = "",
+                  instance_renders: int = 6000, judges_from: str = "", init: str = "",
+                  text_lr: float = 3e-4,
                   eval_per_prompt: int = 8, eval_steps: int = 20) -> Path:
     """Everything, seeded; the record (toyworld.json) holds every figure,
-    the VAE's PSNR on held-out renders and the judges' reading of draws."""
+    the VAE's PSNR on held-out renders and the judges' reading of draws.
+    ``init``: an earlier flow toy model whose parts to start from (its VAE
+    and text encoder kept, its transformer trained ``steps`` more), and
+    whose judges to copy unless ``judges_from`` says otherwise."""
     from .judges import ToyJudge
 
     out = Path(out)
+    judges_from = judges_from or init
     if judges_from and not (Path(judges_from) / "judges.safetensors").is_file():
-        raise UserError(f"--judges-from {judges_from}: no judges.safetensors there")  # before any work
+        option = "--judges-from" if judges_from != init else "--init"
+        raise UserError(f"{option} {judges_from}: no judges.safetensors there")  # before any work
+    if init:
+        _earlier(init)  # refused before the rendering, not after
     torch.manual_seed(seed)
     gen, rng = torch.Generator().manual_seed(seed), random.Random(seed)
     t0 = time.perf_counter()
     pixels, specs = render_dataset(images, seed)
     held, _ = render_dataset(256, seed + 1)
     words = rare_words(clip_tokenizer())  # the UNet world's rare words
-    tokenizer = flow_tokenizer(words, seed)
-    vae, text_encoder, transformer = flow_components(len(tokenizer), seed)
+    tokenizer, vae, text_encoder, transformer, means, stds, trained = _parts(
+        init, pixels, held, specs, words, seed, vae_steps, vae_batch, text_steps, gen, rng)
     record = {"command": " ".join(["lorabooth"] + sys.argv[1:]) if sys.argv else "",
               "family": FAMILY.name, "seed": seed, "version": __version__, "images": images,
-              "batch": batch, "vocabulary": len(tokenizer)}
-    record.update(train_vae(vae, pixels, vae_steps, vae_batch, gen, held))
-    means, stds = encode_all(vae, pixels)
-    record.update(set_latent_statistics(vae, means, stds, gen))
-    record.update(train_text_encoder(text_encoder, tokenizer, specs, words, text_steps, 64, rng))
+              "batch": batch, "vocabulary": len(tokenizer), **trained}
     record.update(train_transformer(transformer, text_encoder, tokenizer, FAMILY.model_latents(vae),
-                                    means, stds, specs, words, steps, long_steps, batch, gen,
-                                    rng))
+                                    means, stds, specs, words, steps, batch, gen, rng,
+                                    text_lr))
     out.mkdir(parents=True, exist_ok=True)
 
     @torch.no_grad()

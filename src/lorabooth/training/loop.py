@@ -469,7 +469,8 @@ def _validate(config: TrainConfig, base: BaseModel, output: Path, step: int) -> 
     dtype = frozen_dtype(base.unet)  # bf16 weights under mixed precision
     with torch.autocast(base.unet.device.type, dtype=dtype, enabled=dtype != torch.float32):
         side = base.native_resolution  # SD's pipeline default; FLUX's would be its own 1024
-        images = pipe(prompt=config.validation_prompt, num_inference_steps=25, height=side,
+        images = pipe(prompt=config.validation_prompt, **base.family.draw_options(pipe),
+                      num_inference_steps=25, height=side,
                       width=side,
                       num_images_per_prompt=config.validation_images,
                       generator=torch.Generator().manual_seed(config.seed)).images

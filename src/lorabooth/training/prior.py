@@ -17,6 +17,7 @@ from typing import Iterator
 import torch
 
 from ..core.fileio import save_png
+from ..models.families import family_of
 from .data import readable_images
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,8 @@ def draw_class_images(pipe, folder: Path, prompt: str, indices: list[int], resol
     for start in range(0, len(todo), batch):
         chunk = todo[start : start + batch]
         generators = [torch.Generator().manual_seed(seed + i) for i in chunk]
-        images = pipe(prompt=[prompt] * len(chunk), height=resolution, width=resolution,
+        images = pipe(prompt=[prompt] * len(chunk), **family_of(pipe).draw_options(pipe),
+                      height=resolution, width=resolution,
                       num_inference_steps=steps, generator=generators).images
         for i, image in zip(chunk, images):
             save_png(image, folder / class_image_name(i))
