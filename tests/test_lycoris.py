@@ -153,6 +153,12 @@ def test_reading_and_converting(lycoris_files, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "ComfyUI (tiny): every key maps to a weight" in out
     assert "AUTOMATIC1111 (tiny): every key maps to a weight" in out
+    # the module table counts LyCORIS modules as it counts LoRA ones
+    from lorabooth.formats.lycoris import modules
+
+    found = modules(read_lora(folder / KOHYA_WEIGHT_NAME)[0])
+    unet = sum(m.startswith("lora_unet") for m in found)
+    assert unet and f"modules: {unet} UNet, {len(found) - unet} text encoder" in out
 
 
 @pytest.fixture(scope="module", params=["lokr", "loha"])

@@ -16,6 +16,7 @@ from ..core.visible import visible
 from .clients import CLIENTS, FluxNames, ModelNames, sd15_names, sdxl_names, unloaded_by_client
 from .flux import FLUX_FAMILIES, FLUX_NAMES
 from .layouts import alpha_from_header, check_ranks, detect_layout, old_text_keys, read_as_peft
+from .lycoris import modules as lycoris_modules
 from .sdxl import FAMILY_NAMES, SDXL, family_of
 
 # cross-attention width (the text encoder's hidden size) -> base family
@@ -41,32 +42,44 @@ def _module_and_group(key: str) -> tuple[str, str] | None:
     """(module name, group) for the key holding a module's down/A matrix."""
     m = re.match(r"(.+?)(?:\.lora_down\.weight|\.lora_A\.weight|_lora\.down\.weight|"
                  r"\.lora\.down\.weight|\.lora_linear_layer\.down\.weight)$", key)
-    if not m:
-        return None
-    module = m[1]
+    return (m[1], _group(m[1])) if m else None
+
+
+def _group(module: str) -> str:
+    """The table's group of a module name: a text encoder, or the denoiser's part."""
     text = re.match(r"(text_encoder_2|text_encoder|lora_te2|lora_te1|lora_te)[._]", module)
     if text:
-        return module, {"lora_te": "text_encoder", "lora_te1": "text_encoder",
-                        "lora_te2": "text_encoder_2"}.get(text[1], text[1])
+        return {"lora_te": "text_encoder", "lora_te1": "text_encoder",
+                "lora_te2": "text_encoder_2"}.get(text[1], text[1])
     if stream := re.match(r"transformer\.(single_transformer_blocks|transformer_blocks)", module):
-        return module, ("transformer single-stream" if stream[1].startswith("single")
-                        else "transformer double-stream")
+        return ("transformer single-stream" if stream[1].startswith("single")
+                else "transformer double-stream")
     block = re.search(r"(down_blocks|mid_block|up_blocks|input_blocks|middle_block|output_blocks)",
                       module)
-    return module, f"unet {block[1] if block else 'other'}"
+    return f"unet {block[1] if block else 'other'}"
+
+
+def _lycoris_rank(parts: dict[str, torch.Tensor]) -> int:
+    """A LyCORIS module's rank: its low-rank factor's (``hada_w1_b``,
+    ``lokr_w2_b``, ``lokr_w1_b``); 0 for a LoKr whose factors are whole."""
+    for factor in ("hada_w1_b", "lokr_w2_b", "lokr_w1_b"):
+        if factor in parts:
+            return parts[factor].shape[0]
+    return 0
 
 
 def _group_table(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[int, int, float | None]]:
+    """group -> (modules, largest rank, alpha or None where mixed or absent);
+    LoRA modules by their down matrix, LyCORIS ones by their parts."""
+    ranks = {found[0]: down.shape[0] for key, down in tensors.items()
+             if (found := _module_and_group(key))}
+    ranks |= {module: _lycoris_rank(parts) for module, parts in lycoris_modules(tensors).items()}
     groups: dict[str, list] = {}
-    for key, down in tensors.items():
-        found = _module_and_group(key)
-        if found is None:
-            continue
-        module, group = found
+    for module, rank in ranks.items():
         alpha = tensors.get(module + ".alpha")
-        entry = groups.setdefault(group, [0, set(), set()])
+        entry = groups.setdefault(_group(module), [0, set(), set()])
         entry[0] += 1
-        entry[1].add(down.shape[0])
+        entry[1].add(rank)
         entry[2].add(float(alpha) if alpha is not None else None)
     return {g: (n, max(ranks), next(iter(alphas)) if len(alphas) == 1 else None)
             for g, (n, ranks, alphas) in sorted(groups.items())}
@@ -181,7 +194,7 @@ def render(s: Summary) -> str:
     encoders = [g for g in s.groups if not g.startswith(denoiser[0])]
     lines.append(f"text encoders with LoRA: {', '.join(encoders) if encoders else 'none'}")
     for group, (n, rank, alpha) in s.groups.items():
-        lines.append(f"  {group}: {n} modules, rank {rank}, alpha "
+        lines.append(f"  {group}: {n} modules, rank {rank or 'full (Kronecker factors)'}, alpha "
                      f"{'mixed or unknown' if alpha is None else f'{alpha:g}'}")
     if s.old_spelling:
         lines.append(f"text-encoder names: {s.old_spelling} keys lack `text_model` (transformers 5 "
