@@ -282,7 +282,11 @@ def _parts(init: str, pixels, held, specs, words, seed: int, vae_steps: int, vae
         means, stds = encode_all(vae, pixels)
         return (tokenizer, vae, text_encoder, transformer, means, stds,
                 {"init": {"folder": str(init), "command": earlier.get("command"),
-                          "transformer_steps": earlier.get("transformer_steps")}})
+                          "transformer_steps": earlier.get("transformer_steps"),
+                          "text_lr_beside_transformer": earlier.get("text_lr_beside_transformer"),
+                          "draws_cls_accuracy": earlier.get("draws_cls_accuracy"),
+                          "draws_context_accuracy": earlier.get("draws_context_accuracy"),
+                          "init": earlier.get("init")}})  # the whole chain of starts
     tokenizer = flow_tokenizer(words, seed)
     vae, text_encoder, transformer = flow_components(len(tokenizer), seed)
     record = train_vae(vae, pixels, vae_steps, vae_batch, gen, held)
