@@ -41,6 +41,9 @@ PARTS = {
     "LoKr": ["--adapter", "lokr"],
     "LoHa": ["--adapter", "loha"],
     "snapshots (--save-every 1)": ["--save-every", "1"],
+    "schedules (cosine, warmup 1, accumulation 2, max grad norm 0.5)": [
+        "--lr-scheduler", "cosine", "--lr-warmup-steps", "1", "--gradient-accumulation", "2",
+        "--max-grad-norm", "0.5"],
 }
 WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers (LoRA) or peft (LoCon, LoKr, LoHa)
 KOHYA = "lora_kohya.safetensors"  # what ComfyUI and AUTOMATIC1111 read
@@ -145,7 +148,7 @@ def main() -> int:
     p.add_argument("--json", type=Path, help="write the record here")
     p.add_argument("--report", type=Path, help="print the table of an earlier record")
     p.add_argument("--models", default=",".join(MODELS))
-    p.add_argument("--parts", default=",".join(PARTS), help="comma-separated names of PARTS")
+    p.add_argument("--parts", default=";".join(PARTS), help="names of PARTS, ';'-separated")
     p.add_argument("--clients", nargs=2, metavar=("MODEL", "FILE"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.clients:
@@ -154,7 +157,7 @@ def main() -> int:
     if args.report:
         print(report(json.loads(args.report.read_text())))
         return 0
-    record = measure(tuple(args.models.split(",")), args.parts.split(","))
+    record = measure(tuple(args.models.split(",")), args.parts.split(";"))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(record, indent=1) + "\n")

@@ -105,6 +105,7 @@ def test_the_readmes_recommendations_quote_the_calibrated_tables():
     ("craft_check", "craft_check_sd15.json", lambda m, d: m.report(d).splitlines()),
     ("craft_check", "craft_check_sd15_lycoris.json", lambda m, d: m.report(d).splitlines()),
     ("craft_check", "craft_check_sdxl.json", lambda m, d: m.report(d).splitlines()),
+    ("craft_check", "craft_check_schedules.json", lambda m, d: m.report(d).splitlines()),
 ])
 def test_the_benchmark_tables_are_their_data_rendered(script, data, render):
     """benchmarks/RESULTS.md's like-for-like tables are what each script
