@@ -185,6 +185,7 @@ def test_flow_claims_page_names_its_model_its_levers_and_its_data():
     assert f"1. **Fidelity** (LoRA - base): {fid.text()}" in text
     levers = text.split("### The levers")[1]
     assert all(v.title in levers for v in FLOW_LEVERS)
+    assert "on transformer LoRA + prior" in levers and "UNet" not in levers
     assert not any(v.train.get("train_text_encoder") or v.train.get("train_token")
                    or v.train.get("snr_gamma") for v in FLOW_VARIANTS + FLOW_LEVERS)
     assert "](toyworld-flow/claims_per_seed.json)" in text

@@ -89,11 +89,11 @@ def both_at_once(results: dict, variants) -> list[str]:
             and passes(v.name, "fidelity", fid, "lower") and passes(v.name, "pres", pres, "higher")]
 
 
-def lever_rows(results: dict, levers) -> list[str]:
+def lever_rows(results: dict, levers, baseline: str = "UNet LoRA + prior") -> list[str]:
     base = {k: _values(results, BASELINE, k) for k in ("fidelity", "pres")}
     if not all(base.values()):
         return []
-    lines = ["| lever (on UNet LoRA + prior) | identity sim. | identity, lever - baseline | PRES "
+    lines = [f"| lever (on {baseline}) | identity sim. | identity, lever - baseline | PRES "
              "| PRES, lever - baseline | verdict |", "|---|---|---|---|---|---|"]
     for v in levers:
         if results.get(v.name):
@@ -346,7 +346,7 @@ def render_flow_claims(results: dict, record: dict, study, settings, levers, toy
         "",
         "### The levers, each on the same baseline (LoRA + prior preservation)",
         "",
-        *lever_rows(results, levers),
+        *lever_rows(results, levers, "transformer LoRA + prior"),
         "",
         f"Raw per-seed figures: [{pictures}/claims_per_seed.json]({pictures}/claims_per_seed.json)."
         f" Identity against PRES, one point per setting and seed:",
