@@ -272,13 +272,13 @@ def _earlier(init: str):
     return parts, json.loads((folder / "toyworld.json").read_text())
 
 
-def _parts(init: str, pixels, held, specs, words, seed: int, vae_steps: int, vae_batch: int,
-           text_steps: int, gen: torch.Generator, rng: random.Random):
+def _parts(init: str, earlier_parts, pixels, held, specs, words, seed: int, vae_steps: int,
+           vae_batch: int, text_steps: int, gen: torch.Generator, rng: random.Random):
     """The tokenizer, VAE, text encoder and transformer, the VAE's latents
     of ``pixels`` (means, stds) and what training them recorded: new ones
-    trained here, or an earlier model's (``init``)."""
+    trained here, or an earlier model's (``earlier_parts``: ``_earlier(init)``)."""
     if init:
-        (tokenizer, vae, text_encoder, transformer), earlier = _earlier(init)
+        (tokenizer, vae, text_encoder, transformer), earlier = earlier_parts
         means, stds = encode_all(vae, pixels)
         return (tokenizer, vae, text_encoder, transformer, means, stds,
                 {"init": {"folder": str(init), "command": earlier.get("command"),
@@ -314,8 +314,7 @@ def flow_pretrain(out: str | Path, seed: int = 0, images: int = 16000, vae_steps
     if judges_from and not (Path(judges_from) / "judges.safetensors").is_file():
         option = "--judges-from" if judges_from != init else "--init"
         raise UserError(f"{option} {judges_from}: no judges.safetensors there")  # before any work
-    if init:
-        _earlier(init)  # refused before the rendering, not after
+    earlier = _earlier(init) if init else None  # refused before the rendering, not after
     torch.manual_seed(seed)
     gen, rng = torch.Generator().manual_seed(seed), random.Random(seed)
     t0 = time.perf_counter()
@@ -323,7 +322,8 @@ def flow_pretrain(out: str | Path, seed: int = 0, images: int = 16000, vae_steps
     held, _ = render_dataset(256, seed + 1)
     words = rare_words(clip_tokenizer())  # the UNet world's rare words
     tokenizer, vae, text_encoder, transformer, means, stds, trained = _parts(
-        init, pixels, held, specs, words, seed, vae_steps, vae_batch, text_steps, gen, rng)
+        init, earlier, pixels, held, specs, words, seed, vae_steps, vae_batch, text_steps, gen,
+        rng)
     record = {"command": " ".join(["lorabooth"] + sys.argv[1:]) if sys.argv else "",
               "family": FAMILY.name, "seed": seed, "version": __version__, "images": images,
               "batch": batch, "vocabulary": len(tokenizer), **trained}
