@@ -26,11 +26,16 @@ ui: $(STAMP)
 # The browser tests (sweep report, web page) need headless Chromium, tune's
 # PostgreSQL test a PostgreSQL server to start: installed here when they can
 # be; when they cannot, the scripts say so and those tests are skipped.
+# The suite in JOBS processes (pytest-xdist; each test module stays in one,
+# so its fixtures are built once), one torch thread each (tests/conftest.py):
+# on 2 cores this took 657 s where one process took 1075 s, most of a test
+# being a fresh Python importing torch, diffusers and peft.
+JOBS ?= 2
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	scripts/ensure-chromium
 	scripts/ensure-postgresql
-	$(BIN)/python -m pytest tests --durations=40
+	$(BIN)/python -m pytest tests -n $(JOBS) --dist loadscope --durations=40
 
 clean:
 	rm -rf $(VENV) runs

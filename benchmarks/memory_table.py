@@ -8,7 +8,10 @@ last blocks parked by `models/offload.py` (--blocks-to-swap), the LoRA
 Only the denoiser is built: `train` caches the latents and text embeddings
 and frees the VAE and the text encoders before its first step, so a step
 holds the denoiser, its LoRA and optimizer state, and the activations. The
-conditioning is random, of each encoder's real shape.
+conditioning is random, of each encoder's real shape. The full FLUX
+transformers are built one layer at a time straight into bf16 and the base
+precision (FLUX.1's 11.9 B parameters are 24 GB in bf16, 12 GB in int8), so
+a machine holds what the step holds and not a full-precision copy first.
 
     # a machine with a CUDA GPU: the full architectures at 1024 px (and 512)
     PYTHONPATH=src python benchmarks/memory_table.py --json benchmarks/data/memory_table.json
@@ -18,7 +21,7 @@ conditioning is random, of each encoder's real shape.
 
 Each setting runs in a fresh process, so its peak is its own: torch's peak
 allocated GPU memory on CUDA; on the CPU the process's peak RSS (which
-includes building the fp32 model) and, in brackets, the peak RSS of the
+includes building SD's fp32 UNet) and, in brackets, the peak RSS of the
 steps alone (the kernel's count restarted once the model is built).
 """
 
@@ -44,19 +47,71 @@ PRECISIONS = ("bf16", "int8", "nf4", "fp8")
 # the issue's goals: (model, px, precision) -> GB of GPU memory a step stays under
 GOALS = {("sdxl-random", 1024, "*"): 8.0, ("flux2-klein-random", 1024, "*"): 12.0,
          ("flux-random", 512, "int8"): 16.0, ("flux-random", 512, "nf4"): 12.0}
+FULL_FLUX = {"flux2-klein-random": "flux2", "flux-random": "flux1"}
 TEXT = {"sd1": (77, None), "sdxl": (77, 1280), "flux2": (512, None), "flux1": (512, 768)}
 
 
-def denoiser(model: str) -> tuple[torch.nn.Module, str]:
-    """The built-in's denoiser alone, fp32 on the CPU (name -> module, family)."""
-    if model in ("flux2-klein-random", "flux-random"):
-        from flux_step import transformer
+def denoiser(model: str, precision: str) -> tuple[torch.nn.Module, str]:
+    """The built-in's denoiser alone on the CPU, its frozen weights in bf16 and
+    quantised as ``precision`` says (name -> module, family)."""
+    from lorabooth.models.precision import cast_frozen
+    from lorabooth.models.quantise import quantise_module
 
-        return transformer(model, torch.float32, "cpu")
+    if model in FULL_FLUX:
+        cls, config = _flux_configs()[model]
+        return streamed_transformer(cls, config, precision), FULL_FLUX[model]
     from lorabooth.models.loading import load_base
 
     base = load_base(model)
+    base.unet.requires_grad_(False)
+    cast_frozen(base.unet, torch.bfloat16)
+    quantise_module(base.unet, "auto" if precision == "bf16" else precision)
     return base.unet, base.family.name
+
+
+def _flux_configs() -> dict:
+    from diffusers import Flux2Transformer2DModel, FluxTransformer2DModel
+
+    from lorabooth.models import flux_architecture as arch
+
+    return {"flux2-klein-random": (Flux2Transformer2DModel, arch.FLUX2_KLEIN_TRANSFORMER),
+            "flux-random": (FluxTransformer2DModel, arch.FLUX1_DEV_TRANSFORMER)}
+
+
+def streamed_transformer(cls, config: dict, precision: str, seed: int = 0) -> torch.nn.Module:
+    """A full FLUX transformer built one layer at a time: its shapes on the
+    meta device, then each layer's tensors made in bf16 from a seeded
+    generator and, for a quantised base, its Linear quantised at once. Neither
+    the fp32 model (FLUX.1: 48 GB) nor the bf16 one (24 GB) is ever resident,
+    only the base as it will train, as when `train` streams a checkpoint in."""
+    from lorabooth.models.quantise import (
+        is_plain_linear,
+        is_quantised,
+        mark_quantised,
+        quantise_linear,
+    )
+
+    with torch.device("meta"):
+        module = cls(**config).requires_grad_(False)
+    if any(b.is_meta for b in module.buffers()):  # nothing here could make them
+        raise SystemExit(f"{cls.__name__}: a buffer is built in __init__; build it on the device")
+    g = torch.Generator().manual_seed(seed)
+    for path, layer in list(module.named_modules()):
+        if not any(p.is_meta for p in layer.parameters(recurse=False)):
+            continue
+        layer.to_empty(device="cpu", recurse=False)
+        for name, p in layer.named_parameters(recurse=False):
+            with torch.no_grad():
+                if p.dim() > 1:  # a random weight of the layer's fan-in scale
+                    p.copy_(torch.randn(p.shape, generator=g).mul_(p[0].numel() ** -0.5))
+                else:  # norms' scales one, biases zero
+                    p.fill_(1.0 if name == "weight" else 0.0)
+            p.data = p.data.to(torch.bfloat16)
+        if is_quantised(precision) and is_plain_linear(layer):
+            parent, _, name = path.rpartition(".")
+            quantise_linear(module.get_submodule(parent), name, precision)
+    mark_quantised(module, precision)
+    return module
 
 
 def _context(module: torch.nn.Module, family: str, tiny: bool, device: str, dtype, g):
@@ -103,17 +158,14 @@ def step_once(model: str, resolution: int, precision: str, checkpointing: bool, 
     from lorabooth.models.families import FAMILIES
     from lorabooth.models.flux_architecture import flow_scheduler
     from lorabooth.models.offload import swap_blocks
-    from lorabooth.models.precision import cast_frozen
-    from lorabooth.models.quantise import frozen_bytes, quantise_module
+    from lorabooth.models.quantise import frozen_bytes
     from lorabooth.training.noising import Denoiser, noising_for
 
     start = time.perf_counter()
     dtype = torch.bfloat16
-    module, name = denoiser(model)
+    module, name = denoiser(model, precision)
     family = FAMILIES[name]
     module.requires_grad_(False)
-    cast_frozen(module, dtype)
-    quantise_module(module, "auto" if precision == "bf16" else precision)
     if swapped:  # parked before the move: those weights never reach the device
         swap_blocks(module, swapped, device)
     module.to(device)
@@ -139,9 +191,9 @@ def step_once(model: str, resolution: int, precision: str, checkpointing: bool, 
     row = {"model": model, "resolution": resolution, "precision": precision,
            "gradient_checkpointing": checkpointing, "blocks_to_swap": swapped,
            "build_s": round(built, 1), "step_s": [round(x, 3) for x in times],
-           "frozen_gb": round(frozen_bytes(module) / 1e9, 3),
+           "frozen_gb": round(frozen_bytes(module) / 1e9, 3), "frozen_bytes": frozen_bytes(module),
            "lora_params": sum(p.numel() for p in lora_parameters(module)),
-           "loss": float(loss), "peak_rss_gb": round(
+           "loss": loss.item(), "peak_rss_gb": round(
                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, 3)}  # kB
     if device == "cpu":
         row["step_peak_rss_gb"] = step_peak_rss_gb()
@@ -250,14 +302,14 @@ def failure(returncode: int, stderr: str) -> str:
     return ((errors or lines or ["failed"])[-1])[:200]
 
 
-def settings(models, resolutions, precisions, swaps) -> list[tuple]:
+def settings(models, resolutions, precisions, swaps, checkpointing=(False, True)) -> list[tuple]:
     """Every model x px x precision with gradient checkpointing on and off
     (no swap), then each swap count with checkpointing on."""
     out = []
     for model in models:
         for px in resolutions:
             for precision in precisions:
-                out += [(model, px, precision, False, 0), (model, px, precision, True, 0)]
+                out += [(model, px, precision, ckpt, 0) for ckpt in checkpointing]
                 out += [(model, px, precision, True, n) for n in swaps]
     return out
 
@@ -269,6 +321,8 @@ def main() -> None:
     ap.add_argument("--precisions", nargs="+", choices=PRECISIONS)
     ap.add_argument("--swap", nargs="*", type=int, default=None,
                     help="block-swap counts to try (with gradient checkpointing)")
+    ap.add_argument("--checkpointing", choices=("both", "on", "off"), default="both",
+                    help="gradient checkpointing in the rows without block swap")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--tiny", action="store_true", help="the CPU mode: tiny built-ins, 32 px")
     ap.add_argument("--json", type=Path)
@@ -286,7 +340,8 @@ def main() -> None:
     precisions = args.precisions or (("bf16", "int8", "nf4") if args.tiny else PRECISIONS)
     swaps = args.swap if args.swap is not None else ([1] if args.tiny else [4, 8])
     runs = []
-    for setting in settings(models, resolutions, precisions, swaps):
+    checkpointing = {"both": (False, True), "on": (True,), "off": (False,)}[args.checkpointing]
+    for setting in settings(models, resolutions, precisions, swaps, checkpointing):
         out = subprocess.run([sys.executable, __file__, "--steps", str(args.steps),
                               *(["--tiny"] if args.tiny else []), "--one", json.dumps(setting)],
                              capture_output=True, text=True)

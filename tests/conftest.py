@@ -12,7 +12,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # several test processes on the machine's cores (make test: 2): one torch
+    # thread each, here and in every process a test starts, or their OpenMP
+    # threads outnumber the cores and wait on each other (three 2-thread
+    # torch processes on 2 cores made a toy step 12 s instead of under 1 s).
+    import torch
 
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 # Installed in a subprocess (as sitecustomize, imported at start-up) to refuse

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
@@ -108,44 +109,71 @@ def test_reference_command_is_like_for_like():
     assert ours[ours.index("--class-draw-batch") + 1] == cmd[cmd.index("--sample_batch_size") + 1]
 
 
-@pytest.mark.parametrize("model", ["tiny-flux2", "tiny-flux"])
-def test_flux_step_benchmark_measures_the_step_it_names(tmp_path, model):
-    """benchmarks/flux_step.py on a tiny transformer: one row per setting,
-    each from its own process, with the step times and the peak memory."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"),
-                                                        os.environ.get("PYTHONPATH", "")])}
-    out = tmp_path / "step.json"
-    done = subprocess.run([sys.executable, str(BENCH / "flux_step.py"), "--model", model,
-                           "--resolution", "32", "--settings", "fp32", "bf16-gc", "--steps", "2",
-                           "--json", str(out)], env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    runs = json.loads(out.read_text())["runs"]
-    assert [(r["dtype"], r["gradient_checkpointing"]) for r in runs] == [
-        ("float32", False), ("bfloat16", True)]
-    for r in runs:
-        assert r["model"] == model and len(r["step_s"]) == 2 and all(s > 0 for s in r["step_s"])
-        assert r["peak_rss_gb"] > 0 and 0 < r["lora_params"] < r["transformer_params"]
-    assert done.stdout.count(f"| {model} | 32 |") == 2
-
-
 def test_memory_table_cpu_mode_runs_each_setting_in_its_own_process(tmp_path):
     """benchmarks/memory_table.py --tiny: one row per precision x (no
-    checkpointing, checkpointing, checkpointing + block swap), each a real
-    step whose frozen weights shrink with the precision."""
+    checkpointing, checkpointing), each a real step in its own process whose
+    frozen weights shrink with the precision."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"),
                                                         os.environ.get("PYTHONPATH", "")])}
     out = tmp_path / "memory.json"
     done = subprocess.run([sys.executable, str(BENCH / "memory_table.py"), "--tiny", "--models",
-                           "tiny", "--precisions", "bf16", "nf4", "--steps", "1", "--json",
-                           str(out)], env=env, capture_output=True, text=True)
+                           "tiny-flux", "--precisions", "bf16", "nf4", "--swap", "--steps", "1",
+                           "--json", str(out)], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     runs = json.loads(out.read_text())["runs"]
     assert [(r["precision"], r["gradient_checkpointing"], r["blocks_to_swap"]) for r in runs] == [
-        ("bf16", False, 0), ("bf16", True, 0), ("bf16", True, 1),
-        ("nf4", False, 0), ("nf4", True, 0), ("nf4", True, 1)]
+        ("bf16", False, 0), ("bf16", True, 0), ("nf4", False, 0), ("nf4", True, 0)]
     assert all("error" not in r and math.isfinite(r["loss"]) and r["step_s"][0] > 0 for r in runs)
-    assert runs[3]["frozen_gb"] < runs[0]["frozen_gb"]
-    assert done.stdout.count("| tiny | 32 |") == 6
+    assert all(r["peak_rss_gb"] > 0 and r["lora_params"] > 0 for r in runs)
+    assert runs[2]["frozen_bytes"] < runs[0]["frozen_bytes"]
+    assert done.stdout.count("| tiny-flux | 32 |") == 4
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-sdxl", "tiny-flux2"])
+def test_memory_table_steps_each_family_with_swapped_blocks(model):
+    """The step memory_table.py times, in this process: each family's
+    latents, conditioning and LoRA, on a quantised base with a block parked."""
+    import memory_table
+
+    row = memory_table.step_once(model, 32, "int8", True, 1, 2, "cpu")
+    assert (row["model"], row["precision"], row["blocks_to_swap"]) == (model, "int8", 1)
+    assert math.isfinite(row["loss"]) and len(row["step_s"]) == 2 and row["lora_params"] > 0
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8", "nf4"])
+def test_the_full_flux_transformers_are_built_a_layer_at_a_time(precision):
+    """memory_table.py builds FLUX.1's 12 B transformer without a bf16 copy
+    of it: every layer made from the seeded generator on the meta device's
+    shapes, its Linears quantised as they are made. Checked on a small
+    config of the same class: no meta tensor left, every Linear in the base
+    precision, the same weights from the same seed, a finite forward."""
+    from diffusers import FluxTransformer2DModel
+
+    import memory_table
+    from lorabooth.models.quantise import frozen_bytes, is_plain_linear
+
+    config = {"patch_size": 1, "in_channels": 16, "num_layers": 1, "num_single_layers": 1,
+              "attention_head_dim": 16, "num_attention_heads": 2, "joint_attention_dim": 32,
+              "pooled_projection_dim": 32, "guidance_embeds": True, "axes_dims_rope": (4, 6, 6)}
+    one, two = (memory_table.streamed_transformer(FluxTransformer2DModel, config, precision)
+                for _ in range(2))
+    assert not any(t.is_meta for t in [*one.parameters(), *one.buffers()])
+    linears = [m for m in one.modules() if isinstance(m, torch.nn.Linear) or "Linear4bit" in
+               type(m).__name__]
+    assert linears and all(is_plain_linear(m) == (precision == "bf16") for m in linears)
+    assert {p.dtype for p in one.parameters() if p.dim() == 1} == {torch.bfloat16}  # norms, biases
+    if precision == "bf16":
+        assert all(torch.equal(a, b) for a, b in zip(one.parameters(), two.parameters()))
+    else:
+        assert frozen_bytes(one) < frozen_bytes(memory_table.streamed_transformer(
+            FluxTransformer2DModel, config, "bf16"))
+    with torch.no_grad():
+        out = one(hidden_states=torch.randn(1, 4, 16, dtype=torch.bfloat16),
+                  encoder_hidden_states=torch.randn(1, 3, 32, dtype=torch.bfloat16),
+                  pooled_projections=torch.randn(1, 32, dtype=torch.bfloat16),
+                  timestep=torch.tensor([0.5]), guidance=torch.tensor([3.5]),
+                  img_ids=torch.zeros(4, 3), txt_ids=torch.zeros(3, 3)).sample
+    assert out.shape == (1, 4, 16) and torch.isfinite(out.float()).all()
 
 
 def test_memory_table_marks_goals_and_failures():
@@ -173,3 +201,12 @@ def test_memory_table_names_why_a_setting_failed():
               "memory\n[transformers] a warning printed at exit\n")
     assert memory_table.failure(1, stderr) == "torch.OutOfMemoryError: CUDA out of memory"
     assert memory_table.failure(1, "only a line\n") == "only a line"
+
+
+def test_memory_table_settings_follow_the_checkpointing_asked():
+    import memory_table
+
+    assert memory_table.settings(["m"], [512], ["int8"], [4]) == [
+        ("m", 512, "int8", False, 0), ("m", 512, "int8", True, 0), ("m", 512, "int8", True, 4)]
+    assert memory_table.settings(["m"], [512], ["bf16", "nf4"], [], (True,)) == [
+        ("m", 512, "bf16", True, 0), ("m", 512, "nf4", True, 0)]
