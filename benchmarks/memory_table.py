@@ -13,8 +13,11 @@ transformers are built one layer at a time straight into bf16 and the base
 precision (FLUX.1's 11.9 B parameters are 24 GB in bf16, 12 GB in int8), so
 a machine holds what the step holds and not a full-precision copy first.
 
-    # a machine with a CUDA GPU: the full architectures at 1024 px (and 512)
-    PYTHONPATH=src python benchmarks/memory_table.py --json benchmarks/data/memory_table.json
+    # a machine with a CUDA GPU: the nine settings the goals are about
+    PYTHONPATH=src python benchmarks/memory_table.py --goals \
+        --json benchmarks/data/memory_table/gpu_goals.json
+    # every full architecture at 1024 px and 512 (128 settings)
+    PYTHONPATH=src python benchmarks/memory_table.py --json benchmarks/data/memory_table/gpu.json
     # the CPU mode the tests run: the tiny built-ins, 32 px
     PYTHONPATH=src python benchmarks/memory_table.py --tiny
     PYTHONPATH=src python benchmarks/memory_table.py --report benchmarks/data/memory_table.json
@@ -96,7 +99,10 @@ def streamed_transformer(cls, config: dict, precision: str, seed: int = 0) -> to
     if any(b.is_meta for b in module.buffers()):  # nothing here could make them
         raise SystemExit(f"{cls.__name__}: a buffer is built in __init__; build it on the device")
     g = torch.Generator().manual_seed(seed)
-    for path, layer in list(module.named_modules()):
+    # by name, not a list of the modules: nf4 replaces each Linear, and a list
+    # would keep every replaced one's bf16 weight alive (FLUX.1: 24 GB)
+    for path in [name for name, _ in module.named_modules()]:
+        layer = module.get_submodule(path)
         if not any(p.is_meta for p in layer.parameters(recurse=False)):
             continue
         layer.to_empty(device="cpu", recurse=False)
@@ -314,6 +320,14 @@ def settings(models, resolutions, precisions, swaps, checkpointing=(False, True)
     return out
 
 
+def goal_settings() -> list[tuple]:
+    """The short GPU run: each model and size a goal names, in bf16 (the
+    time the goals compare with), int8 and nf4, with checkpointing."""
+    sizes = dict.fromkeys((model, px) for model, px, _ in GOALS)
+    return [(model, px, precision, True, 0) for model, px in sizes
+            for precision in ("bf16", "int8", "nf4")]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", choices=FULL + TINY)
@@ -325,6 +339,8 @@ def main() -> None:
                     help="gradient checkpointing in the rows without block swap")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--tiny", action="store_true", help="the CPU mode: tiny built-ins, 32 px")
+    ap.add_argument("--goals", action="store_true",
+                    help="only the settings the goals name, each precision with checkpointing")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--report", type=Path, help="print the table of a saved --json and stop")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: one setting, this process
@@ -341,7 +357,9 @@ def main() -> None:
     swaps = args.swap if args.swap is not None else ([1] if args.tiny else [4, 8])
     runs = []
     checkpointing = {"both": (False, True), "on": (True,), "off": (False,)}[args.checkpointing]
-    for setting in settings(models, resolutions, precisions, swaps, checkpointing):
+    chosen = (goal_settings() if args.goals else
+              settings(models, resolutions, precisions, swaps, checkpointing))
+    for setting in chosen:
         out = subprocess.run([sys.executable, __file__, "--steps", str(args.steps),
                               *(["--tiny"] if args.tiny else []), "--one", json.dumps(setting)],
                              capture_output=True, text=True)

@@ -210,3 +210,40 @@ def test_memory_table_settings_follow_the_checkpointing_asked():
         ("m", 512, "int8", False, 0), ("m", 512, "int8", True, 0), ("m", 512, "int8", True, 4)]
     assert memory_table.settings(["m"], [512], ["bf16", "nf4"], [], (True,)) == [
         ("m", 512, "bf16", True, 0), ("m", 512, "nf4", True, 0)]
+
+
+def test_the_short_gpu_run_covers_every_goal_and_its_bf16_time():
+    import memory_table
+
+    chosen = memory_table.goal_settings()
+    assert len(chosen) == len(set(chosen)) == 9
+    for model, px, precision in memory_table.GOALS:
+        want = ["bf16", "int8", "nf4"] if precision == "*" else ["bf16", precision]
+        assert {(model, px, p, True, 0) for p in want} <= set(chosen)
+
+
+def test_a_layer_built_in_nf4_leaves_no_bf16_copy_behind(monkeypatch):
+    """nf4 replaces each Linear with bitsandbytes' layer: while the full
+    transformer is built, the bf16 Linears already replaced must be gone
+    (FLUX.1's are 24 GB; a build that kept them was killed for memory)."""
+    import gc
+
+    from diffusers import FluxTransformer2DModel
+
+    import memory_table
+    from lorabooth.models import quantise
+
+    def alive() -> int:
+        return sum(1 for o in gc.get_objects() if type(o) is torch.nn.Linear
+                   and not o.weight.is_meta and o.weight.dtype == torch.bfloat16)
+
+    counts, real = [], quantise.quantise_linear
+    monkeypatch.setattr(quantise, "quantise_linear",
+                        lambda *a: (real(*a), counts.append(alive())))
+    config = {"patch_size": 1, "in_channels": 16, "num_layers": 1, "num_single_layers": 1,
+              "attention_head_dim": 16, "num_attention_heads": 2, "joint_attention_dim": 32,
+              "pooled_projection_dim": 32, "guidance_embeds": True, "axes_dims_rope": (4, 6, 6)}
+    gc.collect()
+    before = alive()  # earlier tests' models this process may still hold
+    memory_table.streamed_transformer(FluxTransformer2DModel, config, "nf4")
+    assert len(counts) > 10 and max(counts) - before <= 1, (before, counts)

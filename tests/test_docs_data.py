@@ -106,6 +106,9 @@ def test_the_readmes_recommendations_quote_the_calibrated_tables():
     ("craft_check", "craft_check_sd15_lycoris.json", lambda m, d: m.report(d).splitlines()),
     ("craft_check", "craft_check_sdxl.json", lambda m, d: m.report(d).splitlines()),
     ("craft_check", "craft_check_schedules.json", lambda m, d: m.report(d).splitlines()),
+    *[("memory_table", f"memory_table/{name}.json", lambda m, d: m.table(d).splitlines()[1:])
+      for name in ("sd15_512_cpu", "sdxl_512_cpu", "klein_512_cpu",
+                   "flux1_512_cpu", "klein_1024_cpu")],
 ])
 def test_the_benchmark_tables_are_their_data_rendered(script, data, render):
     """benchmarks/RESULTS.md's like-for-like tables are what each script
@@ -118,3 +121,18 @@ def test_the_benchmark_tables_are_their_data_rendered(script, data, render):
     table = "\n".join(line for line in render(module, json.loads(
         (ROOT / "benchmarks" / "data" / data).read_text())) if line)
     assert table in (ROOT / "benchmarks" / "RESULTS.md").read_text(), table
+
+
+def test_the_readmes_memory_figures_are_measured_rows():
+    """Each GB figure of the README's table of quantised-base peaks is the
+    peak RSS of a checkpointed row in the memory tables' raw data."""
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("| model, size | bf16 | int8 | nf4 |")
+    table = readme[start:readme.index("\n\n", start)]
+    quoted = {float(x) for x in re.findall(r"\| ([0-9.]+) GB", table)}
+    measured = set()
+    for path in (ROOT / "benchmarks" / "data" / "memory_table").glob("*.json"):
+        for r in json.loads(path.read_text())["runs"]:
+            if r.get("gradient_checkpointing") and not r.get("blocks_to_swap") and "error" not in r:
+                measured.add(float(f"{r['peak_rss_gb']:.2f}"))  # as the tables print it
+    assert len(quoted) == 10 and quoted <= measured, quoted - measured
