@@ -20,7 +20,7 @@ a machine holds what the step holds and not a full-precision copy first.
     PYTHONPATH=src python benchmarks/memory_table.py --json benchmarks/data/memory_table/gpu.json
     # the CPU mode the tests run: the tiny built-ins, 32 px
     PYTHONPATH=src python benchmarks/memory_table.py --tiny
-    PYTHONPATH=src python benchmarks/memory_table.py --report benchmarks/data/memory_table.json
+    PYTHONPATH=src python benchmarks/memory_table.py --report benchmarks/data/memory_table/gpu_goals.json
 
 Each setting runs in a fresh process, so its peak is its own: torch's peak
 allocated GPU memory on CUDA; on the CPU the process's peak RSS (which
