@@ -28,7 +28,7 @@ ui: $(STAMP)
 # be; when they cannot, the scripts say so and those tests are skipped.
 # The suite in JOBS processes (pytest-xdist; each test module stays in one,
 # so its fixtures are built once), one torch thread each (tests/conftest.py):
-# on 2 cores this took 657 s where one process took 1075 s, most of a test
+# on 2 cores this took 634 s where one process took 1075 s, most of a test
 # being a fresh Python importing torch, diffusers and peft.
 JOBS ?= 2
 test: $(STAMP)

@@ -50,19 +50,20 @@ PRECISIONS = ("bf16", "int8", "nf4", "fp8")
 # the issue's goals: (model, px, precision) -> GB of GPU memory a step stays under
 GOALS = {("sdxl-random", 1024, "*"): 8.0, ("flux2-klein-random", 1024, "*"): 12.0,
          ("flux-random", 512, "int8"): 16.0, ("flux-random", 512, "nf4"): 12.0}
-FULL_FLUX = {"flux2-klein-random": "flux2", "flux-random": "flux1"}
 TEXT = {"sd1": (77, None), "sdxl": (77, 1280), "flux2": (512, None), "flux1": (512, 768)}
 
 
 def denoiser(model: str, precision: str) -> tuple[torch.nn.Module, str]:
     """The built-in's denoiser alone on the CPU, its frozen weights in bf16 and
     quantised as ``precision`` says (name -> module, family)."""
+    from lorabooth.models.flux_architecture import BUILTIN_FLUX
     from lorabooth.models.precision import cast_frozen
     from lorabooth.models.quantise import quantise_module
 
-    if model in FULL_FLUX:
-        cls, config = _flux_configs()[model]
-        return streamed_transformer(cls, config, precision), FULL_FLUX[model]
+    configs = _flux_configs()
+    if model in configs:
+        cls, config = configs[model]
+        return streamed_transformer(cls, config, precision), BUILTIN_FLUX[model]
     from lorabooth.models.loading import load_base
 
     base = load_base(model)
@@ -169,9 +170,8 @@ def step_once(model: str, resolution: int, precision: str, checkpointing: bool, 
 
     start = time.perf_counter()
     dtype = torch.bfloat16
-    module, name = denoiser(model, precision)
+    module, name = denoiser(model, precision)  # frozen
     family = FAMILIES[name]
-    module.requires_grad_(False)
     if swapped:  # parked before the move: those weights never reach the device
         swap_blocks(module, swapped, device)
     module.to(device)

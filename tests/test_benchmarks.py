@@ -21,6 +21,10 @@ import common  # noqa: E402
 import gpu_headline  # noqa: E402
 
 ARMS = ["lorabooth-plain", "lorabooth-prior"]
+# FLUX.1's transformer class at a size built in milliseconds
+SMALL_FLUX = {"patch_size": 1, "in_channels": 16, "num_layers": 1, "num_single_layers": 1,
+              "attention_head_dim": 16, "num_attention_heads": 2, "joint_attention_dim": 32,
+              "pooled_projection_dim": 32, "guidance_embeds": True, "axes_dims_rope": (4, 6, 6)}
 
 
 @pytest.fixture(scope="module")
@@ -152,9 +156,7 @@ def test_the_full_flux_transformers_are_built_a_layer_at_a_time(precision):
     import memory_table
     from lorabooth.models.quantise import frozen_bytes, is_plain_linear
 
-    config = {"patch_size": 1, "in_channels": 16, "num_layers": 1, "num_single_layers": 1,
-              "attention_head_dim": 16, "num_attention_heads": 2, "joint_attention_dim": 32,
-              "pooled_projection_dim": 32, "guidance_embeds": True, "axes_dims_rope": (4, 6, 6)}
+    config = SMALL_FLUX
     one, two = (memory_table.streamed_transformer(FluxTransformer2DModel, config, precision)
                 for _ in range(2))
     assert not any(t.is_meta for t in [*one.parameters(), *one.buffers()])
@@ -240,9 +242,7 @@ def test_a_layer_built_in_nf4_leaves_no_bf16_copy_behind(monkeypatch):
     counts, real = [], quantise.quantise_linear
     monkeypatch.setattr(quantise, "quantise_linear",
                         lambda *a: (real(*a), counts.append(alive())))
-    config = {"patch_size": 1, "in_channels": 16, "num_layers": 1, "num_single_layers": 1,
-              "attention_head_dim": 16, "num_attention_heads": 2, "joint_attention_dim": 32,
-              "pooled_projection_dim": 32, "guidance_embeds": True, "axes_dims_rope": (4, 6, 6)}
+    config = SMALL_FLUX
     gc.collect()
     before = alive()  # earlier tests' models this process may still hold
     memory_table.streamed_transformer(FluxTransformer2DModel, config, "nf4")

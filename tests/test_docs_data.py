@@ -123,16 +123,30 @@ def test_the_benchmark_tables_are_their_data_rendered(script, data, render):
     assert table in (ROOT / "benchmarks" / "RESULTS.md").read_text(), table
 
 
+README_MEMORY_ROWS = {"SDXL": "sdxl-random", "FLUX.2 [klein]": "flux2-klein-random",
+                      "FLUX.1 [dev]": "flux-random"}
+
+
 def test_the_readmes_memory_figures_are_measured_rows():
     """Each GB figure of the README's table of quantised-base peaks is the
-    peak RSS of a checkpointed row in the memory tables' raw data."""
+    peak RSS of the checkpointed row of its model, size and precision in the
+    memory tables' raw data."""
     readme = (ROOT / "README.md").read_text()
     start = readme.index("| model, size | bf16 | int8 | nf4 |")
-    table = readme[start:readme.index("\n\n", start)]
-    quoted = {float(x) for x in re.findall(r"\| ([0-9.]+) GB", table)}
-    measured = set()
+    table = readme[start:readme.index("\n\n", start)].splitlines()[2:]
+    measured = {}
     for path in (ROOT / "benchmarks" / "data" / "memory_table").glob("*.json"):
         for r in json.loads(path.read_text())["runs"]:
             if r.get("gradient_checkpointing") and not r.get("blocks_to_swap") and "error" not in r:
-                measured.add(float(f"{r['peak_rss_gb']:.2f}"))  # as the tables print it
-    assert len(quoted) == 13 and quoted <= measured, quoted - measured
+                key = (r["model"], r["resolution"], r["precision"])
+                measured[key] = f"{r['peak_rss_gb']:.2f} GB"  # as the tables print it
+    quoted = 0
+    for line in table:
+        name, *cells = [c.strip() for c in line.strip("|").split("|")]
+        model, px = name.rsplit(", ", 1)
+        for precision, cell in zip(("bf16", "int8", "nf4"), cells):
+            if cell.endswith(" GB"):
+                key = (README_MEMORY_ROWS[model], int(px.removesuffix(" px")), precision)
+                assert measured.get(key) == cell, (key, cell, measured.get(key))
+                quoted += 1
+    assert quoted == 13
